@@ -1,0 +1,183 @@
+"""The unit of work: one priority over one cursor range, in one PostgreSQL transaction.
+
+SCAN the range -> classify each key by the mapping -> pipelined TYPE/PTTL/value reads ->
+pure transforms -> sub-batches written under savepoints (bisected on failure) -> the ledger
+row updated in the same transaction. Celery tasks and `migrator run --local` both call
+`migrate_batch`; it needs only a Redis client, a PostgreSQL connection and the ledger.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+import structlog
+
+from . import ledger
+from .ledger import PatternCounts
+from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceRecord
+from .partition import scan_range
+from .redact import redact_text
+from .source import KeyRead, dead_letter_bytes, decode, read_keys
+from .writer import Prepared, Writer, describe, detail
+
+log = structlog.get_logger("migrator.batch")
+
+# What a malformed value makes a transform raise; anything else is a bug and fails the batch.
+SHAPE_ERRORS = (BadRecord, ValueError, TypeError, KeyError, AttributeError, OverflowError)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: int
+    priority: str
+    counts: PatternCounts
+    rows_written: int
+    checksum: str
+
+
+class _Batch:
+    """State of one batch while it runs: counts, pending records, dead letters."""
+
+    def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec) -> None:
+        self.client, self.cur, self.mapping, self.spec = client, cur, mapping, spec
+        self.opts = spec.options
+        priority = Priority.parse(spec.priority)
+        self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
+        self.count_unmapped = self.opts.includes_unmapped(mapping, priority)
+        self.tz = ZoneInfo(self.opts.source_timezone)
+        self.counts = PatternCounts()
+        self.writer = Writer(cur, mapping, spec.run_id)
+        self.pending: list[Prepared] = []
+        self.dead: list[tuple] = []
+        self.rows_written = 0
+        self.checksum = 0
+        self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
+
+    def run(self) -> None:
+        for keys in scan_range(self.client, self.spec.key_range, self.opts.scan_count):
+            wanted = [w for w in map(self._classify, keys) if w is not None]
+            for start in range(0, len(wanted), self.opts.read_chunk):
+                chunk = wanted[start : start + self.opts.read_chunk]
+                reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk])
+                now = datetime.now(timezone.utc)
+                for (key, text, pattern, fields), read in zip(chunk, reads):
+                    self._prepare(key, text, pattern, fields, read, now)
+                while len(self.pending) >= self.opts.batch_size:
+                    self._flush(self.opts.batch_size)
+        self._flush(len(self.pending))
+
+    def _classify(self, key: bytes) -> tuple[bytes, str, Pattern, dict[str, str]] | None:
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        try:
+            text, valid = key.decode("utf-8"), True
+        except UnicodeDecodeError:
+            text, valid = key.decode("utf-8", "backslashreplace"), False
+        pattern, fields = self.mapping.classify(text)
+        if pattern is None:
+            if self.count_unmapped:
+                self.counts.add(UNMAPPED, "skipped")
+            return None
+        if pattern.name not in self.scope:
+            return None  # another priority's pass, or outside --table/--pattern
+        if pattern.skip:
+            self.counts.add(pattern.name, "skipped")
+            return None
+        if not valid:
+            self._dead(key, text, pattern, None, "key is not valid UTF-8")
+            return None
+        return key, text, pattern, fields
+
+    def _prepare(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], read: KeyRead, now: datetime) -> None:
+        if read.redis_type == "none" or read.raw is None or read.pttl == -2:
+            self.counts.add(pattern.name, "expired")  # gone between SCAN and read: not an error
+            return
+        if read.redis_type != pattern.redis_type:
+            self._dead(key, text, pattern, read, f"wrong Redis type: expected {pattern.redis_type}, found {read.redis_type}")
+            return
+        if isinstance(read.raw, Exception):
+            self._dead(key, text, pattern, read, f"Redis error reading the value: {read.raw}")
+            return
+        if read.size > self.opts.max_value_bytes:
+            self._dead(key, text, pattern, read,
+                       f"value is {read.size:,} bytes, over the {self.opts.max_value_bytes:,}-byte limit (raise --max-value-bytes)")
+            return
+        expires_at = now + timedelta(milliseconds=read.pttl) if read.pttl > 0 else None
+        try:
+            value = decode(read.raw, pattern.value_format)
+            rows = pattern.transform(SourceRecord(text, fields, value, expires_at, now, self.tz))
+        except SHAPE_ERRORS as exc:
+            reason = str(exc) if isinstance(exc, BadRecord) else f"{type(exc).__name__}: {exc}"
+            self._dead(key, text, pattern, read, reason)
+            return
+        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read))
+
+    def _flush(self, n: int) -> None:
+        if not n:
+            return
+        records, self.pending = self.pending[:n], self.pending[n:]
+        written, bad = self.writer.write(records)
+        self.rows_written += written
+        failed = {id(rec) for rec, _ in bad}
+        for rec in records:
+            if id(rec) not in failed:
+                self.counts.add(rec.pattern.name, "migrated")
+                raw = rec.read.raw if isinstance(rec.read.raw, bytes) else dead_letter_bytes(rec.read.raw)
+                self.checksum ^= (zlib.crc32(rec.key) << 32) | zlib.crc32(raw or b"")
+        for rec, exc in bad:
+            self._dead(rec.key, rec.key_text, rec.pattern, rec.read, describe(exc), detail(exc))
+
+    def _dead(self, key: bytes, text: str, pattern: Pattern, read: KeyRead | None, reason: str,
+              detail: str | None = None) -> None:
+        self.counts.add(pattern.name, "dead")
+        self.dead.append((
+            pattern.name, key, text,
+            read.redis_type if read else None,
+            dead_letter_bytes(read.raw) if read else None,
+            read.pttl if read else None,
+            f"{reason} ({detail})" if detail else reason,
+        ))
+        log.warning("dead_letter", pattern=pattern.name, key=redact_text(text), reason=redact_text(reason))
+
+
+def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: int) -> BatchResult:
+    """Run one planned batch from the ledger; idempotent, so a redelivery is harmless."""
+    with conn.cursor() as cur:
+        spec = ledger.start_batch(cur, batch_id)
+    conn.commit()
+    # Every log line of this batch, ours or the writer's, carries run, priority and batch.
+    with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id):
+        return _migrate(client, conn, mapping, spec)
+
+
+def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec) -> BatchResult:
+    log.info("batch_started", range=spec.key_range.index, ranges=spec.key_range.count, dry_run=spec.options.dry_run)
+    try:
+        with conn.cursor() as cur:
+            # Journals the prior image of every row this run updates (see sql/001_ledger.sql).
+            cur.execute("SELECT set_config('migrator.run_id', %s, true)", (spec.run_id,))
+            if spec.options.dry_run:
+                cur.execute("SAVEPOINT dry_run")
+            batch = _Batch(client, cur, mapping, spec)
+            batch.run()
+            if spec.options.dry_run:
+                cur.execute("ROLLBACK TO SAVEPOINT dry_run")
+            checksum = f"{batch.checksum:016x}"
+            ledger.add_dead_letters(cur, spec.run_id, spec.id, batch.dead)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum)
+        conn.commit()
+    except Exception as exc:
+        conn.rollback()
+        reason = redact_text(describe(exc))
+        with conn.cursor() as cur:
+            ledger.fail_batch(cur, spec.id, reason)
+        conn.commit()
+        log.error("batch_failed", error=reason)
+        raise
+    log.info("batch_done", rows_written=batch.rows_written, **{f: batch.counts.total(f) for f in ledger.COUNT_FIELDS})
+    return BatchResult(spec.id, spec.priority, batch.counts, batch.rows_written, checksum)

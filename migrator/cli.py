@@ -1,0 +1,142 @@
+"""`migrator`: the command line. It parses arguments and calls `migrator.commands`; nothing else."""
+from __future__ import annotations
+
+import argparse
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+from . import commands
+from .config import ConfigError, Settings
+from .log import configure
+from .mapping import Priority
+from .options import DEFAULT_MAX_VALUE_BYTES, RunOptions
+from .threadr import THREADR
+
+DESCRIPTION = """\
+Move a live application's data from Redis into PostgreSQL: idempotent, balanced
+(every key scanned is migrated, skipped with a reason, dead-lettered or expired), and
+exactly reversible.
+
+Typical session:
+  migrator init-db                     # create the target schema (safe to repeat)
+  migrator run --local --dry-run       # everything but keep nothing: numbers equal a real run
+  migrator run --local                 # migrate; prints the run id and the balance per pattern
+  migrator report RUN_ID --json        # the balance again, for scripts
+  migrator rollback RUN_ID             # put PostgreSQL back exactly as it was before RUN_ID
+
+Connections come from REDIS_URL, DATABASE_URL and CELERY_BROKER_URL, or the flags below.
+"""
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connections (default: environment)")
+    g.add_argument("--redis-url", help="source Redis, e.g. redis://:password@host:6379/0 (env REDIS_URL)")
+    g.add_argument("--database-url", help="target PostgreSQL, e.g. postgresql://user@host/db (env DATABASE_URL)")
+    g.add_argument("--broker-url", help="Celery broker (env CELERY_BROKER_URL)")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to migrate")
+    g.add_argument("--priority", choices=[x.label for x in Priority], action="append",
+                   help="only this priority (repeatable); default: critical, high, medium, low in order")
+    g.add_argument("--table", action="append", default=[], help="only patterns writing this table (repeatable)")
+    g.add_argument("--pattern", action="append", default=[],
+                   help="only this pattern, by name or glob, e.g. 'threadr:premium:email:*' (repeatable)")
+    g = p.add_argument_group("how")
+    g.add_argument("--dry-run", action="store_true",
+                   help="transform and write inside a transaction that is rolled back: real numbers, nothing kept")
+    g.add_argument("--batch-size", type=int, default=500, help="records per sub-batch and savepoint (default 500)")
+    g.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT hint (default 1000)")
+    g.add_argument("--ranges", type=int, help="cursor ranges to split the keyspace into (default: from the key count)")
+    g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
+                   help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
+    g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
+    g.add_argument("--continue-on-error", action="store_true",
+                   help="go on to the next priority even when a batch failed (dead letters never stop a run)")
+    g.add_argument("--no-rollback", action="store_true",
+                   help="keep what a failed run wrote instead of rolling it back (not recommended)")
+    g.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        batch_size=args.batch_size, scan_count=args.scan_count, dry_run=args.dry_run,
+        priorities=tuple(args.priority or ()), tables=tuple(args.table), patterns=tuple(args.pattern),
+        continue_on_error=args.continue_on_error, rollback_on_failure=not args.no_rollback,
+        max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migrator", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-db", help="create or update the target schema and run ledger (idempotent)")
+    _connection_flags(p)
+
+    p = sub.add_parser("run", help="migrate the keyspace", description=(
+        "Migrate priority by priority (critical, high, medium, low). Prints the run id, then the balance per "
+        "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances."))
+    _connection_flags(p)
+    p.add_argument("--local", action="store_true", help="run every batch in this process (one machine)")
+    _run_flags(p)
+
+    p = sub.add_parser("report", help="the per-pattern balance of a run")
+    _connection_flags(p)
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", help="undo a run exactly: delete what it inserted, restore what it changed")
+    _connection_flags(p)
+    p.add_argument("run_id")
+
+    p = sub.add_parser("seed-demo", help="write the demo Threadr keyspace into Redis")
+    _connection_flags(p)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--malformed", type=int, default=0, help="also write this many hostile keys")
+    p.add_argument("--fresh", action="store_true", help="FLUSH the Redis database first")
+
+    p = sub.add_parser("demo", help="seed a demo keyspace into its own Redis DB, migrate it into its own database, report",
+                       description="Uses Redis DB --redis-db (flushed!) on the REDIS_URL server and the PostgreSQL "
+                                   "database --database (created if missing) on the DATABASE_URL server.")
+    _connection_flags(p)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--redis-db", type=int, default=15, help="demo Redis database number, flushed (default 15)")
+    p.add_argument("--database", default="migrator_demo", help="demo PostgreSQL database (default migrator_demo)")
+    _run_flags(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(level=args.log_level)
+    settings = Settings.from_env(args.redis_url, args.database_url, args.broker_url)
+    try:
+        if args.command == "init-db":
+            return commands.cmd_init_db(settings)
+        if args.command == "run":
+            if not args.local:
+                print("migrator: distributed execution through Celery workers is not available yet; "
+                      "add --local to run every batch in this process", file=sys.stderr)
+                return commands.CANNOT_START
+            return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json)
+        if args.command == "report":
+            return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json)
+        if args.command == "rollback":
+            return commands.cmd_rollback(settings, THREADR, args.run_id)
+        if args.command == "seed-demo":
+            return commands.cmd_seed_demo(settings, args.users, fresh=args.fresh, malformed=args.malformed)
+        if args.command == "demo":
+            redis_url = urlunsplit(urlsplit(settings.redis_url)._replace(path=f"/{args.redis_db}"))
+            demo = Settings(redis_url, settings.database_url, settings.broker_url)
+            return commands.cmd_demo(demo, THREADR, args.users, args.database, _options(args))
+    except (ConfigError, LookupError, ValueError) as exc:
+        print(f"migrator: {exc}", file=sys.stderr)
+        return commands.CANNOT_START
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The run ledger in PostgreSQL: runs, their planned batches, per-pattern counts, dead letters."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import orjson
+from psycopg2.extras import execute_values
+
+from .options import RunOptions
+from .partition import KeyRange
+
+COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
+
+
+@dataclass
+class PatternCounts:
+    """Per-pattern tallies of one batch; scanned = migrated + skipped + dead + expired."""
+
+    by_pattern: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, pattern: str, outcome: str, n: int = 1) -> None:
+        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(COUNT_FIELDS, 0))
+        counts["scanned"] += n
+        counts[outcome] += n
+
+    def total(self, outcome: str) -> int:
+        return sum(c[outcome] for c in self.by_pattern.values())
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    id: int
+    run_id: str
+    priority: str
+    key_range: KeyRange
+    options: RunOptions
+    mapping: str
+
+
+def create_run(cur: Any, run_id: str, mapping: str, options: RunOptions, source: str, redis_run_id: str | None) -> None:
+    cur.execute(
+        "INSERT INTO migration_runs (id, status, mapping, dry_run, options, source, redis_run_id, started_at)"
+        " VALUES (%s, 'running', %s, %s, %s, %s, %s, now())",
+        (run_id, mapping, options.dry_run, orjson.dumps(options.to_json()).decode(), source, redis_run_id),
+    )
+
+
+def plan_batches(cur: Any, run_id: str, priorities: Iterable[str], ranges: list[KeyRange]) -> None:
+    """Record every (priority, range) batch before any of them runs."""
+    execute_values(
+        cur,
+        "INSERT INTO migration_batches (run_id, priority, range_index, range_count, range_start, range_end) VALUES %s"
+        " ON CONFLICT (run_id, priority, range_index) DO NOTHING",
+        [(run_id, p, r.index, r.count, r.start, r.end) for p in priorities for r in ranges],
+    )
+
+
+def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:
+    cur.execute(
+        "SELECT id FROM migration_batches WHERE run_id = %s AND priority = %s AND status = ANY(%s) ORDER BY range_index",
+        (run_id, priority, list(statuses)),
+    )
+    return [r[0] for r in cur.fetchall()]
+
+
+def start_batch(cur: Any, batch_id: int) -> BatchSpec:
+    cur.execute(
+        "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = now(), error = NULL"
+        " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id"
+        " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, r.options, r.mapping",
+        (batch_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"batch {batch_id} is not in the ledger")
+    run_id, priority, index, count, start, end, options, mapping = row
+    return BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end)),
+                     RunOptions.from_json(options), mapping)
+
+
+def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str) -> None:
+    cur.execute(
+        "UPDATE migration_batches SET status = 'done', finished_at = now(), keys_scanned = %s, keys_migrated = %s,"
+        " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s"
+        " WHERE id = %s",
+        (*(counts.total(f) for f in COUNT_FIELDS), rows_written,
+         orjson.dumps(counts.by_pattern).decode(), checksum, batch_id),
+    )
+
+
+def fail_batch(cur: Any, batch_id: int, error: str) -> None:
+    cur.execute(
+        "UPDATE migration_batches SET status = 'failed', finished_at = now(), error = %s WHERE id = %s",
+        (error, batch_id),
+    )
+
+
+def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple]) -> None:
+    """letters: (pattern, key bytes, key text, redis type, raw bytes, ttl ms, reason)."""
+    if not letters:
+        return
+    execute_values(
+        cur,
+        "INSERT INTO migration_dead_letters (run_id, batch_id, pattern, redis_key, key_text, redis_type, raw_value, ttl_ms, error)"
+        " VALUES %s ON CONFLICT (run_id, redis_key) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
+        " raw_value = EXCLUDED.raw_value, error = EXCLUDED.error, created_at = now()",
+        [(run_id, batch_id, *letter) for letter in letters],
+    )
+
+
+def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None) -> None:
+    finished = status in ("completed", "failed", "rolled_back", "dry_run")
+    cur.execute(
+        "UPDATE migration_runs SET status = %s, error = COALESCE(%s, error),"
+        " finished_at = CASE WHEN %s THEN now() ELSE finished_at END WHERE id = %s",
+        (status, error, finished, run_id),
+    )
+
+
+def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
+    cur.execute(
+        "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error"
+        " FROM migration_runs WHERE id = %s",
+        (run_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        return None
+    keys = ("run_id", "status", "mapping", "dry_run", "options", "source", "created_at", "started_at", "finished_at", "error")
+    return dict(zip(keys, row))
+
+
+def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
+    cur.execute(
+        "SELECT id, priority, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
+        " keys_dead, keys_expired, rows_written, pattern_counts, error,"
+        " EXTRACT(EPOCH FROM (finished_at - started_at)) FROM migration_batches WHERE run_id = %s"
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), range_index",
+        (run_id,),
+    )
+    keys = ("id", "priority", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds")
+    return [dict(zip(keys, row)) for row in cur.fetchall()]

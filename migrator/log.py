@@ -1,0 +1,42 @@
+"""structlog set-up: JSON lines in production (or when not on a terminal), PII masked in every field."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+from .redact import redact_text
+
+# Fields that are ids and counts, never PII: left as they are.
+SAFE_FIELDS = frozenset({"event", "level", "timestamp", "run", "priority", "batch", "task_id", "logger"})
+
+
+def _mask(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for k, v in event.items():
+        if k not in SAFE_FIELDS and isinstance(v, str):
+            event[k] = redact_text(v)
+    return event
+
+
+def configure(json: bool | None = None, level: str | None = None, stream: TextIO | None = None) -> None:
+    """`json` defaults to MIGRATOR_LOG_JSON, else to JSON whenever stderr is not a terminal."""
+    stream = stream or sys.stderr
+    if json is None:
+        env = os.environ.get("MIGRATOR_LOG_JSON")
+        json = env.lower() in ("1", "true", "yes") if env else not stream.isatty()
+    level_no = logging.getLevelName((level or os.environ.get("MIGRATOR_LOG_LEVEL", "INFO")).upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask,
+            structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )

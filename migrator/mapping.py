@@ -1,0 +1,197 @@
+"""Declarative mapping of a Redis keyspace: one `Pattern` per key shape, gathered in a `Mapping`.
+
+The engine, the audit, the mapping document and the report all read these entries; the
+engine knows nothing of any particular application beyond what a `Mapping` declares.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, tzinfo
+from typing import Any, Callable, Iterable, Sequence
+
+import orjson
+
+from .merge import TableRule
+
+
+class Priority(enum.IntEnum):
+    """Migration order: every priority is migrated and validated before the next one starts."""
+
+    CRITICAL = 0
+    HIGH = 1
+    MEDIUM = 2
+    LOW = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> "Priority":
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            choices = ", ".join(p.label for p in cls)
+            raise ValueError(f"unknown priority {text!r}; choose one of: {choices}") from None
+
+
+class BadRecord(ValueError):
+    """A source value that cannot be migrated as it is; it becomes a dead letter with this reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row for a target table; `values` maps column names to Python values."""
+
+    table: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """What a transform sees: the key, the fields its grammar captured, the decoded value."""
+
+    key: str
+    fields: dict[str, str]
+    value: Any
+    expires_at: datetime | None  # absolute expiry from the PTTL read with the value
+    now: datetime  # when the value was read (aware)
+    source_tz: tzinfo
+
+
+Transform = Callable[[SourceRecord], list[Row]]
+
+# How a value read from Redis is decoded before the transform sees it.
+VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One shape of key: how to recognise it, what Redis type it holds and where it goes.
+
+    A pattern either has a `transform` and a `table`, or a `skip` reason (ephemeral data,
+    an index kept only for cross-checks, ...): skipped keys are counted, never read.
+    """
+
+    name: str
+    glob: str  # SCAN MATCH style, for people and for the audit
+    grammar: str  # anchored regular expression with named groups
+    redis_type: str  # string, hash, set, zset, list
+    priority: Priority
+    description: str
+    value_format: str = "json"
+    table: str | None = None
+    transform: Transform | None = None
+    skip: str | None = None
+    source: str = ""  # metadata->>'source' on every row this pattern writes
+    ttl: str = ""
+    validation: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
+
+    def __post_init__(self) -> None:
+        if (self.transform is None) == (self.skip is None):
+            raise ValueError(f"pattern {self.name}: declare exactly one of transform or skip")
+        if self.transform is not None and not self.table:
+            raise ValueError(f"pattern {self.name}: a migrated pattern names its target table")
+        if self.value_format not in VALUE_FORMATS:
+            raise ValueError(f"pattern {self.name}: value_format must be one of {VALUE_FORMATS}")
+        re.compile(self.grammar)  # a broken grammar fails here, naming no key
+        object.__setattr__(self, "provenance", orjson.dumps({"source": self.source or f"redis_{self.name}"}).decode())
+
+    @property
+    def migrated(self) -> bool:
+        return self.transform is not None
+
+
+
+UNMAPPED = "unmapped"
+UNMAPPED_REASON = "unmapped: no pattern of the mapping matches; left in Redis untouched"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """An ordered set of patterns: the first whose grammar matches a key owns it."""
+
+    name: str
+    patterns: tuple[Pattern, ...]
+    rules: tuple[TableRule, ...] = ()
+    # (table, column): rows naming a user by a legacy id, linked through legacy_id_map
+    user_links: tuple[tuple[str, str], ...] = ()
+    unmapped_priority: Priority = Priority.LOW
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.patterns]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes or UNMAPPED in names:
+            raise ValueError(f"mapping {self.name}: pattern names must be unique, got {sorted(dupes)}")
+        # One alternation of every grammar, tried in declaration order by the regex engine
+        # itself: far cheaper per key than a Python loop over the patterns.
+        branches = [
+            f"(?P<p{i}>" + re.sub(r"\(\?P<(\w+)>", rf"(?P<p{i}_\1>", p.grammar) + ")"
+            for i, p in enumerate(self.patterns)
+        ]
+        combined = re.compile("|".join(branches))
+        object.__setattr__(self, "_combined", combined)
+        # per pattern: (group number in the alternation, field name)
+        object.__setattr__(self, "_fields", [
+            [(combined.groupindex[f"p{i}_{name}"], name) for name in re.compile(p.grammar).groupindex]
+            for i, p in enumerate(self.patterns)
+        ])
+        ruled = {r.name for r in self.rules}
+        missing = {p.table for p in self.patterns if p.table} - ruled
+        if missing:
+            raise ValueError(f"mapping {self.name}: tables without a merge rule: {sorted(missing)}")
+
+    def classify(self, key: str) -> tuple[Pattern | None, dict[str, str]]:
+        m = self._combined.fullmatch(key)
+        if m is None:
+            return None, {}
+        i = int(m.lastgroup[1:])
+        return self.patterns[i], {name: m.group(g) for g, name in self._fields[i]}
+
+    def get(self, name: str) -> Pattern:
+        for pattern in self.patterns:
+            if pattern.name == name:
+                return pattern
+        raise KeyError(f"no pattern named {name!r}; known: {', '.join(p.name for p in self.patterns)}")
+
+    def rule(self, table: str) -> TableRule:
+        for rule in self.rules:
+            if rule.name == table:
+                return rule
+        raise KeyError(f"no merge rule for table {table!r}")
+
+    def table_names(self) -> list[str]:
+        """Every table a run of this mapping writes, the legacy id map included."""
+        return [r.name for r in self.rules]
+
+    def select(
+        self,
+        priorities: Iterable[Priority] | None = None,
+        tables: Sequence[str] | None = None,
+        globs: Sequence[str] | None = None,
+    ) -> list[Pattern]:
+        """Patterns in scope of a run: by priority, by target table, by glob or name."""
+        chosen = list(self.patterns)
+        if priorities is not None:
+            wanted = set(priorities)
+            chosen = [p for p in chosen if p.priority in wanted]
+        if tables:
+            known = sorted({p.table for p in self.patterns if p.table})
+            unknown = set(tables) - set(known)
+            if unknown:
+                raise ValueError(f"unknown table(s) {sorted(unknown)}; known: {', '.join(known)}")
+            chosen = [p for p in chosen if p.table in tables]
+        if globs:
+            known = {p.glob for p in self.patterns} | {p.name for p in self.patterns}
+            unknown = set(globs) - known
+            if unknown:
+                raise ValueError(
+                    f"unknown pattern(s) {sorted(unknown)}; use a name or glob from `migrator mapping`: "
+                    + ", ".join(p.glob for p in self.patterns)
+                )
+            chosen = [p for p in chosen if p.glob in globs or p.name in globs]
+        return chosen

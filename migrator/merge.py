@@ -1,0 +1,56 @@
+"""One merge rule per target table, and the upsert it becomes.
+
+The batch writer and the dual-write paths share these rules, so a backfill running while the
+app writes never overwrites a newer value: counters only grow (GREATEST), documents keep the
+newer `version` column, lookup columns are filled by whichever source knows them (COALESCE).
+An upsert that would change nothing does not touch the row, so reruns leave tables identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from psycopg2 import sql
+
+# Provenance and bookkeeping: refreshed when a row changes, never a reason to change it
+# (a grant written under its ip and its email key would otherwise flip its source each run).
+VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at"})
+
+
+@dataclass(frozen=True)
+class TableRule:
+    name: str
+    greatest: tuple[str, ...] = ()  # counters within their period
+    coalesce: tuple[str, ...] = ()  # lookups filled from more than one key
+    version: str | None = None  # the document's own updated time
+
+    def merged(self, column: str) -> sql.Composable:
+        col, new = sql.SQL("t.") + sql.Identifier(column), sql.SQL("EXCLUDED.") + sql.Identifier(column)
+        if column in self.greatest:
+            return sql.SQL("GREATEST({}, {})").format(col, new)
+        if column in self.coalesce:
+            return sql.SQL("COALESCE({}, {})").format(new, col)
+        return new
+
+    def upsert(self, columns: Sequence[str]) -> sql.Composed:
+        """INSERT ... ON CONFLICT (id) DO UPDATE for rows with these columns (VALUES %s)."""
+        content = [c for c in columns if c not in VOLATILE]
+        updates = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(c), self.merged(c)) for c in columns if c != "id"
+        )
+        changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
+            sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in content),
+            sql.SQL(", ").join(self.merged(c) for c in content),
+        )
+        guard = changed
+        if self.version and self.version in columns:
+            v = sql.Identifier(self.version)
+            guard = sql.SQL("(t.{} IS NULL OR EXCLUDED.{} >= t.{}) AND ").format(v, v, v) + changed
+        return sql.SQL(
+            "INSERT INTO {table} AS t ({cols}) VALUES %s ON CONFLICT (id) DO UPDATE SET {updates} WHERE {guard}"
+        ).format(
+            table=sql.Identifier(self.name),
+            cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+            updates=updates,
+            guard=guard,
+        )

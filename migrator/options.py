@@ -1,0 +1,52 @@
+"""What a run was asked to do; stored with the run so every batch, anywhere, reads the same."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .mapping import Mapping, Pattern, Priority
+
+DEFAULT_MAX_VALUE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    batch_size: int = 500  # records per sub-batch (one SAVEPOINT each)
+    scan_count: int = 1000  # SCAN COUNT hint
+    read_chunk: int = 500  # keys per read pipeline
+    dry_run: bool = False
+    priorities: tuple[str, ...] = ()  # empty: all, in order
+    tables: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    continue_on_error: bool = False
+    rollback_on_failure: bool = True
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    source_timezone: str = "UTC"
+    ranges: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
+        for p in self.priorities:
+            Priority.parse(p)
+
+    def priority_order(self) -> list[Priority]:
+        chosen = {Priority.parse(p) for p in self.priorities} if self.priorities else set(Priority)
+        return sorted(chosen)
+
+    def scope(self, mapping: Mapping, priority: Priority) -> list[Pattern]:
+        return mapping.select([priority], self.tables or None, self.patterns or None)
+
+    def includes_unmapped(self, mapping: Mapping, priority: Priority) -> bool:
+        """Unmapped keys are counted once, in the mapping's unmapped priority, by unfiltered runs."""
+        return priority == mapping.unmapped_priority and not self.tables and not self.patterns
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunOptions":
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)

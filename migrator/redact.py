@@ -1,0 +1,43 @@
+"""Keeping secrets and PII out of logs, errors and reports: masked emails, IPs and URLs."""
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+EMAIL = re.compile(r"[^\s:/@'\"(),]+@[^\s:/@'\"(),]+\.[^\s:/@'\"(),]+")
+IPV4 = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.\d{1,3}\.\d{1,3}\b")
+# An IPv6 address has '::' or at least four colons (a time of day has two); it may follow a
+# key segment such as "ip:".
+IPV6 = re.compile(
+    r"(?:(?<![\w:])|(?<=[A-Za-z]:))"
+    r"(?=[0-9a-fA-F:]*::|(?:[0-9a-fA-F]{1,4}:){3,}[0-9a-fA-F]{1,4}(?!\w))"
+    r"([0-9a-fA-F]{0,4}):(?:[0-9a-fA-F]{0,4}:)*[0-9a-fA-F]{0,4}(?!\w)"
+)
+URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
+
+
+def mask_email(email: str) -> str:
+    local, _, domain = email.partition("@")
+    return f"{local[:1]}***@{domain[:1]}***"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def redact_text(text: str) -> str:
+    """Mask URLs' passwords, emails and IP addresses anywhere in a message."""
+    text = URL.sub(lambda m: redact_url(m.group(0)), text)
+    text = EMAIL.sub(lambda m: mask_email(m.group(0)), text)
+    text = IPV4.sub(r"\1.\2.x.x", text)
+    return IPV6.sub(r"\1:x", text)
+

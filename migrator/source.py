@@ -1,0 +1,124 @@
+"""Reading keys from Redis: TYPE, PTTL and the value in one pipeline, decoded per pattern."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import orjson
+import redis
+
+from .mapping import BadRecord
+
+# The read command for each Redis type; the reply shapes are redis-py's (with hiredis).
+READERS = {
+    "string": lambda pipe, key: pipe.get(key),
+    "hash": lambda pipe, key: pipe.hgetall(key),
+    "set": lambda pipe, key: pipe.smembers(key),
+    "zset": lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True),
+    "list": lambda pipe, key: pipe.lrange(key, 0, -1),
+}
+
+
+@dataclass(slots=True)
+class KeyRead:
+    key: bytes
+    redis_type: str  # the type the key holds; "none" once it has expired
+    pttl: int  # milliseconds; -1 without TTL, -2 gone
+    raw: Any  # reply of the read command for the type the pattern expects
+    size: int  # bytes of payload, for the value size limit
+
+
+def _read(pipe: redis.client.Pipeline, key: bytes, redis_type: str) -> None:
+    # A stream or module type has no reader here: the TYPE reply alone says what was there.
+    READERS.get(redis_type, lambda p, k: p.exists(k))(pipe, key)
+
+
+def payload_size(raw: Any) -> int:
+    if raw is None or isinstance(raw, Exception):
+        return 0
+    if isinstance(raw, bytes):
+        return len(raw)
+    if isinstance(raw, dict):
+        return sum(len(k) + len(v) for k, v in raw.items())
+    return sum(len(m[0]) + 8 if isinstance(m, tuple) else len(m) for m in raw)
+
+
+def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]]) -> list[KeyRead]:
+    """Read (key, expected type) pairs: PTTL and the value in one pipeline round trip.
+
+    TYPE is only asked when the read command was refused (WRONGTYPE), and such a key is read
+    again by its real type, so its dead letter keeps what was really there.
+    """
+    pipe = client.pipeline(transaction=False)
+    for key, expected in wanted:
+        pipe.pttl(key)
+        _read(pipe, key, expected)
+    replies = pipe.execute(raise_on_error=False)
+    reads = []
+    for i, (key, expected) in enumerate(wanted):
+        pttl, raw = replies[2 * i : 2 * i + 2]
+        # An empty reply is a missing key: Redis deletes emptied collections.
+        gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list, set)) and not raw)
+        rtype = "none" if gone else expected
+        reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw)))
+    wrong = [r for r in reads if isinstance(r.raw, redis.ResponseError) and "WRONGTYPE" in str(r.raw)]
+    if wrong:
+        pipe = client.pipeline(transaction=False)
+        for r in wrong:
+            pipe.type(r.key)
+        for r, rtype in zip(wrong, pipe.execute(raise_on_error=False)):
+            r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
+        pipe = client.pipeline(transaction=False)
+        for r in wrong:
+            _read(pipe, r.key, r.redis_type)
+        for r, raw in zip(wrong, pipe.execute(raise_on_error=False)):
+            r.raw, r.size = raw, payload_size(raw)
+    return reads
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord(f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+def decode(raw: Any, value_format: str) -> Any:
+    """Turn a read reply into what the pattern's transform expects, or raise BadRecord."""
+    if value_format == "json":
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            _utf8(raw, "value")  # a clearer reason when the bytes are not text at all
+            raise BadRecord(f"value is not valid JSON: {exc}") from None
+    if value_format == "int":
+        text = _utf8(raw, "value")
+        try:
+            return int(text)
+        except ValueError:
+            raise BadRecord(f"value {text[:40]!r} is not an integer") from None
+    if value_format == "text":
+        return _utf8(raw, "value")
+    if value_format == "hash":
+        return {_utf8(k, "hash field"): _utf8(v, "hash value") for k, v in raw.items()}
+    if value_format == "set":
+        return sorted(_utf8(m, "set member") for m in raw)
+    if value_format == "zset":
+        return [(_utf8(m, "zset member"), score) for m, score in raw]
+    raise ValueError(f"unknown value format {value_format!r}")
+
+
+def dead_letter_bytes(raw: Any) -> bytes | None:
+    """A byte form of any reply, exact for strings, for the dead-letter table."""
+    if raw is None or isinstance(raw, bytes):
+        return raw
+    if isinstance(raw, Exception):
+        return None
+    if isinstance(raw, dict):
+        raw = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace") for k, v in raw.items()}
+    elif isinstance(raw, (list, set)):
+        raw = [
+            [m[0].decode("utf-8", "backslashreplace"), m[1]] if isinstance(m, tuple) else m.decode("utf-8", "backslashreplace")
+            for m in raw
+        ]
+    return orjson.dumps(raw)

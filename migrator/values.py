@@ -1,0 +1,113 @@
+"""Small pure parsers shared by transforms: datetimes, numbers, required fields, ids."""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import date, datetime, timezone, tzinfo
+from typing import Any
+
+from .mapping import BadRecord
+
+# Every deterministic id of the migrator lives under this namespace, so reruns reproduce ids.
+ID_NAMESPACE = uuid.UUID("5d0c6f6e-2a53-5b1e-9a3c-6d2f7a1c0b11")
+
+
+def stable_id(*parts: str) -> str:
+    """uuid5 of a natural key: the same source always gets the same row id.
+
+    Computed as uuid.uuid5 does (RFC 4122 name-based, SHA-1), without building UUID objects:
+    this runs once per row on the hot path.
+    """
+    digest = bytearray(hashlib.sha1(ID_NAMESPACE.bytes + "\x1f".join(parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def parse_dt(value: Any, tz: tzinfo, *, field: str = "datetime") -> datetime | None:
+    """Both spellings the app wrote (ISO with T, str(datetime) with a space) and epoch numbers.
+
+    Naive values are taken to be in the source time zone; the result is always aware.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise BadRecord(f"{field}: expected a datetime, got a boolean")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+    if not isinstance(value, str):
+        raise BadRecord(f"{field}: expected a datetime string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise BadRecord(f"{field}: {value[:40]!r} is not an ISO or str(datetime) timestamp") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+
+
+def parse_date(value: str, *, field: str = "date") -> date:
+    try:
+        return date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise BadRecord(f"{field}: {str(value)[:40]!r} is not a YYYY-MM-DD date") from None
+
+
+def parse_int(value: Any, *, field: str = "value", default: int | None = None) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise BadRecord(f"{field}: expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (str, bytes)):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise BadRecord(f"{field}: expected an integer, got {str(value)[:40]!r}")
+
+
+def parse_number(value: Any, *, field: str = "value") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadRecord(f"{field}: expected a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except ValueError:
+        raise BadRecord(f"{field}: expected a number, got {str(value)[:40]!r}") from None
+
+
+def parse_bool(value: Any, *, field: str = "flag", default: bool = False) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    raise BadRecord(f"{field}: expected true or false, got {str(value)[:40]!r}")
+
+
+def require_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRecord(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def require(obj: dict[str, Any], name: str) -> Any:
+    if obj.get(name) is None:
+        raise BadRecord(f"required field {name!r} is missing or null")
+    return obj[name]
+
+
+def text_or_none(value: Any, *, field: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRecord(f"{field}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def no_nul(text: str, *, field: str) -> str:
+    """PostgreSQL text cannot hold NUL; better a dead letter than a silently altered value."""
+    if "\x00" in text:
+        raise BadRecord(f"{field}: contains a NUL character, which PostgreSQL text cannot store")
+    return text

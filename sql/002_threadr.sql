@@ -1,0 +1,248 @@
+-- Target schema for Threadr's keyspace (see migrator/threadr.py for the pattern -> table map).
+-- Every table: a deterministic uuid id (uuid5 of the natural key) so reruns upsert in place,
+-- provenance (migration_run, source_key, metadata->>'source'), expires_at from the key's TTL,
+-- timezone-aware timestamps only, and no generated column that would need a mutable function.
+-- Idempotent: loads inside one transaction and again on top of itself.
+
+CREATE TABLE IF NOT EXISTS users (
+    id                       uuid PRIMARY KEY,
+    legacy_id                text NOT NULL UNIQUE,      -- user_<token> as the app knew it
+    email                    text NOT NULL,
+    password_hash            text NOT NULL,             -- bcrypt, byte for byte
+    role                     text NOT NULL CHECK (role IN ('user', 'premium', 'admin')),
+    status                   text NOT NULL CHECK (status IN ('active', 'inactive', 'suspended')),
+    created_at               timestamptz,
+    updated_at               timestamptz,
+    last_login_at            timestamptz,
+    login_count              integer NOT NULL DEFAULT 0,
+    failed_login_attempts    integer NOT NULL DEFAULT 0,
+    last_failed_login        timestamptz,
+    is_email_verified        boolean NOT NULL DEFAULT false,
+    email_verification_token text,
+    password_reset_token     text,
+    password_reset_expires   timestamptz,
+    app_metadata             jsonb NOT NULL DEFAULT '{}',
+    migration_run            uuid,
+    source_key               text,
+    metadata                 jsonb NOT NULL DEFAULT '{}',
+    expires_at               timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS users_email_key ON users (lower(email));
+
+CREATE TABLE IF NOT EXISTS newsletter_subscribers (
+    id             uuid PRIMARY KEY,
+    email          text NOT NULL,
+    subscribed_at  timestamptz,
+    client_ip      text,
+    user_agent     text,
+    referrer       text,
+    signup_source  text,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS newsletter_subscribers_email_key ON newsletter_subscribers (lower(email));
+
+-- Legacy premium grants and Stripe subscriptions. A grant may belong to an ip or an email
+-- with no registered user, so user_id is optional and ip/email are the lookup subjects.
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id                     uuid PRIMARY KEY,
+    kind                   text NOT NULL CHECK (kind IN ('premium_grant', 'stripe')),
+    user_id                uuid,
+    customer_ref           text,                   -- the id in the Redis key: user_<token> or an email
+    ip                     text,                   -- set only from a threadr:premium:ip:<ip> key
+    email                  text,                   -- set only from a threadr:premium:email:<email> key
+    plan                   text NOT NULL,
+    plan_display_name      text,
+    tier_level             smallint CHECK (tier_level BETWEEN 0 AND 3),
+    status                 text NOT NULL CHECK (status IN
+                             ('active', 'trialing', 'past_due', 'canceled', 'unpaid', 'incomplete',
+                              'incomplete_expired', 'paused', 'expired')),
+    status_raw             text,                   -- as Stripe/the app spelt it (e.g. 'cancelled')
+    stripe_subscription_id text UNIQUE,
+    current_period_start   timestamptz,
+    current_period_end     timestamptz,
+    cancel_at_period_end   boolean,
+    thread_limit           integer,                -- -1 = unlimited
+    features               jsonb,
+    is_annual              boolean,
+    monthly_price          integer,                -- cents
+    annual_price           integer,                -- cents
+    granted_at             timestamptz,
+    premium_expires_at     timestamptz,
+    duration_days          integer,
+    payment_reference      text,
+    granted_by             text,
+    amount_cents           integer,
+    currency               text,
+    grant_client_ip        text,                   -- as recorded inside the grant value
+    grant_email            text,
+    payment_info           jsonb,
+    migration_run          uuid,
+    source_key             text,
+    metadata               jsonb NOT NULL DEFAULT '{}',
+    expires_at             timestamptz
+);
+CREATE INDEX IF NOT EXISTS subscriptions_ip_idx ON subscriptions (ip) WHERE ip IS NOT NULL;
+CREATE INDEX IF NOT EXISTS subscriptions_email_idx ON subscriptions (lower(email)) WHERE email IS NOT NULL;
+CREATE INDEX IF NOT EXISTS subscriptions_user_idx ON subscriptions (user_id) WHERE user_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS subscriptions_customer_idx ON subscriptions (customer_ref) WHERE customer_ref IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS usage_counters (
+    id             uuid PRIMARY KEY,
+    subject_type   text NOT NULL CHECK (subject_type IN ('ip', 'email', 'user')),
+    subject        text NOT NULL,
+    period         text NOT NULL CHECK (period IN ('daily', 'monthly')),
+    period_start   date NOT NULL,
+    count          bigint NOT NULL CHECK (count >= 0),
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz,
+    UNIQUE NULLS NOT DISTINCT (subject_type, subject, period, period_start)
+);
+
+CREATE TABLE IF NOT EXISTS usage_events (
+    id             uuid PRIMARY KEY,
+    occurred_at    timestamptz NOT NULL,
+    client_ip      text,
+    email          text,
+    event_date     date,
+    event_month    text,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS usage_events_occurred_idx ON usage_events (occurred_at);
+
+CREATE TABLE IF NOT EXISTS usage_stats (
+    id             uuid PRIMARY KEY,
+    stat_name      text NOT NULL UNIQUE,
+    value          bigint NOT NULL,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS threads (
+    id                uuid PRIMARY KEY,             -- the thread's own id from the app
+    user_id           uuid,
+    user_ref          text,                         -- the app's user id
+    title             text,
+    original_content  text,
+    tweets            jsonb NOT NULL,
+    app_metadata      jsonb NOT NULL DEFAULT '{}',
+    created_at        timestamptz,
+    updated_at        timestamptz,
+    view_count        integer NOT NULL DEFAULT 0,
+    copy_count        integer NOT NULL DEFAULT 0,
+    is_favorite       boolean NOT NULL DEFAULT false,
+    is_archived       boolean NOT NULL DEFAULT false,
+    migration_run     uuid,
+    source_key        text,
+    metadata          jsonb NOT NULL DEFAULT '{}',
+    expires_at        timestamptz
+);
+CREATE INDEX IF NOT EXISTS threads_user_idx ON threads (user_ref);
+
+CREATE TABLE IF NOT EXISTS thread_stats (
+    id             uuid PRIMARY KEY,
+    user_id        uuid,
+    user_ref       text NOT NULL UNIQUE,
+    created        bigint NOT NULL DEFAULT 0,
+    viewed         bigint NOT NULL DEFAULT 0,
+    updated        bigint NOT NULL DEFAULT 0,
+    deleted        bigint NOT NULL DEFAULT 0,
+    copied         bigint NOT NULL DEFAULT 0,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS thread_analytics (
+    id             uuid PRIMARY KEY,
+    user_id        uuid,
+    user_ref       text NOT NULL,
+    thread_id      text NOT NULL,
+    posted_at      timestamptz,
+    analytics      jsonb NOT NULL,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz,
+    UNIQUE (user_ref, thread_id)
+);
+
+CREATE TABLE IF NOT EXISTS analytics_timeseries (
+    id             uuid PRIMARY KEY,
+    user_id        uuid,
+    user_ref       text NOT NULL,
+    metric         text NOT NULL,
+    period         text NOT NULL,                -- normalised: 'MetricPeriod.DAY' -> 'day'
+    point_at       timestamptz NOT NULL,
+    value          double precision NOT NULL,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz,
+    UNIQUE (user_ref, metric, period, point_at)
+);
+
+CREATE TABLE IF NOT EXISTS sessions (
+    id                 uuid PRIMARY KEY,
+    user_id            uuid,
+    user_ref           text NOT NULL UNIQUE,
+    email              text,
+    role               text,
+    status             text,
+    login_at           timestamptz,
+    last_activity      timestamptz,
+    client_ip          text,
+    access_token_hash  text,
+    migration_run      uuid,
+    source_key         text,
+    metadata           jsonb NOT NULL DEFAULT '{}',
+    expires_at         timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS login_failures (
+    id             uuid PRIMARY KEY,
+    email          text NOT NULL,
+    client_ip      text NOT NULL,
+    attempts       integer NOT NULL CHECK (attempts >= 0),
+    last_attempt   timestamptz,
+    migration_run  uuid,
+    source_key     text,
+    metadata       jsonb NOT NULL DEFAULT '{}',
+    expires_at     timestamptz,
+    UNIQUE (email, client_ip)
+);
+
+CREATE OR REPLACE TRIGGER users_journal AFTER UPDATE ON users
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER newsletter_subscribers_journal AFTER UPDATE ON newsletter_subscribers
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER subscriptions_journal AFTER UPDATE ON subscriptions
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER usage_counters_journal AFTER UPDATE ON usage_counters
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER usage_events_journal AFTER UPDATE ON usage_events
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER usage_stats_journal AFTER UPDATE ON usage_stats
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER threads_journal AFTER UPDATE ON threads
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER thread_stats_journal AFTER UPDATE ON thread_stats
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER thread_analytics_journal AFTER UPDATE ON thread_analytics
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER analytics_timeseries_journal AFTER UPDATE ON analytics_timeseries
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER sessions_journal AFTER UPDATE ON sessions
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+CREATE OR REPLACE TRIGGER login_failures_journal AFTER UPDATE ON login_failures
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();

@@ -1,0 +1,69 @@
+"""Real services only: a throwaway PostgreSQL database per session and a Redis DB of our own.
+
+MIGRATOR_TEST_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres) is where the
+throwaway database is created; MIGRATOR_TEST_REDIS_URL (default DB 11) is flushed per test.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import psycopg2
+import pytest
+import redis
+from psycopg2 import sql
+
+from migrator.config import Settings
+from migrator.log import configure
+from migrator.schema import database_url_for, ensure_database, init_db
+from migrator.threadr import THREADR
+
+ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+LEDGER_TABLES = ("migration_dead_letters", "migration_batches", "migration_runs", "migration_journal")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure(json=True, level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    name = f"migrator_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(ADMIN_URL)
+    ensure_database(admin, name)
+    url = database_url_for(ADMIN_URL, name)
+    conn = psycopg2.connect(url)
+    init_db(conn)
+    conn.close()
+    yield url
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    admin.close()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(REDIS_URL, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+
+
+@pytest.fixture
+def r(settings: Settings) -> redis.Redis:
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def pg(settings: Settings):
+    """A connection to the session database, emptied of data and ledger before each test."""
+    conn = psycopg2.connect(settings.database_url)
+    with conn, conn.cursor() as cur:
+        tables = [*THREADR.table_names(), *LEDGER_TABLES]
+        cur.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
+    yield conn
+    conn.close()

@@ -1,0 +1,41 @@
+"""Shared test steps: run a migration through the library, fingerprint tables."""
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2 import sql
+
+from migrator.config import Settings
+from migrator.options import RunOptions
+from migrator.report import build_report
+from migrator.runner import execute_local, plan_run
+from migrator.threadr import THREADR
+
+
+def migrate(settings: Settings, **options: Any) -> dict[str, Any]:
+    """A whole local run; returns its report."""
+    opts = RunOptions(**options)
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
+        execute_local(client, conn, THREADR, run_id, opts)
+        return build_report(conn, THREADR, run_id)
+    finally:
+        conn.close()
+        client.close()
+
+
+def fingerprint(conn: Any, tables: list[str] | None = None) -> dict[str, tuple[int, str]]:
+    """Per table: row count and an md5 over every column of every row, in id order."""
+    out = {}
+    with conn.cursor() as cur:
+        for table in tables or THREADR.table_names():
+            cur.execute(sql.SQL("SELECT count(*), md5(COALESCE(string_agg(t::text, '|' ORDER BY t.id), '')) FROM {} t")
+                        .format(sql.Identifier(table)))
+            out[table] = cur.fetchone()
+    conn.rollback()
+    return out
+
+
+def by_pattern(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["pattern"]: p for p in report["patterns"]}

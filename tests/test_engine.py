@@ -1,0 +1,202 @@
+"""The engine against real Redis and PostgreSQL: balance, idempotence, bisection, dry runs, hostile input."""
+from __future__ import annotations
+
+import json
+
+import migrator.batch
+from migrator.demo import seed_demo
+from migrator.mapping import UNMAPPED
+from migrator.rollback import rollback_run
+from migrator.threadr import THREADR
+
+from helpers import by_pattern, fingerprint, migrate
+
+USER = {"user_id": None, "email": None, "password_hash": "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234",
+        "role": "user", "status": "active", "created_at": "2026-01-01T00:00:00", "updated_at": "2026-01-02 00:00:00",
+        "login_count": 1, "failed_login_attempts": 0, "is_email_verified": False, "metadata": {}}
+
+
+def put_user(r, ref: str, email: str, **over) -> None:
+    r.set(f"threadr:user:{ref}", json.dumps({**USER, "user_id": ref, "email": email, **over}), ex=86400)
+
+
+def test_demo_keyspace_balances_for_every_pattern(settings, r, pg):
+    seeded = seed_demo(r, 300, malformed=12)
+    report = migrate(settings)
+    assert report["status"] == "completed" and report["balanced"]
+    patterns = by_pattern(report)
+    for p in patterns.values():
+        assert p["scanned"] == p["migrated"] + p["skipped"] + p["dead"] + p["expired"], p
+    # every key of the keyspace is accounted for exactly once
+    assert report["totals"]["scanned"] == r.dbsize()
+    assert report["totals"]["dead"] == seeded["malformed"]
+    for pattern in THREADR.patterns:
+        if seeded.get(pattern.name):
+            assert pattern.name in patterns, pattern.name
+            if pattern.skip:
+                assert patterns[pattern.name]["skipped"] == patterns[pattern.name]["scanned"] > 0
+                assert patterns[pattern.name]["skip_reason"] == pattern.skip
+    assert patterns[UNMAPPED]["skipped"] == seeded["unmapped"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s AND error <> ''", (report["run_id"],))
+        assert cur.fetchone()[0] == seeded["malformed"]
+        cur.execute("SELECT count(*) FROM users WHERE metadata->>'source' LIKE '%%redis%%'")
+        assert cur.fetchone()[0] == patterns["user"]["migrated"]
+
+
+def test_second_run_leaves_identical_tables(settings, r, pg):
+    seed_demo(r, 150)
+    first = migrate(settings)
+    before = fingerprint(pg)
+    second = migrate(settings)
+    assert fingerprint(pg) == before
+    assert second["rows_written"] == 0 and first["rows_written"] > 0
+    assert [(p["pattern"], p["migrated"]) for p in second["patterns"]] == [(p["pattern"], p["migrated"]) for p in first["patterns"]]
+
+
+def test_dry_run_numbers_equal_real_run_numbers_and_keep_nothing(settings, r, pg):
+    seed_demo(r, 150, malformed=6)
+    empty = fingerprint(pg)
+    dry = migrate(settings, dry_run=True)
+    assert dry["status"] == "dry_run" and fingerprint(pg) == empty
+    real = migrate(settings)
+    assert real["status"] == "completed"
+    assert dry["patterns"] == real["patterns"] and dry["rows_written"] == real["rows_written"]
+
+
+def test_poisoned_sub_batch_commits_good_rows_and_dead_letters_only_bad_ones(settings, r, pg):
+    for i in range(20):
+        put_user(r, f"user_{i:02d}", f"u{i}@x.io")
+    put_user(r, "user_badrole", "bad@x.io", role="superuser")  # violates the CHECK only PostgreSQL knows
+    put_user(r, "user_dupmail", "U3@x.io")  # same email as user_03, case-insensitively
+    report = migrate(settings, batch_size=50)
+    users = by_pattern(report)["user"]
+    assert (users["migrated"], users["dead"]) == (20, 2)
+    with pg.cursor() as cur:
+        cur.execute("SELECT key_text, error FROM migration_dead_letters")
+        letters = dict(cur.fetchall())
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == 20
+        cur.execute("SELECT legacy_id FROM users WHERE lower(email) = 'u3@x.io'")
+        (owner,) = cur.fetchone()
+    # whichever of the two holders of u3@x.io came first keeps it; the other is the dead letter
+    loser = ({"user_03", "user_dupmail"} - {owner}).pop()
+    assert set(letters) == {"threadr:user:user_badrole", f"threadr:user:{loser}"}
+    assert "users_role_check" in letters["threadr:user:user_badrole"]
+    assert "users_email_key" in letters[f"threadr:user:{loser}"]
+
+
+def test_check_violation_and_unique_violation_in_one_sub_batch(settings, r, pg):
+    for i in range(10):
+        put_user(r, f"user_{i:02d}", f"u{i}@x.io")
+    put_user(r, "user_badrole", "bad@x.io", role="superuser")
+    report = migrate(settings, batch_size=100)
+    assert (by_pattern(report)["user"]["migrated"], by_pattern(report)["user"]["dead"]) == (10, 1)
+    with pg.cursor() as cur:
+        cur.execute("SELECT error, raw_value FROM migration_dead_letters")
+        error, raw = cur.fetchone()
+    assert "users_role_check" in error
+    assert json.loads(bytes(raw))["role"] == "superuser"  # the raw value is kept in PostgreSQL
+
+
+def test_hostile_values_become_dead_letters_with_reasons(settings, r, pg):
+    put_user(r, "user_ok", "ok@x.io")
+    r.set("threadr:user:user_json", b'{"email": "x@')
+    r.hset("threadr:user:user_hash", "email", "h@x.io")
+    r.set("threadr:email:nonutf8@x.io", b"\xff\xfe\x00bad")
+    r.set("threadr:user:user_huge", json.dumps({**USER, "user_id": "user_huge", "email": "huge@x.io",
+                                                "metadata": {"blob": "x" * (5 * 1024 * 1024)}}))
+    r.set("threadr:user:user_nul", json.dumps({**USER, "user_id": "user_nul", "email": "nul@x.io", "metadata": {"a": "\u0000"}}))
+    r.set(b"threadr:user:user_\xff", b"{}")
+    r.set("threadr:usage:ip:1.2.3.4:daily:2026-11-27", "abc")
+    r.lpush("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", "x")
+    report = migrate(settings)
+    assert report["status"] == "completed" and report["balanced"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT key_text, redis_type, error FROM migration_dead_letters")
+        reasons = {key: (rtype, error) for key, rtype, error in cur.fetchall()}
+        cur.execute("SELECT legacy_id FROM users")
+        assert [row[0] for row in cur.fetchall()] == ["user_ok"]
+    assert "not valid JSON" in reasons["threadr:user:user_json"][1]
+    assert reasons["threadr:user:user_hash"] == ("hash", "wrong Redis type: expected string, found hash")
+    assert "not valid UTF-8" in reasons["threadr:email:nonutf8@x.io"][1]
+    assert "over the" in reasons["threadr:user:user_huge"][1] and "--max-value-bytes" in reasons["threadr:user:user_huge"][1]
+    assert "\\u0000" in reasons["threadr:user:user_nul"][1] or "NUL" in reasons["threadr:user:user_nul"][1]
+    assert "not valid UTF-8" in reasons["threadr:user:user_\\xff"][1]
+    assert "not an integer" in reasons["threadr:usage:ip:1.2.3.4:daily:2026-11-27"][1]
+    assert reasons["threadr:thread:8a1f2c3d-0000-4000-8000-000000000001"][0] == "list"
+    assert report["totals"]["dead"] == 8 and report["totals"]["migrated"] == 1
+
+
+def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkeypatch):
+    for i in range(30):
+        put_user(r, f"user_{i:02d}", f"u{i}@x.io")
+    real_read = migrator.batch.read_keys
+
+    def read_after_expiry(client, wanted):
+        # the race made certain: some keys vanish between SCAN and the value read
+        for key, _ in wanted[::3]:
+            client.delete(key)
+        return real_read(client, wanted)
+
+    monkeypatch.setattr(migrator.batch, "read_keys", read_after_expiry)
+    report = migrate(settings)
+    users = by_pattern(report)["user"]
+    assert users["expired"] == 10 and users["migrated"] == 20 and users["dead"] == 0 and report["balanced"]
+
+
+def test_exact_bytes_for_password_hashes_and_tweets(settings, r, pg):
+    seed_demo(r, 60)
+    migrate(settings)
+    with pg.cursor() as cur:
+        cur.execute("SELECT legacy_id, password_hash FROM users")
+        hashes = dict(cur.fetchall())
+        cur.execute("SELECT id::text, tweets::text, original_content FROM threads")
+        threads = {tid: (json.loads(tweets), content) for tid, tweets, content in cur.fetchall()}
+    assert hashes and threads
+    for ref, stored in hashes.items():
+        assert stored.encode() == json.loads(r.get(f"threadr:user:{ref}"))["password_hash"].encode()
+    emoji = 0
+    for tid, (tweets, content) in threads.items():
+        source = json.loads(r.get(f"threadr:thread:{tid}"))
+        assert tweets == source["tweets"] and content == source["original_content"]
+        assert [t["content"].encode() for t in tweets] == [t["content"].encode() for t in source["tweets"]]
+        emoji += any("🚀" in t["content"] for t in tweets)
+    assert emoji, "the demo keyspace should carry emoji"
+
+
+def test_subscriptions_by_email_link_to_their_user_whatever_the_order(settings, r, pg):
+    r.set("threadr:subscription:user:Ann@X.io", json.dumps({"subscription_id": "sub_1", "status": "active", "plan_name": "threadr_pro"}))
+    put_user(r, "user_ann", "ann@x.io")
+    migrate(settings)
+    with pg.cursor() as cur:
+        cur.execute("SELECT s.user_id = u.id FROM subscriptions s, users u WHERE u.legacy_id = 'user_ann'")
+        assert cur.fetchone() == (True,)
+
+
+def test_rollback_restores_the_database_exactly(settings, r, pg):
+    # Rows that existed before the run: one the run will update, one it will not touch.
+    put_user(r, "user_old", "old@x.io", login_count=1)
+    put_user(r, "user_keep", "keep@x.io")
+    migrate(settings)
+    with pg.cursor() as cur:
+        cur.execute("UPDATE users SET migration_run = NULL")  # as if written by the app itself
+    pg.commit()
+    before = fingerprint(pg)
+    put_user(r, "user_old", "old@x.io", login_count=9, updated_at="2026-06-01T00:00:00")
+    seed_demo(r, 40)
+    report = migrate(settings)
+    assert fingerprint(pg) != before
+    summary = rollback_run(pg, THREADR, report["run_id"])
+    assert summary["users"]["restored"] == 1
+    assert fingerprint(pg) == before
+
+
+def test_filters_by_priority_table_and_pattern(settings, r, pg):
+    seed_demo(r, 80)
+    critical = migrate(settings, priorities=("critical",))
+    assert {p["priority"] for p in critical["patterns"]} == {"critical"}
+    only_email = migrate(settings, patterns=("threadr:premium:email:*",))
+    assert [p["pattern"] for p in only_email["patterns"]] == ["premium_email"]
+    users = migrate(settings, tables=("users",))
+    assert [p["pattern"] for p in users["patterns"]] == ["user"]
