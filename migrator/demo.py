@@ -9,10 +9,10 @@ import json
 import random
 import string
 from bisect import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import accumulate
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -579,7 +579,7 @@ def _write_usage(ctx: _Ctx, p: _Plan, ip: str, email: str, user_id: str) -> None
     # Distinct instants give distinct epoch-float key suffixes.
     for at in sorted({_ago(ctx, 0, 7 * DAY - HOUR) for _ in range(p.usage_logs)}):
         ctx.w.json_doc("usage_log", f"threadr:usage:log:{ip}:{_epoch(at)}",
-                   _usage_log_doc(at, ip, email if p.usage_email else None), _ttl_left(ctx, 7 * DAY, at))
+                       _usage_log_doc(at, ip, email if p.usage_email else None), _ttl_left(ctx, 7 * DAY, at))
     if p.ratelimit:
         ctx.w.string("ratelimit", f"threadr:ratelimit:{ip}", str(_rint(rng, 1, 10)), _rint(rng, MIN_TTL, HOUR))
 
@@ -598,7 +598,7 @@ def _write_threads(ctx: _Ctx, p: _Plan, user_id: str, user_created: datetime) ->
         posted = _between(rng, created, min(created + timedelta(hours=6), now))
         refreshed = _between(rng, max(posted, now - timedelta(days=89)), now)
         w.json_doc("thread_analytics", f"analytics:{user_id}:thread:{thread_id}",
-               _analytics_doc(rng, doc, posted, refreshed), _ttl_left(ctx, 90 * DAY, refreshed))
+                   _analytics_doc(rng, doc, posted, refreshed), _ttl_left(ctx, 90 * DAY, refreshed))
         threads.append((created, thread_id))
         ctx.threads += 1
         if now - created < timedelta(days=7):
@@ -606,7 +606,7 @@ def _write_threads(ctx: _Ctx, p: _Plan, user_id: str, user_created: datetime) ->
             ctx.threads_by_day[day] = ctx.threads_by_day.get(day, 0) + 1
     threads.sort(reverse=True)
     w.json_doc("user_threads", f"threadr:user_threads:{user_id}", [tid for _, tid in threads],
-           365 * DAY - _rint(rng, 0, 30 * DAY))
+               365 * DAY - _rint(rng, 0, 30 * DAY))
     deleted = _weighted(rng, (0, 1, 2), (80, 95, 100))
     stats = {"created": len(threads) + deleted, "viewed": _rint(rng, 0, 100), "updated": _rint(rng, 0, 10),
              "deleted": deleted, "copied": _rint(rng, 0, 30)}
@@ -655,7 +655,7 @@ def _write_subscription(ctx: _Ctx, p: _Plan, user_id: str, email: str) -> bool:
 def _write_newsletter(ctx: _Ctx, email: str, ip: str, iso: bool) -> None:
     subscribed = _ago(ctx, 60, 700 * DAY)
     ctx.w.json_doc("newsletter", f"threadr:email:{email}", _newsletter_doc(ctx.rng, email, ip, subscribed, iso),
-               _ttl_left(ctx, 730 * DAY, subscribed))
+                   _ttl_left(ctx, 730 * DAY, subscribed))
     ctx.w.sadd("newsletter_list", "threadr:emails:list", [email], 730 * DAY, shared=True)
 
 
@@ -671,12 +671,12 @@ def _write_account(ctx: _Ctx, p: _Plan, user_id: str, email: str, ip: str, role:
     if p.session:
         last_activity = _ago(ctx, 0, 59 * 60)
         w.json_doc("session", f"threadr:session:{user_id}", _session_doc(ctx, doc, ip, last_activity, p.iso),
-               _ttl_left(ctx, HOUR, last_activity))
+                   _ttl_left(ctx, HOUR, last_activity))
     if p.failed_login:
         attacker = _random_ip(rng, ipv6=p.ipv6 or _chance(rng, 0.5))
         last = _ago(ctx, 0, 80 * 60)
         w.json_doc("failed_login", f"threadr:failed_login:{email}:{attacker}",
-               _failed_login_doc(rng, email, attacker, last, p.iso), _ttl_left(ctx, 90 * 60, last))
+                   _failed_login_doc(rng, email, attacker, last, p.iso), _ttl_left(ctx, 90 * 60, last))
     return created
 
 
