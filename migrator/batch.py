@@ -10,7 +10,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
 import redis
@@ -30,6 +30,10 @@ log = structlog.get_logger("migrator.batch")
 SHAPE_ERRORS = (BadRecord, ValueError, TypeError, KeyError, AttributeError, OverflowError)
 
 
+# Called after each SCAN reply with the running totals (scanned, migrated, ...) of the batch.
+Progress = Callable[[dict[str, int]], None]
+
+
 @dataclass(frozen=True)
 class BatchResult:
     batch_id: int
@@ -42,8 +46,9 @@ class BatchResult:
 class _Batch:
     """State of one batch while it runs: counts, pending records, dead letters."""
 
-    def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec) -> None:
-        self.client, self.cur, self.mapping, self.spec = client, cur, mapping, spec
+    def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec,
+                 progress: Progress | None = None) -> None:
+        self.client, self.cur, self.mapping, self.spec, self.progress = client, cur, mapping, spec, progress
         self.opts = spec.options
         priority = Priority.parse(spec.priority)
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
@@ -68,6 +73,8 @@ class _Batch:
                     self._prepare(key, text, pattern, fields, read, now)
                 while len(self.pending) >= self.opts.batch_size:
                     self._flush(self.opts.batch_size)
+            if self.progress is not None:
+                self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
         self._flush(len(self.pending))
 
     def _classify(self, key: bytes) -> tuple[bytes, str, Pattern, dict[str, str]] | None:
@@ -145,17 +152,39 @@ class _Batch:
         log.warning("dead_letter", pattern=pattern.name, key=redact_text(text), reason=redact_text(reason))
 
 
-def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: int) -> BatchResult:
-    """Run one planned batch from the ledger; idempotent, so a redelivery is harmless."""
+# Namespace of the per-batch advisory locks (any constant; the batch id is the second key).
+BATCH_LOCK = 0x6D67
+
+
+def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: int,
+                  progress: Progress | None = None) -> BatchResult | None:
+    """Run one planned batch from the ledger; None when it was already done.
+
+    A session advisory lock makes a second delivery of the same batch wait for the first and
+    then find it done, so a batch never writes twice at once.
+    """
     with conn.cursor() as cur:
-        spec = ledger.start_batch(cur, batch_id)
-    conn.commit()
-    # Every log line of this batch, ours or the writer's, carries run, priority and batch.
-    with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id):
-        return _migrate(client, conn, mapping, spec)
+        cur.execute("SELECT pg_advisory_lock(%s, %s)", (BATCH_LOCK, batch_id))
+    try:
+        with conn.cursor() as cur:
+            spec = ledger.start_batch(cur, batch_id)
+        conn.commit()
+        if spec is None:
+            log.info("batch_already_done", batch=batch_id)
+            return None
+        # Every log line of this batch, ours or the writer's, carries run, priority and batch.
+        with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id):
+            return _migrate(client, conn, mapping, spec, progress)
+    finally:
+        if not conn.closed:
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCK, batch_id))
+            conn.commit()
 
 
-def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec) -> BatchResult:
+def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec,
+             progress: Progress | None) -> BatchResult:
     log.info("batch_started", range=spec.key_range.index, ranges=spec.key_range.count, dry_run=spec.options.dry_run)
     try:
         with conn.cursor() as cur:
@@ -163,7 +192,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             cur.execute("SELECT set_config('migrator.run_id', %s, true)", (spec.run_id,))
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
-            batch = _Batch(client, cur, mapping, spec)
+            batch = _Batch(client, cur, mapping, spec, progress)
             batch.run()
             if spec.options.dry_run:
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")

@@ -20,7 +20,9 @@ exactly reversible.
 Typical session:
   migrator init-db                     # create the target schema (safe to repeat)
   migrator run --local --dry-run       # everything but keep nothing: numbers equal a real run
-  migrator run --local                 # migrate; prints the run id and the balance per pattern
+  migrator run                         # migrate on Celery workers (or --local: in this process)
+  migrator status RUN_ID --watch       # progress per priority, from the ledger
+  migrator batches RUN_ID --failed     # what failed and why; then: migrator requeue RUN_ID --failed
   migrator report RUN_ID --json        # the balance again, for scripts
   migrator rollback RUN_ID             # put PostgreSQL back exactly as it was before RUN_ID
 
@@ -80,8 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
         "Migrate priority by priority (critical, high, medium, low). Prints the run id, then the balance per "
         "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances."))
     _connection_flags(p)
-    p.add_argument("--local", action="store_true", help="run every batch in this process (one machine)")
+    p.add_argument("--local", action="store_true",
+                   help="run every batch in this process instead of on Celery workers (one machine, no broker)")
+    p.add_argument("--detach", action="store_true", help="send the run to the workers and return (Celery runs)")
     _run_flags(p)
+
+    p = sub.add_parser("status", help="live progress of a run, from the ledger")
+    _connection_flags(p)
+    p.add_argument("run_id")
+    p.add_argument("--watch", action="store_true", help="redraw until the run ends")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("batches", help="the batches of a run: range, status, attempts, counts, error")
+    _connection_flags(p)
+    p.add_argument("run_id")
+    p.add_argument("--failed", action="store_true", help="only failed batches")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("requeue", help="send batches to the workers again (after fixing what made them fail)")
+    _connection_flags(p)
+    p.add_argument("run_id")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--batch", type=int, action="append", help="batch id from `migrator batches` (repeatable)")
+    which.add_argument("--failed", action="store_true", help="every failed batch of the run")
+
+    p = sub.add_parser("resume", help="carry a run on from the ledger (after the coordinator or the broker was lost)")
+    _connection_flags(p)
+    p.add_argument("run_id")
 
     p = sub.add_parser("report", help="the per-pattern balance of a run")
     _connection_flags(p)
@@ -117,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init-db":
             return commands.cmd_init_db(settings)
         if args.command == "run":
-            if not args.local:
-                print("migrator: distributed execution through Celery workers is not available yet; "
-                      "add --local to run every batch in this process", file=sys.stderr)
-                return commands.CANNOT_START
-            return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json)
+            if args.local:
+                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json)
+            return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach, as_json=args.json)
+        if args.command == "status":
+            return commands.cmd_status(settings, args.run_id, as_json=args.json, watch_it=args.watch)
+        if args.command == "batches":
+            return commands.cmd_batches(settings, args.run_id, failed_only=args.failed, as_json=args.json)
+        if args.command == "requeue":
+            return commands.cmd_requeue(settings, args.run_id, args.batch or [])
+        if args.command == "resume":
+            return commands.cmd_resume(settings, args.run_id)
         if args.command == "report":
             return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json)
         if args.command == "rollback":

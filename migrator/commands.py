@@ -11,12 +11,14 @@ import time
 from typing import Any, TextIO
 
 from . import demo as demo_data
+from . import ledger
 from . import report as report_mod
+from . import status as status_mod
 from .config import Settings
 from .mapping import Mapping
 from .options import RunOptions
 from .rollback import rollback_run
-from .runner import execute_local, plan_run
+from .runner import TERMINAL, execute_local, plan_run
 from .schema import database_url_for, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
@@ -45,17 +47,122 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
         out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
         out.flush()
         started = time.monotonic()
-        outcome = execute_local(client, conn, mapping, run_id, opts)
+        status = execute_local(client, conn, mapping, run_id, opts)
         report = report_mod.build_report(conn, mapping, run_id)
         report["seconds"] = round(time.monotonic() - started, 3)
         if as_json:
             _dump(report, out)
         else:
             out.write(report_mod.render(report) + f"\n{report['seconds']} s\n")
-        return OK if outcome.ok and report["balanced"] else FAILED
+        return OK if status in ("completed", "dry_run") and report["balanced"] else FAILED
     finally:
         conn.close()
         client.close()
+
+
+def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, detach: bool = False,
+                        as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
+    from workers.coordinator import start_run, use_broker, workers_answering  # Celery is only needed here
+
+    use_broker(settings)
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        require_schema(conn)
+        if not workers_answering():
+            err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
+                      "starts: celery -A workers worker -Q critical,high,medium,low\n")
+        run_id = start_run(settings, client, conn, mapping, opts)
+        out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
+        out.flush()
+        if detach:
+            out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
+            return OK
+        watch(conn, run_id, out=err)
+        report = report_mod.build_report(conn, mapping, run_id)
+        _dump(report, out) if as_json else out.write(report_mod.render(report) + "\n")
+        return OK if report["status"] in ("completed", "dry_run") and report["balanced"] else FAILED
+    finally:
+        conn.close()
+        client.close()
+
+
+def watch(conn: Any, run_id: str, *, interval: float = 1.0, out: TextIO = sys.stderr) -> dict[str, Any]:
+    """Print progress until the run ends; on a terminal the view is redrawn in place."""
+    tty = out.isatty()
+    last_print = 0.0
+    while True:
+        progress = status_mod.run_progress(conn, run_id)
+        ended = progress["status"] in TERMINAL
+        if tty:
+            view = status_mod.render(progress)
+            out.write("\x1b[H\x1b[J" + view + "\n")
+        elif ended or time.monotonic() - last_print >= 10:
+            out.write(status_mod.render(progress) + "\n")
+            last_print = time.monotonic()
+        out.flush()
+        if ended:
+            return progress
+        time.sleep(interval)
+
+
+def cmd_status(settings: Settings, run_id: str, *, as_json: bool, watch_it: bool, out: TextIO = sys.stdout) -> int:
+    conn = settings.postgres()
+    try:
+        progress = watch(conn, run_id, out=out) if watch_it else status_mod.run_progress(conn, run_id)
+    finally:
+        conn.close()
+    if as_json:
+        _dump(progress, out)
+    elif not watch_it:
+        out.write(status_mod.render(progress) + "\n")
+    return FAILED if progress["status"] in ("failed", "rolled_back") else OK
+
+
+def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
+    conn = settings.postgres()
+    try:
+        with conn, conn.cursor() as cur:
+            if ledger.get_run(cur, run_id) is None:
+                raise LookupError(f"no run {run_id} in the ledger")
+            rows = [b for b in ledger.batches(cur, run_id) if not failed_only or b["status"] == "failed"]
+    finally:
+        conn.close()
+    if as_json:
+        _dump([{k: v for k, v in b.items() if k != "pattern_counts"} for b in rows], out)
+    else:
+        out.write(status_mod.render_batches(rows) + "\n")
+    return OK
+
+
+def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], out: TextIO = sys.stdout) -> int:
+    from workers.coordinator import requeue, use_broker
+
+    use_broker(settings)
+    conn = settings.postgres()
+    try:
+        reopened = requeue(conn, run_id, batch_ids or None)
+    finally:
+        conn.close()
+    if not reopened:
+        out.write("nothing to requeue: no such batch, or no failed batch in this run\n")
+        return FAILED
+    out.write(f"requeued {len(reopened)} batch(es): {', '.join(str(b) for b, _ in reopened)}; "
+              f"follow with: migrator status {run_id} --watch\n")
+    return OK
+
+
+def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int:
+    from workers.coordinator import resume, use_broker
+
+    use_broker(settings)
+    conn = settings.postgres()
+    try:
+        label = resume(conn, run_id)
+    finally:
+        conn.close()
+    out.write(f"resumed run {run_id} at priority {label}\n" if label else f"run {run_id} has nothing left to do\n")
+    return OK
 
 
 def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,

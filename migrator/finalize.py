@@ -1,12 +1,25 @@
-"""What happens after a priority's batches: link legacy user ids, then judge the priority."""
+"""What happens after a priority's batches: link legacy user ids, validate, decide what comes next.
+
+The Celery chord callback and `run --local` both call `after_priority`, so the rules for going
+on, stopping and rolling back live in one place.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+import redis
+import structlog
 from psycopg2 import sql
 
-from .mapping import Mapping
+from . import ledger
+from .mapping import Mapping, Priority
+from .options import RunOptions
+from .rollback import rollback_run
+from .validate import Check, validate_priority
+
+log = structlog.get_logger("migrator.finalize")
 
 LINK = sql.SQL(
     "UPDATE {t} SET user_id = m.entity_id FROM legacy_id_map m"
@@ -27,25 +40,57 @@ def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
 
 
 @dataclass(frozen=True)
-class PriorityVerdict:
+class Verdict:
     priority: str
-    batches: int
-    failed: int
-    dead: int
+    checks: list[Check]
     linked: int
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        return all(c.ok for c in self.checks)
 
 
-def finalize_priority(conn: Any, mapping: Mapping, run_id: str, priority: str, dry_run: bool) -> PriorityVerdict:
-    linked = 0 if dry_run else link_users(conn, mapping, run_id)
+def finalize_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
+                      opts: RunOptions) -> Verdict:
+    linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
+    checks = validate_priority(client, conn, mapping, run_id, priority, opts)
+    verdict = Verdict(priority.label, checks, linked)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
+                    (run_id, priority.label, verdict.ok, orjson.dumps([c.to_json() for c in checks]).decode()))
+    log.info("priority_validated", run=run_id, priority=priority.label, ok=verdict.ok, linked=linked,
+             failed_checks=[c.name for c in checks if not c.ok])
+    return verdict
+
+
+def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
+                   opts: RunOptions) -> Priority | None:
+    """Validate `priority`; return the next priority to run, or None once the run has ended."""
+    verdict = finalize_priority(client, conn, mapping, run_id, priority, opts)
+    if not verdict.ok and not opts.continue_on_error:
+        failed = "; ".join(c.detail for c in verdict.checks if not c.ok)
+        fail_run(conn, mapping, run_id, opts, f"priority {priority.label} did not validate: {failed}")
+        return None
+    order = opts.priority_order()
+    later = [p for p in order if p > priority]
+    if later:
+        return later[0]
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT count(*), count(*) FILTER (WHERE status <> 'done'), COALESCE(sum(keys_dead), 0)"
-            " FROM migration_batches WHERE run_id = %s AND priority = %s",
-            (run_id, priority),
-        )
-        batches, failed, dead = cur.fetchone()
-    return PriorityVerdict(priority, batches, failed, int(dead), linked)
+            "SELECT count(*) FROM (SELECT DISTINCT ON (priority) ok FROM migration_validations WHERE run_id = %s"
+            " ORDER BY priority, created_at DESC) latest WHERE NOT ok", (run_id,))
+        (bad,) = cur.fetchone()
+        if bad:
+            ledger.set_run_status(cur, run_id, "failed", f"{bad} priority(ies) did not validate")
+        else:
+            ledger.set_run_status(cur, run_id, "dry_run" if opts.dry_run else "completed")
+    return None
+
+
+def fail_run(conn: Any, mapping: Mapping, run_id: str, opts: RunOptions, reason: str) -> None:
+    """Mark the run failed and, unless told not to, roll back everything it wrote."""
+    with conn, conn.cursor() as cur:
+        ledger.set_run_status(cur, run_id, "failed", reason)
+    log.warning("run_failed", run=run_id, reason=reason)
+    if opts.rollback_on_failure and not opts.dry_run:
+        rollback_run(conn, mapping, run_id)

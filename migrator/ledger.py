@@ -64,19 +64,34 @@ def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = 
     return [r[0] for r in cur.fetchall()]
 
 
-def start_batch(cur: Any, batch_id: int) -> BatchSpec:
+def start_batch(cur: Any, batch_id: int) -> BatchSpec | None:
+    """Mark a batch running; None when it is already done (a redelivery or a duplicate)."""
     cur.execute(
         "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = now(), error = NULL"
-        " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id"
+        " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id AND b.status <> 'done'"
         " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, r.options, r.mapping",
         (batch_id,),
     )
     row = cur.fetchone()
     if row is None:
-        raise LookupError(f"batch {batch_id} is not in the ledger")
+        cur.execute("SELECT status FROM migration_batches WHERE id = %s", (batch_id,))
+        if cur.fetchone() is None:
+            raise LookupError(f"batch {batch_id} is not in the ledger; is DATABASE_URL the run's database?")
+        return None
     run_id, priority, index, count, start, end, options, mapping = row
     return BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end)),
                      RunOptions.from_json(options), mapping)
+
+
+def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
+    """Put batches back to pending for a requeue: the given ones, or every failed one."""
+    if batch_ids:
+        cur.execute("UPDATE migration_batches SET status = 'pending', error = NULL WHERE run_id = %s AND id = ANY(%s)"
+                    " RETURNING id, priority", (run_id, batch_ids))
+    else:
+        cur.execute("UPDATE migration_batches SET status = 'pending', error = NULL WHERE run_id = %s AND status = 'failed'"
+                    " RETURNING id, priority", (run_id,))
+    return cur.fetchall()
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str) -> None:
@@ -112,9 +127,9 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None) -> None:
     finished = status in ("completed", "failed", "rolled_back", "dry_run")
     cur.execute(
-        "UPDATE migration_runs SET status = %s, error = COALESCE(%s, error),"
+        "UPDATE migration_runs SET status = %s, error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
         " finished_at = CASE WHEN %s THEN now() ELSE finished_at END WHERE id = %s",
-        (status, error, finished, run_id),
+        (status, status, error, finished, run_id),
     )
 
 
@@ -142,3 +157,11 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     keys = ("id", "priority", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
             "dead", "expired", "rows_written", "pattern_counts", "error", "seconds")
     return [dict(zip(keys, row)) for row in cur.fetchall()]
+
+
+def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:
+    """The first priority (in run order) whose latest validation is missing or failed."""
+    cur.execute("SELECT DISTINCT ON (priority) priority, ok FROM migration_validations WHERE run_id = %s"
+                " ORDER BY priority, created_at DESC", (run_id,))
+    validated = {p for p, ok in cur.fetchall() if ok}
+    return next((p for p in order if p not in validated), None)

@@ -40,3 +40,16 @@ def configure(json: bool | None = None, level: str | None = None, stream: TextIO
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+def route_stdlib_logging(level: str | None = None, stream: TextIO | None = None) -> None:
+    """Send the standard library's logging (Celery's own lines) through the same JSON renderer."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=structlog.processors.JSONRenderer(),
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True), _mask],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel((level or os.environ.get("MIGRATOR_LOG_LEVEL", "INFO")).upper())

@@ -57,7 +57,7 @@ class Writer:
         cur = self.cursor
         cur.execute("SAVEPOINT sub_batch")
         try:
-            written = self._write_all(records)
+            written = self.upsert(records)
         except RECORD_ERRORS as exc:
             cur.execute("ROLLBACK TO SAVEPOINT sub_batch")
             cur.execute("RELEASE SAVEPOINT sub_batch")
@@ -70,7 +70,8 @@ class Writer:
         cur.execute("RELEASE SAVEPOINT sub_batch")
         return written, []
 
-    def _write_all(self, records: list[Prepared]) -> int:
+    def upsert(self, records: list[Prepared]) -> int:
+        """Upsert every row of these records; returns the rows inserted or changed."""
         # One statement per (table, columns); a row id seen twice goes to a later round,
         # since one upsert statement may not touch the same row twice.
         rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, tuple]]] = []

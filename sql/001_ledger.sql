@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS migration_dead_letters (
     UNIQUE (run_id, redis_key)
 );
 
+-- The verdict of each priority: what was checked, and whether the run went on.
+CREATE TABLE IF NOT EXISTS migration_validations (
+    run_id      uuid NOT NULL REFERENCES migration_runs (id) ON DELETE CASCADE,
+    priority    text NOT NULL,
+    ok          boolean NOT NULL,
+    checks      jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, priority, created_at)
+);
+
 -- Prior images of rows a run updated, so a rollback restores them exactly.
 CREATE TABLE IF NOT EXISTS migration_journal (
     run_id      uuid NOT NULL,

@@ -1,5 +1,18 @@
 """The Celery application; every setting lives in celeryconfig.py."""
+from typing import Any
+
 from celery import Celery
+from celery.signals import setup_logging
+
+from migrator.log import configure, route_stdlib_logging
 
 app = Celery("migrator", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
+
+
+@setup_logging.connect
+def _json_logs(loglevel: Any = None, **_: Any) -> None:
+    """One JSON object per line for ours and Celery's own logs (Celery then leaves logging alone)."""
+    level = loglevel if isinstance(loglevel, str) else None
+    configure(json=True, level=level)
+    route_stdlib_logging(level)

@@ -1,0 +1,137 @@
+"""Validating a priority once its batches are in: the ledger against the source and the target.
+
+- every batch of the priority is done, and each pattern balances;
+- a fresh count of the source keys per pattern agrees with what the batches scanned;
+- a sample of migrated keys, read back from Redis and transformed again, is already in
+  PostgreSQL: upserting it (inside a savepoint that is rolled back) would change no row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import redis
+from psycopg2 import sql
+
+from . import ledger
+from .mapping import SourceRecord, UNMAPPED, Mapping, Priority
+from .options import RunOptions
+from .partition import KeyRange, scan_range
+from .source import decode, read_keys
+from .writer import Prepared, Writer
+
+SAMPLE_PER_PATTERN = 20
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ledger_counts(cur: Any, run_id: str, priority: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority]
+    totals: dict[str, dict[str, int]] = {}
+    for b in batches:
+        for name, counts in b["pattern_counts"].items():
+            into = totals.setdefault(name, dict.fromkeys(ledger.COUNT_FIELDS, 0))
+            for f in ledger.COUNT_FIELDS:
+                into[f] += counts.get(f, 0)
+    return batches, totals
+
+
+def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority) -> dict[str, int]:
+    """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
+    scope = {p.name for p in opts.scope(mapping, priority)}
+    unmapped = opts.includes_unmapped(mapping, priority)
+    counts: dict[str, int] = {}
+    for keys in scan_range(client, KeyRange.split(1)[0], opts.scan_count):
+        for key in keys:
+            pattern, _ = mapping.classify(key.decode("utf-8", "backslashreplace"))
+            name = pattern.name if pattern else UNMAPPED
+            if name in scope or (pattern is None and unmapped):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def sample_readback(client: redis.Redis, cur: Any, mapping: Mapping, opts: RunOptions, priority: Priority,
+                    run_id: str, per_pattern: int = SAMPLE_PER_PATTERN) -> dict[str, dict[str, int]]:
+    """Per pattern: keys sampled, still in PostgreSQL as in Redis, differing, gone from Redis."""
+    tz = ZoneInfo(opts.source_timezone)
+    writer = Writer(cur, mapping, run_id)
+    out: dict[str, dict[str, int]] = {}
+    for pattern in opts.scope(mapping, priority):
+        if not pattern.migrated:
+            continue
+        # a pseudo-random sample, different per run, repeatable within it
+        cur.execute(
+            sql.SQL("SELECT source_key FROM (SELECT DISTINCT source_key FROM {} WHERE metadata = %s::jsonb"
+                    " AND source_key IS NOT NULL) k ORDER BY md5(source_key || %s) LIMIT %s").format(sql.Identifier(pattern.table)),
+            (pattern.provenance, run_id, per_pattern),
+        )
+        keys = [row[0] for row in cur.fetchall()]
+        stats = {"sampled": len(keys), "same": 0, "differ": 0, "gone": 0}
+        reads = read_keys(client, [(k.encode(), pattern.redis_type) for k in keys])
+        now = datetime.now(timezone.utc)
+        for key, read in zip(keys, reads):
+            if read.redis_type == "none":
+                stats["gone"] += 1
+                continue
+            try:
+                rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
+                                                      None, now, tz))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                stats["differ"] += 1
+                continue
+            cur.execute("SAVEPOINT readback")
+            # expires_at is left out: it is bookkeeping, and absent columns are not compared
+            changed = writer.upsert([Prepared(key.encode(), key, pattern, rows, None, read)])
+            cur.execute("ROLLBACK TO SAVEPOINT readback")
+            stats["same" if changed == 0 else "differ"] += 1
+        out[pattern.name] = stats
+    return out
+
+
+def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
+                      opts: RunOptions, tolerance: float = 0.01) -> list[Check]:
+    checks = []
+    with conn.cursor() as cur:
+        batches, totals = _ledger_counts(cur, run_id, priority.label)
+    conn.rollback()
+    failed = [b["id"] for b in batches if b["status"] != "done"]
+    checks.append(Check("batches_done", not failed,
+                        f"{len(batches) - len(failed)}/{len(batches)} batches done"
+                        + (f"; not done: {failed} (`migrator batches {run_id} --failed`)" if failed else ""),
+                        {"failed": failed}))
+    unbalanced = [n for n, c in totals.items()
+                  if c["scanned"] != c["migrated"] + c["skipped"] + c["dead"] + c["expired"]]
+    checks.append(Check("balance", not unbalanced,
+                        "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
+                        else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
+    fresh = source_counts(client, mapping, opts, priority)
+    off = {}
+    for name in sorted(set(fresh) | set(totals)):
+        now, seen = fresh.get(name, 0), totals.get(name, {}).get("scanned", 0)
+        if abs(now - seen) > math.floor(tolerance * max(now, seen)):
+            off[name] = {"source_now": now, "scanned": seen}
+    checks.append(Check("source_counts", not off,
+                        "ledger agrees with a fresh count of the source keys" if not off
+                        else f"counts differ beyond {tolerance:.1%}: {off}", {"fresh": fresh, "differ": off}))
+    if opts.dry_run:
+        return checks
+    with conn.cursor() as cur:
+        sample = sample_readback(client, cur, mapping, opts, priority, run_id)
+    conn.rollback()
+    differ = {n: s for n, s in sample.items() if s["differ"] > math.floor(tolerance * s["sampled"])}
+    checks.append(Check("sample_readback", not differ,
+                        f"{sum(s['same'] for s in sample.values())} sampled keys match PostgreSQL" if not differ
+                        else f"sampled keys differ from PostgreSQL: {differ}", sample))
+    return checks

@@ -1,0 +1,81 @@
+"""The coordinator: plan a run in the ledger, then hand its first priority to the workers.
+
+Every later step is driven by the chord callbacks; `resume` and `requeue` start again from
+what the ledger says, so losing the coordinator or the broker loses no state.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from migrator import ledger
+from migrator.config import ConfigError, Settings
+from migrator.mapping import Mapping, Priority
+from migrator.options import RunOptions
+from migrator.runner import plan_run
+
+from .app import app
+from .tasks import dispatch_priority
+
+log = structlog.get_logger("workers.coordinator")
+
+
+def _same_redis_db(a: str, b: str) -> bool:
+    pa, pb = urlsplit(a), urlsplit(b)
+    db = lambda p: (p.path or "/0").strip("/") or "0"
+    return pa.scheme.startswith("redis") and pb.scheme.startswith("redis") and \
+        (pa.hostname, pa.port or 6379, db(pa)) == (pb.hostname, pb.port or 6379, db(pb))
+
+
+def use_broker(settings: Settings) -> None:
+    """Send to the broker the command line named (--broker-url), not only the environment's."""
+    app.conf.broker_url = settings.broker_url
+
+
+def workers_answering(timeout: float = 2.0) -> list[str]:
+    """Names of the workers that answer a ping on the broker."""
+    return sorted(name for reply in (app.control.ping(timeout=timeout) or []) for name in reply)
+
+
+def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
+    """Plan the run in the ledger, then send its first priority to the workers."""
+    if _same_redis_db(str(app.conf.result_backend), settings.redis_url):
+        raise ConfigError("CELERY_RESULT_BACKEND is the Redis database being migrated; its keys would be scanned too. "
+                          "Point it at another database number, e.g. redis://host:6379/14")
+    run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+    dispatch_priority(conn, run_id, opts.priority_order()[0])
+    return run_id
+
+
+def resume(conn: Any, run_id: str) -> str | None:
+    """Carry a run on from the ledger: re-send the first priority that has not validated."""
+    with conn, conn.cursor() as cur:
+        run = ledger.get_run(cur, run_id)
+        if run is None:
+            raise LookupError(f"no run {run_id} in the ledger")
+        if run["status"] in ("rolled_back", "rolling_back"):
+            raise ConfigError(f"run {run_id} was rolled back; start a new run instead")
+        order = [p.label for p in RunOptions.from_json(run["options"]).priority_order()]
+        label = ledger.first_unvalidated(cur, run_id, order)
+        if label is None:
+            return None
+        ledger.set_run_status(cur, run_id, "running")
+    dispatch_priority(conn, run_id, Priority.parse(label))
+    log.info("run_resumed", run=run_id, priority=label)
+    return label
+
+
+def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
+    """Put batches (the given ones, or every failed one) back to pending and carry the run on."""
+    with conn, conn.cursor() as cur:
+        reopened = ledger.reopen_batches(cur, run_id, batch_ids)
+        for priority in sorted({p for _, p in reopened}):
+            # the priority must validate again before the run can complete
+            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
+                        (run_id, priority, '[{"name": "requeued", "ok": false, "detail": "batches requeued by hand"}]'))
+    if reopened:
+        resume(conn, run_id)
+    return reopened
+
