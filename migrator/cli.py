@@ -53,6 +53,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
                    help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
+    g.add_argument("--count-tolerance", type=float, default=0.01,
+                   help="validation: how far a fresh count of source keys may drift from the scan, as a fraction "
+                        "per pattern (raise it while the app writes; default 0.01)")
     g.add_argument("--continue-on-error", action="store_true",
                    help="go on to the next priority even when a batch failed (dead letters never stop a run)")
     g.add_argument("--no-rollback", action="store_true",
@@ -66,6 +69,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         priorities=tuple(args.priority or ()), tables=tuple(args.table), patterns=tuple(args.pattern),
         continue_on_error=args.continue_on_error, rollback_on_failure=not args.no_rollback,
         max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
+        count_tolerance=args.count_tolerance,
     )
 
 

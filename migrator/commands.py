@@ -18,7 +18,8 @@ from .config import Settings
 from .mapping import Mapping
 from .options import RunOptions
 from .rollback import rollback_run
-from .runner import TERMINAL, execute_local, plan_run
+from .runner import execute_local, plan_run
+from .status import TERMINAL
 from .schema import database_url_for, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2

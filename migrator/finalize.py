@@ -15,9 +15,12 @@ from psycopg2 import sql
 
 from . import ledger
 from .mapping import Mapping, Priority
+from .errors import TRANSIENT
 from .options import RunOptions
+from .redact import redact_text
 from .rollback import rollback_run
 from .validate import Check, validate_priority
+from .writer import describe
 
 log = structlog.get_logger("migrator.finalize")
 
@@ -65,8 +68,22 @@ def finalize_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
 
 def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
                    opts: RunOptions) -> Priority | None:
-    """Validate `priority`; return the next priority to run, or None once the run has ended."""
-    verdict = finalize_priority(client, conn, mapping, run_id, priority, opts)
+    """Validate `priority`; return the next priority to run, or None once the run has ended.
+
+    A failure of the validation itself (say, a table gone missing) fails the run like a failed
+    check would, rather than leave it running forever; connection trouble is raised for a retry.
+    """
+    try:
+        verdict = finalize_priority(client, conn, mapping, run_id, priority, opts)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        conn.rollback()
+        reason = redact_text(describe(exc))
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
+                        (run_id, priority.label, orjson.dumps([Check("finalize", False, reason).to_json()]).decode()))
+        verdict = Verdict(priority.label, [Check("finalize", False, reason)], 0)
     if not verdict.ok and not opts.continue_on_error:
         failed = "; ".join(c.detail for c in verdict.checks if not c.ok)
         fail_run(conn, mapping, run_id, opts, f"priority {priority.label} did not validate: {failed}")

@@ -156,7 +156,10 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     )
     keys = ("id", "priority", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
             "dead", "expired", "rows_written", "pattern_counts", "error", "seconds")
-    return [dict(zip(keys, row)) for row in cur.fetchall()]
+    rows = [dict(zip(keys, row)) for row in cur.fetchall()]
+    for row in rows:
+        row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
+    return rows
 
 
 def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:

@@ -21,9 +21,6 @@ from .redact import redact_url
 
 log = structlog.get_logger("migrator.runner")
 
-TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
-
-
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
     run_id = str(uuid.uuid4())

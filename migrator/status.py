@@ -7,6 +7,8 @@ from typing import Any
 from . import ledger
 from .mapping import Priority
 
+TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
+
 
 def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
     with conn, conn.cursor() as cur:
@@ -43,7 +45,8 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
             "eta_s": round(per_batch * left, 1) if per_batch is not None and left else (0.0 if not left else None),
             "validated": validated.get(p.label),
         })
-    elapsed = (now - first_start).total_seconds() if first_start else 0.0
+    until = run["finished_at"] if run["status"] in TERMINAL and run["finished_at"] else now
+    elapsed = max(0.0, (until - first_start).total_seconds()) if first_start else 0.0
     total_scanned = sum(p["scanned"] for p in priorities)
     return {
         "run_id": run_id,

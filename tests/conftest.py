@@ -18,6 +18,11 @@ from migrator.log import configure
 from migrator.schema import database_url_for, ensure_database, init_db
 from migrator.threadr import THREADR
 
+# Queues and results of this test session, apart from any other user of the broker. Set before
+# anything imports celeryconfig.
+os.environ.setdefault("MIGRATOR_QUEUE_PREFIX", f"test{os.getpid()}.")
+os.environ.setdefault("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/10")
+
 ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 

@@ -1,6 +1,7 @@
 """Shared test steps: run a migration through the library, fingerprint tables."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from psycopg2 import sql
@@ -37,5 +38,30 @@ def fingerprint(conn: Any, tables: list[str] | None = None) -> dict[str, tuple[i
     return out
 
 
+# Columns that say which run wrote a row and when its key expires: they differ between two
+# runs over the same data, the content does not.
+PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at")
+
+
+def content_fingerprint(conn: Any) -> dict[str, tuple[int, str]]:
+    """Like `fingerprint`, over every column but the provenance ones."""
+    out = {}
+    with conn.cursor() as cur:
+        for table in THREADR.table_names():
+            cur.execute(sql.SQL("SELECT count(*), md5(COALESCE(string_agg((to_jsonb(t) - %s::text[])::text, '|'"
+                                " ORDER BY t.id), '')) FROM {} t").format(sql.Identifier(table)), (list(PROVENANCE),))
+            out[table] = cur.fetchone()
+    conn.rollback()
+    return out
+
+
 def by_pattern(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["pattern"]: p for p in report["patterns"]}
+
+
+def worker_env(database_url: str) -> dict[str, str]:
+    """The environment of a worker process of this test session."""
+    from conftest import REDIS_URL
+
+    return {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "MIGRATOR_LOG_JSON": "1",
+            "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")}

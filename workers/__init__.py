@@ -1,4 +1,4 @@
-"""The Celery layer: `celery -A workers worker -Q critical,high,medium,low`."""
-from .app import app
+"""The Celery layer: `celery -A workers worker -Q critical,high,medium,low` (the app is workers.celery.app)."""
+from .celery import app
 
 __all__ = ["app"]

@@ -16,7 +16,7 @@ from migrator.mapping import Mapping, Priority
 from migrator.options import RunOptions
 from migrator.runner import plan_run
 
-from .app import app
+from .celery import app
 from .tasks import dispatch_priority
 
 log = structlog.get_logger("workers.coordinator")

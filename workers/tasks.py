@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import psycopg2
 import redis
 import structlog
 from celery import chord
@@ -12,7 +11,8 @@ from celery.signals import task_postrun, task_prerun
 
 from migrator import ledger
 from migrator.batch import migrate_batch
-from migrator.config import ConfigError, Settings
+from migrator.config import Settings
+from migrator.errors import TRANSIENT
 from migrator.finalize import after_priority
 from migrator.mapping import Priority
 from migrator.options import RunOptions
@@ -22,12 +22,10 @@ from migrator.writer import describe
 
 from celeryconfig import PRIORITY_QUEUES
 
-from .app import app
+from .celery import app
 
 log = structlog.get_logger("workers.tasks")
 
-# Worth another try after a pause; anything else is recorded as the batch's failure.
-TRANSIENT = (ConfigError, redis.ConnectionError, redis.TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError)
 PROGRESS_EVERY_S = 1.0
 
 

@@ -1,0 +1,252 @@
+"""Runs through real Celery worker processes on the local RabbitMQ broker.
+
+Workers are separate `celery -A workers worker` processes (two of them for the distribution
+tests), started and stopped here; queues carry this session's MIGRATOR_QUEUE_PREFIX.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from migrator.demo import seed_demo
+from migrator.options import RunOptions
+from migrator.report import build_report
+from migrator.status import run_progress
+from migrator.threadr import THREADR
+
+from helpers import by_pattern, content_fingerprint, migrate, worker_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIORITIES = ("critical", "high", "medium", "low")
+
+
+class Workers:
+    """Worker processes of this test session; each in its own process group so it can be killed whole."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir, self.procs = env, logdir, {}
+        self.queues = ",".join(os.environ["MIGRATOR_QUEUE_PREFIX"] + p for p in PRIORITIES)
+
+    def start(self, name: str) -> None:
+        log = open(self.logdir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", self.queues, "-c", "1", "-n",
+             f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from workers.celery import app
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(f"{name}-{os.getpid()}@" in n for reply in (app.control.ping(timeout=0.5) or []) for n in reply):
+                return
+        raise RuntimeError(f"worker {name} did not start; see {self.logdir / name}.log")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a warm shutdown that hangs: end it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def workers(database_url, tmp_path_factory):
+    pool = Workers(worker_env(database_url), tmp_path_factory.mktemp("workers"))
+    pool.start("w1")
+    pool.start("w2")
+    yield pool
+    pool.stop_all()
+    from workers.celery import app
+
+    with app.connection_for_write() as conn:  # leave nothing behind on the shared broker
+        for p in PRIORITIES:
+            conn.default_channel.queue_delete(os.environ["MIGRATOR_QUEUE_PREFIX"] + p)
+
+
+def run_distributed(settings, timeout: float = 240, **options) -> dict:
+    from workers.coordinator import start_run
+
+    opts = RunOptions(**options)
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        run_id = start_run(settings, client, conn, THREADR, opts)
+        wait_for_end(conn, run_id, timeout)
+        return build_report(conn, THREADR, run_id)
+    finally:
+        conn.close()
+        client.close()
+
+
+def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = run_progress(conn, run_id)
+        if progress["status"] in ("completed", "failed", "rolled_back", "dry_run"):
+            return progress
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")
+
+
+def test_two_workers_migrate_every_key_once_while_the_app_writes_and_deletes(settings, r, pg, workers):
+    seed_demo(r, 1500)
+    before = {k for k in r.scan_iter("threadr:user:user_*", count=1000)}
+    doomed = sorted(r.scan_iter("threadr:usage:log:*", count=1000))[:150]
+    stop = threading.Event()
+    added: list[str] = []
+
+    def app_traffic() -> None:
+        live = redis.Redis.from_url(settings.redis_url)
+        rnd = random.Random(7)
+        for i in range(400):
+            if stop.is_set():
+                break
+            key = f"threadr:usage:ip:198.51.100.{i % 250}:daily:2026-11-{1 + i % 28:02d}"
+            live.set(key, rnd.randint(1, 9), ex=86400)
+            added.append(key)
+            if doomed:
+                live.delete(doomed.pop())
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=app_traffic)
+    writer.start()
+    try:
+        report = run_distributed(settings, ranges=16, count_tolerance=0.2)  # the app adds keys meanwhile
+    finally:
+        stop.set()
+        writer.join()
+    assert report["status"] == "completed", report["error"]
+    assert report["balanced"] and report["batches"]["failed"] == 0
+    with pg.cursor() as cur:
+        cur.execute("SELECT source_key FROM users")
+        in_pg = {row[0].encode() for row in cur.fetchall()}
+        cur.execute("SELECT count(*), count(DISTINCT source_key) FROM usage_counters")
+        rows, distinct = cur.fetchone()
+    assert before <= in_pg  # every key present throughout arrived
+    assert rows == distinct  # each counter once
+    user = by_pattern(report)["user"]
+    assert user["migrated"] == len(in_pg)  # counted once too: no key scanned by two ranges
+
+
+def test_a_failing_batch_does_not_hang_the_chord_and_requeue_after_the_fix_completes(settings, r, pg, workers):
+    seed_demo(r, 200)
+    with pg.cursor() as cur:
+        cur.execute("ALTER TABLE usage_counters RENAME TO usage_counters_away")  # every high batch now fails
+    pg.commit()
+    try:
+        report = run_distributed(settings, ranges=4, rollback_on_failure=False)
+        assert report["status"] == "failed" and "high" in report["error"]
+        with pg.cursor() as cur:
+            cur.execute("SELECT count(*), min(error) FROM migration_batches WHERE run_id = %s AND status = 'failed'",
+                        (report["run_id"],))
+            failed, error = cur.fetchone()
+            cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND priority IN ('medium', 'low')"
+                        " AND status <> 'pending'", (report["run_id"],))
+            assert cur.fetchone()[0] == 0  # later priorities never started
+        pg.rollback()
+        assert failed == 4 and "usage_counters" in error
+    finally:
+        with pg.cursor() as cur:
+            cur.execute("ALTER TABLE IF EXISTS usage_counters_away RENAME TO usage_counters")
+        pg.commit()
+    done = subprocess.run([sys.executable, "-m", "migrator.cli", "requeue", report["run_id"], "--failed",
+                           "--database-url", settings.database_url, "--broker-url", settings.broker_url],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "requeued 4 batch(es)" in done.stdout, done.stderr
+    wait_for_end(pg, report["run_id"])
+    final = build_report(pg, THREADR, report["run_id"])
+    assert final["status"] == "completed" and final["balanced"] and final["batches"]["failed"] == 0
+    counters = by_pattern(final)["usage_counter"]
+    assert counters["migrated"] == counters["scanned"] > 0
+
+
+def test_worker_killed_mid_batch_ends_with_the_same_tables_as_an_undisturbed_run(settings, r, pg, workers):
+    seed_demo(r, 2500)
+    reference = migrate(settings)  # undisturbed, in-process
+    assert reference["status"] == "completed"
+    expected = content_fingerprint(pg)
+    with pg.cursor() as cur:
+        cur.execute("TRUNCATE " + ", ".join(THREADR.table_names()))
+    pg.commit()
+
+    workers.kill("w2")  # one worker takes the batch, and is killed while it runs
+    from workers.coordinator import start_run
+
+    client = settings.redis()
+    run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=2, batch_size=50, priorities=("high",)))
+    client.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with pg.cursor() as cur:
+            cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND status = 'running'", (run_id,))
+            running = cur.fetchone()[0]
+        pg.rollback()
+        if running:
+            break
+        time.sleep(0.05)
+    assert running, "no batch started"
+    time.sleep(0.3)  # well inside the batch: it has written sub-batches, not committed
+    workers.kill("w1", signal.SIGKILL)
+    workers.start("w2")  # the redelivered batch goes here
+    progress = wait_for_end(pg, run_id)
+    assert progress["status"] == "completed", progress
+    with pg.cursor() as cur:
+        cur.execute("SELECT max(attempts) FROM migration_batches WHERE run_id = %s", (run_id,))
+        assert cur.fetchone()[0] >= 2  # the killed batch ran again
+    pg.rollback()
+    # the rest of the priorities, undisturbed, to compare whole tables
+    rest = migrate(settings, priorities=("critical", "medium", "low"))
+    assert rest["status"] == "completed"
+    assert content_fingerprint(pg) == expected
+    workers.start("w1")
+
+
+def test_priority_flag_runs_one_priority_through_its_queue(settings, r, pg, workers):
+    seed_demo(r, 100)
+    report = run_distributed(settings, priorities=("critical",))
+    assert report["status"] == "completed"
+    assert {p["priority"] for p in report["patterns"]} == {"critical"}
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s", (report["run_id"],))
+        rows = cur.fetchall()
+    assert [(p, ok) for p, ok, _ in rows] == [("critical", True)]
+    assert {c["name"] for c in rows[0][2]} == {"batches_done", "balance", "source_counts", "sample_readback"}
+
+
+def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(settings, r, pg, workers):
+    """A corrupted target row is caught by the sample read-back; the run is rolled back exactly."""
+    seed_demo(r, 100)
+    before = content_fingerprint(pg)
+    # a trigger that silently alters each row once inserted stands in for a faulty target
+    with pg.cursor() as cur:
+        cur.execute("CREATE FUNCTION corrupt() RETURNS trigger LANGUAGE plpgsql AS $$"
+                    " BEGIN UPDATE subscriptions SET plan = 'tampered' WHERE id = NEW.id; RETURN NULL; END $$")
+        cur.execute("CREATE TRIGGER corrupt AFTER INSERT ON subscriptions FOR EACH ROW EXECUTE FUNCTION corrupt()")
+    pg.commit()
+    try:
+        report = run_distributed(settings, priorities=("critical",))
+    finally:
+        with pg.cursor() as cur:
+            cur.execute("DROP TRIGGER corrupt ON subscriptions")
+            cur.execute("DROP FUNCTION corrupt()")
+        pg.commit()
+    assert report["status"] == "rolled_back"
+    assert "sample" in report["error"]
+    assert content_fingerprint(pg) == before
