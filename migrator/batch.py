@@ -21,7 +21,7 @@ from .ledger import PatternCounts
 from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceRecord
 from .partition import scan_range
 from .redact import redact_text
-from .source import KeyRead, dead_letter_bytes, decode, read_keys
+from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys
 from .writer import Prepared, Writer, describe, detail
 
 log = structlog.get_logger("migrator.batch")
@@ -48,7 +48,9 @@ class _Batch:
 
     def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec,
                  progress: Progress | None = None) -> None:
-        self.client, self.cur, self.mapping, self.spec, self.progress = client, cur, mapping, spec, progress
+        self.cur, self.mapping, self.spec, self.progress = cur, mapping, spec, progress
+        # a cluster range is scanned and read on its own master
+        self.client = node_client(client, spec.key_range.node) if spec.key_range.node else client
         self.opts = spec.options
         priority = Priority.parse(spec.priority)
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
@@ -193,7 +195,11 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
             batch = _Batch(client, cur, mapping, spec, progress)
-            batch.run()
+            try:
+                batch.run()
+            finally:
+                if batch.client is not client:
+                    batch.client.close()
             if spec.options.dry_run:
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"

@@ -50,15 +50,15 @@ def plan_batches(cur: Any, run_id: str, priorities: Iterable[str], ranges: list[
     """Record every (priority, range) batch before any of them runs."""
     execute_values(
         cur,
-        "INSERT INTO migration_batches (run_id, priority, range_index, range_count, range_start, range_end) VALUES %s"
-        " ON CONFLICT (run_id, priority, range_index) DO NOTHING",
-        [(run_id, p, r.index, r.count, r.start, r.end) for p in priorities for r in ranges],
+        "INSERT INTO migration_batches (run_id, priority, node, range_index, range_count, range_start, range_end)"
+        " VALUES %s ON CONFLICT (run_id, priority, node, range_index) DO NOTHING",
+        [(run_id, p, r.node, r.index, r.count, r.start, r.end) for p in priorities for r in ranges],
     )
 
 
 def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:
     cur.execute(
-        "SELECT id FROM migration_batches WHERE run_id = %s AND priority = %s AND status = ANY(%s) ORDER BY range_index",
+        "SELECT id FROM migration_batches WHERE run_id = %s AND priority = %s AND status = ANY(%s) ORDER BY node, range_index",
         (run_id, priority, list(statuses)),
     )
     return [r[0] for r in cur.fetchall()]
@@ -69,7 +69,8 @@ def start_batch(cur: Any, batch_id: int) -> BatchSpec | None:
     cur.execute(
         "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = now(), error = NULL"
         " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id AND b.status <> 'done'"
-        " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, r.options, r.mapping",
+        " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, b.node,"
+        " r.options, r.mapping",
         (batch_id,),
     )
     row = cur.fetchone()
@@ -78,8 +79,8 @@ def start_batch(cur: Any, batch_id: int) -> BatchSpec | None:
         if cur.fetchone() is None:
             raise LookupError(f"batch {batch_id} is not in the ledger; is DATABASE_URL the run's database?")
         return None
-    run_id, priority, index, count, start, end, options, mapping = row
-    return BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end)),
+    run_id, priority, index, count, start, end, node, options, mapping = row
+    return BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end), node),
                      RunOptions.from_json(options), mapping)
 
 
@@ -148,13 +149,13 @@ def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
 
 def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     cur.execute(
-        "SELECT id, priority, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
+        "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
         " keys_dead, keys_expired, rows_written, pattern_counts, error,"
         " EXTRACT(EPOCH FROM (finished_at - started_at)) FROM migration_batches WHERE run_id = %s"
-        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), range_index",
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
         (run_id,),
     )
-    keys = ("id", "priority", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
+    keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
             "dead", "expired", "rows_written", "pattern_counts", "error", "seconds")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:

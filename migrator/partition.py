@@ -12,6 +12,8 @@ from typing import Iterator
 
 import redis
 
+from .source import cluster_masters, node_client
+
 SPACE = 1 << 64
 # Tables smaller than this get one range: with fewer buckets than ranges they overlap heavily.
 KEYS_PER_RANGE = 50_000
@@ -28,13 +30,35 @@ class KeyRange:
     count: int
     start: int  # reversed-cursor position, inclusive
     end: int  # reversed-cursor position, exclusive
+    node: str = ""  # "host:port" of a cluster master whose keys this range covers; "" standalone
 
     @classmethod
-    def split(cls, count: int) -> list["KeyRange"]:
+    def split(cls, count: int, node: str = "") -> list["KeyRange"]:
         if count < 1:
             raise ValueError("the number of ranges must be at least 1")
         bounds = [k * SPACE // count for k in range(count + 1)]
-        return [cls(k, count, bounds[k], bounds[k + 1]) for k in range(count)]
+        return [cls(k, count, bounds[k], bounds[k + 1], node) for k in range(count)]
+
+
+def plan_ranges(client: redis.Redis, requested: int | None = None) -> list[KeyRange]:
+    """The ranges of a run: N for a standalone server, or N per master of a Redis Cluster.
+
+    From Redis 7.4 a cluster node keeps one table per slot and its cursor carries the slot in
+    its low bits, so reversed-cursor ranges would be badly unbalanced: one range per master.
+    """
+    masters = cluster_masters(client)
+    if not masters:
+        return KeyRange.split(ranges_for(client.dbsize(), requested))
+    ranges = []
+    for node in masters:
+        nc = node_client(client, node)
+        try:
+            version = tuple(int(x) for x in nc.info("server")["redis_version"].split(".")[:2])
+            count = 1 if version >= (7, 4) else ranges_for(nc.dbsize(), requested)
+        finally:
+            nc.close()
+        ranges += KeyRange.split(count, node)
+    return ranges
 
 
 def ranges_for(key_count: int, requested: int | None = None) -> int:

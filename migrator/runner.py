@@ -16,7 +16,7 @@ from .batch import migrate_batch
 from .finalize import after_priority
 from .mapping import Mapping
 from .options import RunOptions
-from .partition import KeyRange, ranges_for
+from .partition import plan_ranges
 from .redact import redact_url
 
 log = structlog.get_logger("migrator.runner")
@@ -24,7 +24,7 @@ log = structlog.get_logger("migrator.runner")
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
     run_id = str(uuid.uuid4())
-    ranges = KeyRange.split(ranges_for(client.dbsize(), opts.ranges))
+    ranges = plan_ranges(client, opts.ranges)
     server = client.info("server")
     with conn, conn.cursor() as cur:
         ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"))

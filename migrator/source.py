@@ -122,3 +122,35 @@ def dead_letter_bytes(raw: Any) -> bytes | None:
             for m in raw
         ]
     return orjson.dumps(raw)
+
+
+def cluster_masters(client: redis.Redis) -> list[str]:
+    """"host:port" of every master holding slots in a Redis Cluster; [] for a standalone server."""
+    if not client.info("cluster").get("cluster_enabled"):
+        return []
+    nodes = client.execute_command("CLUSTER NODES")  # redis-py parses it: {"host:port": {flags, slots, ...}}
+    own_host = client.connection_pool.connection_kwargs.get("host", "127.0.0.1")
+    masters = []
+    for address, node in nodes.items():
+        flags = str(node.get("flags", "")).split(",")
+        if "master" in flags and "fail" not in flags and node.get("slots"):
+            host, _, port = address.split("@", 1)[0].rpartition(":")
+            masters.append(f"{host or own_host}:{port}")
+    return sorted(masters)
+
+
+def node_client(client: redis.Redis, node: str) -> redis.Redis:
+    """A client for one cluster node, with the same credentials and options as `client`."""
+    host, _, port = node.rpartition(":")
+    pool = client.connection_pool
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **{**pool.connection_kwargs, "host": host, "port": int(port)}))
+
+
+def key_client(client: redis.Redis) -> redis.Redis:
+    """A client that reaches any key: `client` itself, or a cluster client routing by slot."""
+    if not cluster_masters(client):
+        return client
+    kw = client.connection_pool.connection_kwargs
+    return redis.RedisCluster(host=kw.get("host"), port=kw.get("port"), username=kw.get("username"),
+                              password=kw.get("password"), decode_responses=False)

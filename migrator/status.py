@@ -74,7 +74,7 @@ def render(progress: dict[str, Any]) -> str:
 
 
 def render_batches(batches: list[dict[str, Any]]) -> str:
-    head = f"{'id':>6}  {'priority':8}  {'range':>7}  {'status':7}  {'tries':>5}  {'scanned':>8}  {'dead':>5}  error"
-    rows = [f"{b['id']:>6}  {b['priority']:8}  {b['range_index'] + 1:>3}/{b['range_count']:<3}  {b['status']:7}  "
+    head = f"{'id':>6}  {'priority':8}  {'node':>15}  {'range':>7}  {'status':7}  {'tries':>5}  {'scanned':>8}  {'dead':>5}  error"
+    rows = [f"{b['id']:>6}  {b['priority']:8}  {b['node'] or '-':>15}  {b['range_index'] + 1:>3}/{b['range_count']:<3}  {b['status']:7}  "
             f"{b['attempts']:>5}  {b['scanned']:>8}  {b['dead']:>5}  {b['error'] or ''}" for b in batches]
     return "\n".join([head, *rows])

@@ -19,8 +19,8 @@ from psycopg2 import sql
 from . import ledger
 from .mapping import SourceRecord, UNMAPPED, Mapping, Priority
 from .options import RunOptions
-from .partition import KeyRange, scan_range
-from .source import decode, read_keys
+from .partition import plan_ranges, scan_range
+from .source import decode, key_client, node_client, read_keys
 from .writer import Prepared, Writer
 
 SAMPLE_PER_PATTERN = 20
@@ -53,12 +53,18 @@ def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, prior
     scope = {p.name for p in opts.scope(mapping, priority)}
     unmapped = opts.includes_unmapped(mapping, priority)
     counts: dict[str, int] = {}
-    for keys in scan_range(client, KeyRange.split(1)[0], opts.scan_count):
-        for key in keys:
-            pattern, _ = mapping.classify(key.decode("utf-8", "backslashreplace"))
-            name = pattern.name if pattern else UNMAPPED
-            if name in scope or (pattern is None and unmapped):
-                counts[name] = counts.get(name, 0) + 1
+    for whole in plan_ranges(client, 1):  # the whole keyspace: of the server, or of each master
+        nc = node_client(client, whole.node) if whole.node else client
+        try:
+            for keys in scan_range(nc, whole, opts.scan_count):
+                for key in keys:
+                    pattern, _ = mapping.classify(key.decode("utf-8", "backslashreplace"))
+                    name = pattern.name if pattern else UNMAPPED
+                    if name in scope or (pattern is None and unmapped):
+                        counts[name] = counts.get(name, 0) + 1
+        finally:
+            if nc is not client:
+                nc.close()
     return counts
 
 
@@ -67,6 +73,7 @@ def sample_readback(client: redis.Redis, cur: Any, mapping: Mapping, opts: RunOp
     """Per pattern: keys sampled, still in PostgreSQL as in Redis, differing, gone from Redis."""
     tz = ZoneInfo(opts.source_timezone)
     writer = Writer(cur, mapping, run_id)
+    client = key_client(client)
     out: dict[str, dict[str, int]] = {}
     for pattern in opts.scope(mapping, priority):
         if not pattern.migrated:

@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS migration_batches (
     id             bigserial PRIMARY KEY,
     run_id         uuid NOT NULL REFERENCES migration_runs (id) ON DELETE CASCADE,
     priority       text NOT NULL CHECK (priority IN ('critical', 'high', 'medium', 'low')),
+    node           text NOT NULL DEFAULT '', -- host:port of the cluster master; '' standalone
     range_index    integer NOT NULL,
     range_count    integer NOT NULL,
     range_start    numeric(20, 0) NOT NULL, -- reversed-bit cursor space, [start, end)
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS migration_batches (
     started_at     timestamptz,
     finished_at    timestamptz,
     error          text,
-    UNIQUE (run_id, priority, range_index)
+    UNIQUE (run_id, priority, node, range_index)
 );
 
 CREATE TABLE IF NOT EXISTS migration_dead_letters (

@@ -11,7 +11,7 @@ import random
 import signal
 import subprocess
 import sys
-import threading
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -103,33 +103,30 @@ def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
     raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")
 
 
+def app_traffic(redis_url: str, doomed: list[bytes], stop) -> None:
+    live = redis.Redis.from_url(redis_url)
+    rnd = random.Random(7)
+    for i in range(400):
+        if stop.is_set():
+            return
+        live.set(f"threadr:usage:ip:198.51.100.{i % 250}:daily:2026-11-{1 + i % 28:02d}", rnd.randint(1, 9), ex=86400)
+        if doomed:
+            live.delete(doomed.pop())
+        time.sleep(0.005)
+
+
 def test_two_workers_migrate_every_key_once_while_the_app_writes_and_deletes(settings, r, pg, workers):
     seed_demo(r, 1500)
     before = {k for k in r.scan_iter("threadr:user:user_*", count=1000)}
     doomed = sorted(r.scan_iter("threadr:usage:log:*", count=1000))[:150]
-    stop = threading.Event()
-    added: list[str] = []
-
-    def app_traffic() -> None:
-        live = redis.Redis.from_url(settings.redis_url)
-        rnd = random.Random(7)
-        for i in range(400):
-            if stop.is_set():
-                break
-            key = f"threadr:usage:ip:198.51.100.{i % 250}:daily:2026-11-{1 + i % 28:02d}"
-            live.set(key, rnd.randint(1, 9), ex=86400)
-            added.append(key)
-            if doomed:
-                live.delete(doomed.pop())
-            time.sleep(0.005)
-
-    writer = threading.Thread(target=app_traffic)
-    writer.start()
+    stop = multiprocessing.Event()
+    writer = multiprocessing.get_context("fork").Process(target=app_traffic, args=(settings.redis_url, doomed, stop))
+    writer.start()  # another process: the app, writing and deleting keys during the scan
     try:
         report = run_distributed(settings, ranges=16, count_tolerance=0.2)  # the app adds keys meanwhile
     finally:
         stop.set()
-        writer.join()
+        writer.join(30)
     assert report["status"] == "completed", report["error"]
     assert report["balanced"] and report["batches"]["failed"] == 0
     with pg.cursor() as cur:
@@ -250,3 +247,20 @@ def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(sett
     assert report["status"] == "rolled_back"
     assert "sample" in report["error"]
     assert content_fingerprint(pg) == before
+
+
+def test_resume_carries_on_a_run_whose_coordinator_died_after_planning(settings, r, pg, workers):
+    from migrator.runner import plan_run
+
+    seed_demo(r, 100)
+    client = settings.redis()
+    run_id = plan_run(client, pg, THREADR, RunOptions(ranges=2), settings.redis_url)  # ...and nothing was sent
+    client.close()
+    done = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "at priority critical" in done.stdout, done.stderr
+    assert wait_for_end(pg, run_id)["status"] == "completed"
+    again = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert again.returncode == 0 and "nothing left to do" in again.stdout
+    assert build_report(pg, THREADR, run_id)["balanced"]

@@ -114,13 +114,13 @@ def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str
 def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
     """Send one chord: every unfinished batch of `priority`, then its finalize callback."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, range_index, range_count FROM migration_batches WHERE run_id = %s AND priority = %s"
-                    " AND status <> 'done' ORDER BY range_index", (run_id, priority.label))
+        cur.execute("SELECT id, node, range_index, range_count FROM migration_batches WHERE run_id = %s AND priority = %s"
+                    " AND status <> 'done' ORDER BY node, range_index", (run_id, priority.label))
         batches = cur.fetchall()
     queue = queue_for(priority.label)
     body = finalize_priority_task.s(run_id, priority.label).set(queue=queue)
-    header = [migrate_batch_task.si(bid, run_id, priority.label, f"{index + 1}/{count}").set(queue=queue)
-              for bid, index, count in batches]
+    header = [migrate_batch_task.si(bid, run_id, priority.label, f"{node + ' ' if node else ''}{index + 1}/{count}")
+              .set(queue=queue) for bid, node, index, count in batches]
     chord(header)(body) if header else body.delay([])
     # The ledger, not the result backend, is how anyone follows a run: stop listening for
     # these results now, or their AsyncResults unsubscribe noisily at interpreter exit.
