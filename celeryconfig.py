@@ -1,13 +1,24 @@
 """The one place for Celery settings. Workers need only CELERY_BROKER_URL, REDIS_URL and DATABASE_URL
 (and CELERY_RESULT_BACKEND when the default below does not fit)."""
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 from kombu import Queue
 
+
+def _beside_source(source: str) -> str:
+    """Another database of the source's Redis server (14, or 15 when the source is 14)."""
+    parts = urlsplit(source)
+    db = "15" if parts.path.strip("/") == "14" else "14"
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 # Chords need a result backend. It must not be the Redis database being migrated (its keys
-# would show up in the scan): the coordinator refuses a backend that is the source itself.
-result_backend = os.environ.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/14")
+# would show up in the scan), so by default it is another database of the same server: a
+# worker on another host then needs only the broker, Redis and PostgreSQL URLs.
+result_backend = os.environ.get("CELERY_RESULT_BACKEND") or _beside_source(
+    os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
 result_expires = 7 * 24 * 3600  # above the longest run: chord counters live this long
 result_extended = True
 

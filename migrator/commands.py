@@ -124,8 +124,7 @@ def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, as_json: 
     conn = settings.postgres()
     try:
         with conn, conn.cursor() as cur:
-            if ledger.get_run(cur, run_id) is None:
-                raise LookupError(f"no run {run_id} in the ledger")
+            ledger.require_run(cur, run_id)
             rows = [b for b in ledger.batches(cur, run_id) if not failed_only or b["status"] == "failed"]
     finally:
         conn.close()

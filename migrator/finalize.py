@@ -93,10 +93,7 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
     if later:
         return later[0]
     with conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM (SELECT DISTINCT ON (priority) ok FROM migration_validations WHERE run_id = %s"
-            " ORDER BY priority, created_at DESC) latest WHERE NOT ok", (run_id,))
-        (bad,) = cur.fetchone()
+        bad = sum(not ok for ok in ledger.latest_verdicts(cur, run_id).values())
         if bad:
             ledger.set_run_status(cur, run_id, "failed", f"{bad} priority(ies) did not validate")
         else:

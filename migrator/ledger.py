@@ -134,6 +134,13 @@ def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None)
     )
 
 
+def require_run(cur: Any, run_id: str) -> dict[str, Any]:
+    run = get_run(cur, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id} in the ledger; is DATABASE_URL the run's database?")
+    return run
+
+
 def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
     cur.execute(
         "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error"
@@ -163,9 +170,25 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:
-    """The first priority (in run order) whose latest validation is missing or failed."""
+def latest_verdicts(cur: Any, run_id: str) -> dict[str, bool]:
+    """Per priority, whether its latest validation passed (priorities never validated are absent)."""
     cur.execute("SELECT DISTINCT ON (priority) priority, ok FROM migration_validations WHERE run_id = %s"
                 " ORDER BY priority, created_at DESC", (run_id,))
-    validated = {p for p, ok in cur.fetchall() if ok}
-    return next((p for p in order if p not in validated), None)
+    return dict(cur.fetchall())
+
+
+def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:
+    """The first priority (in run order) whose latest validation is missing or failed."""
+    verdicts = latest_verdicts(cur, run_id)
+    return next((p for p in order if not verdicts.get(p)), None)
+
+
+def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per-pattern counts summed over batches."""
+    totals: dict[str, dict[str, int]] = {}
+    for batch in batches:
+        for name, counts in batch["pattern_counts"].items():
+            into = totals.setdefault(name, dict.fromkeys(COUNT_FIELDS, 0))
+            for f in COUNT_FIELDS:
+                into[f] += counts.get(f, 0)
+    return totals

@@ -152,12 +152,6 @@ class Mapping:
         i = int(m.lastgroup[1:])
         return self.patterns[i], {name: m.group(g) for g, name in self._fields[i]}
 
-    def get(self, name: str) -> Pattern:
-        for pattern in self.patterns:
-            if pattern.name == name:
-                return pattern
-        raise KeyError(f"no pattern named {name!r}; known: {', '.join(p.name for p in self.patterns)}")
-
     def rule(self, table: str) -> TableRule:
         for rule in self.rules:
             if rule.name == table:

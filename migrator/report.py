@@ -10,16 +10,10 @@ from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping
 
 def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
     with conn, conn.cursor() as cur:
-        run = ledger.get_run(cur, run_id)
-        if run is None:
-            raise LookupError(f"no run {run_id} in the ledger; `migrator status` lists runs")
+        run = ledger.require_run(cur, run_id)
         batches = ledger.batches(cur, run_id)
-    totals: dict[str, dict[str, int]] = {}
-    for batch in batches:
-        for name, counts in batch["pattern_counts"].items():
-            into = totals.setdefault(name, dict.fromkeys(COUNT_FIELDS, 0))
-            for f in COUNT_FIELDS:
-                into[f] += counts.get(f, 0)
+        verdicts = ledger.latest_verdicts(cur, run_id)
+    totals = ledger.pattern_totals(batches)
     patterns = []
     ordered = sorted(mapping.patterns, key=lambda p: p.priority)  # stable: declaration order within a priority
     for pattern in [*ordered, None]:
@@ -48,6 +42,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         "batches": {"total": len(batches), "failed": sum(b["status"] == "failed" for b in batches),
                     "done": sum(b["status"] == "done" for b in batches)},
         "balanced": all(p["balanced"] for p in patterns),
+        "validated": verdicts,  # per priority: did its latest validation pass
     }
 
 

@@ -51,7 +51,4 @@ def execute_local(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str,
 
 def run_status(conn: Any, run_id: str) -> str:
     with conn, conn.cursor() as cur:
-        run = ledger.get_run(cur, run_id)
-    if run is None:
-        raise LookupError(f"no run {run_id} in the ledger")
-    return run["status"]
+        return ledger.require_run(cur, run_id)["status"]

@@ -12,13 +12,9 @@ TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
 
 def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
     with conn, conn.cursor() as cur:
-        run = ledger.get_run(cur, run_id)
-        if run is None:
-            raise LookupError(f"no run {run_id} in the ledger; is DATABASE_URL the run's database?")
+        run = ledger.require_run(cur, run_id)
         batches = ledger.batches(cur, run_id)
-        cur.execute("SELECT DISTINCT ON (priority) priority, ok FROM migration_validations WHERE run_id = %s"
-                    " ORDER BY priority, created_at DESC", (run_id,))
-        validated = dict(cur.fetchall())
+        validated = ledger.latest_verdicts(cur, run_id)
         cur.execute("SELECT min(started_at), now() FROM migration_batches WHERE run_id = %s", (run_id,))
         first_start, now = cur.fetchone()
     priorities = []

@@ -6,7 +6,6 @@ from both ends where ids may hold colons (IPv6 addresses, odd emails).
 """
 from __future__ import annotations
 
-from datetime import date
 from typing import Any
 
 import orjson

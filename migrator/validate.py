@@ -37,17 +37,6 @@ class Check:
         return asdict(self)
 
 
-def _ledger_counts(cur: Any, run_id: str, priority: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
-    batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority]
-    totals: dict[str, dict[str, int]] = {}
-    for b in batches:
-        for name, counts in b["pattern_counts"].items():
-            into = totals.setdefault(name, dict.fromkeys(ledger.COUNT_FIELDS, 0))
-            for f in ledger.COUNT_FIELDS:
-                into[f] += counts.get(f, 0)
-    return batches, totals
-
-
 def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority) -> dict[str, int]:
     """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
     scope = {p.name for p in opts.scope(mapping, priority)}
@@ -112,8 +101,9 @@ def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
     tolerance = opts.count_tolerance
     checks = []
     with conn.cursor() as cur:
-        batches, totals = _ledger_counts(cur, run_id, priority.label)
+        batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority.label]
     conn.rollback()
+    totals = ledger.pattern_totals(batches)
     failed = [b["id"] for b in batches if b["status"] != "done"]
     checks.append(Check("batches_done", not failed,
                         f"{len(batches) - len(failed)}/{len(batches)} batches done"

@@ -105,9 +105,3 @@ def text_or_none(value: Any, *, field: str) -> str | None:
         raise BadRecord(f"{field}: expected a string, got {type(value).__name__}")
     return value
 
-
-def no_nul(text: str, *, field: str) -> str:
-    """PostgreSQL text cannot hold NUL; better a dead letter than a silently altered value."""
-    if "\x00" in text:
-        raise BadRecord(f"{field}: contains a NUL character, which PostgreSQL text cannot store")
-    return text

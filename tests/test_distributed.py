@@ -5,7 +5,6 @@ tests), started and stopped here; queues carry this session's MIGRATOR_QUEUE_PRE
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal

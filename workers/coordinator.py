@@ -52,9 +52,7 @@ def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts
 def resume(conn: Any, run_id: str) -> str | None:
     """Carry a run on from the ledger: re-send the first priority that has not validated."""
     with conn, conn.cursor() as cur:
-        run = ledger.get_run(cur, run_id)
-        if run is None:
-            raise LookupError(f"no run {run_id} in the ledger")
+        run = ledger.require_run(cur, run_id)
         if run["status"] in ("rolled_back", "rolling_back"):
             raise ConfigError(f"run {run_id} was rolled back; start a new run instead")
         order = [p.label for p in RunOptions.from_json(run["options"]).priority_order()]

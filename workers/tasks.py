@@ -100,7 +100,7 @@ def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str
         raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries))
     try:
         with conn, conn.cursor() as cur:
-            run = ledger.get_run(cur, run_id)
+            run = ledger.require_run(cur, run_id)
         opts = RunOptions.from_json(run["options"])
         following = after_priority(client, conn, THREADR, run_id, Priority.parse(priority), opts)
         if following is not None:
