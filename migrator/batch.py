@@ -135,7 +135,7 @@ class _Batch:
         failed = {id(rec) for rec, _ in bad}
         for rec in records:
             if id(rec) not in failed:
-                self.counts.add(rec.pattern.name, "migrated")
+                self.counts.add(rec.pattern.name, "migrated", rows=len(rec.rows))
                 raw = rec.read.raw if isinstance(rec.read.raw, bytes) else dead_letter_bytes(rec.read.raw)
                 self.checksum ^= (zlib.crc32(rec.key) << 32) | zlib.crc32(raw or b"")
         for rec, exc in bad:

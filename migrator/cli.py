@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from . import commands
@@ -61,6 +62,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-rollback", action="store_true",
                    help="keep what a failed run wrote instead of rolling it back (not recommended)")
     g.add_argument("--json", action="store_true", help="print the final report as JSON")
+    g.add_argument("--output-dir", type=Path, default=Path("."),
+                   help="where migration_<run>.log and migration_report_<run>.json go (default: here)")
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true",
                    help="run every batch in this process instead of on Celery workers (one machine, no broker)")
     p.add_argument("--detach", action="store_true", help="send the run to the workers and return (Celery runs)")
+    p.add_argument("--validate-only", action="store_true",
+                   help="migrate nothing: validate the latest run again (with --priority: those priorities)")
     _run_flags(p)
 
     p = sub.add_parser("status", help="live progress of a run, from the ledger")
@@ -114,9 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     p.add_argument("run_id")
 
-    p = sub.add_parser("report", help="the per-pattern balance of a run")
+    p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
     _connection_flags(p)
     p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--output-dir", type=Path, default=Path("."), help="where migration_report_<run>.json goes")
+
+    p = sub.add_parser("validate", help="validate a run again, now: counts, balance, read-back, orphans; exit 1 on FAIL")
+    _connection_flags(p)
+    p.add_argument("run_id", nargs="?", help="default: the latest run")
+    p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("rollback", help="undo a run exactly: delete what it inserted, restore what it changed")
@@ -148,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init-db":
             return commands.cmd_init_db(settings)
         if args.command == "run":
+            if args.validate_only:
+                return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json)
             if args.local:
-                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json)
-            return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach, as_json=args.json)
+                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json, output_dir=args.output_dir)
+            return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach,
+                                                as_json=args.json, output_dir=args.output_dir)
+        if args.command == "validate":
+            return commands.cmd_validate(settings, THREADR, args.run_id, args.priority, as_json=args.json)
         if args.command == "status":
             return commands.cmd_status(settings, args.run_id, as_json=args.json, watch_it=args.watch)
         if args.command == "batches":
@@ -160,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             return commands.cmd_resume(settings, args.run_id)
         if args.command == "report":
-            return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json)
+            return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)
         if args.command == "rollback":
             return commands.cmd_rollback(settings, THREADR, args.run_id)
         if args.command == "seed-demo":

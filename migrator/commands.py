@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import demo as demo_data
@@ -15,11 +16,13 @@ from . import ledger
 from . import report as report_mod
 from . import status as status_mod
 from .config import Settings
-from .mapping import Mapping
+from .log import attach_log_file
+from .mapping import Mapping, Priority
 from .options import RunOptions
 from .rollback import rollback_run
 from .runner import execute_local, plan_run
 from .status import TERMINAL
+from .validate import render_validation, validate_run
 from .schema import database_url_for, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
@@ -39,30 +42,42 @@ def cmd_init_db(settings: Settings, out: TextIO = sys.stdout) -> int:
     return OK
 
 
+def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO) -> None:
+    log_path = attach_log_file(output_dir / f"migration_{run_id}.log")
+    out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
+    out.flush()
+    sys.stderr.write(f"migrator: logging to {log_path}\n")
+
+
+def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as_json: bool, out: TextIO) -> int:
+    """Print the report (and the monitoring figures), write migration_report_<run>.json; the exit code."""
+    report = report_mod.build_report(conn, mapping, run_id)
+    report["monitoring"] = report_mod.monitoring(conn, mapping)
+    path = report_mod.write_report(report, output_dir)
+    if as_json:
+        _dump(report, out)
+    else:
+        out.write(report_mod.render(report) + f"\nreport written to {path}\n")
+    return OK if report["status"] in ("completed", "dry_run") and report["balanced"] else FAILED
+
+
 def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: bool = False,
-            out: TextIO = sys.stdout) -> int:
+            output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
     client, conn = settings.redis(), settings.postgres()
     try:
         require_schema(conn)
         run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
-        out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
-        out.flush()
-        started = time.monotonic()
-        status = execute_local(client, conn, mapping, run_id, opts)
-        report = report_mod.build_report(conn, mapping, run_id)
-        report["seconds"] = round(time.monotonic() - started, 3)
-        if as_json:
-            _dump(report, out)
-        else:
-            out.write(report_mod.render(report) + f"\n{report['seconds']} s\n")
-        return OK if status in ("completed", "dry_run") and report["balanced"] else FAILED
+        _announce(run_id, opts, output_dir, out)
+        execute_local(client, conn, mapping, run_id, opts)
+        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()
         client.close()
 
 
 def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, detach: bool = False,
-                        as_json: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+                        as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout,
+                        err: TextIO = sys.stderr) -> int:
     """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
     from workers.coordinator import start_run, use_broker, workers_answering  # Celery is only needed here
 
@@ -74,15 +89,12 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
                       "starts: celery -A workers worker -Q critical,high,medium,low\n")
         run_id = start_run(settings, client, conn, mapping, opts)
-        out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
-        out.flush()
+        _announce(run_id, opts, output_dir, out)
         if detach:
             out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
             return OK
         watch(conn, run_id, out=err)
-        report = report_mod.build_report(conn, mapping, run_id)
-        _dump(report, out) if as_json else out.write(report_mod.render(report) + "\n")
-        return OK if report["status"] in ("completed", "dry_run") and report["balanced"] else FAILED
+        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()
         client.close()
@@ -166,14 +178,31 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
 
 
 def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
-               out: TextIO = sys.stdout) -> int:
+               output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
     conn = settings.postgres()
     try:
-        report = report_mod.build_report(conn, mapping, run_id)
+        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()
-    _dump(report, out) if as_json else out.write(report_mod.render(report) + "\n")
-    return OK if report["balanced"] and report["status"] in ("completed", "dry_run") else FAILED
+
+
+def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *,
+                 as_json: bool = False, out: TextIO = sys.stdout) -> int:
+    """Validate a run (the latest one when `run_id` is None) against the source, now."""
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        require_schema(conn)
+        if run_id is None:
+            with conn, conn.cursor() as cur:
+                run_id = ledger.latest_run(cur)
+            if run_id is None:
+                raise LookupError("no run to validate yet; migrate first with `migrator run`")
+        result = validate_run(client, conn, mapping, run_id, [Priority.parse(p) for p in priorities] or None)
+    finally:
+        conn.close()
+        client.close()
+    _dump(result, out) if as_json else out.write(render_validation(result) + "\n")
+    return OK if result["ok"] else FAILED
 
 
 def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout) -> int:

@@ -11,6 +11,8 @@ from .options import RunOptions
 from .partition import KeyRange
 
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
+# ...plus the target rows the migrated keys became (a zset key may become many rows).
+TALLY_FIELDS = (*COUNT_FIELDS, "rows")
 
 
 @dataclass
@@ -19,10 +21,11 @@ class PatternCounts:
 
     by_pattern: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def add(self, pattern: str, outcome: str, n: int = 1) -> None:
-        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(COUNT_FIELDS, 0))
+    def add(self, pattern: str, outcome: str, n: int = 1, rows: int = 0) -> None:
+        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(TALLY_FIELDS, 0))
         counts["scanned"] += n
         counts[outcome] += n
+        counts["rows"] += rows
 
     def total(self, outcome: str) -> int:
         return sum(c[outcome] for c in self.by_pattern.values())
@@ -67,7 +70,7 @@ def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = 
 def start_batch(cur: Any, batch_id: int) -> BatchSpec | None:
     """Mark a batch running; None when it is already done (a redelivery or a duplicate)."""
     cur.execute(
-        "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = now(), error = NULL"
+        "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = clock_timestamp(), error = NULL"
         " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id AND b.status <> 'done'"
         " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, b.node,"
         " r.options, r.mapping",
@@ -97,7 +100,7 @@ def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) ->
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str) -> None:
     cur.execute(
-        "UPDATE migration_batches SET status = 'done', finished_at = now(), keys_scanned = %s, keys_migrated = %s,"
+        "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s"
         " WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written,
@@ -107,7 +110,7 @@ def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: i
 
 def fail_batch(cur: Any, batch_id: int, error: str) -> None:
     cur.execute(
-        "UPDATE migration_batches SET status = 'failed', finished_at = now(), error = %s WHERE id = %s",
+        "UPDATE migration_batches SET status = 'failed', finished_at = clock_timestamp(), error = %s WHERE id = %s",
         (error, batch_id),
     )
 
@@ -134,6 +137,13 @@ def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None)
     )
 
 
+def latest_run(cur: Any) -> str | None:
+    """The newest run that was not a dry run."""
+    cur.execute("SELECT id FROM migration_runs WHERE NOT dry_run ORDER BY created_at DESC LIMIT 1")
+    row = cur.fetchone()
+    return str(row[0]) if row else None
+
+
 def require_run(cur: Any, run_id: str) -> dict[str, Any]:
     run = get_run(cur, run_id)
     if run is None:
@@ -158,12 +168,12 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     cur.execute(
         "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
         " keys_dead, keys_expired, rows_written, pattern_counts, error,"
-        " EXTRACT(EPOCH FROM (finished_at - started_at)) FROM migration_batches WHERE run_id = %s"
+        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at FROM migration_batches WHERE run_id = %s"
         " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
         (run_id,),
     )
     keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
-            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds")
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:
         row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
@@ -188,7 +198,7 @@ def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     totals: dict[str, dict[str, int]] = {}
     for batch in batches:
         for name, counts in batch["pattern_counts"].items():
-            into = totals.setdefault(name, dict.fromkeys(COUNT_FIELDS, 0))
-            for f in COUNT_FIELDS:
+            into = totals.setdefault(name, dict.fromkeys(TALLY_FIELDS, 0))
+            for f in TALLY_FIELDS:
                 into[f] += counts.get(f, 0)
     return totals

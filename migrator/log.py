@@ -1,9 +1,11 @@
 """structlog set-up: JSON lines in production (or when not on a terminal), PII masked in every field."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -53,3 +55,23 @@ def route_stdlib_logging(level: str | None = None, stream: TextIO | None = None)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel((level or os.environ.get("MIGRATOR_LOG_LEVEL", "INFO")).upper())
+
+
+class _FileSink:
+    """Writes every event, as a JSON line, to a run's log file, then passes it on unchanged."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        self.file.write(json.dumps(event, default=str) + "\n")
+        self.file.flush()
+        return event
+
+
+def attach_log_file(path: Path) -> Path:
+    """Also write every log line (masked, JSON) to `path`, e.g. migration_<run>.log."""
+    processors = [p for p in structlog.get_config()["processors"] if not isinstance(p, _FileSink)]
+    structlog.configure(processors=[*processors[:-1], _FileSink(path), processors[-1]])
+    return path

@@ -107,6 +107,20 @@ class Pattern:
 
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A monitoring figure over the target tables (the guide's validation and monitoring queries).
+
+    `sql` is a static query (no parameters) returning one number, or rows when `rows` is set;
+    a figure that `must_be_zero` (orphans) fails validation when it is not.
+    """
+
+    name: str
+    sql: str
+    must_be_zero: bool = False
+    rows: bool = False
+
+
 UNMAPPED = "unmapped"
 UNMAPPED_REASON = "unmapped: no pattern of the mapping matches; left in Redis untouched"
 
@@ -120,6 +134,7 @@ class Mapping:
     rules: tuple[TableRule, ...] = ()
     # (table, column): rows naming a user by a legacy id, linked through legacy_id_map
     user_links: tuple[tuple[str, str], ...] = ()
+    figures: tuple[Figure, ...] = ()
     unmapped_priority: Priority = Priority.LOW
 
     def __post_init__(self) -> None:

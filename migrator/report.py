@@ -1,11 +1,26 @@
-"""The end-of-run report: per pattern, scanned = migrated + skipped + dead + expired."""
+"""The end-of-run report: per pattern, scanned = migrated + skipped + dead + expired, with timings
+in the manner of pgloader's summary, and the guide's monitoring figures."""
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import orjson
 from . import ledger
 from .ledger import COUNT_FIELDS
-from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping
+from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
+from .validate import figure_checks
+
+
+def _priority_seconds(batches: list[dict[str, Any]]) -> dict[str, float]:
+    """Wall time of each priority: its first batch start to its last batch end."""
+    spans: dict[str, tuple[datetime, datetime]] = {}
+    for b in batches:
+        if b["started_at"] and b["finished_at"]:
+            lo, hi = spans.get(b["priority"], (b["started_at"], b["finished_at"]))
+            spans[b["priority"]] = (min(lo, b["started_at"]), max(hi, b["finished_at"]))
+    return {p: (hi - lo).total_seconds() for p, (lo, hi) in spans.items()}
 
 
 def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
@@ -14,6 +29,8 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         batches = ledger.batches(cur, run_id)
         verdicts = ledger.latest_verdicts(cur, run_id)
     totals = ledger.pattern_totals(batches)
+    wall = _priority_seconds(batches)
+    scanned_in = {p.label: 0 for p in Priority}
     patterns = []
     ordered = sorted(mapping.patterns, key=lambda p: p.priority)  # stable: declaration order within a priority
     for pattern in [*ordered, None]:
@@ -21,23 +38,31 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         if name not in totals:
             continue
         c = totals[name]
+        priority = (pattern.priority if pattern else mapping.unmapped_priority).label
+        scanned_in[priority] += c["scanned"]
         patterns.append({
             "pattern": name,
             "glob": pattern.glob if pattern else "*",
-            "priority": (pattern.priority if pattern else mapping.unmapped_priority).label,
+            "priority": priority,
             "table": pattern.table if pattern else None,
             **c,
             "skip_reason": (pattern.skip if pattern else UNMAPPED_REASON) if c["skipped"] else None,
             "balanced": c["scanned"] == c["migrated"] + c["skipped"] + c["dead"] + c["expired"],
         })
-    sums = {f: sum(p[f] for p in patterns) for f in COUNT_FIELDS}
+    for p in patterns:
+        # a pattern's share of its priority's wall time, by keys scanned (batches mix patterns)
+        share = p["scanned"] / scanned_in[p["priority"]] if scanned_in[p["priority"]] else 0.0
+        p["seconds"] = round(wall.get(p["priority"], 0.0) * share, 3)
+        p["keys_per_s"] = round(p["scanned"] / p["seconds"], 1) if p["seconds"] else None
+    sums = {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")}
+    seconds = round(sum(wall.values()), 3)
     return {
         "run_id": run_id,
         "status": run["status"],
         "dry_run": run["dry_run"],
         "error": run["error"],
         "patterns": patterns,
-        "totals": sums,
+        "totals": {**sums, "seconds": seconds, "keys_per_s": round(sums["scanned"] / seconds, 1) if seconds else None},
         "rows_written": sum(b["rows_written"] for b in batches),
         "batches": {"total": len(batches), "failed": sum(b["status"] == "failed" for b in batches),
                     "done": sum(b["status"] == "done" for b in batches)},
@@ -46,11 +71,33 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
     }
 
 
+def monitoring(conn: Any, mapping: Mapping) -> dict[str, Any]:
+    """The guide's monitoring figures: table sizes and tuple stats, then the mapping's figures."""
+    _, figures = figure_checks(conn, mapping)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT relname, pg_total_relation_size(relid), n_live_tup, n_tup_ins, n_tup_upd, n_tup_del"
+            " FROM pg_stat_user_tables WHERE relname = ANY(%s) ORDER BY pg_total_relation_size(relid) DESC",
+            (mapping.table_names(),))
+        tables = [dict(zip(("table", "bytes", "live_rows", "inserts", "updates", "deletes"), row))
+                  for row in cur.fetchall()]
+    return {"tables": tables, "figures": figures}
+
+
+def write_report(report: dict[str, Any], directory: Path) -> Path:
+    path = Path(directory) / f"migration_report_{report['run_id']}.json"
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2, default=str))
+    return path
+
+
 def render(report: dict[str, Any]) -> str:
-    head = ("pattern", "priority", "table", *COUNT_FIELDS, "ok")
-    rows = [(p["pattern"], p["priority"], p["table"] or "-", *(str(p[f]) for f in COUNT_FIELDS),
-             "yes" if p["balanced"] else "NO") for p in report["patterns"]]
-    rows.append(("TOTAL", "", "", *(str(report["totals"][f]) for f in COUNT_FIELDS), "yes" if report["balanced"] else "NO"))
+    head = ("pattern", "priority", "table", "read", "migrated", "rows", "skipped", "dead", "expired", "seconds", "keys/s", "ok")
+    line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", p["scanned"], p["migrated"], p["rows"], p["skipped"],
+                         p["dead"], p["expired"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
+    rows = [(*line_of(p), "yes" if p["balanced"] else "NO") for p in report["patterns"]]
+    t = report["totals"]
+    rows.append(("TOTAL", "", "", t["scanned"], t["migrated"], t["rows"], t["skipped"], t["dead"], t["expired"],
+                 f"{t['seconds']:.3f}", t["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
     out = [f"run {report['run_id']}  status {report['status']}" + ("  (dry run: nothing kept)" if report["dry_run"] else ""),
@@ -62,6 +109,12 @@ def render(report: dict[str, Any]) -> str:
     b = report["batches"]
     out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; rows written {report['rows_written']}; "
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")
+    if report["validated"]:
+        out.append("validated: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in report["validated"].items()))
     if report["error"]:
         out.append(f"error: {report['error']}")
+    if "monitoring" in report:
+        m = report["monitoring"]
+        out.append("tables: " + ", ".join(f"{t['table']} {t['live_rows']} rows {t['bytes'] // 1024} KiB" for t in m["tables"]))
+        out.append("figures: " + ", ".join(f"{k} {v}" for k, v in m["figures"].items()))
     return "\n".join(out)

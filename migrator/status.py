@@ -27,18 +27,20 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         seconds = sum(b["seconds"] or 0 for b in done)
         pace = scanned / seconds if seconds else 0.0  # keys per batch-second
         left = len(mine) - len(done)
+        running = sum(b["status"] == "running" for b in mine)
         per_batch = seconds / len(done) if done else None
         priorities.append({
             "priority": p.label,
             "batches": len(mine),
             "done": len(done),
-            "running": sum(b["status"] == "running" for b in mine),
+            "running": running,
             "failed": sum(b["status"] == "failed" for b in mine),
             "scanned": scanned,
             "migrated": sum(b["migrated"] for b in done),
             "dead": sum(b["dead"] for b in done),
             "keys_per_s": round(pace, 1),
-            "eta_s": round(per_batch * left, 1) if per_batch is not None and left else (0.0 if not left else None),
+            # batches left x time per batch, shared among the batches running side by side
+            "eta_s": (round(per_batch * left / max(1, running), 1) if per_batch is not None else None) if left else 0.0,
             "validated": validated.get(p.label),
         })
     until = run["finished_at"] if run["status"] in TERMINAL and run["finished_at"] else now

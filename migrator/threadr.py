@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from .mapping import BadRecord, Mapping, Pattern, Priority, Row, SourceRecord
+from .mapping import BadRecord, Figure, Mapping, Pattern, Priority, Row, SourceRecord
 from .merge import TableRule
 from .values import (
     parse_bool,
@@ -492,4 +492,25 @@ USER_LINKS = (
     ("sessions", "user_ref"),
 )
 
-THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS)
+# The guide's validation and monitoring queries, on this schema.
+FIGURES = (
+    Figure("subscriptions_total", "SELECT count(*) FROM subscriptions"),
+    Figure("subscriptions_active", "SELECT count(*) FROM subscriptions WHERE status = 'active'"),
+    Figure("premium_not_expired", "SELECT count(*) FROM subscriptions WHERE premium_expires_at > now()"),
+    Figure("premium_users_active_now",
+           "SELECT count(DISTINCT COALESCE(user_id::text, lower(email), ip, customer_ref)) FROM subscriptions"
+           " WHERE premium_expires_at > now() AND (kind = 'premium_grant' OR status IN ('active', 'trialing'))"),
+    Figure("users_total", "SELECT count(*) FROM users"),
+    Figure("newsletter_subscribers", "SELECT count(*) FROM newsletter_subscribers"),
+    Figure("orphaned_subscriptions",
+           "SELECT count(*) FROM subscriptions s WHERE s.user_id IS NOT NULL"
+           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)", must_be_zero=True),
+    Figure("usage_without_users",
+           "SELECT count(*) FROM usage_counters c WHERE c.subject_type = 'user'"
+           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.legacy_id = c.subject)", must_be_zero=True),
+    Figure("threads_generated_per_day",
+           "SELECT event_date::text, count(*) FROM usage_events WHERE occurred_at >= now() - interval '7 days'"
+           " GROUP BY 1 ORDER BY 1 DESC", rows=True),
+)
+
+THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, figures=FIGURES)

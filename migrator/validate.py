@@ -133,3 +133,45 @@ def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
                         f"{sum(s['same'] for s in sample.values())} sampled keys match PostgreSQL" if not differ
                         else f"sampled keys differ from PostgreSQL: {differ}", sample))
     return checks
+
+
+def figure_checks(conn: Any, mapping: Mapping) -> tuple[list[Check], dict[str, Any]]:
+    """The mapping's monitoring figures; those that must be zero (orphans) become checks."""
+    figures: dict[str, Any] = {}
+    checks = []
+    with conn, conn.cursor() as cur:
+        for figure in mapping.figures:
+            cur.execute(figure.sql)
+            figures[figure.name] = [list(r) for r in cur.fetchall()] if figure.rows else cur.fetchone()[0]
+            if figure.must_be_zero:
+                n = figures[figure.name]
+                checks.append(Check(figure.name, n == 0, f"{n} {figure.name.replace('_', ' ')}", {"count": n}))
+    return checks, figures
+
+
+def validate_run(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str,
+                 priorities: list[Priority] | None = None) -> dict[str, Any]:
+    """Validate a run again, now: each priority's checks, then the mapping's figures."""
+    with conn, conn.cursor() as cur:
+        run = ledger.require_run(cur, run_id)
+    opts = RunOptions.from_json(run["options"])
+    chosen = priorities or opts.priority_order()
+    by_priority = {p.label: validate_priority(client, conn, mapping, run_id, p, opts) for p in chosen}
+    checks, figures = figure_checks(conn, mapping)
+    ok = all(c.ok for cs in by_priority.values() for c in cs) and all(c.ok for c in checks)
+    return {
+        "run_id": run_id,
+        "ok": ok,
+        "priorities": {p: [c.to_json() for c in cs] for p, cs in by_priority.items()},
+        "checks": [c.to_json() for c in checks],
+        "figures": figures,
+    }
+
+
+def render_validation(result: dict[str, Any]) -> str:
+    out = [f"run {result['run_id']}: {'PASS' if result['ok'] else 'FAIL'}"]
+    for priority, checks in result["priorities"].items():
+        out += [f"  {priority:8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in checks]
+    out += [f"  {'target':8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in result["checks"]]
+    out.append("  figures: " + ", ".join(f"{k} {v}" for k, v in result["figures"].items()))
+    return "\n".join(out)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,18 +15,18 @@ import redis
 from migrator.demo import seed_demo
 
 
-def migrator(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MIGRATOR_LOG_JSON": "1", **(env or {})})
+                          env={**os.environ, "MIGRATOR_LOG_JSON": "1", **(env or {})}, cwd=cwd)
 
 
 def urls(settings) -> list[str]:
     return ["--redis-url", settings.redis_url, "--database-url", settings.database_url]
 
 
-def test_run_prints_run_id_and_balanced_json_report_then_report_agrees(settings, r, pg):
+def test_run_prints_run_id_and_balanced_json_report_then_report_agrees(settings, r, pg, tmp_path):
     seed_demo(r, 50, malformed=5)
-    done = migrator("run", "--local", "--json", *urls(settings))
+    done = migrator("run", "--local", "--json", "--output-dir", str(tmp_path), *urls(settings))
     assert done.returncode == 0, done.stderr
     first_line, body = done.stdout.split("\n", 1)
     report = json.loads(body)
@@ -35,11 +36,45 @@ def test_run_prints_run_id_and_balanced_json_report_then_report_agrees(settings,
         assert {"pattern", "scanned", "migrated", "skipped", "dead", "expired"} <= set(p)
     again = migrator("report", report["run_id"], "--json", "--database-url", settings.database_url)
     assert again.returncode == 0 and json.loads(again.stdout)["patterns"] == report["patterns"]
+    assert {"seconds", "keys_per_s", "rows"} <= set(report["patterns"][0])
     # logs are JSON lines bound with the run, and carry no unmasked email
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert any(line.get("event") == "dead_letter" and line.get("run") == report["run_id"] for line in lines)
     assert "@example" not in done.stderr and "$2b$" not in done.stderr
+    # the same lines in migration_<run>.log, and the report as migration_report_<run>.json
+    logged = (tmp_path / f"migration_{report['run_id']}.log").read_text()
+    assert '"event": "batch_done"' in logged and "@example" not in logged and "$2b$" not in logged
+    written = json.loads((tmp_path / f"migration_report_{report['run_id']}.json").read_text())
+    assert written["patterns"] == report["patterns"]
+    figures = report["monitoring"]["figures"]
+    assert figures["users_total"] == by_name(report)["user"]["migrated"] and figures["orphaned_subscriptions"] == 0
+    assert {t["table"] for t in report["monitoring"]["tables"]} >= {"users", "subscriptions"}
 
+
+def by_name(report: dict) -> dict:
+    return {p["pattern"]: p for p in report["patterns"]}
+
+
+def test_validate_passes_a_clean_run_and_fails_on_orphans_and_drift(settings, r, pg, tmp_path):
+    seed_demo(r, 60)
+    assert migrator("run", "--local", "--output-dir", str(tmp_path), *urls(settings)).returncode == 0
+    ok = migrator("run", "--validate-only", "--json", *urls(settings))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["ok"] and set(result["priorities"]) == {"critical", "high", "medium", "low"}
+    # an orphaned subscription and a user deleted behind the migrator's back
+    with pg.cursor() as cur:
+        cur.execute("UPDATE subscriptions SET user_id = gen_random_uuid() WHERE id = (SELECT id FROM subscriptions LIMIT 1)")
+        cur.execute("DELETE FROM users WHERE id = (SELECT id FROM users ORDER BY legacy_id LIMIT 1)")
+    pg.commit()
+    bad = migrator("validate", result["run_id"], *urls(settings))
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    assert "FAIL orphaned_subscriptions: 1 orphaned subscriptions" in bad.stdout
+
+
+def test_validate_without_any_run_says_what_to_do(settings, r, pg):
+    done = migrator("validate", *urls(settings))
+    assert done.returncode == 2 and "migrate first" in done.stderr and "Traceback" not in done.stderr
 
 @pytest.mark.parametrize("args, message", [
     (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
