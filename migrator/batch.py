@@ -87,7 +87,7 @@ class _Batch:
             text, valid = key.decode("utf-8"), True
         except UnicodeDecodeError:
             text, valid = key.decode("utf-8", "backslashreplace"), False
-        pattern, fields = self.mapping.classify(text)
+        pattern, match = self.mapping.pattern_of(text)
         if pattern is None:
             if self.count_unmapped:
                 self.counts.add(UNMAPPED, "skipped")
@@ -100,7 +100,7 @@ class _Batch:
         if not valid:
             self._dead(key, text, pattern, None, "key is not valid UTF-8")
             return None
-        return key, text, pattern, fields
+        return key, text, pattern, self.mapping.fields_of(pattern, match)
 
     def _prepare(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], read: KeyRead, now: datetime) -> None:
         if read.redis_type == "none" or read.raw is None or read.pttl == -2:

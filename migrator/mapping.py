@@ -155,17 +155,24 @@ class Mapping:
             [(combined.groupindex[f"p{i}_{name}"], name) for name in re.compile(p.grammar).groupindex]
             for i, p in enumerate(self.patterns)
         ])
+        object.__setattr__(self, "_index", {p.name: i for i, p in enumerate(self.patterns)})
         ruled = {r.name for r in self.rules}
         missing = {p.table for p in self.patterns if p.table} - ruled
         if missing:
             raise ValueError(f"mapping {self.name}: tables without a merge rule: {sorted(missing)}")
 
-    def classify(self, key: str) -> tuple[Pattern | None, dict[str, str]]:
+    def pattern_of(self, key: str) -> tuple[Pattern | None, re.Match[str] | None]:
+        """The pattern owning `key` (None: unmapped), and the match to take its fields from."""
         m = self._combined.fullmatch(key)
-        if m is None:
-            return None, {}
-        i = int(m.lastgroup[1:])
-        return self.patterns[i], {name: m.group(g) for g, name in self._fields[i]}
+        return (self.patterns[int(m.lastgroup[1:])], m) if m else (None, None)
+
+    def fields_of(self, pattern: Pattern, m: re.Match[str]) -> dict[str, str]:
+        """The named fields of a key: asked only for keys that will be read (the hot path)."""
+        return {name: m.group(g) for g, name in self._fields[self._index[pattern.name]]}
+
+    def classify(self, key: str) -> tuple[Pattern | None, dict[str, str]]:
+        pattern, m = self.pattern_of(key)
+        return (pattern, self.fields_of(pattern, m)) if pattern else (None, {})
 
     def rule(self, table: str) -> TableRule:
         for rule in self.rules:

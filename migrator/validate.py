@@ -47,7 +47,7 @@ def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, prior
         try:
             for keys in scan_range(nc, whole, opts.scan_count):
                 for key in keys:
-                    pattern, _ = mapping.classify(key.decode("utf-8", "backslashreplace"))
+                    pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
                     name = pattern.name if pattern else UNMAPPED
                     if name in scope or (pattern is None and unmapped):
                         counts[name] = counts.get(name, 0) + 1
