@@ -85,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-db", help="create or update the target schema and run ledger (idempotent)")
     _connection_flags(p)
 
+    p = sub.add_parser("audit", help="phase 1: one SCAN pass: keys, types, memory, TTLs, premium counts, unmapped keys",
+                       description="Writes redis_audit_report_<ts>.json and shows it as a table. Exit 1 when a stop "
+                                   "condition of the guide holds (over 50,000 premium users, over 2 GB of memory).")
+    _connection_flags(p)
+    p.add_argument("--show-pii", action="store_true", help="do not mask emails and IPs in examples (the file too!)")
+    p.add_argument("--memory-sample", type=int, default=1000, help="keys asked MEMORY USAGE (default 1000)")
+    p.add_argument("--scan-count", type=int, default=1000)
+    p.add_argument("--output-dir", type=Path, default=Path("."))
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("mapping", help="phase 2: write redis_postgres_mapping_<ts>.json from the declarative mapping")
+    p.add_argument("--audit-dir", type=Path, default=Path("."), help="where to find the latest audit (for volumes)")
+    p.add_argument("--output-dir", type=Path, default=Path("."))
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("run", help="migrate the keyspace", description=(
         "Migrate priority by priority (critical, high, medium, low). Prints the run id, then the balance per "
         "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances."))
@@ -155,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(level=args.log_level)
-    settings = Settings.from_env(args.redis_url, args.database_url, args.broker_url)
+    settings = Settings.from_env(*(getattr(args, f, None) for f in ("redis_url", "database_url", "broker_url")))
     try:
         if args.command == "init-db":
             return commands.cmd_init_db(settings)
@@ -180,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)
         if args.command == "rollback":
             return commands.cmd_rollback(settings, THREADR, args.run_id)
+        if args.command == "audit":
+            return commands.cmd_audit(settings, THREADR, show_pii=args.show_pii, memory_sample=args.memory_sample,
+                                      scan_count=args.scan_count, output_dir=args.output_dir, as_json=args.json)
+        if args.command == "mapping":
+            return commands.cmd_mapping(THREADR, audit_dir=args.audit_dir, output_dir=args.output_dir, as_json=args.json)
         if args.command == "seed-demo":
             return commands.cmd_seed_demo(settings, args.users, fresh=args.fresh, malformed=args.malformed)
         if args.command == "demo":

@@ -23,6 +23,8 @@ from .rollback import rollback_run
 from .runner import execute_local, plan_run
 from .status import TERMINAL
 from .validate import render_validation, validate_run
+from .audit import audit_keyspace, render_audit, write_audit
+from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
 from .schema import database_url_for, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
@@ -215,6 +217,37 @@ def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO 
         if n["deleted"] or n["restored"]:
             out.write(f"{table}: {n['deleted']} inserted rows deleted, {n['restored']} changed rows restored\n")
     out.write(f"run {run_id} rolled back\n")
+    return OK
+
+
+def cmd_audit(settings: Settings, mapping: Mapping, *, show_pii: bool, memory_sample: int, scan_count: int,
+              output_dir: Path, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Phase 1: one pass over the keyspace; the report is written and shown. Exit 1 on a stop condition."""
+    client = settings.redis()
+    try:
+        report = audit_keyspace(client, mapping, show_pii=show_pii, memory_sample=memory_sample, scan_count=scan_count)
+    finally:
+        client.close()
+    path = write_audit(report, output_dir)
+    _dump(report, out) if as_json else out.write(render_audit(report) + f"\naudit written to {path}\n")
+    return FAILED if report["stop_conditions"] else OK
+
+
+def cmd_mapping(mapping: Mapping, *, audit_dir: Path, output_dir: Path, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Phase 2: the mapping document, with volumes from the newest audit in `audit_dir` if there is one."""
+    audit = latest_audit(audit_dir)
+    doc = build_mapping_document(mapping, audit)
+    path = write_mapping_document(doc, output_dir)
+    if as_json:
+        _dump(doc, out)
+    else:
+        for entry in doc["patterns"]:
+            volume = f"{entry['volumes']['keys']:>9,} keys" if entry.get("volumes") else " " * 14
+            out.write(f"{entry['priority']:8} {entry['name']:22} {entry['table'] or '(skipped)':24} "
+                      f"{entry['complexity']:6} {volume}\n")
+        if audit is None:
+            out.write(f"no audit in {audit_dir}: volumes left out (run `migrator audit` first to include them)\n")
+    out.write(f"mapping document written to {path}\n")
     return OK
 
 

@@ -134,6 +134,7 @@ class Mapping:
     rules: tuple[TableRule, ...] = ()
     # (table, column): rows naming a user by a legacy id, linked through legacy_id_map
     user_links: tuple[tuple[str, str], ...] = ()
+    user_patterns: tuple[str, ...] = ()  # the patterns that bring users in; linked rows depend on them
     figures: tuple[Figure, ...] = ()
     unmapped_priority: Priority = Priority.LOW
 

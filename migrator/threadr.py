@@ -513,4 +513,4 @@ FIGURES = (
            " GROUP BY 1 ORDER BY 1 DESC", rows=True),
 )
 
-THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, figures=FIGURES)
+THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, user_patterns=("user",), figures=FIGURES)
