@@ -82,8 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("check", help="preflight: settings, connections, versions, schema, privileges, broker, workers",
+                       description="One line per check: OK, WARN or FAIL, and the fix. Exit 1 when any check fails.")
+    _connection_flags(p)
+    p.add_argument("--no-workers", action="store_true", help="do not ask for workers (a --local run needs none)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the broker and workers")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("init-db", help="create or update the target schema and run ledger (idempotent)")
     _connection_flags(p)
+
+    p = sub.add_parser("backup", help="pg_dump of the target and a Redis RDB snapshot, before anything is written",
+                       description="Writes threadr_pre_migration_<ts>.sql and redis_backup_<ts>.rdb (one per master "
+                                   "of a cluster), checks both, and prints how to restore them.")
+    _connection_flags(p)
+    p.add_argument("--dir", type=Path, default=Path("."), help="where the files go (default: here)")
 
     p = sub.add_parser("audit", help="phase 1: one SCAN pass: keys, types, memory, TTLs, premium counts, unmapped keys",
                        description="Writes redis_audit_report_<ts>.json and shows it as a table. Exit 1 when a stop "
@@ -172,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     configure(level=args.log_level)
     settings = Settings.from_env(*(getattr(args, f, None) for f in ("redis_url", "database_url", "broker_url")))
     try:
+        if args.command == "check":
+            return commands.cmd_check(settings, THREADR, need_workers=not args.no_workers, timeout=args.timeout,
+                                      as_json=args.json)
+        if args.command == "backup":
+            return commands.cmd_backup(settings, args.dir)
         if args.command == "init-db":
             return commands.cmd_init_db(settings)
         if args.command == "run":

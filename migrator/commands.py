@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from .runner import execute_local, plan_run
 from .status import TERMINAL
 from .validate import render_validation, validate_run
 from .audit import audit_keyspace, render_audit, write_audit
+from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
 from .schema import database_url_for, ensure_database, init_db, require_schema
 
@@ -217,6 +219,25 @@ def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO 
         if n["deleted"] or n["restored"]:
             out.write(f"{table}: {n['deleted']} inserted rows deleted, {n['restored']} changed rows restored\n")
     out.write(f"run {run_id} rolled back\n")
+    return OK
+
+
+def cmd_check(settings: Settings, mapping: Mapping, *, need_workers: bool, timeout: float, as_json: bool,
+              out: TextIO = sys.stdout) -> int:
+    """Preflight: one line per check with its verdict and fix; exit 1 when any check fails."""
+    from .preflight import exit_code, render_checks, run_checks  # it asks the Celery broker too
+
+    results = run_checks(settings, need_workers=need_workers, timeout=timeout, mapping=mapping)
+    _dump([asdict(r) for r in results], out) if as_json else out.write(render_checks(results) + "\n")
+    return exit_code(results)
+
+
+def cmd_backup(settings: Settings, directory: Path, out: TextIO = sys.stdout) -> int:
+    """pg_dump of the target and an RDB snapshot of the source, checked, with how to restore them."""
+    result = backup(settings, directory)
+    for dump in (result.sql, *result.rdb):
+        out.write(f"{dump.path}  {dump.size:,} bytes\n")
+    out.write("\n" + restore_instructions(result) + "\n")
     return OK
 
 

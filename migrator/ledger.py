@@ -10,6 +10,9 @@ from psycopg2.extras import execute_values
 from .options import RunOptions
 from .partition import KeyRange
 
+# The ledger tables a run writes (sql/001_ledger.sql), besides the tables of its mapping.
+TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal")
+
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
 # ...plus the target rows the migrated keys became (a zset key may become many rows).
 TALLY_FIELDS = (*COUNT_FIELDS, "rows")

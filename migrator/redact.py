@@ -13,6 +13,8 @@ IPV6 = re.compile(
     r"(?=[0-9a-fA-F:]*::|(?:[0-9a-fA-F]{1,4}:){3,}[0-9a-fA-F]{1,4}(?!\w))"
     r"([0-9a-fA-F]{0,4}):(?:[0-9a-fA-F]{0,4}:)*[0-9a-fA-F]{0,4}(?!\w)"
 )
+DSN_PASSWORD = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
+USERINFO_SECRET = re.compile(r"(:)[^:/@\s]+@")
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
 
 
@@ -28,7 +30,9 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable url>"
     if parts.password is None:
-        return url
+        # not a well-formed URL (a typo, a key=value DSN): mask whatever looks like a secret
+        text = DSN_PASSWORD.sub(r"\1***", url)
+        return USERINFO_SECRET.sub(r"\1***@", text)
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
@@ -37,6 +41,7 @@ def redact_url(url: str) -> str:
 def redact_text(text: str) -> str:
     """Mask URLs' passwords, emails and IP addresses anywhere in a message."""
     text = URL.sub(lambda m: redact_url(m.group(0)), text)
+    text = DSN_PASSWORD.sub(r"\1***", text)
     text = EMAIL.sub(lambda m: mask_email(m.group(0)), text)
     text = IPV4.sub(r"\1.\2.x.x", text)
     return IPV6.sub(r"\1:x", text)

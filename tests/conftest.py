@@ -13,10 +13,12 @@ import pytest
 import redis
 from psycopg2 import sql
 
+from migrator import ledger
 from migrator.config import Settings
 from migrator.log import configure
 from migrator.schema import database_url_for, ensure_database, init_db
 from migrator.threadr import THREADR
+from servers import redis_cluster
 
 # Queues and results of this test session, apart from any other user of the broker. Set before
 # anything imports celeryconfig.
@@ -26,7 +28,6 @@ os.environ.setdefault("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/10")
 ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 
-LEDGER_TABLES = ("migration_dead_letters", "migration_batches", "migration_runs", "migration_journal")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,6 +50,22 @@ def database_url() -> str:
     admin.close()
 
 
+@pytest.fixture(scope="session")
+def cluster_ports(tmp_path_factory):
+    """Three Redis Cluster masters of our own on spare ports (the shared Redis is standalone)."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as ports:
+        yield ports
+
+
+@pytest.fixture
+def cluster(cluster_ports):
+    """The cluster's ports, every master emptied first."""
+    for port in cluster_ports:
+        with redis.Redis(port=port) as node:
+            node.flushall()
+    return cluster_ports
+
+
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     return Settings(REDIS_URL, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
@@ -68,7 +85,7 @@ def pg(settings: Settings):
     """A connection to the session database, emptied of data and ledger before each test."""
     conn = psycopg2.connect(settings.database_url)
     with conn, conn.cursor() as cur:
-        tables = [*THREADR.table_names(), *LEDGER_TABLES]
+        tables = [*THREADR.table_names(), *ledger.TABLES]
         cur.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     yield conn
     conn.close()

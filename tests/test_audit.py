@@ -10,7 +10,6 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import redis
 
-import test_cluster
 from migrator.audit import (
     AUDIT_PREFIX,
     PREMIUM_USERS_LIMIT,
@@ -32,7 +31,6 @@ from migrator.merge import TableRule
 from migrator.threadr import THREADR
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)  # naive, as the app wrote datetimes
-cluster = test_cluster.cluster  # three masters of our own, started once for this module
 CRITICAL_MIGRATED = {p.name for p in THREADR.patterns if p.migrated and p.priority == Priority.CRITICAL}
 
 

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from migrator.demo import seed_demo
+from servers import redis_server
 
 
 def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -90,22 +88,8 @@ def test_bad_settings_fail_clearly_without_traceback_or_secret(settings, r, args
 
 @pytest.fixture
 def redis_with_password(tmp_path):
-    """A Redis of our own on a spare port that requires a password (the shared one has none)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "right-one",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, password="right-one")
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield port
-    proc.terminate()
-    proc.wait(10)
+    with redis_server(tmp_path, password="right-one") as port:
+        yield port
 
 
 def test_redis_wrong_password_is_reported_as_such(settings, redis_with_password):
@@ -121,3 +105,22 @@ def test_help_teaches_the_workflow():
     run_help = migrator("run", "--help").stdout
     for flag in ("--dry-run", "--priority", "--batch-size", "--table", "--pattern", "--continue-on-error", "--no-rollback"):
         assert flag in run_help
+
+
+def test_operator_commands_from_the_command_line(settings, r, pg, tmp_path):
+    """check, audit, mapping and backup as an operator runs them, in the guide's order."""
+    seed_demo(r, 30)
+    check = migrator("check", "--no-workers", *urls(settings), "--broker-url", settings.broker_url)
+    assert check.returncode == 0 and "OK    schema" in check.stdout, check.stdout + check.stderr
+    audit = migrator("audit", "--output-dir", str(tmp_path), "--redis-url", settings.redis_url)
+    assert audit.returncode == 0 and "audit written to" in audit.stdout, audit.stderr
+    assert "@example" not in audit.stdout and "@example" not in (next(tmp_path.glob("redis_audit_report_*.json"))).read_text()
+    mapping = migrator("mapping", "--audit-dir", str(tmp_path), "--output-dir", str(tmp_path), "--json")
+    doc = json.loads(mapping.stdout.rsplit("mapping document written", 1)[0])
+    assert mapping.returncode == 0 and next(p for p in doc["patterns"] if p["name"] == "user")["volumes"]["keys"] == 30
+    with redis_server(tmp_path) as port:  # the shared server is too big to snapshot in a test
+        backup = migrator("backup", "--dir", str(tmp_path), "--redis-url", f"redis://127.0.0.1:{port}/0",
+                          "--database-url", settings.database_url)
+    assert backup.returncode == 0, backup.stderr
+    assert list(tmp_path.glob("threadr_pre_migration_*.sql")) and list(tmp_path.glob("redis_backup_*.rdb"))
+    assert "pg_restore" in backup.stdout or "psql" in backup.stdout

@@ -1,13 +1,8 @@
 """A Redis Cluster source: ranges per master, every key once, the same tables as a standalone source."""
 from __future__ import annotations
 
-import random
-import socket
-import subprocess
-import time
 from datetime import datetime
 
-import pytest
 import redis
 from psycopg2 import sql
 
@@ -18,50 +13,6 @@ from migrator.threadr import THREADR
 from helpers import by_pattern, content_fingerprint, migrate
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports free together with their cluster bus port (+10000), so below 55536."""
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) != 0
-
-    rnd = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rnd.randrange(20000, 30000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    return ports
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three masters of our own on spare ports (the shared Redis is standalone)."""
-    base = tmp_path_factory.mktemp("cluster")
-    ports = free_ports(3)
-    procs = [subprocess.Popen(["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                               "--cluster-config-file", f"nodes-{p}.conf", "--dir", str(base), "--save", "",
-                               "--appendonly", "no"], stdout=subprocess.DEVNULL) for p in ports]
-    try:
-        for p in ports:
-            for _ in range(100):
-                try:
-                    redis.Redis(port=p).ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=120)
-        for _ in range(100):
-            if redis.Redis(port=ports[0]).cluster("info")["cluster_state"] == "ok":
-                break
-            time.sleep(0.1)
-        yield ports
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(10)
 
 
 def test_cluster_source_migrates_per_master_like_a_standalone_one(settings, r, pg, cluster):

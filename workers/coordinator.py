@@ -22,7 +22,8 @@ from .tasks import dispatch_priority
 log = structlog.get_logger("workers.coordinator")
 
 
-def _same_redis_db(a: str, b: str) -> bool:
+def same_redis_db(a: str, b: str) -> bool:
+    """Whether two URLs name the same database of the same Redis server."""
     pa, pb = urlsplit(a), urlsplit(b)
     db = lambda p: (p.path or "/0").strip("/") or "0"
     return pa.scheme.startswith("redis") and pb.scheme.startswith("redis") and \
@@ -41,7 +42,7 @@ def workers_answering(timeout: float = 2.0) -> list[str]:
 
 def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
     """Plan the run in the ledger, then send its first priority to the workers."""
-    if _same_redis_db(str(app.conf.result_backend), settings.redis_url):
+    if same_redis_db(str(app.conf.result_backend), settings.redis_url):
         raise ConfigError("CELERY_RESULT_BACKEND is the Redis database being migrated; its keys would be scanned too. "
                           "Point it at another database number, e.g. redis://host:6379/14")
     run_id = plan_run(client, conn, mapping, opts, settings.redis_url)

@@ -1,0 +1,98 @@
+"""Servers of a test's own: Redis on spare ports (the shared one has no password, no replica, no
+cluster), and URLs that carry a password for them.
+
+The pattern of test_cli.py's `redis_with_password` and test_cluster.py's `cluster`, as plain
+context managers any test module can use. Each server starts from a config file of its own, as
+a production one does, so a restore that restarts it from that file (`redis-server $conf`) can
+be run as it stands.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+def spare_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55536:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                    return port
+
+
+def config_text(options: tuple[str, ...]) -> str:
+    """redis-server's command-line options ("--replicaof", "host", "port", ...) as config-file lines."""
+    lines: list[list[str]] = []
+    for token in options:
+        if token.startswith("--"):
+            lines.append([token[2:]])
+        else:
+            lines[-1].append(json.dumps(token))  # a double-quoted string, "" included, as redis.conf reads it
+    return "".join(" ".join(words) + "\n" for words in lines)
+
+
+@contextmanager
+def redis_server(directory: Path, *options: str, password: str | None = None) -> Iterator[int]:
+    """A redis-server on a spare port, without persistence unless `options` ask; yields the port once it answers."""
+    port = spare_port()
+    conf = directory / f"redis-{port}.conf"
+    # a diskless SYNC (what `redis-cli --rdb` asks for) otherwise waits 5 s for more replicas to join it
+    conf.write_text(config_text(("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                 "--repl-diskless-sync-delay", "0", "--dir", str(directory),
+                                 *(("--requirepass", password) if password else ()), *options)))
+    proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL)
+    # no retries: redis-py would otherwise back off and retry against a server still starting or just stopped
+    client = redis.Redis(port=port, password=password, retry=Retry(NoBackoff(), 0))
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        try:  # whatever answers there now: the server started here, or one a restore started again
+            client.shutdown(nosave=True)
+        except redis.RedisError:
+            pass
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
+    """`masters` cluster nodes with every slot assigned; yields their ports once the cluster is ok."""
+    with ExitStack() as stack:
+        ports = [stack.enter_context(redis_server(directory, "--cluster-enabled", "yes",
+                                                  "--cluster-config-file", f"nodes-{i}.conf"))
+                 for i in range(masters)]
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=120)
+        with redis.Redis(port=ports[0]) as client:
+            for _ in range(100):
+                if client.cluster("info")["cluster_state"] == "ok":
+                    break
+                time.sleep(0.1)
+        yield ports
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` (scheme://user@host/...) with a password; PostgreSQL's trust authentication ignores it."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user}:{password}@{host}"
