@@ -6,11 +6,15 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
+import redis
+
 from . import commands
 from .config import ConfigError, Settings
 from .log import configure
 from .mapping import Priority
 from .options import DEFAULT_MAX_VALUE_BYTES, RunOptions
+from .redact import redact_text
 from .threadr import THREADR
 
 DESCRIPTION = """\
@@ -227,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LookupError, ValueError) as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return commands.CANNOT_START
+    except (psycopg2.Error, redis.RedisError) as exc:  # a service failed mid-command: say so, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"migrator: {type(exc).__name__}: {redact_text(first)}; is the service up, and the URL right?",
+              file=sys.stderr)
+        return commands.FAILED
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -32,6 +32,17 @@ from .schema import database_url_for, ensure_database, init_db, require_schema
 OK, FAILED, CANNOT_START = 0, 1, 2
 
 
+def _ledger(settings: Settings) -> Any:
+    """A connection to a database that has the current schema (else the error says: run init-db)."""
+    conn = settings.postgres()
+    try:
+        require_schema(conn)
+    except Exception:
+        conn.close()
+        raise
+    return conn
+
+
 def _dump(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -124,7 +135,7 @@ def watch(conn: Any, run_id: str, *, interval: float = 1.0, out: TextIO = sys.st
 
 
 def cmd_status(settings: Settings, run_id: str, *, as_json: bool, watch_it: bool, out: TextIO = sys.stdout) -> int:
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         progress = watch(conn, run_id, out=out) if watch_it else status_mod.run_progress(conn, run_id)
     finally:
@@ -137,7 +148,7 @@ def cmd_status(settings: Settings, run_id: str, *, as_json: bool, watch_it: bool
 
 
 def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         with conn, conn.cursor() as cur:
             ledger.require_run(cur, run_id)
@@ -155,7 +166,7 @@ def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], out: Text
     from workers.coordinator import requeue, use_broker
 
     use_broker(settings)
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         reopened = requeue(conn, run_id, batch_ids or None)
     finally:
@@ -172,7 +183,7 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
     from workers.coordinator import resume, use_broker
 
     use_broker(settings)
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         label = resume(conn, run_id)
     finally:
@@ -183,7 +194,7 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
 
 def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
                output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
@@ -210,7 +221,7 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
 
 
 def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout) -> int:
-    conn = settings.postgres()
+    conn = _ledger(settings)
     try:
         summary = rollback_run(conn, mapping, run_id)
     finally:

@@ -124,3 +124,40 @@ def test_operator_commands_from_the_command_line(settings, r, pg, tmp_path):
     assert backup.returncode == 0, backup.stderr
     assert list(tmp_path.glob("threadr_pre_migration_*.sql")) and list(tmp_path.glob("redis_backup_*.rdb"))
     assert "pg_restore" in backup.stdout or "psql" in backup.stdout
+
+
+@pytest.fixture
+def empty_database(settings):
+    """A database without the schema."""
+    from psycopg2 import connect
+    from psycopg2 import sql as q
+
+    from migrator.schema import database_url_for, ensure_database
+
+    admin_url = database_url_for(settings.database_url, "postgres")
+    name = f"migrator_empty_{os.getpid()}"
+    admin = connect(admin_url)
+    ensure_database(admin, name)
+    yield database_url_for(settings.database_url, name)
+    with admin.cursor() as cur:
+        cur.execute(q.SQL("DROP DATABASE IF EXISTS {}").format(q.Identifier(name)))
+    admin.close()
+
+
+RUN_ID = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--local"], ["run", "--validate-only"], ["validate", RUN_ID], ["report", RUN_ID], ["status", RUN_ID],
+    ["batches", RUN_ID], ["rollback", RUN_ID], ["requeue", RUN_ID, "--failed"], ["resume", RUN_ID],
+])
+def test_every_command_on_a_database_without_the_schema_says_run_init_db(settings, r, empty_database, command):
+    done = migrator(*command, "--redis-url", settings.redis_url, "--database-url", empty_database)
+    assert done.returncode == 2 and "migrator init-db" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["run", "--local"], ["audit"], ["validate"], ["backup", "--dir", "/tmp"],
+                                     ["seed-demo", "--users", "1"]])
+def test_every_command_with_redis_down_fails_clearly(settings, command):
+    done = migrator(*command, "--redis-url", "redis://127.0.0.1:1/0", "--database-url", settings.database_url)
+    assert done.returncode == 2 and "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr
