@@ -167,6 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     p.add_argument("run_id")
 
+    p = sub.add_parser("parity", help="shadow-read parity per operation (DUAL_WRITE with shadow reads on)")
+    _connection_flags(p)
+    p.add_argument("--hours", type=float, default=24.0, help="window (default 24 h)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cutover", help="switch the app's reads to PostgreSQL, refused unless validated and at parity",
+                       description="Sets the strategy the app's DualWriteService follows. Refused unless the latest "
+                                   "run completed with every priority validated, no repair is pending, and each "
+                                   "operation's shadow-read parity is at least --min-parity over --min-reads reads.")
+    _connection_flags(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--to", choices=["postgres-primary", "postgres-only"])
+    which.add_argument("--back", action="store_true", help="back to dual_write (Redis answers); always allowed")
+    p.add_argument("--min-parity", type=float, default=0.999)
+    p.add_argument("--min-reads", type=int, default=100)
+    p.add_argument("--hours", type=float, default=24.0)
+
+    p = sub.add_parser("health", help="both stores: up, latency, the strategy in force, pending repairs")
+    _connection_flags(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("seed-demo", help="write the demo Threadr keyspace into Redis")
     _connection_flags(p)
     p.add_argument("--users", type=int, default=1000)
@@ -222,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                                       scan_count=args.scan_count, output_dir=args.output_dir, as_json=args.json)
         if args.command == "mapping":
             return commands.cmd_mapping(THREADR, audit_dir=args.audit_dir, output_dir=args.output_dir, as_json=args.json)
+        if args.command == "parity":
+            return commands.cmd_parity(settings, args.hours, as_json=args.json)
+        if args.command == "cutover":
+            return commands.cmd_cutover(settings, None if args.back else args.to, min_parity=args.min_parity,
+                                        min_reads=args.min_reads, hours=args.hours)
+        if args.command == "health":
+            return commands.cmd_health(settings, as_json=args.json)
         if args.command == "seed-demo":
             return commands.cmd_seed_demo(settings, args.users, fresh=args.fresh, malformed=args.malformed)
         if args.command == "demo":

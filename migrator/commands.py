@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import cutover
 from . import demo as demo_data
 from . import ledger
 from . import report as report_mod
 from . import status as status_mod
 from .config import Settings
+from .dualwrite import WriteStrategy
 from .log import attach_log_file
 from .mapping import Mapping, Priority
 from .options import RunOptions
@@ -281,6 +283,62 @@ def cmd_mapping(mapping: Mapping, *, audit_dir: Path, output_dir: Path, as_json:
             out.write(f"no audit in {audit_dir}: volumes left out (run `migrator audit` first to include them)\n")
     out.write(f"mapping document written to {path}\n")
     return OK
+
+
+def cmd_parity(settings: Settings, hours: float, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    conn = _ledger(settings)
+    try:
+        seen = cutover.parity(conn, hours)
+    finally:
+        conn.close()
+    if as_json:
+        _dump(seen, out)
+    elif not seen:
+        out.write(f"no shadow reads in the last {hours:g} h: run the app's DualWriteService with shadow_rate > 0\n")
+    for operation, p in ({} if as_json else seen).items():
+        out.write(f"{operation:22} {p['matched']:>8}/{p['reads']:<8} parity {p['parity']:.4%}\n")
+        for example in p["mismatches"]:
+            out.write(f"    redis {example['redis']}  postgres {example['postgres']}\n")
+    return OK
+
+
+def cmd_cutover(settings: Settings, to: str | None, *, min_parity: float, min_reads: int, hours: float,
+                out: TextIO = sys.stdout) -> int:
+    """Switch the app's strategy: refused unless the run validated and parity holds; --back always allowed."""
+    client, conn = settings.redis(), _ledger(settings)
+    try:
+        if to is None:
+            cutover.set_strategy(conn, WriteStrategy.DUAL_WRITE, "cutover --back")
+            out.write("strategy is dual_write again: Redis answers, both stores are written\n")
+            return OK
+        decision = cutover.judge_cutover(client, conn, min_parity=min_parity, min_reads=min_reads, hours=hours)
+        if not decision.allowed:
+            out.write("cutover refused:\n" + "".join(f"  - {r}\n" for r in decision.reasons))
+            return FAILED
+        strategy = WriteStrategy(to.replace("-", "_"))
+        cutover.set_strategy(conn, strategy, f"cutover --to {to}")
+        out.write(f"strategy is {strategy.value}: services following the setting switch within seconds\n")
+        return OK
+    finally:
+        conn.close()
+        client.close()
+
+
+def cmd_health(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        report = cutover.health(client, conn)
+    finally:
+        conn.close()
+        client.close()
+    if as_json:
+        _dump(report, out)
+    else:
+        for store in ("redis", "postgres"):
+            s = report[store]
+            out.write(f"{store:9} {'up' if s['ok'] else 'DOWN'}  {s.get('latency_ms', s.get('error'))}\n")
+        out.write(f"strategy {report.get('strategy')}, pending repairs {report.get('pending_repairs')}\n")
+    return OK if report["ok"] else FAILED
 
 
 def cmd_seed_demo(settings: Settings, users: int, *, fresh: bool, malformed: int = 0, out: TextIO = sys.stdout) -> int:

@@ -45,7 +45,7 @@ def detail(exc: BaseException) -> str | None:
 
 
 class Writer:
-    def __init__(self, cursor: Any, mapping: Mapping, run_id: str) -> None:
+    def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None) -> None:  # None: the app's own writes
         self.cursor = cursor
         self.mapping = mapping
         self.run_id = run_id

@@ -13,7 +13,7 @@ import pytest
 import redis
 from psycopg2 import sql
 
-from migrator import ledger
+from migrator import dualwrite, ledger
 from migrator.config import Settings
 from migrator.log import configure
 from migrator.schema import database_url_for, ensure_database, init_db
@@ -85,7 +85,7 @@ def pg(settings: Settings):
     """A connection to the session database, emptied of data and ledger before each test."""
     conn = psycopg2.connect(settings.database_url)
     with conn, conn.cursor() as cur:
-        tables = [*THREADR.table_names(), *ledger.TABLES]
+        tables = [*THREADR.table_names(), *ledger.TABLES, *dualwrite.TABLES]
         cur.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
     yield conn
     conn.close()

@@ -1,0 +1,101 @@
+"""Switching the app's reads: parity from shadow reads, the health of both stores, the cutover itself.
+
+`migrator cutover` refuses unless the latest run completed with every priority validated, no
+dual-write repair is pending, and each operation's shadow-read parity is above the threshold.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from . import ledger
+from .dualwrite import REPAIR_QUEUE, WriteStrategy, configured_strategy
+
+
+def parity(conn: Any, hours: float = 24.0) -> dict[str, dict[str, Any]]:
+    """Per operation over the last `hours`: shadow reads, matches, their ratio, a few mismatches."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT operation, count(*), count(*) FILTER (WHERE matched) FROM dual_write_shadow_reads"
+                    " WHERE created_at > now() - make_interval(secs => %s) GROUP BY operation ORDER BY operation",
+                    (hours * 3600,))
+        counts = cur.fetchall()
+        cur.execute("SELECT operation, redis_answer, postgres_answer FROM (SELECT *, row_number() OVER"
+                    " (PARTITION BY operation ORDER BY created_at DESC) AS n FROM dual_write_shadow_reads"
+                    " WHERE NOT matched AND created_at > now() - make_interval(secs => %s)) m WHERE n <= 3",
+                    (hours * 3600,))
+        examples: dict[str, list] = {}
+        for operation, redis_answer, postgres_answer in cur.fetchall():
+            examples.setdefault(operation, []).append({"redis": redis_answer, "postgres": postgres_answer})
+    return {op: {"reads": total, "matched": matched, "parity": matched / total, "mismatches": examples.get(op, [])}
+            for op, total, matched in counts}
+
+
+def pending_repairs(client: redis.Redis, conn: Any) -> int:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM dual_write_repairs WHERE repaired_at IS NULL")
+        (in_postgres,) = cur.fetchone()
+    return in_postgres + client.llen(REPAIR_QUEUE)
+
+
+def health(client: redis.Redis, conn: Any) -> dict[str, Any]:
+    """Both stores as the guide's /health reports them: up, latency, the strategy, pending repairs."""
+    out: dict[str, Any] = {}
+    for name, ping in (("redis", client.ping), ("postgres", lambda: _pg_ping(conn))):
+        started = time.monotonic()
+        try:
+            ping()
+            out[name] = {"ok": True, "latency_ms": round((time.monotonic() - started) * 1000, 2)}
+        except Exception as exc:  # health reports, it never raises
+            out[name] = {"ok": False, "error": type(exc).__name__}
+    if out["postgres"]["ok"]:
+        out["strategy"] = configured_strategy(conn).value
+        out["pending_repairs"] = pending_repairs(client, conn) if out["redis"]["ok"] else None
+    out["ok"] = out["redis"]["ok"] and out["postgres"]["ok"]
+    return out
+
+
+def _pg_ping(conn: Any) -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def judge_cutover(client: redis.Redis, conn: Any, *, min_parity: float, min_reads: int, hours: float) -> Decision:
+    reasons = []
+    with conn, conn.cursor() as cur:
+        run_id = ledger.latest_run(cur)
+        run = ledger.get_run(cur, run_id) if run_id else None
+        verdicts = ledger.latest_verdicts(cur, run_id) if run_id else {}
+    if run is None:
+        reasons.append("no migration run yet: backfill with `migrator run` first")
+    elif run["status"] != "completed" or not verdicts or not all(verdicts.values()):
+        reasons.append(f"the latest run {run_id} is {run['status']}, validated {verdicts}: it must have completed "
+                       "with every priority validated (`migrator validate`)")
+    pending = pending_repairs(client, conn)
+    if pending:
+        reasons.append(f"{pending} dual-write repair(s) pending: apply them first (DualWriteService.repair())")
+    seen = parity(conn, hours)
+    for operation in ("check_premium_access", "get_usage_stats"):
+        p = seen.get(operation, {"reads": 0, "parity": 0.0})
+        if p["reads"] < min_reads:
+            reasons.append(f"{operation}: {p['reads']} shadow reads in {hours:g} h, fewer than {min_reads}; "
+                           "keep DUAL_WRITE with shadow reads on a while longer")
+        elif p["parity"] < min_parity:
+            reasons.append(f"{operation}: parity {p['parity']:.4%} is below {min_parity:.4%} "
+                           "(`migrator parity` shows the mismatches)")
+    return Decision(not reasons, reasons)
+
+
+def set_strategy(conn: Any, strategy: WriteStrategy, reason: str) -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO dual_write_settings (strategy, reason) VALUES (%s, %s) ON CONFLICT (id)"
+                    " DO UPDATE SET strategy = EXCLUDED.strategy, reason = EXCLUDED.reason, changed_at = now()",
+                    (strategy.value, reason))

@@ -1,0 +1,363 @@
+"""The dual-write service the app imports during a zero-downtime cutover.
+
+Writes keep the app's Redis formats (threadr-keyspace.md) and reach PostgreSQL through the same
+pattern transforms and per-table merge rules as the batch migration, so a backfill running
+beside the app never overwrites a newer value and both paths agree on every row.
+
+Strategies: REDIS_ONLY (before), DUAL_WRITE (Redis answers, PostgreSQL is written too),
+POSTGRES_PRIMARY (PostgreSQL answers, Redis is still written as the fallback), POSTGRES_ONLY.
+A failed write to the secondary store is never counted as a success: it is recorded in
+`dual_write_repairs` with the exact key, value and TTL, and `repair()` applies it again.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import random
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+import psycopg2
+import redis
+from psycopg2 import sql
+import structlog
+
+from .mapping import Mapping, SourceRecord
+from .redact import redact_text
+from .source import KeyRead, decode
+from .writer import Prepared, Writer, describe
+
+log = structlog.get_logger("migrator.dualwrite")
+
+DAY = 86_400
+TABLES = ("dual_write_repairs", "dual_write_settings", "dual_write_shadow_reads")  # sql/003_dual_write.sql
+
+
+class WriteStrategy(str, enum.Enum):
+    REDIS_ONLY = "redis_only"
+    DUAL_WRITE = "dual_write"
+    POSTGRES_PRIMARY = "postgres_primary"
+    POSTGRES_ONLY = "postgres_only"
+
+    @property
+    def writes_redis(self) -> bool:
+        return self is not WriteStrategy.POSTGRES_ONLY
+
+    @property
+    def writes_postgres(self) -> bool:
+        return self is not WriteStrategy.REDIS_ONLY
+
+    @property
+    def reads_postgres(self) -> bool:
+        return self in (WriteStrategy.POSTGRES_PRIMARY, WriteStrategy.POSTGRES_ONLY)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What happened to one write: the primary store took it; the secondary did, or it awaits repair."""
+
+    key: str
+    primary_ok: bool
+    secondary_ok: bool | None  # None: this strategy has no secondary store
+    repair_id: int | None = None
+
+
+def _iso(at: datetime) -> str:
+    # the app wrote naive UTC datetimes
+    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+class DualWriteService:
+    """`strategy` fixed, or None to follow `dual_write_settings` (what `migrator cutover` switches),
+    re-read at most every `follow_every_s`. `shadow_rate`: the share of reads, in DUAL_WRITE,
+    also answered by PostgreSQL and compared, in a background thread off the request path."""
+
+    def __init__(self, client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
+                 strategy: WriteStrategy | None = WriteStrategy.DUAL_WRITE, *, shadow_rate: float = 0.0,
+                 follow_every_s: float = 5.0) -> None:
+        self.redis, self._connect, self.mapping = client, connect, mapping
+        self._fixed, self._followed, self._followed_at, self._follow_every = strategy, None, 0.0, follow_every_s
+        self.shadow_rate = shadow_rate
+        self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-read")
+        self._conn: Any = None
+
+    @property
+    def strategy(self) -> WriteStrategy:
+        if self._fixed is not None:
+            return self._fixed
+        if self._followed is None or time.monotonic() - self._followed_at > self._follow_every:
+            self._followed, self._followed_at = configured_strategy(self._pg()), time.monotonic()
+        return self._followed
+
+    @strategy.setter
+    def strategy(self, value: WriteStrategy) -> None:
+        self._fixed = value
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _pg(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def close(self) -> None:
+        self._shadow.shutdown(wait=True)
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+    def _to_postgres(self, key: str, raw: bytes, ttl_s: int | None) -> None:
+        """Through the pattern's transform and its table's merge rule, as the batch writer does."""
+        pattern, fields = self.mapping.classify(key)
+        if pattern is None or not pattern.migrated:
+            return  # the migration does not carry this key either
+        now = datetime.now(timezone.utc)
+        expires = now + timedelta(seconds=ttl_s) if ttl_s else None
+        rows = pattern.transform(SourceRecord(key, fields, decode(raw, pattern.value_format), expires, now, timezone.utc))
+        conn = self._pg()
+        try:
+            with conn, conn.cursor() as cur:
+                Writer(cur, self.mapping, run_id=None).upsert(
+                    [Prepared(key.encode(), key, pattern, rows, expires, KeyRead(key.encode(), pattern.redis_type, -1, raw, len(raw)))])
+        except psycopg2.Error:
+            conn.close()  # a broken connection is replaced on the next call
+            raise
+
+    def _to_redis(self, key: str, raw: bytes, ttl_s: int | None) -> None:
+        self.redis.set(key, raw, ex=ttl_s)
+
+    def _record_repair(self, store: str, key: str, raw: bytes, ttl_s: int | None, exc: BaseException) -> int | None:
+        """Keep the failed secondary write in the store that just took it, for `repair()`."""
+        reason = redact_text(describe(exc))
+        log.warning("secondary_write_failed", store=store, key=redact_text(key), error=reason)
+        conn = self._pg() if store == "redis" else None
+        if conn is None:  # PostgreSQL is the one that failed: queue the repair in Redis
+            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({"key": key, "raw": raw.decode("latin-1"),
+                                                                   "ttl_s": ttl_s, "error": reason})))
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, ttl_s, error) VALUES (%s, %s, %s, %s, %s)"
+                        " RETURNING id", (store, key, psycopg2.Binary(raw), ttl_s, reason))
+            return cur.fetchone()[0]
+
+    def put(self, key: str, value: Any, ttl_s: int | None) -> WriteResult:
+        """Write one key to the primary store, then the secondary; a secondary failure is queued."""
+        raw = value if isinstance(value, bytes) else (value if isinstance(value, str) else json.dumps(value)).encode()
+        writers = [("redis", self._to_redis)] if self.strategy.writes_redis else []
+        if self.strategy.writes_postgres:
+            writers.append(("postgres", self._to_postgres))
+        if self.strategy.reads_postgres:
+            writers.reverse()  # PostgreSQL first: it answers the reads now
+        (_, primary), *secondary = writers
+        primary(key, raw, ttl_s)
+        if not secondary:
+            return WriteResult(key, True, None)
+        store, write = secondary[0]
+        try:
+            write(key, raw, ttl_s)
+        except (redis.RedisError, psycopg2.Error) as exc:
+            return WriteResult(key, True, False, self._record_repair(store, key, raw, ttl_s, exc))
+        return WriteResult(key, True, True)
+
+    def repair(self) -> int:
+        """Apply queued secondary writes again; returns how many succeeded."""
+        done = 0
+        while (item := self.redis.lpop(REPAIR_QUEUE)) is not None:
+            entry = json.loads(item)
+            try:
+                self._to_postgres(entry["key"], entry["raw"].encode("latin-1"), entry["ttl_s"])
+                done += 1
+            except psycopg2.Error:
+                self.redis.lpush(REPAIR_QUEUE, item)  # still down: keep it, first in line
+                return done
+        conn = self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT id, redis_key, raw_value, ttl_s FROM dual_write_repairs WHERE repaired_at IS NULL"
+                        " AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
+            for repair_id, key, raw, ttl_s in cur.fetchall():
+                self._to_redis(key, bytes(raw), ttl_s)
+                cur.execute("UPDATE dual_write_repairs SET repaired_at = now(), attempts = attempts + 1 WHERE id = %s",
+                            (repair_id,))
+                done += 1
+        return done
+
+    # --- the app's operations -------------------------------------------------------------------
+
+    def create_user(self, email: str, password_hash: str, *, role: str = "user", user_id: str | None = None,
+                    metadata: dict[str, Any] | None = None) -> str:
+        user_id = user_id or "user_" + secrets.token_urlsafe(16)
+        now = _iso(datetime.now(timezone.utc))
+        self.put(f"threadr:user:{user_id}", {
+            "user_id": user_id, "email": email, "password_hash": password_hash, "role": role, "status": "active",
+            "created_at": now, "updated_at": now, "last_login_at": None, "login_count": 0,
+            "failed_login_attempts": 0, "last_failed_login": None, "is_email_verified": False,
+            "email_verification_token": None, "password_reset_token": None, "password_reset_expires": None,
+            "metadata": metadata or {}}, 2 * 365 * DAY)
+        if self.strategy.writes_redis:
+            self.redis.set(f"threadr:user:email:{email}", user_id, ex=2 * 365 * DAY)
+        return user_id
+
+    def grant_premium_access(self, identifier: str, identifier_type: str, days: int,
+                             payment_info: dict[str, Any] | None = None) -> list[WriteResult]:
+        """The app's grant: one value under the ip key and/or the email key of the purchase."""
+        if identifier_type not in ("ip", "email"):
+            raise ValueError("identifier_type must be 'ip' or 'email' (a user's premium is its Stripe subscription)")
+        now = datetime.now(timezone.utc)
+        ip, email = (identifier, None) if identifier_type == "ip" else (None, identifier)
+        info = {"payment_reference": f"grant_{secrets.token_hex(8)}", "granted_at": _iso(now),
+                "granted_by": "dual_write_service", "client_ip": ip, **(payment_info or {})}
+        grant = {"granted_at": _iso(now), "expires_at": _iso(now + timedelta(days=days)), "plan": "premium",
+                 "duration_days": days, "client_ip": ip, "email": email, "payment_info": info}
+        return [self.put(f"threadr:premium:{identifier_type}:{identifier}", grant, days * DAY + 7 * DAY)]
+
+    def track_usage(self, ip: str, email: str | None = None, user_id: str | None = None) -> None:
+        """One generation: daily and monthly counters per subject, counted in the primary store."""
+        today = datetime.now(timezone.utc).date()
+        for kind, subject in (("ip", ip), ("email", email), ("user", user_id)):
+            if subject:
+                for period, bucket, ttl in (("daily", today.isoformat(), DAY), ("monthly", today.strftime("%Y-%m"), 31 * DAY)):
+                    self._count(f"threadr:usage:{kind}:{subject}:{period}:{bucket}", ttl)
+
+    def _count(self, key: str, ttl_s: int) -> None:
+        if self.strategy.writes_redis and not self.strategy.reads_postgres:
+            value = self.redis.incr(key)  # Redis counts; PostgreSQL takes the count (GREATEST merge)
+            self.redis.expire(key, ttl_s, nx=True)
+            if self.strategy.writes_postgres:
+                self._secondary_count(key, value, ttl_s)
+            return
+        value = self._pg_increment(key)  # PostgreSQL counts
+        if self.strategy.writes_redis:
+            try:
+                self.redis.set(key, value, ex=ttl_s)
+            except redis.RedisError as exc:
+                self._record_repair("redis", key, str(value).encode(), ttl_s, exc)
+
+    def _secondary_count(self, key: str, value: int, ttl_s: int) -> None:
+        try:
+            self._to_postgres(key, str(value).encode(), ttl_s)
+        except psycopg2.Error as exc:
+            self._record_repair("postgres", key, str(value).encode(), ttl_s, exc)
+
+    def _pg_increment(self, key: str) -> int:
+        pattern, fields = self.mapping.classify(key)
+        rows = pattern.transform(SourceRecord(key, fields, 1, None, datetime.now(timezone.utc), timezone.utc))
+        row = rows[0].values
+        conn = self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO usage_counters (id, subject_type, subject, period, period_start, count, metadata)"
+                " VALUES (%(id)s, %(subject_type)s, %(subject)s, %(period)s, %(period_start)s, 1, '{\"source\": \"dual_write\"}')"
+                " ON CONFLICT (id) DO UPDATE SET count = usage_counters.count + 1 RETURNING count", row)
+            return cur.fetchone()[0]
+
+    # --- the reads the app relies on -------------------------------------------------------------
+
+    def check_premium_access(self, identifier: str, identifier_type: str) -> dict[str, Any]:
+        return self._read("check_premium_access", self._premium_from_redis, self._premium_from_postgres,
+                          identifier, identifier_type)
+
+    def get_usage_stats(self, identifier: str, identifier_type: str) -> dict[str, int]:
+        return self._read("get_usage_stats", self._usage_from_redis, self._usage_from_postgres,
+                          identifier, identifier_type)
+
+    def _read(self, operation: str, from_redis: Callable, from_postgres: Callable, identifier: str, kind: str) -> Any:
+        strategy = self.strategy
+        if strategy.reads_postgres:
+            return from_postgres(identifier, kind)
+        answer = from_redis(identifier, kind)
+        if strategy is WriteStrategy.DUAL_WRITE and self.shadow_rate and random.random() < self.shadow_rate:
+            self._shadow.submit(self._compare, operation, from_postgres, identifier, kind, answer)
+        return answer
+
+    def _compare(self, operation: str, from_postgres: Callable, identifier: str, kind: str, redis_answer: Any) -> None:
+        """Off the request path, on its own connection: PostgreSQL's answer against Redis's."""
+        try:
+            conn = self._connect()
+            try:
+                postgres_answer = from_postgres(identifier, kind, conn=conn)
+                with conn, conn.cursor() as cur:
+                    cur.execute("INSERT INTO dual_write_shadow_reads (operation, matched, redis_answer, postgres_answer,"
+                                " identifier) VALUES (%s, %s, %s, %s, %s)",
+                                (operation, postgres_answer == redis_answer, json.dumps(redis_answer, default=str),
+                                 json.dumps(postgres_answer, default=str), identifier))
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:  # a shadow read never fails the app
+            log.warning("shadow_read_failed", operation=operation, error=redact_text(describe(exc)))
+
+    def _usage_from_postgres(self, identifier: str, identifier_type: str, conn: Any = None) -> dict[str, int]:
+        kind = {"ip": "ip", "email": "email", "user_id": "user"}[identifier_type]
+        today = datetime.now(timezone.utc).date()
+        conn = conn or self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT period, count FROM usage_counters WHERE subject_type = %s AND subject = %s"
+                        " AND ((period = 'daily' AND period_start = %s) OR (period = 'monthly' AND period_start = %s))",
+                        (kind, identifier, today, today.replace(day=1)))
+            found = dict(cur.fetchall())
+        return {"daily": found.get("daily", 0), "monthly": found.get("monthly", 0)}
+
+    def _usage_from_redis(self, identifier: str, identifier_type: str) -> dict[str, int]:
+        kind = {"ip": "ip", "email": "email", "user_id": "user"}[identifier_type]
+        today = datetime.now(timezone.utc).date()
+        daily = self.redis.get(f"threadr:usage:{kind}:{identifier}:daily:{today.isoformat()}")
+        monthly = self.redis.get(f"threadr:usage:{kind}:{identifier}:monthly:{today.strftime('%Y-%m')}")
+        return {"daily": int(daily or 0), "monthly": int(monthly or 0)}
+
+    def _premium_from_redis(self, identifier: str, identifier_type: str) -> dict[str, Any]:
+        now = datetime.now(timezone.utc)
+        if identifier_type in ("user_id", "email"):
+            raw = self.redis.get(f"threadr:subscription:user:{identifier}")
+            if raw:
+                sub = json.loads(raw)
+                end = _aware(sub.get("current_period_end"))
+                if sub.get("status") in ("active", "trialing") and end and end > now:
+                    return {"has_premium": True, "source": "subscription", "expires_at": end}
+        if identifier_type in ("ip", "email"):
+            raw = self.redis.get(f"threadr:premium:{identifier_type}:{identifier}")
+            if raw:
+                expires = _aware(json.loads(raw).get("expires_at"))
+                if expires and expires > now:
+                    return {"has_premium": True, "source": f"{identifier_type}_grant", "expires_at": expires}
+        return {"has_premium": False, "source": "free", "expires_at": None}
+
+    def _premium_from_postgres(self, identifier: str, identifier_type: str, conn: Any = None) -> dict[str, Any]:
+        conn = conn or self._pg()
+        with conn, conn.cursor() as cur:
+            if identifier_type in ("user_id", "email"):
+                cur.execute("SELECT current_period_end FROM subscriptions WHERE kind = 'stripe' AND customer_ref = %s"
+                            " AND status IN ('active', 'trialing') AND current_period_end > now()"
+                            " ORDER BY current_period_end DESC LIMIT 1", (identifier,))
+                row = cur.fetchone()
+                if row:
+                    return {"has_premium": True, "source": "subscription", "expires_at": row[0]}
+            if identifier_type in ("ip", "email"):
+                # Redis kept only the latest grant under a key: so does this read
+                cur.execute(sql.SQL("SELECT premium_expires_at FROM subscriptions WHERE kind = 'premium_grant'"
+                                    " AND {} = %s ORDER BY granted_at DESC NULLS LAST LIMIT 1")
+                            .format(sql.Identifier(identifier_type)), (identifier,))
+                row = cur.fetchone()
+                if row and row[0] and row[0] > datetime.now(timezone.utc):
+                    return {"has_premium": True, "source": f"{identifier_type}_grant", "expires_at": row[0]}
+        return {"has_premium": False, "source": "free", "expires_at": None}
+
+
+def configured_strategy(conn: Any) -> WriteStrategy:
+    """The strategy `migrator cutover` set; DUAL_WRITE until it has set one."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT strategy FROM dual_write_settings")
+        row = cur.fetchone()
+    return WriteStrategy(row[0]) if row else WriteStrategy.DUAL_WRITE
+
+
+def _aware(text: str | None) -> datetime | None:
+    """Datetimes compared timezone-aware everywhere: the app's naive values are UTC."""
+    if not text:
+        return None
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+# Failed PostgreSQL writes wait here, in Redis (which took them), until `repair()`.
+REPAIR_QUEUE = "migrator:dual_write:repairs"

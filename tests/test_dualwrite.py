@@ -1,0 +1,144 @@
+"""The dual-write service against real Redis and PostgreSQL: strategies, parity, repairs, merge rules."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg2
+import pytest
+
+from migrator.demo import seed_demo
+from migrator.dualwrite import REPAIR_QUEUE, DualWriteService, WriteStrategy
+from migrator.threadr import THREADR
+
+from helpers import migrate
+
+HASH = "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234"
+
+
+@pytest.fixture
+def service(settings, r, pg):
+    svc = DualWriteService(r, lambda: psycopg2.connect(settings.database_url), THREADR)
+    yield svc
+    svc.close()
+    r.delete(REPAIR_QUEUE)
+
+
+def answers(svc: DualWriteService, strategy: WriteStrategy) -> list:
+    svc.strategy = strategy
+    return [svc.check_premium_access("203.0.113.9", "ip"), svc.check_premium_access("ann@x.io", "email"),
+            svc.check_premium_access("nobody@x.io", "email"), svc.get_usage_stats("203.0.113.9", "ip"),
+            svc.get_usage_stats("ann@x.io", "email")]
+
+
+@pytest.mark.parametrize("strategy", [WriteStrategy.DUAL_WRITE, WriteStrategy.POSTGRES_PRIMARY])
+def test_both_stores_answer_the_same_after_writes_in_each_dual_strategy(service, strategy):
+    service.strategy = strategy
+    service.create_user("ann@x.io", HASH)
+    service.grant_premium_access("203.0.113.9", "ip", 30)
+    service.grant_premium_access("ann@x.io", "email", 10)
+    for _ in range(3):
+        service.track_usage("203.0.113.9", email="ann@x.io")
+    from_redis, from_postgres = answers(service, WriteStrategy.DUAL_WRITE), answers(service, WriteStrategy.POSTGRES_ONLY)
+    assert from_redis[0]["has_premium"] and from_redis[1]["source"] == "email_grant" and not from_redis[2]["has_premium"]
+    assert from_redis[3] == {"daily": 3, "monthly": 3}
+    assert [a["has_premium"] for a in from_redis[:3]] == [a["has_premium"] for a in from_postgres[:3]]
+    assert [a["expires_at"] for a in from_redis[:2]] == [a["expires_at"] for a in from_postgres[:2]]
+    assert from_redis[3:] == from_postgres[3:]
+
+
+def test_single_store_strategies_touch_only_their_store(service, r, pg):
+    service.strategy = WriteStrategy.REDIS_ONLY
+    service.create_user("bob@x.io", HASH)
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == 0
+    pg.rollback()
+    service.strategy = WriteStrategy.POSTGRES_ONLY
+    before = r.dbsize()
+    service.create_user("cy@x.io", HASH)
+    service.track_usage("198.51.100.1")
+    assert r.dbsize() == before
+    assert service.get_usage_stats("198.51.100.1", "ip") == {"daily": 1, "monthly": 1}
+
+
+def test_a_failed_postgres_write_is_queued_not_counted_and_repaired(service, settings, r, pg):
+    service.strategy = WriteStrategy.DUAL_WRITE
+    down = {"on": True}
+
+    def connect():
+        if down["on"]:
+            raise psycopg2.OperationalError("connection refused (the test took PostgreSQL away)")
+        return psycopg2.connect(settings.database_url)
+
+    service._connect = connect
+    result = service.grant_premium_access("ann@x.io", "email", 5)[0]
+    assert result.primary_ok and result.secondary_ok is False and r.llen(REPAIR_QUEUE) == 1
+    assert json.loads(r.get("threadr:premium:email:ann@x.io"))["duration_days"] == 5  # Redis took it
+    assert service.repair() == 0 and r.llen(REPAIR_QUEUE) == 1  # still down: kept, not lost
+    down["on"] = False
+    assert service.repair() == 1 and r.llen(REPAIR_QUEUE) == 0
+    service.strategy = WriteStrategy.POSTGRES_ONLY
+    assert service.check_premium_access("ann@x.io", "email")["has_premium"]
+
+
+def test_a_backfill_beside_the_app_never_overwrites_newer_values(service, settings, r, pg):
+    """The batch writer and the service share each table's merge rule."""
+    service.strategy = WriteStrategy.DUAL_WRITE
+    user_id = service.create_user("dee@x.io", HASH)
+    for _ in range(5):
+        service.track_usage("192.0.2.5")
+    newer = json.loads(r.get(f"threadr:user:{user_id}"))
+    # what a backfill read before the app's last writes: an older document, a smaller count
+    stale = {**newer, "login_count": 99, "updated_at": "2020-01-01T00:00:00"}
+    r.set(f"threadr:user:{user_id}", json.dumps(stale))
+    daily = next(k for k in r.scan_iter("threadr:usage:ip:192.0.2.5:daily:*"))
+    r.set(daily, 3)
+    migrate(settings, priorities=("high",))
+    with pg.cursor() as cur:
+        cur.execute("SELECT login_count FROM users WHERE legacy_id = %s", (user_id,))
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count FROM usage_counters WHERE subject = '192.0.2.5' AND period = 'daily'")
+        assert cur.fetchone()[0] == 5
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cutover_refuses_below_parity_then_switches_services_that_follow_it(service, settings, r, pg):
+    urls = ["--redis-url", settings.redis_url, "--database-url", settings.database_url]
+    refused = cli("cutover", "--to", "postgres-primary", *urls)
+    assert refused.returncode == 1 and "no migration run yet" in refused.stdout
+    seed_demo(r, 40)
+    assert migrate(settings)["status"] == "completed"
+    follower = DualWriteService(r, lambda: psycopg2.connect(settings.database_url), THREADR, None,
+                                shadow_rate=1.0, follow_every_s=0)
+    try:
+        assert follower.strategy is WriteStrategy.DUAL_WRITE  # until a cutover says otherwise
+        ips = [k.decode().split(":", 3)[3] for k in r.scan_iter("threadr:premium:ip:*")]
+        for ip in ips:
+            follower.check_premium_access(ip, "ip")
+            follower.get_usage_stats(ip, "ip")
+        follower._shadow.shutdown(wait=True)  # the comparisons are in
+        follower._shadow = ThreadPoolExecutor(max_workers=1)
+        with pg.cursor() as cur:  # one read PostgreSQL answered differently
+            cur.execute("UPDATE dual_write_shadow_reads SET matched = false WHERE id = (SELECT min(id) FROM dual_write_shadow_reads)")
+        pg.commit()
+        low = cli("cutover", "--to", "postgres-primary", "--min-reads", "1", *urls)
+        assert low.returncode == 1 and "parity" in low.stdout and "below" in low.stdout
+        parity = json.loads(cli("parity", "--json", *urls).stdout)
+        assert parity["check_premium_access"]["parity"] < 1.0 and parity["check_premium_access"]["mismatches"]
+        with pg.cursor() as cur:
+            cur.execute("UPDATE dual_write_shadow_reads SET matched = true")
+        pg.commit()
+        ok = cli("cutover", "--to", "postgres-primary", "--min-reads", "1", *urls)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert follower.strategy is WriteStrategy.POSTGRES_PRIMARY
+        health = json.loads(cli("health", "--json", *urls).stdout)
+        assert health["ok"] and health["strategy"] == "postgres_primary" and health["pending_repairs"] == 0
+        assert cli("cutover", "--back", *urls).returncode == 0 and follower.strategy is WriteStrategy.DUAL_WRITE
+    finally:
+        follower.close()
