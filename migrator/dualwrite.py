@@ -16,6 +16,7 @@ import json
 import random
 import secrets
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -109,11 +110,17 @@ class DualWriteService:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
 
-    def _to_postgres(self, key: str, raw: bytes, ttl_s: int | None) -> None:
-        """Through the pattern's transform and its table's merge rule, as the batch writer does."""
+    def _to_postgres(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
+        """Through the pattern's transform and its table's merge rule, as the batch writer does;
+        `raw` None deletes what the key wrote."""
         pattern, fields = self.mapping.classify(key)
         if pattern is None or not pattern.migrated:
             return  # the migration does not carry this key either
+        if raw is None:
+            conn = self._pg()
+            with conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("DELETE FROM {} WHERE source_key = %s").format(sql.Identifier(pattern.table)), (key,))
+            return
         now = datetime.now(timezone.utc)
         expires = now + timedelta(seconds=ttl_s) if ttl_s else None
         rows = pattern.transform(SourceRecord(key, fields, decode(raw, pattern.value_format), expires, now, timezone.utc))
@@ -126,25 +133,31 @@ class DualWriteService:
             conn.close()  # a broken connection is replaced on the next call
             raise
 
-    def _to_redis(self, key: str, raw: bytes, ttl_s: int | None) -> None:
-        self.redis.set(key, raw, ex=ttl_s)
+    def _to_redis(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
+        if raw is None:
+            self.redis.delete(key)
+        else:
+            self.redis.set(key, raw, ex=ttl_s)
 
-    def _record_repair(self, store: str, key: str, raw: bytes, ttl_s: int | None, exc: BaseException) -> int | None:
+    def _record_repair(self, store: str, key: str, raw: bytes | None, ttl_s: int | None,
+                       exc: BaseException) -> int | None:
         """Keep the failed secondary write in the store that just took it, for `repair()`."""
         reason = redact_text(describe(exc))
         log.warning("secondary_write_failed", store=store, key=redact_text(key), error=reason)
         conn = self._pg() if store == "redis" else None
         if conn is None:  # PostgreSQL is the one that failed: queue the repair in Redis
-            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({"key": key, "raw": raw.decode("latin-1"),
-                                                                   "ttl_s": ttl_s, "error": reason})))
+            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({
+                "key": key, "raw": None if raw is None else raw.decode("latin-1"), "ttl_s": ttl_s, "error": reason})))
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, ttl_s, error) VALUES (%s, %s, %s, %s, %s)"
-                        " RETURNING id", (store, key, psycopg2.Binary(raw), ttl_s, reason))
+                        " RETURNING id", (store, key, None if raw is None else psycopg2.Binary(raw), ttl_s, reason))
             return cur.fetchone()[0]
 
     def put(self, key: str, value: Any, ttl_s: int | None) -> WriteResult:
-        """Write one key to the primary store, then the secondary; a secondary failure is queued."""
-        raw = value if isinstance(value, bytes) else (value if isinstance(value, str) else json.dumps(value)).encode()
+        """Write one key to the primary store, then the secondary; a secondary failure is queued.
+        `value` None deletes the key (and what it wrote in PostgreSQL)."""
+        raw = value if value is None or isinstance(value, bytes) else (
+            value if isinstance(value, str) else json.dumps(value)).encode()
         writers = [("redis", self._to_redis)] if self.strategy.writes_redis else []
         if self.strategy.writes_postgres:
             writers.append(("postgres", self._to_postgres))
@@ -167,7 +180,8 @@ class DualWriteService:
         while (item := self.redis.lpop(REPAIR_QUEUE)) is not None:
             entry = json.loads(item)
             try:
-                self._to_postgres(entry["key"], entry["raw"].encode("latin-1"), entry["ttl_s"])
+                raw = entry["raw"]
+                self._to_postgres(entry["key"], None if raw is None else raw.encode("latin-1"), entry["ttl_s"])
                 done += 1
             except psycopg2.Error:
                 self.redis.lpush(REPAIR_QUEUE, item)  # still down: keep it, first in line
@@ -177,7 +191,7 @@ class DualWriteService:
             cur.execute("SELECT id, redis_key, raw_value, ttl_s FROM dual_write_repairs WHERE repaired_at IS NULL"
                         " AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
             for repair_id, key, raw, ttl_s in cur.fetchall():
-                self._to_redis(key, bytes(raw), ttl_s)
+                self._to_redis(key, None if raw is None else bytes(raw), ttl_s)
                 cur.execute("UPDATE dual_write_repairs SET repaired_at = now(), attempts = attempts + 1 WHERE id = %s",
                             (repair_id,))
                 done += 1
@@ -199,11 +213,63 @@ class DualWriteService:
             self.redis.set(f"threadr:user:email:{email}", user_id, ex=2 * 365 * DAY)
         return user_id
 
+    def update_user(self, user_id: str, **changes: Any) -> WriteResult:
+        """Change fields of a registered user (role, status, login counts, tokens, ...)."""
+        doc = self._document(f"threadr:user:{user_id}", "users", user_doc)
+        return self.put(f"threadr:user:{user_id}", {**doc, **changes, "updated_at": _iso(datetime.now(timezone.utc))},
+                        2 * 365 * DAY)
+
+    def save_thread(self, user_id: str, title: str, original_content: str, tweets: list[dict[str, Any]],
+                    metadata: dict[str, Any] | None = None) -> str:
+        thread_id = str(uuid.uuid4())
+        now = _iso(datetime.now(timezone.utc))
+        self.put(f"threadr:thread:{thread_id}", {
+            "id": thread_id, "user_id": user_id, "title": title, "original_content": original_content,
+            "tweets": tweets, "metadata": metadata or {}, "created_at": now, "updated_at": now,
+            "view_count": 0, "copy_count": 0, "is_favorite": False, "is_archived": False}, 365 * DAY)
+        return thread_id
+
+    def update_thread(self, thread_id: str, **changes: Any) -> WriteResult:
+        doc = self._document(f"threadr:thread:{thread_id}", "threads", thread_doc)
+        return self.put(f"threadr:thread:{thread_id}", {**doc, **changes, "updated_at": _iso(datetime.now(timezone.utc))},
+                        365 * DAY)
+
+    def delete_thread(self, thread_id: str) -> WriteResult:
+        return self.put(f"threadr:thread:{thread_id}", None, None)
+
+    def create_subscription(self, customer: str, subscription: dict[str, Any]) -> WriteResult:
+        """A Stripe subscription under the customer's id (user_<token> or email), as the webhook wrote it."""
+        return self.put(f"threadr:subscription:user:{customer}", subscription, 365 * DAY)
+
+    def update_subscription(self, customer: str, **changes: Any) -> WriteResult:
+        key = f"threadr:subscription:user:{customer}"
+        return self.put(key, {**self._document(key, "subscriptions", subscription_doc), **changes}, 365 * DAY)
+
+    def cancel_subscription(self, customer: str) -> WriteResult:
+        return self.update_subscription(customer, status="canceled", cancel_at_period_end=True)
+
+    def _document(self, key: str, table: str, from_row: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The app's current document for `key`: from Redis while Redis is written, else rebuilt from PostgreSQL."""
+        if self.strategy.writes_redis:
+            raw = self.redis.get(key)
+            if raw is None:
+                raise LookupError(f"{redact_text(key)} does not exist")
+            return json.loads(raw)
+        conn = self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT to_jsonb(t) FROM {} t WHERE source_key = %s").format(sql.Identifier(table)), (key,))
+            row = cur.fetchone()
+        if row is None:
+            raise LookupError(f"{redact_text(key)} does not exist")
+        return from_row(row[0])
+
     def grant_premium_access(self, identifier: str, identifier_type: str, days: int,
                              payment_info: dict[str, Any] | None = None) -> list[WriteResult]:
-        """The app's grant: one value under the ip key and/or the email key of the purchase."""
+        """The app's grant: one value under the ip key or the email key (a user_id's email) of the purchase."""
+        if identifier_type == "user_id":
+            identifier, identifier_type = self._document(f"threadr:user:{identifier}", "users", user_doc)["email"], "email"
         if identifier_type not in ("ip", "email"):
-            raise ValueError("identifier_type must be 'ip' or 'email' (a user's premium is its Stripe subscription)")
+            raise ValueError("identifier_type must be 'ip', 'email' or 'user_id'")
         now = datetime.now(timezone.utc)
         ip, email = (identifier, None) if identifier_type == "ip" else (None, identifier)
         info = {"payment_reference": f"grant_{secrets.token_hex(8)}", "granted_at": _iso(now),
@@ -341,6 +407,34 @@ class DualWriteService:
                 if row and row[0] and row[0] > datetime.now(timezone.utc):
                     return {"has_premium": True, "source": f"{identifier_type}_grant", "expires_at": row[0]}
         return {"has_premium": False, "source": "free", "expires_at": None}
+
+
+# PostgreSQL rows back to the app's documents, for updates once Redis is no longer written.
+
+def _naive(value: str | None) -> str | None:
+    return _iso(datetime.fromisoformat(value)) if value else None
+
+
+def user_doc(row: dict[str, Any]) -> dict[str, Any]:
+    times = ("created_at", "updated_at", "last_login_at", "last_failed_login", "password_reset_expires")
+    fields = ("email", "password_hash", "role", "status", "login_count", "failed_login_attempts", "is_email_verified",
+              "email_verification_token", "password_reset_token")
+    return {"user_id": row["legacy_id"], **{f: row[f] for f in fields}, **{t: _naive(row[t]) for t in times},
+            "metadata": row["app_metadata"]}
+
+
+def thread_doc(row: dict[str, Any]) -> dict[str, Any]:
+    fields = ("title", "original_content", "tweets", "view_count", "copy_count", "is_favorite", "is_archived")
+    return {"id": row["id"], "user_id": row["user_ref"], **{f: row[f] for f in fields}, "metadata": row["app_metadata"],
+            "created_at": _naive(row["created_at"]), "updated_at": _naive(row["updated_at"])}
+
+
+def subscription_doc(row: dict[str, Any]) -> dict[str, Any]:
+    fields = ("plan_display_name", "tier_level", "cancel_at_period_end", "thread_limit", "features", "is_annual",
+              "monthly_price", "annual_price")
+    return {"subscription_id": row["stripe_subscription_id"], "plan_name": row["plan"], "status": row["status_raw"],
+            **{f: row[f] for f in fields}, "current_period_start": _naive(row["current_period_start"]),
+            "current_period_end": _naive(row["current_period_end"])}
 
 
 def configured_strategy(conn: Any) -> WriteStrategy:

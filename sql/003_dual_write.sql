@@ -4,7 +4,7 @@ CREATE TABLE IF NOT EXISTS dual_write_repairs (
     id          bigserial PRIMARY KEY,
     store       text NOT NULL CHECK (store IN ('redis', 'postgres')),
     redis_key   text NOT NULL,
-    raw_value   bytea NOT NULL,
+    raw_value   bytea,                 -- NULL: the key was deleted
     ttl_s       integer,
     error       text NOT NULL,
     attempts    integer NOT NULL DEFAULT 0,

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
 
 import psycopg2
 import pytest
@@ -142,3 +143,40 @@ def test_cutover_refuses_below_parity_then_switches_services_that_follow_it(serv
         assert cli("cutover", "--back", *urls).returncode == 0 and follower.strategy is WriteStrategy.DUAL_WRITE
     finally:
         follower.close()
+
+
+@pytest.mark.parametrize("strategy", [WriteStrategy.DUAL_WRITE, WriteStrategy.POSTGRES_ONLY])
+def test_the_apps_other_writes_keep_both_stores_in_step(service, r, pg, strategy):
+    service.strategy = strategy
+    user_id = service.create_user("eve@x.io", HASH)
+    service.update_user(user_id, role="premium", login_count=4)
+    thread_id = service.save_thread(user_id, "T", "body", [{"id": "1", "content": "Ünï 🚀", "order": 1, "character_count": 5}])
+    service.update_thread(thread_id, title="T2", is_favorite=True)
+    gone = service.save_thread(user_id, "bye", "x", [])
+    service.delete_thread(gone)
+    end = (datetime.now(timezone.utc) + timedelta(days=20)).replace(tzinfo=None).isoformat()
+    service.create_subscription(user_id, {"subscription_id": "sub_live", "plan_name": "threadr_pro", "status": "active",
+                                          "current_period_start": "2026-11-01T00:00:00", "current_period_end": end})
+    service.grant_premium_access(user_id, "user_id", 3)  # by user id: the grant goes under the user's email
+    readers = [WriteStrategy.POSTGRES_ONLY] + ([WriteStrategy.DUAL_WRITE] if strategy.writes_redis else [])
+    for reader in readers:
+        service.strategy = reader
+        assert service.check_premium_access(user_id, "user_id")["source"] == "subscription"
+        assert service.check_premium_access("eve@x.io", "email")["has_premium"]
+    service.strategy = strategy
+    service.cancel_subscription(user_id)
+    for reader in readers:
+        service.strategy = reader
+        assert service.check_premium_access(user_id, "user_id")["has_premium"] is False
+    with pg.cursor() as cur:
+        cur.execute("SELECT role, login_count FROM users WHERE legacy_id = %s", (user_id,))
+        assert cur.fetchone() == ("premium", 4)
+        cur.execute("SELECT id::text, title, is_favorite, tweets FROM threads")
+        assert cur.fetchall() == [(thread_id, "T2", True, [{"id": "1", "content": "Ünï 🚀", "order": 1, "character_count": 5}])]
+        cur.execute("SELECT status, cancel_at_period_end FROM subscriptions WHERE kind = 'stripe'")
+        assert cur.fetchone() == ("canceled", True)
+    if strategy.writes_redis:
+        assert json.loads(r.get(f"threadr:thread:{thread_id}"))["title"] == "T2" and not r.exists(f"threadr:thread:{gone}")
+        assert json.loads(r.get(f"threadr:user:{user_id}"))["role"] == "premium"
+    else:
+        assert r.dbsize() == 0

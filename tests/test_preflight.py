@@ -17,11 +17,13 @@ from migrator.schema import database_url_for, ensure_database
 
 from conftest import ADMIN_URL
 from helpers import migrate
+from migrator.schema import sql_files
 from servers import redis_server, spare_port, with_password
 
 NAMES = ["env", "redis", "postgres", "schema", "privileges", "init-db", "broker", "workers", "result backend"]
 # No worker of this session answers on the broker, so waiting longer than this shows nothing more.
 TIMEOUT = 0.5
+VERSIONS = ", ".join(p.stem for p in sql_files())
 
 
 def verdicts(results: list[CheckResult]) -> dict[str, str]:
@@ -76,7 +78,7 @@ def test_healthy_local_services_pass_with_warnings_only(settings, r):
     # the default postgres user is a superuser
     assert "superuser" in checks["postgres"].detail
     assert checks["postgres"].fix.startswith("runs as a superuser: use a role with only the privileges a run needs")
-    assert checks["schema"].detail == "current (001_ledger, 002_threadr)"
+    assert checks["schema"].detail == f"current ({VERSIONS})"
     # no worker runs here: a warning with the command that starts one, not a failure
     assert checks["workers"].fix.endswith(f"celery -A workers worker -Q {','.join(PRIORITY_QUEUES.values())}")
     assert exit_code(results) == 0
@@ -158,7 +160,7 @@ def test_database_without_schema_fails_with_init_db(settings, empty_database):
                          need_workers=False, timeout=TIMEOUT)
     checks = by_name(results)
     assert checks["schema"].verdict == "fail"
-    assert "lacks the current schema (001_ledger, 002_threadr not applied)" in checks["schema"].detail
+    assert f"lacks the current schema ({VERSIONS} not applied)" in checks["schema"].detail
     assert checks["schema"].fix == "run `migrator init-db` first"
     assert checks["privileges"].verdict == "warn" and "do not exist yet" in checks["privileges"].detail
     assert exit_code(results) == 1
