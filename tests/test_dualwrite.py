@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import psycopg2
+import redis
 import pytest
 
 from migrator.demo import seed_demo
@@ -180,3 +181,21 @@ def test_the_apps_other_writes_keep_both_stores_in_step(service, r, pg, strategy
         assert json.loads(r.get(f"threadr:user:{user_id}"))["role"] == "premium"
     else:
         assert r.dbsize() == 0
+
+
+def test_a_failed_redis_write_under_postgres_primary_is_queued_and_repaired(service, settings, r, pg):
+    service.strategy = WriteStrategy.POSTGRES_PRIMARY
+    working = service.redis
+    service.redis = redis.Redis(port=1)  # Redis is away: PostgreSQL, the primary, still takes the write
+    try:
+        result = service.grant_premium_access("203.0.113.77", "ip", 9)[0]
+    finally:
+        service.redis = working
+    assert result.primary_ok and result.secondary_ok is False and result.repair_id
+    assert not r.exists("threadr:premium:ip:203.0.113.77")
+    assert service.check_premium_access("203.0.113.77", "ip")["has_premium"]  # PostgreSQL answers now
+    assert service.repair() == 1
+    assert json.loads(r.get("threadr:premium:ip:203.0.113.77"))["duration_days"] == 9
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM dual_write_repairs WHERE repaired_at IS NULL")
+        assert cur.fetchone()[0] == 0
