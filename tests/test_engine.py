@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import migrator.batch
 from migrator.demo import seed_demo
@@ -202,3 +203,28 @@ def test_filters_by_priority_table_and_pattern(settings, r, pg):
     assert [p["pattern"] for p in only_email["patterns"]] == ["premium_email"]
     users = migrate(settings, tables=("users",))
     assert [p["pattern"] for p in users["patterns"]] == ["user"]
+
+
+def test_keys_and_values_crafted_as_injections_arrive_as_inert_data(settings, r, pg):
+    """Keys and values only ever travel as query parameters: SQL, shell and JSON tricks are just text."""
+    tricks = ["x'); DROP TABLE users; --", "$(rm -rf /)", "`touch /tmp/pwned`", '","role":"admin', "\\u0000?", "%s %(id)s {}"]
+    for i, trick in enumerate(tricks):
+        ref = f"user_inj{i}"
+        put_user(r, ref, f"inj{i}@x.io", metadata={"note": trick}, email_verification_token=trick)
+        r.set(f"threadr:email:{trick}@x.io", json.dumps({"email": trick, "source": trick, "referrer": trick}))
+        r.set(f"threadr:usage:email:{trick}:daily:2026-11-27", 3)
+    report = migrate(settings)
+    assert report["status"] == "completed" and report["balanced"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users WHERE legacy_id LIKE 'user_inj%%'")
+        assert cur.fetchone()[0] == len(tricks)  # the users table is still there, every row in it
+        cur.execute("SELECT email_verification_token, app_metadata->>'note' FROM users WHERE legacy_id LIKE 'user_inj%%'"
+                    " ORDER BY legacy_id")
+        assert cur.fetchall() == [(t, t) for t in tricks]
+        cur.execute("SELECT role FROM users WHERE legacy_id LIKE 'user_inj%%'")
+        assert {row[0] for row in cur.fetchall()} == {"user"}
+        cur.execute("SELECT email, referrer FROM newsletter_subscribers ORDER BY email")
+        assert sorted(cur.fetchall()) == sorted((f"{t}@x.io", t) for t in tricks)
+        cur.execute("SELECT subject FROM usage_counters WHERE subject_type = 'email'")
+        assert sorted(row[0] for row in cur.fetchall()) == sorted(tricks)
+    assert not os.path.exists("/tmp/pwned")
