@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from zoneinfo import ZoneInfo
 
+import psycopg2
 import redis
 import structlog
 
@@ -178,11 +179,13 @@ def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: in
         with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id):
             return _migrate(client, conn, mapping, spec, progress)
     finally:
-        if not conn.closed:
+        try:
             conn.rollback()
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCK, batch_id))
             conn.commit()
+        except psycopg2.Error:
+            pass  # a lost connection took its session locks with it
 
 
 def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec,
@@ -207,12 +210,17 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum)
         conn.commit()
     except Exception as exc:
-        conn.rollback()
         reason = redact_text(describe(exc))
-        with conn.cursor() as cur:
-            ledger.fail_batch(cur, spec.id, reason)
-        conn.commit()
         log.error("batch_failed", error=reason)
+        try:
+            conn.rollback()
+            with conn.cursor() as cur:
+                ledger.fail_batch(cur, spec.id, reason)
+            conn.commit()
+        except psycopg2.Error:
+            # PostgreSQL itself went away: the batch stays 'running' in the ledger, and its
+            # retry (or `migrator resume`) runs it again from the start of its range
+            log.warning("batch_failure_not_recorded", error=reason)
         raise
     log.info("batch_done", rows_written=batch.rows_written, **{f: batch.counts.total(f) for f in ledger.COUNT_FIELDS})
     return BatchResult(spec.id, spec.priority, batch.counts, batch.rows_written, checksum)

@@ -85,7 +85,7 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
         require_schema(conn)
         run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
         _announce(run_id, opts, output_dir, out)
-        execute_local(client, conn, mapping, run_id, opts)
+        execute_local(client, settings.postgres, mapping, run_id, opts)
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()

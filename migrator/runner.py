@@ -5,21 +5,26 @@ run one after another through the same `migrate_batch` and `after_priority`.
 """
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import redis
 import structlog
 
 from . import ledger
 from .batch import migrate_batch
+from .errors import TRANSIENT
 from .finalize import after_priority
 from .mapping import Mapping
 from .options import RunOptions
 from .partition import plan_ranges
-from .redact import redact_url
+from .redact import redact_text, redact_url
+from .writer import describe
 
 log = structlog.get_logger("migrator.runner")
+
+RETRIES = 3  # for a batch that lost its connection
 
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
@@ -33,20 +38,58 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
     return run_id
 
 
-def execute_local(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, opts: RunOptions) -> str:
-    """Run every planned batch, priority by priority; returns the run's final status."""
-    priority = opts.priority_order()[0]
-    while priority is not None:
-        with conn, conn.cursor() as cur:
-            ids = ledger.batch_ids(cur, run_id, priority.label)
-        for batch_id in ids:
-            try:
-                migrate_batch(client, conn, mapping, batch_id)
-            except Exception:  # recorded in the ledger by migrate_batch; validation decides
-                if not opts.continue_on_error:
+def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
+                  opts: RunOptions) -> str:
+    """Run every planned batch, priority by priority; returns the run's final status.
+
+    A batch that fails on a lost connection is retried on a new one, with backoff, a bounded
+    number of times; any other failure is recorded and left to the priority's validation.
+    """
+    conn = connect()
+    try:
+        priority = opts.priority_order()[0]
+        while priority is not None:
+            with conn, conn.cursor() as cur:
+                ids = ledger.batch_ids(cur, run_id, priority.label)
+            for batch_id in ids:
+                ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
+                if not ok and not opts.continue_on_error:
                     break
-        priority = after_priority(client, conn, mapping, run_id, priority, opts)
-    return run_status(conn, run_id)
+            priority = after_priority(client, conn, mapping, run_id, priority, opts)
+        return run_status(conn, run_id)
+    finally:
+        conn.close()
+
+
+def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
+                      batch_id: int) -> tuple[bool, Any]:
+    for attempt in range(RETRIES + 1):
+        try:
+            migrate_batch(client, conn, mapping, batch_id)
+            return True, conn
+        except TRANSIENT as exc:
+            if attempt == RETRIES:
+                return False, conn
+            pause = min(30.0, 0.5 * 2 ** attempt)
+            log.warning("batch_retry", batch=batch_id, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
+            time.sleep(pause)
+            conn.close()
+            conn = _reconnect(connect)
+        except Exception:  # recorded in the ledger by migrate_batch; validation decides
+            return False, conn
+    return False, conn
+
+
+def _reconnect(connect: Callable[[], Any]) -> Any:
+    """A new connection, waiting for the server a bounded while (it may be restarting)."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return connect()
+        except TRANSIENT:
+            if attempt == RETRIES:
+                raise
+            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+    raise AssertionError("unreachable")
 
 
 def run_status(conn: Any, run_id: str) -> str:

@@ -119,7 +119,7 @@ def mode_local(settings: Settings) -> dict:
     opts = RunOptions()
     started = time.perf_counter()
     run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
-    execute_local(client, conn, THREADR, run_id, opts)
+    execute_local(client, settings.postgres, THREADR, run_id, opts)
     seconds = time.perf_counter() - started
     report = build_report(conn, THREADR, run_id)
     return {"keys": report["totals"]["scanned"], "seconds": seconds, "status": report["status"]}

@@ -19,7 +19,7 @@ def migrate(settings: Settings, **options: Any) -> dict[str, Any]:
     client, conn = settings.redis(), settings.postgres()
     try:
         run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
-        execute_local(client, conn, THREADR, run_id, opts)
+        execute_local(client, settings.postgres, THREADR, run_id, opts)
         return build_report(conn, THREADR, run_id)
     finally:
         conn.close()
