@@ -19,6 +19,7 @@ from .errors import TRANSIENT
 from .options import RunOptions
 from .redact import redact_text
 from .rollback import rollback_run
+from .source import cluster_masters
 from .validate import Check, validate_priority
 from .writer import describe
 
@@ -72,7 +73,12 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
 
     A failure of the validation itself (say, a table gone missing) fails the run like a failed
     check would, rather than leave it running forever; connection trouble is raised for a retry.
+    When the source restarted since the run was planned, the priority is scanned again (its
+    value: `priority` once more): keys moved between ranges with the new hash seed, so the
+    ranges already done no longer cover the keys they stand for.
     """
+    if source_restarted(client, conn, mapping, run_id, priority):
+        return priority
     try:
         verdict = finalize_priority(client, conn, mapping, run_id, priority, opts)
     except TRANSIENT:
@@ -99,6 +105,21 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         else:
             ledger.set_run_status(cur, run_id, "dry_run" if opts.dry_run else "completed")
     return None
+
+
+def source_restarted(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority) -> bool:
+    now = client.info("server").get("run_id")
+    with conn, conn.cursor() as cur:
+        planned = ledger.require_run(cur, run_id)["redis_run_id"]
+        if cluster_masters(client) or not planned or now == planned:
+            return False  # (a cluster's masters each have their own run id: not followed here)
+        reopened = ledger.rescan_priority(cur, run_id, priority.label, now)
+        check = Check("source_restarted", False, f"Redis restarted during priority {priority.label} (run id changed): "
+                                                 f"its {reopened} range(s) are scanned again")
+        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
+                    (run_id, priority.label, orjson.dumps([check.to_json()]).decode()))
+    log.warning("source_restarted", run=run_id, priority=priority.label, ranges=reopened)
+    return True
 
 
 def fail_run(conn: Any, mapping: Mapping, run_id: str, opts: RunOptions, reason: str) -> None:

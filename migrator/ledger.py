@@ -156,15 +156,24 @@ def require_run(cur: Any, run_id: str) -> dict[str, Any]:
 
 def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
     cur.execute(
-        "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error"
+        "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error, redis_run_id"
         " FROM migration_runs WHERE id = %s",
         (run_id,),
     )
     row = cur.fetchone()
     if row is None:
         return None
-    keys = ("run_id", "status", "mapping", "dry_run", "options", "source", "created_at", "started_at", "finished_at", "error")
+    keys = ("run_id", "status", "mapping", "dry_run", "options", "source", "created_at", "started_at", "finished_at", "error",
+            "redis_run_id")
     return dict(zip(keys, row))
+
+
+def rescan_priority(cur: Any, run_id: str, priority: str, redis_run_id: str) -> int:
+    """The source restarted: every batch of `priority` runs again, on the new server process."""
+    cur.execute("UPDATE migration_runs SET redis_run_id = %s WHERE id = %s", (redis_run_id, run_id))
+    cur.execute("UPDATE migration_batches SET status = 'pending' WHERE run_id = %s AND priority = %s",
+                (run_id, priority))
+    return cur.rowcount
 
 
 def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:

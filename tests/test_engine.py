@@ -256,3 +256,60 @@ def test_a_connection_cut_mid_batch_is_retried_on_a_new_connection_and_nothing_d
         assert cur.fetchone()[0] == 60
         cur.execute("SELECT attempts FROM migration_batches WHERE run_id = %s", (report["run_id"],))
         assert cur.fetchone()[0] == 2  # retried once, on a new connection
+
+
+def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(settings, pg, tmp_path, monkeypatch):
+    """Cursors mean nothing on a new server process (new hash seed): the priority starts over."""
+    import subprocess
+    import time
+
+    import redis as redis_py
+
+    import migrator.runner
+    from migrator.config import Settings
+    from servers import spare_port
+
+    port = spare_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+               "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"]
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                redis_py.Redis(port=port).ping()
+                return proc
+            except redis_py.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    procs = [start()]
+    source = redis_py.Redis(port=port)
+    seeded = seed_demo(source, 400)
+    real = migrator.runner.migrate_batch
+    done = {"high": 0}
+
+    def restart_after_first_high_batch(client, conn, mapping, batch_id, *args):
+        result = real(client, conn, mapping, batch_id, *args)
+        if result is not None and result.priority == "high":
+            done["high"] += 1
+            if done["high"] == 1:
+                source.shutdown(save=True)  # keeps the data, not the hash seed
+                procs[0].wait(10)
+                procs[0] = start()
+        return result
+
+    monkeypatch.setattr(migrator.runner, "migrate_batch", restart_after_first_high_batch)
+    try:
+        report = migrate(Settings(f"redis://127.0.0.1:{port}/0", settings.database_url, settings.broker_url), ranges=4)
+    finally:
+        procs[0].terminate()
+        procs[0].wait(10)
+    assert report["status"] == "completed" and report["balanced"]
+    assert by_pattern(report)["user"]["migrated"] == seeded["user"]  # every key, once
+    assert done["high"] == 4 + 4  # the priority ran all its ranges again
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        assert cur.fetchone()[0] == seeded["user"]
+        cur.execute("SELECT checks->0->>'name' FROM migration_validations WHERE run_id = %s AND NOT ok", (report["run_id"],))
+        assert [row[0] for row in cur.fetchall()] == ["source_restarted"]
