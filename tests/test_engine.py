@@ -313,3 +313,42 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
         assert cur.fetchone()[0] == seeded["user"]
         cur.execute("SELECT checks->0->>'name' FROM migration_validations WHERE run_id = %s AND NOT ok", (report["run_id"],))
         assert [row[0] for row in cur.fetchall()] == ["source_restarted"]
+
+
+def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
+    """A slow batch redelivered while it runs (visibility timeout): the advisory lock makes the
+    second delivery wait, then find the batch done."""
+    import threading
+
+    from migrator.batch import migrate_batch
+    from migrator.options import RunOptions
+    from migrator.runner import plan_run
+
+    seed_demo(r, 300)
+    client = settings.redis()
+    run_id = plan_run(client, pg, THREADR, RunOptions(priorities=("high",)), settings.redis_url)
+    with pg.cursor() as cur:
+        cur.execute("SELECT id FROM migration_batches WHERE run_id = %s", (run_id,))
+        (batch_id,) = cur.fetchone()
+    pg.rollback()
+    results = []
+
+    def deliver() -> None:
+        conn = settings.postgres()
+        try:
+            results.append(migrate_batch(settings.redis(), conn, THREADR, batch_id))
+        finally:
+            conn.close()
+
+    deliveries = [threading.Thread(target=deliver) for _ in range(2)]
+    for d in deliveries:
+        d.start()
+    for d in deliveries:
+        d.join(120)
+    client.close()
+    ran = [res for res in results if res is not None]
+    assert len(results) == 2 and len(ran) == 1  # one delivery did the work, the other found it done
+    with pg.cursor() as cur:
+        cur.execute("SELECT attempts, status, keys_migrated FROM migration_batches WHERE id = %s", (batch_id,))
+        attempts, status, migrated = cur.fetchone()
+    assert (attempts, status) == (1, "done") and migrated == ran[0].counts.total("migrated")
