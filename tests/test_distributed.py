@@ -332,3 +332,35 @@ def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_updat
         assert decision.allowed == (matched == shadow_reads)
     finally:
         service.close()
+
+
+def test_a_flushed_broker_loses_queued_batches_and_resume_sends_exactly_the_unfinished_ones(settings, r, pg, workers):
+    from workers.celery import app
+    from workers.coordinator import start_run
+
+    seed_demo(r, 150)
+    workers.kill("w1", signal.SIGTERM)
+    workers.kill("w2", signal.SIGTERM)  # nobody consumes: the first chord waits in its queue
+    client = settings.redis()
+    run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=4))
+    client.close()
+    with app.connection_for_write() as conn:  # the broker loses everything queued
+        purged = conn.default_channel.queue_purge(os.environ["MIGRATOR_QUEUE_PREFIX"] + "critical")
+    assert purged == 4
+    workers.start("w1")
+    workers.start("w2")
+    time.sleep(1.0)
+    assert run_progress(pg, run_id)["status"] == "running"  # stuck: no batch left to run
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND status = 'pending'", (run_id,))
+        assert cur.fetchone()[0] == 16
+    pg.rollback()
+    done = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "at priority critical" in done.stdout, done.stderr
+    assert wait_for_end(pg, run_id)["status"] == "completed"
+    with pg.cursor() as cur:
+        cur.execute("SELECT max(attempts) FROM migration_batches WHERE run_id = %s", (run_id,))
+        assert cur.fetchone()[0] == 1  # each batch ran once
+    pg.rollback()
+    assert build_report(pg, THREADR, run_id)["balanced"]
