@@ -352,3 +352,45 @@ def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
         cur.execute("SELECT attempts, status, keys_migrated FROM migration_batches WHERE id = %s", (batch_id,))
         attempts, status, migrated = cur.fetchone()
     assert (attempts, status) == (1, "done") and migrated == ran[0].counts.total("migrated")
+
+
+def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad_one(settings, r, pg, monkeypatch):
+    """5 % malformed keys of every kind, huge values, a 100k-member collection, keys expiring mid-run."""
+    import migrator.batch
+
+    seeded = seed_demo(r, 1000)
+    good = sum(n for name, n in seeded.items())
+    hostile = int(good * 0.05)
+    seed_demo(r, 0, malformed=hostile, seed=7)
+    big = 5 * 1024 * 1024
+    for i in range(3):
+        r.set(f"threadr:user:user_huge{i}", b'{"email": "h@x.io", "pad": "' + b"x" * big + b'"}')
+    pipe = r.pipeline(transaction=False)
+    for i in range(100_000):
+        pipe.zadd("analytics:user_wide:timeseries:impressions:day",
+                  {json.dumps({"timestamp": f"2026-01-01T00:00:{i % 60:02d}", "value": i, "period": "day"}) + str(i): i})
+    pipe.execute()
+    real_read = migrator.batch.read_keys
+    vanished = {"n": 0}
+
+    def read_while_keys_expire(client, wanted):
+        for key, _ in wanted[::97]:  # some keys expire between SCAN and the read
+            vanished["n"] += client.delete(key)
+        return real_read(client, wanted)
+
+    monkeypatch.setattr(migrator.batch, "read_keys", read_while_keys_expire)
+    report = migrate(settings, ranges=4)
+    assert report["status"] == "completed" and report["balanced"]
+    totals = report["totals"]
+    assert totals["scanned"] == good + hostile + 3 + 1
+    assert totals["expired"] == vanished["n"] > 0
+    assert totals["dead"] >= 3 and totals["dead"] <= hostile + 3  # every hostile key not expired first, and the huge ones
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s", (report["run_id"],))
+        assert cur.fetchone()[0] == totals["dead"]
+        cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s AND error LIKE '%%over the%%'",
+                    (report["run_id"],))
+        assert cur.fetchone()[0] == 4  # the three 5 MB values and the 100k-member time series (over 4 MiB)
+        cur.execute("SELECT count(*) FROM users")
+        users_in = cur.fetchone()[0]
+    assert users_in == by_pattern(report)["user"]["migrated"] > 0
