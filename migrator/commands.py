@@ -80,15 +80,21 @@ def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as
 
 def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: bool = False,
             output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
-    client, conn = settings.redis(), settings.postgres()
+    client = settings.redis()
     try:
-        require_schema(conn)
-        run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+        conn = _ledger(settings)
+        try:
+            run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+        finally:
+            conn.close()
         _announce(run_id, opts, output_dir, out)
         execute_local(client, settings.postgres, mapping, run_id, opts)
-        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
+        conn = settings.postgres()  # a new one: the server may have restarted during the run
+        try:
+            return _final_report(conn, mapping, run_id, output_dir, as_json, out)
+        finally:
+            conn.close()
     finally:
-        conn.close()
         client.close()
 
 

@@ -16,13 +16,20 @@ from migrator.threadr import THREADR
 def migrate(settings: Settings, **options: Any) -> dict[str, Any]:
     """A whole local run; returns its report."""
     opts = RunOptions(**options)
-    client, conn = settings.redis(), settings.postgres()
+    client = settings.redis()
     try:
-        run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
+        conn = settings.postgres()
+        try:
+            run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
+        finally:
+            conn.close()
         execute_local(client, settings.postgres, THREADR, run_id, opts)
-        return build_report(conn, THREADR, run_id)
+        conn = settings.postgres()  # a new one: a test may have restarted the server
+        try:
+            return build_report(conn, THREADR, run_id)
+        finally:
+            conn.close()
     finally:
-        conn.close()
         client.close()
 
 

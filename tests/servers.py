@@ -9,8 +9,11 @@ be run as it stands.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -96,3 +99,37 @@ def with_password(url: str, password: str) -> str:
     scheme, rest = url.split("://", 1)
     user, host = rest.split("@", 1)
     return f"{scheme}://{user}:{password}@{host}"
+
+
+PG_BIN = Path("/usr/lib/postgresql") / (sorted(p.name for p in Path("/usr/lib/postgresql").iterdir())[-1]
+                                         if Path("/usr/lib/postgresql").exists() else "15") / "bin"
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of a test's own on a spare port (trust auth), to stop and start at will."""
+
+    def __init__(self) -> None:
+        # initdb and the server run as the postgres user (never as root), so not under pytest's
+        # private tmp directories
+        self.home = Path(tempfile.mkdtemp(prefix="migrator-pg-"))
+        self.home.chmod(0o777)
+        self.data, self.port = self.home / "pgdata", spare_port()
+        self._as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+
+    def _as_postgres(self, command: list[str]) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.data / "log"),
+                           "-o", f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
+
+    def stop(self) -> None:
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop"])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)

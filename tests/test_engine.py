@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import migrator.batch
 from migrator.demo import seed_demo
@@ -394,3 +395,47 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         cur.execute("SELECT count(*) FROM users")
         users_in = cur.fetchone()[0]
     assert users_in == by_pattern(report)["user"]["migrated"] > 0
+
+
+def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r, tmp_path, monkeypatch):
+    """The target's server process restarts in the middle of a batch: retried on a new connection."""
+    import threading
+
+    import psycopg2
+
+    import migrator.writer
+    from migrator.config import Settings
+    from migrator.schema import init_db
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    try:
+        conn = psycopg2.connect(server.url)
+        init_db(conn)
+        conn.close()
+        seed_demo(r, 80)
+        real_upsert = migrator.writer.Writer.upsert
+        calls = {"n": 0}
+
+        def restart_on_third_write(self, records):
+            calls["n"] += 1
+            if calls["n"] == 3:  # two sub-batches in, uncommitted: the server goes down and comes back
+                threading.Thread(target=lambda: (server.stop(), server.start())).start()
+                time.sleep(0.5)
+            return real_upsert(self, records)
+
+        monkeypatch.setattr(migrator.writer.Writer, "upsert", restart_on_third_write)
+        report = migrate(Settings(settings.redis_url, server.url, settings.broker_url), batch_size=20,
+                         priorities=("high",))
+        assert report["status"] == "completed" and report["balanced"]
+        conn = psycopg2.connect(server.url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM users")
+            assert cur.fetchone()[0] == by_pattern(report)["user"]["migrated"] == 80
+            cur.execute("SELECT attempts FROM migration_batches WHERE run_id = %s", (report["run_id"],))
+            assert cur.fetchone()[0] >= 2
+        conn.close()
+    finally:
+        server.stop()
+        server.remove()
