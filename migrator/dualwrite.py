@@ -30,11 +30,14 @@ import structlog
 from .mapping import Mapping, SourceRecord
 from .redact import redact_text
 from .source import KeyRead, decode
+from .values import parse_dt
 from .writer import Prepared, Writer, describe
 
 log = structlog.get_logger("migrator.dualwrite")
 
 DAY = 86_400
+# identifier types of the app's reads -> subject types of its usage counter keys
+SUBJECT_KINDS = {"ip": "ip", "email": "email", "user_id": "user"}
 TABLES = ("dual_write_repairs", "dual_write_settings", "dual_write_shadow_reads")  # sql/003_dual_write.sql
 
 
@@ -354,7 +357,7 @@ class DualWriteService:
             log.warning("shadow_read_failed", operation=operation, error=redact_text(describe(exc)))
 
     def _usage_from_postgres(self, identifier: str, identifier_type: str, conn: Any = None) -> dict[str, int]:
-        kind = {"ip": "ip", "email": "email", "user_id": "user"}[identifier_type]
+        kind = SUBJECT_KINDS[identifier_type]
         today = datetime.now(timezone.utc).date()
         conn = conn or self._pg()
         with conn, conn.cursor() as cur:
@@ -365,7 +368,7 @@ class DualWriteService:
         return {"daily": found.get("daily", 0), "monthly": found.get("monthly", 0)}
 
     def _usage_from_redis(self, identifier: str, identifier_type: str) -> dict[str, int]:
-        kind = {"ip": "ip", "email": "email", "user_id": "user"}[identifier_type]
+        kind = SUBJECT_KINDS[identifier_type]
         today = datetime.now(timezone.utc).date()
         daily = self.redis.get(f"threadr:usage:{kind}:{identifier}:daily:{today.isoformat()}")
         monthly = self.redis.get(f"threadr:usage:{kind}:{identifier}:monthly:{today.strftime('%Y-%m')}")
@@ -377,13 +380,13 @@ class DualWriteService:
             raw = self.redis.get(f"threadr:subscription:user:{identifier}")
             if raw:
                 sub = json.loads(raw)
-                end = _aware(sub.get("current_period_end"))
+                end = parse_dt(sub.get("current_period_end"), timezone.utc)
                 if sub.get("status") in ("active", "trialing") and end and end > now:
                     return {"has_premium": True, "source": "subscription", "expires_at": end}
         if identifier_type in ("ip", "email"):
             raw = self.redis.get(f"threadr:premium:{identifier_type}:{identifier}")
             if raw:
-                expires = _aware(json.loads(raw).get("expires_at"))
+                expires = parse_dt(json.loads(raw).get("expires_at"), timezone.utc)
                 if expires and expires > now:
                     return {"has_premium": True, "source": f"{identifier_type}_grant", "expires_at": expires}
         return {"has_premium": False, "source": "free", "expires_at": None}
@@ -443,14 +446,6 @@ def configured_strategy(conn: Any) -> WriteStrategy:
         cur.execute("SELECT strategy FROM dual_write_settings")
         row = cur.fetchone()
     return WriteStrategy(row[0]) if row else WriteStrategy.DUAL_WRITE
-
-
-def _aware(text: str | None) -> datetime | None:
-    """Datetimes compared timezone-aware everywhere: the app's naive values are UTC."""
-    if not text:
-        return None
-    parsed = datetime.fromisoformat(text)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 # Failed PostgreSQL writes wait here, in Redis (which took them), until `repair()`.

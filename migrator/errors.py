@@ -8,3 +8,8 @@ from .config import ConfigError
 
 # Connections refused, dropped or timing out: the same work may well succeed in a moment.
 TRANSIENT = (ConfigError, redis.ConnectionError, redis.TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    """Seconds to wait before try `attempt + 1`: doubling from `base`, never above `cap`."""
+    return min(cap, base * 2 ** attempt)

@@ -14,7 +14,7 @@ import structlog
 
 from . import ledger
 from .batch import migrate_batch
-from .errors import TRANSIENT
+from .errors import TRANSIENT, backoff
 from .finalize import after_priority
 from .mapping import Mapping
 from .options import RunOptions
@@ -70,7 +70,7 @@ def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any]
         except TRANSIENT as exc:
             if attempt == RETRIES:
                 return False, conn
-            pause = min(30.0, 0.5 * 2 ** attempt)
+            pause = backoff(attempt)
             log.warning("batch_retry", batch=batch_id, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()
@@ -88,7 +88,7 @@ def _reconnect(connect: Callable[[], Any]) -> Any:
         except TRANSIENT:
             if attempt == RETRIES:
                 raise
-            time.sleep(min(30.0, 0.5 * 2 ** attempt))
+            time.sleep(backoff(attempt))
     raise AssertionError("unreachable")
 
 

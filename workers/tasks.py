@@ -12,7 +12,7 @@ from celery.signals import task_postrun, task_prerun
 from migrator import ledger
 from migrator.batch import migrate_batch
 from migrator.config import Settings
-from migrator.errors import TRANSIENT
+from migrator.errors import TRANSIENT, backoff
 from migrator.finalize import after_priority
 from migrator.mapping import Priority
 from migrator.options import RunOptions
@@ -81,7 +81,7 @@ def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, key
     except TRANSIENT as exc:
         if self.request.retries < self.max_retries:
             log.warning("batch_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries))
+            raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=30))
         return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
     except Exception as exc:  # recorded in the ledger by migrate_batch
         return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
@@ -97,7 +97,7 @@ def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str
     try:
         client, conn = _connections()
     except TRANSIENT as exc:
-        raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries))
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=60))
     try:
         with conn, conn.cursor() as cur:
             run = ledger.require_run(cur, run_id)
