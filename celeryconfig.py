@@ -5,12 +5,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kombu import Queue
 
+from migrator.config import state_db
+
 
 def _beside_source(source: str) -> str:
-    """Another database of the source's Redis server (14, or 15 when the source is 14)."""
+    """Another database of the source's Redis server: see migrator.config.state_db."""
     parts = urlsplit(source)
-    db = "15" if parts.path.strip("/") == "14" else "14"
-    return urlunsplit(parts._replace(path=f"/{db}"))
+    return urlunsplit(parts._replace(path=f"/{state_db(int(parts.path.strip('/') or 0))}"))
 
 
 broker_url = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")

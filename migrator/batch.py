@@ -7,7 +7,10 @@ row updated in the same transaction. Celery tasks and `migrator run --local` bot
 """
 from __future__ import annotations
 
+import contextvars
+import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
@@ -23,6 +26,7 @@ from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceReco
 from .partition import scan_range
 from .redact import redact_text
 from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys
+from .throttle import Throttle
 from .writer import Prepared, Writer, describe, detail
 
 log = structlog.get_logger("migrator.batch")
@@ -56,28 +60,60 @@ class _Batch:
         priority = Priority.parse(spec.priority)
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
         self.count_unmapped = self.opts.includes_unmapped(mapping, priority)
+        # a pass that counts unmapped keys must look at every key
+        self.prefixes = (b"",) if self.count_unmapped else mapping.prefixes(self.scope.values())
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)
         self.pending: list[Prepared] = []
+        # One sub-batch is written by a second thread while this one reads and transforms the
+        # next: psycopg2 releases the GIL while PostgreSQL works, so the two costs overlap.
+        self.write_behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self.in_flight: tuple[list[Prepared], Future] | None = None
         self.dead: list[tuple] = []
         self.rows_written = 0
         self.checksum = 0
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
+        # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
+        self.timings = dict.fromkeys(ledger.STAGES, 0.0)
+        self.throttle = Throttle(client, spec.run_id, self.opts.max_keys_per_sec) if self.opts.max_keys_per_sec else None
 
     def run(self) -> None:
+        try:
+            self._run()
+            self._settle()
+        finally:
+            self.write_behind.shutdown(wait=True)
+            if self.throttle is not None:
+                self.throttle.close()
+
+    def _run(self) -> None:
+        clock, t = time.perf_counter, self.timings
+        mark = clock()
         for keys in scan_range(self.client, self.spec.key_range, self.opts.scan_count):
-            wanted = [w for w in map(self._classify, keys) if w is not None]
+            now_s = clock()
+            t["scan"] += now_s - mark
+            candidates = [k for k in keys if k.startswith(self.prefixes)]
+            wanted = [w for w in map(self._classify, candidates) if w is not None]
+            mark = clock()
+            t["transform"] += mark - now_s
             for start in range(0, len(wanted), self.opts.read_chunk):
                 chunk = wanted[start : start + self.opts.read_chunk]
+                if self.throttle is not None:
+                    t["throttle"] += self.throttle.acquire(len(chunk))
                 reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk])
                 now = datetime.now(timezone.utc)
+                now_s = clock()
+                t["read"] += now_s - mark
                 for (key, text, pattern, fields), read in zip(chunk, reads):
                     self._prepare(key, text, pattern, fields, read, now)
                 while len(self.pending) >= self.opts.batch_size:
                     self._flush(self.opts.batch_size)
+                mark = clock()
+                t["transform"] += mark - now_s
             if self.progress is not None:
                 self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
+            mark = clock()
         self._flush(len(self.pending))
 
     def _classify(self, key: bytes) -> tuple[bytes, str, Pattern, dict[str, str]] | None:
@@ -131,7 +167,24 @@ class _Batch:
         if not n:
             return
         records, self.pending = self.pending[:n], self.pending[n:]
-        written, bad = self.writer.write(records)
+        self._settle()
+        self.in_flight = records, self.write_behind.submit(contextvars.copy_context().run, self._write, records)
+
+    def _write(self, records: list[Prepared]) -> tuple[int, list]:  # in the writer thread
+        started = time.perf_counter()
+        try:
+            return self.writer.write(records)
+        finally:
+            self.timings["write"] += time.perf_counter() - started
+
+    def _settle(self) -> None:
+        """Wait for the sub-batch being written and account for it (its error, if any, fails the batch)."""
+        if self.in_flight is None:
+            return
+        (records, future), self.in_flight = self.in_flight, None
+        started = time.perf_counter()
+        written, bad = future.result()
+        self.timings["write_wait"] += time.perf_counter() - started
         self.rows_written += written
         failed = {id(rec) for rec, _ in bad}
         for rec in records:
@@ -207,7 +260,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
             ledger.add_dead_letters(cur, spec.run_id, spec.id, batch.dead)
-            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings)
         conn.commit()
     except Exception as exc:
         reason = redact_text(describe(exc))
@@ -222,5 +275,6 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             # retry (or `migrator resume`) runs it again from the start of its range
             log.warning("batch_failure_not_recorded", error=reason)
         raise
-    log.info("batch_done", rows_written=batch.rows_written, **{f: batch.counts.total(f) for f in ledger.COUNT_FIELDS})
+    log.info("batch_done", rows_written=batch.rows_written, **{f: batch.counts.total(f) for f in ledger.COUNT_FIELDS},
+             seconds={k: round(v, 3) for k, v in batch.timings.items()})
     return BatchResult(spec.id, spec.priority, batch.counts, batch.rows_written, checksum)

@@ -57,6 +57,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ranges", type=int, help="cursor ranges to split the keyspace into (default: from the key count)")
     g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
                    help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
+    g.add_argument("--max-keys-per-sec", type=int, metavar="N",
+                   help="cap the rate at which all workers together read keys from Redis, to spare a production "
+                        "server (a token bucket shared through Redis; default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how far a fresh count of source keys may drift from the scan, as a fraction "
@@ -76,7 +79,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         priorities=tuple(args.priority or ()), tables=tuple(args.table), patterns=tuple(args.pattern),
         continue_on_error=args.continue_on_error, rollback_on_failure=not args.no_rollback,
         max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
-        count_tolerance=args.count_tolerance,
+        count_tolerance=args.count_tolerance, max_keys_per_sec=args.max_keys_per_sec,
     )
 
 

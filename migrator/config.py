@@ -15,6 +15,14 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
+def state_db(source_db: int) -> int:
+    """The database beside the source's for the run's own state (Celery results, the read throttle).
+
+    14, or 15 when the source is 14: never the database being migrated, whose scan would see it.
+    """
+    return 15 if source_db == 14 else 14
+
+
 class ConfigError(RuntimeError):
     """A setting or connection problem, worded with its fix; the CLI prints it without a traceback."""
 

@@ -16,6 +16,10 @@ TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migr
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
 # ...plus the target rows the migrated keys became (a zset key may become many rows).
 TALLY_FIELDS = (*COUNT_FIELDS, "rows")
+# Where a batch's time goes (migration_batches.timings, seconds): "write" runs in a thread
+# beside the others; "write_wait" is the part of it the batch waited for; "throttle" is
+# time slept under --max-keys-per-sec.
+STAGES = ("scan", "read", "transform", "write", "write_wait", "throttle")
 
 
 @dataclass
@@ -101,14 +105,26 @@ def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) ->
     return cur.fetchall()
 
 
-def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str) -> None:
+def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
+                 timings: dict[str, float]) -> None:
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
-        " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s"
-        " WHERE id = %s",
+        " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
+        " timings = %s WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written,
-         orjson.dumps(counts.by_pattern).decode(), checksum, batch_id),
+         orjson.dumps(counts.by_pattern).decode(), checksum, orjson.dumps(timings).decode(), batch_id),
     )
+
+
+def stage_seconds(cur: Any, run_id: str) -> dict[str, float]:
+    """Seconds per stage over every done batch of a run (see STAGES)."""
+    cur.execute(
+        "SELECT s.stage, sum((b.timings ->> s.stage)::float8) FROM migration_batches b,"
+        " unnest(%s::text[]) AS s(stage) WHERE b.run_id = %s AND b.status = 'done' GROUP BY s.stage",
+        (list(STAGES), run_id),
+    )
+    found = dict(cur.fetchall())
+    return {stage: round(found.get(stage) or 0.0, 3) for stage in STAGES}
 
 
 def fail_batch(cur: Any, batch_id: int, error: str) -> None:

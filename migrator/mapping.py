@@ -67,6 +67,29 @@ Transform = Callable[[SourceRecord], list[Row]]
 VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset")
 
 
+def literal_prefix(grammar: str) -> str:
+    """Text every key matching `grammar` starts with; '' when that cannot be told simply."""
+    depth, escaped, in_class = 0, False, False
+    for ch in grammar:  # an alternation outside any group may start with anything
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            return ""
+    for i, ch in enumerate(grammar):
+        if ch in "\\.^$*+?{}[]()|":
+            # a quantifier may make the character before it optional
+            return grammar[: max(i - 1, 0)] if ch in "*+?{" else grammar[:i]
+    return grammar
+
+
 @dataclass(frozen=True)
 class Pattern:
     """One shape of key: how to recognise it, what Redis type it holds and where it goes.
@@ -170,6 +193,15 @@ class Mapping:
     def fields_of(self, pattern: Pattern, m: re.Match[str]) -> dict[str, str]:
         """The named fields of a key: asked only for keys that will be read (the hot path)."""
         return {name: m.group(g) for g, name in self._fields[self._index[pattern.name]]}
+
+    @staticmethod
+    def prefixes(patterns: Iterable[Pattern]) -> tuple[bytes, ...]:
+        """For `key.startswith(...)`: a key starting with none of these is owned by none of `patterns`.
+
+        A pass over one priority drops most keys with this test alone, before any decoding or
+        regular expression (the owning pattern is still decided by the full grammar).
+        """
+        return tuple({literal_prefix(p.grammar).encode() for p in patterns})
 
     def classify(self, key: str) -> tuple[Pattern | None, dict[str, str]]:
         pattern, m = self.pattern_of(key)

@@ -33,7 +33,7 @@ class TableRule:
         return new
 
     def upsert(self, columns: Sequence[str]) -> sql.Composed:
-        """INSERT ... ON CONFLICT (id) DO UPDATE for rows with these columns (VALUES %s)."""
+        """INSERT ... ON CONFLICT (id) DO UPDATE of rows with these columns, given as one JSON array ($1)."""
         content = [c for c in columns if c not in VOLATILE]
         updates = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(c), self.merged(c)) for c in columns if c != "id"
@@ -47,7 +47,8 @@ class TableRule:
             v = sql.Identifier(self.version)
             guard = sql.SQL("(t.{} IS NULL OR EXCLUDED.{} >= t.{}) AND ").format(v, v, v) + changed
         return sql.SQL(
-            "INSERT INTO {table} AS t ({cols}) VALUES %s ON CONFLICT (id) DO UPDATE SET {updates} WHERE {guard}"
+            "INSERT INTO {table} AS t ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb)"
+            " ON CONFLICT (id) DO UPDATE SET {updates} WHERE {guard}"
         ).format(
             table=sql.Identifier(self.name),
             cols=sql.SQL(", ").join(map(sql.Identifier, columns)),

@@ -26,10 +26,11 @@ class RunOptions:
     # How far a fresh count of source keys may drift from what was scanned (live traffic adds
     # and deletes keys while a run goes on); a fraction per pattern.
     count_tolerance: float = 0.01
+    max_keys_per_sec: int | None = None  # read rate of all workers together; None: uncapped
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes", "max_keys_per_sec"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
         if not 0 <= self.count_tolerance < 1:
             raise ValueError("--count-tolerance is a fraction between 0 and 1, e.g. 0.01")

@@ -28,6 +28,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         run = ledger.require_run(cur, run_id)
         batches = ledger.batches(cur, run_id)
         verdicts = ledger.latest_verdicts(cur, run_id)
+        stages = ledger.stage_seconds(cur, run_id)
     totals = ledger.pattern_totals(batches)
     wall = _priority_seconds(batches)
     scanned_in = {p.label: 0 for p in Priority}
@@ -68,6 +69,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
                     "done": sum(b["status"] == "done" for b in batches)},
         "balanced": all(p["balanced"] for p in patterns),
         "validated": verdicts,  # per priority: did its latest validation pass
+        "stage_seconds": stages,  # summed over batches and workers (ledger.STAGES)
     }
 
 

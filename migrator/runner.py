@@ -14,6 +14,7 @@ import structlog
 
 from . import ledger
 from .batch import migrate_batch
+from .config import ConfigError
 from .errors import TRANSIENT, backoff
 from .finalize import after_priority
 from .mapping import Mapping
@@ -30,6 +31,9 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
     """Create the run and record every (priority, range) batch before anything is executed."""
     run_id = str(uuid.uuid4())
     ranges = plan_ranges(client, opts.ranges)
+    if opts.max_keys_per_sec and ranges[0].node:
+        raise ConfigError("--max-keys-per-sec is not supported on a Redis Cluster source yet (its bucket needs a "
+                          "second database); run without it, or with fewer workers to lower the load")
     server = client.info("server")
     with conn, conn.cursor() as cur:
         ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"))

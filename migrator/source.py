@@ -4,18 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import hiredis
 import orjson
 import redis
 
 from .mapping import BadRecord
 
-# The read command for each Redis type; the reply shapes are redis-py's (with hiredis).
-READERS = {
-    "string": lambda pipe, key: pipe.get(key),
-    "hash": lambda pipe, key: pipe.hgetall(key),
-    "set": lambda pipe, key: pipe.smembers(key),
-    "zset": lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True),
-    "list": lambda pipe, key: pipe.lrange(key, 0, -1),
+# The read command for each Redis type.
+READ_COMMANDS = {
+    "string": ("GET",),
+    "hash": ("HGETALL",),
+    "set": ("SMEMBERS",),
+    "zset": ("ZRANGE", "0", "-1", "WITHSCORES"),
+    "list": ("LRANGE", "0", "-1"),
 }
 
 
@@ -28,9 +29,54 @@ class KeyRead:
     size: int  # bytes of payload, for the value size limit
 
 
-def _read(pipe: redis.client.Pipeline, key: bytes, redis_type: str) -> None:
+def _read_command(key: bytes, redis_type: str) -> tuple:
     # A stream or module type has no reader here: the TYPE reply alone says what was there.
-    READERS.get(redis_type, lambda p, k: p.exists(k))(pipe, key)
+    name, *args = READ_COMMANDS.get(redis_type, ("EXISTS",))
+    return (name, key, *args)
+
+
+def _shape(redis_type: str, raw: Any) -> Any:
+    """A read reply as the decoders take it: a hash as a dict, a zset as (member, score) pairs."""
+    if isinstance(raw, set):
+        return list(raw)
+    if not isinstance(raw, list):
+        return raw
+    if redis_type == "hash":
+        return dict(zip(raw[::2], raw[1::2]))
+    if redis_type == "zset" and raw and not isinstance(raw[0], (tuple, list)):
+        return [(m, float(s)) for m, s in zip(raw[::2], raw[1::2])]
+    if redis_type == "zset":
+        return [(m, float(s)) for m, s in raw]
+    return raw
+
+
+def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
+    """Send `commands` in one round trip; their raw replies in order, a refused one as its error.
+
+    On a plain client this talks to one pooled connection directly: redis-py's pipeline spends
+    more per command on bookkeeping than the read costs the server.
+    """
+    if isinstance(client, redis.RedisCluster):  # routed by slot; same replies, shaped by _shape
+        pipe = client.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        conn.disconnect()  # a half-read stream of replies must not go back to the pool
+        raise
+    finally:
+        pool.release(conn)
 
 
 def payload_size(raw: Any) -> int:
@@ -44,35 +90,30 @@ def payload_size(raw: Any) -> int:
 
 
 def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]]) -> list[KeyRead]:
-    """Read (key, expected type) pairs: PTTL and the value in one pipeline round trip.
+    """Read (key, expected type) pairs: PTTL and the value in one round trip.
 
     TYPE is only asked when the read command was refused (WRONGTYPE), and such a key is read
     again by its real type, so its dead letter keeps what was really there.
     """
-    pipe = client.pipeline(transaction=False)
+    commands = []
     for key, expected in wanted:
-        pipe.pttl(key)
-        _read(pipe, key, expected)
-    replies = pipe.execute(raise_on_error=False)
+        commands.append(("PTTL", key))
+        commands.append(_read_command(key, expected))
+    replies = roundtrip(client, commands)
     reads = []
     for i, (key, expected) in enumerate(wanted):
-        pttl, raw = replies[2 * i : 2 * i + 2]
+        pttl, raw = replies[2 * i], _shape(expected, replies[2 * i + 1])
         # An empty reply is a missing key: Redis deletes emptied collections.
-        gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list, set)) and not raw)
+        gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw)
         rtype = "none" if gone else expected
         reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw)))
     wrong = [r for r in reads if isinstance(r.raw, redis.ResponseError) and "WRONGTYPE" in str(r.raw)]
     if wrong:
-        pipe = client.pipeline(transaction=False)
-        for r in wrong:
-            pipe.type(r.key)
-        for r, rtype in zip(wrong, pipe.execute(raise_on_error=False)):
+        for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):
             r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
-        pipe = client.pipeline(transaction=False)
-        for r in wrong:
-            _read(pipe, r.key, r.redis_type)
-        for r, raw in zip(wrong, pipe.execute(raise_on_error=False)):
-            r.raw, r.size = raw, payload_size(raw)
+        for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type) for r in wrong])):
+            r.raw = _shape(r.redis_type, raw)
+            r.size = payload_size(r.raw)
     return reads
 
 

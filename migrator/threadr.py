@@ -6,7 +6,6 @@ from both ends where ids may hold colons (IPv6 addresses, odd emails).
 """
 from __future__ import annotations
 
-from typing import Any
 
 import orjson
 
@@ -31,10 +30,6 @@ STRIPE_STATUSES = frozenset(
 )
 # The app spelt a cancelled subscription both ways; PostgreSQL keeps Stripe's spelling.
 STATUS_SPELLINGS = {"cancelled": "canceled"}
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 def user_uuid(ref: str | None) -> str | None:
@@ -86,7 +81,7 @@ def _premium_grant(rec: SourceRecord, *, ip: str | None, email: str | None) -> l
                 "currency": text_or_none(info.get("currency"), field="currency"),
                 "grant_client_ip": text_or_none(v.get("client_ip"), field="client_ip"),
                 "grant_email": text_or_none(v.get("email"), field="email"),
-                "payment_info": _json(info),
+                "payment_info": info,
             },
         )
     ]
@@ -133,7 +128,7 @@ def stripe_subscription(rec: SourceRecord) -> list[Row]:
                 "premium_expires_at": period_end,
                 "cancel_at_period_end": parse_bool(v.get("cancel_at_period_end"), field="cancel_at_period_end"),
                 "thread_limit": parse_int(v.get("thread_limit"), field="thread_limit"),
-                "features": _json(features or []),
+                "features": features or [],
                 "is_annual": parse_bool(v.get("is_annual"), field="is_annual"),
                 "monthly_price": parse_int(v.get("monthly_price"), field="monthly_price"),
                 "annual_price": parse_int(v.get("annual_price"), field="annual_price"),
@@ -177,7 +172,7 @@ def registered_user(rec: SourceRecord) -> list[Row]:
                 "email_verification_token": text_or_none(v.get("email_verification_token"), field="email_verification_token"),
                 "password_reset_token": text_or_none(v.get("password_reset_token"), field="password_reset_token"),
                 "password_reset_expires": parse_dt(v.get("password_reset_expires"), tz, field="password_reset_expires"),
-                "app_metadata": _json(require_object(meta, "metadata") if meta is not None else {}),
+                "app_metadata": require_object(meta, "metadata") if meta is not None else {},
             },
         ),
         _legacy_row(ref, uid),
@@ -247,8 +242,8 @@ def saved_thread(rec: SourceRecord) -> list[Row]:
                 "user_ref": user_ref,
                 "title": text_or_none(v.get("title"), field="title"),
                 "original_content": text_or_none(v.get("original_content"), field="original_content"),
-                "tweets": _json(tweets),
-                "app_metadata": _json(require_object(meta, "metadata") if meta is not None else {}),
+                "tweets": tweets,
+                "app_metadata": require_object(meta, "metadata") if meta is not None else {},
                 "created_at": parse_dt(v.get("created_at"), tz, field="created_at"),
                 "updated_at": parse_dt(v.get("updated_at"), tz, field="updated_at"),
                 "view_count": parse_int(v.get("view_count"), field="view_count", default=0),
@@ -289,7 +284,7 @@ def thread_analytics(rec: SourceRecord) -> list[Row]:
                 "user_ref": ref,
                 "thread_id": thread_id,
                 "posted_at": parse_dt(v.get("posted_at"), rec.source_tz, field="posted_at"),
-                "analytics": _json(v),
+                "analytics": v,
             },
         )
     ]

@@ -39,14 +39,18 @@ class Check:
 
 def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority) -> dict[str, int]:
     """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
-    scope = {p.name for p in opts.scope(mapping, priority)}
+    patterns = opts.scope(mapping, priority)
+    scope = {p.name for p in patterns}
     unmapped = opts.includes_unmapped(mapping, priority)
+    prefixes = (b"",) if unmapped else mapping.prefixes(patterns)
     counts: dict[str, int] = {}
     for whole in plan_ranges(client, 1):  # the whole keyspace: of the server, or of each master
         nc = node_client(client, whole.node) if whole.node else client
         try:
             for keys in scan_range(nc, whole, opts.scan_count):
                 for key in keys:
+                    if not key.startswith(prefixes):
+                        continue
                     pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
                     name = pattern.name if pattern else UNMAPPED
                     if name in scope or (pattern is None and unmapped):

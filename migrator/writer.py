@@ -1,7 +1,11 @@
-"""Writing transformed records: upserts per table, a SAVEPOINT per sub-batch, bisection on failure.
+"""Writing transformed records: one round trip per sub-batch, bisection on failure.
 
-A failing sub-batch is split in halves until every good record has committed and each bad
-one is isolated as a dead letter with the database's reason.
+The rows of each table go as one JSON array, expanded server-side by jsonb_populate_recordset
+(orjson serialises them in C, where quoting each value in Python cost more than the insert
+itself), and every upsert of a sub-batch runs in one call of `migrator_write`
+(sql/004_write_path.sql), inside a subtransaction that a record error rolls back without
+aborting the batch. A failing sub-batch is split in halves until every good record has
+committed and each bad one is isolated as a dead letter with the database's reason.
 """
 from __future__ import annotations
 
@@ -9,16 +13,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg2
 import psycopg2.errors
-from psycopg2.extras import execute_values
 
 from .mapping import Mapping, Pattern, Row
 from .source import KeyRead
 
 
 # Errors a record can cause. Anything else (a missing table, a lost connection) fails the batch.
-RECORD_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.errors.ProgramLimitExceeded, ValueError)
+RECORD_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.errors.ProgramLimitExceeded,
+                 orjson.JSONEncodeError)
 
 
 @dataclass(slots=True)
@@ -41,7 +46,7 @@ def describe(exc: BaseException) -> str:
 
 def detail(exc: BaseException) -> str | None:
     """PostgreSQL's detail, which may quote row values: kept with the dead letter, never logged."""
-    return getattr(getattr(exc, "diag", None), "message_detail", None)
+    return getattr(exc, "detail", None) or getattr(getattr(exc, "diag", None), "message_detail", None)
 
 
 class Writer:
@@ -54,32 +59,30 @@ class Writer:
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
-        cur = self.cursor
-        cur.execute("SAVEPOINT sub_batch")
         try:
-            written = self.upsert(records)
+            return self.upsert(records), []
         except RECORD_ERRORS as exc:
-            cur.execute("ROLLBACK TO SAVEPOINT sub_batch")
-            cur.execute("RELEASE SAVEPOINT sub_batch")
             if len(records) == 1:
                 return 0, [(records[0], exc)]
             mid = len(records) // 2
             left_rows, left_dead = self.write(records[:mid])
             right_rows, right_dead = self.write(records[mid:])
             return left_rows + right_rows, left_dead + right_dead
-        cur.execute("RELEASE SAVEPOINT sub_batch")
-        return written, []
 
     def upsert(self, records: list[Prepared]) -> int:
-        """Upsert every row of these records; returns the rows inserted or changed."""
+        """Upsert every row of these records, all or none; returns the rows inserted or changed.
+
+        A record error is raised as psycopg2's exception for its SQLSTATE, and leaves the
+        transaction usable.
+        """
         # One statement per (table, columns); a row id seen twice goes to a later round,
         # since one upsert statement may not touch the same row twice.
-        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, tuple]]] = []
+        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, dict[str, Any]]]] = []
         for rec in records:
             provenance = {
                 "migration_run": self.run_id,
                 "source_key": rec.key_text,
-                "metadata": rec.pattern.provenance,
+                "metadata": orjson.Fragment(rec.pattern.provenance),
                 "expires_at": rec.expires_at,
             }
             for row in rec.rows:
@@ -88,17 +91,24 @@ class Writer:
                 for batch in rounds:
                     bucket = batch.setdefault(group, {})
                     if values["id"] not in bucket:
-                        bucket[values["id"]] = tuple(values.values())
+                        bucket[values["id"]] = values
                         break
                 else:
-                    rounds.append({group: {values["id"]: tuple(values.values())}})
-        written = 0
+                    rounds.append({group: {values["id"]: values}})
+        statements, documents = [], []
         for batch in rounds:
             # A fixed table order and id order keeps concurrent workers from deadlocking.
             for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
-                statement = self._statement(table, columns)
-                execute_values(self.cursor, statement, [rows[k] for k in sorted(rows)], page_size=len(rows))
-                written += self.cursor.rowcount
+                statements.append(self._statement(table, columns))
+                documents.append(orjson.dumps([rows[k] for k in sorted(rows)]).decode())
+        if not statements:
+            return 0
+        self.cursor.execute("SELECT * FROM migrator_write(%s, %s)", (statements, documents))
+        written, state, message, detail_ = self.cursor.fetchone()
+        if state is not None:
+            error = psycopg2.errors.lookup(state)(message)
+            error.detail = detail_
+            raise error
         return written
 
     def _statement(self, table: str, columns: tuple[str, ...]) -> str:

@@ -1,6 +1,7 @@
-"""Throughput and memory of the migrator against a floor and the seed's approach, in one command.
+"""Throughput, memory and source impact of the migrator against a floor and the seed's approach.
 
-    .venv/bin/python scripts/bench.py --keys 1000000
+    .venv/bin/python scripts/bench.py                       # 1,000,000 keys
+    .venv/bin/python scripts/bench.py --sizes 100000,300000,1000000 --readme
 
 Seeds the demo keyspace (every pattern) into its own Redis DB and migrates it into a throwaway
 database, then measures side by side in the same run:
@@ -8,21 +9,28 @@ database, then measures side by side in the same run:
           JSON parsing, COPY of the parsed records into a plain table; no transforms (the yardstick)
   seed    one read per key, one INSERT per row, a commit every 100 rows (on a sample, extrapolated)
   local   `migrator run --local`
-  workers `migrator run` through 1 and 2 Celery worker processes
-Each mode runs in its own process so its peak RSS is its own. Prints keys/s, the ratio of each to
-the floor and to the seed's approach, the peak RSS, and the time of a bare SCAN pass.
+  workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes
+Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
+each to the floor and to the seed's approach, peak RSS (coordinator and workers apart), the time
+of the SCAN passes alone, and where the migrator's time went (scan, read, transform, write; from
+the ledger's per-batch timings). Then the p50/p99 latency of an app-like load on the same Redis
+server while nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
+With --sizes, all of it per size and a table of how cost grows; --readme puts the tables in
+README.md between its bench markers.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import platform
 import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +41,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.config import Settings  # noqa: E402
 from migrator.demo import seed_demo  # noqa: E402
 from migrator.log import configure  # noqa: E402
-from migrator.options import RunOptions  # noqa: E402
+from migrator.partition import plan_ranges  # noqa: E402
 from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
 from migrator.threadr import THREADR  # noqa: E402
 
@@ -111,55 +118,8 @@ def mode_seed(redis_url: str, database_url: str, sample: int) -> dict:
     return {"keys": len(keys), "seconds": time.perf_counter() - started, "sampled": True}
 
 
-def mode_local(settings: Settings) -> dict:
-    from migrator.report import build_report
-    from migrator.runner import execute_local, plan_run
-
-    client, conn = settings.redis(), settings.postgres()
-    opts = RunOptions()
-    started = time.perf_counter()
-    run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
-    execute_local(client, settings.postgres, THREADR, run_id, opts)
-    seconds = time.perf_counter() - started
-    report = build_report(conn, THREADR, run_id)
-    return {"keys": report["totals"]["scanned"], "seconds": seconds, "status": report["status"]}
-
-
-def mode_workers(settings: Settings, workers: int) -> dict:
-    """`migrator run` through `workers` Celery worker processes started here."""
-    from migrator.report import build_report
-    from migrator.status import TERMINAL, run_progress
-    from workers.celery import app
-    from workers.coordinator import start_run
-
-    queues = ",".join(f"{os.environ['MIGRATOR_QUEUE_PREFIX']}{p}" for p in ("critical", "high", "medium", "low"))
-    env = {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url}
-    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", "1",
-                               "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-                               "--loglevel", "WARNING"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True) for i in range(workers)]
-    try:
-        deadline = time.monotonic() + 60
-        while len(app.control.ping(timeout=0.5) or []) < workers and time.monotonic() < deadline:
-            pass
-        client, conn = settings.redis(), settings.postgres()
-        started = time.perf_counter()
-        run_id = start_run(settings, client, conn, THREADR, RunOptions())
-        while run_progress(conn, run_id)["status"] not in TERMINAL:
-            time.sleep(0.2)
-        seconds = time.perf_counter() - started
-        report = build_report(conn, THREADR, run_id)
-        peaks = [_peak_rss_of_group(p.pid) for p in procs]
-        return {"keys": report["totals"]["scanned"], "seconds": seconds, "status": report["status"],
-                "worker_peak_rss_mb": max(peaks)}
-    finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(60)
-
-
 def _peak_rss_of_group(pgid: int) -> float:
-    """The largest peak RSS (VmHWM) among the processes of a worker's process group, in MB."""
+    """The largest peak RSS (VmHWM) among the processes of a process group, in MB."""
     peak = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -173,6 +133,49 @@ def _peak_rss_of_group(pgid: int) -> float:
     return round(peak / 1024, 1)
 
 
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    return {**os.environ, "REDIS_URL": args.redis_url, "DATABASE_URL": args.database_url}
+
+
+def _migrator(args: argparse.Namespace, *flags: str) -> dict:
+    """`migrator run --json ...` as a child: its report, wall seconds and peak RSS."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--json",
+                             "--output-dir", args.work_dir, *flags], cwd=ROOT, env=_env(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    text = out.decode()
+    report = json.loads(text[text.index("{"):])
+    if report["status"] != "completed" or not report["balanced"]:
+        raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}")
+    return {"keys": report["totals"]["scanned"], "seconds": seconds, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "stages": report["stage_seconds"]}
+
+
+def mode_workers(args: argparse.Namespace, workers: int) -> dict:
+    """`migrator run` (the coordinator, in its own process) through `workers` Celery worker processes."""
+    queues = ",".join(f"{os.environ['MIGRATOR_QUEUE_PREFIX']}{p}" for p in ("critical", "high", "medium", "low"))
+    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", "1",
+                               "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+                               "--loglevel", "WARNING"], cwd=ROOT, env=_env(args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True) for i in range(workers)]
+    try:
+        from workers.celery import app
+        deadline = time.monotonic() + 60
+        while len(app.control.ping(timeout=0.5) or []) < workers and time.monotonic() < deadline:
+            pass
+        result = _migrator(args)
+        result["coordinator_rss_mb"] = result.pop("peak_rss_mb")
+        result["worker_peak_rss_mb"] = max(_peak_rss_of_group(p.pid) for p in procs)
+        return result
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(60)
+
+
 def _truncate(database_url: str) -> None:
     conn = psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
@@ -181,7 +184,7 @@ def _truncate(database_url: str) -> None:
 
 
 def run_child(mode: str, args: argparse.Namespace) -> dict:
-    """Run one mode in a child process; its result plus its own peak RSS."""
+    """Run the floor or the seed's approach in a child process; its result plus its own peak RSS."""
     proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--redis-url", args.redis_url,
                              "--database-url", args.database_url, "--seed-sample", str(args.seed_sample)],
                             stdout=subprocess.PIPE, cwd=ROOT)
@@ -192,30 +195,58 @@ def run_child(mode: str, args: argparse.Namespace) -> dict:
     return {**json.loads(out.decode().strip().splitlines()[-1]), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keys", type=int, default=1_000_000, help="about this many keys (default 1,000,000)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5", help="its own Redis DB (flushed)")
-    parser.add_argument("--database-url", help="internal: the throwaway database")
-    parser.add_argument("--seed-sample", type=int, default=20_000, help="keys the seed's approach is timed on")
-    parser.add_argument("--workers", default="1,2", help="worker process counts to measure (default 1,2)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    configure(json=True, level="WARNING")  # logs to stderr; a child's stdout carries only its result
-    if args.child:
-        settings = Settings(args.redis_url, args.database_url, os.environ.get("CELERY_BROKER_URL", ""))
-        result = {"floor": lambda: mode_floor(args.redis_url, args.database_url),
-                  "seed": lambda: mode_seed(args.redis_url, args.database_url, args.seed_sample),
-                  "local": lambda: mode_local(settings)}[args.child]()
-        print(json.dumps(result))
-        return
+def app_load(redis_url: str, seconds: float, rate: int, out: "multiprocessing.Queue") -> None:
+    """An app-like client: GET, INCR and SET with a TTL on its own keys, `rate` ops/s; op latencies in ms."""
+    client = redis.Redis.from_url(redis_url)
+    ops = (lambda n: client.get(f"app:session:{n}"), lambda n: client.incr(f"app:counter:{n}"),
+           lambda n: client.set(f"app:session:{n}", b"x" * 200, ex=60))
+    latencies, i, started = [], 0, time.perf_counter()
+    try:
+        while time.perf_counter() - started < seconds:
+            t = time.perf_counter()
+            ops[i % 3](i % 1000)
+            latencies.append((time.perf_counter() - t) * 1000)
+            i += 1
+            time.sleep(max(0.0, started + i / rate - time.perf_counter()))
+        client.flushdb()
+    finally:
+        out.put(sorted(latencies) or [float("nan")])
 
-    os.environ.setdefault("MIGRATOR_QUEUE_PREFIX", f"bench{os.getpid()}.")
+
+def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> dict:
+    """p50/p99 of the app-like load alone (flags None) or beside `migrator run --local <flags>`."""
+    migration = None
+    if flags is not None:
+        _truncate(args.database_url)
+        migration = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--local",
+                                      "--output-dir", args.work_dir, *flags], cwd=ROOT, env=_env(args),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2)  # past planning, into the reads
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    load_url = args.redis_url.rsplit("/", 1)[0] + "/4"  # same server, its own database
+    proc = multiprocessing.Process(target=app_load, args=(load_url, args.latency_seconds, 1000, queue))
+    proc.start()
+    lat = queue.get()
+    proc.join()
+    if migration is not None:
+        still_running = migration.poll() is None
+        migration.kill()
+        migration.wait()
+        if not still_running:
+            print("bench: the migration finished before the load did; raise --keys for a fair latency figure",
+                  file=sys.stderr)
+    pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3)
+    return {"ops": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": round(lat[-1], 3)}
+
+
+def measure(args: argparse.Namespace, target_keys: int, with_latency: bool) -> dict:
+    """Every mode on one keyspace of about `target_keys` keys."""
     admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     name = f"migrator_bench_{os.getpid()}"
     admin = psycopg2.connect(admin_url)
     ensure_database(admin, name)
     args.database_url = database_url_for(admin_url, name)
+    out: dict = {"modes": {}}
     try:
         conn = psycopg2.connect(args.database_url)
         init_db(conn)
@@ -223,22 +254,28 @@ def main() -> None:
         client = redis.Redis.from_url(args.redis_url)
         client.flushdb()
         started = time.perf_counter()
-        seed_demo(client, max(1, int(args.keys / KEYS_PER_USER)))
-        keys = client.dbsize()
-        print(f"seeded {keys:,} keys in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        seed_demo(client, max(1, int(target_keys / KEYS_PER_USER)))
+        out["keys"] = client.dbsize()
+        print(f"seeded {out['keys']:,} keys in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         started = time.perf_counter()
         for _ in client.scan_iter(count=1000):
             pass
-        scan_pass = time.perf_counter() - started
-
-        results = {"floor": run_child("floor", args), "seed": run_child("seed", args)}
+        out["scan_pass_s"] = time.perf_counter() - started
+        out["ranges"] = len(plan_ranges(client))
+        modes = out["modes"]
+        modes["floor"] = run_child("floor", args)
+        modes["seed"] = run_child("seed", args)
         _truncate(args.database_url)
-        results["local"] = run_child("local", args)
-        settings = Settings(args.redis_url, args.database_url,
-                            os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+        modes["local"] = _migrator(args, "--local")
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
-            results[f"{n} worker(s)"] = mode_workers(settings, n)
+            modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
+        if with_latency:
+            local_rate = modes["local"]["keys"] / modes["local"]["seconds"]
+            cap = args.throttle or max(100, int(local_rate / 4 / 100) * 100)
+            out["latency"] = {"nothing else running": latency_under(args, None),
+                              "`run --local`, unthrottled": latency_under(args, ()),
+                              f"`run --local --max-keys-per-sec {cap}`": latency_under(args, ("--max-keys-per-sec", str(cap)))}
         client.flushdb()
     finally:
         admin.autocommit = True
@@ -246,17 +283,113 @@ def main() -> None:
             cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+    return out
 
-    floor = results["floor"]["keys"] / results["floor"]["seconds"]
-    seed = results["seed"]["keys"] / results["seed"]["seconds"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"keyspace {keys:,} keys; one bare SCAN pass {scan_pass:.2f} s")
-    print(f"{'mode':12} {'keys':>10} {'seconds':>9} {'keys/s':>10} {'x floor':>8} {'x seed':>8} {'peak RSS MB':>12}")
-    for mode, r in results.items():
+
+def render(size: dict) -> list[str]:
+    """One size's results as a markdown table and notes."""
+    modes = size["modes"]
+    floor = modes["floor"]["keys"] / modes["floor"]["seconds"]
+    seed = modes["seed"]["keys"] / modes["seed"]["seconds"]
+    lines = [f"keyspace {size['keys']:,} keys, {size['ranges']} cursor range(s); one bare SCAN pass "
+             f"{size['scan_pass_s']:.2f} s, so the migrator's 8 passes (a batch pass and a validation pass per "
+             f"priority) spend about {8 * size['scan_pass_s']:.1f} s in SCAN alone", "",
+             "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for mode, r in modes.items():
         rate = r["keys"] / r["seconds"]
-        rss = r.get("worker_peak_rss_mb", r.get("peak_rss_mb"))
-        print(f"{mode:12} {r['keys']:>10,} {r['seconds']:>9.2f} {rate:>10,.0f} {rate / floor:>8.2f} {rate / seed:>8.1f} "
-              f"{rss:>12}" + ("  (sample, extrapolated)" if r.get("sampled") else ""))
+        rss = (f"{r['coordinator_rss_mb']} coord., {r['worker_peak_rss_mb']} worker" if "worker_peak_rss_mb" in r
+               else str(r["peak_rss_mb"]))
+        st = r.get("stages")
+        split = " / ".join(f"{st[k]:.1f}" for k in ("scan", "read", "transform", "write")) if st else ""
+        note = " (sample, extrapolated)" if r.get("sampled") else ""
+        lines.append(f"| {mode}{note} | {r['keys']:,} | {r['seconds']:.1f} | {rate:,.0f} | {rate / floor:.2f} | "
+                     f"{rate / seed:.1f} | {rss} | {split} |")
+    if "latency" in size:
+        lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
+    return lines
+
+
+def render_growth(sizes: list[dict]) -> list[str]:
+    names = list(sizes[0]["modes"])
+    lines = ["| keys | ranges | " + " | ".join(f"{m} keys/s" for m in names) + " | worker peak RSS MB | coordinator RSS MB |",
+             "|---:|---:|" + "---:|" * (len(names) + 2)]
+    for size in sizes:
+        modes = size["modes"]
+        workers = [m for m in modes.values() if "worker_peak_rss_mb" in m]
+        lines.append(f"| {size['keys']:,} | {size['ranges']} | "
+                     + " | ".join(f"{modes[m]['keys'] / modes[m]['seconds']:,.0f}" for m in names)
+                     + f" | {max((w['worker_peak_rss_mb'] for w in workers), default='')} | "
+                     f"{max((w['coordinator_rss_mb'] for w in workers), default='')} |")
+    return lines
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    body = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start not in body or end not in body:
+        raise SystemExit(f"README.md has no {start} ... {end} section to fill")
+    head, rest = body.split(start, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=1_000_000, help="about this many keys (default 1,000,000)")
+    parser.add_argument("--sizes", help="several key counts, e.g. 100000,300000,1000000: everything per size, "
+                                        "then how the cost grows (overrides --keys)")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5", help="its own Redis DB (flushed)")
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--seed-sample", type=int, default=20_000, help="keys the seed's approach is timed on")
+    parser.add_argument("--workers", default="1,2", help="worker process counts to measure (default 1,2)")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the app-like load runs per case")
+    parser.add_argument("--throttle", type=int, help="--max-keys-per-sec for the latency case (default: local rate / 4)")
+    parser.add_argument("--readme", action="store_true", help="write the result tables into README.md")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    configure(json=True, level="WARNING")  # logs to stderr; a child's stdout carries only its result
+    if args.child:
+        result = {"floor": lambda: mode_floor(args.redis_url, args.database_url),
+                  "seed": lambda: mode_seed(args.redis_url, args.database_url, args.seed_sample)}[args.child]()
+        print(json.dumps(result))
+        return
+    os.environ.setdefault("MIGRATOR_QUEUE_PREFIX", f"bench{os.getpid()}.")
+    os.environ.setdefault("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    targets = [int(x) for x in args.sizes.split(",")] if args.sizes else [args.keys]
+    sizes = []
+    with tempfile.TemporaryDirectory(prefix="migrator-bench-") as work_dir:
+        args.work_dir = work_dir
+        for i, target in enumerate(targets):
+            sizes.append(measure(args, target, with_latency=i == 0))
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB, Python "
+             f"{platform.python_version()}, Redis {_redis_version(args.redis_url)}, PostgreSQL {_pg_version()}; "
+             f"`scripts/bench.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}.", ""]
+    for size in sizes:
+        lines += render(size) + [""]
+    if len(sizes) > 1:
+        lines += ["How the cost grows with the keyspace:", ""] + render_growth(sizes) + [""]
+    text = "\n".join(lines).rstrip()
+    print(text)
+    if args.readme:
+        write_readme(text)
+
+
+def _memory_gb() -> int:
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
+
+
+def _redis_version(url: str) -> str:
+    return redis.Redis.from_url(url).info("server")["redis_version"]
+
+
+def _pg_version() -> int:
+    conn = psycopg2.connect(os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    try:
+        return conn.server_version // 10000
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

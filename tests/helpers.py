@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from psycopg2 import sql
@@ -10,6 +15,7 @@ from migrator.config import Settings
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.runner import execute_local, plan_run
+from migrator.status import run_progress
 from migrator.threadr import THREADR
 
 
@@ -72,3 +78,58 @@ def worker_env(database_url: str) -> dict[str, str]:
 
     return {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "MIGRATOR_LOG_JSON": "1",
             "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIORITIES = ("critical", "high", "medium", "low")
+
+
+class Workers:
+    """Worker processes of this test session; each in its own process group so it can be killed whole."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.env, self.logdir, self.procs = env, logdir, {}
+        self.queues = ",".join(os.environ["MIGRATOR_QUEUE_PREFIX"] + p for p in PRIORITIES)
+
+    def start(self, name: str) -> None:
+        log = open(self.logdir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", self.queues, "-c", "1", "-n",
+             f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        from workers.celery import app
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(f"{name}-{os.getpid()}@" in n for reply in (app.control.ping(timeout=0.5) or []) for n in reply):
+                return
+        raise RuntimeError(f"worker {name} did not start; see {self.logdir / name}.log")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """SIGKILL ends the whole process group at once; SIGTERM goes to the main process only,
+        as `kill -TERM <pid>` or systemd's KillMode=mixed does: a warm shutdown, in which the
+        pool child finishes the batch in hand (SIGTERM to the child itself would end it mid-batch)."""
+        proc = self.procs.pop(name)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:  # a warm shutdown that hangs: end it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+
+def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        progress = run_progress(conn, run_id)
+        if progress["status"] in ("completed", "failed", "rolled_back", "dry_run"):
+            return progress
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import multiprocessing
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -23,45 +22,8 @@ from migrator.report import build_report
 from migrator.status import run_progress
 from migrator.threadr import THREADR
 
-from helpers import by_pattern, content_fingerprint, migrate, worker_env
+from helpers import PRIORITIES, ROOT, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
 
-ROOT = Path(__file__).resolve().parent.parent
-PRIORITIES = ("critical", "high", "medium", "low")
-
-
-class Workers:
-    """Worker processes of this test session; each in its own process group so it can be killed whole."""
-
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir, self.procs = env, logdir, {}
-        self.queues = ",".join(os.environ["MIGRATOR_QUEUE_PREFIX"] + p for p in PRIORITIES)
-
-    def start(self, name: str) -> None:
-        log = open(self.logdir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", self.queues, "-c", "1", "-n",
-             f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        from workers.celery import app
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if any(f"{name}-{os.getpid()}@" in n for reply in (app.control.ping(timeout=0.5) or []) for n in reply):
-                return
-        raise RuntimeError(f"worker {name} did not start; see {self.logdir / name}.log")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs.pop(name)
-        os.killpg(proc.pid, sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # a warm shutdown that hangs: end it
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +52,6 @@ def run_distributed(settings, timeout: float = 240, **options) -> dict:
     finally:
         conn.close()
         client.close()
-
-
-def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        progress = run_progress(conn, run_id)
-        if progress["status"] in ("completed", "failed", "rolled_back", "dry_run"):
-            return progress
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")
 
 
 def app_traffic(redis_url: str, doomed: list[bytes], stop) -> None:

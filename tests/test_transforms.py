@@ -181,7 +181,7 @@ def test_thread_keeps_tweets_with_unicode_and_emoji():
              "tweets": tweets, "metadata": {"tags": ["x"]}, "created_at": "2026-11-27T17:46:43.199965",
              "updated_at": "2026-11-27 17:46:43.202998", "view_count": 1, "copy_count": 0, "is_favorite": True, "is_archived": False}
     table, row = one("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", value)
-    assert table == "threads" and json.loads(row["tweets"]) == tweets
+    assert table == "threads" and row["tweets"] == tweets
     with pytest.raises(BadRecord, match="tweets"):
         one("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", {**value, "tweets": "oops"})
 
@@ -222,7 +222,7 @@ def test_usage_event_session_stats_and_analytics():
     _, stats = one("threadr:thread_stats:user_abc", {"created": 3, "viewed": 9})
     assert (stats["created"], stats["viewed"], stats["copied"]) == (3, 9, 0)
     _, ana = one("analytics:user_abc:thread:t1", {"posted_at": "2026-11-27T17:00:00", "totals": {"likes": 2}})
-    assert json.loads(ana["analytics"])["totals"] == {"likes": 2}
+    assert ana["analytics"]["totals"] == {"likes": 2}
 
 
 @pytest.mark.parametrize("raw, fmt, reason", [

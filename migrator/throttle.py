@@ -1,0 +1,54 @@
+"""A cap on the read rate of a run, shared by every process that works on it.
+
+`--max-keys-per-sec` protects the production Redis: one token bucket per run, kept in another
+database of the source server (the database Celery's results use by default, never the one
+being migrated, so the scan never sees it). Each read chunk takes its keys' worth of tokens
+in one atomic script call; a chunk that finds the bucket short reserves its tokens anyway and
+sleeps until they would have been there, so workers on any number of hosts together read at
+most `rate` keys per second (plus one second's burst).
+"""
+from __future__ import annotations
+
+import time
+
+import redis
+
+from .config import state_db
+
+# KEYS[1]: the bucket. ARGV: rate (keys/s), keys wanted. Returns milliseconds to wait.
+TAKE = """
+local rate, want = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or rate
+local ts = tonumber(b[2]) or now
+tokens = math.min(rate, tokens + (now - ts) * rate / 1000) - want
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
+redis.call('PEXPIRE', KEYS[1], 3600000)
+if tokens >= 0 then return 0 end
+return math.ceil(-tokens * 1000 / rate)
+"""
+
+
+class Throttle:
+    """Not for a Redis Cluster source (no second database there): `plan_run` refuses that."""
+
+    def __init__(self, source: redis.Redis, run_id: str, rate: int) -> None:
+        pool = source.connection_pool
+        kwargs = pool.connection_kwargs
+        self.client = redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **{**kwargs, "db": state_db(int(kwargs.get("db") or 0))}))
+        self.key = f"migrator:throttle:{run_id}"
+        self.rate = rate
+        self._take = self.client.register_script(TAKE)
+
+    def acquire(self, keys: int) -> float:
+        """Take `keys` tokens, sleeping as long as the shared rate requires; returns the seconds slept."""
+        wait = int(self._take(keys=[self.key], args=[self.rate, keys])) / 1000
+        if wait:
+            time.sleep(wait)
+        return wait
+
+    def close(self) -> None:
+        self.client.close()
