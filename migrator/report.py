@@ -70,6 +70,9 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         "balanced": all(p["balanced"] for p in patterns),
         "validated": verdicts,  # per priority: did its latest validation pass
         "stage_seconds": stages,  # summed over batches and workers (ledger.STAGES)
+        # planning to the end of the last validation (None while the run goes on)
+        "wall_seconds": round((run["finished_at"] - run["started_at"]).total_seconds(), 3)
+        if run["finished_at"] and run["started_at"] else None,
     }
 
 
