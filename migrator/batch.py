@@ -77,6 +77,12 @@ class _Batch:
         # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
         self.throttle = Throttle(client, spec.run_id, self.opts.max_keys_per_sec) if self.opts.max_keys_per_sec else None
+        self.read_chunk, self.scan_count = self.opts.read_chunk, self.opts.scan_count
+        if self.opts.max_keys_per_sec:
+            # Under a cap, smaller round trips too: a pipeline or SCAN call holds Redis for its
+            # whole length, which is what the app's slowest requests wait behind.
+            self.read_chunk = min(self.read_chunk, max(10, self.opts.max_keys_per_sec // 20))
+            self.scan_count = min(self.scan_count, max(100, self.opts.max_keys_per_sec // 10))
 
     def run(self) -> None:
         try:
@@ -90,15 +96,15 @@ class _Batch:
     def _run(self) -> None:
         clock, t = time.perf_counter, self.timings
         mark = clock()
-        for keys in scan_range(self.client, self.spec.key_range, self.opts.scan_count):
+        for keys in scan_range(self.client, self.spec.key_range, self.scan_count):
             now_s = clock()
             t["scan"] += now_s - mark
             candidates = [k for k in keys if k.startswith(self.prefixes)]
             wanted = [w for w in map(self._classify, candidates) if w is not None]
             mark = clock()
             t["transform"] += mark - now_s
-            for start in range(0, len(wanted), self.opts.read_chunk):
-                chunk = wanted[start : start + self.opts.read_chunk]
+            for start in range(0, len(wanted), self.read_chunk):
+                chunk = wanted[start : start + self.read_chunk]
                 if self.throttle is not None:
                     t["throttle"] += self.throttle.acquire(len(chunk))
                 reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk])

@@ -781,3 +781,21 @@ def seed_demo(r: "redis.Redis", users: int, *, seed: int = 42, now: datetime | N
     if not malformed:
         del counts["malformed"]
     return counts
+
+
+HUGE_VALUE_BYTES = 5 * 1024 * 1024
+WIDE_MEMBERS = 100_000
+
+
+def seed_hostile(r: "redis.Redis", good_keys: int, *, seed: int = 7) -> dict[str, int]:
+    """On top of a keyspace of `good_keys` keys: 5 % more malformed keys of every kind, three
+    values of 5 MB and a time series of 100,000 members. Returns the keys written per kind."""
+    counts = seed_demo(r, 0, malformed=int(good_keys * 0.05), seed=seed)
+    for i in range(3):
+        r.set(f"threadr:user:user_huge{i}", b'{"email": "h@x.io", "pad": "' + b"x" * HUGE_VALUE_BYTES + b'"}')
+    pipe = r.pipeline(transaction=False)
+    for i in range(WIDE_MEMBERS):
+        member = json.dumps({"timestamp": f"2026-01-01T00:00:{i % 60:02d}", "value": i, "period": "day"}) + str(i)
+        pipe.zadd("analytics:user_wide:timeseries:impressions:day", {member: i})
+    pipe.execute()
+    return {**counts, "huge": 3, "wide": 1}

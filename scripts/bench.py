@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.demo import seed_demo  # noqa: E402
+from migrator.demo import seed_demo, seed_hostile  # noqa: E402
 from migrator.log import configure  # noqa: E402
 from migrator.partition import plan_ranges  # noqa: E402
 from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
@@ -118,19 +119,43 @@ def mode_seed(redis_url: str, database_url: str, sample: int) -> dict:
     return {"keys": len(keys), "seconds": time.perf_counter() - started, "sampled": True}
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    """Peak RSS of a process since its exec (VmHWM), in KB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _peak_rss_of_group(pgid: int) -> float:
-    """The largest peak RSS (VmHWM) among the processes of a process group, in MB."""
+    """The largest peak RSS among the processes of a process group, in MB."""
     peak = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 if os.getpgid(int(pid)) == pgid:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            peak = max(peak, int(line.split()[1]))
-            except (OSError, ProcessLookupError):
+                    peak = max(peak, _vm_hwm_kb(int(pid)))
+            except ProcessLookupError:
                 continue
     return round(peak / 1024, 1)
+
+
+def _measured(command: list[str], **popen: object) -> tuple[int, bytes, float]:
+    """Run `command`: its exit status, stdout and own peak RSS in MB. Sampled from /proc while it
+    runs: rusage would also count the pages of this (large, after seeding) process it forked from."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, **popen)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
+    reader.start()
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _vm_hwm_kb(proc.pid))
+        time.sleep(0.05)
+    reader.join()
+    return proc.returncode, out[0], round(peak / 1024, 1)
 
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
@@ -140,16 +165,13 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 def _migrator(args: argparse.Namespace, *flags: str) -> dict:
     """`migrator run --json ...` as a child: its report, its run's seconds (planning to the last
     validation, from the ledger: without interpreter start-up and the final report), peak RSS."""
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--json",
-                             "--output-dir", args.work_dir, *flags], cwd=ROOT, env=_env(args),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, out, peak = _measured([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--json",
+                              "--output-dir", args.work_dir, *flags], env=_env(args), stderr=subprocess.DEVNULL)
     text = out.decode()
     report = json.loads(text[text.index("{"):])
     if report["status"] != "completed" or not report["balanced"]:
         raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}")
-    return {"keys": report["totals"]["scanned"], "seconds": report["wall_seconds"], "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    return {"keys": report["totals"]["scanned"], "seconds": report["wall_seconds"], "peak_rss_mb": peak,
             "stages": report["stage_seconds"]}
 
 
@@ -163,8 +185,9 @@ def mode_workers(args: argparse.Namespace, workers: int) -> dict:
     try:
         from workers.celery import app
         deadline = time.monotonic() + 60
-        while len(app.control.ping(timeout=0.5) or []) < workers and time.monotonic() < deadline:
-            pass
+        with app.connection_for_write() as conn:  # a new one: the pool's may have idled out since the last mode
+            while len(app.control.ping(timeout=0.5, connection=conn) or []) < workers and time.monotonic() < deadline:
+                pass
         result = _migrator(args)
         result["coordinator_rss_mb"] = result.pop("peak_rss_mb")
         result["worker_peak_rss_mb"] = max(_peak_rss_of_group(p.pid) for p in procs)
@@ -184,14 +207,11 @@ def _truncate(database_url: str) -> None:
 
 def run_child(mode: str, args: argparse.Namespace) -> dict:
     """Run the floor or the seed's approach in a child process; its result plus its own peak RSS."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--redis-url", args.redis_url,
-                             "--database-url", args.database_url, "--seed-sample", str(args.seed_sample)],
-                            stdout=subprocess.PIPE, cwd=ROOT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    status, out, peak = _measured([sys.executable, __file__, "--child", mode, "--redis-url", args.redis_url,
+                                   "--database-url", args.database_url, "--seed-sample", str(args.seed_sample)])
     if status != 0:
         raise SystemExit(f"bench mode {mode} failed")
-    return {**json.loads(out.decode().strip().splitlines()[-1]), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {**json.loads(out.decode().strip().splitlines()[-1]), "peak_rss_mb": peak}
 
 
 def app_load(redis_url: str, seconds: float, rate: int, out: "multiprocessing.Queue") -> None:
@@ -238,8 +258,9 @@ def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> di
     return {"ops": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": round(lat[-1], 3)}
 
 
-def measure(args: argparse.Namespace, target_keys: int, with_latency: bool) -> dict:
-    """Every mode on one keyspace of about `target_keys` keys."""
+def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool) -> dict:
+    """Every mode on one keyspace of about `target_keys` keys; on the first size also a run of 2
+    workers over the same keyspace made hostile, on the last the latency under load."""
     admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     name = f"migrator_bench_{os.getpid()}"
     admin = psycopg2.connect(admin_url)
@@ -269,12 +290,19 @@ def measure(args: argparse.Namespace, target_keys: int, with_latency: bool) -> d
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
-        if with_latency:
+        if last:
             local_rate = modes["local"]["keys"] / modes["local"]["seconds"]
             cap = args.throttle or max(100, int(local_rate / 4 / 100) * 100)
+            # the load must end while the unthrottled run still reads
+            args.latency_seconds = max(3.0, min(args.latency_seconds, modes["local"]["seconds"] - 4))
             out["latency"] = {"nothing else running": latency_under(args, None),
                               "`run --local`, unthrottled": latency_under(args, ()),
                               f"`run --local --max-keys-per-sec {cap}`": latency_under(args, ("--max-keys-per-sec", str(cap)))}
+        if first and args.workers_hostile:
+            hostile = seed_hostile(client, out["keys"])
+            _truncate(args.database_url)
+            modes[f"2 workers, hostile (+{hostile['malformed']:,} malformed, 3 x 5 MB, 1 x 100k members)"] = \
+                mode_workers(args, 2)
         client.flushdb()
     finally:
         admin.autocommit = True
@@ -311,12 +339,12 @@ def render(size: dict) -> list[str]:
 
 
 def render_growth(sizes: list[dict]) -> list[str]:
-    names = list(sizes[0]["modes"])
+    names = [m for m in sizes[0]["modes"] if all(m in size["modes"] for size in sizes)]
     lines = ["| keys | ranges | " + " | ".join(f"{m} keys/s" for m in names) + " | worker peak RSS MB | coordinator RSS MB |",
              "|---:|---:|" + "---:|" * (len(names) + 2)]
     for size in sizes:
         modes = size["modes"]
-        workers = [m for m in modes.values() if "worker_peak_rss_mb" in m]
+        workers = [modes[m] for m in names if "worker_peak_rss_mb" in modes[m]]
         lines.append(f"| {size['keys']:,} | {size['ranges']} | "
                      + " | ".join(f"{modes[m]['keys'] / modes[m]['seconds']:,.0f}" for m in names)
                      + f" | {max((w['worker_peak_rss_mb'] for w in workers), default='')} | "
@@ -343,8 +371,11 @@ def main() -> None:
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--seed-sample", type=int, default=20_000, help="keys the seed's approach is timed on")
     parser.add_argument("--workers", default="1,2", help="worker process counts to measure (default 1,2)")
-    parser.add_argument("--latency-seconds", type=float, default=10.0, help="how long the app-like load runs per case")
+    parser.add_argument("--latency-seconds", type=float, default=20.0,
+                        help="how long the app-like load runs per case (at most the unthrottled run's time less 4 s)")
     parser.add_argument("--throttle", type=int, help="--max-keys-per-sec for the latency case (default: local rate / 4)")
+    parser.add_argument("--no-hostile", dest="workers_hostile", action="store_false",
+                        help="skip the run of 2 workers over the hostile keyspace (first size)")
     parser.add_argument("--readme", action="store_true", help="write the result tables into README.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -361,7 +392,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="migrator-bench-") as work_dir:
         args.work_dir = work_dir
         for i, target in enumerate(targets):
-            sizes.append(measure(args, target, with_latency=i == 0))
+            sizes.append(measure(args, target, first=i == 0, last=i == len(targets) - 1))
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB, Python "
              f"{platform.python_version()}, Redis {_redis_version(args.redis_url)}, PostgreSQL {_pg_version()}; "
              f"`scripts/bench.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}.", ""]

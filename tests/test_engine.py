@@ -6,7 +6,7 @@ import os
 import time
 
 import migrator.batch
-from migrator.demo import seed_demo
+from migrator.demo import seed_demo, seed_hostile
 from migrator.ledger import COUNT_FIELDS
 from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
@@ -361,16 +361,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
 
     seeded = seed_demo(r, 1000)
     good = sum(n for name, n in seeded.items())
-    hostile = int(good * 0.05)
-    seed_demo(r, 0, malformed=hostile, seed=7)
-    big = 5 * 1024 * 1024
-    for i in range(3):
-        r.set(f"threadr:user:user_huge{i}", b'{"email": "h@x.io", "pad": "' + b"x" * big + b'"}')
-    pipe = r.pipeline(transaction=False)
-    for i in range(100_000):
-        pipe.zadd("analytics:user_wide:timeseries:impressions:day",
-                  {json.dumps({"timestamp": f"2026-01-01T00:00:{i % 60:02d}", "value": i, "period": "day"}) + str(i): i})
-    pipe.execute()
+    hostile = seed_hostile(r, good)["malformed"]
     real_read = migrator.batch.read_keys
     vanished = {"n": 0}
 
@@ -439,3 +430,30 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
     finally:
         server.stop()
         server.remove()
+
+
+def test_read_keys_gives_each_type_its_shape_in_one_round_trip(r):
+    from migrator.source import read_keys
+
+    r.set("s", b"\xff\x00")
+    r.hset("h", mapping={"a": "1"})
+    r.zadd("z", {"m": 1.5, "n": 2})
+    r.sadd("st", "x", "y")
+    r.set("ttl", "1", px=60_000)
+    reads = read_keys(r, [(b"s", "string"), (b"h", "hash"), (b"z", "zset"), (b"st", "set"), (b"gone", "string"),
+                          (b"h", "string"), (b"ttl", "string")])
+    assert reads[0].raw == b"\xff\x00" and reads[0].pttl == -1 and reads[0].size == 2
+    assert reads[1].raw == {b"a": b"1"} and reads[2].raw == [(b"m", 1.5), (b"n", 2.0)]
+    assert sorted(reads[3].raw) == [b"x", b"y"] and reads[4].redis_type == "none"
+    assert (reads[5].redis_type, reads[5].raw) == ("hash", {b"a": b"1"})  # refused as a string: read as what it is
+    assert 0 < reads[6].pttl <= 60_000
+    assert r.get("s") == b"\xff\x00"  # the pooled connection came back clean
+
+
+def test_report_says_where_the_time_went(settings, r, pg):
+    seed_demo(r, 40)
+    report = migrate(settings)
+    stages = report["stage_seconds"]
+    assert set(stages) == {"scan", "read", "transform", "write", "write_wait", "throttle"}
+    assert all(stages[s] > 0 for s in ("scan", "read", "transform", "write")) and stages["throttle"] == 0
+    assert report["wall_seconds"] > 0

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from migrator.mapping import BadRecord, SourceRecord
+from migrator.mapping import BadRecord, SourceRecord, literal_prefix
 from migrator.source import decode
 from migrator.threadr import THREADR, user_uuid
 
@@ -64,6 +64,29 @@ def test_grammar_owns_each_key_shape(key, pattern, fields):
                                  "threadr:premium:", "threadrx:user:u"])
 def test_keys_outside_every_grammar_are_unmapped(key):
     assert THREADR.classify(key) == (None, {})
+
+
+@pytest.mark.parametrize("grammar, prefix", [
+    ("threadr:usage:(?P<kind>ip|email):(?P<s>.+)", "threadr:usage:"),  # alternation inside a group
+    ("a|b", ""), ("a[|]|b", ""), ("a[(]b|c", ""),  # alternation at the top, past a class
+    ("ab?c", "a"), ("abc{2}", "ab"), ("ab*", "a"), ("ab+", "a"),  # a quantified character is not certain
+    (r"a\.b", "a"), ("(?i)abc", ""), ("exact:key", "exact:key"),
+])
+def test_literal_prefix_is_never_longer_than_what_every_match_starts_with(grammar, prefix):
+    assert literal_prefix(grammar) == prefix
+
+
+@pytest.mark.parametrize("key", [
+    "threadr:premium:ip:1.2.3.4", "threadr:user:email:a@x.io", "threadr:usage:user:user_1:daily:2026-11-27",
+    "analytics:u:threads", "analytics:u:thread:t", "threadr:cache:url:x", "team:42", "threadr:usage:stats", "",
+])
+def test_prefix_filter_never_drops_a_key_its_scope_owns(key):
+    """Per priority: a key whose owner is in scope always passes the startswith test."""
+    owner, _ = THREADR.classify(key)
+    for priority in {p.priority for p in THREADR.patterns}:
+        scope = THREADR.select([priority])
+        if owner is not None and owner in scope:
+            assert key.encode().startswith(THREADR.prefixes(scope)), (key, priority)
 
 
 def grant(**over):
