@@ -71,6 +71,7 @@ class _Batch:
         self.write_behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self.in_flight: tuple[list[Prepared], Future] | None = None
         self.dead: list[tuple] = []
+        self.dead_bytes = 0
         self.rows_written = 0
         self.checksum = 0
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
@@ -107,7 +108,7 @@ class _Batch:
                 chunk = wanted[start : start + self.read_chunk]
                 if self.throttle is not None:
                     t["throttle"] += self.throttle.acquire(len(chunk))
-                reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk])
+                reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.opts.max_value_bytes)
                 now = datetime.now(timezone.utc)
                 now_s = clock()
                 t["read"] += now_s - mark
@@ -156,8 +157,9 @@ class _Batch:
             self._dead(key, text, pattern, read, f"Redis error reading the value: {read.raw}")
             return
         if read.size > self.opts.max_value_bytes:
-            self._dead(key, text, pattern, read,
-                       f"value is {read.size:,} bytes, over the {self.opts.max_value_bytes:,}-byte limit (raise --max-value-bytes)")
+            kept = f"; its first {len(read.raw):,} bytes are kept here" if read.truncated else ""
+            self._dead(key, text, pattern, read, f"value is {read.size:,} bytes, over the "
+                       f"{self.opts.max_value_bytes:,}-byte limit (raise --max-value-bytes){kept}")
             return
         expires_at = now + timedelta(milliseconds=read.pttl) if read.pttl > 0 else None
         try:
@@ -212,7 +214,21 @@ class _Batch:
             f"{reason} ({detail})" if detail else reason,
         ))
         log.warning("dead_letter", pattern=pattern.name, key=redact_text(text), reason=redact_text(reason))
+        self.dead_bytes += len(self.dead[-1][4] or b"") + len(key)
+        # (not in a dry run: its writes are rolled back to a savepoint, dead letters after it)
+        if self.dead_bytes > DEAD_LETTER_SPILL_BYTES and not self.opts.dry_run:
+            self.spill_dead()
 
+    def spill_dead(self) -> None:
+        """Write the dead letters kept so far, in the batch's transaction: raw values of huge or
+        many bad keys are not held in memory until the batch ends."""
+        self._settle()  # the writer thread is done with the cursor
+        ledger.add_dead_letters(self.cur, self.spec.run_id, self.spec.id, self.dead)
+        self.dead, self.dead_bytes = [], 0
+
+
+# Dead letters kept in memory before they are written out (their raw values can be large).
+DEAD_LETTER_SPILL_BYTES = 16 * 1024 * 1024
 
 # Namespace of the per-batch advisory locks (any constant; the batch id is the second key).
 BATCH_LOCK = 0x6D67
@@ -265,7 +281,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             if spec.options.dry_run:
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
-            ledger.add_dead_letters(cur, spec.run_id, spec.id, batch.dead)
+            batch.spill_dead()
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings)
         conn.commit()
     except Exception as exc:

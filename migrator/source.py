@@ -27,10 +27,15 @@ class KeyRead:
     pttl: int  # milliseconds; -1 without TTL, -2 gone
     raw: Any  # reply of the read command for the type the pattern expects
     size: int  # bytes of payload, for the value size limit
+    truncated: bool = False  # a string over the limit: `raw` holds only its first bytes
 
 
-def _read_command(key: bytes, redis_type: str) -> tuple:
-    # A stream or module type has no reader here: the TYPE reply alone says what was there.
+def _read_command(key: bytes, redis_type: str, max_bytes: int | None = None) -> tuple:
+    # A string is read only up to one byte past the limit: a huge value costs no more memory
+    # than the largest one allowed. A stream or module type has no reader here: the TYPE reply
+    # alone says what was there.
+    if redis_type == "string" and max_bytes is not None:
+        return ("GETRANGE", key, "0", str(max_bytes))
     name, *args = READ_COMMANDS.get(redis_type, ("EXISTS",))
     return (name, key, *args)
 
@@ -89,20 +94,23 @@ def payload_size(raw: Any) -> int:
     return sum(len(m[0]) + 8 if isinstance(m, tuple) else len(m) for m in raw)
 
 
-def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]]) -> list[KeyRead]:
-    """Read (key, expected type) pairs: PTTL and the value in one round trip.
+def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]], max_bytes: int | None = None) -> list[KeyRead]:
+    """Read (key, expected type) pairs: the value and its PTTL in one round trip.
 
-    TYPE is only asked when the read command was refused (WRONGTYPE), and such a key is read
-    again by its real type, so its dead letter keeps what was really there.
+    PTTL comes after the value, so a key that vanishes in between is counted gone whichever
+    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1;
+    an oversized one is marked truncated, with its real length asked for. TYPE is only asked
+    when the read command was refused (WRONGTYPE), and such a key is read again by its real
+    type, so its dead letter keeps what was really there.
     """
     commands = []
     for key, expected in wanted:
+        commands.append(_read_command(key, expected, max_bytes))
         commands.append(("PTTL", key))
-        commands.append(_read_command(key, expected))
     replies = roundtrip(client, commands)
     reads = []
     for i, (key, expected) in enumerate(wanted):
-        pttl, raw = replies[2 * i], _shape(expected, replies[2 * i + 1])
+        raw, pttl = _shape(expected, replies[2 * i]), replies[2 * i + 1]
         # An empty reply is a missing key: Redis deletes emptied collections.
         gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw)
         rtype = "none" if gone else expected
@@ -111,9 +119,13 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]]) -> list[
     if wrong:
         for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):
             r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
-        for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type) for r in wrong])):
+        for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type, max_bytes) for r in wrong])):
             r.raw = _shape(r.redis_type, raw)
             r.size = payload_size(r.raw)
+    huge = [r for r in reads if max_bytes is not None and isinstance(r.raw, bytes) and len(r.raw) > max_bytes]
+    if huge:
+        for r, length in zip(huge, roundtrip(client, [("STRLEN", r.key) for r in huge])):
+            r.truncated, r.size = True, length if isinstance(length, int) else r.size
     return reads
 
 

@@ -7,6 +7,7 @@ import time
 
 import migrator.batch
 from migrator.demo import seed_demo, seed_hostile
+from migrator.options import DEFAULT_MAX_VALUE_BYTES
 from migrator.ledger import COUNT_FIELDS
 from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
@@ -137,11 +138,11 @@ def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkey
         put_user(r, f"user_{i:02d}", f"u{i}@x.io")
     real_read = migrator.batch.read_keys
 
-    def read_after_expiry(client, wanted):
+    def read_after_expiry(client, wanted, *args):
         # the race made certain: some keys vanish between SCAN and the value read
         for key, _ in wanted[::3]:
             client.delete(key)
-        return real_read(client, wanted)
+        return real_read(client, wanted, *args)
 
     monkeypatch.setattr(migrator.batch, "read_keys", read_after_expiry)
     report = migrate(settings)
@@ -365,10 +366,10 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
     real_read = migrator.batch.read_keys
     vanished = {"n": 0}
 
-    def read_while_keys_expire(client, wanted):
+    def read_while_keys_expire(client, wanted, *args):
         for key, _ in wanted[::97]:  # some keys expire between SCAN and the read
             vanished["n"] += client.delete(key)
-        return real_read(client, wanted)
+        return real_read(client, wanted, *args)
 
     monkeypatch.setattr(migrator.batch, "read_keys", read_while_keys_expire)
     report = migrate(settings, ranges=4)
@@ -383,6 +384,12 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s AND error LIKE '%%over the%%'",
                     (report["run_id"],))
         assert cur.fetchone()[0] == 4  # the three 5 MB values and the 100k-member time series (over 4 MiB)
+        # a huge string is read only up to the limit (the worker never holds all of it), and says so
+        cur.execute("SELECT length(raw_value), error FROM migration_dead_letters WHERE run_id = %s"
+                    " AND key_text LIKE 'threadr:user:user_huge%%'", (report["run_id"],))
+        huge = cur.fetchall()
+        assert len(huge) == 3 and all(length == DEFAULT_MAX_VALUE_BYTES + 1 for length, _ in huge)
+        assert all(f"value is {r.strlen('threadr:user:user_huge0'):,} bytes" in e and "first" in e for _, e in huge)
         cur.execute("SELECT count(*) FROM users")
         users_in = cur.fetchone()[0]
     assert users_in == by_pattern(report)["user"]["migrated"] > 0
@@ -430,6 +437,18 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
     finally:
         server.stop()
         server.remove()
+
+
+def test_dead_letters_are_written_out_as_they_pile_up_and_none_is_lost(settings, r, pg, monkeypatch):
+    monkeypatch.setattr(migrator.batch, "DEAD_LETTER_SPILL_BYTES", 2000)  # spill every few letters
+    for i in range(60):
+        r.set(f"threadr:user:user_bad{i:02d}", b'{"email": ' + b"x" * 100)
+    report = migrate(settings, batch_size=7)
+    assert report["status"] == "completed" and by_pattern(report)["user"]["dead"] == 60
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT key_text), count(*) FROM migration_dead_letters WHERE run_id = %s",
+                    (report["run_id"],))
+        assert cur.fetchone() == (60, 60)
 
 
 def test_read_keys_gives_each_type_its_shape_in_one_round_trip(r):
