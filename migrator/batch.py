@@ -26,7 +26,7 @@ from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceReco
 from .partition import scan_range
 from .redact import redact_text
 from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys
-from .throttle import Throttle
+from . import throttle
 from .writer import Prepared, Writer, describe, detail
 
 log = structlog.get_logger("migrator.batch")
@@ -77,13 +77,8 @@ class _Batch:
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
-        self.throttle = Throttle(client, spec.run_id, self.opts.max_keys_per_sec) if self.opts.max_keys_per_sec else None
-        self.read_chunk, self.scan_count = self.opts.read_chunk, self.opts.scan_count
-        if self.opts.max_keys_per_sec:
-            # Under a cap, smaller round trips too: a pipeline or SCAN call holds Redis for its
-            # whole length, which is what the app's slowest requests wait behind.
-            self.read_chunk = min(self.read_chunk, max(10, self.opts.max_keys_per_sec // 20))
-            self.scan_count = min(self.scan_count, max(100, self.opts.max_keys_per_sec // 10))
+        self.throttle = throttle.for_run(client, spec.run_id, self.opts)
+        self.read_chunk, self.scan_count = throttle.paced(self.opts)
 
     def run(self) -> None:
         try:
@@ -98,6 +93,8 @@ class _Batch:
         clock, t = time.perf_counter, self.timings
         mark = clock()
         for keys in scan_range(self.client, self.spec.key_range, self.scan_count):
+            if self.throttle is not None:
+                t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
             t["scan"] += now_s - mark
             candidates = [k for k in keys if k.startswith(self.prefixes)]
@@ -112,12 +109,13 @@ class _Batch:
                 now = datetime.now(timezone.utc)
                 now_s = clock()
                 t["read"] += now_s - mark
+                waited = t["write_wait"]
                 for (key, text, pattern, fields), read in zip(chunk, reads):
                     self._prepare(key, text, pattern, fields, read, now)
                 while len(self.pending) >= self.opts.batch_size:
                     self._flush(self.opts.batch_size)
                 mark = clock()
-                t["transform"] += mark - now_s
+                t["transform"] += mark - now_s - (t["write_wait"] - waited)
             if self.progress is not None:
                 self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
             mark = clock()

@@ -58,8 +58,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
                    help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
-                   help="cap the rate at which all workers together read keys from Redis, to spare a production "
-                        "server (a token bucket shared through Redis; default: no cap)")
+                   help="cap the keys per second that all workers together scan or read in Redis, to spare a "
+                        "production server (a token bucket shared through Redis; a run touches each key about 9 times: "
+                        "a scan and a validation pass per priority, and one read; default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how far a fresh count of source keys may drift from the scan, as a fraction "

@@ -1,19 +1,21 @@
-"""A cap on the read rate of a run, shared by every process that works on it.
+"""A cap on the load a run puts on Redis, shared by every process that works on it.
 
 `--max-keys-per-sec` protects the production Redis: one token bucket per run, kept in another
 database of the source server (the database Celery's results use by default, never the one
-being migrated, so the scan never sees it). Each read chunk takes its keys' worth of tokens
-in one atomic script call; a chunk that finds the bucket short reserves its tokens anyway and
-sleeps until they would have been there, so workers on any number of hosts together read at
-most `rate` keys per second (plus one second's burst).
+being migrated, so the scan never sees it). Every key a SCAN reply names and every key read
+takes a token (on a large table a SCAN costs Redis about as much per key as a read does), in
+one atomic script call per reply or read chunk; a call that finds the bucket short reserves its
+tokens anyway and sleeps until they would have been there, so workers on any number of hosts
+together touch at most `rate` keys per second (plus one second's burst). A run touches each key
+about nine times: a batch pass and a validation pass per priority, and one read.
 """
 from __future__ import annotations
 
 import time
-
 import redis
 
 from .config import state_db
+from .options import RunOptions
 
 # KEYS[1]: the bucket. ARGV: rate (keys/s), keys wanted. Returns milliseconds to wait.
 TAKE = """
@@ -52,3 +54,17 @@ class Throttle:
 
     def close(self) -> None:
         self.client.close()
+
+
+def paced(opts: RunOptions) -> tuple[int, int]:
+    """(keys per read pipeline, SCAN COUNT) for a run: under a cap, shorter round trips too, since
+    a pipeline or a SCAN call holds Redis for its whole length, and the app's slowest requests
+    are the ones that wait behind it."""
+    if not opts.max_keys_per_sec:
+        return opts.read_chunk, opts.scan_count
+    step = max(10, opts.max_keys_per_sec // 100)  # about a hundred round trips a second
+    return min(opts.read_chunk, step), min(opts.scan_count, step)
+
+
+def for_run(source: redis.Redis, run_id: str, opts: RunOptions) -> Throttle | None:
+    return Throttle(source, run_id, opts.max_keys_per_sec) if opts.max_keys_per_sec else None

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import redis
 from psycopg2 import sql
 
-from . import ledger
+from . import ledger, throttle
 from .mapping import SourceRecord, UNMAPPED, Mapping, Priority
 from .options import RunOptions
 from .partition import plan_ranges, scan_range
@@ -39,27 +39,35 @@ class Check:
         return asdict(self)
 
 
-def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority) -> dict[str, int]:
+def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority,
+                  run_id: str) -> dict[str, int]:
     """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
     patterns = opts.scope(mapping, priority)
     scope = {p.name for p in patterns}
     unmapped = opts.includes_unmapped(mapping, priority)
     prefixes = (b"",) if unmapped else mapping.prefixes(patterns)
     counts: dict[str, int] = {}
-    for whole in plan_ranges(client, 1):  # the whole keyspace: of the server, or of each master
-        nc = node_client(client, whole.node) if whole.node else client
-        try:
-            for keys in scan_range(nc, whole, opts.scan_count):
-                for key in keys:
-                    if not key.startswith(prefixes):
-                        continue
-                    pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
-                    name = pattern.name if pattern else UNMAPPED
-                    if name in scope or (pattern is None and unmapped):
-                        counts[name] = counts.get(name, 0) + 1
-        finally:
-            if nc is not client:
-                nc.close()
+    cap = throttle.for_run(client, run_id, opts)
+    try:
+        for whole in plan_ranges(client, 1):  # the whole keyspace: of the server, or of each master
+            nc = node_client(client, whole.node) if whole.node else client
+            try:
+                for keys in scan_range(nc, whole, throttle.paced(opts)[1]):
+                    if cap is not None:
+                        cap.acquire(len(keys))
+                    for key in keys:
+                        if not key.startswith(prefixes):
+                            continue
+                        pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
+                        name = pattern.name if pattern else UNMAPPED
+                        if name in scope or (pattern is None and unmapped):
+                            counts[name] = counts.get(name, 0) + 1
+            finally:
+                if nc is not client:
+                    nc.close()
+    finally:
+        if cap is not None:
+            cap.close()
     return counts
 
 
@@ -125,7 +133,7 @@ def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
     checks.append(Check("balance", not unbalanced,
                         "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
                         else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
-    fresh = source_counts(client, mapping, opts, priority)
+    fresh = source_counts(client, mapping, opts, priority, run_id)
     off = {}
     for name in sorted(set(fresh) | set(totals)):
         # keys that expired during the run are gone from the source as from the ledger's present

@@ -291,8 +291,9 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
         if last:
-            local_rate = modes["local"]["keys"] / modes["local"]["seconds"]
-            cap = args.throttle or max(100, int(local_rate / 4 / 100) * 100)
+            # a quarter of what the unthrottled run touched per second (each key about 9 times)
+            touched = 9 * modes["local"]["keys"] / modes["local"]["seconds"]
+            cap = args.throttle or max(100, int(touched / 4 / 100) * 100)
             # the load must end while the unthrottled run still reads
             args.latency_seconds = max(3.0, min(args.latency_seconds, modes["local"]["seconds"] - 4))
             out["latency"] = {"nothing else running": latency_under(args, None),
@@ -373,7 +374,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="worker process counts to measure (default 1,2)")
     parser.add_argument("--latency-seconds", type=float, default=20.0,
                         help="how long the app-like load runs per case (at most the unthrottled run's time less 4 s)")
-    parser.add_argument("--throttle", type=int, help="--max-keys-per-sec for the latency case (default: local rate / 4)")
+    parser.add_argument("--throttle", type=int,
+                        help="--max-keys-per-sec for the latency case (default: a quarter of what `run --local` touched)")
     parser.add_argument("--no-hostile", dest="workers_hostile", action="store_false",
                         help="skip the run of 2 workers over the hostile keyspace (first size)")
     parser.add_argument("--readme", action="store_true", help="write the result tables into README.md")

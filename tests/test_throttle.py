@@ -35,17 +35,19 @@ def test_two_holders_share_one_bucket(r):
         second.close()
 
 
-def test_throttled_run_reads_at_the_cap_and_still_balances(settings, r, pg):
-    seed_demo(r, 30)
+def test_throttled_run_scans_and_reads_under_the_cap_and_still_balances(settings, r, pg):
+    seed_demo(r, 60)
     keys = r.dbsize()
-    report = migrate(settings, max_keys_per_sec=200, read_chunk=50)
+    report = migrate(settings, max_keys_per_sec=2000)
     assert report["status"] == "completed" and report["balanced"]
     bucket = f"migrator:throttle:{report['run_id']}"
     state = _state(r)
     try:
-        tokens = float(state.hget(bucket, "tokens"))
-        # every key read took a token; reads outran the refill, so the bucket ended in debt or near empty
-        assert tokens < 200 and keys > 200
+        # every key scanned or read took a token (about nine per key): far past the first
+        # second's 2,000, so the batches slept, and the bucket ended short
+        assert keys * 9 > 2 * 2000
+        assert report["stage_seconds"]["throttle"] > 0
+        assert float(state.hget(bucket, "tokens")) < 2000
     finally:
         state.delete(bucket)
 
