@@ -151,9 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--batch", type=int, action="append", help="batch id from `migrator batches` (repeatable)")
     which.add_argument("--failed", action="store_true", help="every failed batch of the run")
 
-    p = sub.add_parser("resume", help="carry a run on from the ledger (after the coordinator or the broker was lost)")
+    p = sub.add_parser("resume", help="carry a run on from the ledger (after the coordinator or the broker was lost)",
+                       description="Re-sends the first priority that has not validated, with exactly its unfinished "
+                                   "batches. With --local, runs them in this process instead (a `run --local` that was "
+                                   "killed), then prints the report like `run`.")
     _connection_flags(p)
     p.add_argument("run_id")
+    p.add_argument("--local", action="store_true", help="carry the run on in this process instead of on the workers")
+    p.add_argument("--json", action="store_true", help="with --local: print the final report as JSON")
+    p.add_argument("--output-dir", type=Path, default=Path("."), help="with --local: where the report goes")
 
     p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
     _connection_flags(p)
@@ -237,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "requeue":
             return commands.cmd_requeue(settings, args.run_id, args.batch or [])
         if args.command == "resume":
+            if args.local:
+                return commands.cmd_resume_local(settings, THREADR, args.run_id, as_json=args.json,
+                                                 output_dir=args.output_dir)
             return commands.cmd_resume(settings, args.run_id)
         if args.command == "report":
             return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)

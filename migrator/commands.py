@@ -23,7 +23,7 @@ from .log import attach_log_file
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .rollback import rollback_run
-from .runner import execute_local, plan_run
+from .runner import execute_local, plan_run, resume_point
 from .status import TERMINAL
 from .validate import render_validation, validate_run
 from .audit import audit_keyspace, render_audit, write_audit
@@ -88,14 +88,20 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
         finally:
             conn.close()
         _announce(run_id, opts, output_dir, out)
-        execute_local(client, settings.postgres, mapping, run_id, opts)
-        conn = settings.postgres()  # a new one: the server may have restarted during the run
-        try:
-            return _final_report(conn, mapping, run_id, output_dir, as_json, out)
-        finally:
-            conn.close()
+        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, out)
     finally:
         client.close()
+
+
+def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, opts: RunOptions,
+              start: Priority | None, output_dir: Path, as_json: bool, out: TextIO) -> int:
+    """Execute a run's batches in this process from `start`, then print and write its report."""
+    execute_local(client, settings.postgres, mapping, run_id, opts, start=start)
+    conn = settings.postgres()  # a new one: the server may have restarted during the run
+    try:
+        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
+    finally:
+        conn.close()
 
 
 def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, detach: bool = False,
@@ -198,6 +204,25 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
         conn.close()
     out.write(f"resumed run {run_id} at priority {label}\n" if label else f"run {run_id} has nothing left to do\n")
     return OK
+
+
+def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
+                     output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+    """Carry a run on in this process from the ledger, then report it like `run --local`."""
+    client = settings.redis()
+    try:
+        conn = _ledger(settings)
+        try:
+            opts, priority = resume_point(conn, run_id)
+        finally:
+            conn.close()
+        if priority is None:
+            out.write(f"run {run_id} has nothing left to do\n")
+            return OK
+        out.write(f"resuming run {run_id} at priority {priority.label}\n")
+        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, out)
+    finally:
+        client.close()
 
 
 def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,

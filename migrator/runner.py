@@ -17,7 +17,7 @@ from .batch import migrate_batch
 from .config import ConfigError
 from .errors import TRANSIENT, backoff
 from .finalize import after_priority
-from .mapping import Mapping
+from .mapping import Mapping, Priority
 from .options import RunOptions
 from .partition import plan_ranges
 from .redact import redact_text, redact_url
@@ -42,16 +42,32 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
     return run_id
 
 
+def resume_point(conn: Any, run_id: str) -> tuple[RunOptions, Priority | None]:
+    """A run's options and the priority to carry it on from (None: nothing left), marked running again."""
+    with conn, conn.cursor() as cur:
+        run = ledger.require_run(cur, run_id)
+        if run["status"] in ("rolled_back", "rolling_back"):
+            raise ConfigError(f"run {run_id} was rolled back; start a new run instead")
+        opts = RunOptions.from_json(run["options"])
+        label = ledger.first_unvalidated(cur, run_id, [p.label for p in opts.priority_order()])
+        if label is None:
+            return opts, None
+        ledger.set_run_status(cur, run_id, "running")
+    log.info("run_resumed", run=run_id, priority=label)
+    return opts, Priority.parse(label)
+
+
 def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
-                  opts: RunOptions) -> str:
-    """Run every planned batch, priority by priority; returns the run's final status.
+                  opts: RunOptions, start: Priority | None = None) -> str:
+    """Run every planned batch not yet done, priority by priority from `start` (default: the
+    first); returns the run's final status.
 
     A batch that fails on a lost connection is retried on a new one, with backoff, a bounded
     number of times; any other failure is recorded and left to the priority's validation.
     """
     conn = connect()
     try:
-        priority = opts.priority_order()[0]
+        priority = start or opts.priority_order()[0]
         while priority is not None:
             with conn, conn.cursor() as cur:
                 ids = ledger.batch_ids(cur, run_id, priority.label)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psycopg2
 import pytest
 import redis
 
-from helpers import PRIORITIES, Workers, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import PRIORITIES, ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
 from migrator.config import Settings
 from migrator.demo import seed_demo
 from migrator.options import RunOptions
@@ -198,5 +199,47 @@ def test_connections_cut_mid_transaction_are_retried(stack, expected):
         conn = psycopg2.connect(own.database_url)
         _finished_like_undisturbed(own, conn, run_id, expected)
         assert _attempts(conn, run_id) >= 2
+    finally:
+        conn.close()
+
+
+def _cli(own: Settings, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "migrator.cli", *args, "--redis-url", own.redis_url,
+                             "--database-url", own.database_url, "--broker-url", own.broker_url],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _when_validated(conn, priority: str) -> str:
+    """The run id, once `priority` of the latest run has validated."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with conn.cursor() as cur:
+            cur.execute("SELECT v.run_id FROM migration_validations v JOIN migration_runs r ON r.id = v.run_id"
+                        " WHERE v.priority = %s AND v.ok ORDER BY r.started_at DESC LIMIT 1", (priority,))
+            row = cur.fetchone()
+        conn.rollback()
+        if row:
+            return str(row[0])
+        time.sleep(0.02)
+    raise AssertionError(f"{priority} never validated")
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["on workers", "run --local"])
+def test_the_coordinator_killed_between_priorities_and_resume_carries_on(stack, expected, tmp_path, local):
+    own, *_ = stack
+    _empty(own)
+    coordinator = _cli(own, "run", *(["--local"] if local else []), "--ranges", "4", "--batch-size", "50",
+                       "--output-dir", str(tmp_path))
+    conn = psycopg2.connect(own.database_url)
+    try:
+        run_id = _when_validated(conn, "critical")
+        coordinator.kill()  # between priorities: critical is in, high has not finished
+        coordinator.communicate(timeout=30)
+        resumed = _cli(own, "resume", run_id, *(["--local", "--output-dir", str(tmp_path)] if local else []))
+        out, err = resumed.communicate(timeout=240)
+        assert resumed.returncode == 0, err
+        # on workers the chords had carried the run on without the coordinator; --local goes on here
+        assert ("resuming run" in out) if local else ("resumed run" in out or "nothing left to do" in out), out
+        _finished_like_undisturbed(own, conn, run_id, expected)
     finally:
         conn.close()

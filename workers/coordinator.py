@@ -12,9 +12,9 @@ import structlog
 
 from migrator import ledger
 from migrator.config import ConfigError, Settings
-from migrator.mapping import Mapping, Priority
+from migrator.mapping import Mapping
 from migrator.options import RunOptions
-from migrator.runner import plan_run
+from migrator.runner import plan_run, resume_point
 
 from .celery import app
 from .tasks import dispatch_priority
@@ -52,18 +52,11 @@ def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts
 
 def resume(conn: Any, run_id: str) -> str | None:
     """Carry a run on from the ledger: re-send the first priority that has not validated."""
-    with conn, conn.cursor() as cur:
-        run = ledger.require_run(cur, run_id)
-        if run["status"] in ("rolled_back", "rolling_back"):
-            raise ConfigError(f"run {run_id} was rolled back; start a new run instead")
-        order = [p.label for p in RunOptions.from_json(run["options"]).priority_order()]
-        label = ledger.first_unvalidated(cur, run_id, order)
-        if label is None:
-            return None
-        ledger.set_run_status(cur, run_id, "running")
-    dispatch_priority(conn, run_id, Priority.parse(label))
-    log.info("run_resumed", run=run_id, priority=label)
-    return label
+    _, priority = resume_point(conn, run_id)
+    if priority is None:
+        return None
+    dispatch_priority(conn, run_id, priority)
+    return priority.label
 
 
 def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
