@@ -12,6 +12,7 @@ about nine times: a batch pass and a validation pass per priority, and one read.
 from __future__ import annotations
 
 import time
+
 import redis
 
 from .config import state_db

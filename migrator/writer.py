@@ -49,6 +49,15 @@ def detail(exc: BaseException) -> str | None:
     return getattr(exc, "detail", None) or getattr(getattr(exc, "diag", None), "message_detail", None)
 
 
+def _error_class(sqlstate: str) -> type[psycopg2.Error]:
+    """psycopg2's exception for a record error that migrator_write returned (classes 22, 23, 54)."""
+    try:
+        return psycopg2.errors.lookup(sqlstate)
+    except KeyError:  # a code newer than this psycopg2: its class says enough
+        return {"22": psycopg2.DataError, "23": psycopg2.IntegrityError}.get(sqlstate[:2],
+                                                                              psycopg2.errors.ProgramLimitExceeded)
+
+
 class Writer:
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None) -> None:  # None: the app's own writes
         self.cursor = cursor
@@ -106,7 +115,7 @@ class Writer:
         self.cursor.execute("SELECT * FROM migrator_write(%s, %s)", (statements, documents))
         written, state, message, detail_ = self.cursor.fetchone()
         if state is not None:
-            error = psycopg2.errors.lookup(state)(message)
+            error = _error_class(state)(message)
             error.detail = detail_
             raise error
         return written

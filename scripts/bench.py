@@ -333,6 +333,14 @@ def render(size: dict) -> list[str]:
         note = " (sample, extrapolated)" if r.get("sampled") else ""
         lines.append(f"| {mode}{note} | {r['keys']:,} | {r['seconds']:.1f} | {rate:,.0f} | {rate / floor:.2f} | "
                      f"{rate / seed:.1f} | {rss} | {split} |")
+    ratio = lambda name: modes[name]["keys"] / modes[name]["seconds"] / floor if name in modes else None
+    migrator_modes = [m for m in modes if m not in ("floor", "seed")]
+    bars = [("2 workers >= 1.0x floor", ratio("2 workers"), 1.0), ("local >= 0.7x floor", ratio("local"), 0.7)]
+    lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrator_modes) if migrator_modes else None
+    verdicts = [f"{name}: {'yes' if value >= bar else 'NO'} ({value:.2f})" for name, value, bar in bars if value is not None]
+    if lowest is not None:
+        verdicts.append(f"every mode >= 10x seed: {'yes' if lowest >= 10 else 'NO'} (lowest {lowest:.1f}x)")
+    lines += ["", "Bars: " + "; ".join(verdicts)]
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]

@@ -476,3 +476,14 @@ def test_report_says_where_the_time_went(settings, r, pg):
     assert set(stages) == {"scan", "read", "transform", "write", "write_wait", "throttle"}
     assert all(stages[s] > 0 for s in ("scan", "read", "transform", "write")) and stages["throttle"] == 0
     assert report["wall_seconds"] > 0
+
+
+def test_record_errors_returned_by_migrator_write_keep_their_class():
+    import psycopg2.errors
+
+    from migrator.writer import RECORD_ERRORS, _error_class
+
+    assert _error_class("23514") is psycopg2.errors.CheckViolation
+    # a code this psycopg2 does not know still lands in the right family, so it is bisected
+    assert issubclass(_error_class("22ZZZ"), psycopg2.DataError) and issubclass(_error_class("23ZZZ"), psycopg2.IntegrityError)
+    assert all(issubclass(_error_class(code), RECORD_ERRORS) for code in ("22P05", "23505", "54000", "54ZZZ"))
