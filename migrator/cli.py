@@ -63,8 +63,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "a scan and a validation pass per priority, and one read; default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
-                   help="validation: how far a fresh count of source keys may drift from the scan, as a fraction "
-                        "per pattern (raise it while the app writes; default 0.01)")
+                   help="validation: how many more source keys a fresh count may find than the batches scanned, "
+                        "as a fraction per pattern (raise it while the app writes new keys; default 0.01)")
     g.add_argument("--continue-on-error", action="store_true",
                    help="go on to the next priority even when a batch failed (dead letters never stop a run)")
     g.add_argument("--no-rollback", action="store_true",

@@ -23,8 +23,8 @@ class RunOptions:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     source_timezone: str = "UTC"
     ranges: int | None = None
-    # How far a fresh count of source keys may drift from what was scanned (live traffic adds
-    # and deletes keys while a run goes on); a fraction per pattern.
+    # How many more keys a fresh count of the source may find than were scanned (live traffic
+    # adds keys while a run goes on); a fraction per pattern. Fewer is never a failure.
     count_tolerance: float = 0.01
     max_keys_per_sec: int | None = None  # read rate of all workers together; None: uncapped
 

@@ -170,7 +170,8 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
     text = out.decode()
     report = json.loads(text[text.index("{"):])
     if report["status"] != "completed" or not report["balanced"]:
-        raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}")
+        raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}: "
+                         f"{report['error']}")
     return {"keys": report["totals"]["scanned"], "seconds": report["wall_seconds"], "peak_rss_mb": peak,
             "stages": report["stage_seconds"]}
 

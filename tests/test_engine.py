@@ -487,3 +487,28 @@ def test_record_errors_returned_by_migrator_write_keep_their_class():
     # a code this psycopg2 does not know still lands in the right family, so it is bisected
     assert issubclass(_error_class("22ZZZ"), psycopg2.DataError) and issubclass(_error_class("23ZZZ"), psycopg2.IntegrityError)
     assert all(issubclass(_error_class(code), RECORD_ERRORS) for code in ("22P05", "23505", "54000", "54ZZZ"))
+
+
+def test_fresh_count_fails_on_keys_the_scan_missed_not_on_keys_gone_since(settings, r, pg):
+    from migrator.validate import validate_run
+
+    seed_demo(r, 30)
+    report = migrate(settings)
+    assert report["status"] == "completed"
+    users = [k for k in r.scan_iter(match="threadr:user:user_*", count=1000)][:10]
+    r.delete(*users)  # gone since the scan: expired, or deleted by the app
+
+    def source_check(priority: str) -> dict:
+        client = settings.redis()
+        try:
+            result = validate_run(client, pg, THREADR, report["run_id"])
+        finally:
+            client.close()
+        return next(c for c in result["priorities"][priority] if c["name"] == "source_counts")
+
+    high = source_check("high")
+    assert high["ok"] and high["data"]["gone_since_scan"]["user"] == 10
+    for i in range(50):  # keys the batches never saw
+        r.set(f"threadr:ratelimit:198.51.100.{i}", 1)
+    low = source_check("low")
+    assert not low["ok"] and "ratelimit" in low["data"]["differ"]
