@@ -60,8 +60,7 @@ class _Batch:
         priority = Priority.parse(spec.priority)
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
         self.count_unmapped = self.opts.includes_unmapped(mapping, priority)
-        # a pass that counts unmapped keys must look at every key
-        self.prefixes = (b"",) if self.count_unmapped else mapping.prefixes(self.scope.values())
+        self.prefixes = self.opts.prefixes(mapping, priority)
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)

@@ -26,7 +26,7 @@ class RunOptions:
     # How many more keys a fresh count of the source may find than were scanned (live traffic
     # adds keys while a run goes on); a fraction per pattern. Fewer is never a failure.
     count_tolerance: float = 0.01
-    max_keys_per_sec: int | None = None  # read rate of all workers together; None: uncapped
+    max_keys_per_sec: int | None = None  # keys scanned or read per second, all workers together; None: uncapped
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes", "max_keys_per_sec"):
@@ -43,6 +43,12 @@ class RunOptions:
 
     def scope(self, mapping: Mapping, priority: Priority) -> list[Pattern]:
         return mapping.select([priority], self.tables or None, self.patterns or None)
+
+    def prefixes(self, mapping: Mapping, priority: Priority) -> tuple[bytes, ...]:
+        """What a pass over `priority` looks at (`key.startswith`): every key when it counts unmapped ones."""
+        if self.includes_unmapped(mapping, priority):
+            return (b"",)
+        return mapping.prefixes(self.scope(mapping, priority))
 
     def includes_unmapped(self, mapping: Mapping, priority: Priority) -> bool:
         """Unmapped keys are counted once, in the mapping's unmapped priority, by unfiltered runs."""

@@ -48,10 +48,9 @@ def _shape(redis_type: str, raw: Any) -> Any:
         return raw
     if redis_type == "hash":
         return dict(zip(raw[::2], raw[1::2]))
-    if redis_type == "zset" and raw and not isinstance(raw[0], (tuple, list)):
-        return [(m, float(s)) for m, s in zip(raw[::2], raw[1::2])]
     if redis_type == "zset":
-        return [(m, float(s)) for m, s in raw]
+        pairs = raw if raw and isinstance(raw[0], (tuple, list)) else zip(raw[::2], raw[1::2])
+        return [(m, float(s)) for m, s in pairs]
     return raw
 
 
@@ -192,12 +191,17 @@ def cluster_masters(client: redis.Redis) -> list[str]:
     return sorted(masters)
 
 
+def client_like(client: redis.Redis, **changes: Any) -> redis.Redis:
+    """A new client with the credentials and options of `client`, but for `changes` (host, port, db)."""
+    pool = client.connection_pool
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **{**pool.connection_kwargs, **changes}))
+
+
 def node_client(client: redis.Redis, node: str) -> redis.Redis:
     """A client for one cluster node, with the same credentials and options as `client`."""
     host, _, port = node.rpartition(":")
-    pool = client.connection_pool
-    return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **{**pool.connection_kwargs, "host": host, "port": int(port)}))
+    return client_like(client, host=host, port=int(port))
 
 
 def key_client(client: redis.Redis) -> redis.Redis:

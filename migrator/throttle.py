@@ -17,6 +17,7 @@ import redis
 
 from .config import state_db
 from .options import RunOptions
+from .source import client_like
 
 # KEYS[1]: the bucket. ARGV: rate (keys/s), keys wanted. Returns milliseconds to wait.
 TAKE = """
@@ -38,10 +39,7 @@ class Throttle:
     """Not for a Redis Cluster source (no second database there): `plan_run` refuses that."""
 
     def __init__(self, source: redis.Redis, run_id: str, rate: int) -> None:
-        pool = source.connection_pool
-        kwargs = pool.connection_kwargs
-        self.client = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, **{**kwargs, "db": state_db(int(kwargs.get("db") or 0))}))
+        self.client = client_like(source, db=state_db(int(source.connection_pool.connection_kwargs.get("db") or 0)))
         self.key = f"migrator:throttle:{run_id}"
         self.rate = rate
         self._take = self.client.register_script(TAKE)

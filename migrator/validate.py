@@ -42,10 +42,9 @@ class Check:
 def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority,
                   run_id: str) -> dict[str, int]:
     """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
-    patterns = opts.scope(mapping, priority)
-    scope = {p.name for p in patterns}
+    scope = {p.name for p in opts.scope(mapping, priority)}
     unmapped = opts.includes_unmapped(mapping, priority)
-    prefixes = (b"",) if unmapped else mapping.prefixes(patterns)
+    prefixes = opts.prefixes(mapping, priority)
     counts: dict[str, int] = {}
     cap = throttle.for_run(client, run_id, opts)
     try:
@@ -85,13 +84,11 @@ def sample_readback(client: redis.Redis, cur: Any, mapping: Mapping, opts: RunOp
         # the rows that follow a point of the id space picked from the run id are a random few,
         # found through the primary key instead of sorting the whole table.
         start = str(uuid.UUID(hashlib.md5(f"{run_id}:{pattern.name}".encode()).hexdigest()))
-        side = ("SELECT id, source_key FROM {t} WHERE id {op} %s::uuid AND metadata = %s::jsonb"
-                " AND source_key IS NOT NULL ORDER BY id LIMIT %s")
-        cur.execute(
-            sql.SQL(f"({side.format(t='{t}', op='>=')}) UNION ALL ({side.format(t='{t}', op='<')})")
-            .format(t=sql.Identifier(pattern.table)),
-            (start, pattern.provenance, per_pattern * 4, start, pattern.provenance, per_pattern * 4),
-        )
+        side = sql.SQL("SELECT id, source_key FROM {t} WHERE id {op} %s::uuid AND metadata = %s::jsonb"
+                       " AND source_key IS NOT NULL ORDER BY id LIMIT %s")
+        after, before = (side.format(t=sql.Identifier(pattern.table), op=sql.SQL(op)) for op in (">=", "<"))
+        cur.execute(sql.SQL("({}) UNION ALL ({})").format(after, before),
+                    (start, pattern.provenance, per_pattern * 4, start, pattern.provenance, per_pattern * 4))
         keys = list(dict.fromkeys(row[1] for row in cur.fetchall()))[:per_pattern]  # a zset key owns many rows
         stats = {"sampled": len(keys), "same": 0, "differ": 0, "gone": 0}
         reads = read_keys(client, [(k.encode(), pattern.redis_type) for k in keys])

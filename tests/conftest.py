@@ -66,7 +66,7 @@ def cluster(cluster_ports):
     return cluster_ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
     return Settings(REDIS_URL, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
 

@@ -29,7 +29,7 @@ USERS = 600
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, settings_module):
+def stack(tmp_path_factory, settings):
     """Own Redis (persisting to its dir across restarts) and PostgreSQL, and two workers on them."""
     directory = tmp_path_factory.mktemp("faults")
     server = PostgresServer()
@@ -38,7 +38,7 @@ def stack(tmp_path_factory, settings_module):
         conn = psycopg2.connect(server.url)
         init_db(conn)
         conn.close()
-        own = Settings(f"redis://127.0.0.1:{port}/0", server.url, settings_module.broker_url)
+        own = Settings(f"redis://127.0.0.1:{port}/0", server.url, settings.broker_url)
         env = {**worker_env(server.url), "REDIS_URL": own.redis_url}
         pool = Workers(env, directory)
         pool.start("f1")
@@ -54,13 +54,6 @@ def stack(tmp_path_factory, settings_module):
                     c.default_channel.queue_delete(os.environ["MIGRATOR_QUEUE_PREFIX"] + p)
     server.stop()
     server.remove()
-
-
-@pytest.fixture(scope="module")
-def settings_module(database_url):
-    from conftest import REDIS_URL
-
-    return Settings(REDIS_URL, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
 
 
 @pytest.fixture(scope="module")
