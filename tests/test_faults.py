@@ -175,10 +175,11 @@ def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
 
 def test_connections_cut_mid_transaction_are_retried(stack, expected):
     own, _, _, _ = stack
-    run_id, conn = _start(own)
+    # capped, so each batch keeps its transaction open long enough to be caught in it
+    run_id, conn = _start(own, max_keys_per_sec=20_000)
     try:
         _when_a_batch_runs(conn, run_id)
-        cut, deadline = 0, time.monotonic() + 30
+        cut, deadline = 0, time.monotonic() + 60
         with psycopg2.connect(own.database_url) as admin:
             admin.autocommit = True
             with admin.cursor() as cur:
