@@ -13,6 +13,7 @@ import sys
 import time
 
 import psycopg2
+from psycopg2 import sql
 import pytest
 import redis
 
@@ -173,27 +174,39 @@ def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
         conn.close()
 
 
-def test_connections_cut_mid_transaction_are_retried(stack, expected):
+STATEMENT = {"batch": "SELECT * FROM migrator_write(", "finalize": "UPDATE "}
+
+
+@pytest.mark.parametrize("table, caught", [("usage_events", "batch"), ("analytics_timeseries", "finalize")])
+def test_connections_cut_mid_transaction_are_retried(stack, expected, table, caught):
+    """A table held locked stops whoever writes it inside an open transaction, however fast the
+    rest of the run goes: `usage_events` a low batch, `analytics_timeseries` the first priority's
+    finalize (it links user ids there); that connection is cut, and the work is retried."""
     own, _, _, _ = stack
-    # capped, so each batch keeps its transaction open long enough to be caught in it
-    run_id, conn = _start(own, max_keys_per_sec=20_000)
+    run_id, conn = _start(own)
+    hold, killer = psycopg2.connect(own.database_url), psycopg2.connect(own.database_url)
+    killer.autocommit = True
     try:
-        _when_a_batch_runs(conn, run_id)
-        cut, deadline = 0, time.monotonic() + 60
-        with psycopg2.connect(own.database_url) as admin:
-            admin.autocommit = True
-            with admin.cursor() as cur:
-                while not cut and time.monotonic() < deadline:  # the first batch caught with a transaction open
-                    cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                                " WHERE application_name = 'migrator' AND pid <> pg_backend_pid()"
-                                " AND backend_xid IS NOT NULL")
-                    cut = cur.fetchone()[0]
-        assert cut >= 1
+        with hold.cursor() as cur:
+            cur.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.Identifier(table)))
+        cut, deadline = [], time.monotonic() + 120
+        with killer.cursor() as cur:
+            while not cut and time.monotonic() < deadline:
+                cur.execute("WITH waiting AS MATERIALIZED (SELECT pid, query FROM pg_stat_activity"
+                            " WHERE application_name = 'migrator' AND wait_event_type = 'Lock'"
+                            " AND xact_start IS NOT NULL) SELECT query FROM waiting WHERE pg_terminate_backend(pid)")
+                cut = [q for q, in cur.fetchall()]
+                time.sleep(0.05)
+        hold.commit()
+        assert cut and all(q.startswith(STATEMENT[caught]) for q in cut), cut
         conn.close()
         conn = psycopg2.connect(own.database_url)
         _finished_like_undisturbed(own, conn, run_id, expected)
-        assert _attempts(conn, run_id) >= 2
+        if caught == "batch":
+            assert _attempts(conn, run_id) >= 2
     finally:
+        hold.close()
+        killer.close()
         conn.close()
 
 

@@ -95,20 +95,26 @@ def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str
     """Chord callback: validate the priority, then start the next one or roll the run back."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority)
     try:
-        client, conn = _connections()
-    except TRANSIENT as exc:
+        following = _after_priority(run_id, Priority.parse(priority))
+    except TRANSIENT as exc:  # a connection lost anywhere in here: the whole callback again, or the run would stall
+        log.warning("finalize_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=60))
+    return {"run_id": run_id, "priority": priority, "next": following.label if following else None}
+
+
+def _after_priority(run_id: str, priority: Priority) -> Priority | None:
+    client, conn = _connections()
     try:
         with conn, conn.cursor() as cur:
             run = ledger.require_run(cur, run_id)
         opts = RunOptions.from_json(run["options"])
-        following = after_priority(client, conn, THREADR, run_id, Priority.parse(priority), opts)
+        following = after_priority(client, conn, THREADR, run_id, priority, opts)
         if following is not None:
             dispatch_priority(conn, run_id, following)
+        return following
     finally:
         conn.close()
         client.close()
-    return {"run_id": run_id, "priority": priority, "next": following.label if following else None}
 
 
 def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
