@@ -61,6 +61,16 @@ class _Batch:
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
         self.count_unmapped = self.opts.includes_unmapped(mapping, priority)
         self.prefixes = self.opts.prefixes(mapping, priority)
+        # The pass also counts again the keys of the priority before this one: that priority's
+        # fresh source count (validate.py) then costs no SCAN pass of its own.
+        earlier = [p for p in self.opts.priority_order() if p < priority]
+        self.recount: dict[str, int] | None = None
+        self.recount_scope: frozenset[str] = frozenset()
+        if earlier:
+            self.recount = {}
+            self.recount_scope = frozenset([p.name for p in self.opts.scope(mapping, earlier[-1])]
+                                           + [UNMAPPED] * self.opts.includes_unmapped(mapping, earlier[-1]))
+            self.prefixes += self.opts.prefixes(mapping, earlier[-1])
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)
@@ -129,6 +139,10 @@ class _Batch:
         except UnicodeDecodeError:
             text, valid = key.decode("utf-8", "backslashreplace"), False
         pattern, match = self.mapping.pattern_of(text)
+        if self.recount is not None:
+            name = pattern.name if pattern else UNMAPPED
+            if name in self.recount_scope:
+                self.recount[name] = self.recount.get(name, 0) + 1
         if pattern is None:
             if self.count_unmapped:
                 self.counts.add(UNMAPPED, "skipped")
@@ -279,7 +293,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
-            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.recount)
         conn.commit()
     except Exception as exc:
         reason = redact_text(describe(exc))

@@ -35,6 +35,16 @@ Connections come from REDIS_URL, DATABASE_URL and CELERY_BROKER_URL, or the flag
 """
 
 
+def _output_dir(text: str) -> Path:
+    """A directory to write into, created when missing (the user named it)."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {exc.strerror}; pick a writable directory") from None
+    return path
+
+
 def _connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections (default: environment)")
     g.add_argument("--redis-url", help="source Redis, e.g. redis://:password@host:6379/0 (env REDIS_URL)")
@@ -70,7 +80,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-rollback", action="store_true",
                    help="keep what a failed run wrote instead of rolling it back (not recommended)")
     g.add_argument("--json", action="store_true", help="print the final report as JSON")
-    g.add_argument("--output-dir", type=Path, default=Path("."),
+    g.add_argument("--output-dir", type=_output_dir, default=Path("."),
                    help="where migration_<run>.log and migration_report_<run>.json go (default: here)")
 
 
@@ -113,12 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-pii", action="store_true", help="do not mask emails and IPs in examples (the file too!)")
     p.add_argument("--memory-sample", type=int, default=1000, help="keys asked MEMORY USAGE (default 1000)")
     p.add_argument("--scan-count", type=int, default=1000)
-    p.add_argument("--output-dir", type=Path, default=Path("."))
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."))
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("mapping", help="phase 2: write redis_postgres_mapping_<ts>.json from the declarative mapping")
     p.add_argument("--audit-dir", type=Path, default=Path("."), help="where to find the latest audit (for volumes)")
-    p.add_argument("--output-dir", type=Path, default=Path("."))
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."))
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("run", help="migrate the keyspace", description=(
@@ -159,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--local", action="store_true", help="carry the run on in this process instead of on the workers")
     p.add_argument("--json", action="store_true", help="with --local: print the final report as JSON")
-    p.add_argument("--output-dir", type=Path, default=Path("."), help="with --local: where the report goes")
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="with --local: where the report goes")
 
     p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--output-dir", type=Path, default=Path("."), help="where migration_report_<run>.json goes")
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="where migration_report_<run>.json goes")
 
     p = sub.add_parser("validate", help="validate a run again, now: counts, balance, read-back, orphans; exit 1 on FAIL")
     _connection_flags(p)

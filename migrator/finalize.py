@@ -20,7 +20,7 @@ from .options import RunOptions
 from .redact import redact_text
 from .rollback import rollback_run
 from .source import cluster_masters
-from .validate import Check, validate_priority
+from .validate import Check, recount_check, validate_priority
 from .writer import describe
 
 log = structlog.get_logger("migrator.finalize")
@@ -55,16 +55,28 @@ class Verdict:
 
 
 def finalize_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                      opts: RunOptions) -> Verdict:
+                      opts: RunOptions) -> list[Verdict]:
+    """Link users, validate `priority`, and complete the validation of the priority before it
+    with the source count this priority's pass took again; their verdicts, earlier first."""
     linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
-    checks = validate_priority(client, conn, mapping, run_id, priority, opts)
-    verdict = Verdict(priority.label, checks, linked)
-    with conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
-                    (run_id, priority.label, verdict.ok, orjson.dumps([c.to_json() for c in checks]).decode()))
-    log.info("priority_validated", run=run_id, priority=priority.label, ok=verdict.ok, linked=linked,
-             failed_checks=[c.name for c in checks if not c.ok])
-    return verdict
+    order = opts.priority_order()
+    earlier = [p for p in order if p < priority]
+    verdicts = []
+    if earlier:
+        with conn.cursor() as cur:
+            before = [Check(**c) for c in ledger.latest_checks(cur, run_id, earlier[-1].label) if c["name"] != "source_counts"]
+        conn.rollback()
+        recount = recount_check(client, conn, mapping, run_id, earlier[-1], priority, opts)
+        verdicts.append(Verdict(earlier[-1].label, [*before, recount], 0))
+    checks = validate_priority(client, conn, mapping, run_id, priority, opts, count_now=priority == order[-1])
+    verdicts.append(Verdict(priority.label, checks, linked))
+    for verdict in verdicts:
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
+                        (run_id, verdict.priority, verdict.ok, orjson.dumps([c.to_json() for c in verdict.checks]).decode()))
+        log.info("priority_validated", run=run_id, priority=verdict.priority, ok=verdict.ok, linked=verdict.linked,
+                 failed_checks=[c.name for c in verdict.checks if not c.ok])
+    return verdicts
 
 
 def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
@@ -80,7 +92,7 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
     if source_restarted(client, conn, mapping, run_id, priority):
         return priority
     try:
-        verdict = finalize_priority(client, conn, mapping, run_id, priority, opts)
+        verdicts = finalize_priority(client, conn, mapping, run_id, priority, opts)
     except TRANSIENT:
         raise
     except Exception as exc:
@@ -89,10 +101,12 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
                         (run_id, priority.label, orjson.dumps([Check("finalize", False, reason).to_json()]).decode()))
-        verdict = Verdict(priority.label, [Check("finalize", False, reason)], 0)
-    if not verdict.ok and not opts.continue_on_error:
-        failed = "; ".join(c.detail for c in verdict.checks if not c.ok)
-        fail_run(conn, mapping, run_id, opts, f"priority {priority.label} did not validate: {failed}")
+        verdicts = [Verdict(priority.label, [Check("finalize", False, reason)], 0)]
+    failed = [v for v in verdicts if not v.ok]
+    if failed and not opts.continue_on_error:
+        why = "; ".join(f"priority {v.priority} did not validate: " + "; ".join(c.detail for c in v.checks if not c.ok)
+                        for v in failed)
+        fail_run(conn, mapping, run_id, opts, why)
         return None
     order = opts.priority_order()
     later = [p for p in order if p > priority]

@@ -106,13 +106,14 @@ def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) ->
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float]) -> None:
+                 timings: dict[str, float], recount: dict[str, int] | None = None) -> None:
+    """Mark a batch done with its tallies; `recount`: the earlier priority's keys its pass counted again."""
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s WHERE id = %s",
-        (*(counts.total(f) for f in COUNT_FIELDS), rows_written,
-         orjson.dumps(counts.by_pattern).decode(), checksum, orjson.dumps(timings).decode(), batch_id),
+        " timings = %s, recount = %s WHERE id = %s",
+        (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
+         orjson.dumps(timings).decode(), None if recount is None else orjson.dumps(recount).decode(), batch_id),
     )
 
 
@@ -196,12 +197,12 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     cur.execute(
         "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
         " keys_dead, keys_expired, rows_written, pattern_counts, error,"
-        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at FROM migration_batches WHERE run_id = %s"
+        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at, recount FROM migration_batches WHERE run_id = %s"
         " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
         (run_id,),
     )
     keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
-            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at")
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at", "recount")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:
         row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
@@ -213,6 +214,14 @@ def latest_verdicts(cur: Any, run_id: str) -> dict[str, bool]:
     cur.execute("SELECT DISTINCT ON (priority) priority, ok FROM migration_validations WHERE run_id = %s"
                 " ORDER BY priority, created_at DESC", (run_id,))
     return dict(cur.fetchall())
+
+
+def latest_checks(cur: Any, run_id: str, priority: str) -> list[dict[str, Any]]:
+    """The checks of a priority's latest validation ([] when it has none)."""
+    cur.execute("SELECT checks FROM migration_validations WHERE run_id = %s AND priority = %s"
+                " ORDER BY created_at DESC LIMIT 1", (run_id, priority))
+    row = cur.fetchone()
+    return row[0] if row else []
 
 
 def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:

@@ -54,6 +54,12 @@ def _shape(redis_type: str, raw: Any) -> Any:
     return raw
 
 
+try:  # what redis-py's hiredis reader answers when it needs more bytes (redis 5 to 8)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
+except ImportError:  # another layout: every reply through read_response
+    _MORE = None
+
+
 def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
     """Send `commands` in one round trip; their raw replies in order, a refused one as its error.
 
@@ -69,12 +75,18 @@ def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
     conn = pool.get_connection()
     try:
         conn.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
+        # Replies already received are taken from redis-py's hiredis reader as they are
+        # (an error reply as its exception object): read_response costs microseconds per reply.
+        buffered = getattr(getattr(conn, "_parser", None), "_reader", None) if _MORE is not None else None
         replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
+        while len(replies) < len(commands):
+            reply = buffered.gets() if buffered is not None else _MORE
+            if reply is _MORE:
+                try:
+                    reply = conn.read_response()  # waits for more from the socket
+                except redis.ResponseError as exc:
+                    reply = exc
+            replies.append(reply)
         return replies
     except BaseException:
         conn.disconnect()  # a half-read stream of replies must not go back to the pool

@@ -1,7 +1,8 @@
 """Validating a priority once its batches are in: the ledger against the source and the target.
 
 - every batch of the priority is done, and each pattern balances;
-- a fresh count of the source keys per pattern agrees with what the batches scanned;
+- a fresh count of the source keys per pattern agrees with what the batches scanned (taken
+  by the next priority's batches during their own pass; the last priority's in a pass of its own);
 - a sample of migrated keys, read back from Redis and transformed again, is already in
   PostgreSQL: upserting it (inside a savepoint that is rolled back) would change no row.
 """
@@ -113,7 +114,9 @@ def sample_readback(client: redis.Redis, cur: Any, mapping: Mapping, opts: RunOp
 
 
 def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                      opts: RunOptions) -> list[Check]:
+                      opts: RunOptions, count_now: bool = True) -> list[Check]:
+    """The checks of one priority; its fresh source count only with `count_now` (else `recount_check`
+    takes it from the next priority's pass)."""
     tolerance = opts.count_tolerance
     checks = []
     with conn.cursor() as cur:
@@ -130,7 +133,22 @@ def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
     checks.append(Check("balance", not unbalanced,
                         "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
                         else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
-    fresh = source_counts(client, mapping, opts, priority, run_id)
+    if count_now:
+        checks.append(count_check(totals, source_counts(client, mapping, opts, priority, run_id), tolerance))
+    if opts.dry_run or failed:
+        return checks  # nothing kept to read back, or a table the batches could not write may be missing
+    with conn.cursor() as cur:
+        sample = sample_readback(client, cur, mapping, opts, priority, run_id)
+    conn.rollback()
+    differ = {n: s for n, s in sample.items() if s["differ"]}
+    checks.append(Check("sample_readback", not differ,
+                        f"{sum(s['same'] for s in sample.values())} sampled keys match PostgreSQL" if not differ
+                        else f"sampled keys differ from PostgreSQL: {differ}", sample))
+    return checks
+
+
+def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolerance: float, how: str = "") -> Check:
+    """The batches' tallies against a fresh count of the source, per pattern (one-sided)."""
     off, gone = {}, {}
     for name in sorted(set(fresh) | set(totals)):
         counted = totals.get(name, {})
@@ -145,19 +163,28 @@ def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
             gone[name] = seen - now
     detail = "no key in the source that the batches did not see" + (
         f"; gone since they were scanned (expired or deleted): {gone}" if gone else "")
-    checks.append(Check("source_counts", not off,
-                        detail if not off else f"more keys in the source than the batches saw, beyond {tolerance:.1%}: {off}",
-                        {"fresh": fresh, "differ": off, "gone_since_scan": gone}))
-    if opts.dry_run or failed:
-        return checks  # nothing kept to read back, or a table the batches could not write may be missing
+    if off:
+        detail = f"more keys in the source than the batches saw, beyond {tolerance:.1%}: {off}"
+    return Check("source_counts", not off, detail + (f" ({how})" if how else ""),
+                 {"fresh": fresh, "differ": off, "gone_since_scan": gone})
+
+
+def recount_check(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, earlier: Priority, by: Priority,
+                  opts: RunOptions) -> Check:
+    """The fresh source count of `earlier`, as the batches of `by` (the next priority) took it
+    during their pass; a pass of its own when some of them did not finish."""
     with conn.cursor() as cur:
-        sample = sample_readback(client, cur, mapping, opts, priority, run_id)
+        rows = ledger.batches(cur, run_id)
     conn.rollback()
-    differ = {n: s for n, s in sample.items() if s["differ"]}
-    checks.append(Check("sample_readback", not differ,
-                        f"{sum(s['same'] for s in sample.values())} sampled keys match PostgreSQL" if not differ
-                        else f"sampled keys differ from PostgreSQL: {differ}", sample))
-    return checks
+    totals = ledger.pattern_totals([b for b in rows if b["priority"] == earlier.label])
+    later = [b for b in rows if b["priority"] == by.label]
+    if later and all(b["status"] == "done" and b["recount"] is not None for b in later):
+        fresh: dict[str, int] = {}
+        for batch in later:
+            for name, n in batch["recount"].items():
+                fresh[name] = fresh.get(name, 0) + n
+        return count_check(totals, fresh, opts.count_tolerance, f"counted again during the {by.label} pass")
+    return count_check(totals, source_counts(client, mapping, opts, earlier, run_id), opts.count_tolerance)
 
 
 def figure_checks(conn: Any, mapping: Mapping) -> tuple[list[Check], dict[str, Any]]:

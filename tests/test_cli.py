@@ -24,7 +24,8 @@ def urls(settings) -> list[str]:
 
 def test_run_prints_run_id_and_balanced_json_report_then_report_agrees(settings, r, pg, tmp_path):
     seed_demo(r, 50, malformed=5)
-    done = migrator("run", "--local", "--json", "--output-dir", str(tmp_path), *urls(settings))
+    out_dir = tmp_path / "runs" / "today"  # not there yet: created, as asked
+    done = migrator("run", "--local", "--json", "--output-dir", str(out_dir), *urls(settings))
     assert done.returncode == 0, done.stderr
     first_line, body = done.stdout.split("\n", 1)
     report = json.loads(body)
@@ -40,9 +41,9 @@ def test_run_prints_run_id_and_balanced_json_report_then_report_agrees(settings,
     assert any(line.get("event") == "dead_letter" and line.get("run") == report["run_id"] for line in lines)
     assert "@example" not in done.stderr and "$2b$" not in done.stderr
     # the same lines in migration_<run>.log, and the report as migration_report_<run>.json
-    logged = (tmp_path / f"migration_{report['run_id']}.log").read_text()
+    logged = (out_dir / f"migration_{report['run_id']}.log").read_text()
     assert '"event": "batch_done"' in logged and "@example" not in logged and "$2b$" not in logged
-    written = json.loads((tmp_path / f"migration_report_{report['run_id']}.json").read_text())
+    written = json.loads((out_dir / f"migration_report_{report['run_id']}.json").read_text())
     assert written["patterns"] == report["patterns"]
     figures = report["monitoring"]["figures"]
     assert figures["users_total"] == by_name(report)["user"]["migrated"] and figures["orphaned_subscriptions"] == 0
