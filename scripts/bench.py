@@ -321,8 +321,8 @@ def render(size: dict) -> list[str]:
     floor = modes["floor"]["keys"] / modes["floor"]["seconds"]
     seed = modes["seed"]["keys"] / modes["seed"]["seconds"]
     lines = [f"keyspace {size['keys']:,} keys, {size['ranges']} cursor range(s); one bare SCAN pass "
-             f"{size['scan_pass_s']:.2f} s, so the migrator's 8 passes (a batch pass and a validation pass per "
-             f"priority) spend about {8 * size['scan_pass_s']:.1f} s in SCAN alone", "",
+             f"{size['scan_pass_s']:.2f} s, so the migrator's 5 passes (one per priority, each also counting the "
+             f"priority before it again, and a count of the last) spend about {5 * size['scan_pass_s']:.1f} s in SCAN alone", "",
              "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for mode, r in modes.items():

@@ -150,6 +150,26 @@ def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkey
     assert users["expired"] == 10 and users["migrated"] == 20 and users["dead"] == 0 and report["balanced"]
 
 
+def test_every_row_names_its_run_and_the_pattern_it_came_from(settings, r, pg):
+    """Provenance is set per statement (run id, and metadata when the rows share a pattern) or
+    per row (grants by ip and by email share subscriptions and a sub-batch): right either way."""
+    seed_demo(r, 200)
+    report = migrate(settings, batch_size=5000)  # ip and email grants in one statement
+    expected = {p.table: set() for p in THREADR.patterns if p.table}
+    for p in THREADR.patterns:
+        if p.table and by_pattern(report).get(p.name, {}).get("migrated"):
+            expected[p.table].add(json.loads(p.provenance)["source"])
+    with pg.cursor() as cur:
+        for table in ("subscriptions", "users", "usage_counters", "threads"):
+            cur.execute(f"SELECT metadata->>'source', count(*), count(*) FILTER (WHERE migration_run::text = %s)"
+                        f" FROM {table} GROUP BY 1", (report["run_id"],))
+            found = {source: (n, of_run) for source, n, of_run in cur.fetchall()}
+            assert set(found) == expected[table] and all(n == of_run > 0 for n, of_run in found.values()), table
+        cur.execute("SELECT metadata->>'source' FROM subscriptions WHERE source_key LIKE 'threadr:premium:ip:%%'")
+        assert {s for (s,) in cur.fetchall()} == {"redis_ip_premium"}
+    assert {"redis_ip_premium", "redis_email_premium"} <= expected["subscriptions"]
+
+
 def test_exact_bytes_for_password_hashes_and_tweets(settings, r, pg):
     seed_demo(r, 60)
     migrate(settings)
