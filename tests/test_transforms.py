@@ -273,5 +273,8 @@ def test_stable_ids_are_rfc4122_uuid5_so_they_never_drift():
 
     from migrator.values import ID_NAMESPACE, stable_id
 
-    for parts in [("premium", "cs_test_1"), ("user", "user_abc"), ("usage", "ip", "2001:db8::1", "daily", "2026-11-27"), ("ü", "🚀")]:
+    many = [("n", str(i)) for i in range(64)]  # every variant digit (8, 9, a, b) comes up
+    for parts in [("premium", "cs_test_1"), ("user", "user_abc"), ("usage", "ip", "2001:db8::1", "daily", "2026-11-27"),
+                  ("ü", "🚀"), *many]:
         assert stable_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+    assert {stable_id(*parts)[19] for parts in many} == set("89ab")
