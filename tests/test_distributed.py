@@ -316,3 +316,40 @@ def test_a_flushed_broker_loses_queued_batches_and_resume_sends_exactly_the_unfi
         assert cur.fetchone()[0] == 1  # each batch ran once
     pg.rollback()
     assert build_report(pg, THREADR, run_id)["balanced"]
+
+
+def test_a_worker_keeps_one_database_session_across_batches_and_replaces_one_that_ended(settings, r, pg, workers):
+    """Each worker process holds one PostgreSQL session for all its tasks; one the server ended
+    while it idled (a restart, an idle timeout) is replaced before the next batch, which then
+    runs at its first attempt."""
+    seed_demo(r, 100)
+    pg.autocommit = True
+
+    def sessions() -> int:
+        with pg.cursor() as cur:
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+            return cur.fetchone()[0]
+
+    before = sessions()
+    first = run_distributed(settings, ranges=4)
+    assert first["status"] == "completed" and first["batches"]["total"] == 16
+    # two workers, the coordinator and the test's own: far fewer than one per batch
+    assert sessions() - before < first["batches"]["total"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = 'migrator' AND pid <> pg_backend_pid() AND state = 'idle'")
+        assert cur.fetchone()[0] >= 2  # the workers' held sessions, idle between runs
+    logs = {name: (workers.logdir / f"{name}.log") for name in workers.procs}
+    seen = {name: path.stat().st_size for name, path in logs.items()}
+    second = run_distributed(settings, ranges=4)
+    assert second["status"] == "completed"
+    with pg.cursor() as cur:
+        cur.execute("SELECT max(attempts) FROM migration_batches WHERE run_id = %s", (second["run_id"],))
+        assert cur.fetchone()[0] == 1
+    pg.autocommit = False
+    for name, path in logs.items():  # no task failed on the ended session and waited for a retry
+        with path.open("rb") as log:
+            log.seek(seen[name])
+            since = log.read()
+        assert b"batch_retry" not in since and b"finalize_retry" not in since, name

@@ -1,9 +1,11 @@
 """Celery tasks: thin wrappers that hand ids to the engine in `migrator/` (never data)."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
+import psycopg2
 import redis
 import structlog
 from celery import chord
@@ -43,14 +45,52 @@ def _clear_log_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
 
 
+# The Redis client and PostgreSQL connection of this worker process (of this thread, under a
+# threads or gevent pool), shared by every task it runs: a new server backend per batch cost
+# tens of milliseconds of start-up and cold caches.
+_held = threading.local()
+
+
 def _connections() -> tuple[redis.Redis, Any]:
-    settings = Settings.from_env()
-    client = settings.redis()
+    """This worker's connections, opened on first use (in the pool child, after the fork)."""
+    conn = getattr(_held, "postgres", None)
+    if conn is None or not _alive(conn):
+        _drop_connections()
+        settings = Settings.from_env()
+        client = settings.redis()
+        try:
+            _held.postgres = settings.postgres()
+        except Exception:
+            client.close()
+            raise
+        _held.redis = client
+    return _held.redis, _held.postgres
+
+
+def _alive(conn: Any) -> bool:
+    """Whether a held connection still reaches its server (a restart or an idle timeout may
+    have ended it since the last task): one round trip, spared a failed batch attempt."""
+    if conn.closed:
+        return False
     try:
-        return client, settings.postgres()
-    except Exception:
-        client.close()
-        raise
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        conn.rollback()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def _drop_connections() -> None:
+    """Close them after an error: the next task, or the retry, opens new ones."""
+    for name in ("postgres", "redis"):
+        held = getattr(_held, name, None)
+        setattr(_held, name, None)
+        if held is not None:
+            try:
+                held.close()
+            except Exception:
+                pass  # already gone with its server
 
 
 @app.task(bind=True, name="migrator.migrate_batch", max_retries=3)
@@ -73,17 +113,15 @@ def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, key
 
     try:
         client, conn = _connections()
-        try:
-            result = migrate_batch(client, conn, THREADR, batch_id, progress)
-        finally:
-            conn.close()
-            client.close()
+        result = migrate_batch(client, conn, THREADR, batch_id, progress)
     except TRANSIENT as exc:
+        _drop_connections()
         if self.request.retries < self.max_retries:
             log.warning("batch_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
             raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=30))
         return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
     except Exception as exc:  # recorded in the ledger by migrate_batch
+        _drop_connections()
         return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
     if result is None:
         return {"batch_id": batch_id, "status": "already_done"}
@@ -97,24 +135,24 @@ def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str
     try:
         following = _after_priority(run_id, Priority.parse(priority))
     except TRANSIENT as exc:  # a connection lost anywhere in here: the whole callback again, or the run would stall
+        _drop_connections()
         log.warning("finalize_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=60))
+    except Exception:
+        _drop_connections()  # whatever state it left them in is not the next task's
+        raise
     return {"run_id": run_id, "priority": priority, "next": following.label if following else None}
 
 
 def _after_priority(run_id: str, priority: Priority) -> Priority | None:
     client, conn = _connections()
-    try:
-        with conn, conn.cursor() as cur:
-            run = ledger.require_run(cur, run_id)
-        opts = RunOptions.from_json(run["options"])
-        following = after_priority(client, conn, THREADR, run_id, priority, opts)
-        if following is not None:
-            dispatch_priority(conn, run_id, following)
-        return following
-    finally:
-        conn.close()
-        client.close()
+    with conn, conn.cursor() as cur:
+        run = ledger.require_run(cur, run_id)
+    opts = RunOptions.from_json(run["options"])
+    following = after_priority(client, conn, THREADR, run_id, priority, opts)
+    if following is not None:
+        dispatch_priority(conn, run_id, following)
+    return following
 
 
 def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
