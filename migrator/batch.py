@@ -63,14 +63,13 @@ class _Batch:
         self.prefixes = self.opts.prefixes(mapping, priority)
         # The pass also counts again the keys of the priority before this one: that priority's
         # fresh source count (validate.py) then costs no SCAN pass of its own.
-        earlier = [p for p in self.opts.priority_order() if p < priority]
+        earlier = self.opts.before(priority)
         self.recount: dict[str, int] | None = None
         self.recount_scope: frozenset[str] = frozenset()
-        if earlier:
+        if earlier is not None:
             self.recount = {}
-            self.recount_scope = frozenset([p.name for p in self.opts.scope(mapping, earlier[-1])]
-                                           + [UNMAPPED] * self.opts.includes_unmapped(mapping, earlier[-1]))
-            self.prefixes += self.opts.prefixes(mapping, earlier[-1])
+            self.recount_scope = self.opts.counted(mapping, earlier)
+            self.prefixes += self.opts.prefixes(mapping, earlier)
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)

@@ -59,16 +59,15 @@ def finalize_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: 
     """Link users, validate `priority`, and complete the validation of the priority before it
     with the source count this priority's pass took again; their verdicts, earlier first."""
     linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
-    order = opts.priority_order()
-    earlier = [p for p in order if p < priority]
+    earlier = opts.before(priority)
     verdicts = []
-    if earlier:
+    if earlier is not None:
         with conn.cursor() as cur:
-            before = [Check(**c) for c in ledger.latest_checks(cur, run_id, earlier[-1].label) if c["name"] != "source_counts"]
+            before = [Check(**c) for c in ledger.latest_checks(cur, run_id, earlier.label) if c["name"] != "source_counts"]
         conn.rollback()
-        recount = recount_check(client, conn, mapping, run_id, earlier[-1], priority, opts)
-        verdicts.append(Verdict(earlier[-1].label, [*before, recount], 0))
-    checks = validate_priority(client, conn, mapping, run_id, priority, opts, count_now=priority == order[-1])
+        recount = recount_check(client, conn, mapping, run_id, earlier, priority, opts)
+        verdicts.append(Verdict(earlier.label, [*before, recount], 0))
+    checks = validate_priority(client, conn, mapping, run_id, priority, opts, count_now=opts.after(priority) is None)
     verdicts.append(Verdict(priority.label, checks, linked))
     for verdict in verdicts:
         with conn, conn.cursor() as cur:
@@ -108,10 +107,9 @@ def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
                         for v in failed)
         fail_run(conn, mapping, run_id, opts, why)
         return None
-    order = opts.priority_order()
-    later = [p for p in order if p > priority]
-    if later:
-        return later[0]
+    following = opts.after(priority)
+    if following is not None:
+        return following
     with conn, conn.cursor() as cur:
         bad = sum(not ok for ok in ledger.latest_verdicts(cur, run_id).values())
         if bad:

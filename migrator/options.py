@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .mapping import Mapping, Pattern, Priority
+from .mapping import UNMAPPED, Mapping, Pattern, Priority
 
 DEFAULT_MAX_VALUE_BYTES = 4 * 1024 * 1024
 
@@ -41,6 +41,16 @@ class RunOptions:
         chosen = {Priority.parse(p) for p in self.priorities} if self.priorities else set(Priority)
         return sorted(chosen)
 
+    def before(self, priority: Priority) -> Priority | None:
+        """The priority this run migrates just before `priority` (None: it is the first)."""
+        earlier = [p for p in self.priority_order() if p < priority]
+        return earlier[-1] if earlier else None
+
+    def after(self, priority: Priority) -> Priority | None:
+        """The priority this run migrates just after `priority` (None: it is the last)."""
+        later = [p for p in self.priority_order() if p > priority]
+        return later[0] if later else None
+
     def scope(self, mapping: Mapping, priority: Priority) -> list[Pattern]:
         return mapping.select([priority], self.tables or None, self.patterns or None)
 
@@ -49,6 +59,11 @@ class RunOptions:
         if self.includes_unmapped(mapping, priority):
             return (b"",)
         return mapping.prefixes(self.scope(mapping, priority))
+
+    def counted(self, mapping: Mapping, priority: Priority) -> frozenset[str]:
+        """The names a source count of `priority` tallies: its patterns', and UNMAPPED when it counts those."""
+        names = {p.name for p in self.scope(mapping, priority)}
+        return frozenset(names | {UNMAPPED} if self.includes_unmapped(mapping, priority) else names)
 
     def includes_unmapped(self, mapping: Mapping, priority: Priority) -> bool:
         """Unmapped keys are counted once, in the mapping's unmapped priority, by unfiltered runs."""

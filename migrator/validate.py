@@ -43,8 +43,7 @@ class Check:
 def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority,
                   run_id: str) -> dict[str, int]:
     """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
-    scope = {p.name for p in opts.scope(mapping, priority)}
-    unmapped = opts.includes_unmapped(mapping, priority)
+    counted = opts.counted(mapping, priority)
     prefixes = opts.prefixes(mapping, priority)
     counts: dict[str, int] = {}
     cap = throttle.for_run(client, run_id, opts)
@@ -60,7 +59,7 @@ def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, prior
                             continue
                         pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
                         name = pattern.name if pattern else UNMAPPED
-                        if name in scope or (pattern is None and unmapped):
+                        if name in counted:
                             counts[name] = counts.get(name, 0) + 1
             finally:
                 if nc is not client:
