@@ -45,6 +45,18 @@ def _output_dir(text: str) -> Path:
     return path
 
 
+def _jobs(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of batches; give 1 or more, e.g. --jobs 2")
+    return int(text)
+
+
+def _jobs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", "-j", type=_jobs, default=2, metavar="N",
+                   help="with --local: batches run at once, on threads with a PostgreSQL session each (default 2: "
+                        "one batch's Python work overlaps another's time in PostgreSQL and Redis; 1: one at a time)")
+
+
 def _connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections (default: environment)")
     g.add_argument("--redis-url", help="source Redis, e.g. redis://:password@host:6379/0 (env REDIS_URL)")
@@ -137,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     p.add_argument("--local", action="store_true",
                    help="run every batch in this process instead of on Celery workers (one machine, no broker)")
+    _jobs_flag(p)
     p.add_argument("--detach", action="store_true", help="send the run to the workers and return (Celery runs)")
     p.add_argument("--validate-only", action="store_true",
                    help="migrate nothing: validate the latest run again (with --priority: those priorities)")
@@ -168,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--local", action="store_true", help="carry the run on in this process instead of on the workers")
+    _jobs_flag(p)
     p.add_argument("--json", action="store_true", help="with --local: print the final report as JSON")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="with --local: where the report goes")
 
@@ -241,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.validate_only:
                 return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json)
             if args.local:
-                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json, output_dir=args.output_dir)
+                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json, output_dir=args.output_dir,
+                                        jobs=args.jobs)
             return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach,
                                                 as_json=args.json, output_dir=args.output_dir)
         if args.command == "validate":
@@ -255,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             if args.local:
                 return commands.cmd_resume_local(settings, THREADR, args.run_id, as_json=args.json,
-                                                 output_dir=args.output_dir)
+                                                 output_dir=args.output_dir, jobs=args.jobs)
             return commands.cmd_resume(settings, args.run_id)
         if args.command == "report":
             return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)

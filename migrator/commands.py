@@ -79,7 +79,7 @@ def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as
 
 
 def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: bool = False,
-            output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+            output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
     client = settings.redis()
     try:
         conn = _ledger(settings)
@@ -88,15 +88,15 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
         finally:
             conn.close()
         _announce(run_id, opts, output_dir, out)
-        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, out)
+        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, jobs, out)
     finally:
         client.close()
 
 
 def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, opts: RunOptions,
-              start: Priority | None, output_dir: Path, as_json: bool, out: TextIO) -> int:
-    """Execute a run's batches in this process from `start`, then print and write its report."""
-    execute_local(client, settings.postgres, mapping, run_id, opts, start=start)
+              start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO) -> int:
+    """Execute a run's batches in this process from `start`, `jobs` at once, then print and write its report."""
+    execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
     conn = settings.postgres()  # a new one: the server may have restarted during the run
     try:
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
@@ -207,7 +207,7 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
 
 
 def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
-                     output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+                     output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
     """Carry a run on in this process from the ledger, then report it like `run --local`."""
     client = settings.redis()
     try:
@@ -220,7 +220,7 @@ def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_js
             out.write(f"run {run_id} has nothing left to do\n")
             return OK
         out.write(f"resuming run {run_id} at priority {priority.label}\n")
-        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, out)
+        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, jobs, out)
     finally:
         client.close()
 

@@ -1,12 +1,15 @@
 """Planning a run and executing it in this process (`migrator run --local`).
 
 The Celery coordinator plans the same way and sends the same batches to workers; here they
-run one after another through the same `migrate_batch` and `after_priority`.
+run through the same `migrate_batch` and `after_priority`, a few at once on threads (`--jobs`).
 """
 from __future__ import annotations
 
+import contextvars
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable
 
 import redis
@@ -58,9 +61,9 @@ def resume_point(conn: Any, run_id: str) -> tuple[RunOptions, Priority | None]:
 
 
 def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
-                  opts: RunOptions, start: Priority | None = None) -> str:
+                  opts: RunOptions, start: Priority | None = None, jobs: int = 1) -> str:
     """Run every planned batch not yet done, priority by priority from `start` (default: the
-    first); returns the run's final status.
+    first), up to `jobs` batches of a priority at once; returns the run's final status.
 
     A batch that fails on a lost connection is retried on a new one, with backoff, a bounded
     number of times; any other failure is recorded and left to the priority's validation.
@@ -71,14 +74,54 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
         while priority is not None:
             with conn, conn.cursor() as cur:
                 ids = ledger.batch_ids(cur, run_id, priority.label)
-            for batch_id in ids:
-                ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
-                if not ok and not opts.continue_on_error:
-                    break
+            conn = _run_batches(client, conn, connect, mapping, ids, jobs, opts.continue_on_error)
             priority = after_priority(client, conn, mapping, run_id, priority, opts)
         return run_status(conn, run_id)
     finally:
         conn.close()
+
+
+def _run_batches(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
+                 ids: list[int], jobs: int, keep_going: bool) -> Any:
+    """Run these batches on `jobs` lanes, each a thread with a session of its own (the first
+    lane uses `conn`); returns the first lane's session. After a failure no new batch starts
+    unless `keep_going`.
+
+    Lanes overlap one batch's reading and transforming (Python, which holds the GIL) with
+    another's writes and scans (PostgreSQL and Redis, which do not): one lane leaves a core idle.
+    """
+    pending = iter(ids)
+    take = threading.Lock()
+    stop = threading.Event()
+
+    def lane(conn: Any) -> Any:
+        while not stop.is_set():
+            with take:
+                batch_id = next(pending, None)
+            if batch_id is None:
+                break
+            ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
+            if not ok and not keep_going:
+                stop.set()
+        return conn
+
+    lanes = min(jobs, len(ids))
+    if lanes <= 1:
+        return lane(conn)
+    others = [_reconnect(connect) for _ in range(lanes - 1)]
+    with ThreadPoolExecutor(max_workers=lanes - 1, thread_name_prefix="lane") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, lane, c) for c in others]
+        try:
+            conn = lane(conn)
+        finally:
+            stop.set()  # should this lane have failed, the others take no new batch either
+            wait(futures)
+    for future in futures:
+        if future.exception() is None:
+            future.result().close()
+    for future in futures:
+        future.result()  # a lane's own failure (its session is gone with it)
+    return conn
 
 
 def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,

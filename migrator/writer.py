@@ -1,14 +1,15 @@
 """Writing transformed records: one round trip per sub-batch, bisection on failure.
 
-The rows of each table go as one JSON array, expanded server-side by jsonb_populate_recordset
-(orjson serialises them in C, where quoting each value in Python cost more than the insert
-itself), and every upsert of a sub-batch runs in one call of `migrator_write`
-(sql/004_write_path.sql), inside a subtransaction that a record error rolls back without
+The rows of each table go as one JSON array of arrays (a row's values in column order),
+expanded server-side by jsonb_array_elements and cast column by column (orjson serialises them
+in C, where quoting each value in Python cost more than the insert itself), and every upsert
+of a sub-batch runs in one call of `migrator_write` (sql/004_write_path.sql), inside a subtransaction that a record error rolls back without
 aborting the batch. A failing sub-batch is split in halves until every good record has
 committed and each bad one is isolated as a dead letter with the database's reason.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -58,6 +59,20 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
                                                                               psycopg2.errors.ProgramLimitExceeded)
 
 
+# Columns every row gets from the record it came from, after its own.
+PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at")
+
+COLUMN_TYPES = """
+SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = ANY(%s::regclass[]) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+# Column types per connection, read once from the catalog: a type per column is what the
+# upsert casts each positional value to. A new connection reads them again.
+_column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, tuple[str, str]]]]" = weakref.WeakKeyDictionary()
+
+
 class Writer:
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None) -> None:  # None: the app's own writes
         self.cursor = cursor
@@ -85,30 +100,27 @@ class Writer:
         transaction usable.
         """
         # One statement per (table, columns); a row id seen twice goes to a later round,
-        # since one upsert statement may not touch the same row twice.
-        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, dict[str, Any]]]] = []
+        # since one upsert statement may not touch the same row twice. A row travels as the
+        # list of its values, its provenance last.
+        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, list[Any]]]] = []
         for rec in records:
-            provenance = {
-                "migration_run": self.run_id,
-                "source_key": rec.key_text,
-                "metadata": orjson.Fragment(rec.pattern.provenance),
-                "expires_at": rec.expires_at,
-            }
+            provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at)
             for row in rec.rows:
-                values = {**row.values, **provenance}
-                group = (row.table, tuple(values))
+                values = row.values
+                group, row_id = (row.table, tuple(values)), values["id"]
+                line = [*values.values(), *provenance]
                 for batch in rounds:
                     bucket = batch.setdefault(group, {})
-                    if values["id"] not in bucket:
-                        bucket[values["id"]] = values
+                    if row_id not in bucket:
+                        bucket[row_id] = line
                         break
                 else:
-                    rounds.append({group: {values["id"]: values}})
+                    rounds.append({group: {row_id: line}})
         statements, documents = [], []
         for batch in rounds:
             # A fixed table order and id order keeps concurrent workers from deadlocking.
             for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
-                statements.append(self._statement(table, columns))
+                statements.append(self._statement(table, columns + PROVENANCE))
                 documents.append(orjson.dumps([rows[k] for k in sorted(rows)]).decode())
         if not statements:
             return 0
@@ -123,5 +135,19 @@ class Writer:
     def _statement(self, table: str, columns: tuple[str, ...]) -> str:
         key = (table, columns)
         if key not in self._statements:
-            self._statements[key] = self.mapping.rule(table).upsert(columns).as_string(self.cursor)
+            types = self._types(table, columns)
+            self._statements[key] = self.mapping.rule(table).upsert(columns, types).as_string(self.cursor)
         return self._statements[key]
+
+    def _types(self, table: str, columns: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+        """The catalog's type of each column of `table`; read again when a column is new to it."""
+        conn = self.cursor.connection
+        known = _column_types.get(conn, {}).get(table, {})
+        if not all(c in known for c in columns):
+            self.cursor.execute(COLUMN_TYPES, (self.mapping.table_names(),))
+            tables: dict[str, dict[str, tuple[str, str]]] = {}
+            for relname, column, type_name, category in self.cursor.fetchall():
+                tables.setdefault(relname, {})[column] = (type_name, category)
+            _column_types[conn] = tables
+            known = tables.get(table, {})
+        return known

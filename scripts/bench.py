@@ -8,8 +8,9 @@ database, then measures side by side in the same run:
   floor   one plain process: SCAN COUNT 1000, pipelined TYPE+PTTL then GET/HGETALL/SMEMBERS/ZRANGE,
           JSON parsing, COPY of the parsed records into a plain table; no transforms (the yardstick)
   seed    one read per key, one INSERT per row, a commit every 100 rows (on a sample, extrapolated)
-  local   `migrator run --local`
-  workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes
+  local   `migrator run --local` (its default --jobs 2: two batches at once on threads)
+  workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
+          threads pool of 2 (`-P threads -c 2`, as the README starts them)
 Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
 each to the floor and to the seed's approach, peak RSS (coordinator and workers apart), the time
 of the SCAN passes alone, and where the migrator's time went (scan, read, transform, write; from
@@ -179,9 +180,10 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
 def mode_workers(args: argparse.Namespace, workers: int) -> dict:
     """`migrator run` (the coordinator, in its own process) through `workers` Celery worker processes."""
     queues = ",".join(f"{os.environ['MIGRATOR_QUEUE_PREFIX']}{p}" for p in ("critical", "high", "medium", "low"))
-    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues, "-c", "1",
-                               "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-                               "--loglevel", "WARNING"], cwd=ROOT, env=_env(args), stdout=subprocess.DEVNULL,
+    # each worker process as the README starts one: a threads pool of two, like `run --local --jobs 2`
+    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues,
+                               "-P", "threads", "-c", "2", "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
+                               "--without-mingle", "--loglevel", "WARNING"], cwd=ROOT, env=_env(args), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True) for i in range(workers)]
     try:
         from workers.celery import app

@@ -19,8 +19,8 @@ from migrator.status import run_progress
 from migrator.threadr import THREADR
 
 
-def migrate(settings: Settings, **options: Any) -> dict[str, Any]:
-    """A whole local run; returns its report."""
+def migrate(settings: Settings, jobs: int = 1, **options: Any) -> dict[str, Any]:
+    """A whole local run, `jobs` batches at once; returns its report."""
     opts = RunOptions(**options)
     client = settings.redis()
     try:
@@ -29,7 +29,7 @@ def migrate(settings: Settings, **options: Any) -> dict[str, Any]:
             run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
         finally:
             conn.close()
-        execute_local(client, settings.postgres, THREADR, run_id, opts)
+        execute_local(client, settings.postgres, THREADR, run_id, opts, jobs=jobs)
         conn = settings.postgres()  # a new one: a test may have restarted the server
         try:
             return build_report(conn, THREADR, run_id)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import date, datetime, timezone
+from decimal import Decimal
+
+import pytest
 
 import migrator.batch
 from migrator.demo import seed_demo, seed_hostile
@@ -589,3 +593,113 @@ def test_fresh_count_fails_on_keys_the_scan_missed_not_on_keys_gone_since(settin
         r.set(f"threadr:ratelimit:198.51.100.{i}", 1)
     low = source_check("low")
     assert not low["ok"] and "ratelimit" in low["data"]["differ"]
+
+
+def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
+    """Rows travel as JSON arrays: every column type still gets the value populate_record gave it,
+    a too-long value is an error, not a silent truncation, and a column added later is seen."""
+    import psycopg2.errors
+
+    from migrator.mapping import Mapping, Pattern, Priority, Row
+    from migrator.merge import TableRule
+    from migrator.source import KeyRead
+    from migrator.writer import Prepared, Writer
+
+    def rows(_rec) -> list[Row]:
+        return []
+
+    mapping = Mapping("types", (Pattern("t", "t:*", r"t:(?P<id>\w+)", "string", Priority.HIGH, "typed test",
+                                        table="writer_types", transform=rows),),
+                      rules=(TableRule("writer_types", coalesce=("label",)),))
+    run_id = "6b0a8f5e-6f43-4d8e-9a57-3f1c2b7d9e10"
+    with pg.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS writer_types")
+        cur.execute("CREATE TABLE writer_types (id uuid PRIMARY KEY, label varchar(5), tags text[], scores numeric[],"
+                    " data jsonb, raw bytea, n numeric, at timestamptz, day date, flag boolean,"
+                    " migration_run uuid, source_key text, metadata jsonb, expires_at timestamptz)")
+    pg.commit()
+
+    def record(key: str, **values) -> Prepared:
+        return Prepared(key.encode(), key, mapping.patterns[0], [Row("writer_types", values)], None,
+                        KeyRead(key.encode(), "string", -1, b"", 0))
+
+    full = {"id": "00000000-0000-5000-8000-000000000001", "label": "héllo", "tags": ["a", "b,c", 'd"e', None],
+            "scores": [1.5, 2], "data": {"nested": {"x": "tab\there \\ \u00e9"}},
+            "raw": "\\x00ff10", "n": "12345678901234567890.5", "at": "2026-11-28T10:00:00+01:00",
+            "day": "2026-11-28", "flag": True}
+    nulls = {"id": "00000000-0000-5000-8000-000000000002", "label": None, "tags": None, "scores": None,
+             "data": None, "raw": None, "n": None, "at": None, "day": None, "flag": None}
+    with pg.cursor() as cur:
+        writer = Writer(cur, mapping, run_id)
+        assert writer.upsert([record("t:1", **full), record("t:2", **nulls)]) == 2
+        cur.execute("SELECT label, tags, scores, data, raw, n, at, day, flag, source_key, migration_run"
+                    " FROM writer_types ORDER BY id")
+        one, two = cur.fetchall()
+        assert one[:3] == ("héllo", ["a", "b,c", 'd"e', None], [Decimal("1.5"), Decimal("2")])
+        assert one[3] == {"nested": {"x": "tab\there \\ \u00e9"}}
+        assert bytes(one[4]) == b"\x00\xff\x10" and one[5] == Decimal("12345678901234567890.5")
+        assert one[6] == datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc) and one[7] == date(2026, 11, 28)
+        assert one[8] is True and one[9:] == ("t:1", run_id)
+        assert two[:9] == (None,) * 9
+        cur.execute("SELECT count(*) FROM writer_types WHERE data IS NULL")  # SQL NULL, not JSON null
+        assert cur.fetchone()[0] == 1
+        # the same rows again change nothing; a label too long for varchar(5) is refused, not cut
+        assert writer.upsert([record("t:1", **full)]) == 0
+        with pytest.raises(psycopg2.errors.StringDataRightTruncation):
+            writer.upsert([record("t:3", **{**nulls, "id": "00000000-0000-5000-8000-000000000003", "label": "toolong"})])
+        cur.execute("ALTER TABLE writer_types ADD COLUMN extra integer")
+        assert Writer(cur, mapping, run_id).upsert([record("t:4", id="00000000-0000-5000-8000-000000000004", extra="7")]) == 1
+        cur.execute("SELECT extra FROM writer_types WHERE source_key = 't:4'")
+        assert cur.fetchone() == (7,)
+    pg.rollback()
+    with pg.cursor() as cur:
+        cur.execute("DROP TABLE writer_types")
+    pg.commit()
+
+
+def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_result(settings, r, pg, monkeypatch):
+    import threading
+
+    import migrator.runner
+    from helpers import content_fingerprint
+
+    seed_demo(r, 120)
+    one_at_a_time = migrate(settings, ranges=4)
+    expected = content_fingerprint(pg)
+    real = migrator.runner.migrate_batch
+    both_in = threading.Barrier(2, timeout=30)  # broken (and the test failed) unless two batches overlap
+    sessions: set[int] = set()
+
+    def together(client, conn, mapping, batch_id, progress=None):
+        sessions.add(conn.get_backend_pid())
+        if not both_in.broken:
+            try:
+                both_in.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return real(client, conn, mapping, batch_id, progress)
+
+    monkeypatch.setattr(migrator.runner, "migrate_batch", together)
+    at_once = migrate(settings, jobs=2, ranges=4)
+    assert both_in.n_waiting == 0 and not both_in.broken
+    assert len(sessions) >= 2
+    assert at_once["status"] == "completed" and at_once["balanced"]
+    assert content_fingerprint(pg) == expected
+    assert [(p["pattern"], p["migrated"]) for p in at_once["patterns"]] == \
+        [(p["pattern"], p["migrated"]) for p in one_at_a_time["patterns"]]
+
+
+def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatch):
+    import migrator.runner
+
+    seed_demo(r, 60)
+    started: list[int] = []
+
+    def failing(client, conn, mapping, batch_id, progress=None):
+        started.append(batch_id)
+        raise RuntimeError("a bug in a transform")
+
+    monkeypatch.setattr(migrator.runner, "migrate_batch", failing)
+    report = migrate(settings, jobs=2, ranges=8)
+    assert report["status"] == "rolled_back"
+    assert 1 <= len(started) <= 2  # the failing batch, and at most the one the other lane had taken
