@@ -74,6 +74,7 @@ class _Batch:
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)
         self.pending: list[Prepared] = []
+        self.pending_bytes = 0
         # One sub-batch is written by a second thread while this one reads and transforms the
         # next: psycopg2 releases the GIL while PostgreSQL works, so the two costs overlap.
         self.write_behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
@@ -122,6 +123,8 @@ class _Batch:
                     self._prepare(key, text, pattern, fields, read, now)
                 while len(self.pending) >= self.opts.batch_size:
                     self._flush(self.opts.batch_size)
+                if self.pending_bytes >= SUB_BATCH_BYTES:  # a few large values make a sub-batch too
+                    self._flush(len(self.pending))
                 mark = clock()
                 t["transform"] += mark - now_s - (t["write_wait"] - waited)
             if self.progress is not None:
@@ -180,11 +183,13 @@ class _Batch:
             self._dead(key, text, pattern, read, reason)
             return
         self.pending.append(Prepared(key, text, pattern, rows, expires_at, read))
+        self.pending_bytes += read.size
 
     def _flush(self, n: int) -> None:
         if not n:
             return
         records, self.pending = self.pending[:n], self.pending[n:]
+        self.pending_bytes -= sum(rec.read.size for rec in records)
         self._settle()
         self.in_flight = records, self.write_behind.submit(contextvars.copy_context().run, self._write, records)
 
@@ -236,6 +241,9 @@ class _Batch:
         ledger.add_dead_letters(self.cur, self.spec.run_id, self.spec.id, self.dead)
         self.dead, self.dead_bytes = [], 0
 
+
+# Values held for one sub-batch at most: memory stays flat whatever the values' sizes.
+SUB_BATCH_BYTES = 16 * 1024 * 1024
 
 # Dead letters kept in memory before they are written out (their raw values can be large).
 DEAD_LETTER_SPILL_BYTES = 16 * 1024 * 1024

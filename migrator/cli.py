@@ -74,15 +74,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how")
     g.add_argument("--dry-run", action="store_true",
                    help="transform and write inside a transaction that is rolled back: real numbers, nothing kept")
-    g.add_argument("--batch-size", type=int, default=500, help="records per sub-batch and savepoint (default 500)")
+    g.add_argument("--batch-size", type=int, default=2000,
+                   help="records per sub-batch and savepoint (default 2000; a sub-batch also ends at 16 MB of values)")
     g.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT hint (default 1000)")
     g.add_argument("--ranges", type=int, help="cursor ranges to split the keyspace into (default: from the key count)")
     g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
                    help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
-                        "production server (a token bucket shared through Redis; a run touches each key about 9 times: "
-                        "a scan and a validation pass per priority, and one read; default: no cap)")
+                        "production server (a token bucket shared through Redis; a run touches each key about 6 times: "
+                        "once in each of its 5 SCAN passes, and one read; default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how many more source keys a fresh count may find than the batches scanned, "

@@ -11,7 +11,7 @@ DEFAULT_MAX_VALUE_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class RunOptions:
-    batch_size: int = 500  # records per sub-batch (one SAVEPOINT each)
+    batch_size: int = 2000  # records per sub-batch (one subtransaction each), or fewer: SUB_BATCH_BYTES
     scan_count: int = 1000  # SCAN COUNT hint
     read_chunk: int = 500  # keys per read pipeline
     dry_run: bool = False

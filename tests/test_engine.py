@@ -703,3 +703,22 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
     report = migrate(settings, jobs=2, ranges=8)
     assert report["status"] == "rolled_back"
     assert 1 <= len(started) <= 2  # the failing batch, and at most the one the other lane had taken
+
+
+def test_a_sub_batch_ends_at_its_byte_limit_as_well_as_its_record_count(settings, r, pg, monkeypatch):
+    import migrator.writer
+
+    seed_demo(r, 60)
+    monkeypatch.setattr(migrator.batch, "SUB_BATCH_BYTES", 1)  # every read chunk's values are over it
+    sizes: list[int] = []
+    real = migrator.writer.Writer.write
+
+    def counted(self, records):
+        sizes.append(len(records))
+        return real(self, records)
+
+    monkeypatch.setattr(migrator.writer.Writer, "write", counted)
+    report = migrate(settings, ranges=1, batch_size=100_000, read_chunk=50)
+    assert report["status"] == "completed" and report["balanced"]
+    assert max(sizes) <= 50 and sum(sizes) == report["totals"]["migrated"]
+    assert len(sizes) > 2 * report["batches"]["total"]  # by count alone: one sub-batch per batch
