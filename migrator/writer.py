@@ -3,9 +3,10 @@
 The rows of each table go as one JSON array of arrays (a row's values in column order),
 expanded server-side by jsonb_array_elements and cast column by column (orjson serialises them
 in C, where quoting each value in Python cost more than the insert itself), and every upsert
-of a sub-batch runs in one call of `migrator_write` (sql/004_write_path.sql), inside a subtransaction that a record error rolls back without
-aborting the batch. A failing sub-batch is split in halves until every good record has
-committed and each bad one is isolated as a dead letter with the database's reason.
+of a sub-batch runs in one call of `migrator_write` (sql/004_write_path.sql), inside a
+subtransaction that a record error rolls back without aborting the batch. A failing sub-batch
+is split in halves until every good record has committed and each bad one is isolated as a
+dead letter with the database's reason.
 """
 from __future__ import annotations
 

@@ -183,8 +183,9 @@ def mode_workers(args: argparse.Namespace, workers: int) -> dict:
     # each worker process as the README starts one: a threads pool of two, like `run --local --jobs 2`
     procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues,
                                "-P", "threads", "-c", "2", "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
-                               "--without-mingle", "--loglevel", "WARNING"], cwd=ROOT, env=_env(args), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True) for i in range(workers)]
+                               "--without-mingle", "--loglevel", "WARNING"], cwd=ROOT, env=_env(args),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+             for i in range(workers)]
     try:
         from workers.celery import app
         deadline = time.monotonic() + 60
