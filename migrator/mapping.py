@@ -41,7 +41,9 @@ class BadRecord(ValueError):
     """A source value that cannot be migrated as it is; it becomes a dead letter with this reason."""
 
 
-@dataclass(frozen=True, slots=True)
+# Row and SourceRecord are made once per key on the hot path: not frozen, since a frozen
+# dataclass's __init__ costs four times as much.
+@dataclass(slots=True)
 class Row:
     """One row for a target table; `values` maps column names to Python values."""
 
@@ -49,7 +51,7 @@ class Row:
     values: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SourceRecord:
     """What a transform sees: the key, the fields its grammar captured, the decoded value."""
 
@@ -174,12 +176,16 @@ class Mapping:
         ]
         combined = re.compile("|".join(branches))
         object.__setattr__(self, "_combined", combined)
-        # per pattern: (group number in the alternation, field name)
-        object.__setattr__(self, "_fields", [
-            [(combined.groupindex[f"p{i}_{name}"], name) for name in re.compile(p.grammar).groupindex]
-            for i, p in enumerate(self.patterns)
-        ])
-        object.__setattr__(self, "_index", {p.name: i for i, p in enumerate(self.patterns)})
+        # Indexed by a match's lastindex (the alternation's outer group closes last, so it names
+        # the branch): the owning pattern, and its field names with their group numbers.
+        owners: list[Pattern | None] = [None] * (combined.groups + 1)
+        fields: list[tuple[tuple[str, ...], tuple[int, ...]]] = [((), ())] * (combined.groups + 1)
+        for i, p in enumerate(self.patterns):
+            names = tuple(re.compile(p.grammar).groupindex)
+            owners[combined.groupindex[f"p{i}"]] = p
+            fields[combined.groupindex[f"p{i}"]] = names, tuple(combined.groupindex[f"p{i}_{n}"] for n in names)
+        object.__setattr__(self, "_owner", owners)
+        object.__setattr__(self, "_fields", fields)
         ruled = {r.name for r in self.rules}
         missing = {p.table for p in self.patterns if p.table} - ruled
         if missing:
@@ -188,11 +194,15 @@ class Mapping:
     def pattern_of(self, key: str) -> tuple[Pattern | None, re.Match[str] | None]:
         """The pattern owning `key` (None: unmapped), and the match to take its fields from."""
         m = self._combined.fullmatch(key)
-        return (self.patterns[int(m.lastgroup[1:])], m) if m else (None, None)
+        return (self._owner[m.lastindex], m) if m else (None, None)
 
-    def fields_of(self, pattern: Pattern, m: re.Match[str]) -> dict[str, str]:
-        """The named fields of a key: asked only for keys that will be read (the hot path)."""
-        return {name: m.group(g) for g, name in self._fields[self._index[pattern.name]]}
+    def fields_of(self, m: re.Match[str]) -> dict[str, str]:
+        """The named fields of a key, from its match by pattern_of: asked only for keys that
+        will be read (the hot path)."""
+        names, groups = self._fields[m.lastindex]
+        if len(groups) == 1:  # group() answers a string for one group, a tuple for more
+            return {names[0]: m.group(groups[0])}
+        return dict(zip(names, m.group(*groups))) if groups else {}
 
     @staticmethod
     def prefixes(patterns: Iterable[Pattern]) -> tuple[bytes, ...]:
@@ -205,7 +215,7 @@ class Mapping:
 
     def classify(self, key: str) -> tuple[Pattern | None, dict[str, str]]:
         pattern, m = self.pattern_of(key)
-        return (pattern, self.fields_of(pattern, m)) if pattern else (None, {})
+        return (pattern, self.fields_of(m)) if pattern else (None, {})
 
     def rule(self, table: str) -> TableRule:
         for rule in self.rules:

@@ -295,6 +295,7 @@ def analytics_timeseries(rec: SourceRecord) -> list[Row]:
     ref, metric = f["user_id"], f["metric"]
     # Python's str(MetricPeriod.DAY) leaked into some keys; both spell the same period.
     period = f["period"].rsplit(".", 1)[-1].lower()
+    user_id = user_uuid(ref)
     points: dict[str, Row] = {}
     for member, score in rec.value:
         try:
@@ -307,7 +308,7 @@ def analytics_timeseries(rec: SourceRecord) -> list[Row]:
             "analytics_timeseries",
             {
                 "id": row_id,
-                "user_id": user_uuid(ref),
+                "user_id": user_id,
                 "user_ref": ref,
                 "metric": metric,
                 "period": period,

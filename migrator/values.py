@@ -31,19 +31,22 @@ def parse_dt(value: Any, tz: tzinfo, *, field: str = "datetime") -> datetime | N
 
     Naive values are taken to be in the source time zone; the result is always aware.
     """
-    if value is None or value == "":
+    if isinstance(value, str):  # first: nearly every call
+        if not value:
+            return None
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise BadRecord(f"{field}: {value[:40]!r} is not an ISO or str(datetime) timestamp") from None
+        # combine() is replace(tzinfo=tz) at half the cost: replace parses keywords
+        return parsed if parsed.tzinfo else datetime.combine(parsed, parsed.time(), tz)
+    if value is None:
         return None
     if isinstance(value, bool):
         raise BadRecord(f"{field}: expected a datetime, got a boolean")
     if isinstance(value, (int, float)):
         return datetime.fromtimestamp(float(value), tz=timezone.utc)
-    if not isinstance(value, str):
-        raise BadRecord(f"{field}: expected a datetime string, got {type(value).__name__}")
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise BadRecord(f"{field}: {value[:40]!r} is not an ISO or str(datetime) timestamp") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz)
+    raise BadRecord(f"{field}: expected a datetime string, got {type(value).__name__}")
 
 
 def parse_date(value: str, *, field: str = "date") -> date:

@@ -657,6 +657,25 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
     pg.commit()
 
 
+@pytest.mark.parametrize("conforming", ["on", "off"])
+def test_a_document_sent_as_utf8_bytes_reaches_postgresql_exactly(pg, conforming):
+    """The writer hands orjson's bytes to psycopg2 without decoding them: quotes, backslashes,
+    escapes and multi-byte characters arrive as they were, whatever standard_conforming_strings."""
+    import orjson
+
+    from migrator.writer import Utf8Text
+
+    texts = ["it's", "back\\slash \\' both", 'say "hi"', "naïve 𝄞 字", "tab\tnew\nline", "''", "\\"]
+    document = orjson.dumps([texts, {"k": texts}])
+    with pg.cursor() as cur:
+        cur.execute(f"SET LOCAL standard_conforming_strings = {conforming}")
+        cur.execute("SELECT %s::jsonb, %s, %s", (Utf8Text(document), [Utf8Text(document), Utf8Text(b"x'\\")], Utf8Text(b"")))
+        parsed, array, empty = cur.fetchone()
+    pg.rollback()
+    assert parsed == [texts, {"k": texts}]
+    assert array == [document.decode(), "x'\\"] and empty == ""
+
+
 def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_result(settings, r, pg, monkeypatch):
     import threading
 
