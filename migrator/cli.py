@@ -25,7 +25,7 @@ exactly reversible.
 Typical session:
   migrator init-db                     # create the target schema (safe to repeat)
   migrator run --local --dry-run       # everything but keep nothing: numbers equal a real run
-  migrator run                         # migrate on Celery workers (or --local: in this process)
+  migrator run                         # migrate on Celery workers (or --local: here, no broker)
   migrator status RUN_ID --watch       # progress per priority, from the ledger
   migrator batches RUN_ID --failed     # what failed and why; then: migrator requeue RUN_ID --failed
   migrator report RUN_ID --json        # the balance again, for scripts
@@ -53,8 +53,8 @@ def _jobs(text: str) -> int:
 
 def _jobs_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=_jobs, default=2, metavar="N",
-                   help="with --local: batches run at once, on threads with a PostgreSQL session each (default 2: "
-                        "one batch's Python work overlaps another's time in PostgreSQL and Redis; 1: one at a time)")
+                   help="with --local: batches run at once, each in one of N processes with its own PostgreSQL "
+                        "session (default 2; 1: one at a time, in this process)")
 
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances."))
     _connection_flags(p)
     p.add_argument("--local", action="store_true",
-                   help="run every batch in this process instead of on Celery workers (one machine, no broker)")
+                   help="run the batches on this machine instead of on Celery workers (no broker; see --jobs)")
     _jobs_flag(p)
     p.add_argument("--detach", action="store_true", help="send the run to the workers and return (Celery runs)")
     p.add_argument("--validate-only", action="store_true",
@@ -177,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="carry a run on from the ledger (after the coordinator or the broker was lost)",
                        description="Re-sends the first priority that has not validated, with exactly its unfinished "
-                                   "batches. With --local, runs them in this process instead (a `run --local` that was "
+                                   "batches. With --local, runs them here instead (a `run --local` that was "
                                    "killed), then prints the report like `run`.")
     _connection_flags(p)
     p.add_argument("run_id")
-    p.add_argument("--local", action="store_true", help="carry the run on in this process instead of on the workers")
+    p.add_argument("--local", action="store_true", help="carry the run on here (see --jobs) instead of on the workers")
     _jobs_flag(p)
     p.add_argument("--json", action="store_true", help="with --local: print the final report as JSON")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="with --local: where the report goes")

@@ -95,7 +95,7 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
 
 def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, opts: RunOptions,
               start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO) -> int:
-    """Execute a run's batches in this process from `start`, `jobs` at once, then print and write its report."""
+    """Execute a run's batches here from `start`, `jobs` at once, then print and write its report."""
     execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
     conn = settings.postgres()  # a new one: the server may have restarted during the run
     try:
@@ -208,7 +208,7 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
 
 def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
                      output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
-    """Carry a run on in this process from the ledger, then report it like `run --local`."""
+    """Carry a run on here from the ledger, then report it like `run --local`."""
     client = settings.redis()
     try:
         conn = _ledger(settings)

@@ -1,16 +1,22 @@
-"""Planning a run and executing it in this process (`migrator run --local`).
+"""Planning a run and executing it without Celery (`migrator run --local`).
 
 The Celery coordinator plans the same way and sends the same batches to workers; here they
-run through the same `migrate_batch` and `after_priority`, a few at once on threads (`--jobs`).
+run through the same `migrate_batch` and `after_priority`, a few at once in lane processes
+forked from this one (`--jobs`).
 """
 from __future__ import annotations
 
-import contextvars
+import multiprocessing
+import multiprocessing.util
+import os
+import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterator
 
 import redis
 import structlog
@@ -65,63 +71,117 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
     """Run every planned batch not yet done, priority by priority from `start` (default: the
     first), up to `jobs` batches of a priority at once; returns the run's final status.
 
+    With `jobs` 1 the batches run in this process; with more, each in one of `jobs` lane
+    processes forked from it (each with its own PostgreSQL session), so that their Python work
+    runs on as many cores: in threads it would share one interpreter lock.
     A batch that fails on a lost connection is retried on a new one, with backoff, a bounded
     number of times; any other failure is recorded and left to the priority's validation.
     """
     conn = connect()
+    lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
+    finished = False
     try:
         priority = start or opts.priority_order()[0]
         while priority is not None:
             with conn, conn.cursor() as cur:
                 ids = ledger.batch_ids(cur, run_id, priority.label)
-            conn = _run_batches(client, conn, connect, mapping, ids, jobs, opts.continue_on_error)
+            if lanes is not None:
+                lanes.run(ids, opts.continue_on_error)
+            else:
+                for batch_id in ids:
+                    ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
+                    if not ok and not opts.continue_on_error:
+                        break
             priority = after_priority(client, conn, mapping, run_id, priority, opts)
+        finished = True
         return run_status(conn, run_id)
     finally:
         conn.close()
+        if lanes is not None:
+            lanes.close(wait=finished)  # on an error or Ctrl-C, batches still running are not waited for
 
 
-def _run_batches(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
-                 ids: list[int], jobs: int, keep_going: bool) -> Any:
-    """Run these batches on `jobs` lanes, each a thread with a session of its own (the first
-    lane uses `conn`); returns the first lane's session. After a failure no new batch starts
-    unless `keep_going`.
+class LaneDied(RuntimeError):
+    """A lane process ended in the middle of a batch (killed, or out of memory)."""
 
-    Lanes overlap one batch's reading and transforming (Python, which holds the GIL) with
-    another's writes and scans (PostgreSQL and Redis, which do not): one lane leaves a core idle.
+
+class Lanes:
+    """`jobs` forked processes that each run one batch at a time on a session of their own.
+
+    Batches are handed out one by one as lanes come free, so after a failure no new batch
+    starts unless `keep_going` (the ones already running finish).
     """
-    pending = iter(ids)
-    take = threading.Lock()
-    stop = threading.Event()
 
-    def lane(conn: Any) -> Any:
-        while not stop.is_set():
-            with take:
-                batch_id = next(pending, None)
-            if batch_id is None:
-                break
-            ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
-            if not ok and not keep_going:
-                stop.set()
-        return conn
+    def __init__(self, client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, jobs: int) -> None:
+        # fork: the lanes inherit the mapping and the connection factory as they are (neither
+        # needs to pickle), and a Redis client's pool starts afresh in a new process by itself
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
+                                        initializer=_lane_start, initargs=(client, connect, mapping))
+        self.jobs = jobs
+        with _foreign_after_fork_hooks_held():
+            self.pool.submit(int).result()  # forks every lane now (a session it cannot open fails here)
 
-    lanes = min(jobs, len(ids))
-    if lanes <= 1:
-        return lane(conn)
-    others = [_reconnect(connect) for _ in range(lanes - 1)]
-    with ThreadPoolExecutor(max_workers=lanes - 1, thread_name_prefix="lane") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, lane, c) for c in others]
+    def run(self, ids: list[int], keep_going: bool) -> None:
+        pending, running, failed = iter(ids), set(), False
         try:
-            conn = lane(conn)
-        finally:
-            stop.set()  # should this lane have failed, the others take no new batch either
-            wait(futures)
-    for future in futures:
-        if future.exception() is None:
-            future.result().close()
-    for future in futures:
-        future.result()  # a lane's own failure (its session is gone with it)
-    return conn
+            while True:
+                while len(running) < self.jobs and (keep_going or not failed):
+                    batch_id = next(pending, None)
+                    if batch_id is None:
+                        break
+                    running.add(self.pool.submit(_lane_batch, batch_id))
+                if not running:
+                    return
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                failed = failed or not all(future.result() for future in done)
+        except BrokenProcessPool as exc:
+            raise LaneDied("a batch process died mid-batch (killed, or out of memory); what its batch "
+                           "wrote is rolled back: carry the run on with `migrator resume RUN_ID --local`") from exc
+
+    def close(self, wait: bool = True) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+
+
+@contextmanager
+def _foreign_after_fork_hooks_held() -> Iterator[None]:
+    """Fork without running the after-fork hooks other libraries registered in this process.
+
+    multiprocessing runs them in every child it forks; kombu's close the broker connections
+    they find, and a socket the child shares with its parent then closes for the parent too.
+    The lanes never use what those hooks clean up. multiprocessing's own hooks still run.
+    """
+    registry = multiprocessing.util._afterfork_registry  # no public way to skip a hook
+    held = {key: obj for key, obj in registry.items() if not getattr(key[2], "__module__", "").startswith("multiprocessing")}
+    for key in held:
+        del registry[key]
+    try:
+        yield
+    finally:
+        registry.update(held)
+
+
+_lane: dict[str, Any] = {}  # in a lane process: its client, connection factory, mapping and session
+
+
+def _lane_start(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping) -> None:
+    # Ctrl-C is the parent's to handle; a lane whose parent is gone (killed) ends at once,
+    # abandoning its batch (rolled back, and run again by `migrator resume`)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True, name="orphan-watch").start()
+    _lane.update(client=client, connect=connect, mapping=mapping, conn=_reconnect(connect))
+    # closed as the process ends, so the server sees a goodbye rather than a dropped connection
+    multiprocessing.util.Finalize(None, lambda: _lane["conn"].close(), exitpriority=10)
+
+
+def _end_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+
+
+def _lane_batch(batch_id: int) -> bool:
+    ok, _lane["conn"] = _run_with_retries(_lane["client"], _lane["conn"], _lane["connect"], _lane["mapping"], batch_id)
+    return ok
 
 
 def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,

@@ -676,7 +676,10 @@ def test_a_document_sent_as_utf8_bytes_reaches_postgresql_exactly(pg, conforming
     assert array == [document.decode(), "x'\\"] and empty == ""
 
 
-def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_result(settings, r, pg, monkeypatch):
+def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with_the_same_result(
+        settings, r, pg, monkeypatch):
+    import multiprocessing
+    import os
     import threading
 
     import migrator.runner
@@ -686,11 +689,12 @@ def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_re
     one_at_a_time = migrate(settings, ranges=4)
     expected = content_fingerprint(pg)
     real = migrator.runner.migrate_batch
-    both_in = threading.Barrier(2, timeout=30)  # broken (and the test failed) unless two batches overlap
-    sessions: set[int] = set()
+    fork = multiprocessing.get_context("fork")
+    both_in = fork.Barrier(2, timeout=30)  # shared with the forked lanes; broken unless two batches overlap
+    lanes = fork.SimpleQueue()
 
     def together(client, conn, mapping, batch_id, progress=None):
-        sessions.add(conn.get_backend_pid())
+        lanes.put((os.getpid(), conn.get_backend_pid()))
         if not both_in.broken:
             try:
                 both_in.wait()
@@ -698,10 +702,14 @@ def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_re
                 pass
         return real(client, conn, mapping, batch_id, progress)
 
-    monkeypatch.setattr(migrator.runner, "migrate_batch", together)
+    monkeypatch.setattr(migrator.runner, "migrate_batch", together)  # the lanes fork after this
     at_once = migrate(settings, jobs=2, ranges=4)
-    assert both_in.n_waiting == 0 and not both_in.broken
-    assert len(sessions) >= 2
+    seen = set()
+    while not lanes.empty():
+        seen.add(lanes.get())
+    assert not both_in.broken
+    assert len({pid for pid, _ in seen}) == 2 and os.getpid() not in {pid for pid, _ in seen}
+    assert len({session for _, session in seen}) == 2  # one session per lane, kept across its batches
     assert at_once["status"] == "completed" and at_once["balanced"]
     assert content_fingerprint(pg) == expected
     assert [(p["pattern"], p["migrated"]) for p in at_once["patterns"]] == \
@@ -709,19 +717,69 @@ def test_local_jobs_run_batches_at_once_each_on_its_own_session_with_the_same_re
 
 
 def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatch):
+    import multiprocessing
+
     import migrator.runner
 
     seed_demo(r, 60)
-    started: list[int] = []
+    started = multiprocessing.get_context("fork").SimpleQueue()
 
     def failing(client, conn, mapping, batch_id, progress=None):
-        started.append(batch_id)
+        started.put(batch_id)
         raise RuntimeError("a bug in a transform")
 
     monkeypatch.setattr(migrator.runner, "migrate_batch", failing)
     report = migrate(settings, jobs=2, ranges=8)
     assert report["status"] == "rolled_back"
-    assert 1 <= len(started) <= 2  # the failing batch, and at most the one the other lane had taken
+    taken = []
+    while not started.empty():
+        taken.append(started.get())
+    assert 1 <= len(taken) <= 2  # the failing batch, and at most the one the other lane had taken
+
+
+def test_lanes_leave_the_broker_connections_of_the_process_they_fork_from_alone(settings, r, pg):
+    """kombu registers after-fork hooks that close the pooled broker connections they find; run
+    in a forked lane, they would close the parent's connection on the socket both share."""
+    from workers.celery import app
+
+    seed_demo(r, 30)
+    app.control.ping(timeout=0.2)  # a pooled broker connection in this process (no worker answers)
+    assert migrate(settings, jobs=2, ranges=2)["status"] == "completed"
+    app.control.ping(timeout=0.2)  # connection reset by peer, had a lane closed it
+
+
+def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_completes_it(settings, r, pg, monkeypatch):
+    import os
+    import signal
+
+    import migrator.runner
+    from migrator.runner import LaneDied, execute_local, resume_point
+
+    seed_demo(r, 60)
+    real = migrator.runner.migrate_batch
+    parent = os.getpid()
+
+    def killed(client, conn, mapping, batch_id, progress=None):
+        with conn.cursor() as cur:  # the first batch of the critical priority dies with its lane
+            cur.execute("SELECT min(id) FROM migration_batches")
+            if batch_id == cur.fetchone()[0] and os.getpid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(client, conn, mapping, batch_id, progress)
+
+    monkeypatch.setattr(migrator.runner, "migrate_batch", killed)
+    with pytest.raises(LaneDied, match="migrator resume"):
+        migrate(settings, jobs=2, ranges=4)
+    monkeypatch.setattr(migrator.runner, "migrate_batch", real)
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT id, status FROM migration_runs")
+        (run_id, status), = cur.fetchall()
+    assert status == "running"
+    opts, start = resume_point(pg, run_id)
+    client = settings.redis()
+    try:
+        assert execute_local(client, settings.postgres, THREADR, run_id, opts, start=start, jobs=2) == "completed"
+    finally:
+        client.close()
 
 
 def test_a_sub_batch_ends_at_its_byte_limit_as_well_as_its_record_count(settings, r, pg, monkeypatch):
