@@ -11,7 +11,7 @@ database, then measures side by side in the same run:
   local   `migrator run --local` (its default --jobs 2: two batches at once, in two forked processes)
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
-Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
+Each mode runs in its own processes so their peak RSS is their own (a mode's largest process). Prints keys/s, the ratio of
 each to the floor and to the seed's approach, peak RSS (coordinator and workers apart), the time
 of the SCAN passes alone, and where the migrator's time went (scan, read, transform, write; from
 the ledger's per-batch timings). Then the p50/p99 latency of an app-like load on the same Redis
@@ -145,18 +145,21 @@ def _peak_rss_of_group(pgid: int) -> float:
 
 
 def _measured(command: list[str], **popen: object) -> tuple[int, bytes, float]:
-    """Run `command`: its exit status, stdout and own peak RSS in MB. Sampled from /proc while it
-    runs: rusage would also count the pages of this (large, after seeding) process it forked from."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, **popen)
+    """Run `command`: its exit status, stdout and the peak RSS in MB of its largest process (its
+    own, or a lane's it forked). Sampled from /proc while it runs: rusage would also count the
+    pages of this (large, after seeding) process it was forked from."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True, **popen)
     out: list[bytes] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
     reader.start()
-    peak = 0
+    peak, ticks = 0.0, 0
     while proc.poll() is None:
-        peak = max(peak, _vm_hwm_kb(proc.pid))
+        # its own peak often; its lanes' (a walk through /proc) now and then, as they live long
+        peak = max(peak, _vm_hwm_kb(proc.pid) / 1024, _peak_rss_of_group(proc.pid) if ticks % 10 == 0 else 0)
+        ticks += 1
         time.sleep(0.05)
     reader.join()
-    return proc.returncode, out[0], round(peak / 1024, 1)
+    return proc.returncode, out[0], round(peak, 1)
 
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
