@@ -11,11 +11,12 @@ database, then measures side by side in the same run:
   local   `migrator run --local` (its default --jobs 2: two batches at once, in two forked processes)
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
-Each mode runs in its own processes so their peak RSS is their own (a mode's largest process). Prints keys/s, the ratio of
-each to the floor and to the seed's approach, peak RSS (coordinator and workers apart), the time
-of the SCAN passes alone, and where the migrator's time went (scan, read, transform, write; from
-the ledger's per-batch timings). Then the p50/p99 latency of an app-like load on the same Redis
-server while nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
+Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
+each to the floor and to the seed's approach, peak RSS (of a mode's largest process; coordinator
+and workers apart), the time of the SCAN passes alone, and where the migrator's time went (scan,
+read, transform, write; from the ledger's per-batch timings). Then the p50/p99 latency of an
+app-like load on the same Redis server while nothing runs, while `run --local` runs unthrottled,
+and with --max-keys-per-sec.
 With --sizes, all of it per size and a table of how cost grows; --readme puts the tables in
 README.md between its bench markers.
 """
