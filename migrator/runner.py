@@ -78,9 +78,10 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
     number of times; any other failure is recorded and left to the priority's validation.
     """
     conn = connect()
-    lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
+    lanes: Lanes | None = None
     finished = False
     try:
+        lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
         priority = start or opts.priority_order()[0]
         while priority is not None:
             with conn, conn.cursor() as cur:
@@ -118,8 +119,13 @@ class Lanes:
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"),
                                         initializer=_lane_start, initargs=(client, connect, mapping))
         self.jobs = jobs
-        with _foreign_after_fork_hooks_held():
-            self.pool.submit(int).result()  # forks every lane now (a session it cannot open fails here)
+        try:
+            with _foreign_after_fork_hooks_held():
+                self.pool.submit(int).result()  # forks every lane now (a session it cannot open fails here)
+        except BrokenProcessPool as exc:
+            self.pool.shutdown(wait=False)
+            raise LaneDied(f"the {jobs} lane processes could not start (the error above says why); "
+                           "--jobs 1 runs the batches in this process") from exc
 
     def run(self, ids: list[int], keep_going: bool) -> None:
         pending, running, failed = iter(ids), set(), False

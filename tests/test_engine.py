@@ -737,6 +737,28 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
     assert 1 <= len(taken) <= 2  # the failing batch, and at most the one the other lane had taken
 
 
+def test_lanes_that_cannot_open_a_session_stop_the_run_before_any_batch_with_the_way_out(settings, r, pg):
+    import os
+
+    from migrator.options import RunOptions
+    from migrator.runner import LaneDied, execute_local, plan_run
+
+    seed_demo(r, 10)
+    parent = os.getpid()
+
+    def connect():
+        if os.getpid() != parent:
+            raise ValueError("no session for a lane")
+        return settings.postgres()
+
+    run_id = plan_run(r, pg, THREADR, RunOptions(ranges=2), settings.redis_url)
+    with pytest.raises(LaneDied, match="--jobs 1"):
+        execute_local(r, connect, THREADR, run_id, RunOptions(ranges=2), jobs=2)
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND status <> 'pending'", (run_id,))
+        assert cur.fetchone() == (0,)
+
+
 def test_lanes_leave_the_broker_connections_of_the_process_they_fork_from_alone(settings, r, pg):
     """kombu registers after-fork hooks that close the pooled broker connections they find; run
     in a forked lane, they would close the parent's connection on the socket both share."""
