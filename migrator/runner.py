@@ -14,8 +14,8 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import redis
@@ -157,7 +157,8 @@ def _foreign_after_fork_hooks_held() -> Iterator[None]:
     The lanes never use what those hooks clean up. multiprocessing's own hooks still run.
     """
     registry = multiprocessing.util._afterfork_registry  # no public way to skip a hook
-    held = {key: obj for key, obj in registry.items() if not getattr(key[2], "__module__", "").startswith("multiprocessing")}
+    held = {key: obj for key, obj in registry.items()  # key: (order, id of obj, hook)
+            if not getattr(key[2], "__module__", "").startswith("multiprocessing")}
     for key in held:
         del registry[key]
     try:
@@ -186,7 +187,8 @@ def _end_with(parent: int) -> None:
 
 
 def _lane_batch(batch_id: int) -> bool:
-    ok, _lane["conn"] = _run_with_retries(_lane["client"], _lane["conn"], _lane["connect"], _lane["mapping"], batch_id)
+    ok, _lane["conn"] = _run_with_retries(_lane["client"], _lane["conn"], _lane["connect"], _lane["mapping"],
+                                          batch_id)
     return ok
 
 
