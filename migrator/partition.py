@@ -78,17 +78,30 @@ def scan_range(client: redis.Redis, key_range: KeyRange, count: int = 1000) -> I
     The call that crosses the range end also returns keys of the next range. Those are left
     to the next range: a probe SCAN from the end (what the next range's first calls see)
     names them. On a table that is not resizing, every key is then yielded by exactly one range.
+    The next call is sent before a reply's keys are handed over, so Redis walks on while they
+    are processed.
     """
-    cursor = rev64(key_range.start)
-    while True:
-        cursor, keys = client.scan(cursor=cursor, count=count)
-        crossed = cursor == 0 or rev64(cursor) >= key_range.end
-        if crossed and key_range.end < SPACE and keys:
-            beyond = _seen_from(client, key_range.end, cursor, count)
-            keys = [k for k in keys if k not in beyond]
-        yield keys
-        if crossed:
-            return
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_command("SCAN", rev64(key_range.start), "COUNT", count)
+        while True:
+            reply_cursor, keys = conn.read_response()
+            cursor = int(reply_cursor)
+            crossed = cursor == 0 or rev64(cursor) >= key_range.end
+            if not crossed:
+                conn.send_command("SCAN", cursor, "COUNT", count)
+            elif key_range.end < SPACE and keys:
+                beyond = _seen_from(client, key_range.end, cursor, count)
+                keys = [k for k in keys if k not in beyond]
+            yield keys
+            if crossed:
+                return
+    except BaseException:
+        conn.disconnect()  # a reply may be unread (the caller stopped early): not reusable as it is
+        raise
+    finally:
+        pool.release(conn)
 
 
 def _seen_from(client: redis.Redis, position: int, until: int, count: int) -> set[bytes]:

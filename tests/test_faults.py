@@ -192,9 +192,13 @@ def test_connections_cut_mid_transaction_are_retried(stack, expected, table, cau
         cut, deadline = [], time.monotonic() + 120
         with killer.cursor() as cur:
             while not cut and time.monotonic() < deadline:
-                cur.execute("WITH waiting AS MATERIALIZED (SELECT pid, query FROM pg_stat_activity"
-                            " WHERE application_name = 'migrator' AND wait_event_type = 'Lock'"
-                            " AND xact_start IS NOT NULL) SELECT query FROM waiting WHERE pg_terminate_backend(pid)")
+                # waiting on the held table itself: a row lock another batch holds (two keys that
+                # upsert one subscription) is not what this test cuts
+                cur.execute("WITH waiting AS MATERIALIZED (SELECT a.pid, a.query FROM pg_stat_activity a"
+                            " JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted"
+                            " AND l.relation = %s::regclass WHERE a.application_name = 'migrator'"
+                            " AND a.xact_start IS NOT NULL)"
+                            " SELECT query FROM waiting WHERE pg_terminate_backend(pid)", (table,))
                 cut = [q for q, in cur.fetchall()]
                 time.sleep(0.05)
         hold.commit()
