@@ -22,7 +22,7 @@ import redis
 import structlog
 
 from . import ledger
-from .batch import migrate_batch
+from .batch import collect_less, migrate_batch
 from .config import ConfigError
 from .errors import TRANSIENT, backoff
 from .finalize import after_priority
@@ -77,6 +77,7 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
     A batch that fails on a lost connection is retried on a new one, with backoff, a bounded
     number of times; any other failure is recorded and left to the priority's validation.
     """
+    collect_less()  # before the lanes fork: they inherit it
     conn = connect()
     lanes: Lanes | None = None
     finished = False

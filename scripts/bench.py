@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import orjson
 import psycopg2
@@ -73,7 +74,9 @@ def _copy_text(text: str) -> str:
 def mode_floor(redis_url: str, database_url: str) -> dict:
     client, conn = redis.Redis.from_url(redis_url), psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS floor_kv; CREATE TABLE floor_kv (key text, value text, pttl bigint)")
+        # not vacuumed: a vacuum of its million rows would run, and count, during the next mode
+        cur.execute("DROP TABLE IF EXISTS floor_kv; CREATE TABLE floor_kv (key text, value text, pttl bigint)"
+                    " WITH (autovacuum_enabled = false)")
     started, keys, cursor = time.perf_counter(), 0, 0
     while True:
         cursor, batch = client.scan(cursor, count=1000)
@@ -105,7 +108,8 @@ def mode_seed(redis_url: str, database_url: str, sample: int) -> dict:
     """The seed scripts' way: one GET per key, one INSERT per row, 100 rows per transaction."""
     client, conn = redis.Redis.from_url(redis_url), psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS seed_kv; CREATE TABLE seed_kv (key text PRIMARY KEY, value text, pttl bigint)")
+        cur.execute("DROP TABLE IF EXISTS seed_kv; CREATE TABLE seed_kv (key text PRIMARY KEY, value text, pttl bigint)"
+                    " WITH (autovacuum_enabled = false)")
     keys = [k for _, k in zip(range(sample), client.scan_iter(count=1000))]
     started = time.perf_counter()
     cur = conn.cursor()
@@ -143,6 +147,43 @@ def _peak_rss_of_group(pgid: int) -> float:
             except ProcessLookupError:
                 continue
     return round(peak / 1024, 1)
+
+
+def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
+    """CPU seconds of the processes `wanted(pid, name)` picks, with the children they reaped (a
+    PostgreSQL backend's time moves to the postmaster when it exits, so the sum is steady)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            if wanted(int(pid), name):
+                total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(redis_url: str, running: Sequence[int]) -> dict[str, float]:
+    """CPU seconds so far: of the mode (this process's reaped children, and the `running`
+    processes it started before), of PostgreSQL, of Redis and of the broker (RabbitMQ)."""
+    own = resource.getrusage(resource.RUSAGE_CHILDREN)
+    info = redis.Redis.from_url(redis_url).info("cpu")
+    return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
+            "postgresql": _cpu_of(lambda _, name: name == "postgres"),
+            "redis": info["used_cpu_sys"] + info["used_cpu_user"],
+            "broker": _cpu_of(lambda _, name: name == "beam.smp")}
+
+
+def _with_cpu(redis_url: str, run: Callable[[], dict], running: Sequence[int] = ()) -> dict:
+    """A mode's result with the CPU seconds it cost each part of the machine while it ran
+    (`running`: processes already up, e.g. workers, whose start-up is not the run's)."""
+    before = _cpu_now(redis_url, running)
+    result = run()
+    after = _cpu_now(redis_url, running)
+    result["cpu"] = {k: round(after[k] - before[k], 1) for k in before}
+    return result
 
 
 def _measured(command: list[str], **popen: object) -> tuple[int, bytes, float]:
@@ -197,7 +238,7 @@ def mode_workers(args: argparse.Namespace, workers: int) -> dict:
         with app.connection_for_write() as conn:  # a new one: the pool's may have idled out since the last mode
             while len(app.control.ping(timeout=0.5, connection=conn) or []) < workers and time.monotonic() < deadline:
                 pass
-        result = _migrator(args)
+        result = _with_cpu(args.redis_url, lambda: _migrator(args), [p.pid for p in procs])
         result["coordinator_rss_mb"] = result.pop("peak_rss_mb")
         result["worker_peak_rss_mb"] = max(_peak_rss_of_group(p.pid) for p in procs)
         return result
@@ -299,10 +340,10 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         out["scan_pass_s"] = time.perf_counter() - started
         out["ranges"] = len(plan_ranges(client))
         modes = out["modes"]
-        modes["floor"] = run_child("floor", args)
-        modes["seed"] = run_child("seed", args)
+        modes["floor"] = _with_cpu(args.redis_url, lambda: run_child("floor", args))
+        modes["seed"] = _with_cpu(args.redis_url, lambda: run_child("seed", args))
         _truncate(args.database_url)
-        modes["local"] = _migrator(args, "--local")
+        modes["local"] = _with_cpu(args.redis_url, lambda: _migrator(args, "--local"))
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
@@ -338,8 +379,9 @@ def render(size: dict) -> list[str]:
     lines = [f"keyspace {size['keys']:,} keys, {size['ranges']} cursor range(s); one bare SCAN pass "
              f"{size['scan_pass_s']:.2f} s, so the migrator's 5 passes (one per priority, each also counting the "
              f"priority before it again, and a count of the last) spend about {5 * size['scan_pass_s']:.1f} s in SCAN alone", "",
-             "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s "
+             "| CPU µs per key: mode + PostgreSQL + Redis + broker |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for mode, r in modes.items():
         rate = r["keys"] / r["seconds"]
         rss = (f"{r['coordinator_rss_mb']} coord., {r['worker_peak_rss_mb']} worker" if "worker_peak_rss_mb" in r
@@ -347,13 +389,17 @@ def render(size: dict) -> list[str]:
         st = r.get("stages")
         split = " / ".join(f"{st[k]:.1f}" for k in ("scan", "read", "transform", "write")) if st else ""
         note = " (sample, extrapolated)" if r.get("sampled") else ""
+        cpu = r.get("cpu")
+        per_key = (" + ".join(f"{v * 1e6 / r['keys']:.0f}" for v in cpu.values())
+                   + f" = {sum(cpu.values()) * 1e6 / r['keys']:.0f}") if cpu else ""
         lines.append(f"| {mode}{note} | {r['keys']:,} | {r['seconds']:.1f} | {rate:,.0f} | {rate / floor:.2f} | "
-                     f"{rate / seed:.1f} | {rss} | {split} |")
+                     f"{rate / seed:.1f} | {rss} | {split} | {per_key} |")
     ratio = lambda name: modes[name]["keys"] / modes[name]["seconds"] / floor if name in modes else None
     migrator_modes = [m for m in modes if m not in ("floor", "seed")]
-    bars = [("2 workers >= 1.0x floor", ratio("2 workers"), 1.0), ("local >= 0.7x floor", ratio("local"), 0.7)]
+    bars = [("2 workers >= 1.0x floor", "2 workers", 1.0), ("local >= 0.7x floor", "local", 0.7)]
     lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrator_modes) if migrator_modes else None
-    verdicts = [f"{name}: {'yes' if value >= bar else 'NO'} ({value:.2f})" for name, value, bar in bars if value is not None]
+    verdicts = [f"{name}: {'yes' if ratio(mode) >= bar else 'NO'} ({ratio(mode):.2f}{_ceiling(modes, mode, floor)})"
+                for name, mode, bar in bars if mode in modes]
     if lowest is not None:
         verdicts.append(f"every mode >= 10x seed: {'yes' if lowest >= 10 else 'NO'} (lowest {lowest:.1f}x)")
     lines += ["", "Bars: " + "; ".join(verdicts)]
@@ -361,6 +407,15 @@ def render(size: dict) -> list[str]:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
     return lines
+
+
+def _ceiling(modes: dict, mode: str, floor_rate: float) -> str:
+    """The most this mode's CPU per key allows against the floor, were every core busy with it."""
+    cpu = modes[mode].get("cpu")
+    if not cpu:
+        return ""
+    best = modes[mode]["keys"] / (sum(cpu.values()) / os.cpu_count())
+    return f"; its CPU per key allows at most {best / floor_rate:.2f} on {os.cpu_count()} cores"
 
 
 def render_growth(sizes: list[dict]) -> list[str]:

@@ -161,9 +161,15 @@ def test_a_redis_restart_mid_run_restarts_the_affected_ranges(stack, expected):
 def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
     own, server, _, _ = stack
     run_id, conn = _start(own)
-    _when_a_batch_runs(conn, run_id)
+    # a high batch held inside its transaction (its write waits on `users`), however fast
+    # batches run: the restart is sure to cut one
+    hold = psycopg2.connect(own.database_url)
+    with hold.cursor() as cur:
+        cur.execute("LOCK TABLE users IN EXCLUSIVE MODE")
+    _when_waiting_on(conn, "users")
     conn.close()
-    server.stop()
+    server.stop()  # ends the holder's session too
+    hold.close()
     time.sleep(1)
     server.start()
     conn = psycopg2.connect(own.database_url)
@@ -175,6 +181,28 @@ def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
 
 
 STATEMENT = {"batch": "SELECT * FROM migrator_write(", "finalize": "UPDATE "}
+
+
+def _waiting_on(table: str) -> str:
+    """The migrator's sessions waiting, inside a transaction, for a lock on `table` itself (a
+    row lock another batch holds, two keys upserting one subscription, is not one of them)."""
+    return (sql.SQL("SELECT a.pid, a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                    " AND NOT l.granted AND l.relation = {}::regclass"
+                    " WHERE a.application_name = 'migrator' AND a.xact_start IS NOT NULL")
+            .format(sql.Literal(table)))
+
+
+def _when_waiting_on(conn, table: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with conn.cursor() as cur:
+            cur.execute(_waiting_on(table))
+            waiting = cur.fetchall()
+        conn.rollback()
+        if waiting:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no batch came to wait on {table}")
 
 
 @pytest.mark.parametrize("table, caught", [("usage_events", "batch"), ("analytics_timeseries", "finalize")])
@@ -192,13 +220,8 @@ def test_connections_cut_mid_transaction_are_retried(stack, expected, table, cau
         cut, deadline = [], time.monotonic() + 120
         with killer.cursor() as cur:
             while not cut and time.monotonic() < deadline:
-                # waiting on the held table itself: a row lock another batch holds (two keys that
-                # upsert one subscription) is not what this test cuts
-                cur.execute("WITH waiting AS MATERIALIZED (SELECT a.pid, a.query FROM pg_stat_activity a"
-                            " JOIN pg_locks l ON l.pid = a.pid AND NOT l.granted"
-                            " AND l.relation = %s::regclass WHERE a.application_name = 'migrator'"
-                            " AND a.xact_start IS NOT NULL)"
-                            " SELECT query FROM waiting WHERE pg_terminate_backend(pid)", (table,))
+                cur.execute(sql.SQL("WITH waiting AS MATERIALIZED ({}) SELECT query FROM waiting"
+                                    " WHERE pg_terminate_backend(pid)").format(_waiting_on(table)))
                 cut = [q for q, in cur.fetchall()]
                 time.sleep(0.05)
         hold.commit()

@@ -2,8 +2,9 @@
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_init
 
+from migrator.batch import collect_less
 from migrator.log import configure, route_stdlib_logging
 
 app = Celery("migrator", include=["workers.tasks"])
@@ -16,3 +17,8 @@ def _json_logs(loglevel: Any = None, **_: Any) -> None:
     level = loglevel if isinstance(loglevel, str) else None
     configure(json=True, level=level)
     route_stdlib_logging(level)
+
+
+@worker_init.connect
+def _batch_process(**_: Any) -> None:
+    collect_less()  # before a prefork pool forks its children: they inherit it
