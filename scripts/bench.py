@@ -14,9 +14,10 @@ database, then measures side by side in the same run:
 Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
 each to the floor and to the seed's approach, peak RSS (of a mode's largest process; coordinator
 and workers apart), the time of the SCAN passes alone, and where the migrator's time went (scan,
-read, transform, write; from the ledger's per-batch timings). Then the p50/p99 latency of an
-app-like load on the same Redis server while nothing runs, while `run --local` runs unthrottled,
-and with --max-keys-per-sec.
+read, transform, write; from the ledger's per-batch timings), and the CPU per key each mode cost
+its own processes, PostgreSQL, Redis and the broker, with the most that allows against the floor
+on this machine's cores. Then the p50/p99 latency of an app-like load on the same Redis server
+while nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
 With --sizes, all of it per size and a table of how cost grows; --readme puts the tables in
 README.md between its bench markers.
 """
