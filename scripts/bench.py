@@ -473,8 +473,14 @@ def main() -> None:
     sizes = []
     with tempfile.TemporaryDirectory(prefix="migrator-bench-") as work_dir:
         args.work_dir = work_dir
-        for i, target in enumerate(targets):
-            sizes.append(measure(args, target, first=i == 0, last=i == len(targets) - 1))
+        try:
+            for i, target in enumerate(targets):
+                sizes.append(measure(args, target, first=i == 0, last=i == len(targets) - 1))
+        finally:
+            if args.workers:
+                from workers.celery import delete_queues
+
+                delete_queues()  # this run's queues, off the shared broker
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB, Python "
              f"{platform.python_version()}, Redis {_redis_version(args.redis_url)}, PostgreSQL {_pg_version()}; "
              f"`scripts/bench.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}.", ""]

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from amqp.exceptions import NotFound
+from celery import Celery
+
 from conftest import ADMIN_URL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,8 +21,9 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
     done = subprocess.run(
         [sys.executable, "scripts/bench.py", "--keys", "4000", "--workers", "1", "--no-hostile",
          "--seed-sample", "300", "--latency-seconds", "3", "--redis-url", settings.redis_url],
-        cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL}, capture_output=True, text=True,
-        timeout=300)
+        cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL,
+                       "MIGRATOR_QUEUE_PREFIX": f"benchtest{os.getpid()}."},  # it deletes its queues
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (floor|seed \(sample, extrapolated\)|local|1 worker) \|.*$",
@@ -36,3 +41,7 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
     assert re.search(r"^Bars: .*local >= 0\.7x floor: (yes|NO) \(\d\.\d\d; its CPU per key allows at most \d+\.\d\d "
                      r"on \d+ cores\); every mode >= 10x seed: (yes|NO)", out, re.M), out
     assert re.search(r"^\| `run --local --max-keys-per-sec \d+` \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
+    with Celery(broker=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")) as app, \
+            app.connection_for_write() as conn:
+        with pytest.raises(NotFound):  # it left no queue of its own behind on the broker
+            conn.default_channel.queue_declare(f"benchtest{os.getpid()}.low", passive=True)

@@ -22,7 +22,7 @@ from migrator.report import build_report
 from migrator.status import run_progress
 from migrator.threadr import THREADR
 
-from helpers import PRIORITIES, ROOT, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
 
 
 
@@ -33,11 +33,9 @@ def workers(database_url, tmp_path_factory):
     pool.start("w2")
     yield pool
     pool.stop_all()
-    from workers.celery import app
+    from workers.celery import delete_queues
 
-    with app.connection_for_write() as conn:  # leave nothing behind on the shared broker
-        for p in PRIORITIES:
-            conn.default_channel.queue_delete(os.environ["MIGRATOR_QUEUE_PREFIX"] + p)
+    delete_queues()  # leave nothing behind on the shared broker
 
 
 def run_distributed(settings, timeout: float = 240, **options) -> dict:

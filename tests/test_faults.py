@@ -6,7 +6,6 @@ keyspace, and the balance; the recovery, where one is needed, is the runbook's c
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from psycopg2 import sql
 import pytest
 import redis
 
-from helpers import PRIORITIES, ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
 from migrator.config import Settings
 from migrator.demo import seed_demo
 from migrator.options import RunOptions
@@ -48,11 +47,9 @@ def stack(tmp_path_factory, settings):
             yield own, server, pool, directory / f"redis-{port}.conf"
         finally:
             pool.stop_all()
-            from workers.celery import app
+            from workers.celery import delete_queues
 
-            with app.connection_for_write() as c:
-                for p in PRIORITIES:
-                    c.default_channel.queue_delete(os.environ["MIGRATOR_QUEUE_PREFIX"] + p)
+            delete_queues()
     server.stop()
     server.remove()
 

@@ -4,11 +4,20 @@ from typing import Any
 from celery import Celery
 from celery.signals import setup_logging, worker_init
 
+from celeryconfig import PRIORITY_QUEUES
 from migrator.batch import collect_less
 from migrator.log import configure, route_stdlib_logging
 
 app = Celery("migrator", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
+
+
+def delete_queues() -> None:
+    """Remove the priority queues of this MIGRATOR_QUEUE_PREFIX from the broker: for the test
+    sessions and bench runs that each use queues of their own on a shared broker."""
+    with app.connection_for_write() as conn:
+        for name in PRIORITY_QUEUES.values():
+            conn.default_channel.queue_delete(name)
 
 
 @setup_logging.connect
