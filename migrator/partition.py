@@ -12,7 +12,7 @@ from typing import Iterator
 
 import redis
 
-from .source import cluster_masters, node_client
+from .source import cluster_masters, node_client, pooled
 
 SPACE = 1 << 64
 # Tables smaller than this get one range: with fewer buckets than ranges they overlap heavily.
@@ -81,9 +81,7 @@ def scan_range(client: redis.Redis, key_range: KeyRange, count: int = 1000) -> I
     The next call is sent before a reply's keys are handed over, so Redis walks on while they
     are processed.
     """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
+    with pooled(client) as conn:
         conn.send_command("SCAN", rev64(key_range.start), "COUNT", count)
         while True:
             reply_cursor, keys = conn.read_response()
@@ -97,11 +95,6 @@ def scan_range(client: redis.Redis, key_range: KeyRange, count: int = 1000) -> I
             yield keys
             if crossed:
                 return
-    except BaseException:
-        conn.disconnect()  # a reply may be unread (the caller stopped early): not reusable as it is
-        raise
-    finally:
-        pool.release(conn)
 
 
 def _seen_from(client: redis.Redis, position: int, until: int, count: int) -> set[bytes]:

@@ -1,8 +1,9 @@
 """Reading keys from Redis: TYPE, PTTL and the value in one pipeline, decoded per pattern."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import hiredis
 import orjson
@@ -60,6 +61,21 @@ except ImportError:  # another layout: every reply through read_response
     _MORE = None
 
 
+@contextmanager
+def pooled(client: redis.Redis) -> Iterator[redis.connection.AbstractConnection]:
+    """One of the client's pooled connections, to send and read on directly. Disconnected if the
+    block ends early (an error, or a generator closed mid-way): replies may be left unread on it."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        yield conn
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
 def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
     """Send `commands` in one round trip; their raw replies in order, a refused one as its error.
 
@@ -71,9 +87,7 @@ def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
         for command in commands:
             pipe.execute_command(*command)
         return pipe.execute(raise_on_error=False)
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
+    with pooled(client) as conn:
         conn.send_packed_command([b"".join(map(hiredis.pack_command, commands))])
         # Replies already received are taken from redis-py's hiredis reader as they are
         # (an error reply as its exception object): read_response costs microseconds per reply.
@@ -88,11 +102,6 @@ def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
                     reply = exc
             replies.append(reply)
         return replies
-    except BaseException:
-        conn.disconnect()  # a half-read stream of replies must not go back to the pool
-        raise
-    finally:
-        pool.release(conn)
 
 
 def payload_size(raw: Any) -> int:

@@ -170,7 +170,8 @@ def _cpu_now(redis_url: str, running: Sequence[int]) -> dict[str, float]:
     """CPU seconds so far: of the mode (this process's reaped children, and the `running`
     processes it started before), of PostgreSQL, of Redis and of the broker (RabbitMQ)."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    info = redis.Redis.from_url(redis_url).info("cpu")
+    with redis.Redis.from_url(redis_url) as client:
+        info = client.info("cpu")
     return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
             "postgresql": _cpu_of(lambda _, name: name == "postgres"),
             "redis": info["used_cpu_sys"] + info["used_cpu_user"],
@@ -225,7 +226,9 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
 
 def mode_workers(args: argparse.Namespace, workers: int) -> dict:
     """`migrator run` (the coordinator, in its own process) through `workers` Celery worker processes."""
-    queues = ",".join(f"{os.environ['MIGRATOR_QUEUE_PREFIX']}{p}" for p in ("critical", "high", "medium", "low"))
+    from celeryconfig import PRIORITY_QUEUES  # after main() chose this run's queue prefix
+
+    queues = ",".join(PRIORITY_QUEUES.values())
     # each worker process as the README starts one: a threads pool of two (one batch's Python work
     # overlaps another's waits on PostgreSQL and Redis)
     procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues,

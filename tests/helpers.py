@@ -81,7 +81,6 @@ def worker_env(database_url: str) -> dict[str, str]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
-PRIORITIES = ("critical", "high", "medium", "low")
 
 
 class Workers:
@@ -89,7 +88,9 @@ class Workers:
 
     def __init__(self, env: dict[str, str], logdir: Path) -> None:
         self.env, self.logdir, self.procs = env, logdir, {}
-        self.queues = ",".join(os.environ["MIGRATOR_QUEUE_PREFIX"] + p for p in PRIORITIES)
+        from celeryconfig import PRIORITY_QUEUES
+
+        self.queues = ",".join(PRIORITY_QUEUES.values())
 
     def start(self, name: str) -> None:
         log = open(self.logdir / f"{name}.log", "ab")

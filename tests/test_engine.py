@@ -682,7 +682,6 @@ def test_a_document_sent_as_utf8_bytes_reaches_postgresql_exactly(pg, conforming
 def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with_the_same_result(
         settings, r, pg, monkeypatch):
     import multiprocessing
-    import os
     import threading
 
     import migrator.runner
@@ -741,8 +740,6 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
 
 
 def test_lanes_that_cannot_open_a_session_stop_the_run_before_any_batch_with_the_way_out(settings, r, pg):
-    import os
-
     from migrator.options import RunOptions
     from migrator.runner import LaneDied, execute_local, plan_run
 
@@ -774,7 +771,6 @@ def test_lanes_leave_the_broker_connections_of_the_process_they_fork_from_alone(
 
 
 def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_completes_it(settings, r, pg, monkeypatch):
-    import os
     import signal
 
     import migrator.runner

@@ -88,19 +88,24 @@ def _start(own: Settings, **options) -> tuple[str, object]:
         client.close()
 
 
-def _when_a_batch_runs(conn, run_id: str, priority: str = "high") -> None:
+def _until(conn, query: str | sql.Composable, params: tuple, what: str) -> None:
+    """Poll until `query` returns a row."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND priority = %s"
-                        " AND status = 'running'", (run_id, priority))
-            running = cur.fetchone()[0]
+            cur.execute(query, params)
+            found = cur.fetchone()
         conn.rollback()
-        if running:
-            time.sleep(0.2)  # inside the batch: sub-batches written, nothing committed
+        if found:
             return
         time.sleep(0.02)
-    raise AssertionError(f"no {priority} batch started")
+    raise AssertionError(f"no {what}")
+
+
+def _when_a_batch_runs(conn, run_id: str, priority: str = "high") -> None:
+    _until(conn, "SELECT 1 FROM migration_batches WHERE run_id = %s AND priority = %s AND status = 'running'",
+           (run_id, priority), f"{priority} batch started")
+    time.sleep(0.2)  # inside the batch: sub-batches written, nothing committed
 
 
 def _finished_like_undisturbed(own: Settings, conn, run_id: str, expected) -> dict:
@@ -190,16 +195,7 @@ def _waiting_on(table: str) -> str:
 
 
 def _when_waiting_on(conn, table: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with conn.cursor() as cur:
-            cur.execute(_waiting_on(table))
-            waiting = cur.fetchall()
-        conn.rollback()
-        if waiting:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no batch came to wait on {table}")
+    _until(conn, _waiting_on(table), (), f"batch came to wait on {table}")
 
 
 @pytest.mark.parametrize("table, caught", [("usage_events", "batch"), ("analytics_timeseries", "finalize")])
