@@ -26,7 +26,7 @@ from .ledger import PatternCounts
 from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceRecord
 from .partition import scan_range
 from .redact import redact_text
-from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys
+from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys, value_digest
 from . import throttle
 from .writer import Prepared, Writer, describe, detail
 
@@ -73,15 +73,6 @@ class _Batch:
         self.scope = {p.name: p for p in self.opts.scope(mapping, priority)}
         self.count_unmapped = self.opts.includes_unmapped(mapping, priority)
         self.prefixes = self.opts.prefixes(mapping, priority)
-        # The pass also counts again the keys of the priority before this one: that priority's
-        # fresh source count (validate.py) then costs no SCAN pass of its own.
-        earlier = self.opts.before(priority)
-        self.recount: dict[str, int] | None = None
-        self.recount_scope: frozenset[str] = frozenset()
-        if earlier is not None:
-            self.recount = {}
-            self.recount_scope = self.opts.counted(mapping, earlier)
-            self.prefixes += self.opts.prefixes(mapping, earlier)
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
         self.writer = Writer(cur, mapping, spec.run_id)
@@ -156,8 +147,6 @@ class _Batch:
             text, valid = key.decode("utf-8", "backslashreplace"), False
         pattern, match = self.mapping.pattern_of(text)
         name = pattern.name if pattern is not None else UNMAPPED
-        if name in self.recount_scope:
-            self.recount[name] = self.recount.get(name, 0) + 1
         if pattern is None:
             if self.count_unmapped:
                 self.counts.add(UNMAPPED, "skipped")
@@ -195,7 +184,7 @@ class _Batch:
             reason = str(exc) if isinstance(exc, BadRecord) else f"{type(exc).__name__}: {exc}"
             self._dead(key, text, pattern, read, reason)
             return
-        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read))
+        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read, value_digest(read.raw)))
         self.pending_bytes += read.size
 
     def _flush(self, n: int) -> None:
@@ -226,8 +215,7 @@ class _Batch:
         for rec in records:
             if id(rec) not in failed:
                 self.counts.add(rec.pattern.name, "migrated", rows=len(rec.rows))
-                raw = rec.read.raw if isinstance(rec.read.raw, bytes) else dead_letter_bytes(rec.read.raw)
-                self.checksum ^= (zlib.crc32(rec.key) << 32) | zlib.crc32(raw or b"")
+                self.checksum ^= (zlib.crc32(rec.key) << 32) | rec.digest
         for rec, exc in bad:
             self._dead(rec.key, rec.key_text, rec.pattern, rec.read, describe(exc), detail(exc))
 
@@ -316,7 +304,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
-            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.recount)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings)
         conn.commit()
     except Exception as exc:
         reason = redact_text(describe(exc))

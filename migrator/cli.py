@@ -27,6 +27,7 @@ Typical session:
   migrator run --local --dry-run       # everything but keep nothing: numbers equal a real run
   migrator run                         # migrate on Celery workers (or --local: here, no broker)
   migrator status RUN_ID --watch       # progress per priority, from the ledger
+  migrator verify RUN_ID               # every key compared with its rows: exit 0 clean, 1 differences
   migrator batches RUN_ID --failed     # what failed and why; then: migrator requeue RUN_ID --failed
   migrator report RUN_ID --json        # the balance again, for scripts
   migrator rollback RUN_ID             # put PostgreSQL back exactly as it was before RUN_ID
@@ -55,6 +56,26 @@ def _jobs_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=_jobs, default=2, metavar="N",
                    help="with --local: batches run at once, each in one of N processes with its own PostgreSQL "
                         "session (default 2; 1: one at a time, in this process)")
+
+
+VERIFY_DESCRIPTION = """\
+Every key of the run's mapping is read again from Redis, transformed as the run did, and
+compared with its rows in PostgreSQL, range by range (on the workers, or here with --local).
+Per pattern it counts:
+  missing    rows a key should have become that are not there
+  different  rows that differ although their key's value did not change since they were written
+  extra      rows without a source key: their key is gone (not expired) or no longer gives them,
+             or they were never from this keyspace
+  changed    rows whose key the app wrote since the run (reported, not a difference)
+  dead       keys the run made dead letters (no rows expected)
+Exit 0 clean, 1 differences, 2 could not finish (a range failed, a service is down).
+"""
+
+
+def _where_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--local", action="store_true",
+                   help="verify here (see --jobs); default: on the Celery workers when one answers, else here")
+    _jobs_flag(p)
 
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
@@ -86,8 +107,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "once in each of its 5 SCAN passes, and one read; default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
-                   help="validation: how many more source keys a fresh count may find than the batches scanned, "
-                        "as a fraction per pattern (raise it while the app writes new keys; default 0.01)")
+                   help="validation: how many more source keys a fresh count may find than the batches scanned, and "
+                        "how many rows the verification may find missing or without a key, as a fraction of each "
+                        "pattern's keys (live traffic the run cannot see; raise it while the app writes; default 0.01)")
+    g.add_argument("--max-dead-ratio", type=float, default=0.001,
+                   help="validation: a pattern whose dead letters are more than this share of its keys and more "
+                        "than --max-dead-keys fails its priority (a systematic fault; default 0.001, i.e. 0.1%%)")
+    g.add_argument("--max-dead-keys", type=int, default=10,
+                   help="validation: dead letters a pattern may always have, whatever its size (default 10)")
     g.add_argument("--continue-on-error", action="store_true",
                    help="go on to the next priority even when a batch failed (dead letters never stop a run)")
     g.add_argument("--no-rollback", action="store_true",
@@ -104,6 +131,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         continue_on_error=args.continue_on_error, rollback_on_failure=not args.no_rollback,
         max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
         count_tolerance=args.count_tolerance, max_keys_per_sec=args.max_keys_per_sec,
+        max_dead_ratio=args.max_dead_ratio, max_dead_keys=args.max_dead_keys,
     )
 
 
@@ -192,11 +220,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="where migration_report_<run>.json goes")
 
-    p = sub.add_parser("validate", help="validate a run again, now: counts, balance, read-back, orphans; exit 1 on FAIL")
+    p = sub.add_parser("validate", help="judge a run again, now: the checks it got as it ran, over a new full "
+                                        "verification; exit 1 on FAIL",
+                       description="Per priority: batches done, balance, dead letters within budget, a fresh source "
+                                   "count, and a full verification (see `migrator verify`); then the run's figures "
+                                   "(orphans within budget). The same checks the run itself made: they agree.")
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
+    _where_flags(p)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("verify", help="compare every key of a run's mapping with its rows in PostgreSQL; exit 1 on "
+                                      "any difference", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=VERIFY_DESCRIPTION)
+    _connection_flags(p)
+    p.add_argument("run_id", nargs="?", help="default: the latest run")
+    p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[],
+                   help="only the patterns of this priority (repeatable); default: every priority of the run")
+    _where_flags(p)
+    p.add_argument("--show-diffs", type=int, default=0, metavar="N",
+                   help="for up to N rows per pattern that differ, each differing column as PostgreSQL holds it and as "
+                        "Redis gives it now (masked)")
+    p.add_argument("--json", action="store_true",
+                   help='{"run_id", "verdict", "missing", "different", "extra", "patterns": [...]}')
 
     p = sub.add_parser("rollback", help="undo a run exactly: delete what it inserted, restore what it changed")
     _connection_flags(p)
@@ -254,14 +301,20 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_init_db(settings)
         if args.command == "run":
             if args.validate_only:
-                return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json)
+                return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json,
+                                             where="local" if args.local else "auto", jobs=args.jobs)
             if args.local:
                 return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json, output_dir=args.output_dir,
                                         jobs=args.jobs)
             return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach,
                                                 as_json=args.json, output_dir=args.output_dir)
         if args.command == "validate":
-            return commands.cmd_validate(settings, THREADR, args.run_id, args.priority, as_json=args.json)
+            return commands.cmd_validate(settings, THREADR, args.run_id, args.priority, as_json=args.json,
+                                         where="local" if args.local else "auto", jobs=args.jobs)
+        if args.command == "verify":
+            return commands.cmd_verify(settings, THREADR, args.run_id, args.priority, as_json=args.json,
+                                       where="local" if args.local else "auto", jobs=args.jobs,
+                                       show_diffs=args.show_diffs)
         if args.command == "status":
             return commands.cmd_status(settings, args.run_id, as_json=args.json, watch_it=args.watch)
         if args.command == "batches":

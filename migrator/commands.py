@@ -23,9 +23,11 @@ from .log import attach_log_file
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .rollback import rollback_run
-from .runner import execute_local, plan_run, resume_point
+from .runner import execute_local, plan_run, resume_point, verify_local
 from .status import TERMINAL
 from .validate import render_validation, validate_run
+from .verify import explain, plan_verification
+from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
@@ -108,7 +110,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
                         as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout,
                         err: TextIO = sys.stderr) -> int:
     """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
-    from workers.coordinator import start_run, use_broker, workers_answering  # Celery is only needed here
+    from workers.coordinator import start_run, use_broker, worker_command, workers_answering  # Celery is only needed here
 
     use_broker(settings)
     client, conn = settings.redis(), settings.postgres()
@@ -116,7 +118,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
         require_schema(conn)
         if not workers_answering():
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
-                      "starts: celery -A workers worker -Q critical,high,medium,low\n")
+                      f"starts: {worker_command()}\n")
         run_id = start_run(settings, client, conn, mapping, opts)
         _announce(run_id, opts, output_dir, out)
         if detach:
@@ -234,18 +236,72 @@ def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bo
         conn.close()
 
 
+def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, run_id: str,
+                  priorities: list[Priority], where: str, jobs: int, err: TextIO) -> dict[str, Any]:
+    """Verify a run's `priorities`: on the workers, or here (`where`: "workers", "local", or
+    "auto": the workers when one answers, else here); the verification's result."""
+    if where != "local":
+        from workers.coordinator import use_broker, verify_on_workers, workers_answering
+
+        use_broker(settings)
+        if where == "auto" and not workers_answering():
+            err.write("migrator: no worker answers on the broker; verifying here (--local)\n")
+            where = "local"
+    if where == "local":
+        return verify_local(client, settings.postgres, mapping, run_id, priorities, jobs=jobs)
+    verification = plan_verification(client, conn, run_id, priorities)
+    verify_on_workers(conn, verification, run_id, priorities[0].label)
+    while True:  # the workers report to the ledger, never to this process
+        with conn, conn.cursor() as cur:
+            found = ledger.get_verification(cur, verification)
+        if found["status"] != "running":
+            return found["result"] or {"verification_id": verification, "verdict": "incomplete", "error": found["error"]}
+        time.sleep(0.5)
+
+
+def _run_to_check(conn: Any, run_id: str | None) -> str:
+    if run_id is None:
+        with conn, conn.cursor() as cur:
+            run_id = ledger.latest_run(cur)
+        if run_id is None:
+            raise LookupError("no run to check yet; migrate first with `migrator run`")
+    return run_id
+
+
+def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *, where: str = "auto",
+               jobs: int = 2, show_diffs: int = 0, as_json: bool = False, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
+    """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
+    client, conn = settings.redis(), _ledger(settings)
+    try:
+        run_id = _run_to_check(conn, run_id)
+        with conn, conn.cursor() as cur:
+            opts = RunOptions.from_json(ledger.require_run(cur, run_id)["options"])
+        chosen = [Priority.parse(p) for p in priorities] or opts.priority_order()
+        result = _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err)
+        for p in result.get("patterns", []):
+            for example in p["examples"][:show_diffs]:
+                example["diff"] = explain(client, conn, mapping, example, opts)
+            if not show_diffs:
+                p["examples"] = []
+    finally:
+        conn.close()
+        client.close()
+    _dump(result, out) if as_json else out.write(render_verification(result) + "\n")
+    return {"clean": OK, "counted": OK, "differences": FAILED}.get(result["verdict"], CANNOT_START)
+
+
 def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *,
-                 as_json: bool = False, out: TextIO = sys.stdout) -> int:
-    """Validate a run (the latest one when `run_id` is None) against the source, now."""
+                 where: str = "auto", jobs: int = 2, as_json: bool = False, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> int:
+    """Validate a run (the latest one when `run_id` is None) again, now: the checks it got as it
+    ran, over a new verification."""
     client, conn = settings.redis(), settings.postgres()
     try:
         require_schema(conn)
-        if run_id is None:
-            with conn, conn.cursor() as cur:
-                run_id = ledger.latest_run(cur)
-            if run_id is None:
-                raise LookupError("no run to validate yet; migrate first with `migrator run`")
-        result = validate_run(client, conn, mapping, run_id, [Priority.parse(p) for p in priorities] or None)
+        run_id = _run_to_check(conn, run_id)
+        result = validate_run(conn, mapping, run_id, [Priority.parse(p) for p in priorities] or None,
+                              lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err))
     finally:
         conn.close()
         client.close()

@@ -29,7 +29,7 @@ import structlog
 
 from .mapping import Mapping, SourceRecord
 from .redact import redact_text
-from .source import KeyRead, decode
+from .source import KeyRead, decode, value_digest
 from .values import parse_dt
 from .writer import Prepared, Writer, describe
 
@@ -131,7 +131,8 @@ class DualWriteService:
         try:
             with conn, conn.cursor() as cur:
                 Writer(cur, self.mapping, run_id=None).upsert(
-                    [Prepared(key.encode(), key, pattern, rows, expires, KeyRead(key.encode(), pattern.redis_type, -1, raw, len(raw)))])
+                    [Prepared(key.encode(), key, pattern, rows, expires, KeyRead(key.encode(), pattern.redis_type, -1, raw, len(raw)),
+                              value_digest(raw))])
         except psycopg2.Error:
             conn.close()  # a broken connection is replaced on the next call
             raise

@@ -1,34 +1,33 @@
-"""What happens after a priority's batches: link legacy user ids, validate, decide what comes next.
+"""What happens after a priority's batches: link legacy user ids, verify, judge, decide what comes next.
 
-The Celery chord callback and `run --local` both call `after_priority`, so the rules for going
-on, stopping and rolling back live in one place.
+The Celery chord callbacks and `run --local` both go through `begin_verification` (once the
+batches are in) and `judge_priority` (once its verification's ranges are in), so the rules for
+going on, stopping and rolling back live in one place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import redis
 import structlog
 from psycopg2 import sql
 
-from . import ledger
-from .mapping import Mapping, Priority
+from . import ledger, verify
 from .errors import TRANSIENT
+from .mapping import Mapping, Priority
+from .merge import LEGACY_KEY, LINKED
 from .options import RunOptions
 from .redact import redact_text
 from .rollback import rollback_run
 from .source import cluster_masters
-from .validate import Check, recount_check, validate_priority
+from .validate import RUN, Check, figure_checks, priority_checks, record
 from .writer import describe
 
 log = structlog.get_logger("migrator.finalize")
 
 LINK = sql.SQL(
-    "UPDATE {t} SET user_id = m.entity_id FROM legacy_id_map m"
-    " WHERE {t}.user_id IS NULL AND {t}.{c} IS NOT NULL"
-    " AND m.legacy_id = CASE WHEN position('@' IN {t}.{c}) > 0 THEN lower({t}.{c}) ELSE {t}.{c} END"
+    "UPDATE {t} SET {linked} = m.entity_id FROM legacy_id_map m"
+    " WHERE {t}.{linked} IS NULL AND {t}.{c} IS NOT NULL AND m.legacy_id = {legacy}"
 )
 
 
@@ -38,76 +37,55 @@ def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
     with conn, conn.cursor() as cur:
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
         for table, column in mapping.user_links:
-            cur.execute(LINK.format(t=sql.Identifier(table), c=sql.Identifier(column)))
+            t, c = sql.Identifier(table), sql.Identifier(column)
+            cur.execute(LINK.format(t=t, c=c, linked=sql.Identifier(LINKED),
+                                    legacy=sql.SQL(LEGACY_KEY).format(ref=sql.SQL("{}.{}").format(t, c))))
             linked += cur.rowcount
     return linked
 
 
-@dataclass(frozen=True)
-class Verdict:
-    priority: str
-    checks: list[Check]
-    linked: int
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-
-def finalize_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                      opts: RunOptions) -> list[Verdict]:
-    """Link users, validate `priority`, and complete the validation of the priority before it
-    with the source count this priority's pass took again; their verdicts, earlier first."""
-    linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
-    earlier = opts.before(priority)
-    verdicts = []
-    if earlier is not None:
-        with conn.cursor() as cur:
-            before = [Check(**c) for c in ledger.latest_checks(cur, run_id, earlier.label) if c["name"] != "source_counts"]
-        conn.rollback()
-        recount = recount_check(client, conn, mapping, run_id, earlier, priority, opts)
-        verdicts.append(Verdict(earlier.label, [*before, recount], 0))
-    checks = validate_priority(client, conn, mapping, run_id, priority, opts, count_now=opts.after(priority) is None)
-    verdicts.append(Verdict(priority.label, checks, linked))
-    for verdict in verdicts:
-        with conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
-                        (run_id, verdict.priority, verdict.ok, orjson.dumps([c.to_json() for c in verdict.checks]).decode()))
-        log.info("priority_validated", run=run_id, priority=verdict.priority, ok=verdict.ok, linked=verdict.linked,
-                 failed_checks=[c.name for c in verdict.checks if not c.ok])
-    return verdicts
-
-
-def after_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                   opts: RunOptions) -> Priority | None:
-    """Validate `priority`; return the next priority to run, or None once the run has ended.
-
-    A failure of the validation itself (say, a table gone missing) fails the run like a failed
-    check would, rather than leave it running forever; connection trouble is raised for a retry.
-    When the source restarted since the run was planned, the priority is scanned again (its
-    value: `priority` once more): keys moved between ranges with the new hash seed, so the
-    ranges already done no longer cover the keys they stand for.
-    """
+def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
+                       opts: RunOptions) -> int | None:
+    """The batches of `priority` are in: link users, and plan the priority's verification (its
+    id). None when the source restarted since the run was planned: keys moved between ranges
+    with the new hash seed, so the priority is scanned again."""
     if source_restarted(client, conn, mapping, run_id, priority):
-        return priority
+        return None
+    linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
+    log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
+    return verify.plan_verification(client, conn, run_id, [priority])
+
+
+def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
+                   opts: RunOptions, verification_id: int) -> Priority | None:
+    """Judge `priority` on its verification; after the last one, the run's own checks too.
+    Returns the next priority to run, or None once the run has ended (completed, failed, or
+    rolled back).
+
+    A failure of the judging itself (say, a table gone missing) fails the priority like a failed
+    check would, rather than leave the run running forever; connection trouble is raised for a retry.
+    """
     try:
-        verdicts = finalize_priority(client, conn, mapping, run_id, priority, opts)
+        result = verify.finish(client, conn, mapping, verification_id)
+        checks = priority_checks(conn, mapping, run_id, priority, opts, result)
     except TRANSIENT:
         raise
     except Exception as exc:
         conn.rollback()
-        reason = redact_text(describe(exc))
-        with conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
-                        (run_id, priority.label, orjson.dumps([Check("finalize", False, reason).to_json()]).decode()))
-        verdicts = [Verdict(priority.label, [Check("finalize", False, reason)], 0)]
-    failed = [v for v in verdicts if not v.ok]
-    if failed and not opts.continue_on_error:
-        why = "; ".join(f"priority {v.priority} did not validate: " + "; ".join(c.detail for c in v.checks if not c.ok)
-                        for v in failed)
-        fail_run(conn, mapping, run_id, opts, why)
-        return None
+        checks = [Check("finalize", False, redact_text(describe(exc)))]
+    failed = [] if record(conn, run_id, priority.label, checks) else [(priority.label, checks)]
+    log.info("priority_validated", run=run_id, priority=priority.label, ok=not failed,
+             failed_checks=[c.name for c in checks if not c.ok])
     following = opts.after(priority)
+    if following is None and not failed:
+        whole, _ = figure_checks(conn, mapping, opts)
+        if not record(conn, run_id, RUN, whole):
+            failed.append((RUN, whole))
+    if failed and not opts.continue_on_error:
+        why = "; ".join(f"{'the run' if label == RUN else 'priority ' + label} did not validate: "
+                        + "; ".join(c.detail for c in checks if not c.ok) for label, checks in failed)
+        fail_run(conn, mapping, run_id, opts, redact_text(why))
+        return None
     if following is not None:
         return following
     with conn, conn.cursor() as cur:
@@ -126,10 +104,8 @@ def source_restarted(client: redis.Redis, conn: Any, mapping: Mapping, run_id: s
         if cluster_masters(client) or not planned or now == planned:
             return False  # (a cluster's masters each have their own run id: not followed here)
         reopened = ledger.rescan_priority(cur, run_id, priority.label, now)
-        check = Check("source_restarted", False, f"Redis restarted during priority {priority.label} (run id changed): "
-                                                 f"its {reopened} range(s) are scanned again")
-        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
-                    (run_id, priority.label, orjson.dumps([check.to_json()]).decode()))
+    record(conn, run_id, priority.label, [Check("source_restarted", False, f"Redis restarted during priority "
+                                                f"{priority.label} (run id changed): its {reopened} range(s) are scanned again")])
     log.warning("source_restarted", run=run_id, priority=priority.label, ranges=reopened)
     return True
 

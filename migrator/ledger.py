@@ -9,9 +9,11 @@ from psycopg2.extras import execute_values
 
 from .options import RunOptions
 from .partition import KeyRange
+from .redact import redact_text
 
 # The ledger tables a run writes (sql/001_ledger.sql), besides the tables of its mapping.
-TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal")
+TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
+          "migration_verifications", "migration_verify_ranges")
 
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
 # ...plus the target rows the migrated keys became (a zset key may become many rows).
@@ -106,14 +108,14 @@ def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) ->
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float], recount: dict[str, int] | None = None) -> None:
-    """Mark a batch done with its tallies; `recount`: the earlier priority's keys its pass counted again."""
+                 timings: dict[str, float]) -> None:
+    """Mark a batch done with its tallies."""
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s, recount = %s WHERE id = %s",
+        " timings = %s WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
-         orjson.dumps(timings).decode(), None if recount is None else orjson.dumps(recount).decode(), batch_id),
+         orjson.dumps(timings).decode(), batch_id),
     )
 
 
@@ -197,12 +199,12 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     cur.execute(
         "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
         " keys_dead, keys_expired, rows_written, pattern_counts, error,"
-        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at, recount FROM migration_batches WHERE run_id = %s"
+        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at FROM migration_batches WHERE run_id = %s"
         " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
         (run_id,),
     )
     keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
-            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at", "recount")
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:
         row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
@@ -239,3 +241,125 @@ def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
             for f in TALLY_FIELDS:
                 into[f] += counts.get(f, 0)
     return totals
+
+
+# --- verifications (migrator/verify.py) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """One range of a verification, as a worker runs it."""
+
+    id: int
+    verification_id: int
+    run_id: str
+    priorities: tuple[str, ...]
+    compare: bool
+    key_range: KeyRange
+    options: RunOptions
+    run_started: str  # ISO time the run began: documents written after it changed since the run
+
+
+def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange]) -> int:
+    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare) VALUES (%s, %s, %s) RETURNING id",
+                (run_id, priorities, compare))
+    verification_id = cur.fetchone()[0]
+    execute_values(
+        cur,
+        "INSERT INTO migration_verify_ranges (verification_id, node, range_index, range_count, range_start, range_end)"
+        " VALUES %s",
+        [(verification_id, r.node, r.index, r.count, r.start, r.end) for r in ranges],
+    )
+    return verification_id
+
+
+def verify_range_ids(cur: Any, verification_id: int, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:
+    cur.execute("SELECT id FROM migration_verify_ranges WHERE verification_id = %s AND status = ANY(%s)"
+                " ORDER BY node, range_index", (verification_id, list(statuses)))
+    return [r[0] for r in cur.fetchall()]
+
+
+def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
+    """Mark a verification range running; None when it is already done (a redelivery)."""
+    cur.execute(
+        "UPDATE migration_verify_ranges v SET status = 'running', attempts = attempts + 1,"
+        " started_at = clock_timestamp(), error = NULL FROM migration_verifications f, migration_runs r"
+        " WHERE v.id = %s AND f.id = v.verification_id AND r.id = f.run_id AND v.status <> 'done'"
+        " RETURNING v.verification_id, f.run_id, f.priorities, f.compare, v.range_index, v.range_count, v.range_start,"
+        " v.range_end, v.node, r.options, r.started_at",
+        (range_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        cur.execute("SELECT 1 FROM migration_verify_ranges WHERE id = %s", (range_id,))
+        if cur.fetchone() is None:
+            raise LookupError(f"verification range {range_id} is not in the ledger; is DATABASE_URL the run's database?")
+        return None
+    verification_id, run_id, priorities, compare, index, count, start, end, node, options, started = row
+    return VerifySpec(range_id, verification_id, str(run_id), tuple(priorities), compare,
+                      KeyRange(index, count, int(start), int(end), node), RunOptions.from_json(options),
+                      started.isoformat())
+
+
+def finish_verify_range(cur: Any, range_id: int, counts: dict[str, dict[str, int]], attributed: dict[str, int],
+                        examples: list[dict[str, Any]]) -> None:
+    cur.execute(
+        "UPDATE migration_verify_ranges SET status = 'done', finished_at = clock_timestamp(), counts = %s,"
+        " attributed = %s, examples = %s WHERE id = %s",
+        (orjson.dumps(counts).decode(), orjson.dumps(attributed).decode(), orjson.dumps(examples).decode(), range_id),
+    )
+
+
+def fail_verify_range(cur: Any, range_id: int, error: str) -> None:
+    cur.execute("UPDATE migration_verify_ranges SET status = 'failed', finished_at = clock_timestamp(), error = %s"
+                " WHERE id = %s", (error, range_id))
+
+
+def verify_ranges(cur: Any, verification_id: int) -> list[dict[str, Any]]:
+    cur.execute(
+        "SELECT id, node, range_index, range_count, status, attempts, counts, attributed, examples, error,"
+        " started_at, finished_at FROM migration_verify_ranges WHERE verification_id = %s ORDER BY node, range_index",
+        (verification_id,),
+    )
+    keys = ("id", "node", "range_index", "range_count", "status", "attempts", "counts", "attributed", "examples",
+            "error", "started_at", "finished_at")
+    return [dict(zip(keys, row)) for row in cur.fetchall()]
+
+
+def get_verification(cur: Any, verification_id: int) -> dict[str, Any]:
+    cur.execute("SELECT v.id, v.run_id, v.priorities, v.compare, v.status, v.created_at, v.finished_at, v.result,"
+                " v.error, r.started_at, r.options FROM migration_verifications v JOIN migration_runs r ON r.id = v.run_id"
+                " WHERE v.id = %s", (verification_id,))
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no verification {verification_id} in the ledger")
+    keys = ("id", "run_id", "priorities", "compare", "status", "created_at", "finished_at", "result", "error",
+            "run_started", "options")
+    found = dict(zip(keys, row))
+    found["run_id"] = str(found["run_id"])
+    return found
+
+
+def end_verification(cur: Any, verification_id: int, result: dict[str, Any] | None, error: str | None = None) -> None:
+    cur.execute("UPDATE migration_verifications SET status = %s, finished_at = clock_timestamp(), result = %s, error = %s"
+                " WHERE id = %s", ("failed" if error else "done", None if result is None else orjson.dumps(result).decode(),
+                                   error, verification_id))
+
+
+# A dead letter's reason with what varies from key to key (quoted values, numbers) taken out,
+# so that one systematic fault groups into one line.
+QUOTED = r"""('[^']*'|"[^"]*")"""
+
+
+def dead_reasons(cur: Any, run_id: str, limit: int = 3) -> dict[str, list[tuple[str, int]]]:
+    """Per pattern, its most frequent dead-letter reasons (by shape) with their counts."""
+    cur.execute(
+        "SELECT pattern, reason, n FROM (SELECT pattern, reason, n, row_number() OVER (PARTITION BY pattern ORDER BY n DESC,"
+        " reason) AS k FROM (SELECT pattern, regexp_replace(regexp_replace(error, %s, '…', 'g'), '[0-9]+', 'N', 'g')"
+        " AS reason, count(*) AS n FROM migration_dead_letters WHERE run_id = %s GROUP BY 1, 2) g) r WHERE k <= %s"
+        " ORDER BY pattern, n DESC",
+        (QUOTED, run_id, limit),
+    )
+    found: dict[str, list[tuple[str, int]]] = {}
+    for pattern, reason, n in cur.fetchall():
+        found.setdefault(pattern, []).append((redact_text(reason), n))
+    return found

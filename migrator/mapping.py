@@ -114,6 +114,10 @@ class Pattern:
     ttl: str = ""
     validation: tuple[str, ...] = ()
     depends_on: tuple[str, ...] = ()
+    # Its dead-letter budget, when not the run's (--max-dead-ratio, --max-dead-keys): more dead
+    # letters than both fail its priority.
+    max_dead_ratio: float | None = None
+    max_dead_keys: int | None = None
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:
@@ -136,13 +140,15 @@ class Pattern:
 class Figure:
     """A monitoring figure over the target tables (the guide's validation and monitoring queries).
 
-    `sql` is a static query (no parameters) returning one number, or rows when `rows` is set;
-    a figure that `must_be_zero` (orphans) fails validation when it is not.
+    `sql` is a static query (no parameters) returning one number, or rows when `rows` is set.
+    A figure counting dangling references among the rows of table `dangling_in` (orphans: rows
+    naming a user that is not there) is a check: within the dead-letter budget of that table's
+    rows it passes (the app itself left them dangling), beyond it it fails.
     """
 
     name: str
     sql: str
-    must_be_zero: bool = False
+    dangling_in: str | None = None
     rows: bool = False
 
 

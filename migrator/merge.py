@@ -14,7 +14,12 @@ from psycopg2 import sql
 
 # Provenance and bookkeeping: refreshed when a row changes, never a reason to change it
 # (a grant written under its ip and its email key would otherwise flip its source each run).
-VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at"})
+VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest"})
+
+# How rows naming a user by a legacy id (an app user id, an email) find that user's id in
+# legacy_id_map: emails case-folded, as the map stores them.
+LEGACY_KEY = "CASE WHEN position('@' IN {ref}) > 0 THEN lower({ref}) ELSE {ref} END"
+LINKED = "user_id"  # the column such rows are linked through
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,60 @@ class TableRule:
             values=sql.SQL(", ").join(_element(i, c, types[c], self.name) for i, c in enumerate(columns)),
             updates=updates,
             guard=guard,
+        )
+
+
+    def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, str]], *, provenances: Sequence[str],
+                links: Sequence[str] = (), since: str | None = None) -> sql.Composed:
+        """A read-only statement over rows given as the writer gives them ($1: `columns` then the
+        expected source_key and source_digest): how many of them are found under the key that
+        expects them, and the rows that are missing or differ, as [id, key, kind, [columns]].
+
+        A row is the same when a write of it would change nothing, column by column under this
+        rule: a lookup column the record leaves NULL may hold what another key filled in, and a
+        column linked through legacy_id_map (`links`: the row's reference columns) must hold the
+        user the map names. Counters and documents must be equal: whether a difference is the
+        app's (the key's value moved since the row was written, or the document's `version` is
+        newer than `since`) or the row's own is said by `kind`: changed, or different.
+        """
+        cast = {c: _element(i, c, types[c], self.name) for i, c in enumerate(columns)}
+        t = lambda c: sql.SQL("t.") + sql.Identifier(c)  # noqa: E731
+        e = lambda c: sql.SQL("e.") + sql.Identifier(c)  # noqa: E731
+        same: list[tuple[str, sql.Composable]] = []
+        for c in columns:
+            if c in VOLATILE:
+                continue
+            if c == LINKED and links:
+                # the user the map names (the link step's rule), unless the record names one itself
+                found = [sql.SQL("(SELECT m.entity_id FROM legacy_id_map m WHERE m.legacy_id = {})").format(
+                    sql.SQL(LEGACY_KEY).format(ref=t(ref))) for ref in links]
+                expected = sql.SQL("COALESCE({})").format(sql.SQL(", ").join([e(c), *found]))
+                same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), expected)))
+            elif c in self.coalesce:
+                same.append((c, sql.SQL("({} IS NULL OR {} IS NOT DISTINCT FROM {})").format(e(c), t(c), e(c))))
+            else:
+                same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), e(c))))
+        # every pattern writing this table stamps its own source; any of them is right
+        same.append(("metadata", sql.SQL("t.metadata = ANY({}::jsonb[])").format(sql.Literal(list(provenances)))))
+        whole = sql.SQL(" AND ").join(s for _, s in same)
+        newer = sql.SQL("false")
+        if since is not None and self.version in columns:
+            newer = sql.SQL("{} > {}::timestamptz").format(e(self.version), sql.Literal(since))
+        kind = sql.SQL(
+            "CASE WHEN t.id IS NULL THEN CASE WHEN {newer} THEN 'changed' ELSE 'missing' END"
+            " WHEN t.source_digest IS DISTINCT FROM e.source_digest OR {newer} THEN 'changed' ELSE 'different' END"
+        ).format(newer=newer)
+        differing = sql.SQL("array_remove(ARRAY[{}], NULL)").format(sql.SQL(", ").join(
+            sql.SQL("CASE WHEN NOT ({}) THEN {} END").format(s, sql.Literal(c)) for c, s in same))
+        return sql.SQL(
+            "SELECT count(*) FILTER (WHERE t.source_key = e.source_key),"
+            " coalesce(jsonb_agg(jsonb_build_array(e.id, e.source_key, {kind}, {differing}))"
+            " FILTER (WHERE t.id IS NULL OR NOT ({whole})), '[]')"
+            " FROM (SELECT {values} FROM jsonb_array_elements($1::jsonb) AS r) AS e"
+            " LEFT JOIN {table} AS t ON t.id = e.id"
+        ).format(
+            kind=kind, differing=differing, whole=whole, table=sql.Identifier(self.name),
+            values=sql.SQL(", ").join(sql.SQL("{} AS {}").format(cast[c], sql.Identifier(c)) for c in columns),
         )
 
 

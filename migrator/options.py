@@ -27,6 +27,10 @@ class RunOptions:
     # adds keys while a run goes on); a fraction per pattern. Fewer is never a failure.
     count_tolerance: float = 0.01
     max_keys_per_sec: int | None = None  # keys scanned or read per second, all workers together; None: uncapped
+    # A pattern's dead letters fail its priority when they are more than this share of its keys
+    # and more than max_dead_keys (a pattern may declare its own budget).
+    max_dead_ratio: float = 0.001
+    max_dead_keys: int = 10
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes", "max_keys_per_sec"):
@@ -34,6 +38,8 @@ class RunOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number")
         if not 0 <= self.count_tolerance < 1:
             raise ValueError("--count-tolerance is a fraction between 0 and 1, e.g. 0.01")
+        if not 0 <= self.max_dead_ratio <= 1 or self.max_dead_keys < 0:
+            raise ValueError("--max-dead-ratio is a fraction between 0 and 1 (e.g. 0.001) and --max-dead-keys 0 or more")
         for p in self.priorities:
             Priority.parse(p)
 

@@ -10,6 +10,7 @@ import orjson
 from . import ledger
 from .ledger import COUNT_FIELDS
 from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
+from .options import RunOptions
 from .validate import figure_checks
 
 
@@ -78,7 +79,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
 
 def monitoring(conn: Any, mapping: Mapping) -> dict[str, Any]:
     """The guide's monitoring figures: table sizes and tuple stats, then the mapping's figures."""
-    _, figures = figure_checks(conn, mapping)
+    _, figures = figure_checks(conn, mapping, RunOptions())
     with conn, conn.cursor() as cur:
         cur.execute(
             "SELECT relname, pg_total_relation_size(relid), n_live_tup, n_tup_ins, n_tup_upd, n_tup_del"

@@ -1,7 +1,7 @@
 """Planning a run and executing it without Celery (`migrator run --local`).
 
 The Celery coordinator plans the same way and sends the same batches to workers; here they
-run through the same `migrate_batch` and `after_priority`, a few at once in lane processes
+run through the same `migrate_batch`, `verify_range` and `judge_priority`, a few at once in lane processes
 forked from this one (`--jobs`).
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any, Callable, Iterator
 import redis
 import structlog
 
-from . import ledger
+from . import ledger, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
 from .errors import TRANSIENT, backoff
-from .finalize import after_priority
+from .finalize import begin_verification, judge_priority
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .partition import plan_ranges
@@ -69,7 +69,8 @@ def resume_point(conn: Any, run_id: str) -> tuple[RunOptions, Priority | None]:
 def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
                   opts: RunOptions, start: Priority | None = None, jobs: int = 1) -> str:
     """Run every planned batch not yet done, priority by priority from `start` (default: the
-    first), up to `jobs` batches of a priority at once; returns the run's final status.
+    first), up to `jobs` batches of a priority at once, each priority then verified and judged;
+    returns the run's final status.
 
     With `jobs` 1 the batches run in this process; with more, each in one of `jobs` lane
     processes forked from it (each with its own PostgreSQL session), so that their Python work
@@ -87,20 +88,54 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
         while priority is not None:
             with conn, conn.cursor() as cur:
                 ids = ledger.batch_ids(cur, run_id, priority.label)
-            if lanes is not None:
-                lanes.run(ids, opts.continue_on_error)
-            else:
-                for batch_id in ids:
-                    ok, conn = _run_with_retries(client, conn, connect, mapping, batch_id)
-                    if not ok and not opts.continue_on_error:
-                        break
-            priority = after_priority(client, conn, mapping, run_id, priority, opts)
+            conn = _run_all(lanes, client, conn, connect, mapping, "batch", ids, opts.continue_on_error)
+            verification = begin_verification(client, conn, mapping, run_id, priority, opts)
+            if verification is None:
+                continue  # the source restarted: the priority is scanned again
+            conn = _verify_all(lanes, client, conn, connect, mapping, verification)
+            priority = judge_priority(client, conn, mapping, run_id, priority, opts, verification)
         finished = True
         return run_status(conn, run_id)
     finally:
         conn.close()
         if lanes is not None:
             lanes.close(wait=finished)  # on an error or Ctrl-C, batches still running are not waited for
+
+
+def verify_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
+                 priorities: list[Priority], jobs: int = 1) -> dict[str, Any]:
+    """Verify a run's `priorities` here, `jobs` ranges at once; the verification's result."""
+    conn = connect()
+    lanes: Lanes | None = None
+    try:
+        verification_id = verify.plan_verification(client, conn, run_id, priorities)
+        lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
+        conn = _verify_all(lanes, client, conn, connect, mapping, verification_id)
+        return verify.finish(client, conn, mapping, verification_id)
+    finally:
+        conn.close()
+        if lanes is not None:
+            lanes.close()
+
+
+def _verify_all(lanes: "Lanes | None", client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
+                verification_id: int) -> Any:
+    with conn, conn.cursor() as cur:
+        ids = ledger.verify_range_ids(cur, verification_id)
+    return _run_all(lanes, client, conn, connect, mapping, "verify", ids, keep_going=True)
+
+
+def _run_all(lanes: "Lanes | None", client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
+             kind: str, ids: list[int], keep_going: bool) -> Any:
+    """Run units of work (batches or verification ranges) by id; the session to go on with."""
+    if lanes is not None:
+        lanes.run(kind, ids, keep_going)
+        return conn
+    for unit in ids:
+        ok, conn = _run_with_retries(client, conn, connect, mapping, kind, unit)
+        if not ok and not keep_going:
+            break
+    return conn
 
 
 class LaneDied(RuntimeError):
@@ -128,15 +163,15 @@ class Lanes:
             raise LaneDied(f"the {jobs} lane processes could not start (the error above says why); "
                            "--jobs 1 runs the batches in this process") from exc
 
-    def run(self, ids: list[int], keep_going: bool) -> None:
+    def run(self, kind: str, ids: list[int], keep_going: bool) -> None:
         pending, running, failed = iter(ids), set(), False
         try:
             while True:
                 while len(running) < self.jobs and (keep_going or not failed):
-                    batch_id = next(pending, None)
-                    if batch_id is None:
+                    unit = next(pending, None)
+                    if unit is None:
                         break
-                    running.add(self.pool.submit(_lane_batch, batch_id))
+                    running.add(self.pool.submit(_lane_work, kind, unit))
                 if not running:
                     return
                 done, running = wait(running, return_when=FIRST_COMPLETED)
@@ -187,23 +222,28 @@ def _end_with(parent: int) -> None:
     os._exit(1)
 
 
-def _lane_batch(batch_id: int) -> bool:
+def _lane_work(kind: str, unit: int) -> bool:
     ok, _lane["conn"] = _run_with_retries(_lane["client"], _lane["conn"], _lane["connect"], _lane["mapping"],
-                                          batch_id)
+                                          kind, unit)
     return ok
 
 
+def _work(kind: str) -> Callable[..., Any]:
+    """The unit of work a lane or this process runs, by kind: each takes (client, conn, mapping, id)."""
+    return migrate_batch if kind == "batch" else verify.verify_range
+
+
 def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
-                      batch_id: int) -> tuple[bool, Any]:
+                      kind: str, unit: int) -> tuple[bool, Any]:
     for attempt in range(RETRIES + 1):
         try:
-            migrate_batch(client, conn, mapping, batch_id)
+            _work(kind)(client, conn, mapping, unit)
             return True, conn
         except TRANSIENT as exc:
             if attempt == RETRIES:
                 return False, conn
             pause = backoff(attempt)
-            log.warning("batch_retry", batch=batch_id, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
+            log.warning(f"{kind}_retry", **{kind: unit}, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()
             conn = _reconnect(connect)

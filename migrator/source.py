@@ -1,6 +1,7 @@
 """Reading keys from Redis: TYPE, PTTL and the value in one pipeline, decoded per pattern."""
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -147,6 +148,22 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]], max_byte
         for r, length in zip(huge, roundtrip(client, [("STRLEN", r.key) for r in huge])):
             r.truncated, r.size = True, length if isinstance(length, int) else r.size
     return reads
+
+
+def value_digest(raw: Any) -> int:
+    """CRC-32 of a value as read, whatever its type: the same for the same content whatever order
+    Redis answered a hash or a set in (that order may change with the server process)."""
+    if isinstance(raw, bytes):
+        return zlib.crc32(raw)
+    if raw is None or isinstance(raw, Exception):
+        return 0
+    if isinstance(raw, dict):
+        parts = sorted(k + b"\x00" + v for k, v in raw.items())
+    elif raw and isinstance(raw[0], tuple):  # a zset, in Redis's own (score, member) order
+        parts = [m + b"\x00" + repr(score).encode() for m, score in raw]
+    else:
+        parts = sorted(raw)
+    return zlib.crc32(b"\x01".join(parts))
 
 
 def _utf8(raw: bytes, what: str) -> str:

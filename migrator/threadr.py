@@ -500,10 +500,10 @@ FIGURES = (
     Figure("newsletter_subscribers", "SELECT count(*) FROM newsletter_subscribers"),
     Figure("orphaned_subscriptions",
            "SELECT count(*) FROM subscriptions s WHERE s.user_id IS NOT NULL"
-           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)", must_be_zero=True),
+           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.id = s.user_id)", dangling_in="subscriptions"),
     Figure("usage_without_users",
            "SELECT count(*) FROM usage_counters c WHERE c.subject_type = 'user'"
-           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.legacy_id = c.subject)", must_be_zero=True),
+           " AND NOT EXISTS (SELECT 1 FROM users u WHERE u.legacy_id = c.subject)", dangling_in="usage_counters"),
     Figure("threads_generated_per_day",
            "SELECT event_date::text, count(*) FROM usage_events WHERE occurred_at >= now() - interval '7 days'"
            " GROUP BY 1 ORDER BY 1 DESC", rows=True),

@@ -1,32 +1,32 @@
-"""Validating a priority once its batches are in: the ledger against the source and the target.
+"""Judging a run: one set of checks for every path that judges.
+
+The chord callback, `run --local` and `migrator validate` all call `priority_checks` and
+`figure_checks` over the same ledger and verification results, so their verdicts agree:
 
 - every batch of the priority is done, and each pattern balances;
-- a fresh count of the source keys per pattern agrees with what the batches scanned (taken
-  by the next priority's batches during their own pass; the last priority's in a pass of its own);
-- a sample of migrated keys, read back from Redis and transformed again, is already in
-  PostgreSQL: upserting it (inside a savepoint that is rolled back) would change no row.
+- each pattern's dead letters are within its budget (a systematic fault is never "completed");
+- a fresh count of the source keys, taken by the verification pass, is no more than the
+  batches saw;
+- the verification (verify.py): every key's rows in PostgreSQL are what a write of its value
+  would leave, no row is missing, none differs, none is left that no key expects;
+- after the last priority, the mapping's figures over the target tables, its dangling
+  references (orphans) within the same budget.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Any
-from zoneinfo import ZoneInfo
+from typing import Any, Callable
 
-import redis
+import orjson
 from psycopg2 import sql
 
-from . import ledger, throttle
-from .mapping import SourceRecord, UNMAPPED, Mapping, Priority
+from . import ledger
+from .mapping import Mapping, Priority
 from .options import RunOptions
-from .partition import plan_ranges, scan_range
-from .source import decode, key_client, node_client, read_keys
-from .writer import Prepared, Writer
+from .redact import redact_text
 
-SAMPLE_PER_PATTERN = 20
+RUN = "run"  # the label of the checks over the run as a whole (migration_validations.priority)
 
 
 @dataclass(frozen=True)
@@ -40,113 +40,21 @@ class Check:
         return asdict(self)
 
 
-def source_counts(client: redis.Redis, mapping: Mapping, opts: RunOptions, priority: Priority,
-                  run_id: str) -> dict[str, int]:
-    """One SCAN pass: keys per in-scope pattern now (and unmapped keys when this pass counts them)."""
-    counted = opts.counted(mapping, priority)
-    prefixes = opts.prefixes(mapping, priority)
-    counts: dict[str, int] = {}
-    cap = throttle.for_run(client, run_id, opts)
-    try:
-        for whole in plan_ranges(client, 1):  # the whole keyspace: of the server, or of each master
-            nc = node_client(client, whole.node) if whole.node else client
-            try:
-                for keys in scan_range(nc, whole, throttle.paced(opts)[1]):
-                    if cap is not None:
-                        cap.acquire(len(keys))
-                    for key in keys:
-                        if not key.startswith(prefixes):
-                            continue
-                        pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
-                        name = pattern.name if pattern else UNMAPPED
-                        if name in counted:
-                            counts[name] = counts.get(name, 0) + 1
-            finally:
-                if nc is not client:
-                    nc.close()
-    finally:
-        if cap is not None:
-            cap.close()
-    return counts
+def record(conn: Any, run_id: str, label: str, checks: list[Check]) -> bool:
+    """Keep a verdict in the ledger; whether it passed."""
+    ok = all(c.ok for c in checks)
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
+                    (run_id, label, ok, orjson.dumps([c.to_json() for c in checks]).decode()))
+    return ok
 
 
-def sample_readback(client: redis.Redis, cur: Any, mapping: Mapping, opts: RunOptions, priority: Priority,
-                    run_id: str, per_pattern: int = SAMPLE_PER_PATTERN) -> dict[str, dict[str, int]]:
-    """Per pattern: keys sampled, still in PostgreSQL as in Redis, differing, gone from Redis."""
-    tz = ZoneInfo(opts.source_timezone)
-    writer = Writer(cur, mapping, run_id)
-    client = key_client(client)
-    out: dict[str, dict[str, int]] = {}
-    for pattern in opts.scope(mapping, priority):
-        if not pattern.migrated:
-            continue
-        # A pseudo-random sample, different per run, repeatable within it: row ids are hashes, so
-        # the rows that follow a point of the id space picked from the run id are a random few,
-        # found through the primary key instead of sorting the whole table.
-        start = str(uuid.UUID(hashlib.md5(f"{run_id}:{pattern.name}".encode()).hexdigest()))
-        side = sql.SQL("SELECT id, source_key FROM {t} WHERE id {op} %s::uuid AND metadata = %s::jsonb"
-                       " AND source_key IS NOT NULL ORDER BY id LIMIT %s")
-        after, before = (side.format(t=sql.Identifier(pattern.table), op=sql.SQL(op)) for op in (">=", "<"))
-        cur.execute(sql.SQL("({}) UNION ALL ({})").format(after, before),
-                    (start, pattern.provenance, per_pattern * 4, start, pattern.provenance, per_pattern * 4))
-        keys = list(dict.fromkeys(row[1] for row in cur.fetchall()))[:per_pattern]  # a zset key owns many rows
-        stats = {"sampled": len(keys), "same": 0, "differ": 0, "gone": 0}
-        reads = read_keys(client, [(k.encode(), pattern.redis_type) for k in keys])
-        now = datetime.now(timezone.utc)
-        for key, read in zip(keys, reads):
-            if read.redis_type == "none":
-                stats["gone"] += 1
-                continue
-            try:
-                rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
-                                                      None, now, tz))
-            except (ValueError, TypeError, KeyError, AttributeError):
-                stats["differ"] += 1
-                continue
-            cur.execute("SAVEPOINT readback")
-            # expires_at is left out: it is bookkeeping, and absent columns are not compared
-            changed = writer.upsert([Prepared(key.encode(), key, pattern, rows, None, read)])
-            cur.execute("ROLLBACK TO SAVEPOINT readback")
-            stats["same" if changed == 0 else "differ"] += 1
-        out[pattern.name] = stats
-    return out
+def within(n: int, of: int, ratio: float, floor: int) -> bool:
+    """A budget: at most `floor` items, or at most `ratio` of `of` when that is more."""
+    return n <= floor or n <= ratio * of
 
 
-def validate_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                      opts: RunOptions, count_now: bool = True) -> list[Check]:
-    """The checks of one priority; its fresh source count only with `count_now` (else `recount_check`
-    takes it from the next priority's pass)."""
-    tolerance = opts.count_tolerance
-    checks = []
-    with conn.cursor() as cur:
-        batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority.label]
-    conn.rollback()
-    totals = ledger.pattern_totals(batches)
-    failed = [b["id"] for b in batches if b["status"] != "done"]
-    checks.append(Check("batches_done", not failed,
-                        f"{len(batches) - len(failed)}/{len(batches)} batches done"
-                        + (f"; not done: {failed} (`migrator batches {run_id} --failed`)" if failed else ""),
-                        {"failed": failed}))
-    unbalanced = [n for n, c in totals.items()
-                  if c["scanned"] != c["migrated"] + c["skipped"] + c["dead"] + c["expired"]]
-    checks.append(Check("balance", not unbalanced,
-                        "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
-                        else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
-    if count_now:
-        checks.append(count_check(totals, source_counts(client, mapping, opts, priority, run_id), tolerance))
-    if opts.dry_run or failed:
-        return checks  # nothing kept to read back, or a table the batches could not write may be missing
-    with conn.cursor() as cur:
-        sample = sample_readback(client, cur, mapping, opts, priority, run_id)
-    conn.rollback()
-    differ = {n: s for n, s in sample.items() if s["differ"]}
-    checks.append(Check("sample_readback", not differ,
-                        f"{sum(s['same'] for s in sample.values())} sampled keys match PostgreSQL" if not differ
-                        else f"sampled keys differ from PostgreSQL: {differ}", sample))
-    return checks
-
-
-def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolerance: float, how: str = "") -> Check:
+def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolerance: float) -> Check:
     """The batches' tallies against a fresh count of the source, per pattern (one-sided)."""
     off, gone = {}, {}
     for name in sorted(set(fresh) | set(totals)):
@@ -164,65 +72,144 @@ def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolera
         f"; gone since they were scanned (expired or deleted): {gone}" if gone else "")
     if off:
         detail = f"more keys in the source than the batches saw, beyond {tolerance:.1%}: {off}"
-    return Check("source_counts", not off, detail + (f" ({how})" if how else ""),
-                 {"fresh": fresh, "differ": off, "gone_since_scan": gone})
+    return Check("source_counts", not off, detail, {"fresh": fresh, "differ": off, "gone_since_scan": gone})
 
 
-def recount_check(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, earlier: Priority, by: Priority,
-                  opts: RunOptions) -> Check:
-    """The fresh source count of `earlier`, as the batches of `by` (the next priority) took it
-    during their pass; a pass of its own when some of them did not finish."""
-    with conn.cursor() as cur:
-        rows = ledger.batches(cur, run_id)
-    conn.rollback()
-    totals = ledger.pattern_totals([b for b in rows if b["priority"] == earlier.label])
-    later = [b for b in rows if b["priority"] == by.label]
-    if later and all(b["status"] == "done" and b["recount"] is not None for b in later):
-        fresh: dict[str, int] = {}
-        for batch in later:
-            for name, n in batch["recount"].items():
-                fresh[name] = fresh.get(name, 0) + n
-        return count_check(totals, fresh, opts.count_tolerance, f"counted again during the {by.label} pass")
-    return count_check(totals, source_counts(client, mapping, opts, earlier, run_id), opts.count_tolerance)
+def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts: RunOptions,
+                      reasons: dict[str, list[tuple[str, int]]]) -> Check:
+    """Each pattern's dead letters against its budget: a share of its scanned keys and a floor."""
+    by_name = {p.name: p for p in mapping.patterns}
+    over, dead = {}, {}
+    for name, c in totals.items():
+        if not c["dead"]:
+            continue
+        pattern = by_name.get(name)
+        ratio = pattern.max_dead_ratio if pattern and pattern.max_dead_ratio is not None else opts.max_dead_ratio
+        floor = pattern.max_dead_keys if pattern and pattern.max_dead_keys is not None else opts.max_dead_keys
+        dead[name] = c["dead"]
+        if not within(c["dead"], c["scanned"], ratio, floor):
+            over[name] = {"dead": c["dead"], "scanned": c["scanned"], "max_ratio": ratio, "max_keys": floor,
+                          "reasons": [{"reason": r, "count": n} for r, n in reasons.get(name, [])]}
+    if over:
+        detail = "dead letters over budget: " + "; ".join(
+            f"{name} {o['dead']:,} of {o['scanned']:,} keys ({o['dead'] / o['scanned']:.1%}; budget "
+            f"{o['max_ratio']:.1%} and {o['max_keys']} keys)"
+            + "".join(f", {r['count']:,} x {r['reason']!r}" for r in o["reasons"][:1])
+            for name, o in over.items())
+    else:
+        detail = "dead letters within budget" + (f": {dead}" if dead else " (none)")
+    return Check("dead_letters", not over, detail, {"over_budget": over, "dead": dead})
 
 
-def figure_checks(conn: Any, mapping: Mapping) -> tuple[list[Check], dict[str, Any]]:
-    """The mapping's monitoring figures; those that must be zero (orphans) become checks."""
+def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]], tolerance: float) -> Check:
+    """The verification's findings: no row differs; missing rows and rows without a key at most
+    what live traffic explains (the count tolerance, as for the fresh count)."""
+    if result["verdict"] == "incomplete":
+        return Check("verification", False, f"not verified: {result.get('error')}", {"verification": result})
+    if result["verdict"] == "counted":
+        return Check("verification", True, "dry run: nothing kept to compare", {"verification_id": result["verification_id"]})
+    bad, noted = {}, {}
+    for p in result["patterns"]:
+        allowed = math.floor(tolerance * max(p["keys"], totals.get(p["pattern"], {}).get("scanned", 0)))
+        found = {f: p[f] for f in ("missing", "different", "extra", "changed") if p[f]}
+        if p["different"] or p["missing"] > allowed or p["extra"] > allowed:
+            bad[p["pattern"]] = {**found, "columns": p["columns"]}
+        elif found:
+            noted[p["pattern"]] = found
+    t = result["totals"]
+    if bad:
+        detail = "PostgreSQL does not hold what Redis holds: " + "; ".join(
+            f"{name}: " + ", ".join(f"{n:,} {f}" for f, n in found.items() if f != "columns")
+            + (f" (columns {', '.join(found['columns'])})" if found["columns"] else "")
+            for name, found in bad.items())
+    else:
+        detail = f"every key's rows match PostgreSQL ({t['compared']:,} keys, {t['rows']:,} rows compared)"
+        if noted:
+            detail += f"; within the count tolerance or changed by the app since the run: {noted}"
+    return Check("verification", not bad, detail,
+                 {"verification_id": result["verification_id"], "differ": bad, "noted": noted})
+
+
+def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority, opts: RunOptions,
+                    verification: dict[str, Any]) -> list[Check]:
+    """The checks of one priority, from the ledger and its verification's result."""
+    with conn, conn.cursor() as cur:
+        batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority.label]
+        reasons = ledger.dead_reasons(cur, run_id)
+    totals = ledger.pattern_totals(batches)
+    failed = [b["id"] for b in batches if b["status"] != "done"]
+    checks = [Check("batches_done", not failed,
+                    f"{len(batches) - len(failed)}/{len(batches)} batches done"
+                    + (f"; not done: {failed} (`migrator batches {run_id} --failed`)" if failed else ""),
+                    {"failed": failed})]
+    unbalanced = [n for n, c in totals.items()
+                  if c["scanned"] != c["migrated"] + c["skipped"] + c["dead"] + c["expired"]]
+    checks.append(Check("balance", not unbalanced,
+                        "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
+                        else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
+    checks.append(dead_letter_check(mapping, totals, opts, reasons))
+    counted = opts.counted(mapping, priority)
+    fresh = {p["pattern"]: p["keys"] for p in verification.get("patterns", []) if p["pattern"] in counted}
+    if verification["verdict"] != "incomplete":
+        checks.append(count_check(totals, fresh, opts.count_tolerance))
+    checks.append(verification_check(_narrowed(verification, counted), totals, opts.count_tolerance))
+    return checks
+
+
+def _narrowed(result: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """A verification's result for some of its patterns (one that covered several priorities)."""
+    patterns = [p for p in result.get("patterns", []) if p["pattern"] in names]
+    totals = {f: sum(p[f] for p in patterns) for f in ("keys", "compared", "rows")}
+    return {**result, "patterns": patterns, "totals": totals}
+
+
+def figure_checks(conn: Any, mapping: Mapping, opts: RunOptions) -> tuple[list[Check], dict[str, Any]]:
+    """The mapping's figures over the target tables; dangling references (orphans) are checks,
+    within the dead-letter budget of their table's rows."""
     figures: dict[str, Any] = {}
     checks = []
     with conn, conn.cursor() as cur:
         for figure in mapping.figures:
             cur.execute(figure.sql)
             figures[figure.name] = [list(r) for r in cur.fetchall()] if figure.rows else cur.fetchone()[0]
-            if figure.must_be_zero:
+            if figure.dangling_in:
                 n = figures[figure.name]
-                checks.append(Check(figure.name, n == 0, f"{n} {figure.name.replace('_', ' ')}", {"count": n}))
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(figure.dangling_in)))
+                of = cur.fetchone()[0]
+                ok = within(n, of, opts.max_dead_ratio, opts.max_dead_keys)
+                checks.append(Check(figure.name, ok, f"{n} {figure.name.replace('_', ' ')}" + (
+                    "" if not n else f" of {of} rows ({'within' if ok else 'over'} budget: "
+                                     f"{opts.max_dead_ratio:.1%} and {opts.max_dead_keys})"), {"count": n, "of": of}))
     return checks, figures
 
 
-def validate_run(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str,
-                 priorities: list[Priority] | None = None) -> dict[str, Any]:
-    """Validate a run again, now: each priority's checks, then the mapping's figures."""
+def validate_run(conn: Any, mapping: Mapping, run_id: str, priorities: list[Priority] | None,
+                 verify: Callable[[list[Priority]], dict[str, Any]]) -> dict[str, Any]:
+    """Validate a run again, now: the checks each priority got when it ran, over a verification
+    (`verify` runs one over the given priorities and returns its result), then the run's own."""
     with conn, conn.cursor() as cur:
         run = ledger.require_run(cur, run_id)
     opts = RunOptions.from_json(run["options"])
     chosen = priorities or opts.priority_order()
-    by_priority = {p.label: validate_priority(client, conn, mapping, run_id, p, opts) for p in chosen}
-    checks, figures = figure_checks(conn, mapping)
+    verification = verify(chosen)
+    by_priority = {p.label: priority_checks(conn, mapping, run_id, p, opts, verification) for p in chosen}
+    checks, figures = figure_checks(conn, mapping, opts)
     ok = all(c.ok for cs in by_priority.values() for c in cs) and all(c.ok for c in checks)
     return {
         "run_id": run_id,
         "ok": ok,
         "priorities": {p: [c.to_json() for c in cs] for p, cs in by_priority.items()},
-        "checks": [c.to_json() for c in checks],
+        RUN: [c.to_json() for c in checks],
         "figures": figures,
+        "verification": {k: verification.get(k) for k in
+                         ("verification_id", "verdict", "missing", "different", "extra", "changed_since_run")},
     }
 
 
 def render_validation(result: dict[str, Any]) -> str:
     out = [f"run {result['run_id']}: {'PASS' if result['ok'] else 'FAIL'}"]
     for priority, checks in result["priorities"].items():
-        out += [f"  {priority:8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in checks]
-    out += [f"  {'target':8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in result["checks"]]
+        out += [f"  {priority:8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {redact_text(c['detail'])}" for c in checks]
+    out += [f"  {RUN:8} {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}" for c in result[RUN]]
     out.append("  figures: " + ", ".join(f"{k} {v}" for k, v in result["figures"].items()))
     return "\n".join(out)

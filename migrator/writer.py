@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import orjson
 import psycopg2
@@ -38,6 +38,7 @@ class Prepared:
     rows: list[Row]
     expires_at: datetime | None
     read: KeyRead  # kept for the dead letter should the write fail
+    digest: int  # of the value as read (source.value_digest), kept on its rows for verification
 
 
 def describe(exc: BaseException) -> str:
@@ -61,7 +62,7 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
 
 
 # Columns every row gets from the record it came from, after its own.
-PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at")
+PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at", "source_digest")
 
 COLUMN_TYPES = """
 SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory
@@ -99,7 +100,7 @@ class Writer:
         self.run_id = run_id
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
-        self._utf8 = cursor.connection.encoding == "UTF8"
+        self.document = document_param(cursor)
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
@@ -124,7 +125,7 @@ class Writer:
         # list of its values, its provenance last.
         rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, list[Any]]]] = []
         for rec in records:
-            provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at)
+            provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at, rec.digest)
             for row in rec.rows:
                 values = row.values
                 group, row_id = (row.table, tuple(values)), values["id"]
@@ -141,8 +142,7 @@ class Writer:
             # A fixed table order and id order keeps concurrent workers from deadlocking.
             for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
                 statements.append(self._statement(table, columns + PROVENANCE))
-                document = orjson.dumps([rows[k] for k in sorted(rows)])
-                documents.append(Utf8Text(document) if self._utf8 else document.decode())
+                documents.append(self.document(orjson.dumps([rows[k] for k in sorted(rows)])))
         if not statements:
             return 0
         self.cursor.execute("SELECT * FROM migrator_write(%s, %s)", (statements, documents))
@@ -156,19 +156,25 @@ class Writer:
     def _statement(self, table: str, columns: tuple[str, ...]) -> str:
         key = (table, columns)
         if key not in self._statements:
-            types = self._types(table, columns)
+            types = column_types(self.cursor, self.mapping, table, columns)
             self._statements[key] = self.mapping.rule(table).upsert(columns, types).as_string(self.cursor)
         return self._statements[key]
 
-    def _types(self, table: str, columns: tuple[str, ...]) -> dict[str, tuple[str, str]]:
-        """The catalog's type of each column of `table`; read again when a column is new to it."""
-        conn = self.cursor.connection
-        known = _column_types.get(conn, {}).get(table, {})
-        if not all(c in known for c in columns):
-            self.cursor.execute(COLUMN_TYPES, (self.mapping.table_names(),))
-            tables: dict[str, dict[str, tuple[str, str]]] = {}
-            for relname, column, type_name, category in self.cursor.fetchall():
-                tables.setdefault(relname, {})[column] = (type_name, category)
-            _column_types[conn] = tables
-            known = tables.get(table, {})
-        return known
+
+def document_param(cursor: Any) -> Callable[[bytes], Any]:
+    """How a JSON document of rows (orjson's bytes) goes to PostgreSQL on this cursor's connection."""
+    return Utf8Text if cursor.connection.encoding == "UTF8" else bytes.decode
+
+
+def column_types(cursor: Any, mapping: Mapping, table: str, columns: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The catalog's type of each column of `table`; read again when a column is new to it."""
+    conn = cursor.connection
+    known = _column_types.get(conn, {}).get(table, {})
+    if not all(c in known for c in columns):
+        cursor.execute(COLUMN_TYPES, (mapping.table_names(),))
+        tables: dict[str, dict[str, tuple[str, str]]] = {}
+        for relname, column, type_name, category in cursor.fetchall():
+            tables.setdefault(relname, {})[column] = (type_name, category)
+        _column_types[conn] = tables
+        known = tables.get(table, {})
+    return known

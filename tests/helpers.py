@@ -11,10 +11,12 @@ from typing import Any
 
 from psycopg2 import sql
 
+from migrator import ledger
 from migrator.config import Settings
 from migrator.options import RunOptions
 from migrator.report import build_report
-from migrator.runner import execute_local, plan_run
+from migrator.runner import execute_local, plan_run, verify_local
+from migrator.validate import validate_run
 from migrator.status import run_progress
 from migrator.threadr import THREADR
 
@@ -36,6 +38,29 @@ def migrate(settings: Settings, jobs: int = 1, **options: Any) -> dict[str, Any]
         finally:
             conn.close()
     finally:
+        client.close()
+
+
+def validate(settings: Settings, run_id: str, priorities: list | None = None) -> dict[str, Any]:
+    """`migrator validate RUN --local`, through the library."""
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        return validate_run(conn, THREADR, run_id, priorities,
+                            lambda chosen: verify_local(client, settings.postgres, THREADR, run_id, chosen))
+    finally:
+        conn.close()
+        client.close()
+
+
+def verify(settings: Settings, run_id: str, priorities: list | None = None) -> dict[str, Any]:
+    """`migrator verify RUN --local`, through the library."""
+    client, conn = settings.redis(), settings.postgres()
+    try:
+        with conn, conn.cursor() as cur:
+            chosen = priorities or RunOptions.from_json(ledger.require_run(cur, run_id)["options"]).priority_order()
+        return verify_local(client, settings.postgres, THREADR, run_id, chosen)
+    finally:
+        conn.close()
         client.close()
 
 

@@ -170,14 +170,15 @@ def test_priority_flag_runs_one_priority_through_its_queue(settings, r, pg, work
     with pg.cursor() as cur:
         cur.execute("SELECT count(*) FROM users")
         assert cur.fetchone()[0] == 0
-        cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s", (report["run_id"],))
+        cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s ORDER BY created_at",
+                    (report["run_id"],))
         rows = cur.fetchall()
-    assert [(p, ok) for p, ok, _ in rows] == [("critical", True)]
-    assert {c["name"] for c in rows[0][2]} == {"batches_done", "balance", "source_counts", "sample_readback"}
+    assert [(p, ok) for p, ok, _ in rows] == [("critical", True), ("run", True)]
+    assert [c["name"] for c in rows[0][2]] == ["batches_done", "balance", "dead_letters", "source_counts", "verification"]
 
 
 def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(settings, r, pg, workers):
-    """A corrupted target row is caught by the sample read-back; the run is rolled back exactly."""
+    """A corrupted target row is caught by the verification; the run is rolled back exactly."""
     seed_demo(r, 100)
     before = content_fingerprint(pg)
     # a trigger that silently alters each row once inserted stands in for a faulty target
@@ -194,7 +195,7 @@ def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(sett
             cur.execute("DROP FUNCTION corrupt()")
         pg.commit()
     assert report["status"] == "rolled_back"
-    assert "sample" in report["error"]
+    assert "PostgreSQL does not hold what Redis holds: " in report["error"] and "different (columns plan)" in report["error"]
     assert content_fingerprint(pg) == before
 
 

@@ -8,6 +8,7 @@ import time
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
+import orjson
 import pytest
 
 import migrator.batch
@@ -18,7 +19,7 @@ from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
 from migrator.threadr import THREADR
 
-from helpers import by_pattern, fingerprint, migrate
+from helpers import by_pattern, fingerprint, migrate, validate
 
 USER = {"user_id": None, "email": None, "password_hash": "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234",
         "role": "user", "status": "active", "created_at": "2026-01-01T00:00:00", "updated_at": "2026-01-02 00:00:00",
@@ -401,7 +402,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         return real_read(client, wanted, *args)
 
     monkeypatch.setattr(migrator.batch, "read_keys", read_while_keys_expire)
-    report = migrate(settings, ranges=4)
+    report = migrate(settings, ranges=4, max_dead_ratio=1.0)  # hostile by design: no dead-letter budget
     assert report["status"] == "completed" and report["balanced"]
     totals = report["totals"]
     assert totals["scanned"] == good + hostile + 3 + 1
@@ -472,7 +473,7 @@ def test_dead_letters_are_written_out_as_they_pile_up_and_none_is_lost(settings,
     monkeypatch.setattr(migrator.batch, "DEAD_LETTER_SPILL_BYTES", 2000)  # spill every few letters
     for i in range(60):
         r.set(f"threadr:user:user_bad{i:02d}", b'{"email": ' + b"x" * 100)
-    report = migrate(settings, batch_size=7)
+    report = migrate(settings, batch_size=7, max_dead_ratio=1.0)
     assert report["status"] == "completed" and by_pattern(report)["user"]["dead"] == 60
     with pg.cursor() as cur:
         cur.execute("SELECT count(DISTINCT key_text), count(*) FROM migration_dead_letters WHERE run_id = %s",
@@ -518,9 +519,10 @@ def test_record_errors_returned_by_migrator_write_keep_their_class():
     assert all(issubclass(_error_class(code), RECORD_ERRORS) for code in ("22P05", "23505", "54000", "54ZZZ"))
 
 
-def test_the_next_priority_pass_counts_the_last_one_again_and_catches_keys_its_batches_missed(settings, r, pg, monkeypatch):
-    """Critical's fresh count is taken by high's batches during their own pass (no SCAN of its
-    own): grants that appear once critical's batches are done fail critical, and the run rolls back."""
+def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_the_run_rolls_back(settings, r, pg,
+                                                                                                  monkeypatch):
+    """Critical's fresh count and its full verification come from its own verification pass, once
+    its batches are in: grants that appear in between (keys its batches never saw) fail critical."""
     import migrator.finalize
 
     seed_demo(r, 60)
@@ -529,7 +531,7 @@ def test_the_next_priority_pass_counts_the_last_one_again_and_catches_keys_its_b
 
     def link_then_grants_appear(conn, mapping, run_id):
         calls.append(run_id)
-        if len(calls) == 1:  # after critical's batches, before high's: keys they never saw
+        if len(calls) == 1:  # after critical's batches, before its verification
             for i in range(30):
                 r.set(f"threadr:premium:ip:203.0.113.{i}", json.dumps({"expires_at": "2030-01-01T00:00:00"}))
         return real_link(conn, mapping, run_id)
@@ -543,39 +545,41 @@ def test_the_next_priority_pass_counts_the_last_one_again_and_catches_keys_its_b
         rows = cur.fetchall()
         cur.execute("SELECT error FROM migration_runs WHERE id = %s", (report["run_id"],))
         error = cur.fetchone()[0]
-    # critical first passed without its count, then failed once high's pass counted it again
-    assert [(p, ok) for p, ok, _ in rows] == [("critical", True), ("critical", False), ("high", True)]
-    assert "source_counts" not in {c["name"] for c in rows[0][2]}
-    recount = next(c for c in rows[1][2] if c["name"] == "source_counts")
-    assert recount["data"]["differ"]["premium_ip"]["source_now"] - recount["data"]["differ"]["premium_ip"]["scanned_not_expired"] == 30
-    assert "during the high pass" in recount["detail"]
-    assert {c["name"] for c in rows[1][2]} == {"batches_done", "balance", "source_counts", "sample_readback"}
+    assert [(p, ok) for p, ok, _ in rows] == [("critical", False)]  # and nothing after it ran
+    checks = {c["name"]: c for c in rows[0][2]}
+    assert list(checks) == ["batches_done", "balance", "dead_letters", "source_counts", "verification"]
+    counted = checks["source_counts"]["data"]["differ"]["premium_ip"]
+    assert counted["source_now"] - counted["scanned_not_expired"] == 30 and not checks["source_counts"]["ok"]
+    assert not checks["verification"]["ok"] and checks["verification"]["data"]["differ"]["premium_ip"]["missing"] == 30
     assert error.startswith("priority critical did not validate: more keys in the source")
 
 
-def test_an_undisturbed_run_counts_each_priority_once_in_a_later_pass(settings, r, pg):
+def test_an_undisturbed_run_verifies_every_priority_by_its_own_pass(settings, r, pg):
     seed_demo(r, 60)
     report = migrate(settings)
     assert report["status"] == "completed"
     with pg.cursor() as cur:
-        cur.execute("SELECT DISTINCT ON (priority) priority, checks FROM migration_validations WHERE run_id = %s"
-                    " ORDER BY priority, created_at DESC", (report["run_id"],))
-        counts = {p: next(c for c in checks if c["name"] == "source_counts") for p, checks in cur.fetchall()}
-        cur.execute("SELECT priority, count(*) FILTER (WHERE recount IS NOT NULL) FROM migration_batches"
-                    " WHERE run_id = %s GROUP BY 1", (report["run_id"],))
-        recounting = dict(cur.fetchall())
-    assert set(counts) == {"critical", "high", "medium", "low"} and all(c["ok"] for c in counts.values())
-    assert "during the high pass" in counts["critical"]["detail"] and "pass" not in counts["low"]["detail"]
-    # what each priority's batches scanned, its next priority's pass counted again
-    for name, n in by_pattern(report).items():
-        if by_pattern(report)[name]["priority"] != "low":
-            assert counts[by_pattern(report)[name]["priority"]]["data"]["fresh"].get(name, 0) == n["scanned"]
-    assert recounting["critical"] == 0 and all(recounting[p] > 0 for p in ("high", "medium", "low"))
+        cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s ORDER BY created_at",
+                    (report["run_id"],))
+        rows = cur.fetchall()
+        cur.execute("SELECT v.priorities, v.status, count(r.*), count(r.*) FILTER (WHERE r.status = 'done')"
+                    " FROM migration_verifications v JOIN migration_verify_ranges r ON r.verification_id = v.id"
+                    " WHERE v.run_id = %s GROUP BY v.id ORDER BY v.id", (report["run_id"],))
+        verifications = cur.fetchall()
+    assert [(p, ok) for p, ok, _ in rows] == [(p, True) for p in ("critical", "high", "medium", "low", "run")]
+    assert [v[0] for v in verifications] == [["critical"], ["high"], ["medium"], ["low"]]
+    assert all(status == "done" and ranges == done > 0 for _, status, ranges, done in verifications)
+    patterns = by_pattern(report)
+    for priority, ok, checks in rows[:4]:
+        named = {c["name"]: c for c in checks}
+        # what each priority's batches scanned, its verification pass counted again
+        for name, p in patterns.items():
+            if p["priority"] == priority:
+                assert named["source_counts"]["data"]["fresh"].get(name, 0) == p["scanned"], name
+        assert named["verification"]["ok"] and "every key's rows match PostgreSQL" in named["verification"]["detail"]
 
 
 def test_fresh_count_fails_on_keys_the_scan_missed_not_on_keys_gone_since(settings, r, pg):
-    from migrator.validate import validate_run
-
     seed_demo(r, 30)
     report = migrate(settings)
     assert report["status"] == "completed"
@@ -583,11 +587,7 @@ def test_fresh_count_fails_on_keys_the_scan_missed_not_on_keys_gone_since(settin
     r.delete(*users)  # gone since the scan: expired, or deleted by the app
 
     def source_check(priority: str) -> dict:
-        client = settings.redis()
-        try:
-            result = validate_run(client, pg, THREADR, report["run_id"])
-        finally:
-            client.close()
+        result = validate(settings, report["run_id"])
         return next(c for c in result["priorities"][priority] if c["name"] == "source_counts")
 
     high = source_check("high")
@@ -606,7 +606,7 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
     from migrator.mapping import Mapping, Pattern, Priority, Row
     from migrator.merge import TableRule
     from migrator.source import KeyRead
-    from migrator.writer import Prepared, Writer
+    from migrator.writer import Prepared, Writer, column_types
 
     def rows(_rec) -> list[Row]:
         return []
@@ -619,12 +619,12 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
         cur.execute("DROP TABLE IF EXISTS writer_types")
         cur.execute("CREATE TABLE writer_types (id uuid PRIMARY KEY, label varchar(5), tags text[], scores numeric[],"
                     " data jsonb, raw bytea, n numeric, at timestamptz, day date, flag boolean,"
-                    " migration_run uuid, source_key text, metadata jsonb, expires_at timestamptz)")
+                    " migration_run uuid, source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint)")
     pg.commit()
 
     def record(key: str, **values) -> Prepared:
         return Prepared(key.encode(), key, mapping.patterns[0], [Row("writer_types", values)], None,
-                        KeyRead(key.encode(), "string", -1, b"", 0))
+                        KeyRead(key.encode(), "string", -1, b"", 0), 7)
 
     full = {"id": "00000000-0000-5000-8000-000000000001", "label": "héllo", "tags": ["a", "b,c", 'd"e', None],
             "scores": [1.5, 2], "data": {"nested": {"x": "tab\there \\ \u00e9"}},
@@ -646,6 +646,25 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
         assert two[:9] == (None,) * 9
         cur.execute("SELECT count(*) FROM writer_types WHERE data IS NULL")  # SQL NULL, not JSON null
         assert cur.fetchone()[0] == 1
+        # the verification casts the expected rows as the write did: every type compares equal,
+        # and a value that differs is named, as "changed" when the key's value moved since
+        columns = (*full, "source_key", "source_digest")
+        statement = mapping.rule("writer_types").compare(
+            columns, column_types(cur, mapping, "writer_types", columns),
+            provenances=[mapping.patterns[0].provenance]).as_string(cur)
+
+        def compared(*rows) -> tuple:
+            cur.execute("SELECT * FROM migrator_compare(%s, %s)", ([statement], [orjson.dumps(list(rows)).decode()]))
+            attributed, problems, state, _ = cur.fetchone()
+            assert state is None
+            return attributed[0], [(key, kind, columns) for _, key, kind, columns in problems[0]]
+
+        assert compared([*full.values(), "t:1", 7], [*nulls.values(), "t:2", 7]) == (2, [])
+        assert compared([*{**full, "tags": ["a"], "at": "2026-11-28T10:00:01+01:00"}.values(), "t:1", 7]) == \
+            (1, [("t:1", "different", ["tags", "at"])])
+        assert compared([*{**full, "n": "1"}.values(), "t:1", 8]) == (1, [("t:1", "changed", ["n"])])
+        assert compared([*{**full, "id": "00000000-0000-5000-8000-000000000009"}.values(), "t:9", 7])[1][0][:2] == \
+            ("t:9", "missing")
         # the same rows again change nothing; a label too long for varchar(5) is refused, not cut
         assert writer.upsert([record("t:1", **full)]) == 0
         with pytest.raises(psycopg2.errors.StringDataRightTruncation):

@@ -188,8 +188,8 @@ def test_role_without_privileges_fails_and_its_grant_is_enough_for_a_run(setting
         f"{unprivileged_role} lacks SELECT, INSERT, UPDATE, DELETE on subscriptions, users, ")
     grant = "GRANT SELECT, INSERT, UPDATE, DELETE ON subscriptions, users, legacy_id_map"
     assert grant in privileges.fix and f"GRANT SELECT ON schema_migrations TO {unprivileged_role};" in privileges.fix
-    assert f"GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq TO {unprivileged_role};" \
-        in privileges.fix
+    assert ("GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq, "
+            f"migration_verifications_id_seq, migration_verify_ranges_id_seq TO {unprivileged_role};") in privileges.fix
     assert checks["init-db"].verdict == "warn" and "no CREATE on schema public" in checks["init-db"].detail
 
     # the printed fix, run by the owner, is all a run needs

@@ -11,7 +11,7 @@ from migrator.demo import seed_demo
 from migrator.report import build_report
 from migrator.threadr import THREADR
 
-from helpers import migrate
+from helpers import migrate, validate, verify
 
 ROLES = Path(__file__).resolve().parent.parent / "sql" / "roles" / "least_privilege.sql"
 
@@ -40,7 +40,11 @@ def test_a_run_needs_no_more_than_migrator_run_and_reports_only_read(settings, r
     run_as = Settings(settings.redis_url, as_role(settings.database_url, "migrator_run"), settings.broker_url)
     report = migrate(run_as)
     assert report["status"] == "completed" and report["balanced"] and report["totals"]["dead"] == 3
-    reader = psycopg2.connect(as_role(settings.database_url, "migrator_report"))
+    as_reader = Settings(settings.redis_url, as_role(settings.database_url, "migrator_report"), settings.broker_url)
+    # the read-only role verifies and validates: it writes nothing but the verification's own record
+    assert verify(as_reader, report["run_id"])["verdict"] == "clean"
+    assert validate(as_reader, report["run_id"])["ok"]
+    reader = psycopg2.connect(as_reader.database_url)
     try:
         assert build_report(reader, THREADR, report["run_id"])["patterns"] == report["patterns"]
         with reader.cursor() as cur:

@@ -1,6 +1,7 @@
 """The read throttle: one token bucket per run, shared by every process, beside the source DB."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def _state(r: redis.Redis) -> redis.Redis:
 
 
 def test_two_holders_share_one_bucket(r):
-    run = "throttle-test-share"
+    run = f"throttle-test-share-{os.getpid()}"  # its own bucket: another test session may share the state DB
     first, second = Throttle(r, run, 1000), Throttle(r, run, 1000)
     try:
         assert first.acquire(1000) == 0  # a full second's burst is there at the start

@@ -16,8 +16,10 @@ from migrator.mapping import Mapping
 from migrator.options import RunOptions
 from migrator.runner import plan_run, resume_point
 
+from celeryconfig import PRIORITY_QUEUES
+
 from .celery import app
-from .tasks import dispatch_priority
+from .tasks import dispatch_priority, dispatch_verification, finish_verification_task
 
 log = structlog.get_logger("workers.coordinator")
 
@@ -36,8 +38,17 @@ def use_broker(settings: Settings) -> None:
 
 
 def workers_answering(timeout: float = 2.0) -> list[str]:
-    """Names of the workers that answer a ping on the broker."""
-    return sorted(name for reply in (app.control.ping(timeout=timeout) or []) for name in reply)
+    """Names of the workers that answer on the broker and consume at least one of this
+    installation's queues (MIGRATOR_QUEUE_PREFIX): workers of another prefix would never take
+    our batches."""
+    ours = set(PRIORITY_QUEUES.values())
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    return sorted(name for name, consumed in replies.items() if any(q.get("name") in ours for q in consumed))
+
+
+def worker_command() -> str:
+    """How to start a worker for this installation's queues."""
+    return f"celery -A workers worker -Q {','.join(PRIORITY_QUEUES.values())}"
 
 
 def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
@@ -71,3 +82,9 @@ def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[
         resume(conn, run_id)
     return reopened
 
+
+
+def verify_on_workers(conn: Any, verification_id: int, run_id: str, priority: str) -> None:
+    """Send a planned verification's ranges to the workers (on `priority`'s queue), then finish it there."""
+    dispatch_verification(conn, verification_id, run_id, priority,
+                          finish_verification_task.s(verification_id=verification_id))

@@ -1,21 +1,29 @@
-"""Celery tasks: thin wrappers that hand ids to the engine in `migrator/` (never data)."""
+"""Celery tasks: thin wrappers that hand ids to the engine in `migrator/` (never data).
+
+A priority is two chords: its batches, then `finalize_priority` (link users, plan the
+verification), which sends the verification's ranges, then `judge_priority` (the checks, and the
+next priority or the end). A batch or range that fails for good raises, so Flower shows it as
+FAILURE; Celery then skips the chord's callback, so each callback is also the errback of its
+chord and still runs and decides: the ledger, not the task results, says what happened.
+"""
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psycopg2
 import redis
 import structlog
 from celery import chord
+from celery.canvas import Signature
 from celery.signals import task_postrun, task_prerun
 
-from migrator import ledger
+from migrator import ledger, verify
 from migrator.batch import migrate_batch
 from migrator.config import Settings
 from migrator.errors import TRANSIENT, backoff
-from migrator.finalize import after_priority
+from migrator.finalize import begin_verification, judge_priority
 from migrator.mapping import Priority
 from migrator.options import RunOptions
 from migrator.redact import redact_text
@@ -29,6 +37,10 @@ from .celery import app
 log = structlog.get_logger("workers.tasks")
 
 PROGRESS_EVERY_S = 1.0
+
+
+class UnitFailed(Exception):
+    """A batch or verification range that failed after its retries: its error is in the ledger too."""
 
 
 def queue_for(priority: str) -> str:
@@ -93,66 +105,139 @@ def _drop_connections() -> None:
                 pass  # already gone with its server
 
 
-@app.task(bind=True, name="migrator.migrate_batch", max_retries=3)
-def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, key_range: str) -> dict[str, Any]:
-    """Migrate one planned batch (`priority` over cursor range `key_range`, e.g. 3/8) of run `run_id`.
-
-    Never raises once its retries are spent: the failure is in the ledger and the chord's
-    callback still runs and decides.
-    """
-    structlog.contextvars.bind_contextvars(run=run_id, priority=priority, batch=batch_id)
+def _unit(task: Any, work: Callable[..., Any], unit_id: int, shown: dict[str, Any]) -> dict[str, Any]:
+    """Run one batch or verification range with progress for Flower; retried on a lost
+    connection, raised as UnitFailed once that is spent or on any other failure."""
     last = [0.0]
 
     def progress(counts: dict[str, int]) -> None:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY_S:
             last[0] = now
-            meta = {"run_id": run_id, "priority": priority, "range": key_range, **counts}
-            self.update_state(state="PROGRESS", meta=meta)
-            self.send_event("task-progress", **meta)  # what Flower shows as progress
+            # Flower shows a task-progress event as the state PROGRESS, and its `result` field on
+            # the task's page and in the task list
+            summary = ", ".join(f"{n:,} {name}" for name, n in counts.items())
+            task.update_state(state="PROGRESS", meta={**shown, **counts})
+            task.send_event("task-progress", result=f"{shown.get('priority', '')} {shown['range']}: {summary}",
+                            **counts)
 
     try:
         client, conn = _connections()
-        result = migrate_batch(client, conn, THREADR, batch_id, progress)
+        result = work(client, conn, THREADR, unit_id, progress)
     except TRANSIENT as exc:
         _drop_connections()
-        if self.request.retries < self.max_retries:
-            log.warning("batch_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
-            raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=30))
-        return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
-    except Exception as exc:  # recorded in the ledger by migrate_batch
+        if task.request.retries < task.max_retries:
+            log.warning("unit_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=30))
+        raise UnitFailed(redact_text(describe(exc))) from None
+    except Exception as exc:  # recorded in the ledger by the engine
         _drop_connections()
-        return {"batch_id": batch_id, "status": "failed", "error": redact_text(describe(exc))}
-    if result is None:
-        return {"batch_id": batch_id, "status": "already_done"}
-    return {"batch_id": batch_id, "status": "done", "rows_written": result.rows_written, "checksum": result.checksum}
+        raise UnitFailed(redact_text(describe(exc))) from None
+    return {**shown, "status": "already_done" if result is None else "done"}
 
 
-@app.task(bind=True, name="migrator.finalize_priority", max_retries=5)
-def finalize_priority_task(self: Any, results: list[dict[str, Any]], run_id: str, priority: str) -> dict[str, Any]:
-    """Chord callback: validate the priority, then start the next one or roll the run back."""
-    structlog.contextvars.bind_contextvars(run=run_id, priority=priority)
+@app.task(bind=True, name="migrator.migrate_batch", max_retries=3)
+def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, range: str) -> dict[str, Any]:
+    """Migrate one planned batch: `priority` over cursor range `range` (e.g. 3/8) of run `run_id`."""
+    structlog.contextvars.bind_contextvars(run=run_id, priority=priority, batch=batch_id)
+    shown = {"batch_id": batch_id, "run_id": run_id, "priority": priority, "range": range}
+
+    def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> Any:
+        done = migrate_batch(client, conn, mapping, unit, progress)
+        return None if done is None else {"rows_written": done.rows_written}
+
+    return _unit(self, work, batch_id, shown)
+
+
+@app.task(bind=True, name="migrator.verify_range", max_retries=3)
+def verify_range_task(self: Any, range_id: int, verification_id: int, run_id: str, priority: str,
+                      range: str) -> dict[str, Any]:
+    """Verify one cursor range `range` of verification `verification_id` (of run `run_id`)."""
+    structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
+    shown = {"range_id": range_id, "verification_id": verification_id, "run_id": run_id, "priority": priority,
+             "range": range}
+    return _unit(self, verify.verify_range, range_id, shown)
+
+
+def _callback(task: Any, step: Callable[[redis.Redis, Any], Any]) -> Any:
+    """A chord callback's work, retried as a whole on a lost connection (or the run would stall)."""
     try:
-        following = _after_priority(run_id, Priority.parse(priority))
-    except TRANSIENT as exc:  # a connection lost anywhere in here: the whole callback again, or the run would stall
+        client, conn = _connections()
+        return step(client, conn)
+    except TRANSIENT as exc:
         _drop_connections()
-        log.warning("finalize_retry", error=redact_text(describe(exc)), attempt=self.request.retries + 1)
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries, base=1, cap=60))
+        log.warning("callback_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
+        raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=60))
     except Exception:
         _drop_connections()  # whatever state it left them in is not the next task's
         raise
+
+
+def _options(conn: Any, run_id: str) -> RunOptions:
+    with conn, conn.cursor() as cur:
+        return RunOptions.from_json(ledger.require_run(cur, run_id)["options"])
+
+
+@app.task(bind=True, name="migrator.finalize_priority", max_retries=5)
+def finalize_priority_task(self: Any, results: Any = None, *, run_id: str, priority: str) -> dict[str, Any]:
+    """Chord callback (and errback) of a priority's batches: link users, then verify the priority."""
+    structlog.contextvars.bind_contextvars(run=run_id, priority=priority)
+    level = Priority.parse(priority)
+
+    def step(client: redis.Redis, conn: Any) -> int | None:
+        verification = begin_verification(client, conn, THREADR, run_id, level, _options(conn, run_id))
+        if verification is None:
+            dispatch_priority(conn, run_id, level)  # the source restarted: scan the priority again
+        else:
+            dispatch_verification(conn, verification, run_id, priority,
+                                  judge_priority_task.s(run_id=run_id, priority=priority, verification_id=verification))
+        return verification
+
+    return {"run_id": run_id, "priority": priority, "verification_id": _callback(self, step)}
+
+
+@app.task(bind=True, name="migrator.judge_priority", max_retries=5)
+def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority: str,
+                        verification_id: int) -> dict[str, Any]:
+    """Chord callback (and errback) of a priority's verification: judge it, then start the next
+    priority, or end the run (rolled back if it failed)."""
+    structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
+
+    def step(client: redis.Redis, conn: Any) -> Priority | None:
+        following = judge_priority(client, conn, THREADR, run_id, Priority.parse(priority), _options(conn, run_id),
+                                   verification_id)
+        if following is not None:
+            dispatch_priority(conn, run_id, following)
+        return following
+
+    following = _callback(self, step)
     return {"run_id": run_id, "priority": priority, "next": following.label if following else None}
 
 
-def _after_priority(run_id: str, priority: Priority) -> Priority | None:
-    client, conn = _connections()
-    with conn, conn.cursor() as cur:
-        run = ledger.require_run(cur, run_id)
-    opts = RunOptions.from_json(run["options"])
-    following = after_priority(client, conn, THREADR, run_id, priority, opts)
-    if following is not None:
-        dispatch_priority(conn, run_id, following)
-    return following
+@app.task(bind=True, name="migrator.finish_verification", max_retries=5)
+def finish_verification_task(self: Any, results: Any = None, *, verification_id: int) -> dict[str, Any]:
+    """Chord callback (and errback) of a verification of its own (`migrator verify`)."""
+    structlog.contextvars.bind_contextvars(verification=verification_id)
+    result = _callback(self, lambda client, conn: verify.finish(client, conn, THREADR, verification_id))
+    return {k: result.get(k) for k in ("verification_id", "verdict", "missing", "different", "extra")}
+
+
+def _send(header: list[Signature], body: Signature) -> None:
+    """One chord whose callback runs whether or not a header task failed (as its errback too)."""
+    if not header:
+        body.delay()
+        return
+    body.link_error(body.clone(immutable=True))
+    chord(header)(body)
+    # The ledger, not the result backend, is how anyone follows a run: stop listening for
+    # these results now, or their AsyncResults unsubscribe noisily at interpreter exit.
+    consumer = app.backend.result_consumer
+    consumer.stop()
+    consumer.subscribed_to.clear()
+
+
+def _shown_range(node: str, index: int, count: int) -> str:
+    return f"{node + ' ' if node else ''}{index + 1}/{count}"
 
 
 def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
@@ -162,14 +247,24 @@ def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
                     " AND status <> 'done' ORDER BY node, range_index", (run_id, priority.label))
         batches = cur.fetchall()
     queue = queue_for(priority.label)
-    body = finalize_priority_task.s(run_id, priority.label).set(queue=queue)
-    header = [migrate_batch_task.si(bid, run_id, priority.label, f"{node + ' ' if node else ''}{index + 1}/{count}")
-              .set(queue=queue) for bid, node, index, count in batches]
-    chord(header)(body) if header else body.delay([])
-    # The ledger, not the result backend, is how anyone follows a run: stop listening for
-    # these results now, or their AsyncResults unsubscribe noisily at interpreter exit.
-    consumer = app.backend.result_consumer
-    consumer.stop()
-    consumer.subscribed_to.clear()
+    header = [migrate_batch_task.si(batch_id=bid, run_id=run_id, priority=priority.label,
+                                    range=_shown_range(node, index, count)).set(queue=queue)
+              for bid, node, index, count in batches]
+    _send(header, finalize_priority_task.s(run_id=run_id, priority=priority.label).set(queue=queue))
     log.info("priority_dispatched", run=run_id, priority=priority.label, batches=len(header))
+    return len(header)
+
+
+def dispatch_verification(conn: Any, verification_id: int, run_id: str, priority: str, then: Signature) -> int:
+    """Send one chord: every unfinished range of a verification, then `then` (on `priority`'s queue)."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id, node, range_index, range_count FROM migration_verify_ranges WHERE verification_id = %s"
+                    " AND status <> 'done' ORDER BY node, range_index", (verification_id,))
+        ranges = cur.fetchall()
+    queue = queue_for(priority)
+    header = [verify_range_task.si(range_id=rid, verification_id=verification_id, run_id=run_id, priority=priority,
+                                   range=_shown_range(node, index, count)).set(queue=queue)
+              for rid, node, index, count in ranges]
+    _send(header, then.set(queue=queue))
+    log.info("verification_dispatched", run=run_id, verification=verification_id, ranges=len(header))
     return len(header)

@@ -3,7 +3,8 @@
 --   psql "$DATABASE_URL" -f sql/roles/least_privilege.sql
 --   psql "$DATABASE_URL" -c "ALTER ROLE migrator_run PASSWORD '...'"      (and migrator_report)
 -- migrator_run: what a run, its workers and the dual-write service need, and no more (no DDL).
--- migrator_report: read-only, for reports and validation; raw dead-letter values stay hidden.
+-- migrator_report: reads only (reports, validation, verification, which records its own findings); raw
+-- dead-letter values stay hidden.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'migrator_run') THEN
@@ -19,16 +20,19 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON
     users, newsletter_subscribers, subscriptions, usage_counters, usage_events, usage_stats, threads,
     thread_stats, thread_analytics, analytics_timeseries, sessions, login_failures, legacy_id_map,
     migration_runs, migration_batches, migration_dead_letters, migration_validations, migration_journal,
-    dual_write_repairs, dual_write_settings, dual_write_shadow_reads
+    migration_verifications, migration_verify_ranges, dual_write_repairs, dual_write_settings, dual_write_shadow_reads
     TO migrator_run;
 GRANT SELECT ON schema_migrations TO migrator_run;
-GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq, dual_write_repairs_id_seq,
-    dual_write_shadow_reads_id_seq TO migrator_run;
+GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq, migration_verifications_id_seq,
+    migration_verify_ranges_id_seq, dual_write_repairs_id_seq, dual_write_shadow_reads_id_seq TO migrator_run;
 
 GRANT SELECT ON
     users, newsletter_subscribers, subscriptions, usage_counters, usage_events, usage_stats, threads,
     thread_stats, thread_analytics, analytics_timeseries, sessions, login_failures, legacy_id_map,
     migration_runs, migration_batches, migration_validations, schema_migrations, dual_write_shadow_reads
     TO migrator_report;
-GRANT SELECT (id, run_id, batch_id, pattern, key_text, redis_type, ttl_ms, error, created_at)
+GRANT SELECT (id, run_id, batch_id, pattern, redis_key, key_text, redis_type, ttl_ms, error, created_at)
     ON migration_dead_letters TO migrator_report;
+-- Verifying writes nothing but its own record of what it compared.
+GRANT SELECT, INSERT, UPDATE ON migration_verifications, migration_verify_ranges TO migrator_report;
+GRANT USAGE ON SEQUENCE migration_verifications_id_seq, migration_verify_ranges_id_seq TO migrator_report;
