@@ -20,6 +20,8 @@ TALLY_FIELDS = (*COUNT_FIELDS, "rows")
 # beside the others; "write_wait" is the part of it the batch waited for; "throttle" is
 # time slept under --max-keys-per-sec.
 STAGES = ("scan", "read", "transform", "write", "write_wait", "throttle")
+# Statuses a run ends in (it may still be resumed or requeued from "failed").
+TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
 
 
 @dataclass
@@ -149,7 +151,7 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 
 
 def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None) -> None:
-    finished = status in ("completed", "failed", "rolled_back", "dry_run")
+    finished = status in TERMINAL
     cur.execute(
         "UPDATE migration_runs SET status = %s, error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
         " finished_at = CASE WHEN %s THEN now() ELSE finished_at END WHERE id = %s",

@@ -2,27 +2,17 @@
 in the manner of pgloader's summary, and the guide's monitoring figures."""
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from psycopg2 import sql
 
+from . import figures as figures_mod
 from . import ledger
 from .ledger import COUNT_FIELDS
 from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
 from .validate import figure_checks
-
-
-def _priority_seconds(batches: list[dict[str, Any]]) -> dict[str, float]:
-    """Wall time of each priority: its first batch start to its last batch end."""
-    spans: dict[str, tuple[datetime, datetime]] = {}
-    for b in batches:
-        if b["started_at"] and b["finished_at"]:
-            lo, hi = spans.get(b["priority"], (b["started_at"], b["finished_at"]))
-            spans[b["priority"]] = (min(lo, b["started_at"]), max(hi, b["finished_at"]))
-    return {p: (hi - lo).total_seconds() for p, (lo, hi) in spans.items()}
 
 
 def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
@@ -31,8 +21,8 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         batches = ledger.batches(cur, run_id)
         verdicts = ledger.latest_verdicts(cur, run_id)
         stages = ledger.stage_seconds(cur, run_id)
+        figures = figures_mod.run_figures(cur, run, batches)
     totals = ledger.pattern_totals(batches)
-    wall = _priority_seconds(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []
     ordered = sorted(mapping.patterns, key=lambda p: p.priority)  # stable: declaration order within a priority
@@ -53,28 +43,25 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
             "balanced": c["scanned"] == c["migrated"] + c["skipped"] + c["dead"] + c["expired"],
         })
     for p in patterns:
-        # a pattern's share of its priority's wall time, by keys scanned (batches mix patterns)
+        # a pattern's share of its priority's elapsed time, by keys scanned (batches mix patterns)
         share = p["scanned"] / scanned_in[p["priority"]] if scanned_in[p["priority"]] else 0.0
-        p["seconds"] = round(wall.get(p["priority"], 0.0) * share, 3)
-        p["keys_per_s"] = round(p["scanned"] / p["seconds"], 1) if p["seconds"] else None
-    sums = {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")}
-    seconds = round(sum(wall.values()), 3)
+        of_priority = figures["priorities"].get(p["priority"], {"elapsed_s": 0.0, "keys_per_s": None})
+        p["seconds"] = round(of_priority["elapsed_s"] * share, 3)
+        # scanned / (elapsed x scanned / scanned in the priority): the priority's own rate
+        p["keys_per_s"] = of_priority["keys_per_s"] if p["seconds"] else None
     return {
         "run_id": run_id,
         "status": run["status"],
         "dry_run": run["dry_run"],
         "error": run["error"],
         "patterns": patterns,
-        "totals": {**sums, "seconds": seconds, "keys_per_s": round(sums["scanned"] / seconds, 1) if seconds else None},
-        "rows_written": sum(b["rows_written"] for b in batches),
+        "totals": {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")},
+        "figures": figures,  # keys/s, elapsed (batches running) and wall clock, rows written: as `status` shows them
         "batches": {"total": len(batches), "failed": sum(b["status"] == "failed" for b in batches),
                     "done": sum(b["status"] == "done" for b in batches)},
         "balanced": all(p["balanced"] for p in patterns),
         "validated": verdicts,  # per priority: did its latest validation pass
         "stage_seconds": stages,  # summed over batches and workers (ledger.STAGES)
-        # planning to the end of the last validation (None while the run goes on)
-        "wall_seconds": round((run["finished_at"] - run["started_at"]).total_seconds(), 3)
-        if run["finished_at"] and run["started_at"] else None,
     }
 
 
@@ -111,9 +98,9 @@ def render(report: dict[str, Any]) -> str:
     line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", p["scanned"], p["migrated"], p["rows"], p["skipped"],
                          p["dead"], p["expired"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
     rows = [(*line_of(p), "yes" if p["balanced"] else "NO") for p in report["patterns"]]
-    t = report["totals"]
+    t, f = report["totals"], report["figures"]
     rows.append(("TOTAL", "", "", t["scanned"], t["migrated"], t["rows"], t["skipped"], t["dead"], t["expired"],
-                 f"{t['seconds']:.3f}", t["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
+                 f"{f['elapsed_s']:.3f}", f["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
     out = [f"run {report['run_id']}  status {report['status']}" + ("  (dry run: nothing kept)" if report["dry_run"] else ""),
@@ -123,8 +110,9 @@ def render(report: dict[str, Any]) -> str:
         out.append("skipped because:")
         out += [f"  {p['pattern']}: {p['skip_reason']}" for p in skipped]
     b = report["batches"]
-    out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; rows written {report['rows_written']}; "
+    out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; "
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")
+    out += figures_mod.render(f)
     if report["validated"]:
         out.append("validated: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in report["validated"].items()))
     if report["error"]:
