@@ -241,3 +241,43 @@ def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
             for f in TALLY_FIELDS:
                 into[f] += counts.get(f, 0)
     return totals
+
+
+# A dead letter's reason, normalised so that reasons differing only by the key's data group
+# together: row images and key values in PostgreSQL's detail, quoted values and numbers (hex,
+# with thousands separators; not the digit of a name such as UTF-8) become placeholders.
+# PostgreSQL double-quotes names, worth keeping, and values after a colon; Python does when the
+# value holds an apostrophe. Applied in this order.
+REASON_FORM = (
+    (r"\(Failing row contains .*\)$", "(Failing row contains (…))"),
+    (r"\)=\(.*\) (already exists|is not present|conflicts)", r")=(…) \1"),
+    (': "[^"]*"', ': "…"'),
+    ("\"[^\"]*'[^\"]*\"", '"…"'),
+    (r"'[^']*'", "'…'"),
+    (r"(?<![[:alpha:]]-)\m(0x[[:xdigit:]]+|[[:digit:]]+([.,][[:digit:]]+)*)\M", "N"),
+)
+
+
+def dead_reasons(cur: Any, run_id: str, top: int = 3) -> list[dict[str, Any]]:
+    """Per priority and pattern: the dead letters and their `top` most frequent normalised reasons
+    (as stored: unmasked), most dead first."""
+    form = "d.error"
+    for _ in REASON_FORM:
+        form = f"regexp_replace({form}, %s, %s, 'g')"
+    cur.execute(
+        f"WITH letters AS (SELECT b.priority, d.pattern, {form} AS reason FROM migration_dead_letters d"
+        "   LEFT JOIN migration_batches b ON b.id = d.batch_id WHERE d.run_id = %s),"
+        " grouped AS (SELECT priority, pattern, reason, count(*) AS n,"
+        "   sum(count(*)) OVER (PARTITION BY priority, pattern) AS dead,"
+        "   row_number() OVER (PARTITION BY priority, pattern ORDER BY count(*) DESC, reason) AS rank"
+        "   FROM letters GROUP BY priority, pattern, reason)"
+        " SELECT priority, pattern, dead, reason, n FROM grouped WHERE rank <= %s"
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), dead DESC, pattern, rank",
+        (*(arg for rule in REASON_FORM for arg in rule), run_id, top),
+    )
+    out: list[dict[str, Any]] = []
+    for priority, pattern, dead, reason, n in cur.fetchall():
+        if not out or (out[-1]["priority"], out[-1]["pattern"]) != (priority, pattern):
+            out.append({"priority": priority, "pattern": pattern, "dead": int(dead), "dead_reasons": []})
+        out[-1]["dead_reasons"].append({"reason": reason, "count": n})
+    return out

@@ -22,6 +22,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         verdicts = ledger.latest_verdicts(cur, run_id)
         stages = ledger.stage_seconds(cur, run_id)
         figures = figures_mod.run_figures(cur, run, batches)
+        reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in figures_mod.dead_letters(cur, run_id)}
     totals = ledger.pattern_totals(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []
@@ -41,6 +42,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
             **c,
             "skip_reason": (pattern.skip if pattern else UNMAPPED_REASON) if c["skipped"] else None,
             "balanced": c["scanned"] == c["migrated"] + c["skipped"] + c["dead"] + c["expired"],
+            "dead_reasons": reasons.get((priority, name), []),
         })
     for p in patterns:
         # a pattern's share of its priority's elapsed time, by keys scanned (batches mix patterns)
@@ -109,6 +111,10 @@ def render(report: dict[str, Any]) -> str:
     if skipped:
         out.append("skipped because:")
         out += [f"  {p['pattern']}: {p['skip_reason']}" for p in skipped]
+    dead = [p for p in report["patterns"] if p["dead"]]
+    if dead:
+        out.append("dead letters by reason:")
+        out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}" for p in dead]
     b = report["batches"]
     out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; "
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")

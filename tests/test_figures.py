@@ -1,8 +1,9 @@
 """Figures an operator can trust: exact row counts, one keys/s and elapsed time for `status` and
-`report`, elapsed time without the wait before a requeue."""
+`report`, elapsed time without the wait before a requeue, dead letters grouped by reason."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from psycopg2 import sql
@@ -16,6 +17,10 @@ from migrator.status import run_progress
 from migrator.threadr import THREADR
 
 from test_cli import migrator, urls
+from test_engine import put_user
+
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
 
 
 def run_local(settings, out_dir: Path, *flags: str) -> dict:
@@ -154,6 +159,53 @@ def test_elapsed_time_leaves_out_the_wait_before_a_requeue(settings, r, pg, tmp_
     assert sum(p["seconds"] for p in report["patterns"] if p["priority"] == "high") < 60
     status = as_json("status", run_id, "--json", "--database-url", settings.database_url)
     assert status["figures"] == figures
+
+
+def test_dead_letters_are_grouped_by_reason_without_any_address_in_sight(settings, r, pg, tmp_path):
+    seed_demo(r, 40)
+    # one systematic fault: 300 counters whose values are not numbers, each its own value
+    pipe = r.pipeline()
+    for i in range(300):
+        value = [f"visitor{i}@example.com", f"198.51.100.{i % 250}", f"{i} visits"][i % 3]
+        pipe.set(f"threadr:usage:ip:203.0.113.{i % 250}:daily:2026-11-{1 + i // 250:02d}", value)
+    for i in range(12):  # and a few of the wrong type
+        pipe.hset(f"threadr:usage:email:typed{i}@example.org:monthly:2026-11", "count", i)
+    pipe.execute()
+    for i in range(3):  # rows PostgreSQL refuses: its message quotes the whole row, email and hash
+        put_user(r, f"user_badrole{i}", f"boss{i}@example.net", role="boss")
+    run = run_local(settings, tmp_path)
+    run_id = run["run_id"]
+    counters = next(p for p in run["patterns"] if p["pattern"] == "usage_counter")
+    assert counters["dead"] == 312
+    assert counters["dead_reasons"] == [{"reason": "value '…' is not an integer", "count": 300},
+                                        {"reason": "wrong Redis type: expected string, found hash", "count": 12}]
+    users = next(p for p in run["patterns"] if p["pattern"] == "user")
+    assert users["dead_reasons"] == [{"reason": 'CheckViolation: new row for relation "users" violates check constraint'
+                                                ' "users_role_check" (Failing row contains (…))', "count": 3}]
+    line = ('usage_counter: 312 dead — 300 × "value \'…\' is not an integer"; '
+            '12 × "wrong Redis type: expected string, found hash"')
+    report_text = migrator("report", run_id, "--output-dir", str(tmp_path), "--database-url", settings.database_url).stdout
+    status_text = migrator("status", run_id, "--database-url", settings.database_url).stdout
+    assert f"  {line}" in report_text.splitlines() and f"    {line}" in status_text.splitlines()
+    status = as_json("status", run_id, "--json", "--database-url", settings.database_url)
+    high = next(p for p in status["priorities"] if p["priority"] == "high")
+    assert {d["pattern"]: (d["dead"], d["dead_reasons"]) for d in high["dead_letters"]} == {
+        "usage_counter": (312, counters["dead_reasons"]), "user": (3, users["dead_reasons"])}
+    # A reason that names an address outside quotes (a message of PostgreSQL's or of a future
+    # transform) is printed masked.
+    with pg.cursor() as cur:
+        cur.execute("UPDATE migration_dead_letters SET error = 'mailbox typed-owner@example.org refused'"
+                    " WHERE run_id = %s AND redis_type = 'hash'", (run_id,))
+    pg.commit()
+    outputs = [migrator("report", run_id, "--output-dir", str(tmp_path), "--database-url", settings.database_url).stdout,
+               migrator("report", run_id, "--json", "--output-dir", str(tmp_path),
+                        "--database-url", settings.database_url).stdout,
+               (tmp_path / f"migration_report_{run_id}.json").read_text(),
+               migrator("status", run_id, "--database-url", settings.database_url).stdout,
+               migrator("status", run_id, "--json", "--database-url", settings.database_url).stdout]
+    for out in outputs:
+        assert '12 × "mailbox t***@e*** refused"' in out or '"reason": "mailbox t***@e*** refused"' in out
+        assert not EMAIL.search(out) and not IPV4.search(out) and "$2b$" not in out, out
 
 
 def test_a_batch_still_running_counts_until_now(settings, r, pg):
