@@ -20,11 +20,11 @@ from . import status as status_mod
 from .config import Settings
 from .dualwrite import WriteStrategy
 from .log import attach_log_file
+from .ledger import TERMINAL
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .rollback import rollback_run
 from .runner import execute_local, plan_run, resume_point, verify_local
-from .status import TERMINAL
 from .validate import render_validation, validate_run
 from .verify import explain, plan_verification
 from .verify import render as render_verification

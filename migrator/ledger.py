@@ -9,7 +9,6 @@ from psycopg2.extras import execute_values
 
 from .options import RunOptions
 from .partition import KeyRange
-from .redact import redact_text
 
 # The ledger tables a run writes (sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
@@ -22,6 +21,8 @@ TALLY_FIELDS = (*COUNT_FIELDS, "rows")
 # beside the others; "write_wait" is the part of it the batch waited for; "throttle" is
 # time slept under --max-keys-per-sec.
 STAGES = ("scan", "read", "transform", "write", "write_wait", "throttle")
+# Statuses a run ends in (it may still be resumed or requeued from "failed").
+TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
 
 
 @dataclass
@@ -151,7 +152,7 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 
 
 def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None) -> None:
-    finished = status in ("completed", "failed", "rolled_back", "dry_run")
+    finished = status in TERMINAL
     cur.execute(
         "UPDATE migration_runs SET status = %s, error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
         " finished_at = CASE WHEN %s THEN now() ELSE finished_at END WHERE id = %s",
@@ -345,21 +346,41 @@ def end_verification(cur: Any, verification_id: int, result: dict[str, Any] | No
                                    error, verification_id))
 
 
-# A dead letter's reason with what varies from key to key (quoted values, numbers) taken out,
-# so that one systematic fault groups into one line.
-QUOTED = r"""('[^']*'|"[^"]*")"""
+# A dead letter's reason, normalised so that reasons differing only by the key's data group
+# together: row images and key values in PostgreSQL's detail, quoted values and numbers (hex,
+# with thousands separators; not the digit of a name such as UTF-8) become placeholders.
+# PostgreSQL double-quotes names, worth keeping, and values after a colon; Python does when the
+# value holds an apostrophe. Applied in this order.
+REASON_FORM = (
+    (r"\(Failing row contains .*\)$", "(Failing row contains (…))"),
+    (r"\)=\(.*\) (already exists|is not present|conflicts)", r")=(…) \1"),
+    (': "[^"]*"', ': "…"'),
+    ("\"[^\"]*'[^\"]*\"", '"…"'),
+    (r"'[^']*'", "'…'"),
+    (r"(?<![[:alpha:]]-)\m(0x[[:xdigit:]]+|[[:digit:]]+([.,][[:digit:]]+)*)\M", "N"),
+)
 
 
-def dead_reasons(cur: Any, run_id: str, limit: int = 3) -> dict[str, list[tuple[str, int]]]:
-    """Per pattern, its most frequent dead-letter reasons (by shape) with their counts."""
+def dead_reasons(cur: Any, run_id: str, top: int = 3) -> list[dict[str, Any]]:
+    """Per priority and pattern: the dead letters and their `top` most frequent normalised reasons
+    (as stored: unmasked), most dead first."""
+    form = "d.error"
+    for _ in REASON_FORM:
+        form = f"regexp_replace({form}, %s, %s, 'g')"
     cur.execute(
-        "SELECT pattern, reason, n FROM (SELECT pattern, reason, n, row_number() OVER (PARTITION BY pattern ORDER BY n DESC,"
-        " reason) AS k FROM (SELECT pattern, regexp_replace(regexp_replace(error, %s, '…', 'g'), '[0-9]+', 'N', 'g')"
-        " AS reason, count(*) AS n FROM migration_dead_letters WHERE run_id = %s GROUP BY 1, 2) g) r WHERE k <= %s"
-        " ORDER BY pattern, n DESC",
-        (QUOTED, run_id, limit),
+        f"WITH letters AS (SELECT b.priority, d.pattern, {form} AS reason FROM migration_dead_letters d"
+        "   LEFT JOIN migration_batches b ON b.id = d.batch_id WHERE d.run_id = %s),"
+        " grouped AS (SELECT priority, pattern, reason, count(*) AS n,"
+        "   sum(count(*)) OVER (PARTITION BY priority, pattern) AS dead,"
+        "   row_number() OVER (PARTITION BY priority, pattern ORDER BY count(*) DESC, reason) AS rank"
+        "   FROM letters GROUP BY priority, pattern, reason)"
+        " SELECT priority, pattern, dead, reason, n FROM grouped WHERE rank <= %s"
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), dead DESC, pattern, rank",
+        (*(arg for rule in REASON_FORM for arg in rule), run_id, top),
     )
-    found: dict[str, list[tuple[str, int]]] = {}
-    for pattern, reason, n in cur.fetchall():
-        found.setdefault(pattern, []).append((redact_text(reason), n))
-    return found
+    out: list[dict[str, Any]] = []
+    for priority, pattern, dead, reason, n in cur.fetchall():
+        if not out or (out[-1]["priority"], out[-1]["pattern"]) != (priority, pattern):
+            out.append({"priority": priority, "pattern": pattern, "dead": int(dead), "dead_reasons": []})
+        out[-1]["dead_reasons"].append({"reason": reason, "count": n})
+    return out

@@ -2,26 +2,18 @@
 in the manner of pgloader's summary, and the guide's monitoring figures."""
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+from psycopg2 import sql
+
+from . import figures as figures_mod
 from . import ledger
 from .ledger import COUNT_FIELDS
 from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
 from .options import RunOptions
 from .validate import figure_checks
-
-
-def _priority_seconds(batches: list[dict[str, Any]]) -> dict[str, float]:
-    """Wall time of each priority: its first batch start to its last batch end."""
-    spans: dict[str, tuple[datetime, datetime]] = {}
-    for b in batches:
-        if b["started_at"] and b["finished_at"]:
-            lo, hi = spans.get(b["priority"], (b["started_at"], b["finished_at"]))
-            spans[b["priority"]] = (min(lo, b["started_at"]), max(hi, b["finished_at"]))
-    return {p: (hi - lo).total_seconds() for p, (lo, hi) in spans.items()}
 
 
 def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
@@ -30,8 +22,9 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         batches = ledger.batches(cur, run_id)
         verdicts = ledger.latest_verdicts(cur, run_id)
         stages = ledger.stage_seconds(cur, run_id)
+        figures = figures_mod.run_figures(cur, run, batches)
+        reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in figures_mod.dead_letters(cur, run_id)}
     totals = ledger.pattern_totals(batches)
-    wall = _priority_seconds(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []
     ordered = sorted(mapping.patterns, key=lambda p: p.priority)  # stable: declaration order within a priority
@@ -50,43 +43,50 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
             **c,
             "skip_reason": (pattern.skip if pattern else UNMAPPED_REASON) if c["skipped"] else None,
             "balanced": c["scanned"] == c["migrated"] + c["skipped"] + c["dead"] + c["expired"],
+            "dead_reasons": reasons.get((priority, name), []),
         })
     for p in patterns:
-        # a pattern's share of its priority's wall time, by keys scanned (batches mix patterns)
+        # a pattern's share of its priority's elapsed time, by keys scanned (batches mix patterns)
         share = p["scanned"] / scanned_in[p["priority"]] if scanned_in[p["priority"]] else 0.0
-        p["seconds"] = round(wall.get(p["priority"], 0.0) * share, 3)
-        p["keys_per_s"] = round(p["scanned"] / p["seconds"], 1) if p["seconds"] else None
-    sums = {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")}
-    seconds = round(sum(wall.values()), 3)
+        of_priority = figures["priorities"].get(p["priority"], {"elapsed_s": 0.0, "keys_per_s": None})
+        p["seconds"] = round(of_priority["elapsed_s"] * share, 3)
+        # scanned / (elapsed x scanned / scanned in the priority): the priority's own rate
+        p["keys_per_s"] = of_priority["keys_per_s"] if p["seconds"] else None
     return {
         "run_id": run_id,
         "status": run["status"],
         "dry_run": run["dry_run"],
         "error": run["error"],
         "patterns": patterns,
-        "totals": {**sums, "seconds": seconds, "keys_per_s": round(sums["scanned"] / seconds, 1) if seconds else None},
-        "rows_written": sum(b["rows_written"] for b in batches),
+        "totals": {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")},
+        "figures": figures,  # keys/s, elapsed (batches running) and wall clock, rows written: as `status` shows them
         "batches": {"total": len(batches), "failed": sum(b["status"] == "failed" for b in batches),
                     "done": sum(b["status"] == "done" for b in batches)},
         "balanced": all(p["balanced"] for p in patterns),
         "validated": verdicts,  # per priority: did its latest validation pass
         "stage_seconds": stages,  # summed over batches and workers (ledger.STAGES)
-        # planning to the end of the last validation (None while the run goes on)
-        "wall_seconds": round((run["finished_at"] - run["started_at"]).total_seconds(), 3)
-        if run["finished_at"] and run["started_at"] else None,
     }
 
 
 def monitoring(conn: Any, mapping: Mapping) -> dict[str, Any]:
-    """The guide's monitoring figures: table sizes and tuple stats, then the mapping's figures."""
+    """The guide's monitoring figures: per table its exact row count and size, then the mapping's figures.
+
+    pg_stat_user_tables lags the writes (a session flushes its statistics at most once a second,
+    and an idle one only after 10 s), so rows are counted; its cumulative insert, update and
+    delete statistics are kept apart, under a name that says so.
+    """
     _, figures = figure_checks(conn, mapping, RunOptions())
+    tables = []
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT relname, pg_total_relation_size(relid), n_live_tup, n_tup_ins, n_tup_upd, n_tup_del"
-            " FROM pg_stat_user_tables WHERE relname = ANY(%s) ORDER BY pg_total_relation_size(relid) DESC",
+            "SELECT t, pg_total_relation_size(c.oid), s.n_tup_ins, s.n_tup_upd, s.n_tup_del"
+            " FROM unnest(%s::text[]) AS t JOIN pg_class c ON c.oid = to_regclass(t)"
+            " LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid ORDER BY 2 DESC, t",
             (mapping.table_names(),))
-        tables = [dict(zip(("table", "bytes", "live_rows", "inserts", "updates", "deletes"), row))
-                  for row in cur.fetchall()]
+        for table, size, ins, upd, dels in cur.fetchall():
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+            tables.append({"table": table, "rows": cur.fetchone()[0], "bytes": size,
+                           "stats_may_lag": {"n_tup_ins": ins, "n_tup_upd": upd, "n_tup_del": dels}})
     return {"tables": tables, "figures": figures}
 
 
@@ -101,9 +101,9 @@ def render(report: dict[str, Any]) -> str:
     line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", p["scanned"], p["migrated"], p["rows"], p["skipped"],
                          p["dead"], p["expired"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
     rows = [(*line_of(p), "yes" if p["balanced"] else "NO") for p in report["patterns"]]
-    t = report["totals"]
+    t, f = report["totals"], report["figures"]
     rows.append(("TOTAL", "", "", t["scanned"], t["migrated"], t["rows"], t["skipped"], t["dead"], t["expired"],
-                 f"{t['seconds']:.3f}", t["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
+                 f"{f['elapsed_s']:.3f}", f["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
     out = [f"run {report['run_id']}  status {report['status']}" + ("  (dry run: nothing kept)" if report["dry_run"] else ""),
@@ -112,15 +112,21 @@ def render(report: dict[str, Any]) -> str:
     if skipped:
         out.append("skipped because:")
         out += [f"  {p['pattern']}: {p['skip_reason']}" for p in skipped]
+    dead = [p for p in report["patterns"] if p["dead"]]
+    if dead:
+        out.append("dead letters by reason:")
+        out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}" for p in dead]
     b = report["batches"]
-    out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; rows written {report['rows_written']}; "
+    out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; "
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")
+    out += figures_mod.render(f)
     if report["validated"]:
         out.append("validated: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in report["validated"].items()))
     if report["error"]:
         out.append(f"error: {report['error']}")
     if "monitoring" in report:
         m = report["monitoring"]
-        out.append("tables: " + ", ".join(f"{t['table']} {t['live_rows']} rows {t['bytes'] // 1024} KiB" for t in m["tables"]))
+        out.append("tables (rows counted now): " + ", ".join(f"{t['table']} {t['rows']:,} rows {t['bytes'] // 1024:,} KiB"
+                                                             for t in m["tables"]))
         out.append("figures: " + ", ".join(f"{k} {v}" for k, v in m["figures"].items()))
     return "\n".join(out)

@@ -4,10 +4,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from . import figures as figures_mod
 from . import ledger
 from .mapping import Priority
-
-TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
 
 
 def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
@@ -15,59 +14,54 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         run = ledger.require_run(cur, run_id)
         batches = ledger.batches(cur, run_id)
         validated = ledger.latest_verdicts(cur, run_id)
-        cur.execute("SELECT min(started_at), now() FROM migration_batches WHERE run_id = %s", (run_id,))
-        first_start, now = cur.fetchone()
+        figures = figures_mod.run_figures(cur, run, batches)
+        dead = figures_mod.dead_letters(cur, run_id)
     priorities = []
     for p in Priority:
         mine = [b for b in batches if b["priority"] == p.label]
         if not mine:
             continue
         done = [b for b in mine if b["status"] == "done"]
-        scanned = sum(b["scanned"] for b in done)
-        seconds = sum(b["seconds"] or 0 for b in done)
-        pace = scanned / seconds if seconds else 0.0  # keys per batch-second
         left = len(mine) - len(done)
-        running = sum(b["status"] == "running" for b in mine)
-        per_batch = seconds / len(done) if done else None
+        fig = figures["priorities"][p.label]
+        # keys still to scan, at the mean of the batches done, over the priority's rate
+        eta = fig["keys_scanned"] / len(done) * left / fig["keys_per_s"] if done and fig["keys_per_s"] else None
         priorities.append({
             "priority": p.label,
             "batches": len(mine),
             "done": len(done),
-            "running": running,
+            "running": sum(b["status"] == "running" for b in mine),
             "failed": sum(b["status"] == "failed" for b in mine),
-            "scanned": scanned,
+            "scanned": fig["keys_scanned"],
             "migrated": sum(b["migrated"] for b in done),
             "dead": sum(b["dead"] for b in done),
-            "keys_per_s": round(pace, 1),
-            # batches left x time per batch, shared among the batches running side by side
-            "eta_s": (round(per_batch * left / max(1, running), 1) if per_batch is not None else None) if left else 0.0,
+            "eta_s": (round(eta, 1) if eta is not None else None) if left else 0.0,
             "validated": validated.get(p.label),
+            "dead_letters": [{k: g[k] for k in ("pattern", "dead", "dead_reasons")} for g in dead
+                             if g["priority"] == p.label],
         })
-    until = run["finished_at"] if run["status"] in TERMINAL and run["finished_at"] else now
-    elapsed = max(0.0, (until - first_start).total_seconds()) if first_start else 0.0
-    total_scanned = sum(p["scanned"] for p in priorities)
     return {
         "run_id": run_id,
         "status": run["status"],
         "dry_run": run["dry_run"],
         "error": run["error"],
-        "elapsed_s": round(elapsed, 1),
-        "keys_per_s": round(total_scanned / elapsed, 1) if elapsed else 0.0,
+        "figures": figures,
         "priorities": priorities,
         "as_of": datetime.now(timezone.utc).isoformat(),
     }
 
 
 def render(progress: dict[str, Any]) -> str:
-    out = [f"run {progress['run_id']}  {progress['status']}  {progress['elapsed_s']} s  "
-           f"{progress['keys_per_s']} keys/s" + (f"  error: {progress['error']}" if progress["error"] else "")]
+    head = f"run {progress['run_id']}  {progress['status']}" + (f"  error: {progress['error']}" if progress["error"] else "")
+    out = [head, *figures_mod.render(progress["figures"])]
     for p in progress["priorities"]:
         width = 20
         filled = int(width * p["done"] / p["batches"]) if p["batches"] else width
         verdict = {True: "validated", False: "NOT VALIDATED", None: ""}[p["validated"]]
         eta = f"eta {p['eta_s']} s" if p["eta_s"] else ""
         out.append(f"  {p['priority']:8} [{'#' * filled}{'.' * (width - filled)}] {p['done']}/{p['batches']} ranges"
-                   f"  {p['scanned']} keys  {p['dead']} dead  {p['failed']} failed  {eta}  {verdict}".rstrip())
+                   f"  {p['dead']} dead  {p['failed']} failed  {eta}  {verdict}".rstrip())
+        out += [f"    {figures_mod.dead_line(d['pattern'], d['dead'], d['dead_reasons'])}" for d in p["dead_letters"]]
     return "\n".join(out)
 
 

@@ -22,6 +22,7 @@ import orjson
 from psycopg2 import sql
 
 from . import ledger
+from .figures import dead_letters
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .redact import redact_text
@@ -135,7 +136,8 @@ def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority
     """The checks of one priority, from the ledger and its verification's result."""
     with conn, conn.cursor() as cur:
         batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority.label]
-        reasons = ledger.dead_reasons(cur, run_id)
+        reasons = {g["pattern"]: [(r["reason"], r["count"]) for r in g["dead_reasons"]]
+                   for g in dead_letters(cur, run_id) if g["priority"] == priority.label}
     totals = ledger.pattern_totals(batches)
     failed = [b["id"] for b in batches if b["status"] != "done"]
     checks = [Check("batches_done", not failed,

@@ -220,7 +220,7 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
     if report["status"] != "completed" or not report["balanced"]:
         raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}: "
                          f"{report['error']}")
-    return {"keys": report["totals"]["scanned"], "seconds": report["wall_seconds"], "peak_rss_mb": peak,
+    return {"keys": report["totals"]["scanned"], "seconds": report["figures"]["wall_clock_s"], "peak_rss_mb": peak,
             "stages": report["stage_seconds"]}
 
 

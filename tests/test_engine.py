@@ -62,7 +62,7 @@ def test_second_run_leaves_identical_tables(settings, r, pg):
     before = fingerprint(pg)
     second = migrate(settings)
     assert fingerprint(pg) == before
-    assert second["rows_written"] == 0 and first["rows_written"] > 0
+    assert second["figures"]["rows_written"] == 0 and first["figures"]["rows_written"] > 0
     assert [(p["pattern"], p["migrated"]) for p in second["patterns"]] == [(p["pattern"], p["migrated"]) for p in first["patterns"]]
 
 
@@ -74,7 +74,7 @@ def test_dry_run_numbers_equal_real_run_numbers_and_keep_nothing(settings, r, pg
     real = migrate(settings)
     assert real["status"] == "completed"
     counts = lambda report: [(p["pattern"], *(p[f] for f in (*COUNT_FIELDS, "rows"))) for p in report["patterns"]]
-    assert counts(dry) == counts(real) and dry["rows_written"] == real["rows_written"]
+    assert counts(dry) == counts(real) and dry["figures"]["rows_written"] == real["figures"]["rows_written"]
 
 
 def test_poisoned_sub_batch_commits_good_rows_and_dead_letters_only_bad_ones(settings, r, pg):
@@ -505,7 +505,7 @@ def test_report_says_where_the_time_went(settings, r, pg):
     stages = report["stage_seconds"]
     assert set(stages) == {"scan", "read", "transform", "write", "write_wait", "throttle"}
     assert all(stages[s] > 0 for s in ("scan", "read", "transform", "write")) and stages["throttle"] == 0
-    assert report["wall_seconds"] > 0
+    assert report["figures"]["wall_clock_s"] > 0
 
 
 def test_record_errors_returned_by_migrator_write_keep_their_class():
