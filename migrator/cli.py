@@ -103,8 +103,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
-                        "production server (a token bucket shared through Redis; a run touches each key about 6 times: "
-                        "once in each of its 5 SCAN passes, and one read; default: no cap)")
+                        "production server (a token bucket shared through Redis; a run touches each key about 10 times: "
+                        "once in each of its 8 SCAN passes (a migration and a verification per priority), and two reads; "
+                        "default: no cap)")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how many more source keys a fresh count may find than the batches scanned, and "

@@ -280,10 +280,12 @@ def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorit
         chosen = [Priority.parse(p) for p in priorities] or opts.priority_order()
         result = _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err)
         for p in result.get("patterns", []):
-            for example in p["examples"][:show_diffs]:
+            # up to `show_diffs` rows of each kind (missing, different, extra, changed), explained
+            shown = [e for kind in ("missing", "different", "extra", "changed")
+                     for e in [e for e in p["examples"] if e["kind"] == kind][:show_diffs]]
+            for example in shown:
                 example["diff"] = explain(client, conn, mapping, example, opts)
-            if not show_diffs:
-                p["examples"] = []
+            p["examples"] = shown
     finally:
         conn.close()
         client.close()

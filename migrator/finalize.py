@@ -6,6 +6,7 @@ going on, stopping and rolling back live in one place.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -56,17 +57,27 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
     return verify.plan_verification(client, conn, run_id, [priority])
 
 
+@dataclass(frozen=True)
+class Step:
+    """What comes after judging a priority: the next priority (None: the run has ended), or a
+    verification to run first and judge again (the source restarted under the last one)."""
+
+    next: Priority | None = None
+    verify_again: int | None = None
+
+
 def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                   opts: RunOptions, verification_id: int) -> Priority | None:
+                   opts: RunOptions, verification_id: int) -> Step:
     """Judge `priority` on its verification; after the last one, the run's own checks too.
-    Returns the next priority to run, or None once the run has ended (completed, failed, or
-    rolled back).
 
     A failure of the judging itself (say, a table gone missing) fails the priority like a failed
     check would, rather than leave the run running forever; connection trouble is raised for a retry.
     """
     try:
         result = verify.finish(client, conn, mapping, verification_id)
+        if (result.get("error") or "").startswith(verify.RESTARTED):
+            log.warning("verification_restarted", run=run_id, priority=priority.label, verification=verification_id)
+            return Step(verify_again=verify.plan_verification(client, conn, run_id, [priority]))
         checks = priority_checks(conn, mapping, run_id, priority, opts, result)
     except TRANSIENT:
         raise
@@ -85,16 +96,16 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         why = "; ".join(f"{'the run' if label == RUN else 'priority ' + label} did not validate: "
                         + "; ".join(c.detail for c in checks if not c.ok) for label, checks in failed)
         fail_run(conn, mapping, run_id, opts, redact_text(why))
-        return None
+        return Step()
     if following is not None:
-        return following
+        return Step(following)
     with conn, conn.cursor() as cur:
         bad = sum(not ok for ok in ledger.latest_verdicts(cur, run_id).values())
         if bad:
             ledger.set_run_status(cur, run_id, "failed", f"{bad} priority(ies) did not validate")
         else:
             ledger.set_run_status(cur, run_id, "dry_run" if opts.dry_run else "completed")
-    return None
+    return Step()
 
 
 def source_restarted(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority) -> bool:

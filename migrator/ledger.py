@@ -260,9 +260,10 @@ class VerifySpec:
     run_started: str  # ISO time the run began: documents written after it changed since the run
 
 
-def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange]) -> int:
-    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare) VALUES (%s, %s, %s) RETURNING id",
-                (run_id, priorities, compare))
+def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange],
+                        redis_run_id: str | None) -> int:
+    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id) VALUES (%s, %s, %s, %s)"
+                " RETURNING id", (run_id, priorities, compare, redis_run_id))
     verification_id = cur.fetchone()[0]
     execute_values(
         cur,
@@ -328,13 +329,13 @@ def verify_ranges(cur: Any, verification_id: int) -> list[dict[str, Any]]:
 
 def get_verification(cur: Any, verification_id: int) -> dict[str, Any]:
     cur.execute("SELECT v.id, v.run_id, v.priorities, v.compare, v.status, v.created_at, v.finished_at, v.result,"
-                " v.error, r.started_at, r.options FROM migration_verifications v JOIN migration_runs r ON r.id = v.run_id"
-                " WHERE v.id = %s", (verification_id,))
+                " v.error, r.started_at, r.options, v.redis_run_id FROM migration_verifications v"
+                " JOIN migration_runs r ON r.id = v.run_id WHERE v.id = %s", (verification_id,))
     row = cur.fetchone()
     if row is None:
         raise LookupError(f"no verification {verification_id} in the ledger")
     keys = ("id", "run_id", "priorities", "compare", "status", "created_at", "finished_at", "result", "error",
-            "run_started", "options")
+            "run_started", "options", "redis_run_id")
     found = dict(zip(keys, row))
     found["run_id"] = str(found["run_id"])
     return found

@@ -45,10 +45,16 @@ class BadRecord(ValueError):
 # dataclass's __init__ costs four times as much.
 @dataclass(slots=True)
 class Row:
-    """One row for a target table; `values` maps column names to Python values."""
+    """One row for a target table; `values` maps column names to Python values.
+
+    A column of the table that is not in `values` holds its default (NULL, most often): the
+    verification checks that it does. One the record cannot know (another key of the same row
+    fills it) is named in `unknown`: neither written nor checked for this record.
+    """
 
     table: str
     values: dict[str, Any]
+    unknown: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

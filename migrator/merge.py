@@ -37,7 +37,7 @@ class TableRule:
             return sql.SQL("COALESCE({}, {})").format(new, col)
         return new
 
-    def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, str]]) -> sql.Composed:
+    def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]]) -> sql.Composed:
         """INSERT ... ON CONFLICT (id) DO UPDATE of rows given as one JSON array ($1) of arrays,
         each holding the values of `columns` in that order; `types` gives each column's type name
         and category, from the catalog (see Writer).
@@ -70,18 +70,19 @@ class TableRule:
         )
 
 
-    def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, str]], *, provenances: Sequence[str],
-                links: Sequence[str] = (), since: str | None = None) -> sql.Composed:
+    def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]], *, provenances: Sequence[str],
+                links: Sequence[str] = (), since: str | None = None, unknown: Sequence[str] = ()) -> sql.Composed:
         """A read-only statement over rows given as the writer gives them ($1: `columns` then the
         expected source_key and source_digest): how many of them are found under the key that
         expects them, and the rows that are missing or differ, as [id, key, kind, [columns]].
 
-        A row is the same when a write of it would change nothing, column by column under this
-        rule: a lookup column the record leaves NULL may hold what another key filled in, and a
-        column linked through legacy_id_map (`links`: the row's reference columns) must hold the
-        user the map names. Counters and documents must be equal: whether a difference is the
-        app's (the key's value moved since the row was written, or the document's `version` is
-        newer than `since`) or the row's own is said by `kind`: changed, or different.
+        Every column of the table is compared but the provenance and the `unknown` ones (another
+        key of the row fills them): one the rows leave out must hold its default. A lookup column
+        a record leaves NULL may hold what another key filled in, and a column linked through
+        legacy_id_map (`links`: the row's reference columns) must hold the user the map names.
+        Counters and documents must be equal: whether a difference is the app's (the key's value
+        moved since the row was written, or the document's `version` is newer than `since`) or
+        the row's own is said by `kind`: changed, or different.
         """
         cast = {c: _element(i, c, types[c], self.name) for i, c in enumerate(columns)}
         t = lambda c: sql.SQL("t.") + sql.Identifier(c)  # noqa: E731
@@ -100,6 +101,11 @@ class TableRule:
                 same.append((c, sql.SQL("({} IS NULL OR {} IS NOT DISTINCT FROM {})").format(e(c), t(c), e(c))))
             else:
                 same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), e(c))))
+        for c, column_type in types.items():
+            default = column_type[2]
+            if c in columns or c in VOLATILE or c in unknown or default and "(" in default:
+                continue  # (a default computed when the row was made, such as now(), cannot be checked)
+            same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), sql.SQL(default or "NULL"))))
         # every pattern writing this table stamps its own source; any of them is right
         same.append(("metadata", sql.SQL("t.metadata = ANY({}::jsonb[])").format(sql.Literal(list(provenances)))))
         whole = sql.SQL(" AND ").join(s for _, s in same)
@@ -124,10 +130,10 @@ class TableRule:
         )
 
 
-def _element(index: int, column: str, column_type: tuple[str, str], table: str) -> sql.Composable:
+def _element(index: int, column: str, column_type: tuple[str, ...], table: str) -> sql.Composable:
     """Element `index` of row `r` as a value of the column's type; a JSON null is SQL NULL, as
     jsonb_populate_record had it, json and jsonb columns included."""
-    type_name, category = column_type  # format_type() and typcategory from the catalog
+    type_name, category = column_type[:2]  # format_type() and typcategory from the catalog
     if type_name in ("jsonb", "json"):
         return sql.SQL("NULLIF(r -> {}, 'null')::{}").format(sql.Literal(index), sql.SQL(type_name))
     if category in ("A", "C"):  # a JSON array or object: populate_record's own conversion

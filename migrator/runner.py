@@ -92,8 +92,11 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
             verification = begin_verification(client, conn, mapping, run_id, priority, opts)
             if verification is None:
                 continue  # the source restarted: the priority is scanned again
-            conn = _verify_all(lanes, client, conn, connect, mapping, verification)
-            priority = judge_priority(client, conn, mapping, run_id, priority, opts, verification)
+            while verification is not None:
+                conn = _verify_all(lanes, client, conn, connect, mapping, verification)
+                step = judge_priority(client, conn, mapping, run_id, priority, opts, verification)
+                verification = step.verify_again
+            priority = step.next
         finished = True
         return run_status(conn, run_id)
     finally:

@@ -6,6 +6,7 @@ from both ends where ids may hold colons (IPv6 addresses, odd emails).
 """
 from __future__ import annotations
 
+from typing import Any
 
 import orjson
 
@@ -52,6 +53,12 @@ def _legacy_row(ref: str, entity_id: str) -> Row:
 # --- critical: revenue -------------------------------------------------------------------
 
 
+def _lookup_ip(value: Any) -> str | None:
+    """The ip a grant is looked up by: grant_premium_access names the ip key after the grant's
+    client_ip, so `None` (a webhook grant without one) is no ip."""
+    return None if value is None or value == "None" else str(value)
+
+
 def _premium_grant(rec: SourceRecord, *, ip: str | None, email: str | None) -> list[Row]:
     v = require_object(rec.value, "premium grant")
     expires = parse_dt(require(v, "expires_at"), rec.source_tz, field="expires_at")
@@ -60,6 +67,16 @@ def _premium_grant(rec: SourceRecord, *, ip: str | None, email: str | None) -> l
     reference = text_or_none(info.get("payment_reference"), field="payment_reference")
     # The ip and the email key of one purchase hold the same value: one id, one entitlement.
     natural = reference or "|".join(str(v.get(f)) for f in ("granted_at", "email", "client_ip"))
+    # Each key knows both lookups of its purchase (the app names the keys after the grant's own
+    # client_ip and email), so either key's row is whole; one it cannot know is left out, not NULL.
+    lookups, unknown = {"ip": ip, "email": email}, ()
+    if ip is None and "client_ip" in v:
+        lookups["ip"] = _lookup_ip(v["client_ip"])
+    elif ip is None:  # a hand-written grant without client_ip: only its ip key knows the ip
+        del lookups["ip"]
+        unknown = ("ip",)
+    if email is None:
+        lookups["email"] = text_or_none(v.get("email"), field="email") or None
     return [
         Row(
             "subscriptions",
@@ -68,8 +85,7 @@ def _premium_grant(rec: SourceRecord, *, ip: str | None, email: str | None) -> l
                 "kind": "premium_grant",
                 "user_id": None,
                 "customer_ref": None,
-                "ip": ip,
-                "email": email,
+                **lookups,
                 "plan": text_or_none(v.get("plan"), field="plan") or "premium",
                 "status": "active" if expires > rec.now else "expired",
                 "granted_at": parse_dt(v.get("granted_at"), rec.source_tz, field="granted_at"),
@@ -83,14 +99,14 @@ def _premium_grant(rec: SourceRecord, *, ip: str | None, email: str | None) -> l
                 "grant_email": text_or_none(v.get("email"), field="email"),
                 "payment_info": info,
             },
+            unknown,
         )
     ]
 
 
 def premium_by_ip(rec: SourceRecord) -> list[Row]:
-    ip = rec.fields["ip"]
     # `None` is a Stripe webhook grant that had no client ip: it belongs to no ip.
-    return _premium_grant(rec, ip=None if ip == "None" else ip, email=None)
+    return _premium_grant(rec, ip=_lookup_ip(rec.fields["ip"]), email=None)
 
 
 def premium_by_email(rec: SourceRecord) -> list[Row]:
@@ -461,7 +477,7 @@ PATTERNS = (
 )
 
 TABLES = (
-    TableRule("subscriptions", coalesce=("ip", "email", "user_id")),
+    TableRule("subscriptions", coalesce=("user_id",)),
     TableRule("users", version="updated_at"),
     TableRule("legacy_id_map"),
     TableRule("newsletter_subscribers"),

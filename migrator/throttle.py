@@ -7,7 +7,8 @@ takes a token (on a large table a SCAN costs Redis about as much per key as a re
 one atomic script call per reply or read chunk; a call that finds the bucket short reserves its
 tokens anyway and sleeps until they would have been there, so workers on any number of hosts
 together touch at most `rate` keys per second (plus one second's burst). A run touches each key
-about six times: once in each of its 5 SCAN passes, and one read.
+about ten times: once in each of its 8 SCAN passes (a migration and a verification per
+priority), and two reads (the migration's and the verification's).
 """
 from __future__ import annotations
 

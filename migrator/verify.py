@@ -32,7 +32,7 @@ from .merge import LINKED
 from .options import RunOptions
 from .partition import plan_ranges, scan_range
 from .redact import redact_text
-from .source import decode, key_client, node_client, read_keys, value_digest
+from .source import cluster_masters, decode, key_client, node_client, read_keys, value_digest
 from .writer import _error_class, column_types, describe, document_param
 
 log = structlog.get_logger("migrator.verify")
@@ -46,7 +46,7 @@ log = structlog.get_logger("migrator.verify")
 # expired_rows: rows whose key has expired since.
 FIELDS = ("keys", "compared", "rows", "missing", "different", "changed", "dead", "unreadable", "expired", "skipped",
           "extra", "expired_rows")
-EXAMPLES_PER_PATTERN = 5
+EXAMPLES_PER_PATTERN = 5  # of each kind
 # Namespace of the per-range advisory locks (the range id is the second key).
 VERIFY_LOCK = 0x7666
 
@@ -72,10 +72,11 @@ class Tally:
 
     def problem(self, pattern: str, kind: str, example: dict[str, Any], columns: Iterable[str] = ()) -> None:
         self.add(pattern, kind)
+        columns = list(columns)
         for column in columns:
             named = self.columns.setdefault(pattern, {})
             named[column] = named.get(column, 0) + 1
-        if sum(e["pattern"] == pattern for e in self.examples) < EXAMPLES_PER_PATTERN:
+        if sum(e["pattern"] == pattern and e["kind"] == kind for e in self.examples) < EXAMPLES_PER_PATTERN:
             self.examples.append({"pattern": pattern, "kind": kind, **example, "columns": list(columns)})
 
     def wrote(self, pattern: str, table: str) -> None:
@@ -100,8 +101,10 @@ class RangeVerifier:
     """Counts and compares the keys of one range it is fed, chunk by chunk."""
 
     def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, patterns: list[Pattern], opts: RunOptions, *,
-                 run_id: str, compare: bool, count_unmapped: bool, since: str) -> None:
+                 run_id: str, compare: bool, count_unmapped: bool, since: str,
+                 cap: throttle.Throttle | None = None) -> None:
         self.client, self.cur, self.mapping, self.opts, self.run_id = client, cur, mapping, opts, run_id
+        self.cap = cap  # --max-keys-per-sec: the run's bucket, reads included
         self.scope = {p.name: p for p in patterns}
         self.compare, self.count_unmapped, self.since = compare, count_unmapped, since
         self.prefixes = (b"",) if count_unmapped else mapping.prefixes(patterns)
@@ -109,7 +112,7 @@ class RangeVerifier:
         self.tally = Tally()
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         self.pending: list[tuple[bytes, str, Pattern, dict[str, str]]] = []
-        self.statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.statements: dict[tuple, str] = {}
         self.document = document_param(cur)
         self.links: dict[str, list[str]] = {}
         for table, column in mapping.user_links:
@@ -143,6 +146,8 @@ class RangeVerifier:
         chunk, self.pending = self.pending, []
         if not chunk:
             return
+        if self.cap is not None:
+            self.cap.acquire(len(chunk))
         reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.opts.max_value_bytes)
         now = datetime.now(timezone.utc)
         self.cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
@@ -174,10 +179,10 @@ class RangeVerifier:
         it a dead letter) is set aside by halving, as the writer does."""
         if not expected:
             return
-        groups: dict[tuple[str, tuple[str, ...], Pattern], list[list[Any]]] = {}
+        groups: dict[tuple[str, tuple[str, ...], Pattern, tuple[str, ...]], list[list[Any]]] = {}
         for exp in expected:
             for row in exp.rows:
-                groups.setdefault((row.table, tuple(row.values), exp.pattern), []).append(
+                groups.setdefault((row.table, tuple(row.values), exp.pattern, row.unknown), []).append(
                     [*row.values.values(), exp.text, exp.digest])
         order = list(groups)
         statements = [self._statement(*group) for group in order]
@@ -198,26 +203,33 @@ class RangeVerifier:
         for exp in expected:
             self.tally.add(exp.pattern.name, "compared")
             self.tally.add(exp.pattern.name, "rows", len(exp.rows))
-        for (table, _, pattern), found, named in zip(order, attributed, problems):
+        for (table, _, pattern, _), found, named in zip(order, attributed, problems):
             self.tally.wrote(pattern.name, table)
             self.tally.attributed[table] = self.tally.attributed.get(table, 0) + found
+            # a column of another table than the pattern's own is named with its table
+            qualify = (lambda c: c) if table == pattern.table else (lambda c: f"{table}.{c}")  # noqa: E731
             for row_id, key, kind, columns in named:
                 self.tally.problem(owner[key], kind, {"table": table, "id": row_id, "key": key},
-                                   () if kind == "missing" else columns)
+                                   () if kind == "missing" else map(qualify, columns))
 
-    def _statement(self, table: str, columns: tuple[str, ...], pattern: Pattern) -> str:
-        if (table, columns, pattern) not in self.statements:
+    def _statement(self, table: str, columns: tuple[str, ...], pattern: Pattern, unknown: tuple[str, ...]) -> str:
+        if (table, columns, pattern, unknown) not in self.statements:
             full = (*columns, "source_key", "source_digest")
             types = column_types(self.cur, self.mapping, table, full)
-            missing = [c for c in full if c not in types]
-            if missing:
-                raise LookupError(f"table {table} has no column(s) {missing}: is its schema current (migrator init-db)?")
             # the pattern of the key, or any other whose rows may have been written last
             provenances = {pattern.provenance, *(p.provenance for p in self.mapping.patterns if p.table == table)}
-            self.statements[(table, columns, pattern)] = self.mapping.rule(table).compare(
+            self.statements[(table, columns, pattern, unknown)] = self.mapping.rule(table).compare(
                 full, types, provenances=sorted(provenances), links=self.links.get(table, ()) if LINKED in columns else (),
-                since=self.since).as_string(self.cur)
-        return self.statements[(table, columns, pattern)]
+                since=self.since, unknown=unknown).as_string(self.cur)
+        return self.statements[(table, columns, pattern, unknown)]
+
+
+RESTARTED = "Redis restarted during the verification"
+
+
+def server_process(client: redis.Redis) -> str | None:
+    """Which server process a standalone source is (cursors mean nothing on another); None on a cluster."""
+    return None if cluster_masters(client) else client.info("server").get("run_id")
 
 
 def scope_of(mapping: Mapping, opts: RunOptions, priorities: Iterable[Priority]) -> tuple[list[Pattern], bool]:
@@ -238,7 +250,7 @@ def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: l
     key_ranges = plan_ranges(client, RunOptions.from_json(run["options"]).ranges)
     with conn, conn.cursor() as cur:
         verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities], not run["dry_run"],
-                                                      key_ranges)
+                                                      key_ranges, server_process(client))
     log.info("verification_planned", run=run_id, verification=verification_id, ranges=len(key_ranges),
              priorities=[p.label for p in priorities])
     return verification_id
@@ -277,7 +289,7 @@ def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, 
     try:
         with conn.cursor() as cur:
             verifier = RangeVerifier(node, cur, mapping, patterns, opts, run_id=spec.run_id, compare=spec.compare,
-                                     count_unmapped=unmapped, since=spec.run_started)
+                                     count_unmapped=unmapped, since=spec.run_started, cap=cap)
             for keys in scan_range(node, spec.key_range, throttle.paced(opts)[1]):
                 if cap is not None:
                     cap.acquire(len(keys))
@@ -338,7 +350,11 @@ def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: in
         tally.examples += r["examples"]
     unfinished = [r["id"] for r in ranges if r["status"] != "done"]
     error = None
-    if unfinished:
+    if found["redis_run_id"] != server_process(client):
+        # keys moved between cursor ranges with the new hash seed: ranges scanned before and after
+        # the restart count some keys twice and may miss others
+        error = f"{RESTARTED}: verify again"
+    elif unfinished:
         errors = sorted({r["error"] for r in ranges if r["error"]})
         error = f"{len(unfinished)} of {len(ranges)} range(s) could not be verified" + (f": {errors[0]}" if errors else "")
     elif found["compare"]:
@@ -365,7 +381,9 @@ def summarise(mapping: Mapping, found: dict[str, Any], patterns: list[Pattern], 
             "table": pattern.table if pattern else None,
             **tally.patterns[name],
             "columns": dict(sorted(tally.columns.get(name, {}).items(), key=lambda c: -c[1])),
-            "examples": [e for e in tally.examples if e["pattern"] == name][:EXAMPLES_PER_PATTERN],
+            "examples": [e for kind in ("missing", "different", "extra", "changed")
+                         for e in [e for e in tally.examples if e["pattern"] == name and e["kind"] == kind][
+                             :EXAMPLES_PER_PATTERN]],
         })
     totals = {f: sum(r[f] for r in rows) for f in FIELDS}
     if error:

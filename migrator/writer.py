@@ -65,9 +65,10 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
 PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at", "source_digest")
 
 COLUMN_TYPES = """
-SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory
+SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory, pg_get_expr(d.adbin, d.adrelid)
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_type t ON t.oid = a.atttypid
-WHERE a.attrelid = ANY(%s::regclass[]) AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid IN (SELECT to_regclass(t) FROM unnest(%s::text[]) AS t) AND a.attnum > 0 AND NOT a.attisdropped
 """
 
 class Utf8Text:
@@ -89,8 +90,10 @@ class Utf8Text:
 
 
 # Column types per connection, read once from the catalog: a type per column is what the
-# upsert casts each positional value to. A new connection reads them again.
-_column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, tuple[str, str]]]]" = weakref.WeakKeyDictionary()
+# upsert casts each positional value to (with its category, and its default expression for
+# the verification). A new connection reads them again.
+ColumnType = tuple[str, str, str | None]
+_column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, ColumnType]]]" = weakref.WeakKeyDictionary()
 
 
 class Writer:
@@ -166,15 +169,19 @@ def document_param(cursor: Any) -> Callable[[bytes], Any]:
     return Utf8Text if cursor.connection.encoding == "UTF8" else bytes.decode
 
 
-def column_types(cursor: Any, mapping: Mapping, table: str, columns: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """The catalog's type of each column of `table`; read again when a column is new to it."""
+def column_types(cursor: Any, mapping: Mapping, table: str, columns: Sequence[str]) -> dict[str, ColumnType]:
+    """The catalog's type of each column of `table` (all of them); read again when a column is new to it."""
     conn = cursor.connection
     known = _column_types.get(conn, {}).get(table, {})
-    if not all(c in known for c in columns):
+    if not known or not all(c in known for c in columns):
         cursor.execute(COLUMN_TYPES, (mapping.table_names(),))
-        tables: dict[str, dict[str, tuple[str, str]]] = {}
-        for relname, column, type_name, category in cursor.fetchall():
-            tables.setdefault(relname, {})[column] = (type_name, category)
+        tables: dict[str, dict[str, ColumnType]] = {}
+        for relname, column, type_name, category, default in cursor.fetchall():
+            tables.setdefault(relname, {})[column] = (type_name, category, default)
         _column_types[conn] = tables
         known = tables.get(table, {})
+        missing = [c for c in columns if c not in known]
+        if missing:
+            what = f"table {table}" if not known else f"column(s) {', '.join(missing)} of table {table}"
+            raise LookupError(f"{what} not in the target database: is its schema current? (`migrator init-db`)")
     return known

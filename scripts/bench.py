@@ -9,6 +9,7 @@ database, then measures side by side in the same run:
           JSON parsing, COPY of the parsed records into a plain table; no transforms (the yardstick)
   seed    one read per key, one INSERT per row, a commit every 100 rows (on a sample, extrapolated)
   local   `migrator run --local` (its default --jobs 2: two batches at once, in two forked processes)
+  verify  `migrator verify RUN --local` of local's run: every key read again and compared with its rows
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
 Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
@@ -221,7 +222,24 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
         raise SystemExit(f"bench: migrator run {' '.join(flags)} ended {report['status']}, balanced={report['balanced']}: "
                          f"{report['error']}")
     return {"keys": report["totals"]["scanned"], "seconds": report["figures"]["wall_clock_s"], "peak_rss_mb": peak,
-            "stages": report["stage_seconds"]}
+            "stages": report["stage_seconds"], "run_id": report["run_id"]}
+
+
+def mode_verify(args: argparse.Namespace, run_id: str) -> dict:
+    """`migrator verify RUN --local` (its default --jobs 2) of a run: every key compared with its
+    rows; its seconds from the ledger (planned to finished), as the run's are."""
+    _, out, peak = _measured([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "verify", run_id,
+                              "--local", "--json"], env=_env(args), stderr=subprocess.DEVNULL)
+    result = json.loads(out.decode())
+    if result["verdict"] != "clean":
+        raise SystemExit(f"bench: migrator verify {run_id} found {result['verdict']}: {result.get('error')}")
+    conn = psycopg2.connect(args.database_url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT extract(epoch FROM finished_at - created_at) FROM migration_verifications WHERE id = %s",
+                    (result["verification_id"],))
+        seconds = float(cur.fetchone()[0])
+    conn.close()
+    return {"keys": result["totals"]["keys"], "seconds": seconds, "peak_rss_mb": peak}
 
 
 def mode_workers(args: argparse.Namespace, workers: int) -> dict:
@@ -348,12 +366,13 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         modes["seed"] = _with_cpu(args.redis_url, lambda: run_child("seed", args))
         _truncate(args.database_url)
         modes["local"] = _with_cpu(args.redis_url, lambda: _migrator(args, "--local"))
+        modes["verify (of local's run)"] = _with_cpu(args.redis_url, lambda: mode_verify(args, modes["local"]["run_id"]))
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
         if last:
-            # a quarter of what the unthrottled run touched per second (each key about 6 times: 5 passes, 1 read)
-            touched = 6 * modes["local"]["keys"] / modes["local"]["seconds"]
+            # a quarter of what the unthrottled run touched per second (each key about 10 times: 8 passes, 2 reads)
+            touched = 10 * modes["local"]["keys"] / modes["local"]["seconds"]
             cap = args.throttle or max(100, int(touched / 4 / 100) * 100)
             # the load must end while the unthrottled run still reads
             args.latency_seconds = max(3.0, min(args.latency_seconds, modes["local"]["seconds"] - 4))
@@ -381,8 +400,8 @@ def render(size: dict) -> list[str]:
     floor = modes["floor"]["keys"] / modes["floor"]["seconds"]
     seed = modes["seed"]["keys"] / modes["seed"]["seconds"]
     lines = [f"keyspace {size['keys']:,} keys, {size['ranges']} cursor range(s); one bare SCAN pass "
-             f"{size['scan_pass_s']:.2f} s, so the migrator's 5 passes (one per priority, each also counting the "
-             f"priority before it again, and a count of the last) spend about {5 * size['scan_pass_s']:.1f} s in SCAN alone", "",
+             f"{size['scan_pass_s']:.2f} s, so the migrator's 8 passes (per priority, one that migrates and one that "
+             f"verifies) spend about {8 * size['scan_pass_s']:.1f} s in SCAN alone", "",
              "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s "
              "| CPU µs per key: mode + PostgreSQL + Redis + broker |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -399,13 +418,17 @@ def render(size: dict) -> list[str]:
         lines.append(f"| {mode}{note} | {r['keys']:,} | {r['seconds']:.1f} | {rate:,.0f} | {rate / floor:.2f} | "
                      f"{rate / seed:.1f} | {rss} | {split} | {per_key} |")
     ratio = lambda name: modes[name]["keys"] / modes[name]["seconds"] / floor if name in modes else None
-    migrator_modes = [m for m in modes if m not in ("floor", "seed")]
+    migrator_modes = [m for m in modes if m not in ("floor", "seed") and not m.startswith("verify")]
     bars = [("2 workers >= 1.0x floor", "2 workers", 1.0), ("local >= 0.7x floor", "local", 0.7)]
     lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrator_modes) if migrator_modes else None
     verdicts = [f"{name}: {'yes' if ratio(mode) >= bar else 'NO'} ({ratio(mode):.2f}{_ceiling(modes, mode, floor)})"
                 for name, mode, bar in bars if mode in modes]
     if lowest is not None:
         verdicts.append(f"every mode >= 10x seed: {'yes' if lowest >= 10 else 'NO'} (lowest {lowest:.1f}x)")
+    verified = next((m for m in modes if m.startswith("verify")), None)
+    if verified and "local" in modes:
+        pace = ratio(verified) / ratio("local")
+        verdicts.append(f"verify >= 0.5x its run's keys/s: {'yes' if pace >= 0.5 else 'NO'} ({pace:.2f}x)")
     lines += ["", "Bars: " + "; ".join(verdicts)]
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS migration_verifications (
     run_id       uuid NOT NULL REFERENCES migration_runs (id) ON DELETE CASCADE,
     priorities   text[] NOT NULL,                 -- whose patterns it checks
     compare      boolean NOT NULL DEFAULT true,   -- false: count the source keys only (a dry run kept no rows)
+    redis_run_id text,                            -- the server process it scans: a restart voids it
     status       text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'done', 'failed')),
     created_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz,

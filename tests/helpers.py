@@ -159,3 +159,49 @@ def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
             return progress
         time.sleep(0.3)
     raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Flower:
+    """A real Flower process on this session's broker; its HTTP API answers as operators see it."""
+
+    def __init__(self, env: dict[str, str], logdir: Path) -> None:
+        self.port = free_port()
+        self.log = open(logdir / "flower.log", "ab")
+        # the HTTP API answers without --basic-auth only when told to (for this local test)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers", "flower", f"--port={self.port}", "--address=127.0.0.1"],
+            cwd=ROOT, env={**env, "FLOWER_UNAUTHENTICATED_API": "true"}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                self.get("/api/workers?refresh=1")
+                return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"Flower did not start; see {logdir / 'flower.log'}")
+
+    def get(self, path: str) -> Any:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def tasks(self, name: str) -> dict[str, dict[str, Any]]:
+        """Every task of that name Flower has seen, by id, with its state, kwargs, result and exception."""
+        return self.get(f"/api/tasks?taskname={name}")
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()

@@ -26,9 +26,9 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| (floor|seed \(sample, extrapolated\)|local|1 worker) \|.*$",
-                                                         out, re.M)}
-    assert set(rows) == {"floor", "seed (sample, extrapolated)", "local", "1 worker"}, out
+    rows = {m.group(1): m.group(0) for m in re.finditer(
+        r"^\| (floor|seed \(sample, extrapolated\)|local|verify \(of local's run\)|1 worker) \|.*$", out, re.M)}
+    assert set(rows) == {"floor", "seed (sample, extrapolated)", "local", "verify (of local's run)", "1 worker"}, out
     for mode, row in rows.items():
         cells = [c.strip() for c in row.strip("|").split("|")]
         keys, seconds, rate = int(cells[1].replace(",", "")), float(cells[2]), int(cells[3].replace(",", ""))
@@ -40,6 +40,7 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
     assert "coord." in rows["1 worker"]  # the coordinator and the worker apart
     assert re.search(r"^Bars: .*local >= 0\.7x floor: (yes|NO) \(\d\.\d\d; its CPU per key allows at most \d+\.\d\d "
                      r"on \d+ cores\); every mode >= 10x seed: (yes|NO)", out, re.M), out
+    assert re.search(r"; verify >= 0\.5x its run's keys/s: (yes|NO) \(\d+\.\d\dx\)$", out, re.M), out
     assert re.search(r"^\| `run --local --max-keys-per-sec \d+` \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
     with Celery(broker=os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")) as app, \
             app.connection_for_write() as conn:

@@ -22,7 +22,7 @@ from migrator.report import build_report
 from migrator.status import run_progress
 from migrator.threadr import THREADR
 
-from helpers import ROOT, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Flower, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
 
 
 
@@ -89,7 +89,15 @@ def test_two_workers_migrate_every_key_once_while_the_app_writes_and_deletes(set
     assert user["migrated"] == len(in_pg)  # counted once too: no key scanned by two ranges
 
 
-def test_a_failing_batch_does_not_hang_the_chord_and_requeue_after_the_fix_completes(settings, r, pg, workers):
+@pytest.fixture
+def flower(database_url, tmp_path):
+    watcher = Flower(worker_env(database_url), tmp_path)
+    yield watcher
+    watcher.stop()
+
+
+def test_a_failing_batch_shows_as_failure_in_flower_and_requeue_after_the_fix_completes(settings, r, pg, workers,
+                                                                                        flower):
     seed_demo(r, 200)
     with pg.cursor() as cur:
         cur.execute("ALTER TABLE usage_counters RENAME TO usage_counters_away")  # every high batch now fails
@@ -106,6 +114,22 @@ def test_a_failing_batch_does_not_hang_the_chord_and_requeue_after_the_fix_compl
             assert cur.fetchone()[0] == 0  # later priorities never started
         pg.rollback()
         assert failed == 4 and "usage_counters" in error
+        # Flower shows the failed batches as failures, with their error, priority and range; the
+        # chord's callback still ran and decided (the run failed on the ledger's word)
+        shown = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # Flower's events arrive a moment after the ledger's rows
+            shown = flower.tasks("migrator.migrate_batch")
+            if sum(t["state"] == "FAILURE" for t in shown.values()) == 4:
+                break
+            time.sleep(0.5)
+        high = [t for t in shown.values() if "'priority': 'high'" in t["kwargs"]]
+        assert len(high) == 4 and all(t["state"] == "FAILURE" for t in high), shown
+        assert all("UnitFailed" in t["exception"] and "usage_counters" in t["exception"] for t in high)
+        assert {eval(t["kwargs"])["range"] for t in high} == {"1/4", "2/4", "3/4", "4/4"}
+        assert all(t["state"] == "SUCCESS" for t in shown.values() if t not in high)
+        judged = flower.tasks("migrator.judge_priority")
+        assert any(t["state"] == "SUCCESS" and "'priority': 'high'" in t["kwargs"] for t in judged.values()), judged
     finally:
         with pg.cursor() as cur:
             cur.execute("ALTER TABLE IF EXISTS usage_counters_away RENAME TO usage_counters")
@@ -119,6 +143,13 @@ def test_a_failing_batch_does_not_hang_the_chord_and_requeue_after_the_fix_compl
     assert final["status"] == "completed" and final["balanced"] and final["batches"]["failed"] == 0
     counters = by_pattern(final)["usage_counter"]
     assert counters["migrated"] == counters["scanned"] > 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the requeued batches, in Flower too
+        states = [t["state"] for t in flower.tasks("migrator.migrate_batch").values() if "'priority': 'high'" in t["kwargs"]]
+        if states.count("SUCCESS") == 4:
+            break
+        time.sleep(0.5)
+    assert states.count("SUCCESS") == 4 and states.count("FAILURE") == 4, states
 
 
 def test_worker_killed_mid_batch_ends_with_the_same_tables_as_an_undisturbed_run(settings, r, pg, workers):
@@ -352,3 +383,72 @@ def test_a_worker_keeps_one_database_session_across_batches_and_replaces_one_tha
             log.seek(seen[name])
             since = log.read()
         assert b"batch_retry" not in since and b"finalize_retry" not in since, name
+
+
+def verdicts(conn, run_id: str) -> dict[str, list[tuple[str, bool]]]:
+    """Per priority (and the run as a whole): the checks of its latest verdict, by name."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT ON (priority) priority, checks FROM migration_validations WHERE run_id = %s"
+                    " ORDER BY priority, created_at DESC", (run_id,))
+        found = {label: [(c["name"], c["ok"]) for c in checks] for label, checks in cur.fetchall()}
+    conn.rollback()
+    return found
+
+
+def orphans(checks: list[dict]) -> dict[str, int]:
+    return {c["name"]: c["data"]["count"] for c in checks if "count" in c.get("data", {})}
+
+
+def test_the_chord_callbacks_run_local_and_validate_judge_alike(settings, r, pg, workers):
+    """The same checks on the same data agree, wherever they run, orphans included."""
+    from helpers import validate
+
+    seed_demo(r, 150, malformed=3)
+    # dangling references the app left: a subscription and usage of a user that is not there
+    r.set("threadr:subscription:user:user_gone", '{"subscription_id": "sub_gone", "status": "active",'
+          ' "current_period_end": "2030-01-01T00:00:00"}')
+    r.set("threadr:usage:user:user_gone:daily:2026-12-01", 3)
+    on_workers = run_distributed(settings, ranges=4)
+    here = migrate(settings, ranges=4)  # the same data again, in this process
+    again = validate(settings, on_workers["run_id"])
+    assert on_workers["status"] == here["status"] == "completed" and again["ok"]
+    judged = verdicts(pg, on_workers["run_id"])
+    assert judged == verdicts(pg, here["run_id"])
+    assert judged == {**{p: [(c["name"], c["ok"]) for c in cs] for p, cs in again["priorities"].items()},
+                      "run": [(c["name"], c["ok"]) for c in again["run"]]}
+    assert [name for name, _ in judged["high"]] == ["batches_done", "balance", "dead_letters", "source_counts",
+                                                    "verification"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT run_id, checks FROM migration_validations WHERE priority = 'run'")
+        figures = {str(run): orphans(checks) for run, checks in cur.fetchall()}
+    pg.rollback()
+    expected = {"orphaned_subscriptions": 1, "usage_without_users": 1}
+    assert figures[on_workers["run_id"]] == figures[here["run_id"]] == orphans(again["run"]) == expected
+
+
+def test_verify_runs_its_ranges_on_the_workers(settings, r, pg, workers):
+    import json
+
+    seed_demo(r, 100)
+    report = run_distributed(settings, ranges=4)
+    assert report["status"] == "completed"
+
+    def verify_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "migrator.cli", "verify", report["run_id"], "--json", *args,
+                               "--redis-url", settings.redis_url, "--database-url", settings.database_url,
+                               "--broker-url", settings.broker_url], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    clean = verify_cli()
+    assert clean.returncode == 0 and "verifying here" not in clean.stderr, clean.stderr
+    result = json.loads(clean.stdout)
+    assert result["verdict"] == "clean" and result["ranges"] == {"total": 4, "failed": 0}
+    with pg.cursor() as cur:
+        cur.execute("UPDATE users SET email = 'x' || email WHERE id = (SELECT id FROM users ORDER BY id LIMIT 1)")
+    pg.commit()
+    damaged = verify_cli()
+    assert damaged.returncode == 1, damaged.stderr
+    assert {p["pattern"]: p["columns"] for p in json.loads(damaged.stdout)["patterns"] if p["different"]} == \
+        {"user": {"email": 1}}
+    ranges_done = [line for name in workers.procs for line in (workers.logdir / f"{name}.log").read_text().splitlines()
+                   if '"verify_range_done"' in line and str(result["verification_id"]) in line]
+    assert ranges_done  # the workers ran the ranges, not this process

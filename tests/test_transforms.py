@@ -104,8 +104,14 @@ def test_premium_ip_and_email_keys_of_one_purchase_are_one_entitlement():
     _, by_ip = one("threadr:premium:ip:2001:db8::1", grant())
     _, by_email = one("threadr:premium:email:ann@x.io", grant())
     assert by_ip["id"] == by_email["id"]
-    assert (by_ip["ip"], by_ip["email"]) == ("2001:db8::1", None)
-    assert (by_email["ip"], by_email["email"]) == (None, "ann@x.io")
+    # each key knows both lookups of its purchase: the two rows are the same row
+    assert (by_ip["ip"], by_ip["email"]) == (by_email["ip"], by_email["email"]) == ("2001:db8::1", "ann@x.io")
+    assert by_ip == by_email
+    # a hand-written grant without client_ip: only its ip key knows the ip, the email key leaves it out
+    _, manual = one("threadr:premium:email:ann@x.io", {k: v for k, v in grant().items() if k != "client_ip"})
+    assert "ip" not in manual and manual["email"] == "ann@x.io"
+    _, no_email = one("threadr:premium:ip:None", grant(client_ip=None, email=None))
+    assert (no_email["ip"], no_email["email"]) == (None, None)
     assert by_ip["amount_cents"] == 499 and by_ip["status"] == "active"
     # both datetime spellings, naive -> UTC, aware results only
     assert by_ip["granted_at"] == datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=timezone.utc)

@@ -23,7 +23,7 @@ from migrator import ledger, verify
 from migrator.batch import migrate_batch
 from migrator.config import Settings
 from migrator.errors import TRANSIENT, backoff
-from migrator.finalize import begin_verification, judge_priority
+from migrator.finalize import Step, begin_verification, judge_priority
 from migrator.mapping import Priority
 from migrator.options import RunOptions
 from migrator.redact import redact_text
@@ -203,15 +203,19 @@ def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority
     priority, or end the run (rolled back if it failed)."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
 
-    def step(client: redis.Redis, conn: Any) -> Priority | None:
-        following = judge_priority(client, conn, THREADR, run_id, Priority.parse(priority), _options(conn, run_id),
-                                   verification_id)
-        if following is not None:
-            dispatch_priority(conn, run_id, following)
-        return following
+    def step(client: redis.Redis, conn: Any) -> Step:
+        done = judge_priority(client, conn, THREADR, run_id, Priority.parse(priority), _options(conn, run_id),
+                              verification_id)
+        if done.verify_again is not None:
+            dispatch_verification(conn, done.verify_again, run_id, priority, judge_priority_task.s(
+                run_id=run_id, priority=priority, verification_id=done.verify_again))
+        elif done.next is not None:
+            dispatch_priority(conn, run_id, done.next)
+        return done
 
-    following = _callback(self, step)
-    return {"run_id": run_id, "priority": priority, "next": following.label if following else None}
+    done = _callback(self, step)
+    return {"run_id": run_id, "priority": priority, "next": done.next.label if done.next else None,
+            "verify_again": done.verify_again}
 
 
 @app.task(bind=True, name="migrator.finish_verification", max_retries=5)
