@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="seed a demo keyspace into its own Redis DB, migrate it into its own database, report",
                        description="Uses Redis DB --redis-db (flushed!) on the REDIS_URL server and the PostgreSQL "
-                                   "database --database (created if missing) on the DATABASE_URL server.")
+                                   "database --database (created if missing, its tables emptied!) on the DATABASE_URL "
+                                   "server.")
     _connection_flags(p)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--redis-db", type=int, default=15, help="demo Redis database number, flushed (default 15)")

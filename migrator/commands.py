@@ -31,7 +31,7 @@ from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
-from .schema import database_url_for, ensure_database, init_db, require_schema
+from .schema import database_url_for, empty_tables, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
 
@@ -459,7 +459,17 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
     finally:
         admin.close()
     demo = Settings(settings.redis_url, database_url_for(settings.database_url, database), settings.broker_url)
-    for step in (lambda: cmd_init_db(demo, out),
+
+    def empty() -> int:
+        # the demo's own database: rows of an earlier demo keyspace would be rows no key gives
+        conn = demo.postgres()
+        try:
+            empty_tables(conn, [*mapping.table_names(), *ledger.TABLES])
+        finally:
+            conn.close()
+        return OK
+
+    for step in (lambda: cmd_init_db(demo, out), empty,
                  lambda: cmd_seed_demo(demo, users, fresh=True, out=out),
                  lambda: cmd_run(demo, mapping, opts, out=out)):
         code = step()

@@ -385,3 +385,15 @@ def dead_reasons(cur: Any, run_id: str, top: int = 3) -> list[dict[str, Any]]:
             out.append({"priority": priority, "pattern": pattern, "dead": int(dead), "dead_reasons": []})
         out[-1]["dead_reasons"].append({"reason": reason, "count": n})
     return out
+
+
+def verification_progress(cur: Any, run_id: str) -> dict[str, dict[str, Any]]:
+    """Per priority, its latest verification: ranges done of all, status and verdict."""
+    cur.execute(
+        "SELECT DISTINCT ON (p) p, v.id, v.status, v.result ->> 'verdict', count(r.*), count(r.*) FILTER (WHERE r.status = 'done')"
+        " FROM migration_verifications v CROSS JOIN unnest(v.priorities) AS p JOIN migration_verify_ranges r"
+        " ON r.verification_id = v.id WHERE v.run_id = %s GROUP BY p, v.id ORDER BY p, v.id DESC",
+        (run_id,),
+    )
+    return {p: {"verification_id": vid, "status": status, "verdict": verdict, "ranges": ranges, "done": done}
+            for p, vid, status, verdict, ranges, done in cur.fetchall()}

@@ -79,3 +79,9 @@ def ensure_database(admin_conn: Any, dbname: str) -> bool:
             return False
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
     return True
+
+
+def empty_tables(conn: Any, tables: list[str]) -> None:
+    """Empty these tables (a demo's or a test's own database), whatever refers to them."""
+    with conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))

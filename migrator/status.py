@@ -16,6 +16,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         validated = ledger.latest_verdicts(cur, run_id)
         figures = figures_mod.run_figures(cur, run, batches)
         dead = figures_mod.dead_letters(cur, run_id)
+        verifying = ledger.verification_progress(cur, run_id)
     priorities = []
     for p in Priority:
         mine = [b for b in batches if b["priority"] == p.label]
@@ -37,6 +38,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
             "dead": sum(b["dead"] for b in done),
             "eta_s": (round(eta, 1) if eta is not None else None) if left else 0.0,
             "validated": validated.get(p.label),
+            "verification": verifying.get(p.label),
             "dead_letters": [{k: g[k] for k in ("pattern", "dead", "dead_reasons")} for g in dead
                              if g["priority"] == p.label],
         })
@@ -59,8 +61,11 @@ def render(progress: dict[str, Any]) -> str:
         filled = int(width * p["done"] / p["batches"]) if p["batches"] else width
         verdict = {True: "validated", False: "NOT VALIDATED", None: ""}[p["validated"]]
         eta = f"eta {p['eta_s']} s" if p["eta_s"] else ""
+        v = p["verification"]
+        checked = ("" if v is None else f"verifying {v['done']}/{v['ranges']} ranges" if v["status"] == "running"
+                   else f"verified: {v['verdict']}")
         out.append(f"  {p['priority']:8} [{'#' * filled}{'.' * (width - filled)}] {p['done']}/{p['batches']} ranges"
-                   f"  {p['dead']} dead  {p['failed']} failed  {eta}  {verdict}".rstrip())
+                   f"  {p['dead']} dead  {p['failed']} failed  {eta}  {checked}  {verdict}".rstrip())
         out += [f"    {figures_mod.dead_line(d['pattern'], d['dead'], d['dead_reasons'])}" for d in p["dead_letters"]]
     return "\n".join(out)
 

@@ -16,7 +16,7 @@ from psycopg2 import sql
 from migrator import dualwrite, ledger
 from migrator.config import Settings
 from migrator.log import configure
-from migrator.schema import database_url_for, ensure_database, init_db
+from migrator.schema import database_url_for, empty_tables, ensure_database, init_db
 from migrator.threadr import THREADR
 from servers import redis_cluster
 
@@ -84,8 +84,6 @@ def r(settings: Settings) -> redis.Redis:
 def pg(settings: Settings):
     """A connection to the session database, emptied of data and ledger before each test."""
     conn = psycopg2.connect(settings.database_url)
-    with conn, conn.cursor() as cur:
-        tables = [*THREADR.table_names(), *ledger.TABLES, *dualwrite.TABLES]
-        cur.execute(sql.SQL("TRUNCATE {} CASCADE").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
+    empty_tables(conn, [*THREADR.table_names(), *ledger.TABLES, *dualwrite.TABLES])
     yield conn
     conn.close()

@@ -133,18 +133,21 @@ def _unit(task: Any, work: Callable[..., Any], unit_id: int, shown: dict[str, An
     except Exception as exc:  # recorded in the ledger by the engine
         _drop_connections()
         raise UnitFailed(redact_text(describe(exc))) from None
-    return {**shown, "status": "already_done" if result is None else "done"}
+    return {"priority": shown["priority"], "range": shown["range"],
+            "status": "already_done" if result is None else "done", **(result or {})}
 
 
 @app.task(bind=True, name="migrator.migrate_batch", max_retries=3)
 def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, range: str) -> dict[str, Any]:
     """Migrate one planned batch: `priority` over cursor range `range` (e.g. 3/8) of run `run_id`."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, batch=batch_id)
-    shown = {"batch_id": batch_id, "run_id": run_id, "priority": priority, "range": range}
+    shown = {"priority": priority, "range": range, "batch_id": batch_id, "run_id": run_id}
 
-    def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> Any:
+    def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> dict[str, int] | None:
         done = migrate_batch(client, conn, mapping, unit, progress)
-        return None if done is None else {"rows_written": done.rows_written}
+        if done is None:
+            return None
+        return {**{f: done.counts.total(f) for f in ("scanned", "migrated", "dead")}, "rows_written": done.rows_written}
 
     return _unit(self, work, batch_id, shown)
 
@@ -154,9 +157,16 @@ def verify_range_task(self: Any, range_id: int, verification_id: int, run_id: st
                       range: str) -> dict[str, Any]:
     """Verify one cursor range `range` of verification `verification_id` (of run `run_id`)."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
-    shown = {"range_id": range_id, "verification_id": verification_id, "run_id": run_id, "priority": priority,
-             "range": range}
-    return _unit(self, verify.verify_range, range_id, shown)
+    shown = {"priority": priority, "range": range, "range_id": range_id, "verification_id": verification_id,
+             "run_id": run_id}
+
+    def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> dict[str, int] | None:
+        done = verify.verify_range(client, conn, mapping, unit, progress)
+        if done is None:
+            return None
+        return {f: sum(c[f] for c in done["patterns"].values()) for f in ("keys", "compared", "missing", "different")}
+
+    return _unit(self, work, range_id, shown)
 
 
 def _callback(task: Any, step: Callable[[redis.Redis, Any], Any]) -> Any:
@@ -179,7 +189,7 @@ def _options(conn: Any, run_id: str) -> RunOptions:
 
 
 @app.task(bind=True, name="migrator.finalize_priority", max_retries=5)
-def finalize_priority_task(self: Any, results: Any = None, *, run_id: str, priority: str) -> dict[str, Any]:
+def finalize_priority_task(self: Any, results: Any = None, *, priority: str, run_id: str) -> dict[str, Any]:
     """Chord callback (and errback) of a priority's batches: link users, then verify the priority."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority)
     level = Priority.parse(priority)
@@ -190,10 +200,10 @@ def finalize_priority_task(self: Any, results: Any = None, *, run_id: str, prior
             dispatch_priority(conn, run_id, level)  # the source restarted: scan the priority again
         else:
             dispatch_verification(conn, verification, run_id, priority,
-                                  judge_priority_task.s(run_id=run_id, priority=priority, verification_id=verification))
+                                  judge_priority_task.s(priority=priority, run_id=run_id, verification_id=verification))
         return verification
 
-    return {"run_id": run_id, "priority": priority, "verification_id": _callback(self, step)}
+    return {"priority": priority, "run_id": run_id, "verification_id": _callback(self, step)}
 
 
 @app.task(bind=True, name="migrator.judge_priority", max_retries=5)
@@ -208,13 +218,13 @@ def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority
                               verification_id)
         if done.verify_again is not None:
             dispatch_verification(conn, done.verify_again, run_id, priority, judge_priority_task.s(
-                run_id=run_id, priority=priority, verification_id=done.verify_again))
+                priority=priority, run_id=run_id, verification_id=done.verify_again))
         elif done.next is not None:
             dispatch_priority(conn, run_id, done.next)
         return done
 
     done = _callback(self, step)
-    return {"run_id": run_id, "priority": priority, "next": done.next.label if done.next else None,
+    return {"priority": priority, "run_id": run_id, "next": done.next.label if done.next else None,
             "verify_again": done.verify_again}
 
 
@@ -251,10 +261,11 @@ def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
                     " AND status <> 'done' ORDER BY node, range_index", (run_id, priority.label))
         batches = cur.fetchall()
     queue = queue_for(priority.label)
-    header = [migrate_batch_task.si(batch_id=bid, run_id=run_id, priority=priority.label,
-                                    range=_shown_range(node, index, count)).set(queue=queue)
+    # priority and range first: Flower's task list shows the start of the keyword arguments
+    header = [migrate_batch_task.si(priority=priority.label, range=_shown_range(node, index, count), batch_id=bid,
+                                    run_id=run_id).set(queue=queue)
               for bid, node, index, count in batches]
-    _send(header, finalize_priority_task.s(run_id=run_id, priority=priority.label).set(queue=queue))
+    _send(header, finalize_priority_task.s(priority=priority.label, run_id=run_id).set(queue=queue))
     log.info("priority_dispatched", run=run_id, priority=priority.label, batches=len(header))
     return len(header)
 
@@ -266,8 +277,8 @@ def dispatch_verification(conn: Any, verification_id: int, run_id: str, priority
                     " AND status <> 'done' ORDER BY node, range_index", (verification_id,))
         ranges = cur.fetchall()
     queue = queue_for(priority)
-    header = [verify_range_task.si(range_id=rid, verification_id=verification_id, run_id=run_id, priority=priority,
-                                   range=_shown_range(node, index, count)).set(queue=queue)
+    header = [verify_range_task.si(priority=priority, range=_shown_range(node, index, count), range_id=rid,
+                                   verification_id=verification_id, run_id=run_id).set(queue=queue)
               for rid, node, index, count in ranges]
     _send(header, then.set(queue=queue))
     log.info("verification_dispatched", run=run_id, verification=verification_id, ranges=len(header))
