@@ -25,7 +25,7 @@ import redis
 
 from .mapping import BadRecord, Mapping, Pattern, Priority
 from .partition import KeyRange, plan_ranges, scan_range
-from .redact import EMAIL, IPV4, IPV6, redact_text
+from .redact import EMAIL, IPV4, IPV6, printable, redact_text
 from .source import node_client
 from .values import parse_dt
 
@@ -300,6 +300,7 @@ class _Auditor:
             self.premium.add(value, self.now)
 
     def _shape(self, text: str) -> None:
+        text = printable(text)  # a newline in a key name would break the table's line
         name = key_shape(text)
         shape = self.shapes.get(name)
         if shape is None:

@@ -23,17 +23,16 @@ import structlog
 
 from . import ledger
 from .ledger import PatternCounts
-from .mapping import UNMAPPED, BadRecord, Mapping, Pattern, Priority, SourceRecord
+from .mapping import SHAPE_ERRORS, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Reference, SourceRecord
 from .partition import scan_range
-from .redact import redact_text
-from .source import KeyRead, dead_letter_bytes, decode, node_client, read_keys, value_digest
+from .redact import printable, redact_text
+from .references import Checker
+from .source import (CHUNK_READ_BYTES, KeyRead, dead_letter_bytes, decode, key_client, node_client, read_keys,
+                     value_digest)
 from . import throttle
 from .writer import Prepared, Writer, describe, detail
 
 log = structlog.get_logger("migrator.batch")
-
-# What a malformed value makes a transform raise; anything else is a bug and fails the batch.
-SHAPE_ERRORS = (BadRecord, ValueError, TypeError, KeyError, AttributeError, OverflowError)
 
 
 # Called after each SCAN reply with the running totals (scanned, migrated, ...) of the batch.
@@ -84,6 +83,10 @@ class _Batch:
         self.in_flight: tuple[list[Prepared], Future] | None = None
         self.dead: list[tuple] = []
         self.dead_bytes = 0
+        # (pattern, key, Reference) made by the records read, checked per read chunk
+        self.references: list[tuple[str, str, Reference]] = []
+        self.checker = Checker(key_client(client), mapping)  # a reference may name a key on another node
+        self.dangling: dict[str, list[dict[str, Any]]] = {}  # per pattern, a few dangling references
         self.rows_written = 0
         self.checksum = 0
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
@@ -91,6 +94,10 @@ class _Batch:
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
         self.throttle = throttle.for_run(client, spec.run_id, self.opts)
         self.read_chunk, self.scan_count = throttle.paced(self.opts)
+        # strings of a chunk are read up to here; a longer one is read whole on its own (or, over
+        # the operator's cap, refused with its first bytes)
+        cap = self.opts.max_value_bytes
+        self.read_limit = CHUNK_READ_BYTES if cap is None else min(cap, CHUNK_READ_BYTES)
 
     def run(self) -> None:
         try:
@@ -117,13 +124,14 @@ class _Batch:
                 chunk = wanted[start : start + self.read_chunk]
                 if self.throttle is not None:
                     t["throttle"] += self.throttle.acquire(len(chunk))
-                reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.opts.max_value_bytes)
+                reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
                 now = datetime.now(timezone.utc)
                 now_s = clock()
                 t["read"] += now_s - mark
                 waited = t["write_wait"]
                 for (key, text, pattern, fields), read in zip(chunk, reads):
                     self._prepare(key, text, pattern, fields, read, now)
+                self._check_references()
                 while len(self.pending) >= self.opts.batch_size:
                     self._flush(self.opts.batch_size)
                 if self.pending_bytes >= SUB_BATCH_BYTES:  # a few large values make a sub-batch too
@@ -153,7 +161,7 @@ class _Batch:
             return None
         if name not in self.scope:
             return None  # another priority's pass, or outside --table/--pattern
-        if pattern.skip:
+        if not pattern.read:
             self.counts.add(name, "skipped")
             return None
         if not valid:
@@ -171,21 +179,52 @@ class _Batch:
         if isinstance(read.raw, Exception):
             self._dead(key, text, pattern, read, f"Redis error reading the value: {read.raw}")
             return
-        if read.size > self.opts.max_value_bytes:
+        cap = self.opts.max_value_bytes
+        if cap is not None and read.size > cap:
             kept = f"; its first {len(read.raw):,} bytes are kept here" if read.truncated else ""
             self._dead(key, text, pattern, read, f"value is {read.size:,} bytes, over the "
-                       f"{self.opts.max_value_bytes:,}-byte limit (raise --max-value-bytes){kept}")
+                       f"{cap:,}-byte limit of --max-value-bytes{kept}")
+            return
+        if read.truncated:  # a large value: read whole, and written as a sub-batch of its own
+            self._flush(len(self.pending))
+            self._prepare(key, text, pattern, fields, read_keys(self.client, [(key, pattern.redis_type)], None)[0], now)
+            self._flush(len(self.pending))
             return
         expires_at = now + MILLISECOND * read.pttl if read.pttl > 0 else None
         try:
-            value = decode(read.raw, pattern.value_format)
-            rows = pattern.transform(SourceRecord(text, fields, value, expires_at, now, self.tz))
+            record = SourceRecord(text, fields, decode(read.raw, pattern.value_format), expires_at, now,
+                                  pattern.zone(self.tz))
+            rows = pattern.transform(record) if pattern.transform else None
+            references = pattern.references(record) if pattern.references else ()
         except SHAPE_ERRORS as exc:
             reason = str(exc) if isinstance(exc, BadRecord) else f"{type(exc).__name__}: {exc}"
             self._dead(key, text, pattern, read, reason)
             return
-        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read, value_digest(read.raw)))
+        self.references += [(pattern.name, text, ref) for ref in references]
+        if rows is None:  # an index: read for its references, not migrated
+            self.counts.add(pattern.name, "skipped")
+            return
+        digest = value_digest(read.raw)
+        if isinstance(read.raw, bytes) and len(read.raw) > DEAD_LETTER_VALUE_BYTES:
+            # the rows hold what the value says: keep only what a dead letter would
+            read.raw, read.truncated = read.raw[:DEAD_LETTER_VALUE_BYTES], True
+        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read, digest))
         self.pending_bytes += read.size
+
+    def _check_references(self) -> None:
+        """Check the references the chunk's records made, in one round trip; count what dangles."""
+        if not self.references:
+            return
+        found, self.references = self.references, []
+        for (name, text, ref), missing in zip(found, self.checker.missing([ref for _, _, ref in found])):
+            self.counts.note(name, "references")
+            if missing:
+                self.counts.note(name, "dangling")
+                examples = self.dangling.setdefault(name, [])
+                if len(examples) < DANGLING_EXAMPLES:
+                    # printable: no text PostgreSQL keeps may hold a NUL, whatever a key name holds
+                    examples.append({"key": printable(text), "reference": printable(ref.key),
+                                     "member": None if ref.member is None else printable(ref.member)})
 
     def _flush(self, n: int) -> None:
         if not n:
@@ -222,10 +261,15 @@ class _Batch:
     def _dead(self, key: bytes, text: str, pattern: Pattern, read: KeyRead | None, reason: str,
               detail: str | None = None) -> None:
         self.counts.add(pattern.name, "dead")
+        raw = dead_letter_bytes(read.raw) if read else None
+        if raw is not None and len(raw) > DEAD_LETTER_VALUE_BYTES:
+            raw = raw[:DEAD_LETTER_VALUE_BYTES]
+        if read is not None and raw is not None and len(raw) < read.size and "bytes are kept" not in reason:
+            reason += f" (the value is {read.size:,} bytes; its first {len(raw):,} are kept here)"
         self.dead.append((
-            pattern.name, key, text,
+            pattern.name, key, printable(text),  # (the exact key is kept as bytes beside it)
             read.redis_type if read else None,
-            dead_letter_bytes(read.raw) if read else None,
+            raw,
             read.pttl if read else None,
             f"{reason} ({detail})" if detail else reason,
         ))
@@ -251,6 +295,11 @@ SUB_BATCH_BYTES = 16 * 1024 * 1024
 
 # Dead letters kept in memory before they are written out (their raw values can be large).
 DEAD_LETTER_SPILL_BYTES = 16 * 1024 * 1024
+# A dead letter keeps at most this much of its value (and says how large the value was).
+DEAD_LETTER_VALUE_BYTES = 1024 * 1024
+
+# Dangling references kept per pattern and batch, as examples (the count is kept whole).
+DANGLING_EXAMPLES = 5
 
 # Namespace of the per-batch advisory locks (any constant; the batch id is the second key).
 BATCH_LOCK = 0x6D67
@@ -304,7 +353,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
-            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling)
         conn.commit()
     except Exception as exc:
         reason = redact_text(describe(exc))

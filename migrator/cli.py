@@ -13,7 +13,7 @@ from . import commands
 from .config import ConfigError, Settings
 from .log import configure
 from .mapping import Priority
-from .options import DEFAULT_MAX_VALUE_BYTES, RunOptions
+from .options import RunOptions
 from .redact import redact_text
 from .threadr import THREADR
 
@@ -99,8 +99,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="records per sub-batch and savepoint (default 2000; a sub-batch also ends at 16 MB of values)")
     g.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT hint (default 1000)")
     g.add_argument("--ranges", type=int, help="cursor ranges to split the keyspace into (default: from the key count)")
-    g.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES,
-                   help=f"larger values become dead letters (default {DEFAULT_MAX_VALUE_BYTES:,})")
+    g.add_argument("--max-value-bytes", type=int, metavar="N",
+                   help="an operator's cap: values larger than N bytes become dead letters, their first bytes kept "
+                        "(default: no cap; a large value is read and written on its own, so memory stays bounded "
+                        "by the largest value)")
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
                         "production server (a token bucket shared through Redis; a run touches each key about 10 times: "

@@ -26,7 +26,7 @@ from .options import RunOptions
 from .rollback import rollback_run
 from .runner import execute_local, plan_run, resume_point, verify_local
 from .validate import render_validation, validate_run
-from .verify import explain, plan_verification
+from .verify import explain, masked, plan_verification
 from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
@@ -289,7 +289,8 @@ def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorit
     finally:
         conn.close()
         client.close()
-    _dump(result, out) if as_json else out.write(render_verification(result) + "\n")
+    shown = masked(result)
+    _dump(shown, out) if as_json else out.write(render_verification(shown) + "\n")
     return {"clean": OK, "counted": OK, "differences": FAILED}.get(result["verdict"], CANNOT_START)
 
 

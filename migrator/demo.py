@@ -88,9 +88,10 @@ _USER_AGENTS = (
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
     "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0",
 )
-_REFERRERS = (None, "https://twitter.com/", "https://www.google.com/", "https://news.ycombinator.com/")
+# headers.get("referer", ""): an empty string, never null
+_REFERRERS = ("", "https://twitter.com/", "https://www.google.com/", "https://news.ycombinator.com/")
 _NEWSLETTER_SOURCES = ("landing_page", "footer", "pricing_page", "blog_post")
-_METRIC_SETS = (("impressions",), ("engagements",), ("impressions", "engagements"))
+_METRIC_SETS = (("impressions",), ("engagement_rate",), ("impressions", "engagement_rate"))
 
 # (plan_name, display name, tier_level, thread_limit, monthly cents, annual cents, features)
 _PLANS: tuple[tuple[str, str, int, int, int, int, tuple[str, ...]], ...] = (
@@ -134,6 +135,7 @@ class _Plan:
     subscription: str | None    # user_id | email | None (what the key is named by)
     sub_status: str | None      # a pinned Stripe status, or None to draw one
     newsletter: bool
+    sub_both_keys: bool = False  # also under the customer's email: the webhook's key beside the routes'
 
 
 # Overrides for users 0..9, so that every pattern and edge case exists once users >= 10.
@@ -143,9 +145,9 @@ _FORCED: tuple[tuple[tuple[str, Any], ...], ...] = (
     (("session", True), ("failed_login", True), ("ipv6", True), ("usage_logs", 2)),
     (("premium", "stripe"), ("grant_ip", "client"), ("grant_expired", True)),
     (("premium", "stripe"), ("grant_ip", "client"), ("grant_expired", False),
-     ("subscription", "user_id"), ("sub_status", "active")),
+     ("subscription", "user_id"), ("sub_status", "active"), ("sub_both_keys", True)),
     (("subscription", "email"), ("sub_status", "cancelled"), ("newsletter", True), ("email_style", "upper")),
-    (("premium", "manual"), ("grant_ip", "client"), ("ratelimit", True)),
+    (("premium", "manual"), ("grant_ip", "client"), ("ratelimit", True), ("subscription", None)),
     (("premium", "stripe"), ("grant_ip", "zero")),
     (("premium", "stripe"), ("grant_ip", "none"), ("email_style", "plus")),
     (("usage_email", True), ("usage_user", True), ("ipv6", True), ("usage_logs", 3)),
@@ -160,7 +162,7 @@ class _Writer:
         self._pipe = r.pipeline(transaction=False)
         self._queued = 0
         self.counts: dict[str, int] = dict.fromkeys(PATTERNS, 0)
-        self.counts["malformed"] = 0
+        self.counts["malformed"] = self.counts["refused"] = 0
         # Only keys that several writers share (global sets/hashes, the None/0.0.0.0 grant keys)
         # are remembered; every other key name is unique by construction.
         self._shared: set[str] = set()
@@ -223,6 +225,7 @@ class _Ctx:
     now: datetime
     midnight: datetime
     threads: int = 0
+    users: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (user_id, email) of the first users
     threads_by_day: dict[str, int] = dataclasses.field(default_factory=dict)
     grants_by_month: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -269,10 +272,6 @@ def _uuid4(rng: random.Random) -> str:
 def _bcrypt_hash(rng: random.Random) -> str:
     """`$2b$12$` + 22 chars of salt and 31 of hash, all in bcrypt's base64 alphabet."""
     return "$2b$12$" + base64.b64encode(rng.randbytes(40)).translate(_B64_TO_BCRYPT)[:53].decode()
-
-
-def _hex_digest(rng: random.Random) -> str:
-    return f"{rng.getrandbits(256):064x}"
 
 
 def _fmt(dt: datetime | None, iso: bool) -> str | None:
@@ -387,12 +386,7 @@ def _user_doc(ctx: _Ctx, user_id: str, email: str, role: str, ip: str, created: 
         "email_verification_token": None if verified else _token(rng, 32),
         "password_reset_token": _token(rng, 32) if reset else None,
         "password_reset_expires": _fmt(_ago(ctx, -HOUR, HOUR), iso) if reset else None,
-        "metadata": {
-            "registration_ip": ip,
-            "user_agent": _pick(rng, _USER_AGENTS),
-            "signup_source": _pick(rng, ("web", "chrome_extension", "invite")),
-            "marketing_opt_in": _chance(rng, 0.4),
-        },
+        "metadata": {"registration_ip": ip, "registration_timestamp": _fmt(created, iso)},
     }
 
 
@@ -402,7 +396,8 @@ def _session_doc(ctx: _Ctx, user: Mapping[str, Any], ip: str, last_activity: dat
     return {
         "user_id": user["user_id"], "email": user["email"], "role": user["role"],
         "status": user["status"], "login_timestamp": _fmt(login, iso), "client_ip": ip,
-        "last_activity": _fmt(last_activity, iso), "access_token_hash": _hex_digest(ctx.rng),
+        # Python's hash() of the token: a signed 64-bit int (often beyond 2^53, half of them negative)
+        "last_activity": _fmt(last_activity, iso), "access_token_hash": ctx.rng.getrandbits(64) - 2 ** 63,
     }
 
 
@@ -437,8 +432,9 @@ def _thread_doc(rng: random.Random, thread_id: str, user_id: str, created: datet
             "content_length": len(original),
             "tags": list(_TAGS[_rint(rng, 0, 7):][:_rint(rng, 0, 3)]),
         },
-        "created_at": _fmt(created, iso),
-        "updated_at": _fmt(updated, iso),
+        # SavedThread.model_dump_json is json.dumps(..., default=str): str(datetime), a space
+        "created_at": str(created),
+        "updated_at": str(updated),
         "view_count": _rint(rng, 0, 200),
         "copy_count": _rint(rng, 0, 20),
         "is_favorite": _chance(rng, 0.15),
@@ -448,38 +444,51 @@ def _thread_doc(rng: random.Random, thread_id: str, user_id: str, created: datet
 
 def _analytics_doc(rng: random.Random, thread: Mapping[str, Any], posted: datetime,
                    updated: datetime) -> dict[str, Any]:
+    """ThreadAnalytics.json() (analytics_models.py): totals as ints, rates as floats, one entry per tweet."""
     rnd = rng.random  # the innermost loop of the seeder: plain floats, no helper calls
     metrics = []
     for tweet in thread["tweets"]:
         impressions = int(rnd() * 5001)
-        metrics.append({"tweet_id": tweet["id"], "position": tweet["order"], "impressions": impressions,
-                        "likes": int(rnd() * impressions * 0.05), "retweets": int(rnd() * impressions * 0.0125),
-                        "replies": int(rnd() * impressions * 0.01), "clicks": int(rnd() * impressions * 0.02)})
-    totals = {name: sum(m[name] for m in metrics) for name in ("impressions", "likes", "retweets", "replies", "clicks")}
-    totals["engagements"] = totals["likes"] + totals["retweets"] + totals["replies"] + totals["clicks"]
-    impressions = totals["impressions"]
+        likes, retweets, replies = int(rnd() * impressions * 0.05), int(rnd() * impressions * 0.0125), int(rnd() * 9)
+        metrics.append({"tweet_id": f"{thread['id']}_tweet_{tweet['order']}", "position": tweet["order"],
+                        "content": tweet["content"], "character_count": tweet["character_count"],
+                        "impressions": impressions, "likes": likes, "retweets": retweets, "replies": replies,
+                        "bookmarks": int(rnd() * 5), "quotes": int(rnd() * 3),
+                        "engagement_rate": round(100.0 * (likes + retweets + replies) / impressions, 4) if impressions else 0.0,
+                        "drop_off_rate": round(rnd() * 30, 2) if tweet["order"] > 1 else None,
+                        "posted_at": posted.isoformat(), "peak_hour": int(rnd() * 24)})
+    impressions = sum(m["impressions"] for m in metrics)
+    engagements = sum(m["likes"] + m["retweets"] + m["replies"] for m in metrics)
     return {
-        "thread_id": thread["id"],
-        "user_id": thread["user_id"],
-        "title": thread["title"],
-        "posted_at": posted.isoformat(),
-        "totals": totals,
-        "rates": {
-            "engagement_rate": round(100.0 * totals["engagements"] / impressions, 4) if impressions else 0.0,
-            "click_through_rate": round(100.0 * totals["clicks"] / impressions, 4) if impressions else 0.0,
-        },
-        "tweet_metrics": metrics,
+        "thread_id": thread["id"], "user_id": thread["user_id"], "created_at": posted.isoformat(),
+        "title": thread["title"], "source_url": thread["metadata"]["source_url"],
+        "content_type": _pick(rng, ("educational", "news", "personal", "technical", "other")),
+        "tweet_count": len(metrics), "total_character_count": sum(m["character_count"] for m in metrics),
+        "total_impressions": impressions, "total_engagements": engagements,
+        "engagement_rate": round(100.0 * engagements / impressions, 4) if impressions else 0.0,
+        "total_likes": sum(m["likes"] for m in metrics), "total_retweets": sum(m["retweets"] for m in metrics),
+        "total_replies": sum(m["replies"] for m in metrics), "total_bookmarks": sum(m["bookmarks"] for m in metrics),
+        "total_quotes": sum(m["quotes"] for m in metrics), "profile_visits": int(rnd() * 50),
+        "link_clicks": int(rnd() * 80), "new_followers": int(rnd() * 10),
+        "thread_completion_rate": round(rnd() * 100, 2), "avg_time_on_thread": round(rnd() * 90, 2),
+        "virality_score": round(10 + rnd() * 40, 3), "tweet_metrics": metrics,
+        "best_tweet_position": max(metrics, key=lambda m: m["impressions"])["position"],
+        "worst_tweet_position": min(metrics, key=lambda m: m["impressions"])["position"],
+        "optimal_length": None, "posted_at": posted.isoformat(), "peak_engagement_hour": int(rnd() * 24),
+        "peak_engagement_day": _pick(rng, ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")),
         "last_updated": updated.isoformat(),
     }
 
 
-def _timeseries_members(ctx: _Ctx, metric: str, period: str) -> dict[str, float]:
-    """member JSON -> epoch score, one point per distinct day."""
+def _timeseries_members(ctx: _Ctx, metric: str) -> dict[str, float]:
+    """member JSON -> epoch score, one point per distinct day: TimeSeriesDataPoint.json(), compact,
+    its value a float (an int metric is coerced: 523.0) and its period the enum's value."""
     rng, points = ctx.rng, {}
     for back in sorted(rng.sample(range(60), _rint(rng, 3, 10)), reverse=True):
         ts = ctx.midnight - timedelta(days=back)
-        value = _rint(rng, 0, 5000) if metric == "impressions" else _rint(rng, 0, 300)
-        points[json.dumps({"timestamp": ts.isoformat(), "value": value, "period": period})] = _epoch(ts)
+        value = float(_rint(rng, 0, 5000)) if metric == "impressions" else round(rng.random() * 9, 4)
+        points[json.dumps({"timestamp": ts.isoformat(), "value": value, "period": "day"}, separators=(",", ":"))] = \
+            _epoch(ts)
     return points
 
 
@@ -488,24 +497,27 @@ def _usage_log_doc(at: datetime, ip: str, email: str | None) -> dict[str, Any]:
     return {"timestamp": iso, "client_ip": ip, "email": email, "date": iso[:10], "month": iso[:7]}
 
 
-def _grant_doc(rng: random.Random, kind: str, email: str, ip: str | None, granted: datetime,
-               days: int, iso: bool) -> dict[str, Any]:
+def _grant_doc(rng: random.Random, kind: str, email: str | None, ip: str | None, granted: datetime,
+               days: int) -> dict[str, Any]:
+    """A premium grant as grant_premium_access writes it (ISO datetimes, local time), with the
+    payment_info of its caller: the Stripe webhook, the admin API, or a hand-written template."""
     if kind == "stripe":
         session_id = "cs_test_" + _alnum(rng, 58)
-        payment = {"payment_reference": session_id, "granted_at": _fmt(granted, iso),
-                   "granted_by": "stripe_webhook", "client_ip": ip, "stripe_session_id": session_id,
+        payment = {"payment_reference": f"stripe_session_{session_id}", "granted_at": granted.isoformat(),
+                   "granted_by": "stripe_webhook", "client_ip": "stripe_webhook", "stripe_session_id": session_id,
                    "amount": 499 if days <= 31 else 4999, "currency": "usd"}
-    else:
-        payment = {"payment_reference": f"manual_{_alnum(rng, 12)}", "granted_at": _fmt(granted, iso),
-                   "granted_by": _pick(rng, ("direct_redis_script", "admin")), "client_ip": ip,
-                   "source": _pick(rng, ("manual_test_grant", "support_comp")),
-                   "timestamp": _fmt(granted, iso), "test_account": _chance(rng, 0.5)}
-    return {"granted_at": _fmt(granted, iso), "expires_at": _fmt(granted + timedelta(days=days), iso),
-            "plan": "premium", "duration_days": days, "client_ip": ip, "email": email,
+    elif kind == "api":
+        payment = {"payment_reference": f"order-{_alnum(rng, 10)}", "granted_at": granted.isoformat(),
+                   "granted_by": "api", "client_ip": ip}
+    else:  # a support grant pasted from scripts/show_redis_commands.py
+        payment = {"source": "manual_test_grant", "granted_by": "manual_redis_commands",
+                   "timestamp": granted.isoformat(), "test_account": True}
+    return {"granted_at": granted.isoformat(), "expires_at": (granted + timedelta(days=days)).isoformat(),
+            "plan": "premium" if kind != "manual" else "pro", "duration_days": days, "client_ip": ip, "email": email,
             "payment_info": payment}
 
 
-def _subscription_doc(ctx: _Ctx, status: str | None, iso: bool) -> tuple[dict[str, Any], int]:
+def _subscription_doc(ctx: _Ctx, status: str | None) -> tuple[dict[str, Any], int]:
     """A Stripe subscription and the seconds its key has left."""
     rng, now = ctx.rng, ctx.now
     name, display, tier, limit, monthly, annual, features = _weighted(rng, _PLANS, _PLAN_CUM)
@@ -520,14 +532,19 @@ def _subscription_doc(ctx: _Ctx, status: str | None, iso: bool) -> tuple[dict[st
         start = _ago(ctx, HOUR, length.total_seconds() - HOUR)
         end = start + length
         ttl = _ttl_left(ctx, 365 * DAY, start) if _chance(rng, 0.5) else int((end - now).total_seconds()) + 7 * DAY
+    # json.dumps(..., default=str) of datetime.fromtimestamp(<Stripe's int>): a space, no microseconds
     doc = {
         "subscription_id": "sub_" + _alnum(rng, 24),
         "plan_name": name, "plan_display_name": display, "tier_level": tier, "status": status,
-        "current_period_start": _fmt(start, iso), "current_period_end": _fmt(end, iso),
+        "current_period_start": str(start.replace(microsecond=0)), "current_period_end": str(end.replace(microsecond=0)),
         "cancel_at_period_end": status in ("canceled", "cancelled") or _chance(rng, 0.1),
         "thread_limit": limit, "features": list(features), "is_annual": is_annual,
         "monthly_price": monthly, "annual_price": annual,
     }
+    if name != "unknown" and _chance(rng, 0.3):  # routes/subscription.py @1af4fa7: fewer fields, shorter names
+        doc["plan_name"] = name.removeprefix("threadr_")
+        for field in ("plan_display_name", "tier_level", "is_annual", "monthly_price", "annual_price"):
+            del doc[field]
     return doc, ttl
 
 
@@ -616,7 +633,7 @@ def _write_threads(ctx: _Ctx, p: _Plan, user_id: str, user_created: datetime) ->
         period = "MetricPeriod.DAY" if p.period_enum else "day"  # str() of the enum leaked into keys
         for metric in _pick(rng, _METRIC_SETS):
             w.zadd("analytics_timeseries", f"analytics:{user_id}:timeseries:{metric}:{period}",
-                   _timeseries_members(ctx, metric, period), None)
+                   _timeseries_members(ctx, metric), None)
 
 
 def _write_premium(ctx: _Ctx, p: _Plan, email: str, ip: str) -> None:
@@ -629,8 +646,11 @@ def _write_premium(ctx: _Ctx, p: _Plan, email: str, ip: str) -> None:
         granted = _ago(ctx, days * DAY + HOUR, (days + 7) * DAY - HOUR)
     else:
         granted = _ago(ctx, 60, days * DAY - HOUR)
+    # the webhook grants to no ip (its key is ip:None), dual_write's email grants to 0.0.0.0, the
+    # admin API to the caller's address
     grant_ip = {"client": ip, "zero": "0.0.0.0", "none": None}[p.grant_ip]
-    value = json.dumps(_grant_doc(rng, p.premium, email, grant_ip, granted, days, p.iso))
+    kind = "manual" if p.premium == "manual" else "stripe" if p.grant_ip == "none" else "api"
+    value = json.dumps(_grant_doc(rng, kind, email, grant_ip, granted, days))
     ttl = _ttl_left(ctx, (days + 7) * DAY, granted)
     # One purchase, both keys, the same bytes: as the app wrote them.
     ctx.w.string("premium_ip", f"threadr:premium:ip:{grant_ip}", value, ttl, shared=p.grant_ip != "client")
@@ -643,13 +663,13 @@ def _write_subscription(ctx: _Ctx, p: _Plan, user_id: str, email: str) -> bool:
     """Returns whether the subscription grants premium now (for the user's role)."""
     if not p.subscription:
         return False
-    doc, ttl = _subscription_doc(ctx, p.sub_status, p.iso)
-    owner = user_id if p.subscription == "user_id" else email
-    ctx.w.json_doc("subscription", f"threadr:subscription:user:{owner}", doc, ttl)
-    if doc["status"] in ("active", "trialing"):
-        ctx.w.sadd("subscriptions_active", "threadr:subscriptions:active", [doc["subscription_id"]], None, shared=True)
-        return True
-    return False
+    doc, ttl = _subscription_doc(ctx, p.sub_status)
+    owners = [user_id if p.subscription == "user_id" else email, *([email] if p.sub_both_keys else [])]
+    for owner in owners:
+        ctx.w.json_doc("subscription", f"threadr:subscription:user:{owner}", doc, ttl)
+    # create_user_subscription adds the customer to the set whatever the status
+    ctx.w.sadd("subscriptions_active", "threadr:subscriptions:active", owners, None, shared=True)
+    return doc["status"] in ("active", "trialing")
 
 
 def _write_newsletter(ctx: _Ctx, email: str, ip: str, iso: bool) -> None:
@@ -664,7 +684,7 @@ def _write_account(ctx: _Ctx, p: _Plan, user_id: str, email: str, ip: str, role:
     rng, now, w = ctx.rng, ctx.now, ctx.w
     created = _ago(ctx, HOUR, 700 * DAY)
     updated = _between(rng, max(created, now - timedelta(days=300)), now)
-    doc = _user_doc(ctx, user_id, email, role, ip, created, updated, p.iso)
+    doc = _user_doc(ctx, user_id, email, role, ip, created, updated, True)  # User.model_dump_json: ISO, a T
     ttl = _ttl_left(ctx, _pick(rng, (365, 730)) * DAY, updated)
     w.json_doc("user", f"threadr:user:{user_id}", doc, ttl)
     w.string("user_email_index", f"threadr:user:email:{email}", user_id, ttl)  # plain string, not JSON
@@ -695,14 +715,17 @@ def _seed_user(ctx: _Ctx, i: int) -> None:
     rng = ctx.rng
     p = _plan_user(rng, i)
     user_id = "user_" + _token(rng)
-    email = _email(rng, i, p.email_style)
+    typed = _email(rng, i, p.email_style)  # as the person typed it, and as Stripe keeps it
+    email = typed.lower()  # registration, subscription and login lower-case it
     ip = _client_ip(rng, i, p.ipv6)
     # The role depends on paid state, so premium keys are written before the user document.
-    has_sub = _write_subscription(ctx, p, user_id, email)
-    _write_premium(ctx, p, email, ip)
+    has_sub = _write_subscription(ctx, p, user_id, typed)
+    _write_premium(ctx, p, typed, ip)
     paid = has_sub or (p.premium is not None and not p.grant_expired)
     role = "premium" if paid and _chance(rng, 0.9) else _weighted(rng, _ROLES, _ROLES_CUM)
     created = _write_account(ctx, p, user_id, email, ip, role)
+    if i < len(_FORCED):
+        ctx.users.append((user_id, email))
     _write_threads(ctx, p, user_id, created)
     _write_usage(ctx, p, ip, email, user_id)
     if p.newsletter:
@@ -734,12 +757,101 @@ def _write_globals(ctx: _Ctx, users: int) -> None:
     w.hset("unmapped", "threadr:feature_flags", {"new_editor": "on", "beta_analytics": "off"}, None, shared=True)
 
 
+# The edge cases below leave these dangling references, per pattern: stale index members are
+# the app's design (it adds members and rarely removes them), the rest its races and half-done writes.
+DANGLING = {"subscriptions_active": 1, "user": 1, "user_email_index": 1, "thread": 1, "user_threads": 1,
+            "analytics_threads": 1, "newsletter": 2, "newsletter_list": 1}
+# A saved thread this long is over the 4 MiB cap earlier versions refused values at.
+LARGE_THREAD_CHARS = 4_500_000
+
+
+def _write_edge_cases(ctx: _Ctx) -> None:
+    """Shapes Threadr's own code (and its scripts) write, once each, so that every run of the test
+    suite proves them: docs/threadr-mapping.md says which code writes each."""
+    rng, w, now = ctx.rng, ctx.w, ctx.now
+    granted = now - timedelta(days=3)
+    # two admin API grants reusing one payment_reference (free text): two records, not one
+    for email, ip in (("ann.collide@example.com", "203.0.113.50"), ("bob.collide@example.com", "203.0.113.51")):
+        doc = _grant_doc(rng, "api", email, ip, granted, 30)
+        doc["payment_info"]["payment_reference"] = "ORDER-1001"
+        w.string("premium_ip", f"threadr:premium:ip:{ip}", json.dumps(doc), 37 * DAY)
+        w.string("premium_email", f"threadr:premium:email:{email}", json.dumps(doc), 37 * DAY)
+    # pasted from show_redis_commands.py: compact JSON, no client_ip at all, its ip key 127.0.0.1
+    manual = _grant_doc(rng, "manual", "support@example.com", None, granted, 365)
+    del manual["client_ip"]
+    w.string("premium_ip", "threadr:premium:ip:127.0.0.1", json.dumps(manual, separators=(",", ":")), 372 * DAY)
+    w.string("premium_email", "threadr:premium:email:support@example.com", json.dumps(manual, separators=(",", ":")),
+             372 * DAY)
+    # the webhook for a Stripe customer without an email: the key says None
+    orphan_sub, ttl = _subscription_doc(ctx, "active")
+    w.json_doc("subscription", "threadr:subscription:user:None", orphan_sub, ttl)
+    # dual_write_service's grant_subscription_access: its own id, periods with microseconds, a `source`
+    owner = ctx.users[5][0]
+    start = now - timedelta(days=2)
+    w.json_doc("subscription", f"threadr:subscription:user:{owner}", {
+        "subscription_id": f"dual_write_{owner}_{_epoch(start)}", "plan_name": "premium", "status": "active",
+        "current_period_start": str(start), "current_period_end": str(start + timedelta(days=30)), "tier_level": 2,
+        "thread_limit": -1, "features": ["unlimited_threads"], "source": "dual_write"}, 35 * DAY)
+    w.sadd("subscriptions_active", "threadr:subscriptions:active", ["None", owner, "user_gone_long_ago"], None,
+           shared=True)  # the last one: a member outliving its record
+    # a user of the app's PostgreSQL fallback (a UUID id), two registrations that raced for one
+    # email (the index names the second), and an index entry whose user is gone
+    uuid_user = _uuid4(rng)
+    created = now - timedelta(days=40)
+    for user_id, email in ((uuid_user, "fallback.user@example.com"), ("user_" + _token(rng), "twin@example.com"),
+                           ("user_" + _token(rng), "twin@example.com")):
+        w.json_doc("user", f"threadr:user:{user_id}",
+                   _user_doc(ctx, user_id, email, "user", "unknown", created, now - timedelta(days=1), True), 730 * DAY)
+        w.string("user_email_index", f"threadr:user:email:{email}", user_id, 730 * DAY, shared=True)
+    w.string("user_email_index", "threadr:user:email:ghost@example.com", "user_" + _token(rng), 730 * DAY)
+    _write_counters(ctx, "user", uuid_user)
+    for ip in ("unknown", "not an ip"):  # X-Forwarded-For is whatever the client sent
+        _write_counters(ctx, "ip", ip)
+    at = now - timedelta(hours=2)
+    w.json_doc("usage_log", f"threadr:usage:log:unknown:{_epoch(at)}", _usage_log_doc(at, "unknown", None), 7 * DAY)
+    # a user's threads: a 200-character title, a large one, one its list misses, one the list
+    # names that is gone, and one the SavedThread model refuses (a tweet over 280 characters)
+    user_id = "user_" + _token(rng)
+    w.json_doc("user", f"threadr:user:{user_id}",
+               _user_doc(ctx, user_id, "writer@example.com", "premium", "unknown", created, now, True), 730 * DAY)
+    w.string("user_email_index", "threadr:user:email:writer@example.com", user_id, 730 * DAY)
+    ids = [_uuid4(rng) for _ in range(5)]
+    docs = [_thread_doc(rng, tid, user_id, now - timedelta(days=k + 1), now - timedelta(days=k), False)
+            for k, tid in enumerate(ids)]
+    docs[0]["title"] = ("Two hundred characters: " + "x" * 200)[:200]
+    docs[1]["original_content"] = ("Ünïcödé 🚀 " + "An article pasted whole, long. " * LARGE_THREAD_CHARS)[:LARGE_THREAD_CHARS]
+    docs[4]["tweets"][0]["content"] = "y" * 281
+    for k in (0, 1, 2):
+        w.json_doc("thread", f"threadr:thread:{ids[k]}", docs[k], 365 * DAY)
+    w.json_doc("refused", f"threadr:thread:{ids[4]}", docs[4], 365 * DAY)
+    w.json_doc("user_threads", f"threadr:user_threads:{user_id}", [ids[0], ids[1], ids[3], ids[4]], 365 * DAY)
+    analytics = _analytics_doc(rng, docs[0], now - timedelta(days=1), now)
+    w.json_doc("thread_analytics", f"analytics:{user_id}:thread:{ids[0]}", analytics, 90 * DAY)
+    posted = {**analytics, "thread_id": "ext:thread:42", "created_at": "2026-01-02T03:04:05+00:00",
+              "posted_at": "2026-01-02T03:04:05+00:00", "optimal_length": None}  # posted by a client
+    w.json_doc("thread_analytics", f"analytics:{user_id}:thread:ext:thread:42", posted, 90 * DAY)
+    w.zadd("analytics_threads", f"analytics:{user_id}:threads",
+           {ids[0]: _epoch(now), "ext:thread:42": _epoch(now), ids[3]: _epoch(now)}, None)
+    # newsletter records a script wrote: dual_write's (a user_id and more, not in the list) and a
+    # case variant of an address; and a list member whose record is gone
+    w.json_doc("newsletter", "threadr:email:dual.writer@example.com", {
+        "user_id": _uuid4(rng), "subscribed_at": granted.isoformat(), "source": "dual_write",
+        "email": "dual.writer@example.com", "plan": "free"}, 730 * DAY)
+    w.json_doc("newsletter", "threadr:email:Dana@Example.com", _newsletter_doc(rng, "Dana@Example.com", "unknown", granted,
+                                                                               True), 730 * DAY)
+    w.sadd("newsletter_list", "threadr:emails:list", ["gone.reader@example.com"], 730 * DAY, shared=True)
+    # failed logins are recorded for accounts that do not exist too
+    w.json_doc("failed_login", "threadr:failed_login:nobody@example.com:2001:db8::dead",
+               _failed_login_doc(rng, "nobody@example.com", "2001:db8::dead", now, True), 90 * 60)
+    w.string("unmapped", "legacy:line\nbreak", "1", None)  # a control character in a key name
+
+
 def _write_malformed(ctx: _Ctx, count: int) -> None:
     """Hostile values under mapped patterns. Key names never collide with realistic ones: user
     IPv6 addresses have one group between db8 and ::, these have two."""
     rng, w, today = ctx.rng, ctx.w, ctx.now.isoformat()[:10]
     for k in range(count):
-        kind = k % 6
+        kind = k % 7
         if kind == 0:
             key = _pick(rng, ("threadr:user:", "threadr:subscription:user:")) + "user_" + _token(rng)
             w.string("malformed", key, '{"email": "x@', None)
@@ -751,8 +863,10 @@ def _write_malformed(ctx: _Ctx, count: int) -> None:
             w.string("malformed", f"threadr:email:bad{k}@example.net", b"\xff\xfe\x00bad", None)
         elif kind == 4:
             w.string("malformed", f"threadr:premium:ip:2001:db8:dead:beef::{k + 1:x}", "[1, 2]", None)
-        else:
+        elif kind == 5:
             w.string("malformed", f"threadr:usage:ip:2001:db8:dead:beef::{k + 1:x}:daily:{today}", "abc", DAY)
+        else:  # an index of the wrong type: a set where the app keeps a JSON array
+            w.sadd("malformed", "threadr:user_threads:user_" + _token(rng), [_uuid4(rng)], None)
 
 
 def seed_demo(r: "redis.Redis", users: int, *, seed: int = 42, now: datetime | None = None,
@@ -775,11 +889,14 @@ def seed_demo(r: "redis.Redis", users: int, *, seed: int = 42, now: datetime | N
         _seed_user(ctx, i)
     if users:
         _write_globals(ctx, users)
+    if users >= len(_FORCED):
+        _write_edge_cases(ctx)
     _write_malformed(ctx, malformed)
     ctx.w.flush()
     counts = dict(ctx.w.counts)
-    if not malformed:
-        del counts["malformed"]
+    for extra in ("malformed", "refused"):
+        if not counts[extra]:
+            del counts[extra]
     return counts
 
 

@@ -15,8 +15,9 @@ TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migr
           "migration_verifications", "migration_verify_ranges")
 
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
-# ...plus the target rows the migrated keys became (a zset key may become many rows).
-TALLY_FIELDS = (*COUNT_FIELDS, "rows")
+# ...plus the target rows the migrated keys became (a zset key may become many rows), and the
+# references the keys read made (mapping.Reference) and those of them that dangle.
+TALLY_FIELDS = (*COUNT_FIELDS, "rows", "references", "dangling")
 # Where a batch's time goes (migration_batches.timings, seconds): "write" runs in a thread
 # beside the others; "write_wait" is the part of it the batch waited for; "throttle" is
 # time slept under --max-keys-per-sec.
@@ -36,6 +37,11 @@ class PatternCounts:
         counts["scanned"] += n
         counts[outcome] += n
         counts["rows"] += rows
+
+    def note(self, pattern: str, field: str, n: int = 1) -> None:
+        """Count something of the pattern's keys that is not an outcome (references, dangling)."""
+        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(TALLY_FIELDS, 0))
+        counts[field] += n
 
     def total(self, outcome: str) -> int:
         return sum(c[outcome] for c in self.by_pattern.values())
@@ -109,14 +115,14 @@ def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) ->
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float]) -> None:
-    """Mark a batch done with its tallies."""
+                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]]) -> None:
+    """Mark a batch done with its tallies (and examples of its dangling references, per pattern)."""
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s WHERE id = %s",
+        " timings = %s, dangling = %s WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
-         orjson.dumps(timings).decode(), batch_id),
+         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), batch_id),
     )
 
 
@@ -200,16 +206,25 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     cur.execute(
         "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
         " keys_dead, keys_expired, rows_written, pattern_counts, error,"
-        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at FROM migration_batches WHERE run_id = %s"
+        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at, dangling FROM migration_batches"
+        " WHERE run_id = %s"
         " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
         (run_id,),
     )
     keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
-            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at")
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at", "dangling")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:
         row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
     return rows
+
+
+def dangling_examples(batches: list[dict[str, Any]], pattern: str, limit: int = 5) -> list[dict[str, Any]]:
+    """A few of a pattern's dangling references, over batches (ledger.batches rows)."""
+    found: list[dict[str, Any]] = []
+    for batch in batches:
+        found += (batch.get("dangling") or {}).get(pattern, [])
+    return found[:limit]
 
 
 def latest_verdicts(cur: Any, run_id: str) -> dict[str, bool]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable, Iterable, Sequence
 
 import orjson
@@ -41,6 +41,10 @@ class BadRecord(ValueError):
     """A source value that cannot be migrated as it is; it becomes a dead letter with this reason."""
 
 
+# What a malformed value makes a transform raise; anything else is a bug and fails the batch.
+SHAPE_ERRORS = (BadRecord, ValueError, TypeError, KeyError, AttributeError, OverflowError)
+
+
 # Row and SourceRecord are made once per key on the hot path: not frozen, since a frozen
 # dataclass's __init__ costs four times as much.
 @dataclass(slots=True)
@@ -70,6 +74,18 @@ class SourceRecord:
 
 
 Transform = Callable[[SourceRecord], list[Row]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A key a record says exists, and with `member`, holds `member` (in a set or sorted set, in a
+    JSON array, or as its whole text): an index entry's record, or the index a record belongs in."""
+
+    key: str
+    member: str | None = None
+
+
+References = Callable[[SourceRecord], list[Reference]]
 
 # How a value read from Redis is decoded before the transform sees it.
 VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset")
@@ -103,7 +119,10 @@ class Pattern:
     """One shape of key: how to recognise it, what Redis type it holds and where it goes.
 
     A pattern either has a `transform` and a `table`, or a `skip` reason (ephemeral data,
-    an index kept only for cross-checks, ...): skipped keys are counted, never read.
+    an index kept only for cross-checks, ...): skipped keys are counted, and read only to check
+    their `references`. A record's references (the records an index names, the index a record
+    belongs in) are checked in Redis as the keys are read: one that is not there is counted as
+    dangling, within the pattern's budget (`max_dangling_ratio`, else the run's dead-letter ratio).
     """
 
     name: str
@@ -124,6 +143,11 @@ class Pattern:
     # letters than both fail its priority.
     max_dead_ratio: float | None = None
     max_dead_keys: int | None = None
+    references: References | None = None
+    max_dangling_ratio: float | None = None
+    # Its naive datetimes are UTC (the app wrote datetime.utcnow()), whatever --source-timezone
+    # (the zone of the app host's local time) says.
+    utc_naive: bool = False
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:
@@ -139,6 +163,15 @@ class Pattern:
     @property
     def migrated(self) -> bool:
         return self.transform is not None
+
+    def zone(self, source_tz: tzinfo) -> tzinfo:
+        """The zone its naive datetimes are read in."""
+        return timezone.utc if self.utc_naive else source_tz
+
+    @property
+    def read(self) -> bool:
+        """Whether a run reads this pattern's values: to migrate them, or to check their references."""
+        return self.transform is not None or self.references is not None
 
 
 
@@ -186,7 +219,7 @@ class Mapping:
             f"(?P<p{i}>" + re.sub(r"\(\?P<(\w+)>", rf"(?P<p{i}_\1>", p.grammar) + ")"
             for i, p in enumerate(self.patterns)
         ]
-        combined = re.compile("|".join(branches))
+        combined = re.compile("|".join(branches), re.DOTALL)  # a key name may hold a newline
         object.__setattr__(self, "_combined", combined)
         # Indexed by a match's lastindex (the alternation's outer group closes last, so it names
         # the branch): the owning pattern, and its field names with their group numbers.

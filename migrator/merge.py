@@ -77,9 +77,9 @@ class TableRule:
         expects them, and the rows that are missing or differ, as [id, key, kind, [columns]].
 
         Every column of the table is compared but the provenance and the `unknown` ones (another
-        key of the row fills them): one the rows leave out must hold its default. A lookup column
-        a record leaves NULL may hold what another key filled in, and a column linked through
-        legacy_id_map (`links`: the row's reference columns) must hold the user the map names.
+        key of the row fills them; the writer's COALESCE keeps them): one the rows leave out must
+        hold its default, and a column linked through legacy_id_map (`links`: the row's reference
+        columns) must hold the user the map names.
         Counters and documents must be equal: whether a difference is the app's (the key's value
         moved since the row was written, or the document's `version` is newer than `since`) or
         the row's own is said by `kind`: changed, or different.
@@ -89,7 +89,7 @@ class TableRule:
         e = lambda c: sql.SQL("e.") + sql.Identifier(c)  # noqa: E731
         same: list[tuple[str, sql.Composable]] = []
         for c in columns:
-            if c in VOLATILE:
+            if c in VOLATILE or c in unknown:
                 continue
             if c == LINKED and links:
                 # the user the map names (the link step's rule), unless the record names one itself
@@ -97,9 +97,7 @@ class TableRule:
                     sql.SQL(LEGACY_KEY).format(ref=t(ref))) for ref in links]
                 expected = sql.SQL("COALESCE({})").format(sql.SQL(", ").join([e(c), *found]))
                 same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), expected)))
-            elif c in self.coalesce:
-                same.append((c, sql.SQL("({} IS NULL OR {} IS NOT DISTINCT FROM {})").format(e(c), t(c), e(c))))
-            else:
+            else:  # a lookup column too: one the record cannot know is in `unknown`
                 same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), e(c))))
         for c, column_type in types.items():
             default = column_type[2]

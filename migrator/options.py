@@ -6,7 +6,6 @@ from typing import Any
 
 from .mapping import UNMAPPED, Mapping, Pattern, Priority
 
-DEFAULT_MAX_VALUE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,9 @@ class RunOptions:
     patterns: tuple[str, ...] = ()
     continue_on_error: bool = False
     rollback_on_failure: bool = True
-    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    # An operator's cap: larger values become dead letters. None: any size the target can hold
+    # (a large value is read and written on its own, so memory stays bounded by it).
+    max_value_bytes: int | None = None
     source_timezone: str = "UTC"
     ranges: int | None = None
     # How many more keys a fresh count of the source may find than were scanned (live traffic

@@ -46,3 +46,12 @@ def redact_text(text: str) -> str:
     text = IPV4.sub(r"\1.\2.x.x", text)
     return IPV6.sub(r"\1:x", text)
 
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """Control characters (a newline in a key name) escaped as Python writes them, so a line of a
+    table stays one line."""
+    return CONTROL.sub(lambda m: repr(m.group(0))[1:-1], text)

@@ -13,6 +13,7 @@ from . import ledger
 from .ledger import COUNT_FIELDS
 from .mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
 from .options import RunOptions
+from .redact import printable, redact_text
 from .validate import figure_checks
 
 
@@ -44,6 +45,8 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
             "skip_reason": (pattern.skip if pattern else UNMAPPED_REASON) if c["skipped"] else None,
             "balanced": c["scanned"] == c["migrated"] + c["skipped"] + c["dead"] + c["expired"],
             "dead_reasons": reasons.get((priority, name), []),
+            "dangling_examples": [{k: v if v is None else printable(redact_text(v)) for k, v in e.items()}
+                                  for e in ledger.dangling_examples(batches, name)],
         })
     for p in patterns:
         # a pattern's share of its priority's elapsed time, by keys scanned (batches mix patterns)
@@ -58,7 +61,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         "dry_run": run["dry_run"],
         "error": run["error"],
         "patterns": patterns,
-        "totals": {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows")},
+        "totals": {f: sum(p[f] for p in patterns) for f in (*COUNT_FIELDS, "rows", "dangling")},
         "figures": figures,  # keys/s, elapsed (batches running) and wall clock, rows written: as `status` shows them
         "batches": {"total": len(batches), "failed": sum(b["status"] == "failed" for b in batches),
                     "done": sum(b["status"] == "done" for b in batches)},
@@ -97,13 +100,14 @@ def write_report(report: dict[str, Any], directory: Path) -> Path:
 
 
 def render(report: dict[str, Any]) -> str:
-    head = ("pattern", "priority", "table", "read", "migrated", "rows", "skipped", "dead", "expired", "seconds", "keys/s", "ok")
+    head = ("pattern", "priority", "table", "read", "migrated", "rows", "skipped", "dead", "expired", "dangling", "seconds",
+            "keys/s", "ok")
     line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", p["scanned"], p["migrated"], p["rows"], p["skipped"],
-                         p["dead"], p["expired"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
+                         p["dead"], p["expired"], p["dangling"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
     rows = [(*line_of(p), "yes" if p["balanced"] else "NO") for p in report["patterns"]]
     t, f = report["totals"], report["figures"]
     rows.append(("TOTAL", "", "", t["scanned"], t["migrated"], t["rows"], t["skipped"], t["dead"], t["expired"],
-                 f"{f['elapsed_s']:.3f}", f["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
+                 t["dangling"], f"{f['elapsed_s']:.3f}", f["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
     out = [f"run {report['run_id']}  status {report['status']}" + ("  (dry run: nothing kept)" if report["dry_run"] else ""),
@@ -116,6 +120,11 @@ def render(report: dict[str, Any]) -> str:
     if dead:
         out.append("dead letters by reason:")
         out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}" for p in dead]
+    dangling = [p for p in report["patterns"] if p["dangling"]]
+    if dangling:
+        out.append("dangling references (an index entry whose record is not there, a record its index does not list):")
+        out += [f"  {p['pattern']}: {p['dangling']:,} of {p['references']:,}, e.g. "
+                + "; ".join(dangling_line(e) for e in p["dangling_examples"][:3]) for p in dangling]
     b = report["batches"]
     out.append(f"batches {b['done']}/{b['total']} done, {b['failed']} failed; "
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")
@@ -130,3 +139,9 @@ def render(report: dict[str, Any]) -> str:
                                                              for t in m["tables"]))
         out.append("figures: " + ", ".join(f"{k} {v}" for k, v in m["figures"].items()))
     return "\n".join(out)
+
+
+def dangling_line(example: dict[str, Any]) -> str:
+    """One dangling reference (masked by build_report): which key made it and what it names."""
+    held = f" does not hold {example['member']}" if example.get("member") is not None else " is not there"
+    return f"{example['key']} -> {example['reference']}{held}"

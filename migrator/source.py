@@ -32,10 +32,15 @@ class KeyRead:
     truncated: bool = False  # a string over the limit: `raw` holds only its first bytes
 
 
+# Strings of a read chunk are read up to this many bytes: one that is longer is read whole on its
+# own afterwards, so a chunk of many keys never holds more than a few large values at once.
+CHUNK_READ_BYTES = 64 * 1024
+
+
 def _read_command(key: bytes, redis_type: str, max_bytes: int | None = None) -> tuple:
     # A string is read only up to one byte past the limit: a huge value costs no more memory
-    # than the largest one allowed. A stream or module type has no reader here: the TYPE reply
-    # alone says what was there.
+    # than the limit. A stream or module type has no reader here: the TYPE reply alone says
+    # what was there.
     if redis_type == "string" and max_bytes is not None:
         return ("GETRANGE", key, "0", str(max_bytes))
     name, *args = READ_COMMANDS.get(redis_type, ("EXISTS",))
@@ -115,14 +120,16 @@ def payload_size(raw: Any) -> int:
     return sum(len(m[0]) + 8 if isinstance(m, tuple) else len(m) for m in raw)
 
 
-def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]], max_bytes: int | None = None) -> list[KeyRead]:
+def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
+              max_bytes: int | None = CHUNK_READ_BYTES) -> list[KeyRead]:
     """Read (key, expected type) pairs: the value and its PTTL in one round trip.
 
     PTTL comes after the value, so a key that vanishes in between is counted gone whichever
-    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1;
-    an oversized one is marked truncated, with its real length asked for. TYPE is only asked
-    when the read command was refused (WRONGTYPE), and such a key is read again by its real
-    type, so its dead letter keeps what was really there.
+    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1
+    (None: whole); a longer one is marked truncated, with its real length asked for, for the
+    caller to read whole or refuse. TYPE is only asked when the read command was refused
+    (WRONGTYPE), and such a key is read again by its real type, so its dead letter keeps what
+    was really there.
     """
     commands = []
     for key, expected in wanted:

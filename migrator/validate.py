@@ -102,6 +102,29 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
     return Check("dead_letters", not over, detail, {"over_budget": over, "dead": dead})
 
 
+def reference_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts: RunOptions,
+                    batches: list[dict[str, Any]]) -> Check:
+    """Each pattern's dangling references (an index entry whose record is not there, a record its
+    index does not list) against its budget: counted and shown, failed only beyond it."""
+    by_name = {p.name: p for p in mapping.patterns}
+    over, dangling = {}, {}
+    for name, c in totals.items():
+        if not c.get("dangling"):
+            continue
+        pattern = by_name.get(name)
+        ratio = pattern.max_dangling_ratio if pattern and pattern.max_dangling_ratio is not None else opts.max_dead_ratio
+        dangling[name] = {"dangling": c["dangling"], "of": c["references"],
+                          "examples": ledger.dangling_examples(batches, name, 3)}
+        if not within(c["dangling"], c["references"], ratio, opts.max_dead_keys):
+            over[name] = {**dangling[name], "max_ratio": ratio, "max_keys": opts.max_dead_keys}
+    shown = "; ".join(f"{name} {d['dangling']:,} of {d['of']:,}" for name, d in (over or dangling).items())
+    if over:
+        detail = f"dangling references over budget: {shown}"
+    else:
+        detail = "references within budget" + (f", dangling: {shown}" if dangling else " (none dangling)")
+    return Check("references", not over, detail, {"over_budget": over, "dangling": dangling})
+
+
 def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]], tolerance: float) -> Check:
     """The verification's findings: no row differs; missing rows and rows without a key at most
     what live traffic explains (the count tolerance, as for the fresh count)."""
@@ -150,6 +173,7 @@ def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority
                         "scanned = migrated + skipped + dead + expired for every pattern" if not unbalanced
                         else f"unbalanced: {unbalanced}", {"unbalanced": unbalanced}))
     checks.append(dead_letter_check(mapping, totals, opts, reasons))
+    checks.append(reference_check(mapping, totals, opts, batches))
     counted = opts.counted(mapping, priority)
     fresh = {p["pattern"]: p["keys"] for p in verification.get("patterns", []) if p["pattern"] in counted}
     if verification["verdict"] != "incomplete":

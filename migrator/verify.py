@@ -27,12 +27,12 @@ from psycopg2 import sql
 
 from . import ledger, throttle
 from .ledger import VerifySpec
-from .mapping import UNMAPPED, Mapping, Pattern, Priority, SourceRecord
+from .mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
 from .merge import LINKED
 from .options import RunOptions
 from .partition import plan_ranges, scan_range
-from .redact import redact_text
-from .source import cluster_masters, decode, key_client, node_client, read_keys, value_digest
+from .redact import printable, redact_text
+from .source import CHUNK_READ_BYTES, cluster_masters, decode, key_client, node_client, read_keys, value_digest
 from .writer import _error_class, column_types, describe, document_param
 
 log = structlog.get_logger("migrator.verify")
@@ -77,7 +77,9 @@ class Tally:
             named = self.columns.setdefault(pattern, {})
             named[column] = named.get(column, 0) + 1
         if sum(e["pattern"] == pattern and e["kind"] == kind for e in self.examples) < EXAMPLES_PER_PATTERN:
-            self.examples.append({"pattern": pattern, "kind": kind, **example, "columns": list(columns)})
+            key = example.get("key")  # kept in the ledger as JSON, which holds no NUL
+            self.examples.append({"pattern": pattern, "kind": kind, **example, "key": key and printable(key),
+                                  "columns": list(columns)})
 
     def wrote(self, pattern: str, table: str) -> None:
         tables = self.writes.setdefault(pattern, [])
@@ -105,6 +107,8 @@ class RangeVerifier:
                  cap: throttle.Throttle | None = None) -> None:
         self.client, self.cur, self.mapping, self.opts, self.run_id = client, cur, mapping, opts, run_id
         self.cap = cap  # --max-keys-per-sec: the run's bucket, reads included
+        limit = opts.max_value_bytes
+        self.read_limit = CHUNK_READ_BYTES if limit is None else min(limit, CHUNK_READ_BYTES)
         self.scope = {p.name: p for p in patterns}
         self.compare, self.count_unmapped, self.since = compare, count_unmapped, since
         self.prefixes = (b"",) if count_unmapped else mapping.prefixes(patterns)
@@ -148,31 +152,44 @@ class RangeVerifier:
             return
         if self.cap is not None:
             self.cap.acquire(len(chunk))
-        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.opts.max_value_bytes)
+        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
         now = datetime.now(timezone.utc)
         self.cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
                          (self.run_id, [psycopg2.Binary(key) for key, _, _, _ in chunk]))
         dead = {bytes(row[0]) for row in self.cur.fetchall()}
         expected = []
         for (key, text, pattern, fields), read in zip(chunk, reads):
-            if read.redis_type == "none" or read.raw is None or read.pttl == -2:
-                self.tally.add(pattern.name, "expired")
-                continue
             if key in dead:
                 self.tally.add(pattern.name, "dead")  # the run kept no row of it
                 continue
-            if (read.redis_type != pattern.redis_type or isinstance(read.raw, Exception) or read.truncated
-                    or read.size > self.opts.max_value_bytes or text.encode() != key):
-                self.tally.add(pattern.name, "unreadable")
+            cap = self.opts.max_value_bytes
+            if read.truncated and (cap is None or read.size <= cap):  # a large value: compared on its own
+                whole = read_keys(self.client, [(key, pattern.redis_type)], None)[0]
+                self._compare([e for e in [self._expected(key, text, pattern, fields, whole, now)] if e])
                 continue
-            try:
-                rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format),
-                                                      None, now, self.tz))
-            except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-                self.tally.add(pattern.name, "unreadable")
-                continue
-            expected.append(_Expected(key, text, pattern, rows, value_digest(read.raw)))
+            found = self._expected(key, text, pattern, fields, read, now)
+            if found is not None:
+                expected.append(found)
         self._compare(expected)
+
+    def _expected(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], read: Any,
+                  now: datetime) -> "_Expected | None":
+        """What a key should have become, or None (counted) when it is gone or cannot be migrated."""
+        if read.redis_type == "none" or read.raw is None or read.pttl == -2:
+            self.tally.add(pattern.name, "expired")
+            return None
+        cap = self.opts.max_value_bytes
+        if (read.redis_type != pattern.redis_type or isinstance(read.raw, Exception) or read.truncated
+                or (cap is not None and read.size > cap) or text.encode() != key):
+            self.tally.add(pattern.name, "unreadable")
+            return None
+        try:
+            rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format), None, now,
+                                                  pattern.zone(self.tz)))
+        except SHAPE_ERRORS:
+            self.tally.add(pattern.name, "unreadable")
+            return None
+        return _Expected(key, text, pattern, rows, value_digest(read.raw))
 
     def _compare(self, expected: list[_Expected]) -> None:
         """Compare these keys' rows; a key whose rows PostgreSQL cannot even take (the run made
@@ -471,9 +488,9 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             continue
         try:
             rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
-                                                  None, now, tz))
+                                                  None, now, pattern.zone(tz)))
             yields[key] = {r.values["id"] for r in rows if r.table == table}
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        except SHAPE_ERRORS:
             yields[key] = None
     for row_id, key, metadata, expires_at in chunk:
         pattern = keys.get(key) or by_provenance.get(_compact(metadata)) or fallback
@@ -518,9 +535,9 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
     if read.redis_type == pattern.redis_type:
         try:
             rows = pattern.transform(SourceRecord(example["key"], fields, decode(read.raw, pattern.value_format), None,
-                                                  datetime.now(timezone.utc), ZoneInfo(opts.source_timezone)))
+                                                  datetime.now(timezone.utc), pattern.zone(ZoneInfo(opts.source_timezone))))
             expected = next((r.values for r in rows if r.table == example["table"] and r.values["id"] == example["id"]), {})
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        except SHAPE_ERRORS:
             pass
     with conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT to_jsonb(t) FROM {} t WHERE id = %s").format(sql.Identifier(example["table"])),
@@ -529,6 +546,12 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
     actual = found[0] if found else {}
     return [{"column": c, "postgres": mask_value(actual.get(c)), "redis": mask_value(expected.get(c))}
             for c in example["columns"]]
+
+
+def masked(result: dict[str, Any]) -> dict[str, Any]:
+    """A result fit to print: the keys of its examples masked (the ledger keeps them whole)."""
+    return {**result, "patterns": [{**p, "examples": [{**e, "key": e["key"] and printable(redact_text(e["key"]))}
+                                                       for e in p["examples"]]} for p in result.get("patterns", [])]}
 
 
 def render(result: dict[str, Any]) -> str:
@@ -553,7 +576,7 @@ def render(result: dict[str, Any]) -> str:
             out.append(f"  {p['pattern']}: differing columns " + ", ".join(f"{c} ({n:,})" for c, n in p["columns"].items()))
         for e in p["examples"]:
             where = f"{e['table']} {e['id']}"
-            out.append(f"    {e['kind']:9} {redact_text(e['key'] or '(no source key)')}  {where}"
+            out.append(f"    {e['kind']:9} {e['key'] or '(no source key)'}  {where}"
                        + (f"  {e['why']}" if e.get("why") else "")
                        + (f"  columns {', '.join(e['columns'])}" if e.get("columns") else ""))
             for d in e.get("diff", []):

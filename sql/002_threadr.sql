@@ -27,7 +27,9 @@ CREATE TABLE IF NOT EXISTS users (
     metadata                 jsonb NOT NULL DEFAULT '{}',
     expires_at               timestamptz
 );
-CREATE UNIQUE INDEX IF NOT EXISTS users_email_key ON users (lower(email));
+-- Not unique: two registrations that raced keep one email on two user records (the app's own
+-- email index says which one it finds).
+CREATE INDEX IF NOT EXISTS users_email_idx ON users (lower(email));
 
 CREATE TABLE IF NOT EXISTS newsletter_subscribers (
     id             uuid PRIMARY KEY,
@@ -37,12 +39,13 @@ CREATE TABLE IF NOT EXISTS newsletter_subscribers (
     user_agent     text,
     referrer       text,
     signup_source  text,
+    extra          jsonb NOT NULL DEFAULT '{}',   -- fields a script added (dual_write's user_id, ...)
     migration_run  uuid,
     source_key     text,
     metadata       jsonb NOT NULL DEFAULT '{}',
     expires_at     timestamptz
 );
-CREATE UNIQUE INDEX IF NOT EXISTS newsletter_subscribers_email_key ON newsletter_subscribers (lower(email));
+CREATE INDEX IF NOT EXISTS newsletter_subscribers_email_idx ON newsletter_subscribers (lower(email));
 
 -- Legacy premium grants and Stripe subscriptions. A grant may belong to an ip or an email
 -- with no registered user, so user_id is optional and ip/email are the lookup subjects.
@@ -55,12 +58,10 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     email                  text,                   -- set only from a threadr:premium:email:<email> key
     plan                   text NOT NULL,
     plan_display_name      text,
-    tier_level             smallint CHECK (tier_level BETWEEN 0 AND 3),
-    status                 text NOT NULL CHECK (status IN
-                             ('active', 'trialing', 'past_due', 'canceled', 'unpaid', 'incomplete',
-                              'incomplete_expired', 'paused', 'expired')),
+    tier_level             smallint,
+    status                 text NOT NULL,          -- Stripe's, 'canceled' for the app's 'cancelled'; 'expired' grants
     status_raw             text,                   -- as Stripe/the app spelt it (e.g. 'cancelled')
-    stripe_subscription_id text UNIQUE,
+    stripe_subscription_id text,                   -- not unique: the app may keep one under two keys
     current_period_start   timestamptz,
     current_period_end     timestamptz,
     cancel_at_period_end   boolean,
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     grant_client_ip        text,                   -- as recorded inside the grant value
     grant_email            text,
     payment_info           jsonb,
+    extra                  jsonb NOT NULL DEFAULT '{}',   -- fields a script added (dual_write's source, ...)
     migration_run          uuid,
     source_key             text,
     metadata               jsonb NOT NULL DEFAULT '{}',
@@ -88,6 +90,8 @@ CREATE INDEX IF NOT EXISTS subscriptions_ip_idx ON subscriptions (ip) WHERE ip I
 CREATE INDEX IF NOT EXISTS subscriptions_email_idx ON subscriptions (lower(email)) WHERE email IS NOT NULL;
 CREATE INDEX IF NOT EXISTS subscriptions_user_idx ON subscriptions (user_id) WHERE user_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS subscriptions_customer_idx ON subscriptions (customer_ref) WHERE customer_ref IS NOT NULL;
+CREATE INDEX IF NOT EXISTS subscriptions_stripe_idx ON subscriptions (stripe_subscription_id)
+    WHERE stripe_subscription_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS usage_counters (
     id             uuid PRIMARY KEY,
@@ -188,9 +192,10 @@ CREATE TABLE IF NOT EXISTS analytics_timeseries (
     migration_run  uuid,
     source_key     text,
     metadata       jsonb NOT NULL DEFAULT '{}',
-    expires_at     timestamptz,
-    UNIQUE (user_ref, metric, period, point_at)
+    expires_at     timestamptz
 );
+-- Not unique: two points of a series may share a timestamp (each member is a point).
+CREATE INDEX IF NOT EXISTS analytics_timeseries_point_idx ON analytics_timeseries (user_ref, metric, period, point_at);
 
 CREATE TABLE IF NOT EXISTS sessions (
     id                 uuid PRIMARY KEY,
@@ -202,7 +207,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     login_at           timestamptz,
     last_activity      timestamptz,
     client_ip          text,
-    access_token_hash  text,
+    access_token_hash  bigint,                  -- Python's hash() of the token, as the app stored it
     migration_run      uuid,
     source_key         text,
     metadata           jsonb NOT NULL DEFAULT '{}',
@@ -246,3 +251,22 @@ CREATE OR REPLACE TRIGGER sessions_journal AFTER UPDATE ON sessions
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
 CREATE OR REPLACE TRIGGER login_failures_journal AFTER UPDATE ON login_failures
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
+
+-- Databases made by earlier versions of this file: the same schema.
+DROP INDEX IF EXISTS users_email_key;
+DROP INDEX IF EXISTS newsletter_subscribers_email_key;
+ALTER TABLE newsletter_subscribers ADD COLUMN IF NOT EXISTS extra jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_status_check;
+ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_tier_level_check;
+ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_stripe_subscription_id_key;
+ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS extra jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE analytics_timeseries DROP CONSTRAINT IF EXISTS analytics_timeseries_user_ref_metric_period_point_at_key;
+DO $$
+BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_name = 'sessions' AND column_name = 'access_token_hash') = 'text' THEN
+        ALTER TABLE sessions ALTER COLUMN access_token_hash TYPE bigint
+            USING CASE WHEN access_token_hash ~ '^-?[0-9]{1,19}$' THEN access_token_hash::numeric END;
+    END IF;
+END
+$$;

@@ -114,7 +114,7 @@ def test_help_teaches_the_workflow():
 
 def test_operator_commands_from_the_command_line(settings, r, pg, tmp_path):
     """check, audit, mapping and backup as an operator runs them, in the guide's order."""
-    seed_demo(r, 30)
+    users = seed_demo(r, 30)["user"]
     check = migrator("check", "--no-workers", *urls(settings), "--broker-url", settings.broker_url)
     assert check.returncode == 0 and "OK    schema" in check.stdout, check.stdout + check.stderr
     audit = migrator("audit", "--output-dir", str(tmp_path), "--redis-url", settings.redis_url)
@@ -122,7 +122,7 @@ def test_operator_commands_from_the_command_line(settings, r, pg, tmp_path):
     assert "@example" not in audit.stdout and "@example" not in (next(tmp_path.glob("redis_audit_report_*.json"))).read_text()
     mapping = migrator("mapping", "--audit-dir", str(tmp_path), "--output-dir", str(tmp_path), "--json")
     doc = json.loads(mapping.stdout.rsplit("mapping document written", 1)[0])
-    assert mapping.returncode == 0 and next(p for p in doc["patterns"] if p["name"] == "user")["volumes"]["keys"] == 30
+    assert mapping.returncode == 0 and next(p for p in doc["patterns"] if p["name"] == "user")["volumes"]["keys"] == users
     with redis_server(tmp_path) as port:  # the shared server is too big to snapshot in a test
         backup = migrator("backup", "--dir", str(tmp_path), "--redis-url", f"redis://127.0.0.1:{port}/0",
                           "--database-url", settings.database_url)

@@ -205,7 +205,8 @@ def test_priority_flag_runs_one_priority_through_its_queue(settings, r, pg, work
                     (report["run_id"],))
         rows = cur.fetchall()
     assert [(p, ok) for p, ok, _ in rows] == [("critical", True), ("run", True)]
-    assert [c["name"] for c in rows[0][2]] == ["batches_done", "balance", "dead_letters", "source_counts", "verification"]
+    assert [c["name"] for c in rows[0][2]] == ["batches_done", "balance", "dead_letters", "references", "source_counts",
+                                                "verification"]
 
 
 def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(settings, r, pg, workers):
@@ -416,8 +417,8 @@ def test_the_chord_callbacks_run_local_and_validate_judge_alike(settings, r, pg,
     assert judged == verdicts(pg, here["run_id"])
     assert judged == {**{p: [(c["name"], c["ok"]) for c in cs] for p, cs in again["priorities"].items()},
                       "run": [(c["name"], c["ok"]) for c in again["run"]]}
-    assert [name for name, _ in judged["high"]] == ["batches_done", "balance", "dead_letters", "source_counts",
-                                                    "verification"]
+    assert [name for name, _ in judged["high"]] == ["batches_done", "balance", "dead_letters", "references",
+                                                    "source_counts", "verification"]
     with pg.cursor() as cur:
         cur.execute("SELECT run_id, checks FROM migration_validations WHERE priority = 'run'")
         figures = {str(run): orphans(checks) for run, checks in cur.fetchall()}

@@ -153,7 +153,7 @@ def test_the_apps_other_writes_keep_both_stores_in_step(service, r, pg, strategy
     service.update_user(user_id, role="premium", login_count=4)
     thread_id = service.save_thread(user_id, "T", "body", [{"id": "1", "content": "Ünï 🚀", "order": 1, "character_count": 5}])
     service.update_thread(thread_id, title="T2", is_favorite=True)
-    gone = service.save_thread(user_id, "bye", "x", [])
+    gone = service.save_thread(user_id, "bye", "x", [{"id": "2", "content": "bye", "order": 1, "character_count": 3}])
     service.delete_thread(gone)
     end = (datetime.now(timezone.utc) + timedelta(days=20)).replace(tzinfo=None).isoformat()
     service.create_subscription(user_id, {"subscription_id": "sub_live", "plan_name": "threadr_pro", "status": "active",

@@ -12,8 +12,7 @@ import orjson
 import pytest
 
 import migrator.batch
-from migrator.demo import seed_demo, seed_hostile
-from migrator.options import DEFAULT_MAX_VALUE_BYTES
+from migrator.demo import DANGLING, seed_demo, seed_hostile
 from migrator.ledger import COUNT_FIELDS
 from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
@@ -27,7 +26,9 @@ USER = {"user_id": None, "email": None, "password_hash": "$2b$12$abcdefghijklmno
 
 
 def put_user(r, ref: str, email: str, **over) -> None:
+    """A user as the app stores one: its record and its email index entry."""
     r.set(f"threadr:user:{ref}", json.dumps({**USER, "user_id": ref, "email": email, **over}), ex=86400)
+    r.set(f"threadr:user:email:{email}", ref, ex=86400)
 
 
 def test_demo_keyspace_balances_for_every_pattern(settings, r, pg):
@@ -39,19 +40,27 @@ def test_demo_keyspace_balances_for_every_pattern(settings, r, pg):
         assert p["scanned"] == p["migrated"] + p["skipped"] + p["dead"] + p["expired"], p
     # every key of the keyspace is accounted for exactly once
     assert report["totals"]["scanned"] == r.dbsize()
-    assert report["totals"]["dead"] == seeded["malformed"]
+    # only what Threadr's code could not have written: the hostile keys, and one record its model refuses
+    assert report["totals"]["dead"] == seeded["malformed"] + seeded["refused"] == 12 + 1
+    # the index checks find exactly the dangling references the demo leaves (and what the app
+    # races leave is within budget: the run completed)
+    assert {name: p["dangling"] for name, p in patterns.items() if p["dangling"]} == DANGLING
     # the run spaced the garbage collector's passes out in its process (the bench shows why)
     assert gc.get_threshold() == migrator.batch.GC_THRESHOLDS
     for pattern in THREADR.patterns:
         if seeded.get(pattern.name):
             assert pattern.name in patterns, pattern.name
-            if pattern.skip:
-                assert patterns[pattern.name]["skipped"] == patterns[pattern.name]["scanned"] > 0
+            if pattern.skip:  # (an index of the wrong type is a dead letter)
+                assert patterns[pattern.name]["skipped"] + patterns[pattern.name]["dead"] == \
+                    patterns[pattern.name]["scanned"] > 0
                 assert patterns[pattern.name]["skip_reason"] == pattern.skip
     assert patterns[UNMAPPED]["skipped"] == seeded["unmapped"]
     with pg.cursor() as cur:
         cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s AND error <> ''", (report["run_id"],))
-        assert cur.fetchone()[0] == seeded["malformed"]
+        assert cur.fetchone()[0] == seeded["malformed"] + seeded["refused"]
+        cur.execute("SELECT error FROM migration_dead_letters WHERE run_id = %s AND pattern = 'user_threads'",
+                    (report["run_id"],))
+        assert {e for e, in cur.fetchall()} == {"wrong Redis type: expected string, found set"}  # an index, read
         cur.execute("SELECT count(*) FROM users WHERE metadata->>'source' LIKE '%%redis%%'")
         assert cur.fetchone()[0] == patterns["user"]["migrated"]
 
@@ -78,38 +87,37 @@ def test_dry_run_numbers_equal_real_run_numbers_and_keep_nothing(settings, r, pg
 
 
 def test_poisoned_sub_batch_commits_good_rows_and_dead_letters_only_bad_ones(settings, r, pg):
+    """Records Python accepts and PostgreSQL refuses are found by halving the sub-batch."""
     for i in range(20):
         put_user(r, f"user_{i:02d}", f"u{i}@x.io")
-    put_user(r, "user_badrole", "bad@x.io", role="superuser")  # violates the CHECK only PostgreSQL knows
-    put_user(r, "user_dupmail", "U3@x.io")  # same email as user_03, case-insensitively
+    put_user(r, "user_overflow", "big@x.io", login_count=2 ** 40)  # beyond the integer column
+    put_user(r, "user_nul", "nul\u0000@x.io")  # a NUL: no text column holds one
     report = migrate(settings, batch_size=50)
     users = by_pattern(report)["user"]
     assert (users["migrated"], users["dead"]) == (20, 2)
     with pg.cursor() as cur:
-        cur.execute("SELECT key_text, error FROM migration_dead_letters")
+        cur.execute("SELECT key_text, error FROM migration_dead_letters WHERE pattern = 'user'")
         letters = dict(cur.fetchall())
         cur.execute("SELECT count(*) FROM users")
         assert cur.fetchone()[0] == 20
-        cur.execute("SELECT legacy_id FROM users WHERE lower(email) = 'u3@x.io'")
-        (owner,) = cur.fetchone()
-    # whichever of the two holders of u3@x.io came first keeps it; the other is the dead letter
-    loser = ({"user_03", "user_dupmail"} - {owner}).pop()
-    assert set(letters) == {"threadr:user:user_badrole", f"threadr:user:{loser}"}
-    assert "users_role_check" in letters["threadr:user:user_badrole"]
-    assert "users_email_key" in letters[f"threadr:user:{loser}"]
+    assert set(letters) == {"threadr:user:user_overflow", "threadr:user:user_nul"}
+    assert "out of range" in letters["threadr:user:user_overflow"]
+    assert "\\u0000" in letters["threadr:user:user_nul"]
 
 
 def test_check_violation_and_unique_violation_in_one_sub_batch(settings, r, pg):
+    """A CHECK of the table and a unique index, violated in one sub-batch: each record alone."""
+    failure = {"attempts": 2, "last_attempt": "2026-11-27T17:00:00", "email": "a@x.io", "client_ip": "1.2.3.4"}
     for i in range(10):
-        put_user(r, f"user_{i:02d}", f"u{i}@x.io")
-    put_user(r, "user_badrole", "bad@x.io", role="superuser")
+        r.set(f"threadr:failed_login:u{i}@x.io:1.2.3.4", json.dumps({**failure, "email": f"u{i}@x.io"}))
+    r.set("threadr:failed_login:neg@x.io:1.2.3.4", json.dumps({**failure, "email": "neg@x.io", "attempts": -1}))
     report = migrate(settings, batch_size=100)
-    assert (by_pattern(report)["user"]["migrated"], by_pattern(report)["user"]["dead"]) == (10, 1)
+    assert (by_pattern(report)["failed_login"]["migrated"], by_pattern(report)["failed_login"]["dead"]) == (10, 1)
     with pg.cursor() as cur:
         cur.execute("SELECT error, raw_value FROM migration_dead_letters")
         error, raw = cur.fetchone()
-    assert "users_role_check" in error
-    assert json.loads(bytes(raw))["role"] == "superuser"  # the raw value is kept in PostgreSQL
+    assert "login_failures_attempts_check" in error
+    assert json.loads(bytes(raw))["attempts"] == -1  # the raw value is kept in PostgreSQL
 
 
 def test_hostile_values_become_dead_letters_with_reasons(settings, r, pg):
@@ -128,17 +136,25 @@ def test_hostile_values_become_dead_letters_with_reasons(settings, r, pg):
     with pg.cursor() as cur:
         cur.execute("SELECT key_text, redis_type, error FROM migration_dead_letters")
         reasons = {key: (rtype, error) for key, rtype, error in cur.fetchall()}
-        cur.execute("SELECT legacy_id FROM users")
-        assert [row[0] for row in cur.fetchall()] == ["user_ok"]
+        cur.execute("SELECT legacy_id, length(app_metadata->>'blob') FROM users ORDER BY legacy_id")
+        # a 5 MB user is the app's data: it migrates whole (no size is refused by default)
+        assert cur.fetchall() == [("user_huge", 5 * 1024 * 1024), ("user_ok", None)]
     assert "not valid JSON" in reasons["threadr:user:user_json"][1]
     assert reasons["threadr:user:user_hash"] == ("hash", "wrong Redis type: expected string, found hash")
     assert "not valid UTF-8" in reasons["threadr:email:nonutf8@x.io"][1]
-    assert "over the" in reasons["threadr:user:user_huge"][1] and "--max-value-bytes" in reasons["threadr:user:user_huge"][1]
     assert "\\u0000" in reasons["threadr:user:user_nul"][1] or "NUL" in reasons["threadr:user:user_nul"][1]
     assert "not valid UTF-8" in reasons["threadr:user:user_\\xff"][1]
     assert "not an integer" in reasons["threadr:usage:ip:1.2.3.4:daily:2026-11-27"][1]
     assert reasons["threadr:thread:8a1f2c3d-0000-4000-8000-000000000001"][0] == "list"
-    assert report["totals"]["dead"] == 8 and report["totals"]["migrated"] == 1
+    assert report["totals"]["dead"] == 7 and report["totals"]["migrated"] == 3  # two users and user_ok's index
+    # an operator's cap refuses what is larger, keeping its first bytes and saying how to lift it
+    capped = migrate(settings, max_value_bytes=1024 * 1024)
+    assert by_pattern(capped)["user"]["dead"] == 5
+    with pg.cursor() as cur:
+        cur.execute("SELECT error, length(raw_value) FROM migration_dead_letters WHERE run_id = %s"
+                    " AND key_text = 'threadr:user:user_huge'", (capped["run_id"],))
+        error, kept = cur.fetchone()
+    assert "over the 1,048,576-byte limit of --max-value-bytes" in error and kept == 64 * 1024 + 1
 
 
 def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkeypatch):
@@ -147,15 +163,16 @@ def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkey
     real_read = migrator.batch.read_keys
 
     def read_after_expiry(client, wanted, *args):
-        # the race made certain: some keys vanish between SCAN and the value read
-        for key, _ in wanted[::3]:
+        # the race made certain: some users vanish between SCAN and the value read
+        for key, _ in [w for w in wanted if b":email:" not in w[0]][::3]:
             client.delete(key)
         return real_read(client, wanted, *args)
 
     monkeypatch.setattr(migrator.batch, "read_keys", read_after_expiry)
-    report = migrate(settings)
+    report = migrate(settings, max_dead_ratio=1.0)  # (their index entries dangle: not what is measured here)
     users = by_pattern(report)["user"]
     assert users["expired"] == 10 and users["migrated"] == 20 and users["dead"] == 0 and report["balanced"]
+    assert by_pattern(report)["user_email_index"]["dangling"] == 10
 
 
 def test_every_row_names_its_run_and_the_pattern_it_came_from(settings, r, pg):
@@ -266,7 +283,7 @@ def test_a_connection_cut_mid_batch_is_retried_on_a_new_connection_and_nothing_d
 
     import migrator.writer
 
-    seed_demo(r, 60)
+    users = seed_demo(r, 60)["user"]
     real_upsert = migrator.writer.Writer.upsert
     calls = {"n": 0}
 
@@ -280,10 +297,10 @@ def test_a_connection_cut_mid_batch_is_retried_on_a_new_connection_and_nothing_d
     monkeypatch.setattr(migrator.writer.Writer, "upsert", cut_after_two)
     report = migrate(settings, batch_size=20, priorities=("high",))
     assert report["status"] == "completed" and report["balanced"]
-    assert by_pattern(report)["user"]["migrated"] == 60  # counted once: the cut attempt left nothing
+    assert by_pattern(report)["user"]["migrated"] == users  # counted once: the cut attempt left nothing
     with pg.cursor() as cur:
         cur.execute("SELECT count(*) FROM users")
-        assert cur.fetchone()[0] == 60
+        assert cur.fetchone()[0] == users
         cur.execute("SELECT attempts FROM migration_batches WHERE run_id = %s", (report["run_id"],))
         assert cur.fetchone()[0] == 2  # retried once, on a new connection
 
@@ -411,15 +428,18 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
     with pg.cursor() as cur:
         cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s", (report["run_id"],))
         assert cur.fetchone()[0] == totals["dead"]
-        cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s AND error LIKE '%%over the%%'",
-                    (report["run_id"],))
-        assert cur.fetchone()[0] == 4  # the three 5 MB values and the 100k-member time series (over 4 MiB)
-        # a huge string is read only up to the limit (the worker never holds all of it), and says so
+        # no size is refused by default: the three 5 MB values are read whole and refused for what
+        # they say (no password_hash), their dead letters keeping the first MiB and their size
         cur.execute("SELECT length(raw_value), error FROM migration_dead_letters WHERE run_id = %s"
                     " AND key_text LIKE 'threadr:user:user_huge%%'", (report["run_id"],))
         huge = cur.fetchall()
-        assert len(huge) == 3 and all(length == DEFAULT_MAX_VALUE_BYTES + 1 for length, _ in huge)
-        assert all(f"value is {r.strlen('threadr:user:user_huge0'):,} bytes" in e and "first" in e for _, e in huge)
+        assert len(huge) == 3 and all(length == migrator.batch.DEAD_LETTER_VALUE_BYTES for length, _ in huge)
+        size = r.strlen("threadr:user:user_huge0")
+        assert all("password_hash" in e and f"the value is {size:,} bytes; its first 1,048,576 are kept here" in e
+                   for _, e in huge)
+        cur.execute("SELECT length(raw_value) FROM migration_dead_letters WHERE run_id = %s AND key_text LIKE '%%user_wide%%'",
+                    (report["run_id"],))
+        assert cur.fetchone()[0] == migrator.batch.DEAD_LETTER_VALUE_BYTES  # 100k members, capped alike
         cur.execute("SELECT count(*) FROM users")
         users_in = cur.fetchone()[0]
     assert users_in == by_pattern(report)["user"]["migrated"] > 0
@@ -442,7 +462,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
         conn = psycopg2.connect(server.url)
         init_db(conn)
         conn.close()
-        seed_demo(r, 80)
+        users = seed_demo(r, 80)["user"]
         real_upsert = migrator.writer.Writer.upsert
         calls = {"n": 0}
 
@@ -460,7 +480,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
         conn = psycopg2.connect(server.url)
         with conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM users")
-            assert cur.fetchone()[0] == by_pattern(report)["user"]["migrated"] == 80
+            assert cur.fetchone()[0] == by_pattern(report)["user"]["migrated"] == users
             cur.execute("SELECT attempts FROM migration_batches WHERE run_id = %s", (report["run_id"],))
             assert cur.fetchone()[0] >= 2
         conn.close()
@@ -547,7 +567,7 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
         error = cur.fetchone()[0]
     assert [(p, ok) for p, ok, _ in rows] == [("critical", False)]  # and nothing after it ran
     checks = {c["name"]: c for c in rows[0][2]}
-    assert list(checks) == ["batches_done", "balance", "dead_letters", "source_counts", "verification"]
+    assert list(checks) == ["batches_done", "balance", "dead_letters", "references", "source_counts", "verification"]
     counted = checks["source_counts"]["data"]["differ"]["premium_ip"]
     assert counted["source_now"] - counted["scanned_not_expired"] == 30 and not checks["source_counts"]["ok"]
     assert not checks["verification"]["ok"] and checks["verification"]["data"]["differ"]["premium_ip"]["missing"] == 30

@@ -17,7 +17,6 @@ from migrator.status import run_progress
 from migrator.threadr import THREADR
 
 from test_cli import migrator, urls
-from test_engine import put_user
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 IPV4 = re.compile(r"\b\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
@@ -171,26 +170,29 @@ def test_dead_letters_are_grouped_by_reason_without_any_address_in_sight(setting
     for i in range(12):  # and a few of the wrong type
         pipe.hset(f"threadr:usage:email:typed{i}@example.org:monthly:2026-11", "count", i)
     pipe.execute()
-    for i in range(3):  # rows PostgreSQL refuses: its message quotes the whole row, email and hash
-        put_user(r, f"user_badrole{i}", f"boss{i}@example.net", role="boss")
-    run = run_local(settings, tmp_path)
+    for i in range(3):  # rows PostgreSQL refuses: its message quotes the whole row, email and address
+        r.set(f"threadr:failed_login:boss{i}@example.net:198.51.100.{i}", json.dumps({
+            "attempts": -1, "last_attempt": "2026-11-27T17:00:00", "email": f"boss{i}@example.net",
+            "client_ip": f"198.51.100.{i}"}))
+    run = run_local(settings, tmp_path, "--max-dead-ratio", "1")  # (a systematic fault, let through: see the reasons)
     run_id = run["run_id"]
     counters = next(p for p in run["patterns"] if p["pattern"] == "usage_counter")
     assert counters["dead"] == 312
     assert counters["dead_reasons"] == [{"reason": "value '…' is not an integer", "count": 300},
                                         {"reason": "wrong Redis type: expected string, found hash", "count": 12}]
-    users = next(p for p in run["patterns"] if p["pattern"] == "user")
-    assert users["dead_reasons"] == [{"reason": 'CheckViolation: new row for relation "users" violates check constraint'
-                                                ' "users_role_check" (Failing row contains (…))', "count": 3}]
+    failures = next(p for p in run["patterns"] if p["pattern"] == "failed_login")
+    assert failures["dead_reasons"] == [{"reason": 'CheckViolation: new row for relation "login_failures" violates'
+                                                   ' check constraint "login_failures_attempts_check"'
+                                                   ' (Failing row contains (…))', "count": 3}]
     line = ('usage_counter: 312 dead — 300 × "value \'…\' is not an integer"; '
             '12 × "wrong Redis type: expected string, found hash"')
     report_text = migrator("report", run_id, "--output-dir", str(tmp_path), "--database-url", settings.database_url).stdout
     status_text = migrator("status", run_id, "--database-url", settings.database_url).stdout
     assert f"  {line}" in report_text.splitlines() and f"    {line}" in status_text.splitlines()
     status = as_json("status", run_id, "--json", "--database-url", settings.database_url)
-    high = next(p for p in status["priorities"] if p["priority"] == "high")
-    assert {d["pattern"]: (d["dead"], d["dead_reasons"]) for d in high["dead_letters"]} == {
-        "usage_counter": (312, counters["dead_reasons"]), "user": (3, users["dead_reasons"])}
+    dead = {d["pattern"]: (d["dead"], d["dead_reasons"]) for p in status["priorities"] for d in p["dead_letters"]}
+    assert dead == {"usage_counter": (312, counters["dead_reasons"]), "failed_login": (3, failures["dead_reasons"]),
+                    "thread": (1, dead["thread"][1])}  # (and the demo's thread its model refuses)
     # A reason that names an address outside quotes (a message of PostgreSQL's or of a future
     # transform) is printed masked.
     with pg.cursor() as cur:

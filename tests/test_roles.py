@@ -39,7 +39,7 @@ def test_a_run_needs_no_more_than_migrator_run_and_reports_only_read(settings, r
     seed_demo(r, 40, malformed=3)
     run_as = Settings(settings.redis_url, as_role(settings.database_url, "migrator_run"), settings.broker_url)
     report = migrate(run_as)
-    assert report["status"] == "completed" and report["balanced"] and report["totals"]["dead"] == 3
+    assert report["status"] == "completed" and report["balanced"] and report["totals"]["dead"] == 3 + 1  # + a refused
     as_reader = Settings(settings.redis_url, as_role(settings.database_url, "migrator_report"), settings.broker_url)
     # the read-only role verifies and validates: it writes nothing but the verification's own record
     assert verify(as_reader, report["run_id"])["verdict"] == "clean"
@@ -49,7 +49,7 @@ def test_a_run_needs_no_more_than_migrator_run_and_reports_only_read(settings, r
         assert build_report(reader, THREADR, report["run_id"])["patterns"] == report["patterns"]
         with reader.cursor() as cur:
             cur.execute("SELECT count(*), count(error) FROM migration_dead_letters")
-            assert cur.fetchone() == (3, 3)
+            assert cur.fetchone() == (4, 4)
         reader.rollback()
         for statement in ("SELECT raw_value FROM migration_dead_letters", "DELETE FROM users",
                           "INSERT INTO usage_stats (id, stat_name, value) VALUES (gen_random_uuid(), 'x', 1)"):

@@ -104,14 +104,13 @@ def test_premium_ip_and_email_keys_of_one_purchase_are_one_entitlement():
     _, by_ip = one("threadr:premium:ip:2001:db8::1", grant())
     _, by_email = one("threadr:premium:email:ann@x.io", grant())
     assert by_ip["id"] == by_email["id"]
-    # each key knows both lookups of its purchase: the two rows are the same row
-    assert (by_ip["ip"], by_ip["email"]) == (by_email["ip"], by_email["email"]) == ("2001:db8::1", "ann@x.io")
-    assert by_ip == by_email
-    # a hand-written grant without client_ip: only its ip key knows the ip, the email key leaves it out
-    _, manual = one("threadr:premium:email:ann@x.io", {k: v for k, v in grant().items() if k != "client_ip"})
-    assert "ip" not in manual and manual["email"] == "ann@x.io"
-    _, no_email = one("threadr:premium:ip:None", grant(client_ip=None, email=None))
-    assert (no_email["ip"], no_email["email"]) == (None, None)
+    # each key says its own lookup: the other key of the purchase may name a later grant by now
+    assert (by_ip["ip"], by_ip["email"]) == ("2001:db8::1", None)  # NULL: the writer's COALESCE keeps the other's
+    assert (by_email["ip"], by_email["email"]) == (None, "ann@x.io")
+    assert rows_for("threadr:premium:ip:2001:db8::1", grant())[0].unknown == ("email",)
+    assert rows_for("threadr:premium:email:ann@x.io", grant())[0].unknown == ("ip",)
+    assert {k: v for k, v in by_ip.items() if k not in ("ip", "email")} == \
+        {k: v for k, v in by_email.items() if k not in ("ip", "email")}
     assert by_ip["amount_cents"] == 499 and by_ip["status"] == "active"
     # both datetime spellings, naive -> UTC, aware results only
     assert by_ip["granted_at"] == datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=timezone.utc)
@@ -123,6 +122,16 @@ def test_premium_ip_none_belongs_to_no_ip_and_placeholder_is_kept():
     assert none["ip"] is None and none["grant_client_ip"] is None
     _, zero = one("threadr:premium:ip:0.0.0.0", grant(client_ip="0.0.0.0"))
     assert zero["ip"] == "0.0.0.0"
+
+
+def test_two_grants_sharing_a_payment_reference_are_two_records():
+    """payment_reference is free text the app reuses (webhook retries, admin grants): a grant is
+    identified by its whole value, which its ip and email keys share and no other grant does."""
+    _, ann = one("threadr:premium:email:ann@x.io", grant())
+    _, bob = one("threadr:premium:email:bob@x.io", grant(email="bob@x.io", granted_at="2026-11-20T10:00:05"))
+    assert ann["payment_reference"] == bob["payment_reference"] and ann["id"] != bob["id"]
+    _, again = one("threadr:premium:ip:2001:db8::1", grant())
+    assert again["id"] == ann["id"]
 
 
 def test_expired_grant_is_migrated_as_expired_and_manual_grant_without_reference_gets_stable_id():
@@ -156,13 +165,29 @@ def test_stripe_subscription_by_user_id_and_by_email():
     assert by_email["user_id"] is None and by_email["customer_ref"] == "Ann@x.io"
 
 
-def test_cancelled_with_two_ls_is_stripes_canceled_and_unknown_status_is_refused():
+def test_cancelled_with_two_ls_is_stripes_canceled_and_any_status_the_app_writes_is_kept():
     _, row = one("threadr:subscription:user:user_abc", subscription(status="cancelled"))
     assert (row["status"], row["status_raw"]) == ("canceled", "cancelled")
-    for status in ("past_due", "trialing", "incomplete_expired", "unpaid", "paused"):
+    # SubscriptionInfo has no enum on status: whatever Stripe or the app wrote is data
+    for status in ("past_due", "trialing", "incomplete_expired", "unpaid", "paused", "something_new"):
         assert one("threadr:subscription:user:user_abc", subscription(status=status))[1]["status"] == status
-    with pytest.raises(BadRecord, match="not a Stripe subscription status"):
-        one("threadr:subscription:user:user_abc", subscription(status="bogus"))
+    with pytest.raises(BadRecord, match="SubscriptionInfo refuses it: features"):
+        one("threadr:subscription:user:user_abc", subscription(features="all"))
+
+
+def test_one_subscription_under_two_keys_is_two_records_and_a_scripts_fields_are_kept():
+    _, by_user = one("threadr:subscription:user:user_abc", subscription())
+    _, by_email = one("threadr:subscription:user:Ann@x.io", subscription())
+    assert by_user["stripe_subscription_id"] == by_email["stripe_subscription_id"] and by_user["id"] != by_email["id"]
+    # dual_write_service's shape: fewer fields, periods with microseconds, a field of its own
+    _, dual = one("threadr:subscription:user:user_abc", {
+        "subscription_id": "dual_write_user_abc_1764265603.5", "plan_name": "premium", "status": "active",
+        "current_period_start": "2026-11-27 17:46:43.202998", "current_period_end": "2026-12-27 17:46:43.202998",
+        "tier_level": 2, "thread_limit": -1, "features": ["unlimited_threads"], "source": "dual_write"})
+    assert dual["extra"] == {"source": "dual_write"} and dual["cancel_at_period_end"] is None
+    assert dual["current_period_end"] == datetime(2026, 12, 27, 17, 46, 43, 202998, tzinfo=timezone.utc)
+    _, nobody = one("threadr:subscription:user:None", subscription())  # a Stripe customer without email
+    assert nobody["customer_ref"] is None and nobody["user_id"] is None
 
 
 def user_value(**over):
@@ -175,13 +200,25 @@ def user_value(**over):
     return value
 
 
-def test_user_keeps_its_hash_and_maps_both_legacy_ids():
+def test_user_keeps_its_hash_and_its_email_index_says_whom_the_email_names():
     rows = rows_for("threadr:user:user_abc", user_value())
     user = rows[0].values
     assert user["password_hash"] == "$2b$12$" + "a" * 53
     assert user["updated_at"] == datetime(2026, 2, 1, 0, 0, 0, 500000, tzinfo=timezone.utc)
-    legacy = {r.values["legacy_id"]: r.values["entity_id"] for r in rows[1:]}
-    assert legacy == {"user_abc": user["id"], "ann@x.io": user["id"]}
+    assert {r.values["legacy_id"]: r.values["entity_id"] for r in rows[1:]} == {"user_abc": user["id"]}
+    # the email -> user link comes from the app's own index: the user it names, races included
+    (index,) = rows_for("threadr:user:email:ann@x.io", b"user_abc")
+    assert (index.table, index.values["legacy_id"], index.values["entity_id"]) == ("legacy_id_map", "ann@x.io", user["id"])
+    # a user of the app's PostgreSQL fallback has a UUID for an id: linked through the map too
+    uuid_ref = "0b6f2f5e-3a34-4a4b-9a1e-2c3d4e5f6a7b"
+    assert rows_for(f"threadr:user:{uuid_ref}", user_value(user_id=uuid_ref))[1].values["legacy_id"] == uuid_ref
+
+
+def test_what_the_user_model_refuses_is_a_dead_letter_with_its_rule():
+    with pytest.raises(BadRecord, match="User model refuses it: role 'superadmin' is not one of user, premium, admin"):
+        rows_for("threadr:user:user_abc", user_value(role="superadmin"))
+    with pytest.raises(BadRecord, match="User model refuses it: created_at is required"):
+        rows_for("threadr:user:user_abc", user_value(created_at=None))
 
 
 def test_user_whose_value_disagrees_with_its_key_is_refused():
@@ -213,14 +250,28 @@ def test_thread_keeps_tweets_with_unicode_and_emoji():
     assert table == "threads" and row["tweets"] == tweets
     with pytest.raises(BadRecord, match="tweets"):
         one("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", {**value, "tweets": "oops"})
+    # a 200-character title is the app's; what SavedThread refuses is a dead letter with its rule
+    assert one("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", {**value, "title": "t" * 200})[1]["title"] == "t" * 200
+    for over, rule in [({"title": "t" * 203}, "title is 203 characters, over 200"),
+                       ({"tweets": []}, "tweets must be a list of at least one tweet"),
+                       ({"tweets": [{**tweets[0], "content": "x" * 281}]}, "tweet 1 is 281 characters, over 280"),
+                       ({"view_count": -1}, "view_count is negative")]:
+        with pytest.raises(BadRecord, match=f"SavedThread model refuses it: {rule}"):
+            one("threadr:thread:8a1f2c3d-0000-4000-8000-000000000001", {**value, **over})
 
 
 def test_timeseries_normalises_metric_period_and_reads_each_member():
-    members = [(json.dumps({"timestamp": "2026-11-2%dT00:00:00" % d, "value": d * 1.5, "period": "MetricPeriod.DAY"}).encode(), 0.0)
-               for d in (1, 2)]
+    # TimeSeriesDataPoint.json(): compact, a float value, the enum's value as period
+    members = [(json.dumps({"timestamp": "2026-11-2%dT00:00:00" % d, "value": d * 1.5, "period": "day"},
+                           separators=(",", ":")).encode(), 0.0) for d in (1, 2)]
+    # two points at one instant are two members, and two rows
+    members.append((b'{"timestamp":"2026-11-22T00:00:00","value":523.0,"period":"day"}', 0.0))
     rows = rows_for("analytics:user_abc:timeseries:impressions:MetricPeriod.DAY", members)
-    assert [r.values["period"] for r in rows] == ["day", "day"]
-    assert [r.values["value"] for r in rows] == [1.5, 3.0]
+    assert [r.values["period"] for r in rows] == ["day", "day", "day"]
+    assert [r.values["value"] for r in rows] == [1.5, 3.0, 523.0] and len({r.values["id"] for r in rows}) == 3
+    with pytest.raises(BadRecord, match="TimeSeriesDataPoint model refuses it: period 'fortnight'"):
+        rows_for("analytics:user_abc:timeseries:impressions:day", [(b'{"timestamp":"2026-11-22T00:00:00","value":1,'
+                                                                     b'"period":"fortnight"}', 1.0)])
     with pytest.raises(BadRecord, match="not JSON"):
         rows_for("analytics:user_abc:timeseries:impressions:day", [(b"{", 1.0)])
 
@@ -246,12 +297,25 @@ def test_usage_event_session_stats_and_analytics():
     assert event["occurred_at"] == datetime(2026, 11, 27, 17, 46, 43, tzinfo=timezone.utc) and event["email"] is None
     _, sess = one("threadr:session:user_abc", {"user_id": "user_abc", "email": "a@x.io", "role": "user", "status": "active",
                                               "login_timestamp": "2026-11-27 17:00:00", "client_ip": "1.2.3.4",
-                                              "last_activity": "2026-11-27T17:10:00", "access_token_hash": "h"})
+                                              "last_activity": "2026-11-27T17:10:00",
+                                              "access_token_hash": -8_765_432_109_876_543_210})
     assert sess["last_activity"] - sess["login_at"] == timedelta(minutes=10)
+    # Python's hash() of the token: a signed 64-bit int beyond 2^53, kept exactly
+    assert sess["access_token_hash"] == -8_765_432_109_876_543_210
+    with pytest.raises(BadRecord, match="access_token_hash: expected Python's hash"):
+        one("threadr:session:user_abc", {"user_id": "user_abc", "access_token_hash": "h"})
     _, stats = one("threadr:thread_stats:user_abc", {"created": 3, "viewed": 9})
     assert (stats["created"], stats["viewed"], stats["copied"]) == (3, 9, 0)
-    _, ana = one("analytics:user_abc:thread:t1", {"posted_at": "2026-11-27T17:00:00", "totals": {"likes": 2}})
+    analytics = {"thread_id": "t1", "user_id": "user_abc", "created_at": "2026-11-27T17:00:00", "title": "T",
+                 "tweet_count": 2, "total_character_count": 80, "engagement_rate": 2.5,
+                 "posted_at": "2026-11-27T17:00:00+00:00", "totals": {"likes": 2}}
+    _, ana = one("analytics:user_abc:thread:t1", analytics)
     assert ana["analytics"]["totals"] == {"likes": 2}
+    # a thread id posted by a client may hold colons
+    _, posted = one("analytics:user_abc:thread:ext:thread:42", {**analytics, "thread_id": "ext:thread:42"})
+    assert (posted["user_ref"], posted["thread_id"]) == ("user_abc", "ext:thread:42")
+    with pytest.raises(BadRecord, match="ThreadAnalytics model refuses it: tweet_count, total_character_count required"):
+        one("analytics:user_abc:thread:t1", {k: v for k, v in analytics.items() if not k.startswith(("tweet_", "total_"))})
 
 
 @pytest.mark.parametrize("raw, fmt, reason", [
@@ -284,3 +348,35 @@ def test_stable_ids_are_rfc4122_uuid5_so_they_never_drift():
                   ("ü", "🚀"), *many]:
         assert stable_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
     assert {stable_id(*parts)[19] for parts in many} == set("89ab")
+
+
+def test_newsletter_keeps_a_scripts_fields_and_each_key_as_written():
+    _, app = one("threadr:email:dana@example.com", {"email": "dana@example.com", "subscribed_at": "2026-11-01T00:00:00",
+                                                    "client_ip": "unknown", "user_agent": "", "referrer": "", "source": "web_app"})
+    assert (app["user_agent"], app["referrer"], app["extra"]) == ("", "", {})
+    _, script = one("threadr:email:Dana@Example.com", {"user_id": "u-1", "subscribed_at": "2026-11-01T00:00:00",
+                                                       "source": "dual_write", "plan": "free"})
+    assert script["extra"] == {"user_id": "u-1", "plan": "free"} and script["id"] != app["id"]
+
+
+def refs(key: str, value) -> list:
+    pattern, fields = THREADR.classify(key)
+    raw = value if isinstance(value, bytes) or pattern.value_format in ("set", "zset") else json.dumps(value).encode()
+    return pattern.references(SourceRecord(key, fields, decode(raw, pattern.value_format), None, NOW, ZoneInfo("UTC")))
+
+
+def test_index_patterns_and_records_name_what_must_be_there():
+    """Indexes name records; records name the index that must list them (checked in Redis)."""
+    from migrator.mapping import Reference
+
+    assert refs("threadr:user:email:ann@x.io", b"user_abc") == [Reference("threadr:user:user_abc")]
+    assert refs("threadr:user:user_abc", user_value()) == [Reference("threadr:user:email:Ann@X.io", "user_abc")]
+    assert refs("threadr:user_threads:user_abc", ["t1", "t2"]) == [Reference("threadr:thread:t1"), Reference("threadr:thread:t2")]
+    assert refs("threadr:subscriptions:active", [b"user_abc", b"None"]) == [
+        Reference("threadr:subscription:user:None"), Reference("threadr:subscription:user:user_abc")]
+    assert refs("analytics:user_abc:threads", [(b"t1", 1.0)]) == [Reference("analytics:user_abc:thread:t1")]
+    assert refs("threadr:subscription:user:user_abc", subscription()) == [
+        Reference("threadr:subscriptions:active", "user_abc")]
+    assert refs("threadr:subscription:user:user_abc", subscription(status="past_due")) == []
+    with pytest.raises(BadRecord, match="expected a JSON array"):
+        refs("threadr:user_threads:user_abc", {"t1": 1})
