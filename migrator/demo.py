@@ -902,17 +902,32 @@ def seed_demo(r: "redis.Redis", users: int, *, seed: int = 42, now: datetime | N
 
 HUGE_VALUE_BYTES = 5 * 1024 * 1024
 WIDE_MEMBERS = 100_000
+# A saved thread the app would write for an article pasted whole: valid, and migrated whole.
+GIANT_THREAD_BYTES = 64 * 1024 * 1024
+
+
+def write_large_thread(r: "redis.Redis", size: int, *, seed: int = 7) -> str:
+    """One valid saved thread of about `size` bytes (its original_content an article pasted
+    whole), as SavedThread writes it; returns its key."""
+    rng, now = random.Random(seed), datetime.now(timezone.utc).replace(tzinfo=None)
+    doc = _thread_doc(rng, _uuid4(rng), "user_giant", now - timedelta(days=1), now, False)
+    doc["original_content"] = "An article pasted whole, long. " * (size // 31)
+    key = f"threadr:thread:{doc['id']}"
+    r.set(key, json.dumps(doc))
+    return key
 
 
 def seed_hostile(r: "redis.Redis", good_keys: int, *, seed: int = 7) -> dict[str, int]:
     """On top of a keyspace of `good_keys` keys: 5 % more malformed keys of every kind, three
-    values of 5 MB and a time series of 100,000 members. Returns the keys written per kind."""
+    broken values of 5 MB, a valid thread of 64 MiB and a time series of 100,000 members.
+    Returns the keys written per kind."""
     counts = seed_demo(r, 0, malformed=int(good_keys * 0.05), seed=seed)
     for i in range(3):
         r.set(f"threadr:user:user_huge{i}", b'{"email": "h@x.io", "pad": "' + b"x" * HUGE_VALUE_BYTES + b'"}')
+    write_large_thread(r, GIANT_THREAD_BYTES, seed=seed)
     pipe = r.pipeline(transaction=False)
     for i in range(WIDE_MEMBERS):
         member = json.dumps({"timestamp": f"2026-01-01T00:00:{i % 60:02d}", "value": i, "period": "day"}) + str(i)
         pipe.zadd("analytics:user_wide:timeseries:impressions:day", {member: i})
     pipe.execute()
-    return {**counts, "huge": 3, "wide": 1}
+    return {**counts, "huge": 3, "giant": 1, "wide": 1}

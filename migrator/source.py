@@ -82,11 +82,13 @@ def pooled(client: redis.Redis) -> Iterator[redis.connection.AbstractConnection]
         pool.release(conn)
 
 
-def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
+def roundtrip(client: redis.Redis, commands: Sequence[tuple], *, large: bool = False) -> list[Any]:
     """Send `commands` in one round trip; their raw replies in order, a refused one as its error.
 
     On a plain client this talks to one pooled connection directly: redis-py's pipeline spends
-    more per command on bookkeeping than the read costs the server.
+    more per command on bookkeeping than the read costs the server. `large`: the replies may be
+    large values, and the connection is closed after them, so its reader's buffer (which grows to
+    the largest reply and stays) goes too.
     """
     if isinstance(client, redis.RedisCluster):  # routed by slot; same replies, shaped by _shape
         pipe = client.pipeline()
@@ -107,6 +109,8 @@ def roundtrip(client: redis.Redis, commands: Sequence[tuple]) -> list[Any]:
                 except redis.ResponseError as exc:
                     reply = exc
             replies.append(reply)
+        if large:
+            conn.disconnect()
         return replies
 
 
@@ -135,7 +139,7 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
     for key, expected in wanted:
         commands.append(_read_command(key, expected, max_bytes))
         commands.append(("PTTL", key))
-    replies = roundtrip(client, commands)
+    replies = roundtrip(client, commands, large=max_bytes is None)
     reads = []
     for i, (key, expected) in enumerate(wanted):
         raw, pttl = _shape(expected, replies[2 * i]), replies[2 * i + 1]

@@ -83,6 +83,8 @@ PREMIUM_FIELDS = frozenset({"granted_at", "expires_at", "plan", "duration_days",
 def _premium_grant(rec: SourceRecord, *, by_ip: bool, ip: str | None = None, email: str | None = None) -> list[Row]:
     v = require_object(rec.value, "premium grant")
     expires = parse_dt(require(v, "expires_at"), rec.source_tz, field="expires_at")
+    if expires is None:  # (grant_premium_access always writes one)
+        raise BadRecord("expires_at is empty: a grant without an expiry is neither active nor expired")
     info = v.get("payment_info")
     info = {} if info is None else require_object(info, "payment_info")
     reference = text_or_none(info.get("payment_reference"), field="payment_reference")

@@ -14,7 +14,7 @@ differs from the rows the ranges attributed are they looked at one by one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
@@ -33,7 +33,7 @@ from .options import RunOptions
 from .partition import plan_ranges, scan_range
 from .redact import printable, redact_text
 from .source import CHUNK_READ_BYTES, cluster_masters, decode, key_client, node_client, read_keys, value_digest
-from .writer import _error_class, column_types, describe, document_param
+from .writer import _error_class, call_with_documents, column_types, describe
 
 log = structlog.get_logger("migrator.verify")
 
@@ -117,7 +117,6 @@ class RangeVerifier:
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         self.pending: list[tuple[bytes, str, Pattern, dict[str, str]]] = []
         self.statements: dict[tuple, str] = {}
-        self.document = document_param(cur)
         self.links: dict[str, list[str]] = {}
         for table, column in mapping.user_links:
             self.links.setdefault(table, []).append(column)
@@ -203,9 +202,10 @@ class RangeVerifier:
                     [*row.values.values(), exp.text, exp.digest])
         order = list(groups)
         statements = [self._statement(*group) for group in order]
-        documents = [self.document(orjson.dumps(groups[g])) for g in order]
-        self.cur.execute("SELECT * FROM migrator_compare(%s, %s)", (statements, documents))
-        attributed, problems, state, message = self.cur.fetchone()
+        documents = [orjson.dumps(groups[g]) for g in order]
+        del groups  # (a large value's rows: held once, as its document)
+        attributed, problems, state, message = call_with_documents(self.cur, "migrator_compare", statements, documents)
+        del documents
         if state is not None:
             if len(expected) == 1:
                 self.tally.add(expected[0].pattern.name, "unreadable")
@@ -483,6 +483,9 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
     yields: dict[str, set[str] | None] = {}  # the ids each key gives now; None: it gives none it can be read for
     for key, read in reads.items():
         pattern = keys[key]
+        if read.truncated:  # a large value: read whole, alone, and let go once its ids are known
+            read = read_keys(client, [(key.encode(), pattern.redis_type)], None)[0]
+            reads[key] = replace(read, raw=b"")
         if read.redis_type != pattern.redis_type or isinstance(read.raw, Exception):
             yields[key] = None
             continue

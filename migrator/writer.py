@@ -10,10 +10,11 @@ dead letter with the database's reason.
 """
 from __future__ import annotations
 
+import struct
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import orjson
 import psycopg2
@@ -103,7 +104,6 @@ class Writer:
         self.run_id = run_id
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
-        self.document = document_param(cursor)
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
@@ -145,11 +145,10 @@ class Writer:
             # A fixed table order and id order keeps concurrent workers from deadlocking.
             for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
                 statements.append(self._statement(table, columns + PROVENANCE))
-                documents.append(self.document(orjson.dumps([rows[k] for k in sorted(rows)])))
+                documents.append(orjson.dumps([rows[k] for k in sorted(rows)]))
         if not statements:
             return 0
-        self.cursor.execute("SELECT * FROM migrator_write(%s, %s)", (statements, documents))
-        written, state, message, detail_ = self.cursor.fetchone()
+        written, state, message, detail_ = call_with_documents(self.cursor, "migrator_write", statements, documents)
         if state is not None:
             error = _error_class(state)(message)
             error.detail = detail_
@@ -164,9 +163,49 @@ class Writer:
         return self._statements[key]
 
 
-def document_param(cursor: Any) -> Callable[[bytes], Any]:
-    """How a JSON document of rows (orjson's bytes) goes to PostgreSQL on this cursor's connection."""
-    return Utf8Text if cursor.connection.encoding == "UTF8" else bytes.decode
+# Documents of rows larger than this go to PostgreSQL by COPY, streamed as they are: as a
+# parameter, psycopg2 would quote a copy of one and build the statement text around another.
+LARGE_DOCUMENT_BYTES = 4 * 1024 * 1024
+STAGED = "ARRAY(SELECT doc FROM pg_temp.migrator_documents ORDER BY n)"
+
+
+def call_with_documents(cursor: Any, function: str, statements: list[str], documents: list[bytes]) -> tuple:
+    """`SELECT * FROM function(statements, documents)` (migrator_write, migrator_compare): its one
+    row. The documents (JSON of rows, as orjson wrote them) go as parameters, or, when one of them
+    is large, through a temporary table filled by COPY, so the client holds each once."""
+    if max(map(len, documents)) < LARGE_DOCUMENT_BYTES:
+        param = Utf8Text if cursor.connection.encoding == "UTF8" else bytes.decode
+        cursor.execute(f"SELECT * FROM {function}(%s, %s)", (statements, [param(d) for d in documents]))
+        return cursor.fetchone()
+    cursor.execute("CREATE TEMP TABLE IF NOT EXISTS migrator_documents (n integer, doc text) ON COMMIT DELETE ROWS")
+    cursor.copy_expert("COPY pg_temp.migrator_documents (n, doc) FROM STDIN WITH (FORMAT binary)", _Binary(documents))
+    cursor.execute(f"SELECT * FROM {function}(%s, {STAGED})", (statements,))
+    row = cursor.fetchone()
+    cursor.execute("TRUNCATE pg_temp.migrator_documents")
+    return row
+
+
+class _Binary:
+    """COPY's binary format of rows (n, doc), read by psycopg2 a piece at a time: a document is
+    handed over in slices of itself, never copied whole."""
+
+    def __init__(self, documents: list[bytes]) -> None:
+        parts: list[bytes | memoryview] = [b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)]
+        for n, doc in enumerate(documents):
+            parts += [struct.pack("!hii", 2, 4, n) + struct.pack("!i", len(doc)), memoryview(doc)]
+        parts.append(struct.pack("!h", -1))
+        self.parts, self.at = parts, 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self.parts and self.at >= len(self.parts[0]):
+            self.parts.pop(0)
+            self.at = 0
+        if not self.parts:
+            return b""
+        part = self.parts[0]
+        end = len(part) if size < 0 else min(len(part), self.at + size)
+        piece, self.at = bytes(part[self.at:end]), end
+        return piece
 
 
 def column_types(cursor: Any, mapping: Mapping, table: str, columns: Sequence[str]) -> dict[str, ColumnType]:

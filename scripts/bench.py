@@ -47,7 +47,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.demo import seed_demo, seed_hostile  # noqa: E402
+from migrator.demo import seed_demo, seed_hostile, write_large_thread  # noqa: E402
 from migrator.log import configure  # noqa: E402
 from migrator.partition import plan_ranges  # noqa: E402
 from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
@@ -277,6 +277,23 @@ def _truncate(database_url: str) -> None:
     conn.close()
 
 
+LARGE_VALUE_MIB = (1, 64)
+
+
+def measure_large_value(args: argparse.Namespace, client: redis.Redis) -> dict[int, float]:
+    """Peak RSS of `run --local --jobs 1` over a keyspace of one valid thread, per size in MiB:
+    what a large value costs in memory, against a small one's in the same command."""
+    peaks = {}
+    for mib in LARGE_VALUE_MIB:
+        client.flushdb()
+        _truncate(args.database_url)
+        write_large_thread(client, mib * 1024 * 1024)
+        peaks[mib] = _migrator(args, "--local", "--jobs", "1")["peak_rss_mb"]
+    client.flushdb()
+    _truncate(args.database_url)
+    return peaks
+
+
 def run_child(mode: str, args: argparse.Namespace) -> dict:
     """Run the floor or the seed's approach in a child process; its result plus its own peak RSS."""
     status, out, peak = _measured([sys.executable, __file__, "--child", mode, "--redis-url", args.redis_url,
@@ -379,11 +396,14 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
             out["latency"] = {"nothing else running": latency_under(args, None),
                               "`run --local`, unthrottled": latency_under(args, ()),
                               f"`run --local --max-keys-per-sec {cap}`": latency_under(args, ("--max-keys-per-sec", str(cap)))}
+        if first:
+            out["large_value"] = measure_large_value(args, client)
         if first and args.workers_hostile:
             hostile = seed_hostile(client, out["keys"])
             _truncate(args.database_url)
             # hostile by design: a third of some patterns is broken, far beyond the dead-letter budget
-            modes[f"2 workers, hostile (+{hostile['malformed']:,} malformed, 3 x 5 MB, 1 x 100k members)"] = \
+            modes[f"2 workers, hostile (+{hostile['malformed']:,} malformed, 3 x 5 MB broken, 1 x 64 MiB thread,"
+                  " 1 x 100k members)"] = \
                 mode_workers(args, 2, "--max-dead-ratio", "1")
         client.flushdb()
     finally:
@@ -431,6 +451,12 @@ def render(size: dict) -> list[str]:
         pace = ratio(verified) / ratio("local")
         verdicts.append(f"verify >= 0.5x its run's keys/s: {'yes' if pace >= 0.5 else 'NO'} ({pace:.2f}x)")
     lines += ["", "Bars: " + "; ".join(verdicts)]
+    if "large_value" in size:
+        small, large = (size["large_value"][m] for m in LARGE_VALUE_MIB)
+        grew = (large - small) / (LARGE_VALUE_MIB[1] - LARGE_VALUE_MIB[0])
+        lines += ["", f"One valid thread alone, `run --local --jobs 1`: peak RSS {small} MB at {LARGE_VALUE_MIB[0]} MiB, "
+                  f"{large} MB at {LARGE_VALUE_MIB[1]} MiB: {grew:.1f} MB more per MiB of value "
+                  f"(read, parsed, its row's JSON, sent by COPY)"]
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]

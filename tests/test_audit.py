@@ -128,6 +128,18 @@ def test_unmapped_shapes_mask_emails_and_ips_unless_asked(r):
     assert len(missing) == len(CRITICAL_MIGRATED) and all(any(n in w for w in missing) for n in CRITICAL_MIGRATED)
 
 
+def test_control_characters_in_key_names_are_escaped_so_each_shape_stays_one_line(r):
+    for key in (b"legacy:line\nbreak", b"legacy:tab\there", b"legacy:\x1b[31mred", b"legacy:cr\rreturn"):
+        r.set(key, "1")
+    report = audit_keyspace(r, THREADR, show_pii=True, now=NOW)
+    shown = {e for s in report["unmapped"]["shapes"] for e in s["examples"]}
+    assert {"legacy:line\\nbreak", "legacy:tab\\there", "legacy:\\x1b[31mred", "legacy:cr\\rreturn"} <= shown
+    rendered = render_audit(report)
+    lines = [line for line in rendered.splitlines() if "legacy:" in line]
+    assert lines and all(not re.search(r"[\x00-\x1f\x7f]", line) for line in lines)
+    assert sum("legacy:line\\nbreak" in line for line in lines) >= 1 and "\r" not in rendered and "\x1b" not in rendered
+
+
 def test_key_shape_generalises_ids_and_keeps_names():
     assert key_shape("team:14b70f5b-ccc9-457c-8fe1-86a5de64d756") == "team:*"
     assert key_shape("jobs:queue:12345:retry") == "jobs:queue:*:retry"

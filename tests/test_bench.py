@@ -38,6 +38,8 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
         assert parts, row
         assert abs(sum(map(int, parts.groups()[:4])) - int(parts.group(5))) <= 4, row
     assert "coord." in rows["1 worker"]  # the coordinator and the worker apart
+    large = re.search(r"One valid thread alone.*: peak RSS ([\d.]+) MB at 1 MiB, ([\d.]+) MB at 64 MiB", out)
+    assert large and float(large.group(2)) > float(large.group(1)) > 0, out  # measured, not asserted against a bar
     assert re.search(r"^Bars: .*local >= 0\.7x floor: (yes|NO) \(\d\.\d\d; its CPU per key allows at most \d+\.\d\d "
                      r"on \d+ cores\); every mode >= 10x seed: (yes|NO)", out, re.M), out
     assert re.search(r"; verify >= 0\.5x its run's keys/s: (yes|NO) \(\d+\.\d\dx\)$", out, re.M), out

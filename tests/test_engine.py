@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 import migrator.batch
-from migrator.demo import DANGLING, seed_demo, seed_hostile
+from migrator.demo import DANGLING, GIANT_THREAD_BYTES, seed_demo, seed_hostile
 from migrator.ledger import COUNT_FIELDS
 from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
@@ -224,6 +224,40 @@ def test_subscriptions_by_email_link_to_their_user_whatever_the_order(settings, 
         assert cur.fetchone() == (True,)
 
 
+def test_records_that_share_what_an_id_once_looked_at_are_rows_of_their_own_and_a_rerun_writes_none(settings, r, pg):
+    """Two records the app keeps apart differ only where an id built from one field would not
+    look: each is a row of its own, and a second run finds nothing to write."""
+    for email, ip, at in (("ann@x.io", "203.0.113.1", "2026-11-20T10:00:00"), ("bob@x.io", "203.0.113.2", "2026-11-20T10:00:05")):
+        grant = {"granted_at": at, "expires_at": "2030-01-01T00:00:00", "plan": "premium", "duration_days": 30,
+                 "client_ip": ip, "email": email,
+                 "payment_info": {"payment_reference": "ORDER-1001", "granted_by": "admin_api", "client_ip": ip}}
+        r.set(f"threadr:premium:ip:{ip}", json.dumps(grant))
+        r.set(f"threadr:premium:email:{email}", json.dumps(grant))
+    # one Stripe subscription the webhook stored under the user's id and under the email
+    sub = {"subscription_id": "sub_1", "status": "active", "plan_name": "threadr_pro"}
+    r.set("threadr:subscription:user:user_ann", json.dumps(sub))
+    r.set("threadr:subscription:user:ann@x.io", json.dumps(sub))
+    for email in ("dana@x.io", "Dana@x.io"):  # the app keys a newsletter entry by the email as typed
+        r.set(f"threadr:email:{email}", json.dumps({"email": email, "subscribed_at": "2026-11-01T00:00:00"}))
+    # two points of one time series at one instant (members differ by their value)
+    r.zadd("analytics:user_ann:timeseries:views:day", {
+        json.dumps({"timestamp": "2026-11-01T00:00:00", "value": v, "period": "day"}): 1761955200 for v in (1.0, 2.0)})
+    first = migrate(settings)
+    assert first["status"] == "completed" and first["totals"]["dead"] == 0
+    with pg.cursor() as cur:
+        cur.execute("SELECT email, ip, payment_reference FROM subscriptions WHERE kind = 'premium_grant' ORDER BY email")
+        assert cur.fetchall() == [("ann@x.io", "203.0.113.1", "ORDER-1001"), ("bob@x.io", "203.0.113.2", "ORDER-1001")]
+        cur.execute("SELECT count(*), count(DISTINCT stripe_subscription_id) FROM subscriptions WHERE kind = 'stripe'")
+        assert cur.fetchone() == (2, 1)
+        cur.execute("SELECT email FROM newsletter_subscribers ORDER BY email")
+        assert cur.fetchall() == [("Dana@x.io",), ("dana@x.io",)]
+        cur.execute("SELECT value FROM analytics_timeseries ORDER BY value")
+        assert cur.fetchall() == [(1.0,), (2.0,)]
+    tables = fingerprint(pg)
+    second = migrate(settings)
+    assert second["figures"]["rows_written"] == 0 and fingerprint(pg) == tables
+
+
 def test_rollback_restores_the_database_exactly(settings, r, pg):
     # Rows that existed before the run: one the run will update, one it will not touch.
     put_user(r, "user_old", "old@x.io", login_count=1)
@@ -408,13 +442,14 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
     seeded = seed_demo(r, 1000)
     good = sum(n for name, n in seeded.items())
     hostile = seed_hostile(r, good)["malformed"]
+    giant = next(k for k in r.scan_iter("threadr:thread:*", count=1000, _type="string") if r.strlen(k) >= GIANT_THREAD_BYTES)
     real_read = migrator.batch.read_keys
     vanished = {"n": 0}
 
     def read_while_keys_expire(client, wanted, *args):
         # some keys expire between SCAN and the read (not the huge ones, counted below)
         for key, _ in wanted[::97]:
-            if b"huge" not in key and b"user_wide" not in key:
+            if b"huge" not in key and b"user_wide" not in key and key != giant:
                 vanished["n"] += client.delete(key)
         return real_read(client, wanted, *args)
 
@@ -422,7 +457,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
     report = migrate(settings, ranges=4, max_dead_ratio=1.0)  # hostile by design: no dead-letter budget
     assert report["status"] == "completed" and report["balanced"]
     totals = report["totals"]
-    assert totals["scanned"] == good + hostile + 3 + 1
+    assert totals["scanned"] == good + hostile + 3 + 1 + 1
     assert totals["expired"] == vanished["n"] > 0
     assert totals["dead"] >= 3 and totals["dead"] <= hostile + 3  # every hostile key not expired first, and the huge ones
     with pg.cursor() as cur:
@@ -443,6 +478,10 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         cur.execute("SELECT count(*) FROM users")
         users_in = cur.fetchone()[0]
     assert users_in == by_pattern(report)["user"]["migrated"] > 0
+    # the valid 64 MiB thread: migrated whole
+    with pg.cursor() as cur:
+        cur.execute("SELECT length(original_content) FROM threads WHERE source_key = %s", (giant.decode(),))
+        assert cur.fetchone()[0] == len(json.loads(r.get(giant))["original_content"]) >= GIANT_THREAD_BYTES - 31
 
 
 def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r, tmp_path, monkeypatch):

@@ -143,6 +143,11 @@ def test_expired_grant_is_migrated_as_expired_and_manual_grant_without_reference
     assert a["status"] == "expired" and a["payment_reference"] is None and a["id"] == b["id"]
 
 
+def test_grant_with_an_empty_expiry_is_refused_with_that_reason():
+    with pytest.raises(BadRecord, match="expires_at is empty"):
+        one("threadr:premium:ip:1.2.3.4", grant(expires_at=""))
+
+
 def test_source_timezone_applies_to_naive_datetimes():
     _, row = one("threadr:premium:ip:1.2.3.4", grant(), tz="Europe/Berlin")
     assert row["granted_at"] == datetime(2026, 11, 20, 9, 0, 0, 123456, tzinfo=timezone.utc)

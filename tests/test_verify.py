@@ -10,7 +10,7 @@ import sys
 import pytest
 from psycopg2 import sql
 
-from migrator.demo import seed_demo
+from migrator.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.threadr import THREADR
 from migrator.writer import PROVENANCE
 
@@ -153,12 +153,17 @@ def test_keys_the_app_deleted_or_let_expire_since_the_run(settings, r, pg):
         expired_key = cur.fetchone()[0]
     pg.commit()
     r.delete(expired_key)
+    with pg.cursor() as cur:  # a row under the demo's large thread (read whole) that its value does not give
+        cur.execute("INSERT INTO threads SELECT (jsonb_populate_record(t, jsonb_build_object('id', gen_random_uuid()))).*"
+                    " FROM threads t WHERE length(original_content) > %s RETURNING source_key", (LARGE_THREAD_CHARS - 1,))
+        large = cur.fetchone()[0]
+    pg.commit()
     result = verify(settings, report["run_id"])
     patterns = {p["pattern"]: p for p in result["patterns"]}
-    assert patterns["thread"]["extra"] == 1 and patterns["session"]["expired_rows"] == 1
-    assert patterns["session"]["extra"] == 0 and result["extra"] == 1
-    example = next(e for e in patterns["thread"]["examples"] if e["kind"] == "extra")
-    assert example["key"] == deleted and example["why"] == "its key is not in Redis"
+    assert patterns["thread"]["extra"] == 2 and patterns["session"]["expired_rows"] == 1
+    assert patterns["session"]["extra"] == 0 and result["extra"] == 2 and result["different"] == 0
+    whys = {e["key"]: e["why"] for e in patterns["thread"]["examples"] if e["kind"] == "extra"}
+    assert whys == {deleted: "its key is not in Redis", large: "its key no longer gives this row"}
 
 
 @pytest.mark.parametrize("broken, budget, completes", [(30, None, False), (8, None, True), (30, "0.5", True)])
