@@ -1,12 +1,17 @@
 """Real services only: a throwaway PostgreSQL database per session and a Redis DB of our own.
 
 MIGRATOR_TEST_ADMIN_URL (default postgresql://postgres@127.0.0.1:5432/postgres) is where the
-throwaway database is created; MIGRATOR_TEST_REDIS_URL (default DB 11) is flushed per test.
+throwaway database is created. The session claims a Redis database that is empty, or that an
+earlier session of this suite filled (MIGRATOR_TEST_REDIS_URL names one; by default the first
+free of DB 11, 9, 8, ... of 127.0.0.1:6379), and empties it before each test: never a database
+holding keys the suite did not write. Claims live in the registry database (DB 10 of the same
+server, beside the test results), so sessions running at once each get their own.
 """
 from __future__ import annotations
 
 import os
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -26,7 +31,55 @@ os.environ.setdefault("MIGRATOR_QUEUE_PREFIX", f"test{os.getpid()}.")
 os.environ.setdefault("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/10")
 
 ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "")  # the claimed one, once the session has it
+REDIS_CANDIDATES = [REDIS_URL] if REDIS_URL else [f"redis://127.0.0.1:6379/{n}" for n in (11, 9, 8, 7, 6, 4, 3, 2, 1, 13)]
+REGISTRY_DB = 10
+FILLED = "migrator-tests:filled"  # databases a session of this suite wrote into (and may empty)
+CLAIM_SECONDS = 3600  # a killed session's claim lapses after this; each test renews it
+TOKEN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _registry(url: str) -> redis.Redis:
+    parts = urlsplit(url)
+    return redis.Redis.from_url(urlunsplit(parts._replace(path=f"/{REGISTRY_DB}")))
+
+
+def _claim_key(url: str) -> str:
+    return f"migrator-tests:claim:{url}"
+
+
+def claim_redis_db() -> str:
+    """A Redis database for this session alone: empty, or filled by an earlier session of this
+    suite; refuses (ending the session) when every candidate holds someone else's keys."""
+    refused = []
+    for url in REDIS_CANDIDATES:
+        registry = _registry(url)
+        if not registry.set(_claim_key(url), TOKEN, nx=True, ex=CLAIM_SECONDS):
+            continue  # another session runs on it now
+        with redis.Redis.from_url(url) as client:
+            keys = client.dbsize()
+        if keys == 0 or registry.sismember(FILLED, url):
+            registry.sadd(FILLED, url)
+            return url
+        registry.delete(_claim_key(url))
+        refused.append(f"{url} ({keys:,} keys)")
+    pytest.exit("no Redis database for the tests: " + ", ".join(refused or ["every candidate is claimed"])
+                + " hold keys this suite did not write, and it never empties those. Point MIGRATOR_TEST_REDIS_URL at an"
+                " empty database, or empty one of them yourself if its keys are yours (redis-cli -n N FLUSHDB)",
+                returncode=2)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    global REDIS_URL
+    REDIS_URL = claim_redis_db()
+    yield REDIS_URL
+    with redis.Redis.from_url(REDIS_URL) as client:
+        client.flushdb()
+    registry = _registry(REDIS_URL)
+    registry.srem(FILLED, REDIS_URL)  # empty again: anyone's
+    if registry.get(_claim_key(REDIS_URL)) == TOKEN.encode():
+        registry.delete(_claim_key(REDIS_URL))
 
 
 
@@ -67,12 +120,14 @@ def cluster(cluster_ports):
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str) -> Settings:
-    return Settings(REDIS_URL, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
+def settings(database_url: str, redis_url: str) -> Settings:
+    return Settings(redis_url, database_url, os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
 
 
 @pytest.fixture
 def r(settings: Settings) -> redis.Redis:
+    """The session's Redis database, emptied (it is ours: see claim_redis_db)."""
+    _registry(settings.redis_url).expire(_claim_key(settings.redis_url), CLAIM_SECONDS)
     client = redis.Redis.from_url(settings.redis_url)
     client.flushdb()
     yield client

@@ -97,11 +97,9 @@ def by_pattern(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["pattern"]: p for p in report["patterns"]}
 
 
-def worker_env(database_url: str) -> dict[str, str]:
+def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker process of this test session."""
-    from conftest import REDIS_URL
-
-    return {**os.environ, "REDIS_URL": REDIS_URL, "DATABASE_URL": database_url, "MIGRATOR_LOG_JSON": "1",
+    return {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url, "MIGRATOR_LOG_JSON": "1",
             "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")}
 
 

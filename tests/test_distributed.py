@@ -27,8 +27,8 @@ from helpers import ROOT, Flower, Workers, by_pattern, content_fingerprint, migr
 
 
 @pytest.fixture(scope="module")
-def workers(database_url, tmp_path_factory):
-    pool = Workers(worker_env(database_url), tmp_path_factory.mktemp("workers"))
+def workers(settings, tmp_path_factory):
+    pool = Workers(worker_env(settings), tmp_path_factory.mktemp("workers"))
     pool.start("w1")
     pool.start("w2")
     yield pool
@@ -90,8 +90,8 @@ def test_two_workers_migrate_every_key_once_while_the_app_writes_and_deletes(set
 
 
 @pytest.fixture
-def flower(database_url, tmp_path):
-    watcher = Flower(worker_env(database_url), tmp_path)
+def flower(settings, tmp_path):
+    watcher = Flower(worker_env(settings), tmp_path)
     yield watcher
     watcher.stop()
 

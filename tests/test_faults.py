@@ -39,7 +39,7 @@ def stack(tmp_path_factory, settings):
         init_db(conn)
         conn.close()
         own = Settings(f"redis://127.0.0.1:{port}/0", server.url, settings.broker_url)
-        env = {**worker_env(server.url), "REDIS_URL": own.redis_url}
+        env = worker_env(own)
         pool = Workers(env, directory)
         pool.start("f1")
         pool.start("f2")
