@@ -21,12 +21,13 @@ import psycopg2
 import redis
 import structlog
 
-from . import ledger
+from . import lease, ledger
 from .ledger import PatternCounts
 from .mapping import SHAPE_ERRORS, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Reference, SourceRecord
 from .partition import scan_range
 from .redact import printable, redact_text
 from .references import Checker
+from .runstate import Fenced
 from .source import (CHUNK_READ_BYTES, KeyRead, dead_letter_bytes, decode, key_client, node_client, read_keys,
                      value_digest)
 from . import throttle
@@ -63,8 +64,9 @@ class _Batch:
     """State of one batch while it runs: counts, pending records, dead letters."""
 
     def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, check: Callable[[], None] = lambda: None) -> None:
         self.cur, self.mapping, self.spec, self.progress = cur, mapping, spec, progress
+        self.check = check  # raises Fenced once the batch should stop (its run was cancelled)
         # a cluster range is scanned and read on its own master
         self.client = node_client(client, spec.key_range.node) if spec.key_range.node else client
         self.opts = spec.options
@@ -112,6 +114,7 @@ class _Batch:
         clock, t = time.perf_counter, self.timings
         mark = clock()
         for keys in scan_range(self.client, self.spec.key_range, self.scan_count):
+            self.check()
             if self.throttle is not None:
                 t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
@@ -273,7 +276,7 @@ class _Batch:
             read.pttl if read else None,
             f"{reason} ({detail})" if detail else reason,
         ))
-        log.warning("dead_letter", pattern=pattern.name, key=redact_text(text), reason=redact_text(reason))
+        log.warning("dead_letter", pattern=pattern.name, key=redact_text(text[:LOGGED_KEY_CHARS]), reason=redact_text(reason))
         self.dead_bytes += len(self.dead[-1][4] or b"") + len(key)
         # (not in a dry run: its writes are rolled back to a savepoint, dead letters after it)
         if self.dead_bytes > DEAD_LETTER_SPILL_BYTES and not self.opts.dry_run:
@@ -298,44 +301,39 @@ DEAD_LETTER_SPILL_BYTES = 16 * 1024 * 1024
 # A dead letter keeps at most this much of its value (and says how large the value was).
 DEAD_LETTER_VALUE_BYTES = 1024 * 1024
 
+# Characters of a key name a log line shows (a name may be half a megabyte; the ledger keeps it whole).
+LOGGED_KEY_CHARS = 200
+
 # Dangling references kept per pattern and batch, as examples (the count is kept whole).
 DANGLING_EXAMPLES = 5
 
-# Namespace of the per-batch advisory locks (any constant; the batch id is the second key).
-BATCH_LOCK = 0x6D67
-
 
 def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: int,
-                  progress: Progress | None = None) -> BatchResult | None:
+                  progress: Progress | None = None, *, connect: Callable[[], Any]) -> BatchResult | None:
     """Run one planned batch from the ledger; None when it was already done.
 
-    A session advisory lock makes a second delivery of the same batch wait for the first and
-    then find it done, so a batch never writes twice at once.
+    The batch is claimed first (see migrator/lease.py): a second delivery of a batch another
+    live worker runs waits for it and then finds it done; a stale one is taken over. Raises
+    Fenced when the run is not running, or stopped while the batch ran (nothing committed).
+    `connect` opens the heartbeat's own connection.
     """
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s, %s)", (BATCH_LOCK, batch_id))
+    claimed = lease.claim(conn, batch_id)
+    if claimed is None:
+        log.info("batch_already_done", batch=batch_id)
+        return None
+    spec, held = claimed
     try:
-        with conn.cursor() as cur:
-            spec = ledger.start_batch(cur, batch_id)
-        conn.commit()
-        if spec is None:
-            log.info("batch_already_done", batch=batch_id)
-            return None
         # Every log line of this batch, ours or the writer's, carries run, priority and batch.
-        with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id):
-            return _migrate(client, conn, mapping, spec, progress)
+        with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id), \
+                lease.Heartbeat(connect, held) as heartbeat:
+            return _migrate(client, conn, mapping, spec, held, heartbeat, progress)
     finally:
-        try:
-            conn.rollback()
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCK, batch_id))
-            conn.commit()
-        except psycopg2.Error:
-            pass  # a lost connection took its session locks with it
+        if held.locked:
+            lease.release(conn, batch_id)
 
 
-def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec,
-             progress: Progress | None) -> BatchResult:
+def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec, held: lease.Lease,
+             heartbeat: lease.Heartbeat, progress: Progress | None) -> BatchResult:
     log.info("batch_started", range=spec.key_range.index, ranges=spec.key_range.count, dry_run=spec.options.dry_run)
     try:
         with conn.cursor() as cur:
@@ -343,7 +341,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             cur.execute("SELECT set_config('migrator.run_id', %s, true)", (spec.run_id,))
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
-            batch = _Batch(client, cur, mapping, spec, progress)
+            batch = _Batch(client, cur, mapping, spec, progress, heartbeat.check)
             try:
                 batch.run()
             finally:
@@ -353,15 +351,26 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
+            lease.still_ours(cur, held)  # (holds the run's row until the commit)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling)
         conn.commit()
+    except Fenced as exc:
+        log.warning("batch_fenced", reason=str(exc))
+        try:
+            conn.rollback()
+            with conn.cursor() as cur:
+                lease.give_back(cur, held, f"stopped: {exc}")
+            conn.commit()
+        except psycopg2.Error:
+            pass  # (the ledger shows it stale; nothing of it committed)
+        raise
     except Exception as exc:
         reason = redact_text(describe(exc))
         log.error("batch_failed", error=reason)
         try:
             conn.rollback()
             with conn.cursor() as cur:
-                ledger.fail_batch(cur, spec.id, reason)
+                ledger.fail_batch(cur, spec.id, held.attempt, reason)
             conn.commit()
         except psycopg2.Error:
             # PostgreSQL itself went away: the batch stays 'running' in the ledger, and its

@@ -30,6 +30,7 @@ Typical session:
   migrator verify RUN_ID               # every key compared with its rows: exit 0 clean, 1 differences
   migrator batches RUN_ID --failed     # what failed and why; then: migrator requeue RUN_ID --failed
   migrator report RUN_ID --json        # the balance again, for scripts
+  migrator cancel RUN_ID --rollback    # stop a run that is running, then undo it
   migrator rollback RUN_ID             # put PostgreSQL back exactly as it was before RUN_ID
 
 Connections come from REDIS_URL, DATABASE_URL and CELERY_BROKER_URL, or the flags below.
@@ -196,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batches", help="the batches of a run: range, status, attempts, counts, error")
     _connection_flags(p)
     p.add_argument("run_id")
-    p.add_argument("--failed", action="store_true", help="only failed batches")
+    p.add_argument("--failed", action="store_true",
+                   help="only batches that failed, or are stale (running, but their worker stopped heartbeating)")
+    p.add_argument("--stale", action="store_true", help="only stale batches")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("requeue", help="send batches to the workers again (after fixing what made them fail)")
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--batch", type=int, action="append", help="batch id from `migrator batches` (repeatable)")
-    which.add_argument("--failed", action="store_true", help="every failed batch of the run")
+    which.add_argument("--failed", action="store_true", help="every failed or stale batch of the run")
 
     p = sub.add_parser("resume", help="carry a run on from the ledger (after the coordinator or the broker was lost)",
                        description="Re-sends the first priority that has not validated, with exactly its unfinished "
@@ -248,9 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='{"run_id", "verdict", "missing", "different", "extra", "patterns": [...]}')
 
-    p = sub.add_parser("rollback", help="undo a run exactly: delete what it inserted, restore what it changed")
+    p = sub.add_parser("rollback", help="undo a run exactly: delete what it inserted, restore what it changed",
+                       description="Refused while the run is running (stop it with `migrator cancel RUN --rollback`). "
+                                   "A rollback that fails leaves the run `rollback_failed` with the error in `migrator "
+                                   "status`; fix the cause and run it again. Exit 0 rolled back, 1 the rollback failed, "
+                                   "2 refused.")
     _connection_flags(p)
     p.add_argument("run_id")
+
+    p = sub.add_parser("cancel", help="stop a running run: no batch of it starts or commits from now; then, with "
+                                      "--rollback, undo it",
+                       description="The run becomes `cancelling`: its queued batches are revoked, running ones stop at "
+                                   "their next sub-batch (nothing of theirs commits), and it ends `cancelled` with what "
+                                   "it committed before kept. Then `migrator rollback RUN` undoes it, or `migrator "
+                                   "resume RUN` carries it on.")
+    _connection_flags(p)
+    p.add_argument("run_id")
+    p.add_argument("--rollback", action="store_true", help="roll the run back once it has stopped")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for running batches to stop (default 120; past it they cannot commit anyway)")
 
     p = sub.add_parser("parity", help="shadow-read parity per operation (DUAL_WRITE with shadow reads on)")
     _connection_flags(p)
@@ -322,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return commands.cmd_status(settings, args.run_id, as_json=args.json, watch_it=args.watch)
         if args.command == "batches":
-            return commands.cmd_batches(settings, args.run_id, failed_only=args.failed, as_json=args.json)
+            return commands.cmd_batches(settings, args.run_id, failed_only=args.failed, stale_only=args.stale,
+                                        as_json=args.json)
         if args.command == "requeue":
             return commands.cmd_requeue(settings, args.run_id, args.batch or [])
         if args.command == "resume":
@@ -334,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)
         if args.command == "rollback":
             return commands.cmd_rollback(settings, THREADR, args.run_id)
+        if args.command == "cancel":
+            return commands.cmd_cancel(settings, THREADR, args.run_id, rollback=args.rollback, wait_s=args.wait)
         if args.command == "audit":
             return commands.cmd_audit(settings, THREADR, show_pii=args.show_pii, memory_sample=args.memory_sample,
                                       scan_count=args.scan_count, output_dir=args.output_dir, as_json=args.json)

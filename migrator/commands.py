@@ -20,10 +20,11 @@ from . import status as status_mod
 from .config import Settings
 from .dualwrite import WriteStrategy
 from .log import attach_log_file
-from .ledger import TERMINAL
+from .runstate import TERMINAL, NotNow
 from .mapping import Mapping, Priority
 from .options import RunOptions
-from .rollback import rollback_run
+from .cancel import cancel_run
+from .rollback import RollbackFailed, rollback_run
 from .runner import execute_local, plan_run, resume_point, verify_local
 from .validate import render_validation, validate_run
 from .verify import explain, masked, plan_verification
@@ -160,21 +161,27 @@ def cmd_status(settings: Settings, run_id: str, *, as_json: bool, watch_it: bool
         _dump(progress, out)
     elif not watch_it:
         out.write(status_mod.render(progress) + "\n")
-    return FAILED if progress["status"] in ("failed", "rolled_back") else OK
+    return FAILED if progress["status"] in ("failed", "rolled_back", "rollback_failed", "cancelled") else OK
 
 
-def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, as_json: bool, out: TextIO = sys.stdout) -> int:
+def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, stale_only: bool = False, as_json: bool,
+                out: TextIO = sys.stdout) -> int:
+    """A run's batches (--failed: failed and stale ones; --stale: stale ones), and any failure of
+    a priority's finalize step, each with the command that recovers it."""
     conn = _ledger(settings)
     try:
         with conn, conn.cursor() as cur:
             ledger.require_run(cur, run_id)
-            rows = [b for b in ledger.batches(cur, run_id) if not failed_only or b["status"] == "failed"]
+            rows = [b for b in ledger.batches(cur, run_id)
+                    if (b["stale"] if stale_only else b["status"] == "failed" or b["stale"]) or not (failed_only or stale_only)]
+            stuck = status_mod.finalize_failures(cur, run_id)
     finally:
         conn.close()
     if as_json:
-        _dump([{k: v for k, v in b.items() if k != "pattern_counts"} for b in rows], out)
+        _dump({"batches": [{k: v for k, v in b.items() if k != "pattern_counts"} for b in rows], "finalize": stuck}, out)
     else:
-        out.write(status_mod.render_batches(rows) + "\n")
+        out.write(status_mod.render_batches(rows, run_id) + "\n")
+        out.write("".join(f"priority {f['priority']}: {f['detail']}\n" for f in stuck))
     return OK
 
 
@@ -312,17 +319,90 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
     return OK if result["ok"] else FAILED
 
 
-def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout) -> int:
+def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout,
+                 err: TextIO = sys.stderr) -> int:
+    """Undo a run that is not running; exit 1 when the rollback failed (the run says why)."""
     conn = _ledger(settings)
     try:
-        summary = rollback_run(conn, mapping, run_id)
+        with conn, conn.cursor() as cur:
+            status = ledger.require_run(cur, run_id)["status"]
+        if status == "rolled_back":
+            out.write(f"run {run_id} was rolled back already; nothing to do\n")
+            return OK
+        if status in ("planned", "running"):
+            raise NotNow(f"run {run_id} is still running; rolling it back now would race its batches. Stop it and "
+                         f"roll it back: migrator cancel {run_id} --rollback")
+        if status == "cancelling":
+            raise NotNow(f"run {run_id} is being cancelled; wait for `migrator cancel {run_id}` to end (or run it "
+                         f"again), then: migrator rollback {run_id}")
+        try:
+            summary = rollback_run(conn, mapping, run_id)
+        except RollbackFailed as exc:
+            err.write(f"migrator: run {run_id}: {exc}\n")
+            return FAILED
     finally:
         conn.close()
+    _write_rollback(summary, out)
+    out.write(f"run {run_id} rolled back\n")
+    return OK
+
+
+def cmd_cancel(settings: Settings, mapping: Mapping, run_id: str, *, rollback: bool, wait_s: float,
+               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Stop a running run (its queued batches revoked, running ones stopped at their next
+    sub-batch), then roll it back if asked; otherwise say how to."""
+    conn = _ledger(settings)
+    try:
+        with conn, conn.cursor() as cur:
+            run = ledger.require_run(cur, run_id)
+        shown = [-1]
+
+        def progress(live: int) -> None:
+            if live and live != shown[0]:
+                err.write(f"migrator: waiting for {live} running batch(es) to stop at their next sub-batch\n")
+            shown[0] = live
+
+        if run["status"] in ("planned", "running", "cancelling"):
+            revoked = _revoke(settings, conn, run_id)
+            if revoked:
+                err.write(f"migrator: revoked {revoked} queued batch task(s)\n")
+        left = cancel_run(conn, run_id, wait_s=wait_s, progress=progress)
+        out.write(f"run {run_id} cancelled" + (f" ({left} batch(es) had not stopped yet; nothing of theirs can commit)"
+                                              if left else "") + "\n")
+        if not rollback:
+            out.write(f"what it committed stays. Undo it: migrator rollback {run_id}   or carry on: migrator resume "
+                      f"{run_id}\n")
+            return OK
+        try:
+            summary = rollback_run(conn, mapping, run_id)
+        except RollbackFailed as exc:
+            err.write(f"migrator: run {run_id}: {exc}\n")
+            return FAILED
+    finally:
+        conn.close()
+    _write_rollback(summary, out)
+    out.write(f"run {run_id} rolled back\n")
+    return OK
+
+
+def _revoke(settings: Settings, conn: Any, run_id: str) -> int:
+    """Revoke a run's queued batch tasks on the workers (a run sent to Celery); their count."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT task_id FROM migration_batches WHERE run_id = %s AND status <> 'done' AND task_id IS NOT NULL",
+                    (run_id,))
+        ids = [row[0] for row in cur.fetchall()]
+    if not ids:
+        return 0  # a --local run, or nothing left
+    from workers.coordinator import revoke, use_broker  # Celery is only needed here
+
+    use_broker(settings)
+    return revoke(ids)
+
+
+def _write_rollback(summary: dict[str, dict[str, int]], out: TextIO) -> None:
     for table, n in summary.items():
         if n["deleted"] or n["restored"]:
             out.write(f"{table}: {n['deleted']} inserted rows deleted, {n['restored']} changed rows restored\n")
-    out.write(f"run {run_id} rolled back\n")
-    return OK
 
 
 def cmd_check(settings: Settings, mapping: Mapping, *, need_workers: bool, timeout: float, as_json: bool,

@@ -8,6 +8,19 @@ from .config import ConfigError
 
 # Connections refused, dropped or timing out: the same work may well succeed in a moment.
 TRANSIENT = (ConfigError, redis.ConnectionError, redis.TimeoutError, psycopg2.OperationalError, psycopg2.InterfaceError)
+# Of the server's errors psycopg2 calls operational, those a moment may cure (SQLSTATE classes):
+# connection (08), a transaction rolled back by a deadlock or a conflict (40), resources (53),
+# shutdown or restart (57), system (58). Not 54 (a value past a limit, an index row too large):
+# the same work fails the same way again.
+RETRY_CLASSES = ("08", "40", "53", "57", "58")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is worth another try after a pause."""
+    code = getattr(exc, "pgcode", None)
+    if isinstance(exc, psycopg2.OperationalError) and code:
+        return code[:2] in RETRY_CLASSES
+    return isinstance(exc, TRANSIENT)
 
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable
 
-from . import ledger
+from . import ledger, runstate
 from .mapping import Priority
 from .redact import redact_text
 
@@ -57,7 +57,7 @@ def run_figures(cur: Any, run: dict[str, Any], batches: list[dict[str, Any]]) ->
     cur.execute("SELECT now()")  # the server's clock, which stamped the ledger
     now = cur.fetchone()[0]
     # a run that ended stops the clock, even for a batch its lost worker left 'running'
-    until = run["finished_at"] if run["status"] in ledger.TERMINAL and run["finished_at"] else now
+    until = run["finished_at"] if run["status"] in runstate.TERMINAL and run["finished_at"] else now
     priorities = {p.label: _of(mine, until) for p in Priority
                   if (mine := [b for b in batches if b["priority"] == p.label])}
     wall = round((until - run["started_at"]).total_seconds(), 3) if run["started_at"] else None

@@ -13,13 +13,14 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from . import ledger, verify
-from .errors import TRANSIENT
+from . import ledger, runstate, verify
+from .errors import transient
 from .mapping import Mapping, Priority
 from .merge import LEGACY_KEY, LINKED
 from .options import RunOptions
 from .redact import redact_text
-from .rollback import rollback_run
+from .rollback import RollbackFailed, rollback_run
+from .runstate import Fenced
 from .source import cluster_masters
 from .validate import RUN, Check, figure_checks, priority_checks, record
 from .writer import describe
@@ -33,9 +34,11 @@ LINK = sql.SQL(
 
 
 def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
-    """Fill user_id on rows that name their user by email, now that the users are in."""
+    """Fill user_id on rows that name their user by email, now that the users are in (only
+    while the run is running: its row is held until these writes commit)."""
     linked = 0
     with conn, conn.cursor() as cur:
+        runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
         for table, column in mapping.user_links:
             t, c = sql.Identifier(table), sql.Identifier(column)
@@ -46,15 +49,54 @@ def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
 
 
 def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                       opts: RunOptions) -> int | None:
+                       opts: RunOptions, dispatch: int | None = None) -> int | None:
     """The batches of `priority` are in: link users, and plan the priority's verification (its
     id). None when the source restarted since the run was planned: keys moved between ranges
-    with the new hash seed, so the priority is scanned again."""
-    if source_restarted(client, conn, mapping, run_id, priority):
-        return None
-    linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
-    log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
-    return verify.plan_verification(client, conn, run_id, [priority])
+    with the new hash seed, so the priority is scanned again.
+
+    Raises Fenced when the run is not running (cancelled, rolled back), or when this step
+    itself fails: the run is then failed, its rows kept, with the command that runs the step
+    again. `dispatch`: the number the chord was sent with (workers), Fenced when a later one
+    replaced it.
+    """
+    _still_running(conn, run_id, dispatch)
+    try:
+        if source_restarted(client, conn, mapping, run_id, priority):
+            return None
+        linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
+        log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
+        return verify.plan_verification(client, conn, run_id, [priority])
+    except Fenced:
+        raise
+    except Exception as exc:
+        if transient(exc):
+            raise
+        conn.rollback()
+        why = (f"finalize of priority {priority.label} failed: {redact_text(describe(exc))}; once its cause is fixed, "
+               f"run it again: migrator resume {run_id}")
+        record(conn, run_id, priority.label, [Check("finalize", False, why)])
+        _end(conn, run_id, "failed", why)
+        log.error("finalize_failed", run=run_id, priority=priority.label, error=why)
+        raise Fenced(why) from None
+
+
+def _still_running(conn: Any, run_id: str, dispatch: int | None = None) -> None:
+    with conn, conn.cursor() as cur:
+        runstate.hold(cur, run_id)
+        if dispatch is not None:
+            cur.execute("SELECT dispatch FROM migration_runs WHERE id = %s", (run_id,))
+            if cur.fetchone()[0] != dispatch:
+                raise Fenced(f"run {run_id}: these batches were sent again since (resume, requeue)")
+
+
+def _end(conn: Any, run_id: str, to: str, error: str | None = None) -> None:
+    """Move a running run on (to completed, failed, rolling_back ...); Fenced when it is no longer
+    running: an operator stopped it meanwhile, and that stands."""
+    with conn, conn.cursor() as cur:
+        try:
+            runstate.transition(cur, run_id, to, error)
+        except runstate.NotNow as exc:
+            raise Fenced(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -67,21 +109,22 @@ class Step:
 
 
 def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
-                   opts: RunOptions, verification_id: int) -> Step:
+                   opts: RunOptions, verification_id: int, dispatch: int | None = None) -> Step:
     """Judge `priority` on its verification; after the last one, the run's own checks too.
 
     A failure of the judging itself (say, a table gone missing) fails the priority like a failed
     check would, rather than leave the run running forever; connection trouble is raised for a retry.
     """
+    _still_running(conn, run_id, dispatch)
     try:
         result = verify.finish(client, conn, mapping, verification_id)
         if (result.get("error") or "").startswith(verify.RESTARTED):
             log.warning("verification_restarted", run=run_id, priority=priority.label, verification=verification_id)
             return Step(verify_again=verify.plan_verification(client, conn, run_id, [priority]))
         checks = priority_checks(conn, mapping, run_id, priority, opts, result)
-    except TRANSIENT:
-        raise
     except Exception as exc:
+        if transient(exc):
+            raise
         conn.rollback()
         checks = [Check("finalize", False, redact_text(describe(exc)))]
     failed = [] if record(conn, run_id, priority.label, checks) else [(priority.label, checks)]
@@ -101,10 +144,10 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         return Step(following)
     with conn, conn.cursor() as cur:
         bad = sum(not ok for ok in ledger.latest_verdicts(cur, run_id).values())
-        if bad:
-            ledger.set_run_status(cur, run_id, "failed", f"{bad} priority(ies) did not validate")
-        else:
-            ledger.set_run_status(cur, run_id, "dry_run" if opts.dry_run else "completed")
+    if bad:
+        _end(conn, run_id, "failed", f"{bad} priority(ies) did not validate")
+    else:
+        _end(conn, run_id, "dry_run" if opts.dry_run else "completed")
     return Step()
 
 
@@ -122,9 +165,13 @@ def source_restarted(client: redis.Redis, conn: Any, mapping: Mapping, run_id: s
 
 
 def fail_run(conn: Any, mapping: Mapping, run_id: str, opts: RunOptions, reason: str) -> None:
-    """Mark the run failed and, unless told not to, roll back everything it wrote."""
-    with conn, conn.cursor() as cur:
-        ledger.set_run_status(cur, run_id, "failed", reason)
+    """Mark the run failed and, unless told not to, roll back everything it wrote (a rollback
+    that fails leaves the run rollback_failed, saying why)."""
+    rolls_back = opts.rollback_on_failure and not opts.dry_run
+    _end(conn, run_id, "rolling_back" if rolls_back else "failed", reason)  # (no batch of it commits from here)
     log.warning("run_failed", run=run_id, reason=reason)
-    if opts.rollback_on_failure and not opts.dry_run:
-        rollback_run(conn, mapping, run_id)
+    if rolls_back:
+        try:
+            rollback_run(conn, mapping, run_id)
+        except RollbackFailed:
+            pass  # the run says so, with the error

@@ -1,6 +1,7 @@
 """The run ledger in PostgreSQL: runs, their planned batches, per-pattern counts, dead letters."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -14,6 +15,14 @@ from .partition import KeyRange
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
           "migration_verifications", "migration_verify_ranges")
 
+# Seconds between a running batch's heartbeats (migrator/lease.py); a batch silent for six of
+# them is stale: its worker died, or is cut off.
+HEARTBEAT_SECONDS = float(os.environ.get("MIGRATOR_HEARTBEAT_SECONDS") or 5)
+STALE_SECONDS = 6 * HEARTBEAT_SECONDS
+# Whether a batch is running with a heartbeat older than STALE_SECONDS (over migration_batches b).
+STALE_SQL = ("(b.status = 'running' AND (b.heartbeat_at IS NULL"
+             " OR b.heartbeat_at < clock_timestamp() - make_interval(secs => %(stale)s)))")
+
 COUNT_FIELDS = ("scanned", "migrated", "skipped", "dead", "expired")
 # ...plus the target rows the migrated keys became (a zset key may become many rows), and the
 # references the keys read made (mapping.Reference) and those of them that dangle.
@@ -22,8 +31,6 @@ TALLY_FIELDS = (*COUNT_FIELDS, "rows", "references", "dangling")
 # beside the others; "write_wait" is the part of it the batch waited for; "throttle" is
 # time slept under --max-keys-per-sec.
 STAGES = ("scan", "read", "transform", "write", "write_wait", "throttle")
-# Statuses a run ends in (it may still be resumed or requeued from "failed").
-TERMINAL = ("completed", "dry_run", "failed", "rolled_back")
 
 
 @dataclass
@@ -83,34 +90,16 @@ def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = 
     return [r[0] for r in cur.fetchall()]
 
 
-def start_batch(cur: Any, batch_id: int) -> BatchSpec | None:
-    """Mark a batch running; None when it is already done (a redelivery or a duplicate)."""
-    cur.execute(
-        "UPDATE migration_batches b SET status = 'running', attempts = attempts + 1, started_at = clock_timestamp(), error = NULL"
-        " FROM migration_runs r WHERE b.id = %s AND r.id = b.run_id AND b.status <> 'done'"
-        " RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, b.node,"
-        " r.options, r.mapping",
-        (batch_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        cur.execute("SELECT status FROM migration_batches WHERE id = %s", (batch_id,))
-        if cur.fetchone() is None:
-            raise LookupError(f"batch {batch_id} is not in the ledger; is DATABASE_URL the run's database?")
-        return None
-    run_id, priority, index, count, start, end, node, options, mapping = row
-    return BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end), node),
-                     RunOptions.from_json(options), mapping)
-
-
 def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
-    """Put batches back to pending for a requeue: the given ones, or every failed one."""
-    if batch_ids:
-        cur.execute("UPDATE migration_batches SET status = 'pending', error = NULL WHERE run_id = %s AND id = ANY(%s)"
-                    " RETURNING id, priority", (run_id, batch_ids))
-    else:
-        cur.execute("UPDATE migration_batches SET status = 'pending', error = NULL WHERE run_id = %s AND status = 'failed'"
-                    " RETURNING id, priority", (run_id,))
+    """Put batches back to pending for a requeue: the given ones, or every failed or stale one.
+    A batch a live worker is running is left to it."""
+    chosen = (f"b.id = ANY(%(ids)s) AND (b.status <> 'running' OR {STALE_SQL})" if batch_ids
+              else f"(b.status = 'failed' OR {STALE_SQL})")
+    # (a stale batch stays `running`, without a heartbeat: anyone may take it over, though its
+    # lost worker's session may still hold the batch's lock)
+    cur.execute(f"UPDATE migration_batches b SET status = CASE b.status WHEN 'running' THEN 'running' ELSE 'pending' END,"
+                f" error = NULL, heartbeat_at = NULL WHERE b.run_id = %(run)s AND {chosen} RETURNING b.id, b.priority",
+                {"run": run_id, "ids": batch_ids or [], "stale": STALE_SECONDS})
     return cur.fetchall()
 
 
@@ -137,10 +126,12 @@ def stage_seconds(cur: Any, run_id: str) -> dict[str, float]:
     return {stage: round(found.get(stage) or 0.0, 3) for stage in STAGES}
 
 
-def fail_batch(cur: Any, batch_id: int, error: str) -> None:
+def fail_batch(cur: Any, batch_id: int, attempt: int, error: str) -> None:
+    """Record a batch's failure, unless another worker has taken it over since (`attempt`)."""
     cur.execute(
-        "UPDATE migration_batches SET status = 'failed', finished_at = clock_timestamp(), error = %s WHERE id = %s",
-        (error, batch_id),
+        "UPDATE migration_batches SET status = 'failed', finished_at = clock_timestamp(), heartbeat_at = NULL, error = %s"
+        " WHERE id = %s AND attempts = %s",
+        (error, batch_id, attempt),
     )
 
 
@@ -151,18 +142,9 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
     execute_values(
         cur,
         "INSERT INTO migration_dead_letters (run_id, batch_id, pattern, redis_key, key_text, redis_type, raw_value, ttl_ms, error)"
-        " VALUES %s ON CONFLICT (run_id, redis_key) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
+        " VALUES %s ON CONFLICT (run_id, sha256(redis_key)) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
         " raw_value = EXCLUDED.raw_value, error = EXCLUDED.error, created_at = now()",
         [(run_id, batch_id, *letter) for letter in letters],
-    )
-
-
-def set_run_status(cur: Any, run_id: str, status: str, error: str | None = None) -> None:
-    finished = status in TERMINAL
-    cur.execute(
-        "UPDATE migration_runs SET status = %s, error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
-        " finished_at = CASE WHEN %s THEN now() ELSE finished_at END WHERE id = %s",
-        (status, status, error, finished, run_id),
     )
 
 
@@ -203,19 +185,23 @@ def rescan_priority(cur: Any, run_id: str, priority: str, redis_run_id: str) -> 
 
 
 def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
+    """Every batch of a run; `stale`: running, but its heartbeat stopped (`silent_s` ago)."""
     cur.execute(
-        "SELECT id, priority, node, range_index, range_count, status, attempts, keys_scanned, keys_migrated, keys_skipped,"
-        " keys_dead, keys_expired, rows_written, pattern_counts, error,"
-        " EXTRACT(EPOCH FROM (finished_at - started_at)), started_at, finished_at, dangling FROM migration_batches"
-        " WHERE run_id = %s"
-        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), node, range_index",
-        (run_id,),
+        "SELECT b.id, b.priority, b.node, b.range_index, b.range_count, b.status, b.attempts, b.keys_scanned,"
+        " b.keys_migrated, b.keys_skipped, b.keys_dead, b.keys_expired, b.rows_written, b.pattern_counts, b.error,"
+        " EXTRACT(EPOCH FROM (b.finished_at - b.started_at)), b.started_at, b.finished_at, b.dangling, b.worker,"
+        f" {STALE_SQL}, EXTRACT(EPOCH FROM clock_timestamp() - COALESCE(b.heartbeat_at, b.started_at))"
+        " FROM migration_batches b WHERE b.run_id = %(run)s"
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], b.priority), b.node, b.range_index",
+        {"run": run_id, "stale": STALE_SECONDS},
     )
     keys = ("id", "priority", "node", "range_index", "range_count", "status", "attempts", "scanned", "migrated", "skipped",
-            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at", "dangling")
+            "dead", "expired", "rows_written", "pattern_counts", "error", "seconds", "started_at", "finished_at", "dangling",
+            "worker", "stale", "silent_s")
     rows = [dict(zip(keys, row)) for row in cur.fetchall()]
     for row in rows:
-        row["seconds"] = float(row["seconds"]) if row["seconds"] is not None else None
+        for f in ("seconds", "silent_s"):
+            row[f] = float(row[f]) if row[f] is not None else None
     return rows
 
 

@@ -3,7 +3,8 @@
 The batch writer and the dual-write paths share these rules, so a backfill running while the
 app writes never overwrites a newer value: counters only grow (GREATEST), documents keep the
 newer `version` column, lookup columns are filled by whichever source knows them (COALESCE).
-An upsert that would change nothing does not touch the row, so reruns leave tables identical.
+An upsert that would change nothing does not touch the row (unless no key wrote it: the app's
+own), so reruns leave tables identical.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ class TableRule:
             sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in content),
             sql.SQL(", ").join(self.merged(c) for c in content),
         )
-        guard = changed
+        # (a row no key wrote, the app's own, is taken over even when it says the same: its
+        # provenance then says which key it is, and a rollback puts it back as it was)
+        guard = sql.SQL("({} OR t.source_key IS NULL)").format(changed) if "source_key" in columns else changed
         if self.version and self.version in columns:
             v = sql.Identifier(self.version)
             guard = sql.SQL("(t.{} IS NULL OR EXCLUDED.{} >= t.{}) AND ").format(v, v, v) + changed

@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-EMAIL = re.compile(r"[^\s:/@'\"(),]+@[^\s:/@'\"(),]+\.[^\s:/@'\"(),]+")
+# (a match starts only where a run of such characters does: tried from every character of a
+# long run, as a half-megabyte key name is, it took quadratic time)
+EMAIL = re.compile(r"(?<![^\s:/@'\"(),])[^\s:/@'\"(),]+@[^\s:/@'\"(),]+\.[^\s:/@'\"(),]+")
 IPV4 = re.compile(r"\b(\d{1,3})\.(\d{1,3})\.\d{1,3}\.\d{1,3}\b")
 # An IPv6 address has '::' or at least four colons (a time of day has two); it may follow a
 # key segment such as "ip:".
@@ -15,7 +17,7 @@ IPV6 = re.compile(
 )
 DSN_PASSWORD = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
 USERINFO_SECRET = re.compile(r"(:)[^:/@\s]+@")
-URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)
+URL = re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE)  # (linear, as EMAIL)
 
 
 def mask_email(email: str) -> str:

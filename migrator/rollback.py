@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from psycopg2 import sql
 
-from . import ledger
+from . import runstate
+from .errors import transient
 from .mapping import Mapping
+from .redact import redact_text
+from .writer import describe
+
+log = structlog.get_logger("migrator.rollback")
 
 DELETE_INSERTED = sql.SQL(
     "DELETE FROM {t} WHERE migration_run = %(run)s AND NOT EXISTS"
@@ -27,19 +33,42 @@ RESTORE_CHANGED = sql.SQL(
 
 
 def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str, int]]:
-    """Undo one run in one transaction; returns per table the rows deleted and restored."""
+    """Undo one run in one transaction; returns per table the rows deleted and restored.
+
+    Refused (NotNow) while the run is running: cancel it first. A rollback that fails leaves
+    the run `rollback_failed` with the error, and may be run again once its cause is fixed.
+    """
     summary: dict[str, dict[str, int]] = {}
-    with conn, conn.cursor() as cur:
-        ledger.set_run_status(cur, run_id, "rolling_back")
-        cur.execute("SELECT set_config('migrator.run_id', '', true)")  # the undo itself is not journaled
-        for table in mapping.table_names():
-            params = {"run": run_id, "name": table}
-            t = sql.Identifier(table)
-            cur.execute(DELETE_INSERTED.format(t=t), params)
-            deleted = cur.rowcount
-            cur.execute(DELETE_CHANGED.format(t=t), params)
-            cur.execute(RESTORE_CHANGED.format(t=t), params)
-            summary[table] = {"deleted": deleted, "restored": cur.rowcount}
-        cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))
-        ledger.set_run_status(cur, run_id, "rolled_back")
+    try:
+        with conn, conn.cursor() as cur:
+            # (waits for batches committing now: their rows are undone too; later ones are fenced)
+            runstate.transition(cur, run_id, "rolling_back")
+            cur.execute("SELECT set_config('migrator.run_id', '', true)")  # the undo itself is not journaled
+            for table in mapping.table_names():
+                params = {"run": run_id, "name": table}
+                t = sql.Identifier(table)
+                cur.execute(DELETE_INSERTED.format(t=t), params)
+                deleted = cur.rowcount
+                cur.execute(DELETE_CHANGED.format(t=t), params)
+                cur.execute(RESTORE_CHANGED.format(t=t), params)
+                summary[table] = {"deleted": deleted, "restored": cur.rowcount}
+            cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))
+            runstate.transition(cur, run_id, "rolled_back")
+    except (runstate.NotNow, LookupError):
+        raise
+    except Exception as exc:
+        if transient(exc):
+            raise  # (nothing of it applied: run it again)
+        why = f"the rollback failed: {redact_text(describe(exc))}; fix that, then run `migrator rollback {run_id}` again"
+        with conn, conn.cursor() as cur:
+            if runstate.status_of(cur, run_id) != "rolling_back":
+                runstate.transition(cur, run_id, "rolling_back")
+            runstate.transition(cur, run_id, "rollback_failed", why)
+        log.error("rollback_failed", run=run_id, error=why)
+        raise RollbackFailed(why) from None
+    log.info("run_rolled_back", run=run_id, tables={t: n for t, n in summary.items() if n["deleted"] or n["restored"]})
     return summary
+
+
+class RollbackFailed(RuntimeError):
+    """The rollback's transaction failed (nothing of it applied); the run says so."""

@@ -21,20 +21,23 @@ from typing import Any, Callable, Iterator
 import redis
 import structlog
 
-from . import ledger, verify
+from . import ledger, runstate, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
-from .errors import TRANSIENT, backoff
+from .errors import backoff, transient
 from .finalize import begin_verification, judge_priority
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .partition import plan_ranges
 from .redact import redact_text, redact_url
+from .runstate import Fenced
 from .writer import describe
 
 log = structlog.get_logger("migrator.runner")
 
-RETRIES = 3  # for a batch that lost its connection
+# For a batch that lost its connection: backoff 0.5, 1, 2 ... 16 s, about half a minute in all,
+# so a server restart or a short outage is ridden out.
+RETRIES = 6
 
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
@@ -52,16 +55,20 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
 
 
 def resume_point(conn: Any, run_id: str) -> tuple[RunOptions, Priority | None]:
-    """A run's options and the priority to carry it on from (None: nothing left), marked running again."""
+    """A run's options and the priority to carry it on from (None: nothing left), marked running
+    again (under a new fence: work of its earlier life never commits)."""
     with conn, conn.cursor() as cur:
         run = ledger.require_run(cur, run_id)
-        if run["status"] in ("rolled_back", "rolling_back"):
-            raise ConfigError(f"run {run_id} was rolled back; start a new run instead")
+        if run["status"] in ("rolled_back", "rolling_back", "rollback_failed"):
+            raise runstate.NotNow(f"run {run_id} is {run['status']}; start a new run instead")
+        if run["status"] == "cancelling":
+            raise runstate.NotNow(f"run {run_id} is being cancelled; once `migrator cancel {run_id}` is done, resume it")
         opts = RunOptions.from_json(run["options"])
         label = ledger.first_unvalidated(cur, run_id, [p.label for p in opts.priority_order()])
         if label is None:
             return opts, None
-        ledger.set_run_status(cur, run_id, "running")
+        if run["status"] != "running":
+            runstate.transition(cur, run_id, "running")
     log.info("run_resumed", run=run_id, priority=label)
     return opts, Priority.parse(label)
 
@@ -85,18 +92,21 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
     try:
         lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
         priority = start or opts.priority_order()[0]
-        while priority is not None:
-            with conn, conn.cursor() as cur:
-                ids = ledger.batch_ids(cur, run_id, priority.label)
-            conn = _run_all(lanes, client, conn, connect, mapping, "batch", ids, opts.continue_on_error)
-            verification = begin_verification(client, conn, mapping, run_id, priority, opts)
-            if verification is None:
-                continue  # the source restarted: the priority is scanned again
-            while verification is not None:
-                conn = _verify_all(lanes, client, conn, connect, mapping, verification)
-                step = judge_priority(client, conn, mapping, run_id, priority, opts, verification)
-                verification = step.verify_again
-            priority = step.next
+        try:
+            while priority is not None:
+                with conn, conn.cursor() as cur:
+                    ids = ledger.batch_ids(cur, run_id, priority.label)
+                conn = _run_all(lanes, client, conn, connect, mapping, "batch", ids, opts.continue_on_error)
+                verification = begin_verification(client, conn, mapping, run_id, priority, opts)
+                if verification is None:
+                    continue  # the source restarted: the priority is scanned again
+                while verification is not None:
+                    conn = _verify_all(lanes, client, conn, connect, mapping, verification)
+                    step = judge_priority(client, conn, mapping, run_id, priority, opts, verification)
+                    verification = step.verify_again
+                priority = step.next
+        except Fenced as exc:  # cancelled or stopped meanwhile: the ledger says how it stands
+            log.warning("run_stopped", run=run_id, reason=str(exc))
         finished = True
         return run_status(conn, run_id)
     finally:
@@ -231,27 +241,30 @@ def _lane_work(kind: str, unit: int) -> bool:
     return ok
 
 
-def _work(kind: str) -> Callable[..., Any]:
-    """The unit of work a lane or this process runs, by kind: each takes (client, conn, mapping, id)."""
-    return migrate_batch if kind == "batch" else verify.verify_range
+def _work(kind: str, client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping, unit: int) -> None:
+    """The unit of work a lane or this process runs, by kind: a batch, or a verification range."""
+    if kind == "batch":
+        migrate_batch(client, conn, mapping, unit, connect=connect)
+    else:
+        verify.verify_range(client, conn, mapping, unit)
 
 
 def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
                       kind: str, unit: int) -> tuple[bool, Any]:
     for attempt in range(RETRIES + 1):
         try:
-            _work(kind)(client, conn, mapping, unit)
+            _work(kind, client, conn, connect, mapping, unit)
             return True, conn
-        except TRANSIENT as exc:
-            if attempt == RETRIES:
-                return False, conn
+        except Fenced:  # the run was stopped: no further batch of it starts
+            return False, conn
+        except Exception as exc:
+            if not transient(exc) or attempt == RETRIES:
+                return False, conn  # recorded in the ledger by migrate_batch; validation decides
             pause = backoff(attempt)
             log.warning(f"{kind}_retry", **{kind: unit}, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()
             conn = _reconnect(connect)
-        except Exception:  # recorded in the ledger by migrate_batch; validation decides
-            return False, conn
     return False, conn
 
 
@@ -260,8 +273,8 @@ def _reconnect(connect: Callable[[], Any]) -> Any:
     for attempt in range(RETRIES + 1):
         try:
             return connect()
-        except TRANSIENT:
-            if attempt == RETRIES:
+        except Exception as exc:
+            if not transient(exc) or attempt == RETRIES:
                 raise
             time.sleep(backoff(attempt))
     raise AssertionError("unreachable")

@@ -185,7 +185,8 @@ def _with_cpu(redis_url: str, run: Callable[[], dict], running: Sequence[int] = 
     before = _cpu_now(redis_url, running)
     result = run()
     after = _cpu_now(redis_url, running)
-    result["cpu"] = {k: round(after[k] - before[k], 1) for k in before}
+    # (never below 0: a server process of someone else's that exits meanwhile takes its CPU with it)
+    result["cpu"] = {k: round(max(0.0, after[k] - before[k]), 1) for k in before}
     return result
 
 

@@ -13,22 +13,25 @@ import os
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
-import pytest
-import redis
-from psycopg2 import sql
-
-from migrator import dualwrite, ledger
-from migrator.config import Settings
-from migrator.log import configure
-from migrator.schema import database_url_for, empty_tables, ensure_database, init_db
-from migrator.threadr import THREADR
-from servers import redis_cluster
-
-# Queues and results of this test session, apart from any other user of the broker. Set before
-# anything imports celeryconfig.
+# Set before migrator and celeryconfig are imported; the session's worker processes inherit them.
+# Queues and results of this test session, apart from any other user of the broker:
 os.environ.setdefault("MIGRATOR_QUEUE_PREFIX", f"test{os.getpid()}.")
 os.environ.setdefault("CELERY_RESULT_BACKEND", "redis://127.0.0.1:6379/10")
+# a batch beats every second, so one whose worker is gone is stale after 6 s, not 30:
+os.environ.setdefault("MIGRATOR_HEARTBEAT_SECONDS", "1")
+
+import psycopg2  # noqa: E402
+import pytest  # noqa: E402
+import redis  # noqa: E402
+from psycopg2 import sql  # noqa: E402
+
+from migrator import dualwrite, ledger  # noqa: E402
+from migrator.config import Settings  # noqa: E402
+from migrator.log import configure  # noqa: E402
+from migrator.schema import database_url_for, empty_tables, ensure_database, init_db  # noqa: E402
+from migrator.threadr import THREADR  # noqa: E402
+from helpers import Workers, worker_env  # noqa: E402
+from servers import redis_cluster  # noqa: E402
 
 ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "")  # the claimed one, once the session has it
@@ -142,3 +145,16 @@ def pg(settings: Settings):
     empty_tables(conn, [*THREADR.table_names(), *ledger.TABLES, *dualwrite.TABLES])
     yield conn
     conn.close()
+
+
+@pytest.fixture(scope="module")
+def workers(settings, tmp_path_factory):
+    """Two worker processes of this session (w1, w2) for a test module, on the shared services."""
+    pool = Workers(worker_env(settings), tmp_path_factory.mktemp("workers"))
+    pool.start("w1")
+    pool.start("w2")
+    yield pool
+    pool.stop_all()
+    from workers.celery import delete_queues
+
+    delete_queues()  # leave nothing behind on the shared broker

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from psycopg2 import sql
 
 from migrator import ledger
+from migrator.runstate import TERMINAL
 from migrator.config import Settings
 from migrator.options import RunOptions
 from migrator.report import build_report
@@ -97,10 +98,17 @@ def by_pattern(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {p["pattern"]: p for p in report["patterns"]}
 
 
+def cli(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`migrator ARGS` as an operator runs it, against this session's services."""
+    return subprocess.run([sys.executable, "-m", "migrator.cli", *args, "--redis-url", settings.redis_url,
+                           "--database-url", settings.database_url, "--broker-url", settings.broker_url],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker process of this test session."""
     return {**os.environ, "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url, "MIGRATOR_LOG_JSON": "1",
-            "CELERY_BROKER_URL": os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")}
+            "CELERY_BROKER_URL": settings.broker_url}
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +117,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Workers:
     """Worker processes of this test session; each in its own process group so it can be killed whole."""
 
-    def __init__(self, env: dict[str, str], logdir: Path) -> None:
-        self.env, self.logdir, self.procs = env, logdir, {}
+    def __init__(self, env: dict[str, str], logdir: Path, prefix: Sequence[str] = ()) -> None:
+        """`prefix`: what the worker command runs under (e.g. `ip netns exec NS`, another host)."""
+        self.env, self.logdir, self.prefix, self.procs = env, logdir, list(prefix), {}
         from celeryconfig import PRIORITY_QUEUES
 
         self.queues = ",".join(PRIORITY_QUEUES.values())
@@ -118,7 +127,7 @@ class Workers:
     def start(self, name: str) -> None:
         log = open(self.logdir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", self.queues, "-c", "1", "-n",
+            [*self.prefix, sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", self.queues, "-c", "1", "-n",
              f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         from workers.celery import app
@@ -153,7 +162,7 @@ def wait_for_end(conn, run_id: str, timeout: float = 240) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = run_progress(conn, run_id)
-        if progress["status"] in ("completed", "failed", "rolled_back", "dry_run"):
+        if progress["status"] in TERMINAL:
             return progress
         time.sleep(0.3)
     raise AssertionError(f"run {run_id} did not end in {timeout} s: {run_progress(conn, run_id)}")

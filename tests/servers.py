@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -108,13 +109,16 @@ PG_BIN = Path("/usr/lib/postgresql") / (sorted(p.name for p in Path("/usr/lib/po
 class PostgresServer:
     """A PostgreSQL cluster of a test's own on a spare port (trust auth), to stop and start at will."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: tuple[str, ...] = ("127.0.0.1",), clients: tuple[str, ...] = ()) -> None:
+        """`listen`: its addresses; `clients`: networks (CIDR) besides loopback it lets in."""
         # initdb and the server run as the postgres user (never as root), so not under pytest's
         # private tmp directories
         self.home = Path(tempfile.mkdtemp(prefix="migrator-pg-"))
         self.home.chmod(0o777)
-        self.data, self.port = self.home / "pgdata", spare_port()
+        self.data, self.port, self.listen = self.home / "pgdata", spare_port(), listen
         self._as_postgres([str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+        with open(self.data / "pg_hba.conf", "a") as hba:  # (trust, as the loopback lines initdb wrote)
+            hba.writelines(f"host all all {network} trust\n" for network in clients)
 
     def _as_postgres(self, command: list[str]) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -122,14 +126,101 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_at("127.0.0.1")
+
+    def url_at(self, address: str) -> str:
+        return f"postgresql://postgres@{address}:{self.port}/postgres"
 
     def start(self) -> None:
-        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.data / "log"),
-                           "-o", f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off", "start"])
+        self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.data / "log"), "-o",
+                           f"-p {self.port} -k /tmp -c listen_addresses={','.join(self.listen)} -c fsync=off", "start"])
 
     def stop(self) -> None:
         self._as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast", "stop"])
 
     def remove(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+class Forwarder:
+    """A TCP forwarder from `listen`:port to a server on loopback (the shared RabbitMQ and Redis
+    listen there only), that can cut every connection through it at once, as a network does."""
+
+    def __init__(self, listen: str, target_port: int) -> None:
+        self.target_port = target_port
+        self.server = socket.create_server((listen, 0))
+        self.port = self.server.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        """End every connection through it (the server sees its clients go) and take no new one."""
+        self.open = False
+        for pair in self.pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.pairs = []
+
+    def mend(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+
+
+@contextmanager
+def network_namespace(name: str, subnet: int) -> Iterator[tuple[str, str, str]]:
+    """A network namespace `name` joined to this one by a veth pair on 10.231.<subnet>.0/30:
+    yields (this side's address, the namespace's address, this side's interface). Made and
+    removed here; the namespace reaches only this side's address (and its own loopback)."""
+    host_if, ns_if = f"{name}h", f"{name}n"
+    host, inside = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
+    commands = [["ip", "netns", "add", name], ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+                ["ip", "link", "set", ns_if, "netns", name], ["ip", "addr", "add", f"{host}/30", "dev", host_if],
+                ["ip", "link", "set", host_if, "up"],
+                ["ip", "netns", "exec", name, "ip", "addr", "add", f"{inside}/30", "dev", ns_if],
+                ["ip", "netns", "exec", name, "ip", "link", "set", ns_if, "up"],
+                ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    try:
+        for command in commands:
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+        yield host, inside, host_if
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+def set_link(interface: str, up: bool) -> None:
+    subprocess.run(["ip", "link", "set", interface, "up" if up else "down"], check=True, capture_output=True, timeout=30)

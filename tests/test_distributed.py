@@ -5,6 +5,7 @@ tests), started and stopped here; queues carry this session's MIGRATOR_QUEUE_PRE
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,26 +17,14 @@ import time
 import pytest
 import redis
 
-from migrator.demo import seed_demo
+from migrator.demo import DANGLING, seed_demo
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.status import run_progress
 from migrator.threadr import THREADR
 
-from helpers import ROOT, Flower, Workers, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Flower, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
 
-
-
-@pytest.fixture(scope="module")
-def workers(settings, tmp_path_factory):
-    pool = Workers(worker_env(settings), tmp_path_factory.mktemp("workers"))
-    pool.start("w1")
-    pool.start("w2")
-    yield pool
-    pool.stop_all()
-    from workers.celery import delete_queues
-
-    delete_queues()  # leave nothing behind on the shared broker
 
 
 def run_distributed(settings, timeout: float = 240, **options) -> dict:
@@ -369,7 +358,8 @@ def test_a_worker_keeps_one_database_session_across_batches_and_replaces_one_tha
     assert sessions() - before < first["batches"]["total"]
     with pg.cursor() as cur:
         cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = 'migrator' AND pid <> pg_backend_pid() AND state = 'idle'")
+                    " WHERE application_name = 'migrator' AND datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND state = 'idle'")  # (this session's database only: others' sessions are theirs)
         assert cur.fetchone()[0] >= 2  # the workers' held sessions, idle between runs
     logs = {name: (workers.logdir / f"{name}.log") for name in workers.procs}
     seen = {name: path.stat().st_size for name, path in logs.items()}
@@ -453,3 +443,49 @@ def test_verify_runs_its_ranges_on_the_workers(settings, r, pg, workers):
     ranges_done = [line for name in workers.procs for line in (workers.logdir / f"{name}.log").read_text().splitlines()
                    if '"verify_range_done"' in line and str(result["verification_id"]) in line]
     assert ranges_done  # the workers ran the ranges, not this process
+
+
+TEST_USER = {"password_hash": "$2b$12$" + "a" * 53, "role": "user", "status": "active",
+             "created_at": "2026-01-01T00:00:00", "updated_at": "2026-01-02 00:00:00", "metadata": {}}
+
+# Key names no property of which may fail a batch: a NUL byte, bytes that are not UTF-8, control
+# characters, half a megabyte.
+HOSTILE_NAMES = [b"nul\x00x", b"bad\xff\xfeutf8", b"ctl\x1b[31m\r\n\tx", b"long" + b"x" * 512 * 1024]
+
+
+def test_hostile_key_names_of_every_type_are_migrated_or_dead_lettered_each_on_its_own(settings, r, pg, workers):
+    seed_demo(r, 200)
+    member = json.dumps({"timestamp": "2026-11-01T00:00:00", "value": 1.0, "period": "day"})
+    hostile: list[bytes] = []
+    for name in HOSTILE_NAMES:
+        keys = {
+            b"threadr:user:user_" + name: lambda k: r.set(k, json.dumps(
+                {**TEST_USER, "user_id": "user_" + name.decode("utf-8", "replace"), "email": "h@x.io"})),
+            b"threadr:email:" + name: lambda k: r.set(k, json.dumps({"email": name.decode("utf-8", "replace")})),
+            b"threadr:session:" + name: lambda k: r.hset(k, "a", "1"),  # a hash where a string is expected
+            b"threadr:failed_login:" + name: lambda k: r.rpush(k, "1"),  # a list
+            b"analytics:" + name + b":timeseries:views:day": lambda k: r.zadd(k, {member: 1}),
+            b"threadr:subscription:user:" + name: lambda k: r.sadd(k, "1"),  # a set
+            b"legacy:" + name: lambda k: r.set(k, "1"),  # unmapped
+        }
+        for key, write in keys.items():
+            write(key)
+            hostile.append(key)
+    utf8 = [n for n in HOSTILE_NAMES if n != HOSTILE_NAMES[1]]
+    r.sadd("threadr:subscriptions:active", *[b"gone_" + n for n in utf8])  # index members naming nothing: dangling
+    r.sadd("threadr:emails:list", HOSTILE_NAMES[1])  # a member no app could write: the index is a dead letter
+    report = run_distributed(settings, ranges=4)
+    assert report["status"] == "completed", report["error"]
+    assert report["balanced"] and report["batches"]["failed"] == 0 and all(report["validated"].values())
+    assert report["totals"]["scanned"] == r.dbsize()
+    with pg.cursor() as cur:
+        cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s", (report["run_id"],))
+        dead = {bytes(row[0]) for row in cur.fetchall()}
+        cur.execute(" UNION ".join(f"SELECT source_key FROM {t}" for t in THREADR.table_names()))
+        migrated = {row[0].encode() for row in cur.fetchall() if row[0]}
+    mapped = [k for k in hostile if not k.startswith(b"legacy:")]
+    assert all((k in dead) != (k in migrated) for k in mapped), [k[:40] for k in mapped if (k in dead) == (k in migrated)]
+    assert b"threadr:user:user_" + HOSTILE_NAMES[1] in dead  # not UTF-8: named as such
+    assert by_pattern(report)["unmapped"]["skipped"] >= len(HOSTILE_NAMES)
+    assert by_pattern(report)["subscriptions_active"]["dangling"] == DANGLING["subscriptions_active"] + len(utf8)
+    assert b"threadr:emails:list" in dead

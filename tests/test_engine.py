@@ -370,8 +370,8 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
     real = migrator.runner.migrate_batch
     done = {"high": 0}
 
-    def restart_after_first_high_batch(client, conn, mapping, batch_id, *args):
-        result = real(client, conn, mapping, batch_id, *args)
+    def restart_after_first_high_batch(client, conn, mapping, batch_id, *args, **kwargs):
+        result = real(client, conn, mapping, batch_id, *args, **kwargs)
         if result is not None and result.priority == "high":
             done["high"] += 1
             if done["high"] == 1:
@@ -397,8 +397,8 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
 
 
 def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
-    """A slow batch redelivered while it runs (visibility timeout): the advisory lock makes the
-    second delivery wait, then find the batch done."""
+    """A slow batch redelivered while it runs (visibility timeout): the first one's lease (its
+    advisory lock, its heartbeat) makes the second delivery wait, then find the batch done."""
     import threading
 
     from migrator.batch import migrate_batch
@@ -417,7 +417,7 @@ def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
     def deliver() -> None:
         conn = settings.postgres()
         try:
-            results.append(migrate_batch(settings.redis(), conn, THREADR, batch_id))
+            results.append(migrate_batch(settings.redis(), conn, THREADR, batch_id, connect=settings.postgres))
         finally:
             conn.close()
 
@@ -773,14 +773,14 @@ def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with
     both_in = fork.Barrier(2, timeout=30)  # shared with the forked lanes; broken unless two batches overlap
     lanes = fork.SimpleQueue()
 
-    def together(client, conn, mapping, batch_id, progress=None):
+    def together(client, conn, mapping, batch_id, progress=None, **kwargs):
         lanes.put((os.getpid(), conn.get_backend_pid()))
         if not both_in.broken:
             try:
                 both_in.wait()
             except threading.BrokenBarrierError:
                 pass
-        return real(client, conn, mapping, batch_id, progress)
+        return real(client, conn, mapping, batch_id, progress, **kwargs)
 
     monkeypatch.setattr(migrator.runner, "migrate_batch", together)  # the lanes fork after this
     at_once = migrate(settings, jobs=2, ranges=4)
@@ -804,7 +804,7 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
     seed_demo(r, 60)
     started = multiprocessing.get_context("fork").SimpleQueue()
 
-    def failing(client, conn, mapping, batch_id, progress=None):
+    def failing(client, conn, mapping, batch_id, progress=None, **kwargs):
         started.put(batch_id)
         raise RuntimeError("a bug in a transform")
 
@@ -858,12 +858,12 @@ def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_complete
     real = migrator.runner.migrate_batch
     parent = os.getpid()
 
-    def killed(client, conn, mapping, batch_id, progress=None):
+    def killed(client, conn, mapping, batch_id, progress=None, **kwargs):
         with conn.cursor() as cur:  # the first batch of the critical priority dies with its lane
             cur.execute("SELECT min(id) FROM migration_batches")
             if batch_id == cur.fetchone()[0] and os.getpid() != parent:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real(client, conn, mapping, batch_id, progress)
+        return real(client, conn, mapping, batch_id, progress, **kwargs)
 
     monkeypatch.setattr(migrator.runner, "migrate_batch", killed)
     with pytest.raises(LaneDied, match="migrator resume"):

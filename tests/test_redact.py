@@ -36,3 +36,17 @@ def test_emails_and_addresses_are_masked(text, hidden):
 
 def test_times_of_day_are_not_taken_for_ipv6():
     assert redact_text("at 2026-01-01 12:30:45+00") == "at 2026-01-01 12:30:45+00"
+
+
+def test_masking_takes_linear_time_on_half_a_megabyte_of_adversarial_text():
+    """A key name may be 512 KB of anything; masking it must not take minutes (it ran in
+    quadratic time and stalled a batch). A child process with a deadline, not a timing."""
+    import subprocess
+    import sys
+
+    code = ("from migrator.redact import redact_text\n"
+            "n = 512 * 1024\n"
+            "for text in ['x' * n, 'a.' * n, 'a@' * n, '1.' * n, 'a:' * n, '::' * n, 'http://' * (n // 4), 'a@b.' * n]:\n"
+            "    redact_text(text)\n")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from psycopg2 import sql
@@ -14,15 +12,9 @@ from migrator.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.threadr import THREADR
 from migrator.writer import PROVENANCE
 
-from helpers import ROOT, by_pattern, migrate, verify
+from helpers import by_pattern, cli, migrate, verify
 
 KEYS = {"run_id", "verdict", "missing", "different", "extra", "patterns"}
-
-
-def cli(settings, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args, "--redis-url", settings.redis_url,
-                           "--database-url", settings.database_url, "--broker-url", settings.broker_url],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def columns_of(cur, table: str) -> list[tuple[str, str]]:

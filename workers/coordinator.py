@@ -84,6 +84,13 @@ def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[
 
 
 
+def revoke(task_ids: list[str]) -> int:
+    """Revoke queued tasks: the workers drop them when they come (and the run's fence refuses
+    any that starts anyway); their count."""
+    app.control.revoke(task_ids)
+    return len(task_ids)
+
+
 def verify_on_workers(conn: Any, verification_id: int, run_id: str, priority: str) -> None:
     """Send a planned verification's ranges to the workers (on `priority`'s queue), then finish it there."""
     dispatch_verification(conn, verification_id, run_id, priority,

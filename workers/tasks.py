@@ -14,19 +14,21 @@ from typing import Any, Callable
 
 import psycopg2
 import redis
+from psycopg2.extras import execute_values
 import structlog
-from celery import chord
+from celery import chord, uuid
 from celery.canvas import Signature
 from celery.signals import task_postrun, task_prerun
 
 from migrator import ledger, verify
 from migrator.batch import migrate_batch
 from migrator.config import Settings
-from migrator.errors import TRANSIENT, backoff
+from migrator.errors import backoff, transient
 from migrator.finalize import Step, begin_verification, judge_priority
 from migrator.mapping import Priority
 from migrator.options import RunOptions
 from migrator.redact import redact_text
+from migrator.runstate import Fenced
 from migrator.threadr import THREADR
 from migrator.writer import describe
 
@@ -124,27 +126,31 @@ def _unit(task: Any, work: Callable[..., Any], unit_id: int, shown: dict[str, An
     try:
         client, conn = _connections()
         result = work(client, conn, THREADR, unit_id, progress)
-    except TRANSIENT as exc:
-        _drop_connections()
-        if task.request.retries < task.max_retries:
-            log.warning("unit_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
-            raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=30))
-        raise UnitFailed(redact_text(describe(exc))) from None
+    except Fenced as exc:  # its run was cancelled or rolled back, or another worker took it over
+        log.warning("unit_fenced", reason=str(exc))
+        return {"priority": shown["priority"], "range": shown["range"], "status": f"fenced: {exc}"}
     except Exception as exc:  # recorded in the ledger by the engine
         _drop_connections()
+        if transient(exc) and task.request.retries < task.max_retries:
+            log.warning("unit_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
+            raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=30))
         raise UnitFailed(redact_text(describe(exc))) from None
     return {"priority": shown["priority"], "range": shown["range"],
             "status": "already_done" if result is None else "done", **(result or {})}
 
 
-@app.task(bind=True, name="migrator.migrate_batch", max_retries=3)
+# Backoff 1, 2, 4 ... 30 s: a minute or so in all, so a short outage of a server is ridden out.
+RETRIES = 6
+
+
+@app.task(bind=True, name="migrator.migrate_batch", max_retries=RETRIES)
 def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, range: str) -> dict[str, Any]:
     """Migrate one planned batch: `priority` over cursor range `range` (e.g. 3/8) of run `run_id`."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, batch=batch_id)
     shown = {"priority": priority, "range": range, "batch_id": batch_id, "run_id": run_id}
 
     def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> dict[str, int] | None:
-        done = migrate_batch(client, conn, mapping, unit, progress)
+        done = migrate_batch(client, conn, mapping, unit, progress, connect=Settings.from_env().postgres)
         if done is None:
             return None
         return {**{f: done.counts.total(f) for f in ("scanned", "migrated", "dead")}, "rows_written": done.rows_written}
@@ -152,7 +158,7 @@ def migrate_batch_task(self: Any, batch_id: int, run_id: str, priority: str, ran
     return _unit(self, work, batch_id, shown)
 
 
-@app.task(bind=True, name="migrator.verify_range", max_retries=3)
+@app.task(bind=True, name="migrator.verify_range", max_retries=RETRIES)
 def verify_range_task(self: Any, range_id: int, verification_id: int, run_id: str, priority: str,
                       range: str) -> dict[str, Any]:
     """Verify one cursor range `range` of verification `verification_id` (of run `run_id`)."""
@@ -170,17 +176,20 @@ def verify_range_task(self: Any, range_id: int, verification_id: int, run_id: st
 
 
 def _callback(task: Any, step: Callable[[redis.Redis, Any], Any]) -> Any:
-    """A chord callback's work, retried as a whole on a lost connection (or the run would stall)."""
+    """A chord callback's work, retried as a whole on a lost connection (or the run would stall);
+    None when the run is no longer running (an operator stopped it: nothing follows)."""
     try:
         client, conn = _connections()
         return step(client, conn)
-    except TRANSIENT as exc:
-        _drop_connections()
+    except Fenced as exc:
+        log.warning("callback_fenced", reason=str(exc))
+        return None
+    except Exception as exc:
+        _drop_connections()  # whatever state it left them in is not the next task's
+        if not transient(exc):
+            raise
         log.warning("callback_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
         raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=60))
-    except Exception:
-        _drop_connections()  # whatever state it left them in is not the next task's
-        raise
 
 
 def _options(conn: Any, run_id: str) -> RunOptions:
@@ -189,18 +198,20 @@ def _options(conn: Any, run_id: str) -> RunOptions:
 
 
 @app.task(bind=True, name="migrator.finalize_priority", max_retries=5)
-def finalize_priority_task(self: Any, results: Any = None, *, priority: str, run_id: str) -> dict[str, Any]:
-    """Chord callback (and errback) of a priority's batches: link users, then verify the priority."""
+def finalize_priority_task(self: Any, results: Any = None, *, priority: str, run_id: str,
+                           dispatch: int | None = None) -> dict[str, Any]:
+    """Chord callback (and errback) of a priority's batches: link users, then verify the priority
+    (unless these batches were sent again since: `dispatch` is not the run's latest)."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority)
     level = Priority.parse(priority)
 
     def step(client: redis.Redis, conn: Any) -> int | None:
-        verification = begin_verification(client, conn, THREADR, run_id, level, _options(conn, run_id))
+        verification = begin_verification(client, conn, THREADR, run_id, level, _options(conn, run_id), dispatch)
         if verification is None:
             dispatch_priority(conn, run_id, level)  # the source restarted: scan the priority again
         else:
-            dispatch_verification(conn, verification, run_id, priority,
-                                  judge_priority_task.s(priority=priority, run_id=run_id, verification_id=verification))
+            dispatch_verification(conn, verification, run_id, priority, judge_priority_task.s(
+                priority=priority, run_id=run_id, verification_id=verification, dispatch=dispatch))
         return verification
 
     return {"priority": priority, "run_id": run_id, "verification_id": _callback(self, step)}
@@ -208,22 +219,22 @@ def finalize_priority_task(self: Any, results: Any = None, *, priority: str, run
 
 @app.task(bind=True, name="migrator.judge_priority", max_retries=5)
 def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority: str,
-                        verification_id: int) -> dict[str, Any]:
+                        verification_id: int, dispatch: int | None = None) -> dict[str, Any]:
     """Chord callback (and errback) of a priority's verification: judge it, then start the next
     priority, or end the run (rolled back if it failed)."""
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
 
     def step(client: redis.Redis, conn: Any) -> Step:
         done = judge_priority(client, conn, THREADR, run_id, Priority.parse(priority), _options(conn, run_id),
-                              verification_id)
+                              verification_id, dispatch)
         if done.verify_again is not None:
             dispatch_verification(conn, done.verify_again, run_id, priority, judge_priority_task.s(
-                priority=priority, run_id=run_id, verification_id=done.verify_again))
+                priority=priority, run_id=run_id, verification_id=done.verify_again, dispatch=dispatch))
         elif done.next is not None:
             dispatch_priority(conn, run_id, done.next)
         return done
 
-    done = _callback(self, step)
+    done = _callback(self, step) or Step()
     return {"priority": priority, "run_id": run_id, "next": done.next.label if done.next else None,
             "verify_again": done.verify_again}
 
@@ -263,9 +274,17 @@ def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
     queue = queue_for(priority.label)
     # priority and range first: Flower's task list shows the start of the keyword arguments
     header = [migrate_batch_task.si(priority=priority.label, range=_shown_range(node, index, count), batch_id=bid,
-                                    run_id=run_id).set(queue=queue)
+                                    run_id=run_id).set(queue=queue, task_id=uuid())
               for bid, node, index, count in batches]
-    _send(header, finalize_priority_task.s(priority=priority.label, run_id=run_id).set(queue=queue))
+    with conn, conn.cursor() as cur:
+        # this sending's number: an earlier chord of the run, still waiting on a batch taken over
+        # since, then ends quietly
+        cur.execute("UPDATE migration_runs SET dispatch = dispatch + 1 WHERE id = %s RETURNING dispatch", (run_id,))
+        dispatch = cur.fetchone()[0]
+        if header:  # so that `migrator cancel` can revoke them while they wait
+            execute_values(cur, "UPDATE migration_batches b SET task_id = v.task FROM (VALUES %s) AS v (id, task)"
+                           " WHERE b.id = v.id", [(sig["kwargs"]["batch_id"], sig.id) for sig in header])
+    _send(header, finalize_priority_task.s(priority=priority.label, run_id=run_id, dispatch=dispatch).set(queue=queue))
     log.info("priority_dispatched", run=run_id, priority=priority.label, batches=len(header))
     return len(header)
 
