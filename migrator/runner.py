@@ -24,7 +24,7 @@ import structlog
 from . import ledger, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
-from .errors import TRANSIENT, backoff
+from .errors import TRANSIENT, backoff, reconnect
 from .finalize import begin_verification, judge_priority
 from .mapping import Mapping, Priority
 from .options import RunOptions
@@ -38,6 +38,7 @@ RETRIES = 3  # for a batch that lost its connection
 
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
+    opts.check_scope(mapping)
     run_id = str(uuid.uuid4())
     ranges = plan_ranges(client, opts.ranges)
     if opts.max_keys_per_sec and ranges[0].node:
@@ -214,7 +215,7 @@ def _lane_start(client: redis.Redis, connect: Callable[[], Any], mapping: Mappin
     # abandoning its batch (rolled back, and run again by `migrator resume`)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True, name="orphan-watch").start()
-    _lane.update(client=client, connect=connect, mapping=mapping, conn=_reconnect(connect))
+    _lane.update(client=client, connect=connect, mapping=mapping, conn=reconnect(connect, RETRIES))
     # closed as the process ends, so the server sees a goodbye rather than a dropped connection
     multiprocessing.util.Finalize(None, lambda: _lane["conn"].close(), exitpriority=10)
 
@@ -249,22 +250,10 @@ def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any]
             log.warning(f"{kind}_retry", **{kind: unit}, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()
-            conn = _reconnect(connect)
+            conn = reconnect(connect, RETRIES)
         except Exception:  # recorded in the ledger by migrate_batch; validation decides
             return False, conn
     return False, conn
-
-
-def _reconnect(connect: Callable[[], Any]) -> Any:
-    """A new connection, waiting for the server a bounded while (it may be restarting)."""
-    for attempt in range(RETRIES + 1):
-        try:
-            return connect()
-        except TRANSIENT:
-            if attempt == RETRIES:
-                raise
-            time.sleep(backoff(attempt))
-    raise AssertionError("unreachable")
 
 
 def run_status(conn: Any, run_id: str) -> str:
