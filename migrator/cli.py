@@ -9,12 +9,11 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import redis
 
-from . import commands
-from .config import ConfigError, Settings
+from . import commands, version
+from .config import BROKER_ERRORS, ConfigError, Settings, service_failure
 from .log import configure
 from .mapping import Priority
 from .options import RunOptions
-from .redact import redact_text
 from .threadr import THREADR
 
 DESCRIPTION = """\
@@ -34,6 +33,9 @@ Typical session:
   migrator rollback RUN_ID             # put PostgreSQL back exactly as it was before RUN_ID
 
 Connections come from REDIS_URL, DATABASE_URL and CELERY_BROKER_URL, or the flags below.
+Exit codes: 0 done, 1 the work ran but did not succeed (or a service was lost on the way), 2 it
+could not start: a setting, an unreachable service (named with its host and port), or an unknown
+run id, pattern, table or priority (the valid ones are listed).
 """
 
 
@@ -70,6 +72,8 @@ Per pattern it counts:
   changed    rows whose key the app wrote since the run (reported, not a difference)
   dead       keys the run made dead letters (no rows expected)
 Exit 0 clean, 1 differences, 2 could not finish (a range failed, a service is down).
+A role that may not write the ledger (migrator_report) verifies here, in memory, one range at a
+time, and records nothing (it says so: "not recorded: role ... cannot write the ledger").
 """
 
 
@@ -92,7 +96,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="only this priority (repeatable); default: critical, high, medium, low in order")
     g.add_argument("--table", action="append", default=[], help="only patterns writing this table (repeatable)")
     g.add_argument("--pattern", action="append", default=[],
-                   help="only this pattern, by name or glob, e.g. 'threadr:premium:email:*' (repeatable)")
+                   help="only this pattern, by name or key glob, e.g. 'threadr:premium:email:*', or a glob over "
+                        "those, e.g. 'premium_*' (repeatable; one that names no pattern is refused, listing them)")
     g = p.add_argument_group("how")
     g.add_argument("--dry-run", action="store_true",
                    help="transform and write inside a transaction that is rolled back: real numbers, nothing kept")
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migrator", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    parser.add_argument("--version", action="version", version=f"migrator {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("check", help="preflight: settings, connections, versions, schema, privileges, broker, workers",
@@ -178,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="migrate the keyspace", description=(
         "Migrate priority by priority (critical, high, medium, low). Prints the run id, then the balance per "
-        "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances."))
+        "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances, 1 "
+        "when it failed, 2 when it could not start (nothing is planned for an unknown --pattern or --table)."))
     _connection_flags(p)
     p.add_argument("--local", action="store_true",
                    help="run the batches on this machine instead of on Celery workers (no broker; see --jobs)")
@@ -230,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "verification; exit 1 on FAIL",
                        description="Per priority: batches done, balance, dead letters within budget, a fresh source "
                                    "count, and a full verification (see `migrator verify`); then the run's figures "
-                                   "(orphans within budget). The same checks the run itself made: they agree.")
+                                   "(orphans within budget). The same checks the run itself made: they agree. A role "
+                                   "that may not write the ledger (migrator_report) validates without recording.")
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
@@ -377,10 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LookupError, ValueError) as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return commands.CANNOT_START
-    except (psycopg2.Error, redis.RedisError) as exc:  # a service failed mid-command: say so, no traceback
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"migrator: {type(exc).__name__}: {redact_text(first)}; is the service up, and the URL right?",
-              file=sys.stderr)
+    except (psycopg2.Error, redis.RedisError, *BROKER_ERRORS) as exc:  # a service failed mid-command: one line
+        print(f"migrator: {service_failure(settings, exc)}", file=sys.stderr)
         return commands.FAILED
     raise AssertionError(f"unhandled command {args.command}")
 

@@ -10,14 +10,15 @@ import sys
 from dataclasses import asdict
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from . import cutover
 from . import demo as demo_data
 from . import ledger
 from . import report as report_mod
 from . import status as status_mod
-from .config import Settings
+from .config import ConfigError, Settings, reason
+from .errors import TRANSIENT, reconnect
 from .dualwrite import WriteStrategy
 from .log import attach_log_file
 from .runstate import TERMINAL, NotNow
@@ -27,7 +28,7 @@ from .cancel import cancel_run
 from .rollback import RollbackFailed, rollback_run
 from .runner import execute_local, plan_run, resume_point, verify_local
 from .validate import render_validation, validate_run
-from .verify import explain, masked, plan_verification
+from .verify import explain, masked, plan_verification, verify_in_memory
 from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
@@ -37,11 +38,16 @@ from .schema import database_url_for, empty_tables, ensure_database, init_db, re
 OK, FAILED, CANNOT_START = 0, 1, 2
 
 
-def _ledger(settings: Settings) -> Any:
-    """A connection to a database that has the current schema (else the error says: run init-db)."""
+def _ledger(settings: Settings, run_id: str | None = None) -> Any:
+    """A connection to a database that has the current schema (else the error says: run init-db)
+    and, given a run id, holds that run (else a LookupError names the runs it holds): asked before
+    a command plans or touches anything."""
     conn = settings.postgres()
     try:
         require_schema(conn)
+        if run_id is not None:
+            with conn, conn.cursor() as cur:
+                ledger.require_run(cur, run_id)
     except Exception:
         conn.close()
         raise
@@ -100,7 +106,13 @@ def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, op
               start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO) -> int:
     """Execute a run's batches here from `start`, `jobs` at once, then print and write its report."""
     execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
-    conn = settings.postgres()  # a new one: the server may have restarted during the run
+    return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
+
+
+def _report_anew(settings: Settings, mapping: Mapping, run_id: str, output_dir: Path, as_json: bool,
+                 out: TextIO) -> int:
+    """`_final_report` on a new connection: the server may have restarted while the run went on."""
+    conn = settings.postgres()
     try:
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
@@ -113,10 +125,10 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
     """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
     from workers.coordinator import start_run, use_broker, worker_command, workers_answering  # Celery is only needed here
 
+    opts.check_scope(mapping)
     use_broker(settings)
-    client, conn = settings.redis(), settings.postgres()
+    client, conn = settings.redis(), _ledger(settings)
     try:
-        require_schema(conn)
         if not workers_answering():
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
                       f"starts: {worker_command()}\n")
@@ -125,38 +137,57 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
         if detach:
             out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
             return OK
-        watch(conn, run_id, out=err)
-        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()
         client.close()
+    watch(settings.postgres, run_id, out=err)
+    return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
-def watch(conn: Any, run_id: str, *, interval: float = 1.0, out: TextIO = sys.stderr) -> dict[str, Any]:
-    """Print progress until the run ends; on a terminal the view is redrawn in place."""
+# Tries to reach PostgreSQL again when the watcher lost it (a restart): backoff 0.5 s, 1 s, ... 30 s,
+# about a minute in all; the run goes on on the workers meanwhile.
+WATCH_RETRIES = 7
+
+
+def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0,
+          out: TextIO = sys.stderr) -> dict[str, Any]:
+    """Print progress until the run ends; on a terminal the view is redrawn in place. A lost
+    connection (PostgreSQL restarting) is made again, so the run's real outcome is still seen."""
     tty = out.isatty()
     last_print = 0.0
-    while True:
-        progress = status_mod.run_progress(conn, run_id)
-        ended = progress["status"] in TERMINAL
-        if tty:
-            view = status_mod.render(progress)
-            out.write("\x1b[H\x1b[J" + view + "\n")
-        elif ended or time.monotonic() - last_print >= 10:
-            out.write(status_mod.render(progress) + "\n")
-            last_print = time.monotonic()
-        out.flush()
-        if ended:
-            return progress
-        time.sleep(interval)
+    conn = connect()
+    try:
+        while True:
+            try:
+                progress = status_mod.run_progress(conn, run_id)
+            except TRANSIENT as exc:
+                out.write(f"migrator: lost the ledger ({reason(exc)}); connecting again, for up to a minute\n")
+                conn.close()
+                conn = reconnect(connect, WATCH_RETRIES)
+                continue
+            ended = progress["status"] in TERMINAL
+            if tty:
+                view = status_mod.render(progress)
+                out.write("\x1b[H\x1b[J" + view + "\n")
+            elif ended or time.monotonic() - last_print >= 10:
+                out.write(status_mod.render(progress) + "\n")
+                last_print = time.monotonic()
+            out.flush()
+            if ended:
+                return progress
+            time.sleep(interval)
+    finally:
+        conn.close()
 
 
 def cmd_status(settings: Settings, run_id: str, *, as_json: bool, watch_it: bool, out: TextIO = sys.stdout) -> int:
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
-        progress = watch(conn, run_id, out=out) if watch_it else status_mod.run_progress(conn, run_id)
+        progress = None if watch_it else status_mod.run_progress(conn, run_id)
     finally:
         conn.close()
+    if watch_it:
+        progress = watch(settings.postgres, run_id, out=out)
     if as_json:
         _dump(progress, out)
     elif not watch_it:
@@ -168,10 +199,9 @@ def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, stale_onl
                 out: TextIO = sys.stdout) -> int:
     """A run's batches (--failed: failed and stale ones; --stale: stale ones), and any failure of
     a priority's finalize step, each with the command that recovers it."""
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         with conn, conn.cursor() as cur:
-            ledger.require_run(cur, run_id)
             rows = [b for b in ledger.batches(cur, run_id)
                     if (b["stale"] if stale_only else b["status"] == "failed" or b["stale"]) or not (failed_only or stale_only)]
             stuck = status_mod.finalize_failures(cur, run_id)
@@ -189,7 +219,7 @@ def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], out: Text
     from workers.coordinator import requeue, use_broker
 
     use_broker(settings)
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         reopened = requeue(conn, run_id, batch_ids or None)
     finally:
@@ -206,7 +236,7 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
     from workers.coordinator import resume, use_broker
 
     use_broker(settings)
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         label = resume(conn, run_id)
     finally:
@@ -220,7 +250,7 @@ def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_js
     """Carry a run on here from the ledger, then report it like `run --local`."""
     client = settings.redis()
     try:
-        conn = _ledger(settings)
+        conn = _ledger(settings, run_id)
         try:
             opts, priority = resume_point(conn, run_id)
         finally:
@@ -236,7 +266,7 @@ def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_js
 
 def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
                output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
@@ -246,11 +276,23 @@ def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bo
 def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, run_id: str,
                   priorities: list[Priority], where: str, jobs: int, err: TextIO) -> dict[str, Any]:
     """Verify a run's `priorities`: on the workers, or here (`where`: "workers", "local", or
-    "auto": the workers when one answers, else here); the verification's result."""
+    "auto": the workers when one answers, else here); the verification's result. A role that may
+    not write the ledger verifies here, in memory, and nothing is recorded."""
+    with conn, conn.cursor() as cur:
+        reader = ledger.verification_reader(cur)
+    if reader is not None:
+        err.write(f"migrator: not recorded: role {reader} cannot write the ledger (verifying here, in memory)\n")
+        return verify_in_memory(client, conn, mapping, run_id, priorities)
     if where != "local":
         from workers.coordinator import use_broker, verify_on_workers, workers_answering
 
-        use_broker(settings)
+        try:
+            use_broker(settings)
+        except ConfigError as exc:
+            if where != "auto":
+                raise
+            err.write(f"migrator: verifying here (--local): {exc}\n")
+            where = "local"
         if where == "auto" and not workers_answering():
             err.write("migrator: no worker answers on the broker; verifying here (--local)\n")
             where = "local"
@@ -266,13 +308,21 @@ def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, 
         time.sleep(0.5)
 
 
-def _run_to_check(conn: Any, run_id: str | None) -> str:
-    if run_id is None:
-        with conn, conn.cursor() as cur:
-            run_id = ledger.latest_run(cur)
+def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple[str, RunOptions, list[Priority]]:
+    """The run (default: the latest), its options, and the priorities asked for (default: all it
+    migrated); refused, naming the choices, when the run or a priority is not there."""
+    with conn, conn.cursor() as cur:
+        run_id = run_id or ledger.latest_run(cur)
         if run_id is None:
             raise LookupError("no run to check yet; migrate first with `migrator run`")
-    return run_id
+        opts = RunOptions.from_json(ledger.require_run(cur, run_id)["options"])
+    migrated = opts.priority_order()
+    chosen = [Priority.parse(p) for p in priorities] or migrated
+    outside = [p.label for p in chosen if p not in migrated]
+    if outside:
+        raise ValueError(f"run {run_id} did not migrate priority {', '.join(outside)}; choose --priority from: "
+                         f"{', '.join(p.label for p in migrated)}")
+    return run_id, opts, chosen
 
 
 def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *, where: str = "auto",
@@ -281,10 +331,7 @@ def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorit
     """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
     client, conn = settings.redis(), _ledger(settings)
     try:
-        run_id = _run_to_check(conn, run_id)
-        with conn, conn.cursor() as cur:
-            opts = RunOptions.from_json(ledger.require_run(cur, run_id)["options"])
-        chosen = [Priority.parse(p) for p in priorities] or opts.priority_order()
+        run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
         result = _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err)
         for p in result.get("patterns", []):
             # up to `show_diffs` rows of each kind (missing, different, extra, changed), explained
@@ -306,11 +353,10 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
                  err: TextIO = sys.stderr) -> int:
     """Validate a run (the latest one when `run_id` is None) again, now: the checks it got as it
     ran, over a new verification."""
-    client, conn = settings.redis(), settings.postgres()
+    client, conn = settings.redis(), _ledger(settings)
     try:
-        require_schema(conn)
-        run_id = _run_to_check(conn, run_id)
-        result = validate_run(conn, mapping, run_id, [Priority.parse(p) for p in priorities] or None,
+        run_id, _, chosen = _run_to_check(conn, run_id, priorities)
+        result = validate_run(conn, mapping, run_id, chosen,
                               lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err))
     finally:
         conn.close()
@@ -322,7 +368,7 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
 def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Undo a run that is not running; exit 1 when the rollback failed (the run says why)."""
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         with conn, conn.cursor() as cur:
             status = ledger.require_run(cur, run_id)["status"]
@@ -351,7 +397,7 @@ def cmd_cancel(settings: Settings, mapping: Mapping, run_id: str, *, rollback: b
                out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Stop a running run (its queued batches revoked, running ones stopped at their next
     sub-batch), then roll it back if asked; otherwise say how to."""
-    conn = _ledger(settings)
+    conn = _ledger(settings, run_id)
     try:
         with conn, conn.cursor() as cur:
             run = ledger.require_run(cur, run_id)
@@ -533,6 +579,7 @@ def cmd_seed_demo(settings: Settings, users: int, *, fresh: bool, malformed: int
 def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, opts: RunOptions,
              out: TextIO = sys.stdout) -> int:
     """Create the demo database, apply the schema, seed the demo keyspace, migrate, report."""
+    opts.check_scope(mapping)  # before the demo's Redis database is flushed
     admin = settings.postgres()
     try:
         if ensure_database(admin, database):

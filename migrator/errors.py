@@ -1,6 +1,9 @@
 """Which failures are worth another try after a pause (the rest are recorded and reported)."""
 from __future__ import annotations
 
+import time
+from typing import Any, Callable
+
 import psycopg2
 import redis
 
@@ -26,3 +29,16 @@ def transient(exc: BaseException) -> bool:
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
     """Seconds to wait before try `attempt + 1`: doubling from `base`, never above `cap`."""
     return min(cap, base * 2 ** attempt)
+
+
+def reconnect(connect: Callable[[], Any], retries: int) -> Any:
+    """A new connection, waiting with backoff for a server that may be restarting: `retries`
+    more tries after the first (3: about 3.5 s of waiting; 7: about a minute)."""
+    for attempt in range(retries + 1):
+        try:
+            return connect()
+        except Exception as exc:
+            if not transient(exc) or attempt == retries:
+                raise
+            time.sleep(backoff(attempt))
+    raise AssertionError("unreachable")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -155,11 +156,29 @@ def latest_run(cur: Any) -> str | None:
     return str(row[0]) if row else None
 
 
+RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
 def require_run(cur: Any, run_id: str) -> dict[str, Any]:
+    """The run's row; a LookupError naming the runs the ledger holds when `run_id` is not one of
+    them, or not a run id at all (asked before the query, which would fail on it)."""
+    if not RUN_ID.fullmatch(run_id):
+        raise LookupError(f"{run_id!r} is not a run id (a UUID, as `migrator run` prints it); {known_runs(cur)}")
     run = get_run(cur, run_id)
     if run is None:
-        raise LookupError(f"no run {run_id} in the ledger; is DATABASE_URL the run's database?")
+        raise LookupError(f"no run {run_id} in the ledger; {known_runs(cur)}; is DATABASE_URL the run's database?")
     return run
+
+
+def known_runs(cur: Any, shown: int = 5) -> str:
+    """The latest runs, to choose from in a message."""
+    cur.execute("SELECT id, status, to_char(created_at, 'YYYY-MM-DD HH24:MI'), count(*) OVER ()"
+                " FROM migration_runs ORDER BY created_at DESC LIMIT %s", (shown,))
+    rows = cur.fetchall()
+    if not rows:
+        return "the ledger holds no run yet (`migrator run` starts one)"
+    more = f" (and {rows[0][3] - len(rows):,} older)" if rows[0][3] > len(rows) else ""
+    return "latest runs: " + ", ".join(f"{r} ({status}, {at})" for r, status, at, _ in rows) + more
 
 
 def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
@@ -252,7 +271,7 @@ class VerifySpec:
     """One range of a verification, as a worker runs it."""
 
     id: int
-    verification_id: int
+    verification_id: int | None  # None: a verification kept in memory (verify.verify_in_memory)
     run_id: str
     priorities: tuple[str, ...]
     compare: bool
@@ -273,6 +292,14 @@ def create_verification(cur: Any, run_id: str, priorities: list[str], compare: b
         [(verification_id, r.node, r.index, r.count, r.start, r.end) for r in ranges],
     )
     return verification_id
+
+
+def verification_reader(cur: Any) -> str | None:
+    """The current role when it may not record a verification (it only reads the ledger), else None."""
+    cur.execute("SELECT current_user, bool_and(has_table_privilege(t, p)) FROM unnest(%s::text[]) t, unnest(%s::text[]) p",
+                (["migration_verifications", "migration_verify_ranges"], ["INSERT", "UPDATE"]))
+    role, may_write = cur.fetchone()
+    return None if may_write else role
 
 
 def verify_range_ids(cur: Any, verification_id: int, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:

@@ -9,6 +9,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
+from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Sequence
 
 import orjson
@@ -287,15 +288,22 @@ class Mapping:
             known = sorted({p.table for p in self.patterns if p.table})
             unknown = set(tables) - set(known)
             if unknown:
-                raise ValueError(f"unknown table(s) {sorted(unknown)}; known: {', '.join(known)}")
+                raise ValueError(f"--table {', '.join(map(repr, sorted(unknown)))} is no table of the {self.name} "
+                                 f"mapping; its tables: {', '.join(known)}")
             chosen = [p for p in chosen if p.table in tables]
         if globs:
-            known = {p.glob for p in self.patterns} | {p.name for p in self.patterns}
-            unknown = set(globs) - known
+            named = {glob: self.named(glob) for glob in globs}
+            unknown = [glob for glob, found in named.items() if not found]
             if unknown:
                 raise ValueError(
-                    f"unknown pattern(s) {sorted(unknown)}; use a name or glob from `migrator mapping`: "
-                    + ", ".join(p.glob for p in self.patterns)
+                    f"--pattern {', '.join(map(repr, unknown))} names no pattern of the {self.name} mapping; its "
+                    f"patterns: {', '.join(p.name for p in self.patterns)} (`migrator mapping` shows their key globs)"
                 )
-            chosen = [p for p in chosen if p.glob in globs or p.name in globs]
+            chosen = [p for p in chosen if any(p in found for found in named.values())]
         return chosen
+
+    def named(self, wanted: str) -> list[Pattern]:
+        """The patterns `wanted` names: the one whose name or key glob it is, else every one whose
+        name or key glob it matches as a shell-style glob ('premium_*', 'threadr:premium:*')."""
+        exact = [p for p in self.patterns if wanted in (p.name, p.glob)]
+        return exact or [p for p in self.patterns if fnmatchcase(p.name, wanted) or fnmatchcase(p.glob, wanted)]

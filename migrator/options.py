@@ -58,6 +58,17 @@ class RunOptions:
         later = [p for p in self.priority_order() if p > priority]
         return later[0] if later else None
 
+    def check_scope(self, mapping: Mapping) -> None:
+        """Refuse, before anything is planned, a --table or --pattern the mapping does not know, or
+        a choice that leaves nothing to migrate; the ValueError names the choices."""
+        chosen = mapping.select(None, self.tables or None, self.patterns or None)
+        order = self.priority_order()
+        if not any(p.priority in order for p in chosen):
+            theirs = sorted({p.priority for p in chosen})
+            raise ValueError(f"nothing to migrate: the patterns chosen ({', '.join(p.name for p in chosen)}) are of "
+                             f"priority {', '.join(p.label for p in theirs)}, not of --priority "
+                             f"{', '.join(p.label for p in order)}; add --priority {theirs[0].label}, or drop --priority")
+
     def scope(self, mapping: Mapping, priority: Priority) -> list[Pattern]:
         return mapping.select([priority], self.tables or None, self.patterns or None)
 

@@ -2,7 +2,8 @@
 
 Every check runs even when another failed (one that needs a failed one says so), and none
 raises: a bad URL or a dead service is a fail line. URLs are printed through `redact_url` and
-error texts through `redact_text`, so no password reaches the output.
+error texts through `config.reason` (passwords and emails masked, the servers' hosts kept), so no
+password reaches the output.
 """
 from __future__ import annotations
 
@@ -12,16 +13,15 @@ from typing import Any, Callable, Literal, Mapping as EnvMapping, Sequence
 
 import psycopg2
 import redis
-from kombu import Connection
 
 from celeryconfig import PRIORITY_QUEUES
 from workers.celery import app
-from workers.coordinator import same_redis_db
+from workers.coordinator import same_redis_db, worker_command
 
 from . import ledger
-from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings
+from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
 from .mapping import Mapping
-from .redact import redact_text, redact_url
+from .redact import redact_url
 from .schema import require_schema
 from .source import cluster_masters
 from .threadr import THREADR
@@ -51,7 +51,7 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
     results += _postgres_checks(settings, [*mapping.table_names(), *ledger.TABLES])
-    broker = _guarded("broker", lambda: check_broker(settings.broker_url, timeout))
+    broker = _guarded("broker", lambda: check_broker(settings, timeout))
     results.append(broker)
     if need_workers:
         results.append(_skipped("workers", broker, "warn") if broker.verdict == "fail"
@@ -79,7 +79,7 @@ def _failure(name: str, exc: BaseException) -> CheckResult:
     if isinstance(exc, ConfigError):
         detail, _, fix = str(exc).rpartition("; ")
         return CheckResult(name, "fail", detail or fix, fix if detail else "")
-    return CheckResult(name, "fail", redact_text(f"{type(exc).__name__}: {exc}".strip()),
+    return CheckResult(name, "fail", reason(exc),
                        "unexpected error: check the URL and the service, then run the check again")
 
 
@@ -248,17 +248,12 @@ def check_init_db(conn: Any, tables: Sequence[str]) -> CheckResult:
 
 # ---- broker, workers, result backend ----
 
-def check_broker(broker_url: str, timeout: float) -> CheckResult:
-    try:
-        with Connection(broker_url, connect_timeout=timeout) as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout, interval_start=0)
-            server = dict(getattr(conn.connection, "server_properties", {}))
-    except Exception as exc:  # refused, timed out, wrong credentials, unknown transport
-        return CheckResult("broker", "fail", f"cannot connect to {redact_url(broker_url)} "
-                           f"({redact_text(f'{type(exc).__name__}: {exc}')})",
-                           "is the broker running, and is CELERY_BROKER_URL right (scheme, user, password, vhost)?")
+def check_broker(settings: Settings, timeout: float) -> CheckResult:
+    # refused, timed out, wrong credentials, unknown transport: a ConfigError, i.e. a fail line with its fix
+    with settings.broker(timeout) as conn:
+        server = dict(getattr(conn.connection, "server_properties", {}))
     product = " ".join(str(server[k]) for k in ("product", "version") if k in server)
-    return CheckResult("broker", "ok", f"{redact_url(broker_url)}: connected{f' ({product})' if product else ''}")
+    return CheckResult("broker", "ok", f"{redact_url(settings.broker_url)}: connected{f' ({product})' if product else ''}")
 
 
 def check_workers(broker_url: str, timeout: float) -> CheckResult:
@@ -276,8 +271,7 @@ def judge_workers(replies: dict[str, list[dict[str, Any]]], queues: list[str], t
         detail = f"no worker answered within {timeout:g} s"
     if idle:
         return CheckResult("workers", "warn", detail,
-                           f"batches wait in their queues until a worker consumes them: "
-                           f"celery -A workers worker -Q {','.join(idle)}")
+                           f"batches wait in their queues until a worker consumes them: {worker_command(idle)}")
     return CheckResult("workers", "ok", detail)
 
 

@@ -40,12 +40,32 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
+def redact_secrets(text: str) -> str:
+    """Mask URLs' passwords and emails anywhere in a message, and nothing else: what a service's
+    own error may show, whose host and port say which server failed."""
+    pieces, at = [], 0
+    for m in URL.finditer(text):
+        pieces += [_plain(text[at:m.start()]), _quoted_url(m.group(0))]
+        at = m.end()
+    return "".join([*pieces, _plain(text[at:])])
+
+
+def _plain(text: str) -> str:
+    return EMAIL.sub(lambda m: mask_email(m.group(0)), DSN_PASSWORD.sub(r"\1***", text))
+
+
+def _quoted_url(url: str) -> str:
+    """A URL in a message: its password masked, and emails after its host; its user@host is
+    no email, and is kept."""
+    scheme, sep, rest = redact_url(url).partition("://")
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{netloc}{slash}{_plain(path)}"
+
+
 def redact_text(text: str) -> str:
-    """Mask URLs' passwords, emails and IP addresses anywhere in a message."""
-    text = URL.sub(lambda m: redact_url(m.group(0)), text)
-    text = DSN_PASSWORD.sub(r"\1***", text)
-    text = EMAIL.sub(lambda m: mask_email(m.group(0)), text)
-    text = IPV4.sub(r"\1.\2.x.x", text)
+    """Mask URLs' passwords, emails and IP addresses anywhere in a message (one that may quote
+    the data: a key name, a value, a reason)."""
+    text = IPV4.sub(r"\1.\2.x.x", redact_secrets(text))
     return IPV6.sub(r"\1:x", text)
 
 

@@ -24,7 +24,7 @@ import structlog
 from . import ledger, runstate, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
-from .errors import backoff, transient
+from .errors import backoff, reconnect, transient
 from .finalize import begin_verification, judge_priority
 from .mapping import Mapping, Priority
 from .options import RunOptions
@@ -41,6 +41,7 @@ RETRIES = 6
 
 def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
     """Create the run and record every (priority, range) batch before anything is executed."""
+    opts.check_scope(mapping)
     run_id = str(uuid.uuid4())
     ranges = plan_ranges(client, opts.ranges)
     if opts.max_keys_per_sec and ranges[0].node:
@@ -224,7 +225,7 @@ def _lane_start(client: redis.Redis, connect: Callable[[], Any], mapping: Mappin
     # abandoning its batch (rolled back, and run again by `migrator resume`)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True, name="orphan-watch").start()
-    _lane.update(client=client, connect=connect, mapping=mapping, conn=_reconnect(connect))
+    _lane.update(client=client, connect=connect, mapping=mapping, conn=reconnect(connect, RETRIES))
     # closed as the process ends, so the server sees a goodbye rather than a dropped connection
     multiprocessing.util.Finalize(None, lambda: _lane["conn"].close(), exitpriority=10)
 
@@ -264,20 +265,8 @@ def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any]
             log.warning(f"{kind}_retry", **{kind: unit}, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()
-            conn = _reconnect(connect)
+            conn = reconnect(connect, RETRIES)
     return False, conn
-
-
-def _reconnect(connect: Callable[[], Any]) -> Any:
-    """A new connection, waiting for the server a bounded while (it may be restarting)."""
-    for attempt in range(RETRIES + 1):
-        try:
-            return connect()
-        except Exception as exc:
-            if not transient(exc) or attempt == RETRIES:
-                raise
-            time.sleep(backoff(attempt))
-    raise AssertionError("unreachable")
 
 
 def run_status(conn: Any, run_id: str) -> str:

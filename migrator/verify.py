@@ -30,7 +30,7 @@ from .ledger import VerifySpec
 from .mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
 from .merge import LINKED
 from .options import RunOptions
-from .partition import plan_ranges, scan_range
+from .partition import KeyRange, plan_ranges, scan_range
 from .redact import printable, redact_text
 from .source import CHUNK_READ_BYTES, cluster_masters, decode, key_client, node_client, read_keys, value_digest
 from .writer import _error_class, call_with_documents, column_types, describe
@@ -259,12 +259,17 @@ def scope_of(mapping: Mapping, opts: RunOptions, priorities: Iterable[Priority])
     return patterns, unmapped
 
 
+def _planned(client: redis.Redis, conn: Any, run_id: str) -> tuple[dict[str, Any], list[KeyRange]]:
+    """The run, and the cursor ranges a verification of it goes through."""
+    with conn, conn.cursor() as cur:
+        run = ledger.require_run(cur, run_id)
+    return run, plan_ranges(client, RunOptions.from_json(run["options"]).ranges)
+
+
 def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: list[Priority]) -> int:
     """Record a verification of the run's `priorities` and its cursor ranges; its id. A dry run
     kept no rows: its verification only counts the source keys."""
-    with conn, conn.cursor() as cur:
-        run = ledger.require_run(cur, run_id)
-    key_ranges = plan_ranges(client, RunOptions.from_json(run["options"]).ranges)
+    run, key_ranges = _planned(client, conn, run_id)
     with conn, conn.cursor() as cur:
         verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities], not run["dry_run"],
                                                       key_ranges, server_process(client))
@@ -297,7 +302,10 @@ def verify_range(client: redis.Redis, conn: Any, mapping: Mapping, range_id: int
             pass  # a lost connection took its session locks with it
 
 
-def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, progress: Progress | None) -> dict:
+def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec,
+                progress: Progress | None = None) -> Tally:
+    """Compare the keys of one range with their rows; what it found. Reads only: recording it is
+    the caller's."""
     opts = spec.options
     patterns, unmapped = scope_of(mapping, opts, map(Priority.parse, spec.priorities))
     node = node_client(client, spec.key_range.node) if spec.key_range.node else client
@@ -314,7 +322,22 @@ def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, 
                 if progress is not None:
                     progress({f: sum(c[f] for c in verifier.tally.patterns.values()) for f in ("keys", "compared")})
             verifier.flush()
-            tally = verifier.tally
+    finally:
+        if node is not client:
+            node.close()
+        if cap is not None:
+            cap.close()
+    tally = verifier.tally
+    keys = sum(c["keys"] for c in tally.patterns.values())
+    log.info("verify_range_done", keys=keys, seconds=round(time.perf_counter() - started, 3),
+             problems=sum(c[f] for c in tally.patterns.values() for f in ("missing", "different", "changed")))
+    return tally
+
+
+def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, progress: Progress | None) -> dict:
+    try:
+        tally = check_range(client, conn, mapping, spec, progress)
+        with conn.cursor() as cur:
             ledger.finish_verify_range(cur, spec.id, tally.to_json(), tally.attributed, tally.examples)
         conn.commit()
     except Exception as exc:
@@ -328,14 +351,6 @@ def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, 
         except psycopg2.Error:
             log.warning("verify_range_failure_not_recorded", error=reason)
         raise
-    finally:
-        if node is not client:
-            node.close()
-        if cap is not None:
-            cap.close()
-    keys = sum(c["keys"] for c in tally.patterns.values())
-    log.info("verify_range_done", keys=keys, seconds=round(time.perf_counter() - started, 3),
-             problems=sum(c[f] for c in tally.patterns.values() for f in ("missing", "different", "changed")))
     return tally.to_json()
 
 
@@ -347,6 +362,16 @@ def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: in
         ranges = ledger.verify_ranges(cur, verification_id)
     if found["status"] != "running":
         return found["result"] or {"verification_id": verification_id, "verdict": "incomplete", "error": found["error"]}
+    result = conclude(client, conn, mapping, found, ranges)
+    with conn, conn.cursor() as cur:
+        ledger.end_verification(cur, verification_id, result, result["error"])
+    return result
+
+
+def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, Any],
+             ranges: list[dict[str, Any]]) -> dict[str, Any]:
+    """A verification's result from its ranges' findings (`found` and `ranges` as the ledger
+    gives them: ledger.get_verification, ledger.verify_ranges), rows no key expects included."""
     opts = RunOptions.from_json(found["options"])
     priorities = [Priority.parse(p) for p in found["priorities"]]
     patterns, _ = scope_of(mapping, opts, priorities)
@@ -377,11 +402,34 @@ def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: in
     elif found["compare"]:
         _extra_rows(client, conn, mapping, found["run_id"], patterns, opts, tally)
     result = summarise(mapping, found, patterns, tally, len(ranges), len(unfinished), error)
-    with conn, conn.cursor() as cur:
-        ledger.end_verification(cur, verification_id, result, error)
-    log.info("verification_done", run=found["run_id"], verification=verification_id, verdict=result["verdict"],
+    log.info("verification_done", run=found["run_id"], verification=found["id"], verdict=result["verdict"],
              missing=result["missing"], different=result["different"], extra=result["extra"])
     return result
+
+
+def verify_in_memory(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str,
+                     priorities: list[Priority]) -> dict[str, Any]:
+    """A verification planned, run and concluded here, one range at a time, and recorded nowhere
+    (for a role that may not write the ledger): the ranges and rows of `plan_verification`, the
+    checks of `verify_range` and `finish`, its plan kept in memory instead of the ledger."""
+    run, key_ranges = _planned(client, conn, run_id)
+    labels = tuple(p.label for p in priorities)
+    found = {"id": None, "run_id": run_id, "priorities": labels, "compare": not run["dry_run"],
+             "options": run["options"], "redis_run_id": server_process(client)}
+    opts = RunOptions.from_json(run["options"])
+    ranges = []
+    for n, key_range in enumerate(key_ranges):
+        spec = VerifySpec(n, None, run_id, labels, found["compare"], key_range, opts, run["started_at"].isoformat())
+        try:
+            tally = check_range(client, conn, mapping, spec)
+            ranges.append({"id": n, "status": "done", "counts": tally.to_json(), "attributed": tally.attributed,
+                           "examples": tally.examples, "error": None})
+        except Exception as exc:  # the range could not be verified: the verdict says so, as a recorded one would
+            if not conn.closed:
+                conn.rollback()
+            ranges.append({"id": n, "status": "failed", "counts": {}, "attributed": {}, "examples": [],
+                           "error": redact_text(describe(exc))})
+    return conclude(client, conn, mapping, found, ranges)
 
 
 def summarise(mapping: Mapping, found: dict[str, Any], patterns: list[Pattern], tally: Tally, ranges: int,
@@ -570,7 +618,8 @@ def render(result: dict[str, Any]) -> str:
                                for i, (v, w) in enumerate(zip(r, widths)))
     verdict = {"clean": "CLEAN", "differences": "DIFFERENCES", "incomplete": "COULD NOT FINISH",
                "counted": "COUNTED (dry run: no rows to compare)"}[result["verdict"]]
-    out = [f"run {result['run_id']}: verification {result['verification_id']} {verdict}",
+    which = "(not recorded)" if result["verification_id"] is None else result["verification_id"]
+    out = [f"run {result['run_id']}: verification {which} {verdict}",
            line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
     out.append(f"missing {result['missing']:,}, different {result['different']:,}, extra (rows without a source key) "
                f"{result['extra']:,}; changed since the run {result['changed_since_run']:,}")

@@ -65,6 +65,12 @@ def verify(settings: Settings, run_id: str, priorities: list | None = None) -> d
         client.close()
 
 
+def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The `migrator` command as people run it, in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MIGRATOR_LOG_JSON": "1", **(env or {})}, cwd=cwd)
+
+
 def fingerprint(conn: Any, tables: list[str] | None = None) -> dict[str, tuple[int, str]]:
     """Per table: row count and an md5 over every column of every row, in id order."""
     out = {}

@@ -3,19 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from migrator.demo import seed_demo
+from helpers import migrator
 from servers import redis_server
-
-
-def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MIGRATOR_LOG_JSON": "1", **(env or {})}, cwd=cwd)
 
 
 def urls(settings) -> list[str]:
@@ -166,3 +159,171 @@ def test_every_command_on_a_database_without_the_schema_says_run_init_db(setting
 def test_every_command_with_redis_down_fails_clearly(settings, command):
     done = migrator(*command, "--redis-url", "redis://127.0.0.1:1/0", "--database-url", settings.database_url)
     assert done.returncode == 2 and "cannot reach Redis" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- operator mistakes: refused before anything is planned or touched, the valid choices named ----
+
+def _runs(pg) -> list[tuple]:
+    with pg.cursor() as cur:
+        cur.execute("SELECT id, status, finished_at FROM migration_runs ORDER BY created_at")
+        rows = cur.fetchall()
+        cur.execute("SELECT count(*) FROM migration_batches")
+        rows.append(cur.fetchone())
+    pg.rollback()
+    return rows
+
+
+@pytest.fixture
+def a_run(settings, r, pg) -> str:
+    """A run in the ledger (planned, not executed): the one the messages should name."""
+    from migrator.options import RunOptions
+    from migrator.runner import plan_run
+    from migrator.threadr import THREADR
+
+    seed_demo(r, 3)
+    client = settings.redis()
+    try:
+        return plan_run(client, pg, THREADR, RunOptions(priorities=("critical",)), settings.redis_url)
+    finally:
+        client.close()
+
+
+UNKNOWN = "11111111-2222-4333-8444-555555555555"
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["status", "--watch"], ["batches"], ["report"], ["requeue", "--failed"], ["requeue", "--batch", "1"],
+    ["resume"], ["resume", "--local"], ["rollback"], ["cancel"], ["cancel", "--rollback"], ["validate", "--local"], ["verify", "--local"], ["verify"],
+], ids=lambda c: " ".join(c))
+def test_every_command_taking_a_run_id_refuses_an_unknown_or_malformed_one_naming_the_runs(
+        settings, pg, a_run, tmp_path, command):
+    before = _runs(pg)
+    for run_id, said in ((UNKNOWN, f"no run {UNKNOWN} in the ledger"),
+                         ("not-a-uuid", "'not-a-uuid' is not a run id (a UUID, as `migrator run` prints it)")):
+        done = migrator(command[0], run_id, *command[1:], *urls(settings), "--broker-url", settings.broker_url,
+                        cwd=tmp_path)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.startswith(f"migrator: {said}") and f"latest runs: {a_run} (running, " in done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr and not done.stdout
+    assert _runs(pg) == before  # nothing planned, rolled back or requeued
+
+
+def test_rollback_of_an_unknown_run_says_so_and_leaves_the_ledger_alone(settings, pg):
+    done = migrator("rollback", UNKNOWN, *urls(settings))
+    assert done.returncode == 2 and "rolled back" not in done.stdout
+    assert done.stderr == (f"migrator: no run {UNKNOWN} in the ledger; the ledger holds no run yet (`migrator run` "
+                           "starts one); is DATABASE_URL the run's database?\n")
+    assert _runs(pg) == [(0,)]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--pattern", "typo*"], "--pattern 'typo*' names no pattern of the threadr mapping; its patterns: premium_ip, "
+                             "premium_email, subscription, "),
+    (["--pattern", "user", "--pattern", "nope"], "--pattern 'nope' names no pattern"),
+    (["--table", "userz"], "--table 'userz' is no table of the threadr mapping; its tables: analytics_timeseries, "),
+    (["--priority", "critical", "--pattern", "user"], "nothing to migrate: the patterns chosen (user) are of priority "
+                                                      "high, not of --priority critical"),
+], ids=["glob matching nothing", "one unknown of two", "unknown table", "pattern outside the priority"])
+@pytest.mark.parametrize("where", [["--local"], []], ids=["local", "on workers"])
+def test_a_run_of_unknown_patterns_or_tables_is_refused_before_it_is_planned(settings, r, pg, tmp_path, args, said,
+                                                                              where):
+    seed_demo(r, 3)
+    keys = r.dbsize()
+    done = migrator("run", *where, *args, *urls(settings), "--broker-url", settings.broker_url, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(f"migrator: {said}"), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and not done.stdout
+    assert _runs(pg) == [(0,)] and r.dbsize() == keys and not list(tmp_path.iterdir())
+
+
+def test_unknown_priorities_are_refused_naming_the_choices(settings, pg, a_run):
+    bad = migrator("run", "--local", "--priority", "urgent", *urls(settings))
+    assert bad.returncode == 2 and "invalid choice: 'urgent' (choose from 'critical', 'high', 'medium', 'low')" in bad.stderr
+    for command in ("verify", "validate"):  # a priority the run did not migrate
+        done = migrator(command, a_run, "--priority", "high", "--local", *urls(settings))
+        assert done.returncode == 2 and not done.stdout
+        assert done.stderr == (f"migrator: run {a_run} did not migrate priority high; choose --priority from: "
+                               "critical\n")
+    assert len(_runs(pg)) == 2  # the run, and its batches: no verification was planned
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_verifications")
+        assert cur.fetchone()[0] == 0
+    pg.rollback()
+
+
+# ---- connection failures: one line, the service, its host and port, the reason, the fix ----
+
+@pytest.fixture
+def closed_port() -> int:
+    from servers import spare_port
+
+    return spare_port()
+
+
+@pytest.mark.parametrize("command, service", [
+    *((command, service) for command in (["run", "--local"], ["run"], ["validate"]) for service in ("redis", "postgres")),
+    *((command, service) for command in (["run"], ["requeue", UNKNOWN, "--failed"], ["resume", UNKNOWN])
+      for service in ("broker down", "broker password")),
+], ids=lambda x: x if isinstance(x, str) else " ".join(x).replace(UNKNOWN, "RUN"))
+def test_a_connection_failure_is_one_line_naming_the_service_its_host_and_port_and_the_fix(
+        settings, r, pg, tmp_path, closed_port, service, command):
+    given = {"redis": settings.redis_url, "database": settings.database_url, "broker": settings.broker_url}
+    if service == "redis":
+        given["redis"] = f"redis://:s3cret@127.0.0.1:{closed_port}/0"
+        said = f"migrator: cannot reach Redis at 127.0.0.1:{closed_port} (ConnectionError: Error 111 connecting to "
+        fix = "; is it running, and is REDIS_URL right?"
+    elif service == "postgres":
+        given["database"] = f"postgresql://postgres:s3cret@127.0.0.1:{closed_port}/x"
+        said = (f"migrator: cannot connect to PostgreSQL at 127.0.0.1:{closed_port} with postgresql://postgres:***@"
+                f"127.0.0.1:{closed_port}/x (OperationalError: Connection refused)")
+        fix = "; check DATABASE_URL and that the server is up"
+    elif service == "broker down":
+        given["broker"] = f"amqp://guest:s3cret@127.0.0.1:{closed_port}//"
+        said = (f"migrator: cannot reach the Celery broker at 127.0.0.1:{closed_port} (OperationalError: [Errno 111] "
+                "Connection refused)")
+        fix = "; is the broker running, and is CELERY_BROKER_URL right (scheme, host, port)?"
+    else:
+        given["broker"] = settings.broker_url.replace("guest:guest@", "guest:s3cret@")
+        said = "migrator: the Celery broker at 127.0.0.1:5672 refused the login (AccessRefused: (0, 0): (403) ACCESS_REFUSED"
+        fix = "; check the user, password and vhost in CELERY_BROKER_URL"
+    done = migrator(*command, "--redis-url", given["redis"], "--database-url", given["database"], "--broker-url",
+                    given["broker"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith(said), done.stderr
+    assert done.stderr.endswith(fix + "\n") and len(done.stderr.splitlines()) == 1
+    assert "s3cret" not in done.stderr and "x.x" not in done.stderr and not done.stdout
+    assert _runs(pg) == [(0,)]
+
+
+def test_verify_with_the_broker_down_says_why_and_verifies_here(settings, r, pg, tmp_path, closed_port):
+    seed_demo(r, 5)
+    assert migrator("run", "--local", *urls(settings), cwd=tmp_path).returncode == 0
+    done = migrator("verify", *urls(settings), "--broker-url", f"amqp://guest:s3cret@127.0.0.1:{closed_port}//")
+    assert done.returncode == 0 and "CLEAN" in done.stdout, done.stderr
+    assert (f"migrator: verifying here (--local): cannot reach the Celery broker at 127.0.0.1:{closed_port} "
+            "(OperationalError: [Errno 111] Connection refused)") in done.stderr and "s3cret" not in done.stderr
+
+
+# ---- hints name this installation's queues ----
+
+def test_the_no_worker_hint_names_the_queue_prefix_the_worker_needs(settings, r, pg, tmp_path):
+    from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
+    from workers.celery import delete_queues
+
+    seed_demo(r, 3)
+    try:
+        done = migrator("run", "--detach", *urls(settings), "--broker-url", settings.broker_url, cwd=tmp_path)
+    finally:
+        delete_queues()  # the batches it sent: no worker of this test takes them
+    assert done.returncode == 0, done.stderr
+    assert QUEUE_PREFIX and (f"until one starts: MIGRATOR_QUEUE_PREFIX={QUEUE_PREFIX} celery -A workers worker -Q "
+                             f"{','.join(PRIORITY_QUEUES.values())}\n") in done.stderr
+
+
+def test_version_is_the_installed_package_s():
+    from importlib import metadata
+
+    from migrator import version
+
+    done = migrator("--version")
+    assert done.returncode == 0 and done.stdout == f"migrator {metadata.version('redis-pg-migrator')}\n"
+    # a checkout that was never installed says the version its pyproject.toml gives
+    assert version("no-such-distribution") == f"{metadata.version('redis-pg-migrator')} (not installed)"

@@ -284,6 +284,11 @@ def test_filters_by_priority_table_and_pattern(settings, r, pg):
     assert [p["pattern"] for p in only_email["patterns"]] == ["premium_email"]
     users = migrate(settings, tables=("users",))
     assert [p["pattern"] for p in users["patterns"]] == ["user"]
+    # a glob over the patterns' names or key globs takes every one it matches
+    for glob in ("premium_*", "threadr:premium:*"):
+        premium = migrate(settings, patterns=(glob,))
+        assert [p["pattern"] for p in premium["patterns"]] == ["premium_ip", "premium_email"]
+        assert premium["status"] == "completed" and premium["balanced"]
 
 
 def test_keys_and_values_crafted_as_injections_arrive_as_inert_data(settings, r, pg):

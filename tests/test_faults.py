@@ -270,3 +270,33 @@ def test_the_coordinator_killed_between_priorities_and_resume_carries_on(stack, 
         _finished_like_undisturbed(own, conn, run_id, expected)
     finally:
         conn.close()
+
+
+def test_a_postgres_restart_while_run_watches_is_ridden_out_and_the_run_s_outcome_reported(stack, expected, tmp_path):
+    """`migrator run` sends the run to the workers and watches the ledger; PostgreSQL restarts under
+    it: the watcher connects again and reports how the run really ended."""
+    own, server, _, _ = stack
+    _empty(own)
+    # a batch held inside its transaction (its write waits on `users`) keeps the run going while
+    # the server restarts, however fast batches run
+    hold = psycopg2.connect(own.database_url)
+    with hold.cursor() as cur:
+        cur.execute("LOCK TABLE users IN EXCLUSIVE MODE")
+    coordinator = _cli(own, "run", "--ranges", "4", "--batch-size", "50", "--output-dir", str(tmp_path))
+    run_id = coordinator.stdout.readline().split()[1]  # "run <id>": planned and sent, now watching
+    conn = psycopg2.connect(own.database_url)
+    _when_waiting_on(conn, "users")
+    conn.close()
+    server.stop()  # ends every session: the holder's, the batch's and the watcher's
+    hold.close()
+    time.sleep(1)
+    server.start()
+    out, err = coordinator.communicate(timeout=300)
+    assert coordinator.returncode == 0, err
+    assert "migrator: lost the ledger (" in err and f"run {run_id}  completed" in err  # the watch's last view
+    assert f"run {run_id}  status completed" in out  # the report
+    conn = psycopg2.connect(own.database_url)
+    try:
+        _finished_like_undisturbed(own, conn, run_id, expected)
+    finally:
+        conn.close()

@@ -8,7 +8,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from celeryconfig import PRIORITY_QUEUES
+from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
 from migrator.config import DEFAULT_BROKER_URL, Settings
 from migrator.demo import seed_demo
 from migrator.preflight import (CheckResult, check_redis, check_result_backend, exit_code, judge_postgres,
@@ -80,7 +80,9 @@ def test_healthy_local_services_pass_with_warnings_only(settings, r):
     assert checks["postgres"].fix.startswith("runs as a superuser: use a role with only the privileges a run needs")
     assert checks["schema"].detail == f"current ({VERSIONS})"
     # no worker runs here: a warning with the command that starts one, not a failure
-    assert checks["workers"].fix.endswith(f"celery -A workers worker -Q {','.join(PRIORITY_QUEUES.values())}")
+    # with this installation's queue prefix, which the worker needs too
+    assert checks["workers"].fix.endswith(f": MIGRATOR_QUEUE_PREFIX={QUEUE_PREFIX} celery -A workers worker -Q "
+                                          f"{','.join(PRIORITY_QUEUES.values())}")
     assert exit_code(results) == 0
     lines = render_checks(results).splitlines()
     assert len(lines) == len(NAMES)
@@ -103,10 +105,12 @@ def test_env_warns_about_each_default_and_names_it(monkeypatch):
 
 
 def test_unreachable_redis_fails_and_the_other_checks_still_run(settings):
-    closed = Settings(f"redis://127.0.0.1:{spare_port()}/0", settings.database_url, settings.broker_url)
+    port = spare_port()
+    closed = Settings(f"redis://127.0.0.1:{port}/0", settings.database_url, settings.broker_url)
     results = run_checks(closed, need_workers=False, timeout=TIMEOUT)
     redis_check = by_name(results)["redis"]
-    assert redis_check.verdict == "fail" and redis_check.detail.startswith("cannot reach Redis at")
+    # the server it tried, unmasked: a server's address is not personal data
+    assert redis_check.verdict == "fail" and redis_check.detail.startswith(f"cannot reach Redis at 127.0.0.1:{port} (")
     assert redis_check.fix == "is it running, and is REDIS_URL right?"
     assert verdicts(results)["schema"] == verdicts(results)["broker"] == "ok"
     assert exit_code(results) == 1
@@ -143,6 +147,7 @@ def test_bad_urls_become_fail_lines_without_their_passwords():
     shown = render_checks(results)
     assert "s3cret" not in shown and "redis//:***@127.0.0.1:6379/0" in shown
     assert "postgresql://postgres:***@127.0.0.1:notaport/x" in shown
+    assert "CELERY_BROKER_URL 'nosuch://guest:***@127.0.0.1//' is not a broker URL" in shown
 
 
 def test_replica_warns_to_scan_the_master(settings, tmp_path):
@@ -219,5 +224,5 @@ def test_workers_warn_names_only_the_queues_nobody_consumes():
     replies = {"a@host": [{"name": "critical"}, {"name": "high"}], "b@host": [{"name": "critical"}]}
     result = judge_workers(replies, ["critical", "high", "medium"], TIMEOUT)
     assert result.verdict == "warn" and result.detail == "critical: 2 workers, high: 1 worker, medium: 0 workers"
-    assert result.fix.endswith("celery -A workers worker -Q medium")
+    assert result.fix.endswith(f": MIGRATOR_QUEUE_PREFIX={QUEUE_PREFIX} celery -A workers worker -Q medium")
     assert judge_workers(replies, ["critical", "high"], TIMEOUT).verdict == "ok"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.redact import redact_text, redact_url
+from migrator.redact import redact_secrets, redact_text, redact_url
 
 
 @pytest.mark.parametrize("url, secret", [
@@ -50,3 +50,12 @@ def test_masking_takes_linear_time_on_half_a_megabyte_of_adversarial_text():
             "    redact_text(text)\n")
     done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_service_s_error_keeps_the_server_s_address_and_masks_only_secrets_and_emails():
+    said = ('connection to server at "10.0.3.4", port 5432 failed: FATAL: password authentication failed for user '
+            '"ann.lee@example.com" of postgresql://ann:s3cret@10.0.3.4:5432/threadr')
+    shown = redact_secrets(said)
+    assert '"10.0.3.4", port 5432' in shown and "@10.0.3.4:5432/threadr" in shown
+    assert "s3cret" not in shown and "ann.lee@example.com" not in shown
+    assert "10.0.3.4" not in redact_text(said)  # anything that may quote data masks addresses too

@@ -5,7 +5,8 @@ what the ledger says, so losing the coordinator or the broker loses no state.
 """
 from __future__ import annotations
 
-from typing import Any
+import shlex
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 import structlog
@@ -16,7 +17,7 @@ from migrator.mapping import Mapping
 from migrator.options import RunOptions
 from migrator.runner import plan_run, resume_point
 
-from celeryconfig import PRIORITY_QUEUES
+from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
 
 from .celery import app
 from .tasks import dispatch_priority, dispatch_verification, finish_verification_task
@@ -33,7 +34,9 @@ def same_redis_db(a: str, b: str) -> bool:
 
 
 def use_broker(settings: Settings) -> None:
-    """Send to the broker the command line named (--broker-url), not only the environment's."""
+    """Send to the broker the command line named (--broker-url), not only the environment's,
+    once it answers: a ConfigError with the fix (one line) when it is down or refuses the login."""
+    settings.broker().release()
     app.conf.broker_url = settings.broker_url
 
 
@@ -46,9 +49,11 @@ def workers_answering(timeout: float = 2.0) -> list[str]:
     return sorted(name for name, consumed in replies.items() if any(q.get("name") in ours for q in consumed))
 
 
-def worker_command() -> str:
-    """How to start a worker for this installation's queues."""
-    return f"celery -A workers worker -Q {','.join(PRIORITY_QUEUES.values())}"
+def worker_command(queues: Iterable[str] = PRIORITY_QUEUES.values()) -> str:
+    """How to start a worker for these of this installation's queues. With a queue prefix the
+    worker needs it too: its chord callbacks send the next priority to the prefixed queues."""
+    prefix = f"MIGRATOR_QUEUE_PREFIX={shlex.quote(QUEUE_PREFIX)} " if QUEUE_PREFIX else ""
+    return f"{prefix}celery -A workers worker -Q {','.join(queues)}"
 
 
 def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
