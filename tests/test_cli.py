@@ -193,7 +193,8 @@ UNKNOWN = "11111111-2222-4333-8444-555555555555"
 
 @pytest.mark.parametrize("command", [
     ["status"], ["status", "--watch"], ["batches"], ["report"], ["requeue", "--failed"], ["requeue", "--batch", "1"],
-    ["resume"], ["resume", "--local"], ["rollback"], ["cancel"], ["cancel", "--rollback"], ["validate", "--local"], ["verify", "--local"], ["verify"],
+    ["resume"], ["resume", "--local"], ["rollback"], ["cancel"], ["cancel", "--rollback"], ["validate", "--local"],
+    ["verify", "--local"], ["verify"],
 ], ids=lambda c: " ".join(c))
 def test_every_command_taking_a_run_id_refuses_an_unknown_or_malformed_one_naming_the_runs(
         settings, pg, a_run, tmp_path, command):

@@ -160,7 +160,10 @@ def test_a_redis_restart_mid_run_restarts_the_affected_ranges(stack, expected):
         conn.close()
 
 
-def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
+@pytest.mark.parametrize("down_s", [1, 20], ids=["restart", "down 20 s"])
+def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected, down_s):
+    """Down for a restart, or for 20 s: the batches' retries (a minute or so) ride it out, and
+    the chord callbacks' too."""
     own, server, _, _ = stack
     run_id, conn = _start(own)
     # a high batch held inside its transaction (its write waits on `users`), however fast
@@ -172,7 +175,7 @@ def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected):
     conn.close()
     server.stop()  # ends the holder's session too
     hold.close()
-    time.sleep(1)
+    time.sleep(down_s)
     server.start()
     conn = psycopg2.connect(own.database_url)
     try:
