@@ -28,8 +28,8 @@ from .partition import scan_range
 from .redact import printable, redact_text
 from .references import Checker
 from .runstate import Fenced
-from .source import (CHUNK_READ_BYTES, KeyRead, dead_letter_bytes, decode, key_client, node_client, read_keys,
-                     value_digest)
+from .source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, dead_letter_value, decode, key_client,
+                     node_client, read_keys, read_parts, value_digest)
 from . import throttle
 from .writer import Prepared, Writer, describe, detail
 
@@ -49,6 +49,16 @@ def collect_less() -> None:
     """Space the cyclic garbage collector's passes out, for a process that runs batches (cycles
     are still collected, after at most GC_THRESHOLDS[0] containers more)."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+@dataclass
+class _Streamed:
+    """What the parts of the collection being streamed wrote so far (counted once all are in)."""
+
+    rows: int = 0
+    written: int = 0
+    digest: int = 0  # of every part's digest, in order
+    error: BaseException | None = None  # PostgreSQL refused a part
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class _Batch:
         self.dangling: dict[str, list[dict[str, Any]]] = {}  # per pattern, a few dangling references
         self.rows_written = 0
         self.checksum = 0
+        self.streamed: _Streamed | None = None  # while a large collection is written a part at a time
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
@@ -131,7 +142,7 @@ class _Batch:
                 now = datetime.now(timezone.utc)
                 now_s = clock()
                 t["read"] += now_s - mark
-                waited = t["write_wait"]
+                aside = t["write_wait"] + t["read"] + t["throttle"]  # (a large collection's parts are read in here)
                 for (key, text, pattern, fields), read in zip(chunk, reads):
                     self._prepare(key, text, pattern, fields, read, now)
                 self._check_references()
@@ -140,7 +151,7 @@ class _Batch:
                 if self.pending_bytes >= SUB_BATCH_BYTES:  # a few large values make a sub-batch too
                     self._flush(len(self.pending))
                 mark = clock()
-                t["transform"] += mark - now_s - (t["write_wait"] - waited)
+                t["transform"] += mark - now_s - (t["write_wait"] + t["read"] + t["throttle"] - aside)
             if self.progress is not None:
                 self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
             mark = clock()
@@ -183,27 +194,26 @@ class _Batch:
             self._dead(key, text, pattern, read, f"Redis error reading the value: {read.raw}")
             return
         cap = self.opts.max_value_bytes
-        if cap is not None and read.size > cap:
+        if cap is not None and read.size > cap and read.resume is None:  # (a collection's first part is not its size)
             kept = f"; its first {len(read.raw):,} bytes are kept here" if read.truncated else ""
             self._dead(key, text, pattern, read, f"value is {read.size:,} bytes, over the "
                        f"{cap:,}-byte limit of --max-value-bytes{kept}")
             return
-        if read.truncated:  # a large value: read whole, and written as a sub-batch of its own
+        if read.truncated:
             self._flush(len(self.pending))
+            if read.resume is not None and pattern.member_wise:  # a large collection: a part at a time
+                self._stream(key, text, pattern, fields, read, now)
+                return
+            # a large value: read whole, and written as a sub-batch of its own
             self._prepare(key, text, pattern, fields, read_keys(self.client, [(key, pattern.redis_type)], None)[0], now)
             self._flush(len(self.pending))
             return
         expires_at = now + MILLISECOND * read.pttl if read.pttl > 0 else None
         try:
-            record = SourceRecord(text, fields, decode(read.raw, pattern.value_format), expires_at, now,
-                                  pattern.zone(self.tz))
-            rows = pattern.transform(record) if pattern.transform else None
-            references = pattern.references(record) if pattern.references else ()
+            rows = self._records(text, pattern, fields, read, expires_at, now)
         except SHAPE_ERRORS as exc:
-            reason = str(exc) if isinstance(exc, BadRecord) else f"{type(exc).__name__}: {exc}"
-            self._dead(key, text, pattern, read, reason)
+            self._dead(key, text, pattern, read, _reason(exc))
             return
-        self.references += [(pattern.name, text, ref) for ref in references]
         if rows is None:  # an index: read for its references, not migrated
             self.counts.add(pattern.name, "skipped")
             return
@@ -211,8 +221,99 @@ class _Batch:
         if isinstance(read.raw, bytes) and len(read.raw) > DEAD_LETTER_VALUE_BYTES:
             # the rows hold what the value says: keep only what a dead letter would
             read.raw, read.truncated = read.raw[:DEAD_LETTER_VALUE_BYTES], True
-        self.pending.append(Prepared(key, text, pattern, rows, expires_at, read, digest))
-        self.pending_bytes += read.size
+        self._hold(Prepared(key, text, pattern, rows, expires_at, read, digest))
+
+    def _records(self, text: str, pattern: Pattern, fields: dict[str, str], read: KeyRead,
+                 expires_at: datetime | None, now: datetime) -> list[Any] | None:
+        """The rows of a value (None: an index, not migrated), its references kept to check; raises
+        one of SHAPE_ERRORS for a value that cannot be migrated."""
+        record = SourceRecord(text, fields, decode(read.raw, pattern.value_format), expires_at, now, pattern.zone(self.tz))
+        rows = pattern.transform(record) if pattern.transform else None
+        references = pattern.references(record) if pattern.references else ()
+        self.references += [(pattern.name, text, ref) for ref in references]
+        return rows
+
+    def _hold(self, record: Prepared) -> None:
+        self.pending.append(record)
+        self.pending_bytes += record.read.size
+
+    def _stream(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], first: KeyRead,
+                now: datetime) -> None:
+        """A large collection of a member-wise pattern, a part at a time (_write_parts), under a
+        savepoint of the key's: a part that cannot be migrated, or the key going mid-way, takes back
+        what the parts before it wrote, and the key is one dead letter, or one expired key, as a
+        small one would be."""
+        self._settle()  # the writer is idle: the savepoint holds this key's writes alone
+        self._check_references()  # the chunk's keys read before it: their references are theirs
+        name = pattern.name
+        noted = {f: self.counts.by_pattern.get(name, {}).get(f, 0) for f in ("references", "dangling")}
+        examples = len(self.dangling.get(name, ()))
+        self.cur.execute("SAVEPOINT collection")
+        self.streamed = streamed = _Streamed()
+        try:
+            failure = self._write_parts(key, text, pattern, fields, first, now)
+            self._settle()
+        finally:
+            self.streamed = None
+        if failure is None and streamed.error is None:
+            self.cur.execute("RELEASE SAVEPOINT collection")
+            self.rows_written += streamed.written
+            if pattern.transform is None:  # an index: read for its references, not migrated
+                self.counts.add(name, "skipped")
+            else:
+                self.counts.add(name, "migrated", rows=streamed.rows)
+                self.checksum ^= (zlib.crc32(key) << 32) | streamed.digest
+            return
+        self.cur.execute("ROLLBACK TO SAVEPOINT collection; RELEASE SAVEPOINT collection")
+        for f, n in noted.items():  # what it referenced counts no more than what it wrote
+            self.counts.note(name, f, n - self.counts.by_pattern.get(name, {}).get(f, 0))
+        del self.dangling.get(name, [])[examples:]
+        if failure is GONE:
+            self.counts.add(name, "expired")
+        elif failure is not None:
+            self._dead(key, text, pattern, first, failure)
+        else:
+            self._dead(key, text, pattern, first, describe(streamed.error), detail(streamed.error))
+
+    def _write_parts(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], first: KeyRead,
+                     now: datetime) -> str | None:
+        """Each part of a large collection transformed, its references checked and its rows written
+        as a sub-batch of their own while the next part is read; why it stopped short (GONE: the
+        key went), or None (PostgreSQL may still refuse the last part: self.streamed.error)."""
+        clock, t, streamed = time.perf_counter, self.timings, self.streamed
+        expires_at = now + MILLISECOND * first.pttl if first.pttl > 0 else None
+        cap, size = self.opts.max_value_bytes, 0
+        parts = read_parts(self.client, first)
+        while streamed.error is None:
+            self.check()  # (a run stopped mid-way through a long key stops here too)
+            started = clock()
+            part = next(parts, None)
+            t["read"] += clock() - started
+            if part is None:
+                return None
+            if self.throttle is not None and part is not first:  # a part costs Redis about what as many keys do
+                t["throttle"] += self.throttle.acquire(CHUNK_READ_MEMBERS)
+            size += part.size
+            if part.redis_type == "none":
+                return GONE
+            if isinstance(part.raw, Exception):
+                return f"Redis error reading the value: {part.raw}"
+            if cap is not None and size > cap:
+                return f"value is over the {cap:,}-byte limit of --max-value-bytes"
+            try:
+                rows = self._records(text, pattern, fields, part, expires_at, now)
+            except SHAPE_ERRORS as exc:
+                return _reason(exc)
+            self._check_references()
+            if rows:
+                streamed.rows += len(rows)
+                digest = value_digest(part.raw)
+                streamed.digest = zlib.crc32(digest.to_bytes(4, "big"), streamed.digest)
+                self._hold(Prepared(key, text, pattern, rows, expires_at, part, digest))
+                self._flush(1)  # (after the part before is written)
+            if self.progress is not None:  # a large key takes a while: the batch is still alive
+                self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
+        return None
 
     def _check_references(self) -> None:
         """Check the references the chunk's records made, in one round trip; count what dangles."""
@@ -252,6 +353,10 @@ class _Batch:
         started = time.perf_counter()
         written, bad = future.result()
         self.timings["write_wait"] += time.perf_counter() - started
+        if self.streamed is not None:  # a part of a large collection: its key is counted once all are in
+            self.streamed.written += written
+            self.streamed.error = self.streamed.error or next((exc for _, exc in bad), None)
+            return
         self.rows_written += written
         failed = {id(rec) for rec, _ in bad}
         for rec in records:
@@ -264,11 +369,9 @@ class _Batch:
     def _dead(self, key: bytes, text: str, pattern: Pattern, read: KeyRead | None, reason: str,
               detail: str | None = None) -> None:
         self.counts.add(pattern.name, "dead")
-        raw = dead_letter_bytes(read.raw) if read else None
-        if raw is not None and len(raw) > DEAD_LETTER_VALUE_BYTES:
-            raw = raw[:DEAD_LETTER_VALUE_BYTES]
-        if read is not None and raw is not None and len(raw) < read.size and "bytes are kept" not in reason:
-            reason += f" (the value is {read.size:,} bytes; its first {len(raw):,} are kept here)"
+        raw, whole = dead_letter_value(self.client, read, DEAD_LETTER_VALUE_BYTES) if read else (None, None)
+        if whole is not None and "bytes are kept" not in reason:
+            reason += f" ({whole})"
         self.dead.append((
             pattern.name, key, printable(text),  # (the exact key is kept as bytes beside it)
             read.redis_type if read else None,
@@ -289,6 +392,14 @@ class _Batch:
         ledger.add_dead_letters(self.cur, self.spec.run_id, self.spec.id, self.dead)
         self.dead, self.dead_bytes = [], 0
 
+
+def _reason(exc: BaseException) -> str:
+    """A dead letter's reason for what a transform raised."""
+    return str(exc) if isinstance(exc, BadRecord) else f"{type(exc).__name__}: {exc}"
+
+
+# A large collection's key went while its parts were read: it counts expired, not dead
+GONE = "the key went mid-way"
 
 # timedelta(milliseconds=n) parses keywords on every call; a product does not
 MILLISECOND = timedelta(milliseconds=1)

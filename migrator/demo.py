@@ -901,7 +901,8 @@ def seed_demo(r: "redis.Redis", users: int, *, seed: int = 42, now: datetime | N
 
 
 HUGE_VALUE_BYTES = 5 * 1024 * 1024
-WIDE_MEMBERS = 100_000
+# Members of the hostile keyspace's large time series, and counters added to its stats hash.
+WIDE_MEMBERS = 1_000_000
 # A saved thread the app would write for an article pasted whole: valid, and migrated whole.
 GIANT_THREAD_BYTES = 64 * 1024 * 1024
 
@@ -917,17 +918,41 @@ def write_large_thread(r: "redis.Redis", size: int, *, seed: int = 7) -> str:
     return key
 
 
-def seed_hostile(r: "redis.Redis", good_keys: int, *, seed: int = 7) -> dict[str, int]:
-    """On top of a keyspace of `good_keys` keys: 5 % more malformed keys of every kind, three
-    broken values of 5 MB, a valid thread of 64 MiB and a time series of 100,000 members.
-    Returns the keys written per kind."""
+def write_large_timeseries(r: "redis.Redis", members: int, *, user: str = "user_wide", refused_last: bool = False) -> str:
+    """One time series of `members` valid points, one a second from 2026-01-01, each as the app
+    writes one (TimeSeriesDataPoint.json(), compact, scored by its epoch); with `refused_last`, one
+    point more, the latest, without a value: its model refuses it, and with it the whole key.
+    Returns its key."""
+    key, start = f"analytics:{user}:timeseries:impressions:day", datetime(2026, 1, 1)
+    points = {}
+    for i in range(members + refused_last):
+        at = start + timedelta(seconds=i)
+        point = {"timestamp": at.isoformat(), "value": float(i % 5000), "period": "day"}
+        if i == members:
+            del point["value"]
+        points[json.dumps(point, separators=(",", ":"))] = _epoch(at)
+        if len(points) == FLUSH_EVERY or i == members + refused_last - 1:
+            r.zadd(key, points)
+            points = {}
+    return key
+
+
+def add_usage_stats(r: "redis.Redis", counters: int) -> None:
+    """`counters` more integer fields in the app's global stats hash (threadr:usage:stats)."""
+    for start in range(0, counters, FLUSH_EVERY):
+        r.hset("threadr:usage:stats", mapping={f"counter_{i:07d}": i for i in range(start, min(counters, start + FLUSH_EVERY))})
+
+
+def seed_hostile(r: "redis.Redis", good_keys: int, *, seed: int = 7, wide: int = WIDE_MEMBERS) -> dict[str, int]:
+    """On top of a keyspace of `good_keys` keys (its stats hash among them): 5 % more malformed
+    keys of every kind, three broken values of 5 MB, a valid thread of 64 MiB, a time series of
+    `wide` valid points and a last one its model refuses (the key is one dead letter, none of its
+    rows kept), and `wide` more counters in the stats hash (`wide` rows more). Returns the keys
+    written per kind."""
     counts = seed_demo(r, 0, malformed=int(good_keys * 0.05), seed=seed)
     for i in range(3):
         r.set(f"threadr:user:user_huge{i}", b'{"email": "h@x.io", "pad": "' + b"x" * HUGE_VALUE_BYTES + b'"}')
     write_large_thread(r, GIANT_THREAD_BYTES, seed=seed)
-    pipe = r.pipeline(transaction=False)
-    for i in range(WIDE_MEMBERS):
-        member = json.dumps({"timestamp": f"2026-01-01T00:00:{i % 60:02d}", "value": i, "period": "day"}) + str(i)
-        pipe.zadd("analytics:user_wide:timeseries:impressions:day", {member: i})
-    pipe.execute()
+    write_large_timeseries(r, wide, refused_last=True)
+    add_usage_stats(r, wide)
     return {**counts, "huge": 3, "giant": 1, "wide": 1}

@@ -90,6 +90,7 @@ References = Callable[[SourceRecord], list[Reference]]
 
 # How a value read from Redis is decoded before the transform sees it.
 VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset")
+COLLECTION_TYPES = ("hash", "set", "zset", "list")
 
 
 def literal_prefix(grammar: str) -> str:
@@ -149,6 +150,12 @@ class Pattern:
     # Its naive datetimes are UTC (the app wrote datetime.utcnow()), whatever --source-timezone
     # (the zone of the app host's local time) says.
     utc_naive: bool = False
+    # A collection pattern that is read says whether its transform and references are member-wise:
+    # a record whose value is some of the collection's members gives the rows and references of
+    # those members, and nothing else. Then a large collection is read, transformed and written a
+    # part at a time, in bounded memory (one member its model refuses still refuses the whole key);
+    # otherwise it is read whole, however large, as a large string is.
+    member_wise: bool | None = None
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:
@@ -158,6 +165,10 @@ class Pattern:
             raise ValueError(f"pattern {self.name}: a migrated pattern names its target table")
         if self.value_format not in VALUE_FORMATS:
             raise ValueError(f"pattern {self.name}: value_format must be one of {VALUE_FORMATS}")
+        if self.redis_type in COLLECTION_TYPES and self.read and self.member_wise is None:
+            raise ValueError(f"pattern {self.name}: a {self.redis_type} pattern that is read declares member_wise: "
+                             "True when some of its members give the rows and references of those members alone "
+                             "(a large one is then read a part at a time), False to have it read whole")
         re.compile(self.grammar)  # a broken grammar fails here, naming no key
         object.__setattr__(self, "provenance", orjson.dumps({"source": self.source or f"redis_{self.name}"}).decode())
 

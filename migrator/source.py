@@ -4,15 +4,16 @@ from __future__ import annotations
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Iterator, Sequence
 
 import hiredis
 import orjson
 import redis
 
-from .mapping import BadRecord
+from .mapping import COLLECTION_TYPES, BadRecord
 
-# The read command for each Redis type.
+# The command reading a whole value, for each Redis type.
 READ_COMMANDS = {
     "string": ("GET",),
     "hash": ("HGETALL",),
@@ -28,23 +29,66 @@ class KeyRead:
     redis_type: str  # the type the key holds; "none" once it has expired
     pttl: int  # milliseconds; -1 without TTL, -2 gone
     raw: Any  # reply of the read command for the type the pattern expects
-    size: int  # bytes of payload, for the value size limit
-    truncated: bool = False  # a string over the limit: `raw` holds only its first bytes
+    size: int  # bytes of payload, for the value size limit (of what `raw` holds, for a collection read in part)
+    # a string over the limit (`raw` holds only its first bytes), or a collection read in part
+    truncated: bool = False
+    resume: Any = None  # a collection read in part: where its next part starts (see read_parts)
 
 
 # Strings of a read chunk are read up to this many bytes: one that is longer is read whole on its
 # own afterwards, so a chunk of many keys never holds more than a few large values at once.
 CHUNK_READ_BYTES = 64 * 1024
+# Collections are read this many members at a time: a small one whole, in its chunk's round trip;
+# a larger one is left for its caller to read on a part at a time (read_parts), or whole.
+CHUNK_READ_MEMBERS = 1000
 
 
 def _read_command(key: bytes, redis_type: str, max_bytes: int | None = None) -> tuple:
     # A string is read only up to one byte past the limit: a huge value costs no more memory
-    # than the limit. A stream or module type has no reader here: the TYPE reply alone says
-    # what was there.
-    if redis_type == "string" and max_bytes is not None:
-        return ("GETRANGE", key, "0", str(max_bytes))
+    # than the limit; a collection only its first part. A stream or module type has no reader
+    # here: the TYPE reply alone says what was there.
+    if max_bytes is not None:
+        if redis_type == "string":
+            return ("GETRANGE", key, "0", str(max_bytes))
+        if redis_type in COLLECTION_TYPES:
+            return _part_command(key, redis_type, None)
     name, *args = READ_COMMANDS.get(redis_type, ("EXISTS",))
     return (name, key, *args)
+
+
+def _part_command(key: bytes, redis_type: str, at: Any) -> tuple:
+    """Read the part of a collection that starts `at` (None: its start). Hashes and sets by their
+    SCAN cursor, which returns every member present throughout at least once whatever is written
+    meanwhile; a sorted set by (score, how many of that score were read), so that members added or
+    removed before it shift nothing, in Redis's order; a list by index (nothing better exists).
+    Ranges ask for one member more than a part holds, to tell whether more follow."""
+    n = CHUNK_READ_MEMBERS
+    if redis_type in ("hash", "set"):
+        return ("HSCAN" if redis_type == "hash" else "SSCAN", key, at or 0, "COUNT", n)
+    if redis_type == "zset":
+        if at is None:
+            return ("ZRANGE", key, "0", str(n), "WITHSCORES")
+        return ("ZRANGEBYSCORE", key, repr(at[0]), "+inf", "WITHSCORES", "LIMIT", str(at[1]), str(n + 1))
+    return ("LRANGE", key, str(at or 0), str((at or 0) + n))
+
+
+def _part(redis_type: str, reply: Any, at: Any) -> tuple[Any, Any]:
+    """A part's reply as the decoders take it, and where the next part starts (None: this was the last)."""
+    if isinstance(reply, Exception):
+        return reply, None
+    n = CHUNK_READ_MEMBERS
+    if redis_type in ("hash", "set"):
+        cursor, items = reply  # (a cluster client parses it: an int cursor, a hash as a dict)
+        return _shape(redis_type, items), None if int(cursor) == 0 else cursor
+    raw = _shape(redis_type, reply)
+    if len(raw) <= n:
+        return raw, None
+    raw = raw[:n]
+    if redis_type == "list":
+        return raw, (at or 0) + n
+    last = raw[-1][1]
+    same = next((i for i, (_, score) in enumerate(reversed(raw)) if score != last), n)
+    return raw, (last, same + (at[1] if at is not None and at[0] == last else 0))
 
 
 def _shape(redis_type: str, raw: Any) -> Any:
@@ -124,16 +168,25 @@ def payload_size(raw: Any) -> int:
     return sum(len(m[0]) + 8 if isinstance(m, tuple) else len(m) for m in raw)
 
 
+def _reply(redis_type: str, reply: Any, max_bytes: int | None) -> tuple[Any, Any]:
+    """A read_keys reply as the decoders take it, and where a collection read in part goes on."""
+    if max_bytes is not None and redis_type in COLLECTION_TYPES:
+        return _part(redis_type, reply, None)
+    return _shape(redis_type, reply), None
+
+
 def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
               max_bytes: int | None = CHUNK_READ_BYTES) -> list[KeyRead]:
     """Read (key, expected type) pairs: the value and its PTTL in one round trip.
 
     PTTL comes after the value, so a key that vanishes in between is counted gone whichever
-    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1
-    (None: whole); a longer one is marked truncated, with its real length asked for, for the
-    caller to read whole or refuse. TYPE is only asked when the read command was refused
-    (WRONGTYPE), and such a key is read again by its real type, so its dead letter keeps what
-    was really there.
+    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1,
+    collections up to CHUNK_READ_MEMBERS members (`max_bytes` None: every value whole); a longer
+    string is marked truncated, with its real length asked for, for the caller to read whole or
+    refuse, and a larger collection is marked truncated with where its next part starts, for the
+    caller to read on (read_parts) or read whole. TYPE is only asked when the read command was
+    refused (WRONGTYPE), and such a key is read again by its real type, so its dead letter keeps
+    what was really there.
     """
     commands = []
     for key, expected in wanted:
@@ -142,23 +195,41 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
     replies = roundtrip(client, commands, large=max_bytes is None)
     reads = []
     for i, (key, expected) in enumerate(wanted):
-        raw, pttl = _shape(expected, replies[2 * i]), replies[2 * i + 1]
-        # An empty reply is a missing key: Redis deletes emptied collections.
-        gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw)
+        (raw, resume), pttl = _reply(expected, replies[2 * i], max_bytes), replies[2 * i + 1]
+        # An empty reply is a missing key: Redis deletes emptied collections (a SCAN call may find
+        # no member in its part of a sparse table, and says where to go on).
+        gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw and resume is None)
         rtype = "none" if gone else expected
-        reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw)))
+        reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw),
+                             resume is not None, resume))
     wrong = [r for r in reads if isinstance(r.raw, redis.ResponseError) and "WRONGTYPE" in str(r.raw)]
     if wrong:
         for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):
             r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
         for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type, max_bytes) for r in wrong])):
-            r.raw = _shape(r.redis_type, raw)
-            r.size = payload_size(r.raw)
+            r.raw, r.resume = _reply(r.redis_type, raw, max_bytes)
+            r.size, r.truncated = payload_size(r.raw), r.resume is not None
     huge = [r for r in reads if max_bytes is not None and isinstance(r.raw, bytes) and len(r.raw) > max_bytes]
     if huge:
         for r, length in zip(huge, roundtrip(client, [("STRLEN", r.key) for r in huge])):
             r.truncated, r.size = True, length if isinstance(length, int) else r.size
     return reads
+
+
+def read_parts(client: redis.Redis, first: KeyRead) -> Iterator[KeyRead]:
+    """`first` (a read of read_keys), then, for a collection it read in part, the other parts, in
+    order, each read with the key's PTTL in one round trip: a key gone mid-way ends them with a part
+    of type "none". Only one part is in hand at a time. While the app writes the collection, a hash
+    or a set may give a member twice (the SCAN guarantee: never none that stayed)."""
+    yield first
+    part = first
+    while part.resume is not None and not isinstance(part.raw, Exception):
+        reply, pttl = roundtrip(client, [_part_command(first.key, first.redis_type, part.resume), ("PTTL", first.key)])
+        raw, resume = _part(first.redis_type, reply, part.resume)
+        gone = pttl == -2
+        part = KeyRead(first.key, "none" if gone else first.redis_type, pttl if isinstance(pttl, int) else -1, raw,
+                       payload_size(raw), resume is not None and not gone, None if gone else resume)
+        yield part
 
 
 def value_digest(raw: Any) -> int:
@@ -209,20 +280,45 @@ def decode(raw: Any, value_format: str) -> Any:
     raise ValueError(f"unknown value format {value_format!r}")
 
 
-def dead_letter_bytes(raw: Any) -> bytes | None:
-    """A byte form of any reply, exact for strings, for the dead-letter table."""
-    if raw is None or isinstance(raw, bytes):
-        return raw
-    if isinstance(raw, Exception):
-        return None
-    if isinstance(raw, dict):
-        raw = {k.decode("utf-8", "backslashreplace"): v.decode("utf-8", "backslashreplace") for k, v in raw.items()}
-    elif isinstance(raw, (list, set)):
-        raw = [
-            [m[0].decode("utf-8", "backslashreplace"), m[1]] if isinstance(m, tuple) else m.decode("utf-8", "backslashreplace")
-            for m in raw
-        ]
-    return orjson.dumps(raw)
+def dead_letter_value(client: redis.Redis, read: KeyRead, limit: int) -> tuple[bytes | None, str | None]:
+    """What the dead-letter table keeps of a value: at most its first `limit` bytes (a string's own,
+    a collection's as JSON) and, when that is not all of it, what the value was. A collection read
+    in part is read on to its end for its true size, a part at a time: neither a huge value nor its
+    JSON is ever held whole."""
+    raw = read.raw
+    if raw is None or isinstance(raw, Exception):
+        return None, None
+    if isinstance(raw, bytes):
+        kept = raw[:limit]
+        return kept, f"the value is {read.size:,} bytes; its first {len(kept):,} are kept here" if len(kept) < read.size else None
+    pieces, length, size, members = [], 0, 0, 0
+    for part in read_parts(client, read):
+        if isinstance(part.raw, Exception):
+            break
+        size, members = size + part.size, members + len(part.raw)
+        for piece in _json_members(part.raw):
+            if length <= limit:
+                pieces.append(piece)
+                length += len(piece) + 1
+    brackets = b"{}" if isinstance(raw, dict) else b"[]"
+    whole = brackets[:1] + b",".join(pieces) + brackets[1:]
+    if len(whole) <= limit:
+        return whole, None
+    return whole[:limit], (f"the value is {size:,} bytes in {members:,} members; the first {limit:,} bytes of its JSON"
+                           " are kept here")
+
+
+def _json_members(raw: Any) -> Iterator[bytes]:
+    """A collection's members as JSON (a hash as an object, the others as an array; [member, score]
+    for a sorted set), CHUNK_READ_MEMBERS at a time, each piece without its brackets."""
+    members = iter(raw.items() if isinstance(raw, dict) else raw)
+    text = lambda b: b.decode("utf-8", "backslashreplace")  # noqa: E731
+    while chunk := list(islice(members, CHUNK_READ_MEMBERS)):
+        if isinstance(raw, dict):
+            doc: Any = {text(k): text(v) for k, v in chunk}
+        else:
+            doc = [[text(m[0]), m[1]] if isinstance(m, tuple) else text(m) for m in chunk]
+        yield orjson.dumps(doc)[1:-1]
 
 
 def cluster_masters(client: redis.Redis) -> list[str]:

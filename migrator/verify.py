@@ -32,7 +32,8 @@ from .merge import LINKED
 from .options import RunOptions
 from .partition import KeyRange, plan_ranges, scan_range
 from .redact import printable, redact_text
-from .source import CHUNK_READ_BYTES, cluster_masters, decode, key_client, node_client, read_keys, value_digest
+from .source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, cluster_masters, decode, key_client, node_client,
+                     read_keys, read_parts, value_digest)
 from .writer import _error_class, call_with_documents, column_types, describe
 
 log = structlog.get_logger("migrator.verify")
@@ -85,6 +86,22 @@ class Tally:
         tables = self.writes.setdefault(pattern, [])
         if table not in tables:
             tables.append(table)
+
+    def merge(self, other: "Tally") -> None:
+        """Add what another tally found (a range's, or a large key's)."""
+        for name, counts in other.patterns.items():
+            for f, n in counts.items():
+                self.add(name, f, n)
+        for name, columns in other.columns.items():
+            named = self.columns.setdefault(name, {})
+            for column, n in columns.items():
+                named[column] = named.get(column, 0) + n
+        for name, tables in other.writes.items():
+            for table in tables:
+                self.wrote(name, table)
+        for table, n in other.attributed.items():
+            self.attributed[table] = self.attributed.get(table, 0) + n
+        self.examples += other.examples
 
     def to_json(self) -> dict[str, Any]:
         return {"patterns": self.patterns, "columns": self.columns, "writes": self.writes}
@@ -163,6 +180,9 @@ class RangeVerifier:
                 continue
             cap = self.opts.max_value_bytes
             if read.truncated and (cap is None or read.size <= cap):  # a large value: compared on its own
+                if read.resume is not None and pattern.member_wise:
+                    self._compare_parts(key, text, pattern, fields, read, now)
+                    continue
                 whole = read_keys(self.client, [(key, pattern.redis_type)], None)[0]
                 self._compare([e for e in [self._expected(key, text, pattern, fields, whole, now)] if e])
                 continue
@@ -178,7 +198,7 @@ class RangeVerifier:
             self.tally.add(pattern.name, "expired")
             return None
         cap = self.opts.max_value_bytes
-        if (read.redis_type != pattern.redis_type or isinstance(read.raw, Exception) or read.truncated
+        if (read.redis_type != pattern.redis_type or isinstance(read.raw, Exception)
                 or (cap is not None and read.size > cap) or text.encode() != key):
             self.tally.add(pattern.name, "unreadable")
             return None
@@ -189,6 +209,35 @@ class RangeVerifier:
             self.tally.add(pattern.name, "unreadable")
             return None
         return _Expected(key, text, pattern, rows, value_digest(read.raw))
+
+    def _compare_parts(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], first: KeyRead,
+                       now: datetime) -> None:
+        """A large collection of a member-wise pattern, compared a part at a time, as the run wrote
+        it: one key compared with all its rows, and only if every part could be read and transformed
+        (else one key expired or unreadable, as a small one would be)."""
+        tally, self.tally = self.tally, Tally()
+        cap, size = self.opts.max_value_bytes, 0
+        try:
+            for part in read_parts(self.client, first):
+                if self.cap is not None and part is not first:  # a part costs Redis about what as many keys do
+                    self.cap.acquire(CHUNK_READ_MEMBERS)
+                size += part.size
+                if cap is not None and size > cap:
+                    self.tally.add(pattern.name, "unreadable")
+                    break
+                found = self._expected(key, text, pattern, fields, part, now)  # (counts it when it is not)
+                if found is None:
+                    break
+                if found.rows:
+                    self._compare([found])
+        finally:
+            parts, self.tally = self.tally, tally
+        counts = parts.patterns.setdefault(pattern.name, _counts())
+        if counts["expired"] or counts["unreadable"]:
+            tally.add(pattern.name, "expired" if counts["expired"] else "unreadable")
+            return
+        counts["compared"] = 1  # one key, however many parts
+        tally.merge(parts)
 
     def _compare(self, expected: list[_Expected]) -> None:
         """Compare these keys' rows; a key whose rows PostgreSQL cannot even take (the run made
@@ -377,19 +426,9 @@ def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, 
     patterns, _ = scope_of(mapping, opts, priorities)
     tally = Tally()
     for r in ranges:
-        for name, counts in r["counts"].get("patterns", {}).items():
-            for f, n in counts.items():
-                tally.add(name, f, n)
-        for name, columns in r["counts"].get("columns", {}).items():
-            for column, n in columns.items():
-                named = tally.columns.setdefault(name, {})
-                named[column] = named.get(column, 0) + n
-        for name, tables in r["counts"].get("writes", {}).items():
-            for table in tables:
-                tally.wrote(name, table)
-        for table, n in r["attributed"].items():
-            tally.attributed[table] = tally.attributed.get(table, 0) + n
-        tally.examples += r["examples"]
+        found_in = r["counts"]
+        tally.merge(Tally(found_in.get("patterns", {}), found_in.get("columns", {}), r["attributed"], r["examples"],
+                          found_in.get("writes", {})))
     unfinished = [r["id"] for r in ranges if r["status"] != "done"]
     error = None
     if found["redis_run_id"] != server_process(client):
@@ -506,6 +545,7 @@ def _rows_of(client: redis.Redis, conn: Any, mapping: Mapping, table: str, where
     tz = ZoneInfo(opts.source_timezone)
     by_provenance = {p.provenance: p for p in mine}
     client = key_client(client)
+    large: dict[str, Pattern] = {}  # keys of large collections, whose rows are looked at once, at the end
     with conn:
         with conn.cursor(name="verify_rows") as cur:  # streamed: a table may not fit in memory
             cur.itersize = ROW_CHUNK
@@ -515,11 +555,60 @@ def _rows_of(client: redis.Redis, conn: Any, mapping: Mapping, table: str, where
                 chunk = cur.fetchmany(ROW_CHUNK)
                 if not chunk:
                     break
-                _check_rows(client, mapping, table, chunk, by_provenance, mine[0], tz, tally)
+                _check_rows(client, mapping, table, chunk, by_provenance, mine[0], tz, tally, large)
+    for key, pattern in large.items():
+        _rows_of_large(client, conn, mapping, table, where, key, pattern, tz, tally)
+
+
+def _rows_of_large(client: redis.Redis, conn: Any, mapping: Mapping, table: str, where: sql.Composable, key: str,
+                   pattern: Pattern, tz: ZoneInfo, tally: Tally) -> None:
+    """The rows of `table` in scope under a large collection's key that the key no longer gives: the
+    ids it gives go to a temporary table a part at a time, and PostgreSQL names the rows not among
+    them (a large key's rows are spread over every chunk of rows: it is read once, not per chunk)."""
+    now, fields = datetime.now(timezone.utc), mapping.classify(key)[1]
+    gone, readable = False, True
+    with conn:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE IF NOT EXISTS migrator_given (id text PRIMARY KEY) ON COMMIT DELETE ROWS")
+            for part in read_parts(client, read_keys(client, [(key.encode(), pattern.redis_type)])[0]):
+                gone = part.redis_type == "none"
+                readable = part.redis_type == pattern.redis_type and not isinstance(part.raw, Exception)
+                if readable:
+                    try:
+                        rows = pattern.transform(SourceRecord(key, fields, decode(part.raw, pattern.value_format), None,
+                                                              now, pattern.zone(tz)))
+                    except SHAPE_ERRORS:
+                        readable = False
+                if not readable:
+                    break
+                cur.execute("INSERT INTO pg_temp.migrator_given SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+                            ([r.values["id"] for r in rows if r.table == table],))
+        given = sql.SQL(" AND NOT EXISTS (SELECT FROM pg_temp.migrator_given g WHERE g.id = t.id::text)")
+        with conn.cursor(name="verify_large") as cur:
+            cur.itersize = ROW_CHUNK
+            cur.execute(sql.SQL("SELECT t.id::text, t.expires_at FROM {} t WHERE {} AND t.source_key = %s{}").format(
+                sql.Identifier(table), where, given if readable else sql.SQL("")), (key,))
+            for row_id, expires_at in cur:
+                _judge(tally, pattern, {"table": table, "id": row_id, "key": key}, gone, readable, False, expires_at, now)
+
+
+def _judge(tally: Tally, pattern: Pattern, example: dict[str, Any], gone: bool, readable: bool, given: bool,
+           expires_at: datetime | None, now: datetime) -> None:
+    """One row the ranges did not find under its key: its key is gone, cannot be migrated now, or
+    does not give it (a row the key gives is no problem)."""
+    if gone:
+        if expires_at is not None and expires_at <= now:
+            tally.add(pattern.name, "expired_rows")  # its key's TTL ran out since: not a difference
+        else:
+            tally.problem(pattern.name, "extra", {**example, "why": "its key is not in Redis"})
+    elif not readable:
+        tally.problem(pattern.name, "changed", {**example, "why": "its key's value cannot be migrated now"})
+    elif not given:
+        tally.problem(pattern.name, "extra", {**example, "why": "its key no longer gives this row"})
 
 
 def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[tuple], by_provenance: dict[str, Pattern],
-                fallback: Pattern, tz: ZoneInfo, tally: Tally) -> None:
+                fallback: Pattern, tz: ZoneInfo, tally: Tally, large: dict[str, Pattern]) -> None:
     keys: dict[str, Pattern | None] = {}
     for _, key, _, _ in chunk:
         if key is not None and key not in keys:
@@ -531,6 +620,9 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
     yields: dict[str, set[str] | None] = {}  # the ids each key gives now; None: it gives none it can be read for
     for key, read in reads.items():
         pattern = keys[key]
+        if read.resume is not None and pattern.member_wise:
+            large[key] = pattern
+            continue
         if read.truncated:  # a large value: read whole, alone, and let go once its ids are known
             read = read_keys(client, [(key.encode(), pattern.redis_type)], None)[0]
             reads[key] = replace(read, raw=b"")
@@ -548,15 +640,10 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
         example = {"table": table, "id": row_id, "key": key}
         if key is None or keys.get(key) is None:
             tally.problem(pattern.name, "extra", {**example, "why": "no key of the mapping's patterns for this table"})
-        elif reads[key].redis_type == "none":
-            if expires_at is not None and expires_at <= now:
-                tally.add(pattern.name, "expired_rows")  # its key's TTL ran out since: not a difference
-            else:
-                tally.problem(pattern.name, "extra", {**example, "why": "its key is not in Redis"})
-        elif yields[key] is None:
-            tally.problem(pattern.name, "changed", {**example, "why": "its key's value cannot be migrated now"})
-        elif row_id not in yields[key]:
-            tally.problem(pattern.name, "extra", {**example, "why": "its key no longer gives this row"})
+        elif key not in large:
+            ids = yields[key]
+            _judge(tally, pattern, example, reads[key].redis_type == "none", ids is not None,
+                   ids is not None and row_id in ids, expires_at, now)
 
 
 def _compact(metadata: str) -> str:
@@ -581,15 +668,20 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
     pattern, fields = mapping.classify(example["key"])
     if pattern is None or not pattern.migrated or not example.get("columns"):
         return []
-    read = read_keys(key_client(client), [(example["key"].encode(), pattern.redis_type)])[0]
+    client = key_client(client)
+    # a large collection of a member-wise pattern a part at a time, until the row is found; any other value whole
+    read = read_keys(client, [(example["key"].encode(), pattern.redis_type)], CHUNK_READ_BYTES if pattern.member_wise
+                     else None)[0]
     expected: dict[str, Any] = {}
-    if read.redis_type == pattern.redis_type:
+    for part in read_parts(client, read):
+        if part.redis_type != pattern.redis_type or expected:
+            break
         try:
-            rows = pattern.transform(SourceRecord(example["key"], fields, decode(read.raw, pattern.value_format), None,
+            rows = pattern.transform(SourceRecord(example["key"], fields, decode(part.raw, pattern.value_format), None,
                                                   datetime.now(timezone.utc), pattern.zone(ZoneInfo(opts.source_timezone))))
             expected = next((r.values for r in rows if r.table == example["table"] and r.values["id"] == example["id"]), {})
         except SHAPE_ERRORS:
-            pass
+            break
     with conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT to_jsonb(t) FROM {} t WHERE id = %s").format(sql.Identifier(example["table"])),
                     (example["id"],))

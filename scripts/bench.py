@@ -47,8 +47,9 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.demo import seed_demo, seed_hostile, write_large_thread  # noqa: E402
+from migrator.demo import WIDE_MEMBERS, seed_demo, seed_hostile, write_large_thread, write_large_timeseries  # noqa: E402
 from migrator.log import configure  # noqa: E402
+from migrator.source import CHUNK_READ_MEMBERS  # noqa: E402
 from migrator.partition import plan_ranges  # noqa: E402
 from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
 from migrator.threadr import THREADR  # noqa: E402
@@ -279,17 +280,20 @@ def _truncate(database_url: str) -> None:
 
 
 LARGE_VALUE_MIB = (1, 64)
+HOSTILE_RSS_MB = 300  # a worker's peak over the hostile keyspace, at most
+SMALL_COLLECTION = 1_000  # members of the time series a large one is set against
 
 
-def measure_large_value(args: argparse.Namespace, client: redis.Redis) -> dict[int, float]:
-    """Peak RSS of `run --local --jobs 1` over a keyspace of one valid thread, per size in MiB:
-    what a large value costs in memory, against a small one's in the same command."""
+def measure_alone(args: argparse.Namespace, client: redis.Redis, write: Callable[[redis.Redis, int], object],
+                  sizes: Sequence[int]) -> dict[int, float]:
+    """Peak RSS of `run --local --jobs 1` over a keyspace of one valid value written by `write`,
+    per size: what a large value costs in memory, against a small one's in the same command."""
     peaks = {}
-    for mib in LARGE_VALUE_MIB:
+    for size in sizes:
         client.flushdb()
         _truncate(args.database_url)
-        write_large_thread(client, mib * 1024 * 1024)
-        peaks[mib] = _migrator(args, "--local", "--jobs", "1")["peak_rss_mb"]
+        write(client, size)
+        peaks[size] = _migrator(args, "--local", "--jobs", "1")["peak_rss_mb"]
     client.flushdb()
     _truncate(args.database_url)
     return peaks
@@ -336,7 +340,7 @@ def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> di
         _truncate(args.database_url)
         migration = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--local",
                                       "--output-dir", args.work_dir, *flags], cwd=ROOT, env=_env(args),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(2)  # past planning, into the reads
     queue: multiprocessing.Queue = multiprocessing.Queue()
     load_url = args.redis_url.rsplit("/", 1)[0] + "/4"  # same server, its own database
@@ -346,7 +350,10 @@ def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> di
     proc.join()
     if migration is not None:
         still_running = migration.poll() is None
-        migration.kill()
+        try:  # its lanes too: one left finishing its batch would commit rows into the next mode's tables
+            os.killpg(migration.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         migration.wait()
         if not still_running:
             print("bench: the migration finished before the load did; raise --keys for a fair latency figure",
@@ -397,15 +404,17 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
             out["latency"] = {"nothing else running": latency_under(args, None),
                               "`run --local`, unthrottled": latency_under(args, ()),
                               f"`run --local --max-keys-per-sec {cap}`": latency_under(args, ("--max-keys-per-sec", str(cap)))}
-        if first:
-            out["large_value"] = measure_large_value(args, client)
-        if first and args.workers_hostile:
-            hostile = seed_hostile(client, out["keys"])
+        if first and args.workers_hostile:  # on top of the keyspace measured so far
+            hostile = seed_hostile(client, out["keys"], wide=args.wide)
             _truncate(args.database_url)
             # hostile by design: a third of some patterns is broken, far beyond the dead-letter budget
-            modes[f"2 workers, hostile (+{hostile['malformed']:,} malformed, 3 x 5 MB broken, 1 x 64 MiB thread,"
-                  " 1 x 100k members)"] = \
+            modes[f"2 workers, hostile (+{hostile['malformed']:,} malformed, 3 x 5 MB broken, 1 x 64 MiB thread, "
+                  f"{args.wide:,}-member time series refused at its last, {args.wide:,} more stats counters)"] = \
                 mode_workers(args, 2, "--max-dead-ratio", "1")
+        if first:  # (each on a keyspace of its own)
+            out["large_value"] = measure_alone(args, client, lambda c, mib: write_large_thread(c, mib * 1024 * 1024),
+                                               LARGE_VALUE_MIB)
+            out["large_collection"] = measure_alone(args, client, write_large_timeseries, (SMALL_COLLECTION, args.wide))
         client.flushdb()
     finally:
         admin.autocommit = True
@@ -451,6 +460,11 @@ def render(size: dict) -> list[str]:
     if verified and "local" in modes:
         pace = ratio(verified) / ratio("local")
         verdicts.append(f"verify >= 0.5x its run's keys/s: {'yes' if pace >= 0.5 else 'NO'} ({pace:.2f}x)")
+    hostile = next((modes[m] for m in modes if "hostile" in m), None)
+    if hostile:
+        rss = hostile["worker_peak_rss_mb"]
+        verdicts.append(f"hostile worker peak RSS <= {HOSTILE_RSS_MB} MB: {'yes' if rss <= HOSTILE_RSS_MB else 'NO'} "
+                        f"({rss} MB)")
     lines += ["", "Bars: " + "; ".join(verdicts)]
     if "large_value" in size:
         small, large = (size["large_value"][m] for m in LARGE_VALUE_MIB)
@@ -458,6 +472,11 @@ def render(size: dict) -> list[str]:
         lines += ["", f"One valid thread alone, `run --local --jobs 1`: peak RSS {small} MB at {LARGE_VALUE_MIB[0]} MiB, "
                   f"{large} MB at {LARGE_VALUE_MIB[1]} MiB: {grew:.1f} MB more per MiB of value "
                   f"(read, parsed, its row's JSON, sent by COPY)"]
+    if "large_collection" in size:
+        (few, small), (many, large) = size["large_collection"].items()
+        lines += ["", f"One valid time series alone, `run --local --jobs 1`: peak RSS {small} MB at {few:,} members, "
+                  f"{large} MB at {many:,} members: {large / small:.2f}x (read, transformed and written "
+                  f"{CHUNK_READ_MEMBERS:,} members at a time)"]
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
@@ -512,6 +531,9 @@ def main() -> None:
                         help="--max-keys-per-sec for the latency case (default: a quarter of what `run --local` touched)")
     parser.add_argument("--no-hostile", dest="workers_hostile", action="store_false",
                         help="skip the run of 2 workers over the hostile keyspace (first size)")
+    parser.add_argument("--wide", type=int, default=WIDE_MEMBERS,
+                        help="members of the large time series and counters added to the stats hash of the hostile "
+                             "keyspace, and of the time series measured alone (default 1,000,000)")
     parser.add_argument("--readme", action="store_true", help="write the result tables into README.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -259,7 +259,7 @@ def test_mapping_document_reads_any_mapping():
 
     mapping = Mapping("notes-app", (
         Pattern("note", "n:*", r"n:(?P<id>\w+)", "zset", Priority.HIGH, "notes", value_format="zset",
-                table="notes", transform=nothing),
+                table="notes", transform=nothing, member_wise=True),
         Pattern("account", "acct:*", r"acct:(?P<user_id>\w+)", "string", Priority.HIGH, "accounts",
                 table="accounts", transform=nothing, validation=("email unique",)),
         Pattern("flag", "flag:*", r"flag:(?P<name>\w+)", "string", Priority.LOW, "flags", value_format="text",

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
     done = subprocess.run(
         [sys.executable, "scripts/bench.py", "--keys", "4000", "--workers", "1", "--no-hostile",
-         "--seed-sample", "300", "--latency-seconds", "3", "--redis-url", settings.redis_url],
+         "--seed-sample", "1000", "--latency-seconds", "3", "--wide", "20000", "--redis-url", settings.redis_url],
         cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL,
                        "MIGRATOR_QUEUE_PREFIX": f"benchtest{os.getpid()}."},  # it deletes its queues
         capture_output=True, text=True, timeout=300)
@@ -40,6 +40,9 @@ def test_the_bench_measures_every_mode_and_prints_the_bars(settings, r):
     assert "coord." in rows["1 worker"]  # the coordinator and the worker apart
     large = re.search(r"One valid thread alone.*: peak RSS ([\d.]+) MB at 1 MiB, ([\d.]+) MB at 64 MiB", out)
     assert large and float(large.group(2)) > float(large.group(1)) > 0, out  # measured, not asserted against a bar
+    wide = re.search(r"One valid time series alone.*: peak RSS ([\d.]+) MB at 1,000 members, ([\d.]+) MB at 20,000 "
+                     r"members: (\d+\.\d\d)x", out)
+    assert wide and float(wide.group(1)) > 0 and float(wide.group(2)) > 0, out
     assert re.search(r"^Bars: .*local >= 0\.7x floor: (yes|NO) \(\d\.\d\d; its CPU per key allows at most \d+\.\d\d "
                      r"on \d+ cores\); every mode >= 10x seed: (yes|NO)", out, re.M), out
     assert re.search(r"; verify >= 0\.5x its run's keys/s: (yes|NO) \(\d+\.\d\dx\)$", out, re.M), out

@@ -441,20 +441,21 @@ def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
 
 
 def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad_one(settings, r, pg, monkeypatch):
-    """5 % malformed keys of every kind, huge values, a 100k-member collection, keys expiring mid-run."""
+    """5 % malformed keys of every kind, huge values, large collections, keys expiring mid-run."""
     import migrator.batch
 
     seeded = seed_demo(r, 1000)
     good = sum(n for name, n in seeded.items())
-    hostile = seed_hostile(r, good)["malformed"]
+    wide = 20_000
+    hostile = seed_hostile(r, good, wide=wide)["malformed"]
     giant = next(k for k in r.scan_iter("threadr:thread:*", count=1000, _type="string") if r.strlen(k) >= GIANT_THREAD_BYTES)
     real_read = migrator.batch.read_keys
     vanished = {"n": 0}
 
     def read_while_keys_expire(client, wanted, *args):
-        # some keys expire between SCAN and the read (not the huge ones, counted below)
+        # some keys expire between SCAN and the read (not the large ones, counted below)
         for key, _ in wanted[::97]:
-            if b"huge" not in key and b"user_wide" not in key and key != giant:
+            if b"huge" not in key and b"user_wide" not in key and key != giant and key != b"threadr:usage:stats":
                 vanished["n"] += client.delete(key)
         return real_read(client, wanted, *args)
 
@@ -477,9 +478,17 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         size = r.strlen("threadr:user:user_huge0")
         assert all("password_hash" in e and f"the value is {size:,} bytes; its first 1,048,576 are kept here" in e
                    for _, e in huge)
-        cur.execute("SELECT length(raw_value) FROM migration_dead_letters WHERE run_id = %s AND key_text LIKE '%%user_wide%%'",
-                    (report["run_id"],))
-        assert cur.fetchone()[0] == migrator.batch.DEAD_LETTER_VALUE_BYTES  # 100k members, capped alike
+        # the large time series: its last point refused, so none of its rows kept, and its dead letter
+        # capped alike, with the true size
+        cur.execute("SELECT length(raw_value), error FROM migration_dead_letters WHERE run_id = %s"
+                    " AND key_text LIKE '%%user_wide%%'", (report["run_id"],))
+        length, error = cur.fetchone()
+        assert length == migrator.batch.DEAD_LETTER_VALUE_BYTES
+        assert "TimeSeriesDataPoint model refuses it" in error and f"in {wide + 1:,} members;" in error
+        cur.execute("SELECT count(*) FROM analytics_timeseries WHERE source_key LIKE '%%user_wide%%'")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT count(*) FROM usage_stats")  # the stats hash, grown by `wide` counters: every one a row
+        assert cur.fetchone()[0] == r.hlen("threadr:usage:stats") > wide
         cur.execute("SELECT count(*) FROM users")
         users_in = cur.fetchone()[0]
     assert users_in == by_pattern(report)["user"]["migrated"] > 0
