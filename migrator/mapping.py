@@ -219,6 +219,9 @@ class Mapping:
     user_patterns: tuple[str, ...] = ()  # the patterns that bring users in; linked rows depend on them
     figures: tuple[Figure, ...] = ()
     unmapped_priority: Priority = Priority.LOW
+    # Its target tables' DDL: SQL texts `init-db` applies after the ledger's, each idempotent (it
+    # runs again on top of itself); the engine adds the journal triggers rollback depends on.
+    schema: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.patterns]
