@@ -14,7 +14,7 @@ from .config import BROKER_ERRORS, ConfigError, Settings, service_failure
 from .log import configure
 from .mapping import Priority
 from .options import RunOptions
-from .threadr import THREADR
+from . import registry
 
 DESCRIPTION = """\
 Move a live application's data from Redis into PostgreSQL: idempotent, balanced
@@ -83,8 +83,16 @@ def _where_flags(p: argparse.ArgumentParser) -> None:
     _jobs_flag(p)
 
 
+def _mapping_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--mapping", metavar="MAPPING",
+                   help="the keyspace's mapping: an installed one's name (e.g. threadr), package.module:ATTRIBUTE, or "
+                        "a mapping file (.toml); env MIGRATOR_MAPPING, default threadr. Commands on a run use the "
+                        "mapping the run was made with (and refuse another)")
+
+
 def _connection_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connections (default: environment)")
+    _mapping_flag(g)
     g.add_argument("--redis-url", help="source Redis, e.g. redis://:password@host:6379/0 (env REDIS_URL)")
     g.add_argument("--database-url", help="target PostgreSQL, e.g. postgresql://user@host/db (env DATABASE_URL)")
     g.add_argument("--broker-url", help="Celery broker (env CELERY_BROKER_URL)")
@@ -153,23 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="preflight: settings, connections, versions, schema, privileges, broker, workers",
                        description="One line per check: OK, WARN or FAIL, and the fix. Exit 1 when any check fails.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_check(s, registry.load(a.mapping), need_workers=not a.no_workers,
+                                                           timeout=a.timeout, as_json=a.json))
     _connection_flags(p)
     p.add_argument("--no-workers", action="store_true", help="do not ask for workers (a --local run needs none)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the broker and workers")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("init-db", help="create or update the target schema and run ledger (idempotent)")
+    p.set_defaults(handler=lambda a, s: commands.cmd_init_db(s))
     _connection_flags(p)
 
     p = sub.add_parser("backup", help="pg_dump of the target and a Redis RDB snapshot, before anything is written",
                        description="Writes threadr_pre_migration_<ts>.sql and redis_backup_<ts>.rdb (one per master "
                                    "of a cluster), checks both, and prints how to restore them.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_backup(s, a.dir))
     _connection_flags(p)
     p.add_argument("--dir", type=Path, default=Path("."), help="where the files go (default: here)")
 
     p = sub.add_parser("audit", help="phase 1: one SCAN pass: keys, types, memory, TTLs, premium counts, unmapped keys",
                        description="Writes redis_audit_report_<ts>.json and shows it as a table. Exit 1 when a stop "
                                    "condition of the guide holds (over 50,000 premium users, over 2 GB of memory).")
+    p.set_defaults(handler=lambda a, s: commands.cmd_audit(s, registry.load(a.mapping), show_pii=a.show_pii,
+                                                           memory_sample=a.memory_sample, scan_count=a.scan_count,
+                                                           output_dir=a.output_dir, as_json=a.json))
     _connection_flags(p)
     p.add_argument("--show-pii", action="store_true", help="do not mask emails and IPs in examples (the file too!)")
     p.add_argument("--memory-sample", type=int, default=1000, help="keys asked MEMORY USAGE (default 1000)")
@@ -178,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("mapping", help="phase 2: write redis_postgres_mapping_<ts>.json from the declarative mapping")
+    p.set_defaults(handler=lambda a, s: commands.cmd_mapping(registry.load(a.mapping), audit_dir=a.audit_dir,
+                                                             output_dir=a.output_dir, as_json=a.json))
+    _mapping_flag(p)
     p.add_argument("--audit-dir", type=Path, default=Path("."), help="where to find the latest audit (for volumes)")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."))
     p.add_argument("--json", action="store_true")
@@ -186,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Migrate priority by priority (critical, high, medium, low). Prints the run id, then the balance per "
         "pattern: scanned = migrated + skipped + dead + expired. Exit 0 when the run completed and balances, 1 "
         "when it failed, 2 when it could not start (nothing is planned for an unknown --pattern or --table)."))
+    p.set_defaults(handler=_run)
     _connection_flags(p)
     p.add_argument("--local", action="store_true",
                    help="run the batches on this machine instead of on Celery workers (no broker; see --jobs)")
@@ -196,12 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(p)
 
     p = sub.add_parser("status", help="live progress of a run, from the ledger")
+    p.set_defaults(handler=lambda a, s: commands.cmd_status(s, a.run_id, as_json=a.json, watch_it=a.watch))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--watch", action="store_true", help="redraw until the run ends")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("batches", help="the batches of a run: range, status, attempts, counts, error")
+    p.set_defaults(handler=lambda a, s: commands.cmd_batches(s, a.run_id, failed_only=a.failed, stale_only=a.stale,
+                                                             as_json=a.json))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--failed", action="store_true",
@@ -210,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("requeue", help="send batches to the workers again (after fixing what made them fail)")
+    p.set_defaults(handler=lambda a, s: commands.cmd_requeue(s, a.run_id, a.batch or []))
     _connection_flags(p)
     p.add_argument("run_id")
     which = p.add_mutually_exclusive_group(required=True)
@@ -220,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-sends the first priority that has not validated, with exactly its unfinished "
                                    "batches. With --local, runs them here instead (a `run --local` that was "
                                    "killed), then prints the report like `run`.")
+    p.set_defaults(handler=lambda a, s: (commands.cmd_resume_local(s, a.run_id, a.mapping, as_json=a.json,
+                                                                   output_dir=a.output_dir,
+                                                                   jobs=a.jobs) if a.local else commands.cmd_resume(s,
+                                                                   a.run_id)))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--local", action="store_true", help="carry the run on here (see --jobs) instead of on the workers")
@@ -228,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="with --local: where the report goes")
 
     p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
+    p.set_defaults(handler=lambda a, s: commands.cmd_report(s, a.run_id, a.mapping, as_json=a.json,
+                                                            output_dir=a.output_dir))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
@@ -239,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "count, and a full verification (see `migrator verify`); then the run's figures "
                                    "(orphans within budget). The same checks the run itself made: they agree. A role "
                                    "that may not write the ledger (migrator_report) validates without recording.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_validate(s, a.run_id, a.mapping, a.priority, as_json=a.json,
+                                                              where=_where(a), jobs=a.jobs))
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
@@ -248,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compare every key of a run's mapping with its rows in PostgreSQL; exit 1 on "
                                       "any difference", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=VERIFY_DESCRIPTION)
+    p.set_defaults(handler=lambda a, s: commands.cmd_verify(s, a.run_id, a.mapping, a.priority, as_json=a.json,
+                                                            where=_where(a), jobs=a.jobs, show_diffs=a.show_diffs))
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[],
@@ -264,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A rollback that fails leaves the run `rollback_failed` with the error in `migrator "
                                    "status`; fix the cause and run it again. Exit 0 rolled back, 1 the rollback failed, "
                                    "2 refused.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_rollback(s, a.run_id, a.mapping))
     _connection_flags(p)
     p.add_argument("run_id")
 
@@ -273,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their next sub-batch (nothing of theirs commits), and it ends `cancelled` with what "
                                    "it committed before kept. Then `migrator rollback RUN` undoes it, or `migrator "
                                    "resume RUN` carries it on.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_cancel(s, a.run_id, a.mapping, rollback=a.rollback,
+                                                            wait_s=a.wait))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--rollback", action="store_true", help="roll the run back once it has stopped")
@@ -280,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for running batches to stop (default 120; past it they cannot commit anyway)")
 
     p = sub.add_parser("parity", help="shadow-read parity per operation (DUAL_WRITE with shadow reads on)")
+    p.set_defaults(handler=lambda a, s: commands.cmd_parity(s, a.hours, as_json=a.json))
     _connection_flags(p)
     p.add_argument("--hours", type=float, default=24.0, help="window (default 24 h)")
     p.add_argument("--json", action="store_true")
@@ -288,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sets the strategy the app's DualWriteService follows. Refused unless the latest "
                                    "run completed with every priority validated, no repair is pending, and each "
                                    "operation's shadow-read parity is at least --min-parity over --min-reads reads.")
+    p.set_defaults(handler=lambda a, s: commands.cmd_cutover(s, None if a.back else a.to, min_parity=a.min_parity,
+                                                             min_reads=a.min_reads, hours=a.hours))
     _connection_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--to", choices=["postgres-primary", "postgres-only"])
@@ -297,10 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hours", type=float, default=24.0)
 
     p = sub.add_parser("health", help="both stores: up, latency, the strategy in force, pending repairs")
+    p.set_defaults(handler=lambda a, s: commands.cmd_health(s, as_json=a.json))
     _connection_flags(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("seed-demo", help="write the demo Threadr keyspace into Redis")
+    p.set_defaults(handler=lambda a, s: commands.cmd_seed_demo(s, a.users, fresh=a.fresh, malformed=a.malformed))
     _connection_flags(p)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--malformed", type=int, default=0, help="also write this many hostile keys")
@@ -310,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Uses Redis DB --redis-db (flushed!) on the REDIS_URL server and the PostgreSQL "
                                    "database --database (created if missing, its tables emptied!) on the DATABASE_URL "
                                    "server.")
+    p.set_defaults(handler=_demo)
     _connection_flags(p)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--redis-db", type=int, default=15, help="demo Redis database number, flushed (default 15)")
@@ -318,77 +360,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _where(args: argparse.Namespace) -> str:
+    return "local" if args.local else "auto"
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.validate_only:
+        return commands.cmd_validate(settings, None, args.mapping, args.priority or [], as_json=args.json,
+                                     where=_where(args), jobs=args.jobs)
+    spec, mapping = registry.requested(args.mapping), registry.load(args.mapping)
+    if args.local:
+        return commands.cmd_run(settings, mapping, _options(args), spec=spec, as_json=args.json,
+                                output_dir=args.output_dir, jobs=args.jobs)
+    return commands.cmd_run_distributed(settings, mapping, _options(args), spec=spec, detach=args.detach,
+                                        as_json=args.json, output_dir=args.output_dir)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    redis_url = urlunsplit(urlsplit(settings.redis_url)._replace(path=f"/{args.redis_db}"))
+    demo = Settings(redis_url, settings.database_url, settings.broker_url)
+    return commands.cmd_demo(demo, registry.load(args.mapping), args.users, args.database, _options(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(level=args.log_level)
     settings = Settings.from_env(*(getattr(args, f, None) for f in ("redis_url", "database_url", "broker_url")))
     try:
-        if args.command == "check":
-            return commands.cmd_check(settings, THREADR, need_workers=not args.no_workers, timeout=args.timeout,
-                                      as_json=args.json)
-        if args.command == "backup":
-            return commands.cmd_backup(settings, args.dir)
-        if args.command == "init-db":
-            return commands.cmd_init_db(settings)
-        if args.command == "run":
-            if args.validate_only:
-                return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json,
-                                             where="local" if args.local else "auto", jobs=args.jobs)
-            if args.local:
-                return commands.cmd_run(settings, THREADR, _options(args), as_json=args.json, output_dir=args.output_dir,
-                                        jobs=args.jobs)
-            return commands.cmd_run_distributed(settings, THREADR, _options(args), detach=args.detach,
-                                                as_json=args.json, output_dir=args.output_dir)
-        if args.command == "validate":
-            return commands.cmd_validate(settings, THREADR, args.run_id, args.priority, as_json=args.json,
-                                         where="local" if args.local else "auto", jobs=args.jobs)
-        if args.command == "verify":
-            return commands.cmd_verify(settings, THREADR, args.run_id, args.priority, as_json=args.json,
-                                       where="local" if args.local else "auto", jobs=args.jobs,
-                                       show_diffs=args.show_diffs)
-        if args.command == "status":
-            return commands.cmd_status(settings, args.run_id, as_json=args.json, watch_it=args.watch)
-        if args.command == "batches":
-            return commands.cmd_batches(settings, args.run_id, failed_only=args.failed, stale_only=args.stale,
-                                        as_json=args.json)
-        if args.command == "requeue":
-            return commands.cmd_requeue(settings, args.run_id, args.batch or [])
-        if args.command == "resume":
-            if args.local:
-                return commands.cmd_resume_local(settings, THREADR, args.run_id, as_json=args.json,
-                                                 output_dir=args.output_dir, jobs=args.jobs)
-            return commands.cmd_resume(settings, args.run_id)
-        if args.command == "report":
-            return commands.cmd_report(settings, THREADR, args.run_id, as_json=args.json, output_dir=args.output_dir)
-        if args.command == "rollback":
-            return commands.cmd_rollback(settings, THREADR, args.run_id)
-        if args.command == "cancel":
-            return commands.cmd_cancel(settings, THREADR, args.run_id, rollback=args.rollback, wait_s=args.wait)
-        if args.command == "audit":
-            return commands.cmd_audit(settings, THREADR, show_pii=args.show_pii, memory_sample=args.memory_sample,
-                                      scan_count=args.scan_count, output_dir=args.output_dir, as_json=args.json)
-        if args.command == "mapping":
-            return commands.cmd_mapping(THREADR, audit_dir=args.audit_dir, output_dir=args.output_dir, as_json=args.json)
-        if args.command == "parity":
-            return commands.cmd_parity(settings, args.hours, as_json=args.json)
-        if args.command == "cutover":
-            return commands.cmd_cutover(settings, None if args.back else args.to, min_parity=args.min_parity,
-                                        min_reads=args.min_reads, hours=args.hours)
-        if args.command == "health":
-            return commands.cmd_health(settings, as_json=args.json)
-        if args.command == "seed-demo":
-            return commands.cmd_seed_demo(settings, args.users, fresh=args.fresh, malformed=args.malformed)
-        if args.command == "demo":
-            redis_url = urlunsplit(urlsplit(settings.redis_url)._replace(path=f"/{args.redis_db}"))
-            demo = Settings(redis_url, settings.database_url, settings.broker_url)
-            return commands.cmd_demo(demo, THREADR, args.users, args.database, _options(args))
+        return args.handler(args, settings)
     except (ConfigError, LookupError, ValueError) as exc:
         print(f"migrator: {exc}", file=sys.stderr)
         return commands.CANNOT_START
     except (psycopg2.Error, redis.RedisError, *BROKER_ERRORS) as exc:  # a service failed mid-command: one line
         print(f"migrator: {service_failure(settings, exc)}", file=sys.stderr)
         return commands.FAILED
-    raise AssertionError(f"unhandled command {args.command}")
 
 
 if __name__ == "__main__":

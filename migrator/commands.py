@@ -14,7 +14,7 @@ from typing import Any, Callable, TextIO
 
 from . import cutover
 from . import demo as demo_data
-from . import ledger
+from . import ledger, registry
 from . import report as report_mod
 from . import status as status_mod
 from .config import ConfigError, Settings, reason
@@ -87,13 +87,13 @@ def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as
     return OK if report["status"] in ("completed", "dry_run") and report["balanced"] else FAILED
 
 
-def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: bool = False,
+def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str | None = None, as_json: bool = False,
             output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
     client = settings.redis()
     try:
         conn = _ledger(settings)
         try:
-            run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+            run_id = plan_run(client, conn, mapping, opts, settings.redis_url, spec)
         finally:
             conn.close()
         _announce(run_id, opts, output_dir, out)
@@ -119,7 +119,8 @@ def _report_anew(settings: Settings, mapping: Mapping, run_id: str, output_dir: 
         conn.close()
 
 
-def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, detach: bool = False,
+def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str | None = None,
+                        detach: bool = False,
                         as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout,
                         err: TextIO = sys.stderr) -> int:
     """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
@@ -132,7 +133,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
         if not workers_answering():
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
                       f"starts: {worker_command()}\n")
-        run_id = start_run(settings, client, conn, mapping, opts)
+        run_id = start_run(settings, client, conn, mapping, opts, spec)
         _announce(run_id, opts, output_dir, out)
         if detach:
             out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
@@ -245,13 +246,15 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
     return OK
 
 
-def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
+def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
                      output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
-    """Carry a run on here from the ledger, then report it like `run --local`."""
+    """Carry a run on here from the ledger (with the mapping it was made with), then report it
+    like `run --local`."""
     client = settings.redis()
     try:
         conn = _ledger(settings, run_id)
         try:
+            mapping = _mapping_of(conn, run_id, spec)
             opts, priority = resume_point(conn, run_id)
         finally:
             conn.close()
@@ -264,11 +267,11 @@ def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_js
         client.close()
 
 
-def cmd_report(settings: Settings, mapping: Mapping, run_id: str, *, as_json: bool = False,
+def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
                output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
     conn = _ledger(settings, run_id)
     try:
-        return _final_report(conn, mapping, run_id, output_dir, as_json, out)
+        return _final_report(conn, _mapping_of(conn, run_id, spec), run_id, output_dir, as_json, out)
     finally:
         conn.close()
 
@@ -308,6 +311,12 @@ def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, 
         time.sleep(0.5)
 
 
+def _mapping_of(conn: Any, run_id: str, spec: str | None) -> Mapping:
+    """The mapping run `run_id` was made with (registry.for_run)."""
+    with conn, conn.cursor() as cur:
+        return registry.for_run(ledger.require_run(cur, run_id), spec)
+
+
 def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple[str, RunOptions, list[Priority]]:
     """The run (default: the latest), its options, and the priorities asked for (default: all it
     migrated); refused, naming the choices, when the run or a priority is not there."""
@@ -325,13 +334,14 @@ def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple
     return run_id, opts, chosen
 
 
-def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *, where: str = "auto",
+def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, where: str = "auto",
                jobs: int = 2, show_diffs: int = 0, as_json: bool = False, out: TextIO = sys.stdout,
                err: TextIO = sys.stderr) -> int:
     """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
     client, conn = settings.redis(), _ledger(settings)
     try:
         run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
+        mapping = _mapping_of(conn, run_id, spec)
         result = _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err)
         for p in result.get("patterns", []):
             # up to `show_diffs` rows of each kind (missing, different, extra, changed), explained
@@ -348,7 +358,7 @@ def cmd_verify(settings: Settings, mapping: Mapping, run_id: str | None, priorit
     return {"clean": OK, "counted": OK, "differences": FAILED}.get(result["verdict"], CANNOT_START)
 
 
-def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, priorities: list[str], *,
+def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *,
                  where: str = "auto", jobs: int = 2, as_json: bool = False, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Validate a run (the latest one when `run_id` is None) again, now: the checks it got as it
@@ -356,6 +366,7 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
     client, conn = settings.redis(), _ledger(settings)
     try:
         run_id, _, chosen = _run_to_check(conn, run_id, priorities)
+        mapping = _mapping_of(conn, run_id, spec)
         result = validate_run(conn, mapping, run_id, chosen,
                               lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err))
     finally:
@@ -365,7 +376,7 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
     return OK if result["ok"] else FAILED
 
 
-def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout,
+def cmd_rollback(settings: Settings, run_id: str, spec: str | None = None, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Undo a run that is not running; exit 1 when the rollback failed (the run says why)."""
     conn = _ledger(settings, run_id)
@@ -382,7 +393,7 @@ def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO 
             raise NotNow(f"run {run_id} is being cancelled; wait for `migrator cancel {run_id}` to end (or run it "
                          f"again), then: migrator rollback {run_id}")
         try:
-            summary = rollback_run(conn, mapping, run_id)
+            summary = rollback_run(conn, _mapping_of(conn, run_id, spec), run_id)
         except RollbackFailed as exc:
             err.write(f"migrator: run {run_id}: {exc}\n")
             return FAILED
@@ -393,7 +404,7 @@ def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO 
     return OK
 
 
-def cmd_cancel(settings: Settings, mapping: Mapping, run_id: str, *, rollback: bool, wait_s: float,
+def cmd_cancel(settings: Settings, run_id: str, spec: str | None = None, *, rollback: bool, wait_s: float,
                out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Stop a running run (its queued batches revoked, running ones stopped at their next
     sub-batch), then roll it back if asked; otherwise say how to."""
@@ -401,6 +412,7 @@ def cmd_cancel(settings: Settings, mapping: Mapping, run_id: str, *, rollback: b
     try:
         with conn, conn.cursor() as cur:
             run = ledger.require_run(cur, run_id)
+        mapping = registry.for_run(run, spec) if rollback else None  # (refused before anything is stopped)
         shown = [-1]
 
         def progress(live: int) -> None:

@@ -72,12 +72,17 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
         if transient(exc):
             raise
         conn.rollback()
-        why = (f"finalize of priority {priority.label} failed: {redact_text(describe(exc))}; once its cause is fixed, "
-               f"run it again: migrator resume {run_id}")
-        record(conn, run_id, priority.label, [Check("finalize", False, why)])
-        _end(conn, run_id, "failed", why)
-        log.error("finalize_failed", run=run_id, priority=priority.label, error=why)
-        raise Fenced(why) from None
+        halt(conn, run_id, priority, f"finalize of priority {priority.label} failed: {redact_text(describe(exc))}")
+
+
+def halt(conn: Any, run_id: str, priority: Priority, what: str) -> None:
+    """A priority's step after its batches cannot be taken (not a verdict on the data): the run
+    is failed, its rows kept, and says how to take the step again; raises Fenced (nothing follows)."""
+    why = f"{what}; once its cause is fixed, run it again: migrator resume {run_id}"
+    record(conn, run_id, priority.label, [Check("finalize", False, why)])
+    _end(conn, run_id, "failed", why)
+    log.error("finalize_failed", run=run_id, priority=priority.label, error=why)
+    raise Fenced(why)
 
 
 def _still_running(conn: Any, run_id: str, dispatch: int | None = None) -> None:

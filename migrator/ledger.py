@@ -65,11 +65,13 @@ class BatchSpec:
     mapping: str
 
 
-def create_run(cur: Any, run_id: str, mapping: str, options: RunOptions, source: str, redis_run_id: str | None) -> None:
+def create_run(cur: Any, run_id: str, mapping: str, options: RunOptions, source: str, redis_run_id: str | None,
+               mapping_spec: str, mapping_digest: str) -> None:
     cur.execute(
-        "INSERT INTO migration_runs (id, status, mapping, dry_run, options, source, redis_run_id, started_at)"
-        " VALUES (%s, 'running', %s, %s, %s, %s, %s, now())",
-        (run_id, mapping, options.dry_run, orjson.dumps(options.to_json()).decode(), source, redis_run_id),
+        "INSERT INTO migration_runs (id, status, mapping, dry_run, options, source, redis_run_id, started_at,"
+        " mapping_spec, mapping_digest) VALUES (%s, 'running', %s, %s, %s, %s, %s, now(), %s, %s)",
+        (run_id, mapping, options.dry_run, orjson.dumps(options.to_json()).decode(), source, redis_run_id,
+         mapping_spec, mapping_digest),
     )
 
 
@@ -125,6 +127,13 @@ def stage_seconds(cur: Any, run_id: str) -> dict[str, float]:
     )
     found = dict(cur.fetchall())
     return {stage: round(found.get(stage) or 0.0, 3) for stage in STAGES}
+
+
+def refuse_batch(cur: Any, batch_id: int, error: str) -> None:
+    """A worker that cannot run a batch it was sent (another mapping than the run's) says why,
+    unless the batch is done or another worker runs it."""
+    cur.execute("UPDATE migration_batches SET status = 'failed', error = %s WHERE id = %s AND status IN ('pending', 'failed')",
+                (error, batch_id))
 
 
 def fail_batch(cur: Any, batch_id: int, attempt: int, error: str) -> None:
@@ -183,15 +192,15 @@ def known_runs(cur: Any, shown: int = 5) -> str:
 
 def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
     cur.execute(
-        "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error, redis_run_id"
-        " FROM migration_runs WHERE id = %s",
+        "SELECT id, status, mapping, dry_run, options, source, created_at, started_at, finished_at, error, redis_run_id,"
+        " mapping_spec, mapping_digest FROM migration_runs WHERE id = %s",
         (run_id,),
     )
     row = cur.fetchone()
     if row is None:
         return None
     keys = ("run_id", "status", "mapping", "dry_run", "options", "source", "created_at", "started_at", "finished_at", "error",
-            "redis_run_id")
+            "redis_run_id", "mapping_spec", "mapping_digest")
     return dict(zip(keys, row))
 
 

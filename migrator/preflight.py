@@ -18,13 +18,12 @@ from celeryconfig import PRIORITY_QUEUES
 from workers.celery import app
 from workers.coordinator import same_redis_db, worker_command
 
-from . import ledger
+from . import ledger, registry
 from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
 from .mapping import Mapping
 from .redact import redact_url
 from .schema import require_schema
 from .source import cluster_masters
-from .threadr import THREADR
 
 Verdict = Literal["ok", "warn", "fail"]
 
@@ -45,9 +44,11 @@ class CheckResult:
 
 
 def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float = 3.0,
-               mapping: Mapping = THREADR) -> list[CheckResult]:
+               mapping: Mapping | None = None) -> list[CheckResult]:
     """Every check, in the order an operator fixes them. `timeout` bounds the broker, worker and
-    result-backend probes; Redis and PostgreSQL use Settings' own connect timeouts, as a run does."""
+    result-backend probes; Redis and PostgreSQL use Settings' own connect timeouts, as a run does.
+    `mapping`: the one whose tables are checked (default: registry.load's)."""
+    mapping = mapping or registry.load()
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
     results += _postgres_checks(settings, [*mapping.table_names(), *ledger.TABLES])

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import redis
 import structlog
 
-from . import ledger, runstate, verify
+from . import ledger, registry, runstate, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
 from .errors import backoff, reconnect, transient
@@ -39,8 +39,12 @@ log = structlog.get_logger("migrator.runner")
 # so a server restart or a short outage is ridden out.
 RETRIES = 6
 
-def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str) -> str:
-    """Create the run and record every (priority, range) batch before anything is executed."""
+
+def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions, redis_url: str,
+             spec: str | None = None) -> str:
+    """Create the run and record every (priority, range) batch before anything is executed.
+    `spec`: how the mapping was named (registry.load), for workers and later commands to load
+    it the same way; default its own name (an installed mapping's)."""
     opts.check_scope(mapping)
     run_id = str(uuid.uuid4())
     ranges = plan_ranges(client, opts.ranges)
@@ -49,7 +53,8 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
                           "second database); run without it, or with fewer workers to lower the load")
     server = client.info("server")
     with conn, conn.cursor() as cur:
-        ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"))
+        ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"),
+                          spec or mapping.name, registry.digest(mapping))
         ledger.plan_batches(cur, run_id, [p.label for p in opts.priority_order()], ranges)
     log.info("run_planned", run=run_id, ranges=len(ranges), priorities=[p.label for p in opts.priority_order()])
     return run_id

@@ -56,12 +56,14 @@ def worker_command(queues: Iterable[str] = PRIORITY_QUEUES.values()) -> str:
     return f"{prefix}celery -A workers worker -Q {','.join(queues)}"
 
 
-def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
-    """Plan the run in the ledger, then send its first priority to the workers."""
+def start_run(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions,
+              spec: str | None = None) -> str:
+    """Plan the run in the ledger (with how its mapping is named: `spec`, see migrator/registry.py),
+    then send its first priority to the workers."""
     if same_redis_db(str(app.conf.result_backend), settings.redis_url):
         raise ConfigError("CELERY_RESULT_BACKEND is the Redis database being migrated; its keys would be scanned too. "
                           "Point it at another database number, e.g. redis://host:6379/14")
-    run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+    run_id = plan_run(client, conn, mapping, opts, settings.redis_url, spec)
     dispatch_priority(conn, run_id, opts.priority_order()[0])
     return run_id
 

@@ -20,16 +20,17 @@ from celery import chord, uuid
 from celery.canvas import Signature
 from celery.signals import task_postrun, task_prerun
 
-from migrator import ledger, verify
+from migrator import ledger, registry, verify
 from migrator.batch import migrate_batch
 from migrator.config import Settings
 from migrator.errors import backoff, transient
-from migrator.finalize import Step, begin_verification, judge_priority
-from migrator.mapping import Priority
+from migrator.finalize import Step, begin_verification, halt, judge_priority
+from migrator.lease import worker_name
+from migrator.mapping import Mapping, Priority
+from migrator.registry import MappingError
 from migrator.options import RunOptions
 from migrator.redact import redact_text
 from migrator.runstate import Fenced
-from migrator.threadr import THREADR
 from migrator.writer import describe
 
 from celeryconfig import PRIORITY_QUEUES
@@ -125,7 +126,14 @@ def _unit(task: Any, work: Callable[..., Any], unit_id: int, shown: dict[str, An
 
     try:
         client, conn = _connections()
-        result = work(client, conn, THREADR, unit_id, progress)
+        mapping, _ = _run(conn, shown["run_id"])
+        result = work(client, conn, mapping, unit_id, progress)
+    except MappingError as exc:  # deployed with another mapping than the run's: not this worker's to run
+        log.error("mapping_refused", error=str(exc))
+        if "batch_id" in shown:
+            with conn, conn.cursor() as cur:
+                ledger.refuse_batch(cur, unit_id, f"worker {worker_name()}: {exc}")
+        raise UnitFailed(str(exc)) from None
     except Fenced as exc:  # its run was cancelled or rolled back, or another worker took it over
         log.warning("unit_fenced", reason=str(exc))
         return {"priority": shown["priority"], "range": shown["range"], "status": f"fenced: {exc}"}
@@ -192,9 +200,32 @@ def _callback(task: Any, step: Callable[[redis.Redis, Any], Any]) -> Any:
         raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=60))
 
 
-def _options(conn: Any, run_id: str) -> RunOptions:
+# Per run, the mapping it was made with, loaded (and its digest checked) once per worker process.
+_mappings: dict[str, Mapping] = {}
+
+
+def _run(conn: Any, run_id: str) -> tuple[Mapping, RunOptions]:
+    """A run's mapping (MappingError when this worker's differs from it) and options."""
     with conn, conn.cursor() as cur:
-        return RunOptions.from_json(ledger.require_run(cur, run_id)["options"])
+        run = ledger.require_run(cur, run_id)
+    if run_id not in _mappings:
+        _mappings[run_id] = registry.for_run(run)
+    return _mappings[run_id], RunOptions.from_json(run["options"])
+
+
+def _run_or_halt(conn: Any, run_id: str, priority: Priority) -> tuple[Mapping, RunOptions]:
+    """A chord callback's run; one this worker cannot take on (another mapping) halts the run."""
+    try:
+        return _run(conn, run_id)
+    except MappingError as exc:
+        halt(conn, run_id, priority, f"worker {worker_name()}: {exc}")  # (raises Fenced: nothing follows)
+        raise
+
+
+def _verified(conn: Any, verification_id: int) -> Mapping:
+    with conn, conn.cursor() as cur:
+        run_id = str(ledger.get_verification(cur, verification_id)["run_id"])
+    return _run(conn, run_id)[0]
 
 
 @app.task(bind=True, name="migrator.finalize_priority", max_retries=5)
@@ -206,7 +237,8 @@ def finalize_priority_task(self: Any, results: Any = None, *, priority: str, run
     level = Priority.parse(priority)
 
     def step(client: redis.Redis, conn: Any) -> int | None:
-        verification = begin_verification(client, conn, THREADR, run_id, level, _options(conn, run_id), dispatch)
+        mapping, opts = _run_or_halt(conn, run_id, level)
+        verification = begin_verification(client, conn, mapping, run_id, level, opts, dispatch)
         if verification is None:
             dispatch_priority(conn, run_id, level)  # the source restarted: scan the priority again
         else:
@@ -225,8 +257,8 @@ def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority
     structlog.contextvars.bind_contextvars(run=run_id, priority=priority, verification=verification_id)
 
     def step(client: redis.Redis, conn: Any) -> Step:
-        done = judge_priority(client, conn, THREADR, run_id, Priority.parse(priority), _options(conn, run_id),
-                              verification_id, dispatch)
+        mapping, opts = _run_or_halt(conn, run_id, Priority.parse(priority))
+        done = judge_priority(client, conn, mapping, run_id, Priority.parse(priority), opts, verification_id, dispatch)
         if done.verify_again is not None:
             dispatch_verification(conn, done.verify_again, run_id, priority, judge_priority_task.s(
                 priority=priority, run_id=run_id, verification_id=done.verify_again, dispatch=dispatch))
@@ -243,7 +275,8 @@ def judge_priority_task(self: Any, results: Any = None, *, run_id: str, priority
 def finish_verification_task(self: Any, results: Any = None, *, verification_id: int) -> dict[str, Any]:
     """Chord callback (and errback) of a verification of its own (`migrator verify`)."""
     structlog.contextvars.bind_contextvars(verification=verification_id)
-    result = _callback(self, lambda client, conn: verify.finish(client, conn, THREADR, verification_id))
+    result = _callback(self, lambda client, conn: verify.finish(client, conn, _verified(conn, verification_id),
+                                                                verification_id))
     return {k: result.get(k) for k in ("verification_id", "verdict", "missing", "different", "extra")}
 
 
