@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "backup":
             return commands.cmd_backup(settings, args.dir)
         if args.command == "init-db":
-            return commands.cmd_init_db(settings)
+            return commands.cmd_init_db(settings, THREADR)
         if args.command == "run":
             if args.validate_only:
                 return commands.cmd_validate(settings, THREADR, None, args.priority or [], as_json=args.json,

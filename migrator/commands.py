@@ -38,13 +38,14 @@ from .schema import database_url_for, empty_tables, ensure_database, init_db, re
 OK, FAILED, CANNOT_START = 0, 1, 2
 
 
-def _ledger(settings: Settings, run_id: str | None = None) -> Any:
-    """A connection to a database that has the current schema (else the error says: run init-db)
-    and, given a run id, holds that run (else a LookupError names the runs it holds): asked before
-    a command plans or touches anything."""
+def _ledger(settings: Settings, run_id: str | None = None, mapping: Mapping | None = None) -> Any:
+    """A connection to a database that has the current schema, and the mapping's with every table of it
+    journaled when given (a command that writes its tables or rolls them back), else the error says: run
+    init-db; and, given a run id, holds that run (else a LookupError names the runs it holds): asked
+    before a command plans or touches anything."""
     conn = settings.postgres()
     try:
-        require_schema(conn)
+        require_schema(conn, mapping)
         if run_id is not None:
             with conn, conn.cursor() as cur:
                 ledger.require_run(cur, run_id)
@@ -58,10 +59,10 @@ def _dump(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def cmd_init_db(settings: Settings, out: TextIO = sys.stdout) -> int:
+def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) -> int:
     conn = settings.postgres()
     try:
-        for version, action in init_db(conn):
+        for version, action in init_db(conn, mapping):
             out.write(f"{version}: {action}\n")
     finally:
         conn.close()
@@ -91,7 +92,7 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, as_json: 
             output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
     client = settings.redis()
     try:
-        conn = _ledger(settings)
+        conn = _ledger(settings, mapping=mapping)
         try:
             run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
         finally:
@@ -127,7 +128,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
 
     opts.check_scope(mapping)
     use_broker(settings)
-    client, conn = settings.redis(), _ledger(settings)
+    client, conn = settings.redis(), _ledger(settings, mapping=mapping)
     try:
         if not workers_answering():
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
@@ -250,7 +251,7 @@ def cmd_resume_local(settings: Settings, mapping: Mapping, run_id: str, *, as_js
     """Carry a run on here from the ledger, then report it like `run --local`."""
     client = settings.redis()
     try:
-        conn = _ledger(settings, run_id)
+        conn = _ledger(settings, run_id, mapping)
         try:
             opts, priority = resume_point(conn, run_id)
         finally:
@@ -368,7 +369,7 @@ def cmd_validate(settings: Settings, mapping: Mapping, run_id: str | None, prior
 def cmd_rollback(settings: Settings, mapping: Mapping, run_id: str, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Undo a run that is not running; exit 1 when the rollback failed (the run says why)."""
-    conn = _ledger(settings, run_id)
+    conn = _ledger(settings, run_id, mapping)
     try:
         with conn, conn.cursor() as cur:
             status = ledger.require_run(cur, run_id)["status"]
@@ -597,7 +598,7 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
             conn.close()
         return OK
 
-    for step in (lambda: cmd_init_db(demo, out), empty,
+    for step in (lambda: cmd_init_db(demo, mapping, out), empty,
                  lambda: cmd_seed_demo(demo, users, fresh=True, out=out),
                  lambda: cmd_run(demo, mapping, opts, out=out)):
         code = step()
