@@ -448,7 +448,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
     log.info("batch_started", range=spec.key_range.index, ranges=spec.key_range.count, dry_run=spec.options.dry_run)
     try:
         with conn.cursor() as cur:
-            # Journals the prior image of every row this run updates (see sql/001_ledger.sql).
+            # Journals the prior image of every row this run updates (see migrator/sql/001_ledger.sql).
             cur.execute("SELECT set_config('migrator.run_id', %s, true)", (spec.run_id,))
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")

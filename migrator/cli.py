@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("init-db", help="create or update the target schema and run ledger (idempotent)")
-    p.set_defaults(handler=lambda a, s: commands.cmd_init_db(s))
+    p.set_defaults(handler=lambda a, s: commands.cmd_init_db(s, registry.load(a.mapping)))
     _connection_flags(p)
 
     p = sub.add_parser("backup", help="pg_dump of the target and a Redis RDB snapshot, before anything is written",

@@ -38,13 +38,14 @@ from .schema import database_url_for, empty_tables, ensure_database, init_db, re
 OK, FAILED, CANNOT_START = 0, 1, 2
 
 
-def _ledger(settings: Settings, run_id: str | None = None) -> Any:
-    """A connection to a database that has the current schema (else the error says: run init-db)
-    and, given a run id, holds that run (else a LookupError names the runs it holds): asked before
-    a command plans or touches anything."""
+def _ledger(settings: Settings, run_id: str | None = None, mapping: Mapping | None = None) -> Any:
+    """A connection to a database that has the current schema, and the mapping's with every table of it
+    journaled when given (a command that writes its tables or rolls them back), else the error says: run
+    init-db; and, given a run id, holds that run (else a LookupError names the runs it holds): asked
+    before a command plans or touches anything."""
     conn = settings.postgres()
     try:
-        require_schema(conn)
+        require_schema(conn, mapping)
         if run_id is not None:
             with conn, conn.cursor() as cur:
                 ledger.require_run(cur, run_id)
@@ -54,14 +55,27 @@ def _ledger(settings: Settings, run_id: str | None = None) -> Any:
     return conn
 
 
+def _run_ledger(settings: Settings, run_id: str, spec: str | None) -> tuple[Any, Mapping]:
+    """_ledger for a command that writes a run's tables or rolls them back: the run's own mapping
+    (registry.for_run), its tables each journaled (else: run init-db)."""
+    conn = _ledger(settings, run_id)
+    try:
+        mapping = _mapping_of(conn, run_id, spec)
+        require_schema(conn, mapping)
+    except Exception:
+        conn.close()
+        raise
+    return conn, mapping
+
+
 def _dump(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def cmd_init_db(settings: Settings, out: TextIO = sys.stdout) -> int:
+def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) -> int:
     conn = settings.postgres()
     try:
-        for version, action in init_db(conn):
+        for version, action in init_db(conn, mapping):
             out.write(f"{version}: {action}\n")
     finally:
         conn.close()
@@ -91,7 +105,7 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str
             output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
     client = settings.redis()
     try:
-        conn = _ledger(settings)
+        conn = _ledger(settings, mapping=mapping)
         try:
             run_id = plan_run(client, conn, mapping, opts, settings.redis_url, spec)
         finally:
@@ -128,7 +142,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
 
     opts.check_scope(mapping)
     use_broker(settings)
-    client, conn = settings.redis(), _ledger(settings)
+    client, conn = settings.redis(), _ledger(settings, mapping=mapping)
     try:
         if not workers_answering():
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
@@ -252,9 +266,8 @@ def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *
     like `run --local`."""
     client = settings.redis()
     try:
-        conn = _ledger(settings, run_id)
+        conn, mapping = _run_ledger(settings, run_id, spec)
         try:
-            mapping = _mapping_of(conn, run_id, spec)
             opts, priority = resume_point(conn, run_id)
         finally:
             conn.close()
@@ -379,7 +392,7 @@ def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, prior
 def cmd_rollback(settings: Settings, run_id: str, spec: str | None = None, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Undo a run that is not running; exit 1 when the rollback failed (the run says why)."""
-    conn = _ledger(settings, run_id)
+    conn, mapping = _run_ledger(settings, run_id, spec)
     try:
         with conn, conn.cursor() as cur:
             status = ledger.require_run(cur, run_id)["status"]
@@ -393,7 +406,7 @@ def cmd_rollback(settings: Settings, run_id: str, spec: str | None = None, out: 
             raise NotNow(f"run {run_id} is being cancelled; wait for `migrator cancel {run_id}` to end (or run it "
                          f"again), then: migrator rollback {run_id}")
         try:
-            summary = rollback_run(conn, _mapping_of(conn, run_id, spec), run_id)
+            summary = rollback_run(conn, mapping, run_id)
         except RollbackFailed as exc:
             err.write(f"migrator: run {run_id}: {exc}\n")
             return FAILED
@@ -609,7 +622,7 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
             conn.close()
         return OK
 
-    for step in (lambda: cmd_init_db(demo, out), empty,
+    for step in (lambda: cmd_init_db(demo, mapping, out), empty,
                  lambda: cmd_seed_demo(demo, users, fresh=True, out=out),
                  lambda: cmd_run(demo, mapping, opts, out=out)):
         code = step()

@@ -38,7 +38,7 @@ log = structlog.get_logger("migrator.dualwrite")
 DAY = 86_400
 # identifier types of the app's reads -> subject types of its usage counter keys
 SUBJECT_KINDS = {"ip": "ip", "email": "email", "user_id": "user"}
-TABLES = ("dual_write_repairs", "dual_write_settings", "dual_write_shadow_reads")  # sql/003_dual_write.sql
+TABLES = ("dual_write_repairs", "dual_write_settings", "dual_write_shadow_reads")  # migrator/sql/003_dual_write.sql
 
 
 class WriteStrategy(str, enum.Enum):

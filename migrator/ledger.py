@@ -12,7 +12,7 @@ from psycopg2.extras import execute_values
 from .options import RunOptions
 from .partition import KeyRange
 
-# The ledger tables a run writes (sql/001_ledger.sql), besides the tables of its mapping.
+# The ledger tables a run writes (migrator/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
           "migration_verifications", "migration_verify_ranges")
 

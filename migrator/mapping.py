@@ -219,8 +219,9 @@ class Mapping:
     user_patterns: tuple[str, ...] = ()  # the patterns that bring users in; linked rows depend on them
     figures: tuple[Figure, ...] = ()
     unmapped_priority: Priority = Priority.LOW
-    # Its target tables' DDL: SQL texts `init-db` applies after the ledger's, each idempotent (it
-    # runs again on top of itself); the engine adds the journal triggers rollback depends on.
+    # Its target tables' DDL: SQL texts `init-db` applies after the engine's, each idempotent (it
+    # runs again on top of itself) and creating every table of `rules`; the engine adds to each the
+    # provenance columns it fills and the journal trigger rollback depends on (migrator/schema.py).
     schema: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -22,12 +22,12 @@ from . import ledger, registry
 from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
 from .mapping import Mapping
 from .redact import redact_url
-from .schema import require_schema
+from .schema import require_schema, schema_versions
 from .source import cluster_masters
 
 Verdict = Literal["ok", "warn", "fail"]
 
-# UNIQUE NULLS NOT DISTINCT and CREATE OR REPLACE TRIGGER in sql/ arrived in PostgreSQL 15.
+# UNIQUE NULLS NOT DISTINCT and CREATE OR REPLACE TRIGGER of the schema arrived in PostgreSQL 15.
 MIN_POSTGRES = 150000
 RUN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
 READ_ONLY = ("SELECT",)
@@ -51,7 +51,7 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     mapping = mapping or registry.load()
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
-    results += _postgres_checks(settings, [*mapping.table_names(), *ledger.TABLES])
+    results += _postgres_checks(settings, mapping, [*mapping.table_names(), *ledger.TABLES])
     broker = _guarded("broker", lambda: check_broker(settings, timeout))
     results.append(broker)
     if need_workers:
@@ -132,7 +132,7 @@ def check_redis(settings: Settings) -> CheckResult:
 
 # ---- postgres, schema, privileges, init-db ----
 
-def _postgres_checks(settings: Settings, tables: list[str]) -> list[CheckResult]:
+def _postgres_checks(settings: Settings, mapping: Mapping, tables: list[str]) -> list[CheckResult]:
     """The checks that share one PostgreSQL connection; without it they are skipped."""
     try:
         conn = settings.postgres()
@@ -144,7 +144,7 @@ def _postgres_checks(settings: Settings, tables: list[str]) -> list[CheckResult]
     try:
         url = redact_url(settings.database_url)
         return [_guarded("postgres", lambda: check_postgres(conn, url)),
-                _guarded("schema", lambda: check_schema(conn)),
+                _guarded("schema", lambda: check_schema(conn, mapping)),
                 _guarded("privileges", lambda: check_privileges(conn, tables)),
                 _guarded("init-db", lambda: check_init_db(conn, tables))]
     finally:
@@ -171,15 +171,16 @@ def judge_postgres(url: str, version_num: int, version: str, user: str, superuse
     return CheckResult("postgres", "ok", detail)
 
 
-def check_schema(conn: Any) -> CheckResult:
+def check_schema(conn: Any, mapping: Mapping) -> CheckResult:
     try:
-        require_schema(conn)  # ConfigError naming what is missing or stale, with `migrator init-db` as the fix
+        # ConfigError naming what is missing or stale, or a table without its journal trigger, with
+        # `migrator init-db` as the fix
+        require_schema(conn, mapping)
     except psycopg2.errors.InsufficientPrivilege:
         return CheckResult("schema", "fail", "this role may not read schema_migrations",
                            "grant it the privileges listed under privileges")
-    with conn.cursor() as cur:
-        cur.execute("SELECT string_agg(version, ', ' ORDER BY version) FROM schema_migrations")
-        return CheckResult("schema", "ok", f"current ({cur.fetchone()[0]})")
+    return CheckResult("schema", "ok", f"current ({', '.join(schema_versions(mapping))}), every table of the "
+                       f"{mapping.name} mapping journaled")
 
 
 def check_privileges(conn: Any, tables: Sequence[str]) -> CheckResult:

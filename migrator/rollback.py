@@ -1,7 +1,8 @@
 """Compensating rollback: put every table back as it was before a run.
 
 Rows the run inserted are deleted; rows it changed get the prior image the journal trigger
-kept (sql/001_ledger.sql); rows it did not touch stay as they are.
+kept (migrator_journal() in migrator/sql/001_ledger.sql, on every table a mapping writes); rows it
+did not touch stay as they are.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from . import runstate
 from .errors import transient
 from .mapping import Mapping
 from .redact import redact_text
+from .schema import journal_refusal, missing_journals, written_tables
 from .writer import describe
 
 log = structlog.get_logger("migrator.rollback")
@@ -43,6 +45,9 @@ def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str
         with conn, conn.cursor() as cur:
             # (waits for batches committing now: their rows are undone too; later ones are fenced)
             runstate.transition(cur, run_id, "rolling_back")
+            missing = missing_journals(cur, written_tables(mapping))
+            if missing:
+                raise Unjournaled(journal_refusal(mapping, missing))
             cur.execute("SELECT set_config('migrator.run_id', '', true)")  # the undo itself is not journaled
             for table in mapping.table_names():
                 params = {"run": run_id, "name": table}
@@ -72,3 +77,8 @@ def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str
 
 class RollbackFailed(RuntimeError):
     """The rollback's transaction failed (nothing of it applied); the run says so."""
+
+
+class Unjournaled(RuntimeError):
+    """A table the run wrote has no journal trigger: the rows it changed there would look inserted by
+    it, and be deleted."""

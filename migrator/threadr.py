@@ -10,6 +10,7 @@ threads, analytics: `utc_naive`). What its own models refuse is a dead letter na
 """
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import Any
 
 import orjson
@@ -700,4 +701,8 @@ FIGURES = (
            " GROUP BY 1 ORDER BY 1 DESC", rows=True),
 )
 
-THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, user_patterns=("user",), figures=FIGURES)
+# Its target tables' DDL: migrator/apps/threadr/schema.sql, shipped as package data.
+SCHEMA = files("migrator.apps.threadr").joinpath("schema.sql").read_text()
+
+THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, user_patterns=("user",), figures=FIGURES,
+                  schema=(SCHEMA,))

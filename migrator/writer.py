@@ -3,7 +3,7 @@
 The rows of each table go as one JSON array of arrays (a row's values in column order),
 expanded server-side by jsonb_array_elements and cast column by column (orjson serialises them
 in C, where quoting each value in Python cost more than the insert itself), and every upsert
-of a sub-batch runs in one call of `migrator_write` (sql/004_write_path.sql), inside a
+of a sub-batch runs in one call of `migrator_write` (migrator/sql/004_write_path.sql), inside a
 subtransaction that a record error rolls back without aborting the batch. A failing sub-batch
 is split in halves until every good record has committed and each bad one is isolated as a
 dead letter with the database's reason.
@@ -20,6 +20,7 @@ import orjson
 import psycopg2
 import psycopg2.errors
 
+from . import schema
 from .mapping import Mapping, Pattern, Row
 from .source import KeyRead
 
@@ -62,8 +63,8 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
                                                                               psycopg2.errors.ProgramLimitExceeded)
 
 
-# Columns every row gets from the record it came from, after its own.
-PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at", "source_digest")
+# Columns every row gets from the record it came from, after its own (init-db adds them to every table).
+PROVENANCE = tuple(schema.PROVENANCE)
 
 COLUMN_TYPES = """
 SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory, pg_get_expr(d.adbin, d.adrelid)

@@ -377,7 +377,7 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
     out: dict = {"modes": {}}
     try:
         conn = psycopg2.connect(args.database_url)
-        init_db(conn)
+        init_db(conn, THREADR)
         conn.close()
         client = redis.Redis.from_url(args.redis_url)
         client.flushdb()

@@ -97,7 +97,7 @@ def database_url() -> str:
     ensure_database(admin, name)
     url = database_url_for(ADMIN_URL, name)
     conn = psycopg2.connect(url)
-    init_db(conn)
+    init_db(conn, THREADR)
     conn.close()
     yield url
     with admin.cursor() as cur:

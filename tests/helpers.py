@@ -6,20 +6,27 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import psycopg2
 from psycopg2 import sql
 
 from migrator import ledger
 from migrator.runstate import TERMINAL
 from migrator.config import Settings
+from migrator.mapping import Mapping, Pattern, Priority, Row, SourceRecord
+from migrator.merge import TableRule
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.runner import execute_local, plan_run, verify_local
+from migrator.schema import database_url_for, ensure_database
 from migrator.validate import validate_run
 from migrator.status import run_progress
 from migrator.threadr import THREADR
+from migrator.values import stable_id
 
 
 def migrate(settings: Settings, jobs: int = 1, **options: Any) -> dict[str, Any]:
@@ -218,3 +225,32 @@ class Flower:
         os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait(30)
         self.log.close()
+
+
+@contextmanager
+def throwaway_database(url: str) -> Iterator[str]:
+    """A new database on the server of `url`, dropped afterwards; its URL."""
+    admin = psycopg2.connect(database_url_for(url, "postgres"))
+    name = f"migrator_throwaway_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    ensure_database(admin, name)
+    try:
+        yield database_url_for(url, name)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+def gadget(rec: SourceRecord) -> list[Row]:
+    return [Row("gadgets", {"id": stable_id("gadget", rec.fields["id"]), "name": rec.value})]
+
+
+# A mapping of another app, whose DDL declares none of the engine's columns; a serial column takes a sequence.
+GADGETS_DDL = "CREATE TABLE IF NOT EXISTS gadgets (id uuid PRIMARY KEY, serial_no bigserial, name text NOT NULL)"
+
+
+def gadgets(*schema: str, tables: tuple[str, ...] = ("gadgets",)) -> Mapping:
+    """One pattern (gadget:<id>, a text value) into the table gadgets, by default with GADGETS_DDL."""
+    return Mapping("gadgets", (Pattern("gadget", "gadget:*", r"gadget:(?P<id>\w+)", "string", Priority.HIGH, "a gadget",
+                                       value_format="text", table="gadgets", transform=gadget),),
+                   rules=tuple(TableRule(t) for t in tables), schema=schema or (GADGETS_DDL,))

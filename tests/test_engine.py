@@ -513,7 +513,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
     server.start()
     try:
         conn = psycopg2.connect(server.url)
-        init_db(conn)
+        init_db(conn, THREADR)
         conn.close()
         users = seed_demo(r, 80)["user"]
         real_upsert = migrator.writer.Writer.upsert

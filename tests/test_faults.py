@@ -36,7 +36,7 @@ def stack(tmp_path_factory, settings):
     server.start()
     with redis_server(directory, "--dbfilename", "dump.rdb") as port:
         conn = psycopg2.connect(server.url)
-        init_db(conn)
+        init_db(conn, THREADR)
         conn.close()
         own = Settings(f"redis://127.0.0.1:{port}/0", server.url, settings.broker_url)
         env = worker_env(own)

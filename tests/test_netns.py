@@ -59,7 +59,7 @@ def _cut_off_mid_batch(here: Settings, there: Settings, namespace: str, results:
     source = redis.Redis.from_url(here.redis_url)
     seed_demo(source, 1500)
     conn = psycopg2.connect(here.database_url)
-    init_db(conn)
+    init_db(conn, THREADR)
     reference = migrate(here)
     assert reference["status"] == "completed"
     expected = content_fingerprint(conn)

@@ -17,13 +17,14 @@ from migrator.schema import database_url_for, ensure_database
 
 from conftest import ADMIN_URL
 from helpers import migrate
-from migrator.schema import sql_files
+from migrator.schema import schema_versions
+from migrator.threadr import THREADR
 from servers import redis_server, spare_port, with_password
 
 NAMES = ["env", "redis", "postgres", "schema", "privileges", "init-db", "broker", "workers", "result backend"]
 # No worker of this session answers on the broker, so waiting longer than this shows nothing more.
 TIMEOUT = 0.5
-VERSIONS = ", ".join(p.stem for p in sql_files())
+VERSIONS = ", ".join(schema_versions(THREADR))
 
 
 def verdicts(results: list[CheckResult]) -> dict[str, str]:
@@ -78,7 +79,7 @@ def test_healthy_local_services_pass_with_warnings_only(settings, r):
     # the default postgres user is a superuser
     assert "superuser" in checks["postgres"].detail
     assert checks["postgres"].fix.startswith("runs as a superuser: use a role with only the privileges a run needs")
-    assert checks["schema"].detail == f"current ({VERSIONS})"
+    assert checks["schema"].detail == f"current ({VERSIONS}), every table of the threadr mapping journaled"
     # no worker runs here: a warning with the command that starts one, not a failure
     # with this installation's queue prefix, which the worker needs too
     assert checks["workers"].fix.endswith(f": MIGRATOR_QUEUE_PREFIX={QUEUE_PREFIX} celery -A workers worker -Q "

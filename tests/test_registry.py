@@ -57,6 +57,7 @@ def test_the_digest_follows_what_decides_the_rows_and_nothing_else():
 
 def test_a_run_made_with_a_mapping_is_reported_with_it_and_refuses_another(settings, r, pg, tmp_path):
     seed_demo(r, 30)
+    assert cli(settings, "init-db", "--mapping", SPEC).returncode == 0  # its schema
     done = cli(settings, "run", "--local", "--mapping", SPEC, "--json", "--output-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.split("\n", 1)[1])

@@ -1,21 +1,6 @@
 -- Full verification (migrator/verify.py): every key of a run's mapping read again, transformed,
 -- and compared with its rows, range by range.
 
--- Every migrated row keeps a digest of the Redis value it came from (migrator.source.value_digest):
--- a row that differs from its key's value now is "changed since the run" when the value moved
--- (the app wrote the key again), and "different" when it did not (the row itself changed).
-DO $$
-DECLARE
-    t regclass;
-BEGIN
-    FOR t IN SELECT c.attrelid::regclass FROM pg_attribute c JOIN pg_class r ON r.oid = c.attrelid
-             WHERE c.attname = 'source_key' AND NOT c.attisdropped AND r.relkind = 'r'
-               AND r.relnamespace = 'public'::regnamespace LOOP
-        EXECUTE format('ALTER TABLE %s ADD COLUMN IF NOT EXISTS source_digest bigint', t);
-    END LOOP;
-END
-$$;
-
 -- The fresh source count a priority's validation needs now comes from its verification pass.
 ALTER TABLE migration_batches DROP COLUMN IF EXISTS recount;
 

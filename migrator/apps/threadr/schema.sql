@@ -1,4 +1,6 @@
--- Target schema for Threadr's keyspace (see migrator/threadr.py for the pattern -> table map).
+-- Threadr's target tables: the THREADR mapping's schema (migrator/threadr.py), which `migrator init-db`
+-- applies after the engine's own SQL (migrator/sql/). The engine then gives every table the mapping
+-- writes its provenance columns and the journal trigger exact rollback depends on (migrator/schema.py).
 -- Every table: a deterministic uuid id (uuid5 of the natural key) so reruns upsert in place,
 -- provenance (migration_run, source_key, metadata->>'source'), expires_at from the key's TTL,
 -- timezone-aware timestamps only, and no generated column that would need a mutable function.
@@ -226,31 +228,6 @@ CREATE TABLE IF NOT EXISTS login_failures (
     expires_at     timestamptz,
     UNIQUE (email, client_ip)
 );
-
-CREATE OR REPLACE TRIGGER users_journal AFTER UPDATE ON users
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER newsletter_subscribers_journal AFTER UPDATE ON newsletter_subscribers
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER subscriptions_journal AFTER UPDATE ON subscriptions
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER usage_counters_journal AFTER UPDATE ON usage_counters
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER usage_events_journal AFTER UPDATE ON usage_events
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER usage_stats_journal AFTER UPDATE ON usage_stats
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER threads_journal AFTER UPDATE ON threads
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER thread_stats_journal AFTER UPDATE ON thread_stats
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER thread_analytics_journal AFTER UPDATE ON thread_analytics
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER analytics_timeseries_journal AFTER UPDATE ON analytics_timeseries
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER sessions_journal AFTER UPDATE ON sessions
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
-CREATE OR REPLACE TRIGGER login_failures_journal AFTER UPDATE ON login_failures
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
 
 -- Databases made by earlier versions of this file: the same schema.
 DROP INDEX IF EXISTS users_email_key;

@@ -98,7 +98,8 @@ CREATE INDEX IF NOT EXISTS legacy_id_map_entity_idx ON legacy_id_map (entity_id)
 
 -- Journals the first prior image per run of every row a run's statement updates, unless the
 -- run itself wrote that row (rollback deletes those). Only sessions that set migrator.run_id
--- (the migrator's own) are journaled: the app's writes are not.
+-- (the migrator's own) are journaled: the app's writes are not. `init-db` puts it on every table a
+-- mapping writes, legacy_id_map included (migrator/schema.py: journal_sql).
 CREATE OR REPLACE FUNCTION migrator_journal() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -114,6 +115,3 @@ BEGIN
     RETURN NULL;
 END
 $$;
-
-CREATE OR REPLACE TRIGGER legacy_id_map_journal AFTER UPDATE ON legacy_id_map
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();
