@@ -3,8 +3,8 @@
 One SCAN walks the whole keyspace (per master on a Redis Cluster). Every key is classified by
 the mapping, and each SCAN reply costs one pipelined round trip: TYPE and PTTL of every key,
 MEMORY USAGE of a sample, the cardinality of migrated collections (rows they expand to) and the
-values of critical JSON strings (the premium summary). Memory stays O(patterns + shapes +
-examples + distinct purchases), never O(keys), so keys are not deduplicated: on a keyspace that
+values the mapping's audit tallies read (an application's own summary). Memory stays O(patterns +
+shapes + examples + what the tallies keep), never O(keys), so keys are not deduplicated: on a keyspace that
 is resizing or being written, SCAN may return a key twice or miss a new one, and the counts are
 a snapshot estimate; on a quiet keyspace they are exact.
 """
@@ -20,14 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import orjson
 import redis
 
-from .mapping import BadRecord, Mapping, Pattern, Priority
+from .mapping import Mapping, Pattern, Priority
 from .partition import KeyRange, plan_ranges, scan_range
 from .redact import EMAIL, IPV4, IPV6, printable, redact_text
 from .source import node_client
-from .values import parse_dt
 
 AUDIT_PREFIX = "redis_audit_report_"
 STAMP = "%Y%m%d_%H%M%S"  # UTC; sorts as text in time order
@@ -50,15 +48,7 @@ MAX_EXAMPLES = 3
 # A key segment that is an id rather than a name: it holds a digit, or is a long token.
 ID_SEGMENT = re.compile(r"[^:]*\d[^:]*|[\w-]{16,}")
 
-# Fields of a critical value that make it a time-limited grant or a subscription.
-GRANT_EXPIRY = "expires_at"
-PURCHASE_REFERENCE = ("payment_info", "payment_reference")
-SUBSCRIPTION_STATUS = "status"
-SUBSCRIPTION_PERIOD_END = "current_period_end"
-ACTIVE_STATUSES = frozenset({"active", "trialing"})
-
-# The migration guide's stop conditions.
-PREMIUM_USERS_LIMIT = 50_000
+# The migration guide's stop condition on the source's size (a mapping's audit tallies add their own).
 USED_MEMORY_LIMIT = 2 * 1024**3
 
 
@@ -79,12 +69,9 @@ def key_shape(key: str) -> str:
     return ":".join([head, *("*" if ID_SEGMENT.fullmatch(seg) else seg for seg in rest)])
 
 
-def stop_conditions(*, premium_users: int, used_memory: int, missing_critical: Sequence[Pattern]) -> list[str]:
+def stop_conditions(*, used_memory: int, missing_critical: Sequence[Pattern]) -> list[str]:
     """The guide's reasons to pause before migrating, as warnings (empty: go ahead)."""
     warnings = []
-    if premium_users > PREMIUM_USERS_LIMIT:
-        warnings.append(f"{premium_users:,} premium users (over {PREMIUM_USERS_LIMIT:,}): "
-                        "consider a staged migration (--priority critical first)")
     if used_memory > USED_MEMORY_LIMIT:
         warnings.append(f"Redis uses {human_bytes(used_memory)} (over {human_bytes(USED_MEMORY_LIMIT)}): "
                         "plan for extended migration time; throttle")
@@ -107,12 +94,6 @@ def source_label(client: redis.Redis) -> str:
     if kw.get("path"):
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-
-
-def premium_patterns(mapping: Mapping) -> list[Pattern]:
-    """Patterns whose values the premium summary reads: migrated critical JSON strings."""
-    return [p for p in mapping.patterns
-            if p.migrated and p.priority == Priority.CRITICAL and p.redis_type == "string" and p.value_format == "json"]
 
 
 def _text(value: bytes | str) -> str:
@@ -140,81 +121,6 @@ class Tally:
 
 
 @dataclass
-class PremiumTally:
-    """Grants (values with an expiry) and subscriptions (values with a status) among critical values.
-
-    Premium users = distinct active purchases (the ip and the email key of one purchase hold the
-    same payment reference) + active grants without a reference (counted per key) + active
-    subscriptions.
-    """
-
-    grants_active: int = 0  # keys, as the app read them: each grants access on its own
-    grants_expired: int = 0
-    unparseable: int = 0
-    unreferenced_active: int = 0
-    subscriptions_active: int = 0
-    subscriptions_inactive: int = 0
-    purchases: set[str] = field(default_factory=set)
-    active_purchases: set[str] = field(default_factory=set)
-
-    def add(self, raw: bytes | str, now: datetime) -> None:
-        try:
-            value = orjson.loads(raw)
-            if not isinstance(value, dict):
-                raise BadRecord("not a JSON object")
-            if GRANT_EXPIRY in value:
-                self._grant(value, now)
-            elif SUBSCRIPTION_STATUS in value:
-                self._subscription(value, now)
-            else:
-                raise BadRecord("neither a grant nor a subscription")
-        except (ValueError, OverflowError, OSError):  # BadRecord and JSON errors are ValueErrors; huge epochs overflow
-            self.unparseable += 1
-
-    def _grant(self, value: dict[str, Any], now: datetime) -> None:
-        expires = parse_dt(value[GRANT_EXPIRY], timezone.utc, field=GRANT_EXPIRY)
-        if expires is None:
-            raise BadRecord(f"{GRANT_EXPIRY} is empty")
-        active = expires > now
-        info = value.get(PURCHASE_REFERENCE[0])
-        reference = info.get(PURCHASE_REFERENCE[1]) if isinstance(info, dict) else None
-        if active:
-            self.grants_active += 1
-        else:
-            self.grants_expired += 1
-        if reference is None:
-            self.unreferenced_active += active
-            return
-        self.purchases.add(str(reference))
-        if active:
-            self.active_purchases.add(str(reference))
-
-    def _subscription(self, value: dict[str, Any], now: datetime) -> None:
-        end = parse_dt(value.get(SUBSCRIPTION_PERIOD_END), timezone.utc, field=SUBSCRIPTION_PERIOD_END)
-        status = value[SUBSCRIPTION_STATUS]
-        if isinstance(status, str) and status in ACTIVE_STATUSES and (end is None or end > now):
-            self.subscriptions_active += 1
-        else:
-            self.subscriptions_inactive += 1
-
-    def premium_users(self) -> int:
-        return len(self.active_purchases) + self.unreferenced_active + self.subscriptions_active
-
-    def to_json(self) -> dict[str, int]:
-        return {
-            "grants_active": self.grants_active,
-            "grants_expired": self.grants_expired,
-            "unparseable": self.unparseable,
-            "distinct_purchases": len(self.purchases),
-            "active_purchases": len(self.active_purchases),
-            "unreferenced_active_grants": self.unreferenced_active,
-            "subscriptions_active": self.subscriptions_active,
-            "subscriptions_inactive": self.subscriptions_inactive,
-            "premium_users": self.premium_users(),
-        }
-
-
-@dataclass
 class Shape:
     keys: int = 0
     examples: list[str] = field(default_factory=list)
@@ -232,7 +138,7 @@ class _Asked:
 
 
 class _Auditor:
-    """The running state of one audit: a tally per pattern, unmapped shapes, the premium summary."""
+    """The running state of one audit: a tally per pattern, unmapped shapes, the mapping's own tallies."""
 
     def __init__(self, mapping: Mapping, every: int, now: datetime, show_pii: bool) -> None:
         self.mapping, self.every, self.now, self.show_pii = mapping, every, now, show_pii
@@ -240,8 +146,8 @@ class _Auditor:
         self.unmapped = Tally()
         self.shapes: dict[str, Shape] = {}
         self.other_shape_keys = 0
-        self.premium = PremiumTally()
-        self.premium_names = {p.name for p in premium_patterns(mapping)}
+        self.additions = [make(mapping) for make in mapping.hooks.audit]
+        self.readers = {p.name: [t for t in self.additions if t.reads(p)] for p in mapping.patterns}
         self.scanned = 0
 
     def reply(self, client: redis.Redis, keys: list[bytes]) -> None:
@@ -268,7 +174,7 @@ class _Auditor:
         tally.keys += 1
         migrated = pattern is not None and pattern.migrated
         card = migrated and pattern.redis_type in CARDINALITY
-        value = pattern is not None and pattern.name in self.premium_names
+        value = pattern is not None and bool(self.readers[pattern.name]) and pattern.redis_type == "string"
         pipe.type(key)
         pipe.pttl(key)
         if sample:
@@ -297,7 +203,8 @@ class _Auditor:
         if a.pattern.migrated:
             t.records += card if isinstance(card, int) else 1
         if isinstance(value, (bytes, str)):
-            self.premium.add(value, self.now)
+            for tally in self.readers[a.pattern.name]:
+                tally.add(a.pattern, value, self.now)
 
     def _shape(self, text: str) -> None:
         text = printable(text)  # a newline in a key name would break the table's line
@@ -404,9 +311,10 @@ def audit_keyspace(client: redis.Redis, mapping: Mapping, *, show_pii: bool = Fa
         },
         "by_priority": _sums(patterns, "priority"),
         "by_table": _sums(patterns, "table"),
-        "premium": {**auditor.premium.to_json(), "patterns": sorted(auditor.premium_names)},
-        "stop_conditions": stop_conditions(premium_users=auditor.premium.premium_users(), used_memory=used_memory,
-                                           missing_critical=missing),
+        **{t.name: t.to_json() for t in auditor.additions},
+        "additions": [t.name for t in auditor.additions],
+        "stop_conditions": [*stop_conditions(used_memory=used_memory, missing_critical=missing),
+                            *(w for t in auditor.additions for w in t.stop_conditions())],
     }
 
 
@@ -425,7 +333,7 @@ def _table(head: Sequence[str], rows: list[Sequence[str]], right_from: int) -> l
 
 
 def render_audit(report: dict[str, Any]) -> str:
-    """The report for a terminal: patterns, unmapped shapes, premium, volumes, stop conditions."""
+    """The report for a terminal: patterns, unmapped shapes, the mapping's tallies, volumes, stop conditions."""
     r = report["redis"]
     out = [f"audit of {report['source']} ({report['mapping']} mapping) at {report['generated_at']}",
            f"redis {r['version']}, used memory {r['used_memory_human']}, {report['total_keys']:,} keys scanned "
@@ -450,12 +358,7 @@ def render_audit(report: dict[str, Any]) -> str:
         out += [f"  {s['shape']:<40} {s['keys']:>8,}  e.g. {', '.join(s['examples'])}" for s in u["shapes"]]
         if u["other_shapes_keys"]:
             out.append(f"  (other shapes) {u['other_shapes_keys']:,}")
-    pr = report["premium"]
-    out += ["", f"premium ({', '.join(pr['patterns']) or 'no critical JSON patterns'}): "
-                f"{pr['grants_active']:,} active and {pr['grants_expired']:,} expired grant keys, "
-                f"{pr['distinct_purchases']:,} distinct purchases ({pr['active_purchases']:,} active), "
-                f"{pr['subscriptions_active']:,} active subscriptions, {pr['unparseable']:,} unparseable; "
-                f"premium users {pr['premium_users']:,}"]
+    out += ["", *(report[name]["summary"] for name in report.get("additions", ()))]
     out.append("records to migrate by priority: " + ", ".join(
         f"{prio} {v['records']:,} ({v['keys']:,} keys)" for prio, v in report["by_priority"].items()))
     out.append("keys by target table: " + ", ".join(f"{t} {v['keys']:,}" for t, v in report["by_table"].items()))

@@ -65,8 +65,9 @@ class _Target:
     secret: str | None
 
 
-def backup(settings: Settings, directory: Path, *, now: datetime | None = None) -> BackupResult:
-    """Dump DATABASE_URL with pg_dump and REDIS_URL's server(s) with `redis-cli --rdb` into `directory`.
+def backup(settings: Settings, directory: Path, *, name: str, now: datetime | None = None) -> BackupResult:
+    """Dump DATABASE_URL with pg_dump (`<name>_pre_migration_<ts>.sql`, name: the mapping's) and
+    REDIS_URL's server(s) with `redis-cli --rdb` into `directory`.
 
     Everything is checked before the first file is written; on any failure the files of this
     backup are removed, so a directory never holds a half backup that looks whole.
@@ -75,7 +76,7 @@ def backup(settings: Settings, directory: Path, *, now: datetime | None = None) 
     pg_dump, redis_cli = _tool("pg_dump"), _tool("redis-cli")
     directory = _writable(directory)
     settings.postgres().close()  # the usual error with its fix (unreachable, refused, bad URL) before any file
-    sql = _pg_target(settings.database_url, directory / f"threadr_pre_migration_{stamp}.sql")
+    sql = _pg_target(settings.database_url, directory / f"{_file_safe(name)}_pre_migration_{stamp}.sql")
     rdbs = _redis_targets(settings, directory, stamp)
     taken = [t.path for t in (sql, *rdbs) if t.path.exists()]
     if taken:

@@ -85,8 +85,9 @@ def _where_flags(p: argparse.ArgumentParser) -> None:
 
 def _mapping_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--mapping", metavar="MAPPING",
-                   help="the keyspace's mapping: an installed one's name (e.g. threadr), package.module:ATTRIBUTE, or "
-                        "a mapping file (.toml); env MIGRATOR_MAPPING, default threadr. Commands on a run use the "
+                   help="the keyspace's mapping: an installed one's name (an unknown name lists them), "
+                        "package.module:ATTRIBUTE, or a mapping file (.toml); env MIGRATOR_MAPPING, default: the "
+                        "only installed one. Commands on a run use the "
                         "mapping the run was made with (and refuse another)")
 
 
@@ -104,7 +105,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="only this priority (repeatable); default: critical, high, medium, low in order")
     g.add_argument("--table", action="append", default=[], help="only patterns writing this table (repeatable)")
     g.add_argument("--pattern", action="append", default=[],
-                   help="only this pattern, by name or key glob, e.g. 'threadr:premium:email:*', or a glob over "
+                   help="only this pattern, by name or key glob, e.g. 'app:premium:email:*', or a glob over "
                         "those, e.g. 'premium_*' (repeatable; one that names no pattern is refused, listing them)")
     g = p.add_argument_group("how")
     g.add_argument("--dry-run", action="store_true",
@@ -173,13 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
 
     p = sub.add_parser("backup", help="pg_dump of the target and a Redis RDB snapshot, before anything is written",
-                       description="Writes threadr_pre_migration_<ts>.sql and redis_backup_<ts>.rdb (one per master "
+                       description="Writes <mapping>_pre_migration_<ts>.sql and redis_backup_<ts>.rdb (one per master "
                                    "of a cluster), checks both, and prints how to restore them.")
-    p.set_defaults(handler=lambda a, s: commands.cmd_backup(s, a.dir))
+    p.set_defaults(handler=lambda a, s: commands.cmd_backup(s, registry.load(a.mapping), a.dir))
     _connection_flags(p)
     p.add_argument("--dir", type=Path, default=Path("."), help="where the files go (default: here)")
 
-    p = sub.add_parser("audit", help="phase 1: one SCAN pass: keys, types, memory, TTLs, premium counts, unmapped keys",
+    p = sub.add_parser("audit", help="phase 1: one SCAN pass: keys, types, memory, TTLs, unmapped keys, the mapping's own tallies",
                        description="Writes redis_audit_report_<ts>.json and shows it as a table. Exit 1 when a stop "
                                    "condition of the guide holds (over 50,000 premium users, over 2 GB of memory).")
     p.set_defaults(handler=lambda a, s: commands.cmd_audit(s, registry.load(a.mapping), show_pii=a.show_pii,
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sets the strategy the app's DualWriteService follows. Refused unless the latest "
                                    "run completed with every priority validated, no repair is pending, and each "
                                    "operation's shadow-read parity is at least --min-parity over --min-reads reads.")
-    p.set_defaults(handler=lambda a, s: commands.cmd_cutover(s, None if a.back else a.to, min_parity=a.min_parity,
+    p.set_defaults(handler=lambda a, s: commands.cmd_cutover(s, registry.load(a.mapping), None if a.back else a.to, min_parity=a.min_parity,
                                                              min_reads=a.min_reads, hours=a.hours))
     _connection_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
@@ -340,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     _connection_flags(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("seed-demo", help="write the demo Threadr keyspace into Redis")
-    p.set_defaults(handler=lambda a, s: commands.cmd_seed_demo(s, a.users, fresh=a.fresh, malformed=a.malformed))
+    p = sub.add_parser("seed-demo", help="write the mapping's demo keyspace into Redis (a mapping that brings one)")
+    p.set_defaults(handler=lambda a, s: commands.cmd_seed_demo(s, registry.load(a.mapping), a.users, fresh=a.fresh, malformed=a.malformed))
     _connection_flags(p)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--malformed", type=int, default=0, help="also write this many hostile keys")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from . import cutover
-from . import demo as demo_data
 from . import ledger, registry
 from . import report as report_mod
 from . import status as status_mod
@@ -486,9 +485,9 @@ def cmd_check(settings: Settings, mapping: Mapping, *, need_workers: bool, timeo
     return exit_code(results)
 
 
-def cmd_backup(settings: Settings, directory: Path, out: TextIO = sys.stdout) -> int:
+def cmd_backup(settings: Settings, mapping: Mapping, directory: Path, out: TextIO = sys.stdout) -> int:
     """pg_dump of the target and an RDB snapshot of the source, checked, with how to restore them."""
-    result = backup(settings, directory)
+    result = backup(settings, directory, name=mapping.name)
     for dump in (result.sql, *result.rdb):
         out.write(f"{dump.path}  {dump.size:,} bytes\n")
     out.write("\n" + restore_instructions(result) + "\n")
@@ -543,7 +542,7 @@ def cmd_parity(settings: Settings, hours: float, *, as_json: bool, out: TextIO =
     return OK
 
 
-def cmd_cutover(settings: Settings, to: str | None, *, min_parity: float, min_reads: int, hours: float,
+def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_parity: float, min_reads: int, hours: float,
                 out: TextIO = sys.stdout) -> int:
     """Switch the app's strategy: refused unless the run validated and parity holds; --back always allowed."""
     client, conn = settings.redis(), _ledger(settings)
@@ -552,7 +551,7 @@ def cmd_cutover(settings: Settings, to: str | None, *, min_parity: float, min_re
             cutover.set_strategy(conn, WriteStrategy.DUAL_WRITE, "cutover --back")
             out.write("strategy is dual_write again: Redis answers, both stores are written\n")
             return OK
-        decision = cutover.judge_cutover(client, conn, min_parity=min_parity, min_reads=min_reads, hours=hours)
+        decision = cutover.judge_cutover(client, conn, mapping.hooks.parity_reads, min_parity=min_parity, min_reads=min_reads, hours=hours)
         if not decision.allowed:
             out.write("cutover refused:\n" + "".join(f"  - {r}\n" for r in decision.reasons))
             return FAILED
@@ -582,7 +581,9 @@ def cmd_health(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -
     return OK if report["ok"] else FAILED
 
 
-def cmd_seed_demo(settings: Settings, users: int, *, fresh: bool, malformed: int = 0, out: TextIO = sys.stdout) -> int:
+def cmd_seed_demo(settings: Settings, mapping: Mapping, users: int, *, fresh: bool, malformed: int = 0,
+                  out: TextIO = sys.stdout) -> int:
+    seed = mapping.hooks.seeder(mapping.name)  # before anything is flushed
     client = settings.redis()
     try:
         if client.dbsize() and not fresh:
@@ -592,7 +593,7 @@ def cmd_seed_demo(settings: Settings, users: int, *, fresh: bool, malformed: int
         if fresh:
             client.flushdb()
         started = time.monotonic()
-        counts = demo_data.seed_demo(client, users, malformed=malformed)
+        counts = seed(client, users, malformed=malformed)
     finally:
         client.close()
     out.write(f"seeded {sum(counts.values()):,} keys for {users:,} users in {time.monotonic() - started:.1f} s\n")
@@ -623,7 +624,7 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
         return OK
 
     for step in (lambda: cmd_init_db(demo, mapping, out), empty,
-                 lambda: cmd_seed_demo(demo, users, fresh=True, out=out),
+                 lambda: cmd_seed_demo(demo, mapping, users, fresh=True, out=out),
                  lambda: cmd_run(demo, mapping, opts, out=out)):
         code = step()
         if code != OK:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 
@@ -68,7 +68,7 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
-def judge_cutover(client: redis.Redis, conn: Any, *, min_parity: float, min_reads: int, hours: float) -> Decision:
+def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *, min_parity: float, min_reads: int, hours: float) -> Decision:
     reasons = []
     with conn, conn.cursor() as cur:
         run_id = ledger.latest_run(cur)
@@ -83,7 +83,10 @@ def judge_cutover(client: redis.Redis, conn: Any, *, min_parity: float, min_read
     if pending:
         reasons.append(f"{pending} dual-write repair(s) pending: apply them first (DualWriteService.repair())")
     seen = parity(conn, hours)
-    for operation in ("check_premium_access", "get_usage_stats"):
+    if not parity_reads:
+        reasons.append("the mapping names no parity reads (Hooks.parity_reads): nothing says the app's reads agree "
+                       "on PostgreSQL; declare the reads its DualWriteService shadows")
+    for operation in parity_reads:
         p = seen.get(operation, {"reads": 0, "parity": 0.0})
         if p["reads"] < min_reads:
             reasons.append(f"{operation}: {p['reads']} shadow reads in {hours:g} h, fewer than {min_reads}; "

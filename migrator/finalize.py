@@ -1,4 +1,4 @@
-"""What happens after a priority's batches: link legacy user ids, verify, judge, decide what comes next.
+"""What happens after a priority's batches: link legacy ids, verify, judge, decide what comes next.
 
 The Celery chord callbacks and `run --local` both go through `begin_verification` (once the
 batches are in) and `judge_priority` (once its verification's ranges are in), so the rules for
@@ -16,7 +16,7 @@ from psycopg2 import sql
 from . import ledger, runstate, verify
 from .errors import transient
 from .mapping import Mapping, Priority
-from .merge import LEGACY_KEY, LINKED
+from .merge import LEGACY_KEY
 from .options import RunOptions
 from .redact import redact_text
 from .rollback import RollbackFailed, rollback_run
@@ -33,16 +33,16 @@ LINK = sql.SQL(
 )
 
 
-def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
-    """Fill user_id on rows that name their user by email, now that the users are in (only
-    while the run is running: its row is held until these writes commit)."""
+def link_rows(conn: Any, mapping: Mapping, run_id: str) -> int:
+    """Fill the linked columns of rows that name their entity by a legacy id, now that the
+    entities are in (only while the run is running: its row is held until these writes commit)."""
     linked = 0
     with conn, conn.cursor() as cur:
         runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
-        for table, column in mapping.user_links:
-            t, c = sql.Identifier(table), sql.Identifier(column)
-            cur.execute(LINK.format(t=t, c=c, linked=sql.Identifier(LINKED),
+        for link in mapping.links:
+            t, c = sql.Identifier(link.table), sql.Identifier(link.column)
+            cur.execute(LINK.format(t=t, c=c, linked=sql.Identifier(link.into),
                                     legacy=sql.SQL(LEGACY_KEY).format(ref=sql.SQL("{}.{}").format(t, c))))
             linked += cur.rowcount
     return linked
@@ -50,7 +50,7 @@ def link_users(conn: Any, mapping: Mapping, run_id: str) -> int:
 
 def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, priority: Priority,
                        opts: RunOptions, dispatch: int | None = None) -> int | None:
-    """The batches of `priority` are in: link users, and plan the priority's verification (its
+    """The batches of `priority` are in: link rows to their entities, and plan the priority's verification (its
     id). None when the source restarted since the run was planned: keys moved between ranges
     with the new hash seed, so the priority is scanned again.
 
@@ -63,7 +63,7 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
     try:
         if source_restarted(client, conn, mapping, run_id, priority):
             return None
-        linked = 0 if opts.dry_run else link_users(conn, mapping, run_id)
+        linked = 0 if opts.dry_run else link_rows(conn, mapping, run_id)
         log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
         return verify.plan_verification(client, conn, run_id, [priority])
     except Fenced:

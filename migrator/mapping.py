@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 
+from .hooks import Hooks
 from .merge import TableRule
 
 
@@ -203,6 +204,16 @@ class Figure:
     rows: bool = False
 
 
+@dataclass(frozen=True)
+class Link:
+    """Rows of `table` that name an entity by a legacy id (an app's own id, an email) in `column`:
+    once the run has brought the entities in (legacy_id_map), their new id is filled into `into`."""
+
+    table: str
+    column: str
+    into: str
+
+
 UNMAPPED = "unmapped"
 UNMAPPED_REASON = "unmapped: no pattern of the mapping matches; left in Redis untouched"
 
@@ -214,15 +225,17 @@ class Mapping:
     name: str
     patterns: tuple[Pattern, ...]
     rules: tuple[TableRule, ...] = ()
-    # (table, column): rows naming a user by a legacy id, linked through legacy_id_map
-    user_links: tuple[tuple[str, str], ...] = ()
-    user_patterns: tuple[str, ...] = ()  # the patterns that bring users in; linked rows depend on them
+    links: tuple[Link, ...] = ()
+    linked_patterns: tuple[str, ...] = ()  # the patterns that bring the linked entities in; linked rows depend on them
     figures: tuple[Figure, ...] = ()
     unmapped_priority: Priority = Priority.LOW
     # Its target tables' DDL: SQL texts `init-db` applies after the engine's, each idempotent (it
     # runs again on top of itself) and creating every table of `rules`; the engine adds to each the
     # provenance columns it fills and the journal trigger rollback depends on (migrator/schema.py).
     schema: tuple[str, ...] = ()
+    # What the application adds beside its patterns (demo keyspace, audit tallies, parity reads):
+    # it decides nothing a run writes, so it is no part of the digest.
+    hooks: Hooks = field(default=Hooks(), compare=False, metadata={"digest": False})
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.patterns]
@@ -319,6 +332,6 @@ class Mapping:
 
     def named(self, wanted: str) -> list[Pattern]:
         """The patterns `wanted` names: the one whose name or key glob it is, else every one whose
-        name or key glob it matches as a shell-style glob ('premium_*', 'threadr:premium:*')."""
+        name or key glob it matches as a shell-style glob ('premium_*', 'app:premium:*')."""
         exact = [p for p in self.patterns if wanted in (p.name, p.glob)]
         return exact or [p for p in self.patterns if fnmatchcase(p.name, wanted) or fnmatchcase(p.glob, wanted)]

@@ -22,10 +22,10 @@ AUDIT_FILE = re.compile(rf"{AUDIT_PREFIX}\d{{8}}_\d{{6}}\.json")
 
 
 def linked_tables(mapping: Mapping) -> dict[str, list[str]]:
-    """Tables whose rows name a user by a legacy id, with those columns."""
+    """Tables whose rows name an entity by a legacy id, with those columns."""
     out: dict[str, list[str]] = {}
-    for table, column in mapping.user_links:
-        out.setdefault(table, []).append(column)
+    for link in mapping.links:
+        out.setdefault(link.table, []).append(link.column)
     return out
 
 
@@ -70,8 +70,8 @@ def merge_rule(rule: TableRule) -> dict[str, Any]:
 
 
 def dependencies(pattern: Pattern, mapping: Mapping) -> list[str]:
-    """Declared dependencies, then the user patterns when the pattern's table links to users."""
-    implied = list(mapping.user_patterns) if pattern.table in linked_tables(mapping) else []
+    """Declared dependencies, then the linked patterns when the pattern's table links to their entities."""
+    implied = list(mapping.linked_patterns) if pattern.table in linked_tables(mapping) else []
     names = [n for n in dict.fromkeys([*pattern.depends_on, *implied]) if n != pattern.name]
     known = {p.name for p in mapping.patterns}
     unknown = [n for n in names if n not in known]
@@ -115,7 +115,7 @@ def _pattern_doc(pattern: Pattern, mapping: Mapping, audited: dict[str, dict[str
         "dependencies": deps,
         # migrated in a later priority: the link is filled once that priority is in
         "deferred_dependencies": [n for n in deps if priority_of[n] > pattern.priority],
-        "user_link_columns": linked_tables(mapping).get(pattern.table, []),
+        "link_columns": linked_tables(mapping).get(pattern.table, []),
         "merge_rule": merge_rule(mapping.rule(pattern.table)) if pattern.table else None,
         "volumes": _volumes(audited.get(pattern.name)) if audited is not None else None,
     }
@@ -135,14 +135,14 @@ def build_mapping_document(mapping: Mapping, audit: dict[str, Any] | None, *,
     tables = [{"table": rule.name,
                "patterns": [p.name for p in ordered if p.table == rule.name],
                "merge_rule": merge_rule(rule),
-               "user_link_columns": links.get(rule.name, [])}
+               "link_columns": links.get(rule.name, [])}
               for rule in mapping.rules]
     levels = [p["complexity"] for p in patterns]
     return {
         "generated_at": (now or datetime.now(timezone.utc)).isoformat(),
         "mapping": mapping.name,
         "audit": _audit_summary(audit),
-        "user_patterns": list(mapping.user_patterns),
+        "linked_patterns": list(mapping.linked_patterns),
         "patterns": patterns,
         "migration_order": order,
         "tables": tables,

@@ -17,10 +17,9 @@ from psycopg2 import sql
 # (a grant written under its ip and its email key would otherwise flip its source each run).
 VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest"})
 
-# How rows naming a user by a legacy id (an app user id, an email) find that user's id in
+# How rows naming an entity by a legacy id (an app's own id, an email) find its new id in
 # legacy_id_map: emails case-folded, as the map stores them.
 LEGACY_KEY = "CASE WHEN position('@' IN {ref}) > 0 THEN lower({ref}) ELSE {ref} END"
-LINKED = "user_id"  # the column such rows are linked through
 
 
 @dataclass(frozen=True)
@@ -74,15 +73,15 @@ class TableRule:
 
 
     def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]], *, provenances: Sequence[str],
-                links: Sequence[str] = (), since: str | None = None, unknown: Sequence[str] = ()) -> sql.Composed:
+                links: Mapping[str, Sequence[str]] | None = None, since: str | None = None, unknown: Sequence[str] = ()) -> sql.Composed:
         """A read-only statement over rows given as the writer gives them ($1: `columns` then the
         expected source_key and source_digest): how many of them are found under the key that
         expects them, and the rows that are missing or differ, as [id, key, kind, [columns]].
 
         Every column of the table is compared but the provenance and the `unknown` ones (another
         key of the row fills them; the writer's COALESCE keeps them): one the rows leave out must
-        hold its default, and a column linked through legacy_id_map (`links`: the row's reference
-        columns) must hold the user the map names.
+        hold its default, and a column linked through legacy_id_map (`links`: linked column -> the
+        row's reference columns) must hold the entity the map names.
         Counters and documents must be equal: whether a difference is the app's (the key's value
         moved since the row was written, or the document's `version` is newer than `since`) or
         the row's own is said by `kind`: changed, or different.
@@ -94,10 +93,10 @@ class TableRule:
         for c in columns:
             if c in VOLATILE or c in unknown:
                 continue
-            if c == LINKED and links:
-                # the user the map names (the link step's rule), unless the record names one itself
+            if links and c in links:
+                # the entity the map names (the link step's rule), unless the record names one itself
                 found = [sql.SQL("(SELECT m.entity_id FROM legacy_id_map m WHERE m.legacy_id = {})").format(
-                    sql.SQL(LEGACY_KEY).format(ref=t(ref))) for ref in links]
+                    sql.SQL(LEGACY_KEY).format(ref=t(ref))) for ref in links[c]]
                 expected = sql.SQL("COALESCE({})").format(sql.SQL(", ").join([e(c), *found]))
                 same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), expected)))
             else:  # a lookup column too: one the record cannot know is in `unknown`

@@ -1,8 +1,8 @@
 """Which mapping a command works with, and how a run keeps to it.
 
 A mapping is named on the command line (`--mapping`) or in MIGRATOR_MAPPING, one of:
-- a name an installed package registers in the entry-point group `migrator.mappings` (Threadr's
-  is `threadr`);
+- a name an installed package registers in the entry-point group `migrator.mappings` (this
+  package registers the applications under migrator/apps);
 - `package.module:attribute`, a `Mapping` (or a function returning one) importable here;
 - a mapping file (`.toml`), for keyspaces that need no code.
 
@@ -27,7 +27,6 @@ import orjson
 from .mapping import Mapping
 
 GROUP = "migrator.mappings"
-DEFAULT = "threadr"
 FILE_SUFFIXES = (".toml",)
 
 
@@ -37,8 +36,16 @@ class MappingError(ValueError):
 
 
 def requested(spec: str | None) -> str:
-    """The mapping a command is asked for: its flag, else MIGRATOR_MAPPING, else Threadr's."""
-    return spec or os.environ.get("MIGRATOR_MAPPING") or DEFAULT
+    """The mapping a command is asked for: its flag, else MIGRATOR_MAPPING, else the only installed one."""
+    spec = spec or os.environ.get("MIGRATOR_MAPPING")
+    if spec:
+        return spec
+    installed = sorted({ep.name for ep in entry_points(group=GROUP)})
+    if len(installed) != 1:
+        raise MappingError(f"name the keyspace's mapping with --mapping or MIGRATOR_MAPPING: one of the installed "
+                           f"{', '.join(installed) or '(none installed)'}, a module's `package.module:ATTRIBUTE`, "
+                           "or a mapping file (.toml)")
+    return installed[0]
 
 
 def load(spec: str | None = None) -> Mapping:
@@ -101,7 +108,8 @@ def digest(mapping: Mapping) -> str:
 def _declared(value: Any) -> Any:
     """A JSON-able form of a declaration: dataclasses by their fields, functions by their code."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _declared(getattr(value, f.name)) for f in fields(value) if f.init}
+        return {f.name: _declared(getattr(value, f.name)) for f in fields(value)
+                if f.init and f.metadata.get("digest", True)}
     if isinstance(value, (list, tuple)):
         return [_declared(v) for v in value]
     if isinstance(value, dict):

@@ -115,7 +115,7 @@ def init_db(conn: Any, mapping: Mapping) -> list[tuple[str, str]]:
             )
             state = applied.get(version)
             actions.append((version, "applied" if state is None else "current" if state == checksum else "updated"))
-        # files that are no longer the engine's (002_threadr is the threadr mapping's schema now)
+        # files that are no longer the engine's (an application's schema that once was, now its mapping's)
         cur.execute("DELETE FROM schema_migrations WHERE version ~ '^[0-9]{3}_' AND version <> ALL(%s)"
                     " RETURNING version", ([version for version, _ in engine],))
         actions += [(version, "retired") for (version,) in cur.fetchall()]

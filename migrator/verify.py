@@ -28,7 +28,6 @@ from psycopg2 import sql
 from . import ledger, throttle
 from .ledger import VerifySpec
 from .mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
-from .merge import LINKED
 from .options import RunOptions
 from .partition import KeyRange, plan_ranges, scan_range
 from .redact import printable, redact_text
@@ -134,9 +133,9 @@ class RangeVerifier:
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         self.pending: list[tuple[bytes, str, Pattern, dict[str, str]]] = []
         self.statements: dict[tuple, str] = {}
-        self.links: dict[str, list[str]] = {}
-        for table, column in mapping.user_links:
-            self.links.setdefault(table, []).append(column)
+        self.links: dict[str, dict[str, list[str]]] = {}  # table -> linked column -> reference columns
+        for link in mapping.links:
+            self.links.setdefault(link.table, {}).setdefault(link.into, []).append(link.column)
 
     def feed(self, keys: list[bytes]) -> None:
         for key in keys:
@@ -287,7 +286,7 @@ class RangeVerifier:
             # the pattern of the key, or any other whose rows may have been written last
             provenances = {pattern.provenance, *(p.provenance for p in self.mapping.patterns if p.table == table)}
             self.statements[(table, columns, pattern, unknown)] = self.mapping.rule(table).compare(
-                full, types, provenances=sorted(provenances), links=self.links.get(table, ()) if LINKED in columns else (),
+                full, types, provenances=sorted(provenances), links=self.links.get(table),
                 since=self.since, unknown=unknown).as_string(self.cur)
         return self.statements[(table, columns, pattern, unknown)]
 

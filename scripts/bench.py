@@ -47,12 +47,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.demo import GIANT_THREAD_BYTES, WIDE_MEMBERS, seed_demo, seed_hostile, write_large_thread, write_large_timeseries  # noqa: E402
+from migrator.apps.threadr.demo import GIANT_THREAD_BYTES, WIDE_MEMBERS, seed_demo, seed_hostile, write_large_thread, write_large_timeseries  # noqa: E402
 from migrator.log import configure  # noqa: E402
 from migrator.source import CHUNK_READ_MEMBERS  # noqa: E402
 from migrator.partition import plan_ranges  # noqa: E402
 from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
-from migrator.threadr import THREADR  # noqa: E402
+from migrator.apps.threadr import THREADR  # noqa: E402
 
 KEYS_PER_USER = 13.9  # what the demo generator writes per user
 READ = {"string": "get", "hash": "hgetall", "set": "smembers", "zset": "zrange", "list": "lrange"}

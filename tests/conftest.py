@@ -29,7 +29,7 @@ from migrator import dualwrite, ledger  # noqa: E402
 from migrator.config import Settings  # noqa: E402
 from migrator.log import configure  # noqa: E402
 from migrator.schema import database_url_for, empty_tables, ensure_database, init_db  # noqa: E402
-from migrator.threadr import THREADR  # noqa: E402
+from migrator.apps.threadr import THREADR  # noqa: E402
 from helpers import Workers, worker_env  # noqa: E402
 from servers import redis_cluster  # noqa: E402
 

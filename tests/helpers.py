@@ -25,7 +25,7 @@ from migrator.runner import execute_local, plan_run, verify_local
 from migrator.schema import database_url_for, ensure_database
 from migrator.validate import validate_run
 from migrator.status import run_progress
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 from migrator.values import stable_id
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.mapping import UNMAPPED
 
 from helpers import by_pattern, fingerprint, migrate

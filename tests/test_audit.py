@@ -12,7 +12,6 @@ import redis
 
 from migrator.audit import (
     AUDIT_PREFIX,
-    PREMIUM_USERS_LIMIT,
     Tally,
     USED_MEMORY_LIMIT,
     _Auditor,
@@ -24,11 +23,12 @@ from migrator.audit import (
     write_audit,
 )
 from migrator.config import ConfigError
-from migrator.demo import seed_demo
-from migrator.mapping import Mapping, Pattern, Priority, Row
+from migrator.apps.threadr.audit import PREMIUM_USERS_LIMIT, PremiumTally
+from migrator.apps.threadr.demo import seed_demo
+from migrator.mapping import Link, Mapping, Pattern, Priority, Row
 from migrator.mapping_doc import MAPPING_PREFIX, build_mapping_document, latest_audit, write_mapping_document
 from migrator.merge import TableRule
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)  # naive, as the app wrote datetimes
 CRITICAL_MIGRATED = {p.name for p in THREADR.patterns if p.migrated and p.priority == Priority.CRITICAL}
@@ -167,7 +167,7 @@ def test_premium_grants_active_expired_and_distinct_purchases(r):
     r.set("threadr:subscription:user:e@x.io", json.dumps({**sub, "status": "cancelled"}))
     r.set("threadr:subscription:user:f@x.io", json.dumps({**sub, "status": ["active"]}))  # counted, not a crash
     premium = audit_keyspace(r, THREADR, now=NOW)["premium"]
-    assert {k: v for k, v in premium.items() if k != "patterns"} == {
+    assert {k: v for k, v in premium.items() if k not in ("patterns", "summary")} == {
         "grants_active": 3, "grants_expired": 1, "unparseable": 3, "distinct_purchases": 2, "active_purchases": 1,
         "unreferenced_active_grants": 1, "subscriptions_active": 1, "subscriptions_inactive": 2, "premium_users": 3,
     }
@@ -196,9 +196,13 @@ def test_ttl_bucket_edges():
 
 def test_stop_condition_thresholds():
     critical = [p for p in THREADR.patterns if p.name == "premium_ip"]
-    assert stop_conditions(premium_users=PREMIUM_USERS_LIMIT, used_memory=USED_MEMORY_LIMIT, missing_critical=[]) == []
-    staged, memory, missing = stop_conditions(premium_users=PREMIUM_USERS_LIMIT + 1, used_memory=USED_MEMORY_LIMIT + 1,
-                                              missing_critical=critical)
+    assert stop_conditions(used_memory=USED_MEMORY_LIMIT, missing_critical=[]) == []
+    memory, missing = stop_conditions(used_memory=USED_MEMORY_LIMIT + 1, missing_critical=critical)
+    tally = PremiumTally(THREADR)
+    tally.subscriptions_active = PREMIUM_USERS_LIMIT
+    assert tally.stop_conditions() == []
+    tally.subscriptions_active += 1
+    (staged,) = tally.stop_conditions()
     assert "consider a staged migration (--priority critical first)" in staged and "50,001" in staged
     assert "plan for extended migration time; throttle" in memory
     assert missing.startswith("critical data pattern missing: investigate") and "threadr:premium:ip:*" in missing
@@ -265,10 +269,10 @@ def test_mapping_document_reads_any_mapping():
         Pattern("flag", "flag:*", r"flag:(?P<name>\w+)", "string", Priority.LOW, "flags", value_format="text",
                 table="flags", transform=nothing),
     ), rules=(TableRule("notes"), TableRule("accounts", version="updated_at"), TableRule("flags")),
-        user_links=(("notes", "owner"),), user_patterns=("account",))
+        links=(Link("notes", "owner", into="account_id"),), linked_patterns=("account",))
     doc = build_mapping_document(mapping, None)
     patterns = {p["name"]: p for p in doc["patterns"]}
-    assert doc["user_patterns"] == ["account"]
+    assert doc["linked_patterns"] == ["account"] and patterns["note"]["link_columns"] == ["owner"]
     assert patterns["note"]["dependencies"] == ["account"] and patterns["note"]["deferred_dependencies"] == []
     assert [patterns[n]["complexity"] for n in ("note", "account", "flag")] == ["high", "medium", "low"]
     assert patterns["account"]["validation"] == ["email unique"]

@@ -14,7 +14,7 @@ import redis
 
 from migrator.backup import backup, restore_instructions
 from migrator.config import ConfigError, Settings
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 
 from servers import redis_cluster, redis_server, spare_port, with_password
 
@@ -40,7 +40,7 @@ def test_backup_of_a_seeded_keyspace_restores_both_sides(settings, pg, tmp_path)
         seeded = client.dbsize()
         source = Settings(f"redis://:{REDIS_SECRET}@127.0.0.1:{port}/0", with_password(settings.database_url, PG_SECRET),
                           settings.broker_url)
-        result = backup(source, tmp_path / "backups", now=NOW)
+        result = backup(source, tmp_path / "backups", name="threadr", now=NOW)
         sql, (rdb,) = result.sql, result.rdb
 
         assert sql.path == tmp_path / "backups" / f"threadr_pre_migration_{STAMP}.sql"
@@ -79,7 +79,7 @@ def test_cluster_source_gets_one_rdb_per_master(settings, tmp_path):
             seed_demo(client, 30)
         seeded = sum(map(keys_of, ports))
         result = backup(Settings(f"redis://127.0.0.1:{ports[1]}/0", settings.database_url, settings.broker_url),
-                        tmp_path / "backups", now=NOW)
+                        tmp_path / "backups", name="threadr", now=NOW)
     assert sorted(d.path.name for d in result.rdb) == sorted(f"redis_backup_{STAMP}_127.0.0.1_{p}.rdb" for p in ports)
     restored = 0
     for rdb in result.rdb:
@@ -95,7 +95,7 @@ def test_bad_database_url_raises_without_its_password_and_writes_nothing(setting
     where = spare_port() if port == "closed" else port
     bad = Settings(settings.redis_url, f"postgresql://postgres:{PG_SECRET}@127.0.0.1:{where}/x", settings.broker_url)
     with pytest.raises(ConfigError, match="cannot connect to PostgreSQL") as failure:
-        backup(bad, tmp_path)
+        backup(bad, tmp_path, name="threadr")
     assert PG_SECRET not in str(failure.value) and "postgres:***@" in str(failure.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -105,14 +105,14 @@ def test_a_failed_dump_leaves_no_file_behind(settings, tmp_path):
     with redis_server(tmp_path, "--rename-command", "SYNC", "", "--rename-command", "PSYNC", "") as port:
         source = Settings(f"redis://127.0.0.1:{port}/0", settings.database_url, settings.broker_url)
         with pytest.raises(ConfigError, match=r"redis-cli failed \(exit 1\): .*unknown command 'SYNC'"):
-            backup(source, tmp_path / "backups", now=NOW)
+            backup(source, tmp_path / "backups", name="threadr", now=NOW)
     assert list((tmp_path / "backups").iterdir()) == []
 
 
 def test_missing_tools_and_unwritable_directories_are_config_errors(settings, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=r"cannot write backups to .*a-file/backups .*choose another directory"):
-        backup(settings, tmp_path / "a-file" / "backups")
+        backup(settings, tmp_path / "a-file" / "backups", name="threadr")
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
     with pytest.raises(ConfigError, match=r"pg_dump is not on PATH; install the PostgreSQL client"):
-        backup(settings, tmp_path / "backups")
+        backup(settings, tmp_path / "backups", name="threadr")

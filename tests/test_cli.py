@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from helpers import migrator
 from servers import redis_server
 
@@ -178,7 +178,7 @@ def a_run(settings, r, pg) -> str:
     """A run in the ledger (planned, not executed): the one the messages should name."""
     from migrator.options import RunOptions
     from migrator.runner import plan_run
-    from migrator.threadr import THREADR
+    from migrator.apps.threadr import THREADR
 
     seed_demo(r, 3)
     client = settings.redis()

@@ -7,8 +7,8 @@ import redis
 from psycopg2 import sql
 
 from migrator.config import Settings
-from migrator.demo import seed_demo
-from migrator.threadr import THREADR
+from migrator.apps.threadr.demo import seed_demo
+from migrator.apps.threadr import THREADR
 
 from helpers import by_pattern, content_fingerprint, migrate
 

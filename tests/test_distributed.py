@@ -17,11 +17,11 @@ import time
 import pytest
 import redis
 
-from migrator.demo import DANGLING, seed_demo
+from migrator.apps.threadr.demo import DANGLING, seed_demo
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.status import run_progress
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, Flower, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
 
@@ -243,9 +243,10 @@ def app_with_dual_writes(redis_url: str, database_url: str, ips: list[str], emai
     """The app during the migration: registrations, purchases and generations through the service."""
     import psycopg2
 
-    from migrator.dualwrite import DualWriteService, WriteStrategy
+    from migrator.apps.threadr.dualwrite import ThreadrDualWrite
+    from migrator.dualwrite import WriteStrategy
 
-    service = DualWriteService(redis.Redis.from_url(redis_url), lambda: psycopg2.connect(database_url), THREADR,
+    service = ThreadrDualWrite(redis.Redis.from_url(redis_url), lambda: psycopg2.connect(database_url), THREADR,
                                WriteStrategy.DUAL_WRITE, shadow_rate=0.5)
     for i in range(10_000):
         if stop.is_set():
@@ -266,8 +267,9 @@ def app_with_dual_writes(redis_url: str, database_url: str, ips: list[str], emai
 def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_update(settings, r, pg, workers):
     import psycopg2
 
+    from migrator.apps.threadr.dualwrite import ThreadrDualWrite
     from migrator.cutover import judge_cutover
-    from migrator.dualwrite import DualWriteService, WriteStrategy
+    from migrator.dualwrite import WriteStrategy
 
     seed_demo(r, 600)
     ips = [f"198.51.100.{i}" for i in range(20)] + [k.decode().split(":", 3)[3] for k in
@@ -285,7 +287,7 @@ def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_updat
         stop.set()
         app.join(60)
     assert report["status"] == "completed", report["error"]
-    service = DualWriteService(r, lambda: psycopg2.connect(settings.database_url), THREADR)
+    service = ThreadrDualWrite(r, lambda: psycopg2.connect(settings.database_url), THREADR)
     try:
         for identifier, kind in [*((ip, "ip") for ip in ips), *((e, "email") for e in emails)]:
             service.strategy = WriteStrategy.DUAL_WRITE
@@ -302,7 +304,7 @@ def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_updat
         assert created == len(list(r.scan_iter("threadr:user:email:live*@example.org"))) > 0
         # shadow reads before the backfill reached a key disagree: parity below the bar refuses the cutover
         assert shadow_reads > 0
-        decision = judge_cutover(r, pg, min_parity=1.0, min_reads=1, hours=1)
+        decision = judge_cutover(r, pg, THREADR.hooks.parity_reads, min_parity=1.0, min_reads=1, hours=1)
         assert decision.allowed == (matched == shadow_reads)
     finally:
         service.close()

@@ -11,9 +11,10 @@ import psycopg2
 import redis
 import pytest
 
-from migrator.demo import seed_demo
-from migrator.dualwrite import REPAIR_QUEUE, DualWriteService, WriteStrategy
-from migrator.threadr import THREADR
+from migrator.apps.threadr.demo import seed_demo
+from migrator.apps.threadr.dualwrite import ThreadrDualWrite
+from migrator.dualwrite import REPAIR_QUEUE, WriteStrategy
+from migrator.apps.threadr import THREADR
 
 from helpers import migrate
 
@@ -22,13 +23,13 @@ HASH = "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234"
 
 @pytest.fixture
 def service(settings, r, pg):
-    svc = DualWriteService(r, lambda: psycopg2.connect(settings.database_url), THREADR)
+    svc = ThreadrDualWrite(r, lambda: psycopg2.connect(settings.database_url), THREADR)
     yield svc
     svc.close()
     r.delete(REPAIR_QUEUE)
 
 
-def answers(svc: DualWriteService, strategy: WriteStrategy) -> list:
+def answers(svc: ThreadrDualWrite, strategy: WriteStrategy) -> list:
     svc.strategy = strategy
     return [svc.check_premium_access("203.0.113.9", "ip"), svc.check_premium_access("ann@x.io", "email"),
             svc.check_premium_access("nobody@x.io", "email"), svc.get_usage_stats("203.0.113.9", "ip"),
@@ -116,7 +117,7 @@ def test_cutover_refuses_below_parity_then_switches_services_that_follow_it(serv
     assert refused.returncode == 1 and "no migration run yet" in refused.stdout
     seed_demo(r, 40)
     assert migrate(settings)["status"] == "completed"
-    follower = DualWriteService(r, lambda: psycopg2.connect(settings.database_url), THREADR, None,
+    follower = ThreadrDualWrite(r, lambda: psycopg2.connect(settings.database_url), THREADR, None,
                                 shadow_rate=1.0, follow_every_s=0)
     try:
         assert follower.strategy is WriteStrategy.DUAL_WRITE  # until a cutover says otherwise

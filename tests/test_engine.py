@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 import migrator.batch
-from migrator.demo import DANGLING, GIANT_THREAD_BYTES, seed_demo, seed_hostile
+from migrator.apps.threadr.demo import DANGLING, GIANT_THREAD_BYTES, seed_demo, seed_hostile
 from migrator.ledger import COUNT_FIELDS
 from migrator.mapping import UNMAPPED
 from migrator.rollback import rollback_run
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import by_pattern, fingerprint, migrate, validate
 
@@ -599,7 +599,7 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
     import migrator.finalize
 
     seed_demo(r, 60)
-    real_link = migrator.finalize.link_users
+    real_link = migrator.finalize.link_rows
     calls = []
 
     def link_then_grants_appear(conn, mapping, run_id):
@@ -609,7 +609,7 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
                 r.set(f"threadr:premium:ip:203.0.113.{i}", json.dumps({"expires_at": "2030-01-01T00:00:00"}))
         return real_link(conn, mapping, run_id)
 
-    monkeypatch.setattr(migrator.finalize, "link_users", link_then_grants_appear)
+    monkeypatch.setattr(migrator.finalize, "link_rows", link_then_grants_appear)
     report = migrate(settings)
     assert report["status"] == "rolled_back"
     with pg.cursor() as cur:

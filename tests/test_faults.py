@@ -18,11 +18,11 @@ import redis
 
 from helpers import ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
 from migrator.config import Settings
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.schema import init_db
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 from servers import PostgresServer, redis_server
 
 USERS = 600

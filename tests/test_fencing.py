@@ -13,10 +13,10 @@ import psycopg2
 import pytest
 
 from migrator import finalize
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
 from migrator.status import run_progress
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import cli, content_fingerprint, fingerprint, migrate, wait_for_end
 
@@ -191,12 +191,12 @@ def test_a_frozen_worker_shows_stale_and_its_batch_is_taken_over_with_nothing_of
 
 def test_a_failed_finalize_step_is_shown_with_the_command_that_runs_it_again(settings, r, pg, monkeypatch, tmp_path):
     seed_demo(r, 60)
-    real = finalize.link_users
+    real = finalize.link_rows
 
     def broken(conn, mapping, run_id):
         raise RuntimeError("legacy_id_map is locked by a long transaction")
 
-    monkeypatch.setattr(finalize, "link_users", broken)
+    monkeypatch.setattr(finalize, "link_rows", broken)
     failed = migrate(settings)
     run_id = failed["run_id"]
     assert failed["status"] == "failed"
@@ -207,7 +207,7 @@ def test_a_failed_finalize_step_is_shown_with_the_command_that_runs_it_again(set
     assert expected in cli(settings, "batches", run_id, "--failed").stdout
     assert run_rows(pg, run_id) > 0  # nothing is known to be wrong with its rows: kept
 
-    monkeypatch.setattr(finalize, "link_users", real)
+    monkeypatch.setattr(finalize, "link_rows", real)
     resumed = cli(settings, "resume", run_id, "--local", "--output-dir", str(tmp_path))
     assert resumed.returncode == 0, resumed.stderr
     assert run_progress(pg, run_id)["status"] == "completed"

@@ -10,11 +10,11 @@ from psycopg2 import sql
 
 from migrator import figures as figures_mod
 from migrator import ledger
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
 from migrator.runner import plan_run
 from migrator.status import run_progress
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from test_cli import migrator, urls
 

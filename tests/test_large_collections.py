@@ -10,12 +10,12 @@ import pytest
 
 import migrator.batch
 import migrator.verify
-from migrator.demo import add_usage_stats, write_large_timeseries
+from migrator.apps.threadr.demo import add_usage_stats, write_large_timeseries
 from migrator.options import RunOptions
 from migrator.report import build_report
 from migrator.runner import execute_local, plan_run
 from migrator.source import CHUNK_READ_MEMBERS, read_keys, read_parts
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 from migrator.values import stable_id
 
 from helpers import by_pattern, fingerprint, migrate, verify

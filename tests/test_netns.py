@@ -20,10 +20,10 @@ import pytest
 import redis
 
 from migrator.config import Settings
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
 from migrator.schema import init_db
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
 from servers import Forwarder, PostgresServer, network_namespace, redis_server, set_link

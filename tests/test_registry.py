@@ -11,9 +11,9 @@ import time
 import pytest
 
 from migrator import registry
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.mapping import Mapping
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, migrate, wait_for_end
 
@@ -28,23 +28,25 @@ def cli(settings, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_mapping_is_found_by_its_installed_name_or_module_and_a_wrong_one_says_what_exists(monkeypatch):
-    assert registry.load("threadr") is THREADR and registry.load("migrator.threadr:THREADR") is THREADR
-    monkeypatch.setenv("MIGRATOR_MAPPING", "migrator.threadr:THREADR")
+    assert registry.load("threadr") is THREADR and registry.load("migrator.apps.threadr:THREADR") is THREADR
+    monkeypatch.delenv("MIGRATOR_MAPPING", raising=False)
+    assert registry.load(None) is THREADR  # the only one installed
+    monkeypatch.setenv("MIGRATOR_MAPPING", "migrator.apps.threadr:THREADR")
     assert registry.load(None) is THREADR
     with pytest.raises(registry.MappingError, match="no mapping named 'shop'; installed: threadr"):
         registry.load("shop")
     with pytest.raises(registry.MappingError, match="cannot import 'no_such_module'"):
         registry.load("no_such_module:MAPPING")
     with pytest.raises(registry.MappingError, match="has no 'NOPE'"):
-        registry.load("migrator.threadr:NOPE")
+        registry.load("migrator.apps.threadr.mapping:NOPE")
     with pytest.raises(registry.MappingError, match="is a str, not a migrator.mapping.Mapping"):
-        registry.load("migrator.threadr:UUID")
+        registry.load("migrator.apps.threadr.mapping:UUID")
 
 
 def test_the_digest_follows_what_decides_the_rows_and_nothing_else():
     import dataclasses
 
-    same = Mapping(THREADR.name, THREADR.patterns, THREADR.rules, THREADR.user_links, THREADR.user_patterns,
+    same = Mapping(THREADR.name, THREADR.patterns, THREADR.rules, THREADR.links, THREADR.linked_patterns,
                    THREADR.figures, THREADR.unmapped_priority, THREADR.schema)
     assert registry.digest(same) == registry.digest(THREADR)
     first = THREADR.patterns[0]

@@ -10,11 +10,11 @@ import pytest
 
 from migrator import ledger
 from migrator.config import Settings
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.preflight import check_privileges
 from migrator.report import build_report
 from migrator.schema import init_db
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import GADGETS_DDL, gadgets, migrate, migrator, throwaway_database
 

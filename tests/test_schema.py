@@ -16,7 +16,7 @@ from migrator.rollback import RollbackFailed, rollback_run
 from migrator.runner import execute_local, plan_run
 from migrator.schema import PROVENANCE, engine_sql, init_db, missing_journals, require_schema, schema_versions
 from migrator.status import run_progress
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 from migrator.values import stable_id
 
 from helpers import GADGETS_DDL, fingerprint, gadgets, migrate, migrator, throwaway_database

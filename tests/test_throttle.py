@@ -10,7 +10,7 @@ import redis
 
 from helpers import migrate
 from migrator.config import state_db
-from migrator.demo import seed_demo
+from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
 from migrator.throttle import Throttle
 

@@ -8,8 +8,8 @@ import re
 import pytest
 from psycopg2 import sql
 
-from migrator.demo import LARGE_THREAD_CHARS, seed_demo
-from migrator.threadr import THREADR
+from migrator.apps.threadr.demo import LARGE_THREAD_CHARS, seed_demo
+from migrator.apps.threadr import THREADR
 from migrator.writer import PROVENANCE
 
 from helpers import by_pattern, cli, migrate, verify

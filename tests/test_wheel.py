@@ -15,7 +15,7 @@ import psycopg2
 
 from migrator import ledger
 from migrator.schema import missing_journals, require_schema, schema_versions, written_tables
-from migrator.threadr import THREADR
+from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, throwaway_database
 

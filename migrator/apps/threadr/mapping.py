@@ -15,9 +15,10 @@ from typing import Any
 
 import orjson
 
-from .mapping import BadRecord, Figure, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
-from .merge import TableRule
-from .values import (
+from migrator.hooks import Hooks
+from migrator.mapping import BadRecord, Figure, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
+from migrator.merge import TableRule
+from migrator.values import (
     parse_bool,
     parse_date,
     parse_dt,
@@ -28,6 +29,10 @@ from .values import (
     stable_id,
     text_or_none,
 )
+
+from .audit import PremiumTally
+from .demo import seed_demo
+from .dualwrite import PARITY_READS
 
 C, H, M, L = Priority.CRITICAL, Priority.HIGH, Priority.MEDIUM, Priority.LOW
 
@@ -670,14 +675,14 @@ TABLES = (
 
 # Rows that name a user by a legacy id the deterministic UUID cannot cover (emails) are
 # linked through legacy_id_map once the users are in, whatever order the keys arrived in.
-USER_LINKS = (
-    ("subscriptions", "customer_ref"),
-    ("subscriptions", "email"),
-    ("threads", "user_ref"),
-    ("thread_stats", "user_ref"),
-    ("thread_analytics", "user_ref"),
-    ("analytics_timeseries", "user_ref"),
-    ("sessions", "user_ref"),
+LINKS = (
+    Link("subscriptions", "customer_ref", into="user_id"),
+    Link("subscriptions", "email", into="user_id"),
+    Link("threads", "user_ref", into="user_id"),
+    Link("thread_stats", "user_ref", into="user_id"),
+    Link("thread_analytics", "user_ref", into="user_id"),
+    Link("analytics_timeseries", "user_ref", into="user_id"),
+    Link("sessions", "user_ref", into="user_id"),
 )
 
 # The guide's validation and monitoring queries, on this schema.
@@ -704,5 +709,5 @@ FIGURES = (
 # Its target tables' DDL: migrator/apps/threadr/schema.sql, shipped as package data.
 SCHEMA = files("migrator.apps.threadr").joinpath("schema.sql").read_text()
 
-THREADR = Mapping("threadr", PATTERNS, rules=TABLES, user_links=USER_LINKS, user_patterns=("user",), figures=FIGURES,
-                  schema=(SCHEMA,))
+THREADR = Mapping("threadr", PATTERNS, rules=TABLES, links=LINKS, linked_patterns=("user",), figures=FIGURES,
+                  schema=(SCHEMA,), hooks=Hooks(seed_demo=seed_demo, audit=(PremiumTally,), parity_reads=PARITY_READS))
