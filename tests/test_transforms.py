@@ -9,7 +9,7 @@ import pytest
 
 from migrator.mapping import BadRecord, SourceRecord, literal_prefix
 from migrator.source import decode
-from migrator.apps.threadr import THREADR, user_uuid
+from migrator.apps.threadr.mapping import THREADR, user_uuid
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
