@@ -63,7 +63,7 @@ class MappingFileError(MappingError):
     """The mistakes of a mapping file, one `FILE:LINE: what — fix` line each."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
+        super().__init__(f"the mapping file has {len(problems)} mistake(s); nothing was run:\n" + "\n".join(problems))
         self.problems = problems
 
 

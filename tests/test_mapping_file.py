@@ -453,12 +453,17 @@ def test_a_member_its_columns_refuse_makes_the_whole_collection_one_dead_letter(
     # every counter moved and one refused: the parts read before the refused one are taken back
     r.hset("k:counters", mapping={f"c{i}": i + 1 if i != 2400 else "many" for i in range(2500)})
     r.zadd("k:board", {b"\xffbad": 2})
+    r.xadd("k:log:app", {"level": "info", "message": b"caf\xe9"}, id="5-1")
     report = migrate(here, mapping=kinds)
     found = by_pattern(report)
-    assert (found["counters"]["dead"], found["board"]["dead"]) == (1, 1) and report["balanced"]
-    errors = dict(rows(here, "SELECT key_text, error FROM migration_dead_letters WHERE run_id = %s", report["run_id"]))
-    assert "column n (value): expected an integer, got 'many'" in errors["k:counters"]
-    assert "zset member is not valid UTF-8" in errors["k:board"]
+    assert (found["counters"]["dead"], found["board"]["dead"], found["log"]["dead"]) == (1, 1, 1) and report["balanced"]
+    dead = {key: (error, raw) for key, error, raw in rows(
+        here, "SELECT key_text, error, raw_value FROM migration_dead_letters WHERE run_id = %s", report["run_id"])}
+    assert "column n (value): expected an integer, got 'many'" in dead["k:counters"][0]
+    assert "zset member is not valid UTF-8" in dead["k:board"][0]
+    # a stream's dead letter keeps its entries as JSON, ids and fields, the bad bytes escaped
+    assert "stream value is not valid UTF-8 (byte 0xe9" in dead["k:log:app"][0]
+    assert json.loads(bytes(dead["k:log:app"][1])) == [["5-1", {"level": "info", "message": "caf\\xe9"}]]
     # the rows of the first run stand as they were: this run wrote nothing of the refused collection
     assert rows(here, "SELECT count(*), sum(n) FROM counters") == [(2500, 2500 * 2499 // 2)]
 
@@ -591,6 +596,8 @@ def test_the_shop_file_mapping_runs_from_the_command_line_verifies_finds_damage_
     [(carts, expiring)] = rows(here, "SELECT count(*), count(expires_at) FROM carts")
     assert carts == found["cart"]["migrated"] and expiring == carts  # each cart's TTL as expires_at
 
+    document = cli(here, "mapping", "--mapping", str(SHOP_FILE), "--output-dir", str(tmp_path))
+    assert document.returncode == 0 and "product_views" in document.stdout, document.stderr
     clean = cli(here, "verify", report["run_id"], "--local", "--mapping", str(SHOP_FILE))
     assert clean.returncode == 0 and "CLEAN" in clean.stdout.upper(), clean.stdout + clean.stderr
     with conn, conn.cursor() as cur:
