@@ -49,7 +49,8 @@ ENGINE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+)")
 # The columns a table gets without declaring them: its id and the engine's provenance.
 RESERVED_COLUMNS = ("id", *PROVENANCE)
 
-# What a column may take, per (type, one row per member?): origin -> how the file spells it.
+# Where a column's value comes from (its origin) -> how the file spells it; then the origins each type
+# has, besides key and key.<field>, with one row per key (PER_KEY) or per member (PER_MEMBER).
 SPELLING = {"key": "key", "key_field": "key.<field>", "value": "value", "json": "json.<path>", "field": "field.<name>",
             "field_name": "field", "member": "member", "score": "score", "index": "index", "id": "id",
             "id_time": "id.time"}
@@ -76,14 +77,13 @@ class Column:
     source: str  # as the file spells it, for reasons
     origin: str  # a key of SPELLING
     path: tuple[str, ...]  # the key field's or hash/stream field's name, or the JSON path
-    kind: str  # one of COLUMN_TYPES
-    convert: str  # the key of CONVERTERS: its kind's, or "jsonb text" for text read into jsonb as JSON text
+    convert: str  # the key of CONVERTERS: its type (COLUMN_TYPES), or "jsonb text" for text read as JSON text
     required: bool
 
 
 @dataclass(frozen=True)
 class RowShape:
-    """The rows one pattern gives: one per key, or one per member of `collection`."""
+    """The rows one pattern gives: one per key, or one per member of its collection or stream."""
 
     table: str
     redis_type: str  # the file's spelling
@@ -400,7 +400,7 @@ class Lines:
         self.lines: dict[tuple, int] = {}
         section: tuple = ()
         counts: dict[tuple, int] = {}
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # (as TOML counts lines: by \\n alone)
             header = HEADER.match(line)
             if header:
                 parts = _key_parts(header[2])
@@ -864,8 +864,7 @@ def _pattern(p: _Pattern, tables: dict[str, _Table]) -> Pattern:
             table=table.name,
             redis_type=p.redis_type,
             per_member=p.per_member,
-            columns=tuple(Column(c, source, origin, path, table.columns[c], _converter(table.columns[c], origin, p),
-                                 c in table.required)
+            columns=tuple(Column(c, source, origin, path, _converter(table.columns[c], origin, p), c in table.required)
                           for c, (source, origin, path) in p.columns.items()),
             key=table.key,
         )

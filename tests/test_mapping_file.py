@@ -23,7 +23,7 @@ from migrator.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, loaded_modules
 from migrator.values import stable_id
 from migrator import ledger
 
-from helpers import ROOT, by_pattern, cli, fingerprint, migrate, throwaway_database, verify
+from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
 
 SHOP_FILE = ROOT / "migrator" / "apps" / "shop" / "mapping.toml"
 SHOP = load_file(SHOP_FILE)
@@ -613,6 +613,26 @@ def test_the_shop_file_mapping_runs_from_the_command_line_verifies_finds_damage_
     assert undone.returncode == 0, undone.stderr
     assert fingerprint(conn, list(SHOP.table_names())) == before
     conn.close()
+
+
+def test_workers_load_the_file_mapping_the_run_names_and_migrate_it(settings, r, target, tmp_path):
+    """A run on Celery workers: each loads the file by the absolute path the run recorded (the
+    command was given a relative one), checked against the run's digest."""
+    here = prepared(settings, target, SHOP)
+    counts = seed_shop(r, 30)
+    pool = Workers(worker_env(here), tmp_path)
+    pool.start("files")
+    try:
+        done = cli(here, "run", "--json", "--mapping", str(SHOP_FILE.relative_to(ROOT)), "--output-dir", str(tmp_path))
+    finally:
+        pool.stop_all()
+        from workers.celery import delete_queues
+
+        delete_queues()
+    assert done.returncode == 0, done.stderr + (tmp_path / "files.log").read_text()[-3000:]
+    report = json.loads(done.stdout.split("\n", 1)[1])
+    assert report["status"] == "completed" and by_pattern(report)["order"]["migrated"] == counts["order"]
+    assert rows(here, "SELECT mapping_spec FROM migration_runs") == [(str(SHOP_FILE),)]
 
 
 def test_the_audit_counts_a_stream_s_entries_as_its_rows(settings, r, target, tmp_path):
