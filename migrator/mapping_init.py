@@ -116,6 +116,9 @@ def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: 
         g.skip = f"its keys hold {redis_type}, which no mapping file reads"
         return g
     key = shape["examples"][0].encode()
+    if not client.exists(key):  # (the audit shows control characters and bytes that are not UTF-8 escaped)
+        g.notes.append("its example cannot be read back by its name as shown (escaped characters, or gone since): "
+                       "check that the key grammar matches these keys, and the columns")
     _columns_of(client, g, redis_type, key)
     if not g.key_columns:  # a single key read whole: its name is its identity
         g.columns = {"redis_key": ("key", "text"), **g.columns}
