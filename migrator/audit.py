@@ -37,9 +37,10 @@ TTL_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 BUCKET_NAMES = ("none", *(name for name, _ in TTL_BUCKETS))
 
-# Cardinality command per collection type: a migrated collection is taken to become one row
-# per element (a time series point per zset member, a counter per hash field).
-CARDINALITY = {"zset": "ZCARD", "hash": "HLEN", "set": "SCARD", "list": "LLEN"}
+# Cardinality command per collection type: a migrated collection of a member-wise pattern is taken
+# to become one row per element (a time series point per zset member, a counter per hash field, a
+# row per stream entry); one read whole, one row.
+CARDINALITY = {"zset": "ZCARD", "hash": "HLEN", "set": "SCARD", "list": "LLEN", "stream": "XLEN"}
 
 # Unmapped keys are summarised by shape; past MAX_SHAPES distinct shapes (random key names)
 # the rest are only counted, so memory stays bounded whatever the keyspace holds.
@@ -124,6 +125,7 @@ class Tally:
 class Shape:
     keys: int = 0
     examples: list[str] = field(default_factory=list)
+    types: Counter[str] = field(default_factory=Counter)  # what its keys hold (`mapping --init` declares it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,7 @@ class _Asked:
 
     pattern: Pattern | None
     tally: Tally
+    shape: Shape | None  # an unmapped key's, while shapes are kept
     sample: bool
     card: bool
     value: bool
@@ -166,14 +169,13 @@ class _Auditor:
         text = _text(key)
         pattern, _ = self.mapping.classify(text)
         tally = self.tallies[pattern.name] if pattern else self.unmapped
-        if pattern is None:
-            self._shape(text)
+        shape = self._shape(text) if pattern is None else None
         # every k-th key, and the first of each pattern, so no pattern with keys lacks an estimate
         sample = self.scanned % self.every == 0 or tally.keys == 0
         self.scanned += 1
         tally.keys += 1
         migrated = pattern is not None and pattern.migrated
-        card = migrated and pattern.redis_type in CARDINALITY
+        card = migrated and bool(pattern.member_wise) and pattern.redis_type in CARDINALITY
         value = pattern is not None and bool(self.readers[pattern.name]) and pattern.redis_type == "string"
         pipe.type(key)
         pipe.pttl(key)
@@ -183,7 +185,7 @@ class _Auditor:
             pipe.execute_command(CARDINALITY[pattern.redis_type], key)
         if value:
             pipe.get(key)
-        return _Asked(pattern, tally, sample, card, value)
+        return _Asked(pattern, tally, shape, sample, card, value)
 
     def _record(self, a: _Asked, rtype: str, pttl: Any, memory: Any, card: Any, value: Any) -> None:
         t = a.tally
@@ -196,6 +198,8 @@ class _Auditor:
             t.sampled += 1
             t.sampled_bytes += memory
         if a.pattern is None:
+            if a.shape is not None:
+                a.shape.types[rtype] += 1
             return
         if rtype != a.pattern.redis_type:
             t.wrong_type += 1
@@ -206,18 +210,19 @@ class _Auditor:
             for tally in self.readers[a.pattern.name]:
                 tally.add(a.pattern, value, self.now)
 
-    def _shape(self, text: str) -> None:
+    def _shape(self, text: str) -> Shape | None:
         text = printable(text)  # a newline in a key name would break the table's line
         name = key_shape(text)
         shape = self.shapes.get(name)
         if shape is None:
             if len(self.shapes) >= MAX_SHAPES:
                 self.other_shape_keys += 1
-                return
+                return None
             shape = self.shapes[name] = Shape()
         shape.keys += 1
         if len(shape.examples) < MAX_EXAMPLES:
             shape.examples.append(text if self.show_pii else redact_text(text))
+        return shape
 
 
 def _node_clients(client: redis.Redis) -> list[tuple[KeyRange, redis.Redis]]:
@@ -305,7 +310,7 @@ def audit_keyspace(client: redis.Redis, mapping: Mapping, *, show_pii: bool = Fa
             "by_type": dict(sorted(u.by_type.items())),
             "estimated_bytes": u.estimated_bytes(),
             "ttl_buckets": u.ttl_buckets(),
-            "shapes": [{"shape": name, "keys": s.keys, "examples": s.examples}
+            "shapes": [{"shape": name, "keys": s.keys, "examples": s.examples, "types": dict(s.types.most_common())}
                        for name, s in sorted(auditor.shapes.items(), key=lambda kv: (-kv[1].keys, kv[0]))],
             "other_shapes_keys": auditor.other_shape_keys,
         },

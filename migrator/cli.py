@@ -193,10 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=_output_dir, default=Path("."))
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("mapping", help="phase 2: write redis_postgres_mapping_<ts>.json from the declarative mapping")
-    p.set_defaults(handler=lambda a, s: commands.cmd_mapping(registry.load(a.mapping), audit_dir=a.audit_dir,
-                                                             output_dir=a.output_dir, as_json=a.json))
-    _mapping_flag(p)
+    p = sub.add_parser("mapping", help="phase 2: write redis_postgres_mapping_<ts>.json from the declarative mapping; "
+                                       "--init: a starting mapping file from the live keyspace")
+    p.set_defaults(handler=_mapping)
+    _connection_flags(p)
+    p.add_argument("--init", nargs="?", type=Path, const=Path("mapping.toml"), metavar="PATH",
+                   help="audit the keyspace (REDIS_URL) and write a starting mapping file (default mapping.toml): one "
+                        "[[pattern]] per key shape with its type, columns guessed from an example; see "
+                        "docs/mapping-file.md")
+    p.add_argument("--force", action="store_true", help="with --init: overwrite the file if it exists")
     p.add_argument("--audit-dir", type=Path, default=Path("."), help="where to find the latest audit (for volumes)")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."))
     p.add_argument("--json", action="store_true")
@@ -375,6 +380,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                                 output_dir=args.output_dir, jobs=args.jobs)
     return commands.cmd_run_distributed(settings, mapping, _options(args), spec=spec, detach=args.detach,
                                         as_json=args.json, output_dir=args.output_dir)
+
+
+def _mapping(args: argparse.Namespace, settings: Settings) -> int:
+    if args.init is not None:
+        return commands.cmd_mapping_init(settings, args.init, force=args.force)
+    return commands.cmd_mapping(registry.load(args.mapping), audit_dir=args.audit_dir, output_dir=args.output_dir,
+                                as_json=args.json)
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -32,6 +32,7 @@ from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
+from .mapping_init import write_starting_file
 from .schema import database_url_for, empty_tables, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
@@ -522,6 +523,20 @@ def cmd_mapping(mapping: Mapping, *, audit_dir: Path, output_dir: Path, as_json:
         if audit is None:
             out.write(f"no audit in {audit_dir}: volumes left out (run `migrator audit` first to include them)\n")
     out.write(f"mapping document written to {path}\n")
+    return OK
+
+
+def cmd_mapping_init(settings: Settings, path: Path, *, force: bool, out: TextIO = sys.stdout) -> int:
+    """A starting mapping file from an audit of the live keyspace (refused over an existing file unless `force`)."""
+    client = settings.redis()
+    try:
+        patterns = write_starting_file(client, path, force=force)
+    except FileExistsError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        client.close()
+    out.write(f"wrote {path}: {patterns} pattern(s), one per key shape found. Edit it (docs/mapping-file.md), then:\n"
+              f"  migrator init-db --mapping {path}\n  migrator run --local --mapping {path}\n")
     return OK
 
 

@@ -90,8 +90,11 @@ class Reference:
 References = Callable[[SourceRecord], list[Reference]]
 
 # How a value read from Redis is decoded before the transform sees it.
-VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset")
-COLLECTION_TYPES = ("hash", "set", "zset", "list")
+VALUE_FORMATS = ("json", "int", "text", "hash", "set", "zset", "list", "stream")
+# Types read a part at a time (source.read_parts) when their pattern is member-wise.
+COLLECTION_TYPES = ("hash", "set", "zset", "list", "stream")
+# What TYPE answers for a RedisJSON document (the module's own name for its type).
+REDISJSON = "ReJSON-RL"
 
 
 def literal_prefix(grammar: str) -> str:
@@ -131,7 +134,7 @@ class Pattern:
     name: str
     glob: str  # SCAN MATCH style, for people and for the audit
     grammar: str  # anchored regular expression with named groups
-    redis_type: str  # string, hash, set, zset, list
+    redis_type: str  # as TYPE answers: string, hash, set, zset, list, stream, ReJSON-RL (REDISJSON)
     priority: Priority
     description: str
     value_format: str = "json"
@@ -248,7 +251,8 @@ class Mapping:
             f"(?P<p{i}>" + re.sub(r"\(\?P<(\w+)>", rf"(?P<p{i}_\1>", p.grammar) + ")"
             for i, p in enumerate(self.patterns)
         ]
-        combined = re.compile("|".join(branches), re.DOTALL)  # a key name may hold a newline
+        # (a mapping of no patterns, such as the empty one `mapping --init` audits with, matches nothing)
+        combined = re.compile("|".join(branches) or "(?!)", re.DOTALL)  # a key name may hold a newline
         object.__setattr__(self, "_combined", combined)
         # Indexed by a match's lastindex (the alternation's outer group closes last, so it names
         # the branch): the owning pattern, and its field names with their group numbers.

@@ -33,7 +33,7 @@ def complexity(pattern: Pattern, mapping: Mapping) -> tuple[str, str]:
     """low, medium or high, with the reason. The rule, first match wins:
 
     - skipped: low (counted, never read);
-    - high: one key becomes many rows (a collection value: zset, hash, set, list), or its rows
+    - high: one key becomes many rows (a member-wise collection: zset, hash, set, list, stream), or its rows
       link to other data (its table has user links, or it declares dependencies);
     - medium: a JSON document (fields parsed, datetimes normalised), or a table merged by a
       rule (GREATEST counters, COALESCE lookups, a version column);
@@ -41,7 +41,7 @@ def complexity(pattern: Pattern, mapping: Mapping) -> tuple[str, str]:
     """
     if pattern.skip:
         return "low", "skipped: counted, never read"
-    if pattern.redis_type in CARDINALITY:
+    if pattern.member_wise and pattern.redis_type in CARDINALITY:
         return "high", f"one-to-many: a {pattern.redis_type} becomes one row per element"
     if pattern.table in linked_tables(mapping) or pattern.depends_on:
         return "high", "linking: its rows refer to other migrated data"

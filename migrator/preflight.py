@@ -20,10 +20,10 @@ from workers.coordinator import same_redis_db, worker_command
 
 from . import ledger, registry
 from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
-from .mapping import Mapping
+from .mapping import REDISJSON, Mapping
 from .redact import redact_url
 from .schema import require_schema, schema_versions
-from .source import cluster_masters
+from .source import cluster_masters, redisjson_refusal
 
 Verdict = Literal["ok", "warn", "fail"]
 
@@ -51,6 +51,8 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     mapping = mapping or registry.load()
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
+    if any(p.redis_type == REDISJSON for p in mapping.patterns):
+        results.append(_guarded("redis modules", lambda: check_modules(settings, mapping)))
     results += _postgres_checks(settings, mapping, [*mapping.table_names(), *ledger.TABLES])
     broker = _guarded("broker", lambda: check_broker(settings, timeout))
     results.append(broker)
@@ -128,6 +130,19 @@ def check_redis(settings: Settings) -> CheckResult:
                            f"scan the master, not a replica: point REDIS_URL at "
                            f"{replication.get('master_host', '?')}:{replication.get('master_port', '?')}")
     return CheckResult("redis", "ok", detail)
+
+
+def check_modules(settings: Settings, mapping: Mapping) -> CheckResult:
+    """The modules the mapping's patterns read with (RedisJSON), loaded on the server."""
+    client = settings.redis()
+    try:
+        refusal = redisjson_refusal(client, mapping.patterns)
+    finally:
+        client.close()
+    if refusal:
+        detail, _, fix = refusal.rpartition("; ")
+        return CheckResult("redis modules", "fail", detail, fix)
+    return CheckResult("redis modules", "ok", "RedisJSON loaded, for the mapping's json patterns")
 
 
 # ---- postgres, schema, privileges, init-db ----

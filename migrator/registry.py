@@ -39,7 +39,8 @@ def requested(spec: str | None) -> str:
     """The mapping a command is asked for: its flag, else MIGRATOR_MAPPING, else the only installed one."""
     spec = spec or os.environ.get("MIGRATOR_MAPPING")
     if spec:
-        return spec
+        # a file by its absolute path: a run records it, and its workers and later commands load it from anywhere
+        return str(Path(spec).resolve()) if spec.endswith(FILE_SUFFIXES) else spec
     installed = sorted({ep.name for ep in entry_points(group=GROUP)})
     if len(installed) != 1:
         raise MappingError(f"name the keyspace's mapping with --mapping or MIGRATOR_MAPPING: one of the installed "

@@ -31,6 +31,7 @@ from .options import RunOptions
 from .partition import plan_ranges
 from .redact import redact_text, redact_url
 from .runstate import Fenced
+from .source import redisjson_refusal
 from .writer import describe
 
 log = structlog.get_logger("migrator.runner")
@@ -46,6 +47,9 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
     `spec`: how the mapping was named (registry.load), for workers and later commands to load
     it the same way; default its own name (an installed mapping's)."""
     opts.check_scope(mapping)
+    refusal = redisjson_refusal(client, [p for prio in opts.priority_order() for p in opts.scope(mapping, prio)])
+    if refusal:
+        raise ConfigError(refusal)
     run_id = str(uuid.uuid4())
     ranges = plan_ranges(client, opts.ranges)
     if opts.max_keys_per_sec and ranges[0].node:

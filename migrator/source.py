@@ -11,16 +11,29 @@ import hiredis
 import orjson
 import redis
 
-from .mapping import COLLECTION_TYPES, BadRecord
+from .mapping import COLLECTION_TYPES, REDISJSON, BadRecord, Pattern
 
-# The command reading a whole value, for each Redis type.
+# The command reading a whole value, for each Redis type (its arguments after the key).
 READ_COMMANDS = {
     "string": ("GET",),
     "hash": ("HGETALL",),
     "set": ("SMEMBERS",),
     "zset": ("ZRANGE", "0", "-1", "WITHSCORES"),
     "list": ("LRANGE", "0", "-1"),
+    "stream": ("XRANGE", "-", "+"),
+    REDISJSON: ("JSON.GET", "$"),  # the module's command; `$` answers the document inside an array
 }
+
+
+class Elements(list):
+    """A list's elements as read, with the index of the first: a list is read a part at a time, and
+    where an element stands is part of what the list holds."""
+
+    __slots__ = ("start",)
+
+    def __init__(self, items: Any = (), start: int = 0) -> None:
+        super().__init__(items)
+        self.start = start
 
 
 @dataclass(slots=True)
@@ -45,8 +58,8 @@ CHUNK_READ_MEMBERS = 1000
 
 def _read_command(key: bytes, redis_type: str, max_bytes: int | None = None) -> tuple:
     # A string is read only up to one byte past the limit: a huge value costs no more memory
-    # than the limit; a collection only its first part. A stream or module type has no reader
-    # here: the TYPE reply alone says what was there.
+    # than the limit; a collection or stream only its first part. A RedisJSON document is read
+    # whole. Another module's type has no reader here: the TYPE reply alone says what was there.
     if max_bytes is not None:
         if redis_type == "string":
             return ("GETRANGE", key, "0", str(max_bytes))
@@ -60,7 +73,8 @@ def _part_command(key: bytes, redis_type: str, at: Any) -> tuple:
     """Read the part of a collection that starts `at` (None: its start). Hashes and sets by their
     SCAN cursor, which returns every member present throughout at least once whatever is written
     meanwhile; a sorted set by (score, how many of that score were read), so that members added or
-    removed before it shift nothing, in Redis's order; a list by index (nothing better exists).
+    removed before it shift nothing, in Redis's order; a stream by the id of the part's first entry
+    (ids only grow, so entries added meanwhile come last); a list by index (nothing better exists).
     Ranges ask for one member more than a part holds, to tell whether more follow."""
     n = CHUNK_READ_MEMBERS
     if redis_type in ("hash", "set"):
@@ -69,6 +83,8 @@ def _part_command(key: bytes, redis_type: str, at: Any) -> tuple:
         if at is None:
             return ("ZRANGE", key, "0", str(n), "WITHSCORES")
         return ("ZRANGEBYSCORE", key, repr(at[0]), "+inf", "WITHSCORES", "LIMIT", str(at[1]), str(n + 1))
+    if redis_type == "stream":
+        return ("XRANGE", key, at or "-", "+", "COUNT", str(n + 1))
     return ("LRANGE", key, str(at or 0), str((at or 0) + n))
 
 
@@ -81,20 +97,26 @@ def _part(redis_type: str, reply: Any, at: Any) -> tuple[Any, Any]:
         cursor, items = reply  # (a cluster client parses it: an int cursor, a hash as a dict)
         return _shape(redis_type, items), None if int(cursor) == 0 else cursor
     raw = _shape(redis_type, reply)
+    if redis_type == "list":
+        start = at or 0
+        return Elements(raw[:n], start), start + n if len(raw) > n else None
     if len(raw) <= n:
         return raw, None
+    if redis_type == "stream":  # the next part starts at the entry this one asked for beyond its own
+        return raw[:n], raw[n][0]
     raw = raw[:n]
-    if redis_type == "list":
-        return raw, (at or 0) + n
     last = raw[-1][1]
     same = next((i for i, (_, score) in enumerate(reversed(raw)) if score != last), n)
     return raw, (last, same + (at[1] if at is not None and at[0] == last else 0))
 
 
 def _shape(redis_type: str, raw: Any) -> Any:
-    """A read reply as the decoders take it: a hash as a dict, a zset as (member, score) pairs."""
+    """A read reply as the decoders take it: a hash as a dict, a zset as (member, score) pairs, a
+    stream as (id, {field: value}) entries, a list as Elements, a RedisJSON document as its JSON."""
     if isinstance(raw, set):
         return list(raw)
+    if redis_type == REDISJSON and isinstance(raw, bytes):
+        return raw[1:-1]  # JSON.GET ... $ answers [document]
     if not isinstance(raw, list):
         return raw
     if redis_type == "hash":
@@ -102,6 +124,11 @@ def _shape(redis_type: str, raw: Any) -> Any:
     if redis_type == "zset":
         pairs = raw if raw and isinstance(raw[0], (tuple, list)) else zip(raw[::2], raw[1::2])
         return [(m, float(s)) for m, s in pairs]
+    if redis_type == "stream":  # (a cluster client parses an entry's fields into a dict itself)
+        return [(entry_id, fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2])))
+                for entry_id, fields in raw]
+    if redis_type == "list":
+        return Elements(raw)
     return raw
 
 
@@ -165,7 +192,15 @@ def payload_size(raw: Any) -> int:
         return len(raw)
     if isinstance(raw, dict):
         return sum(len(k) + len(v) for k, v in raw.items())
-    return sum(len(m[0]) + 8 if isinstance(m, tuple) else len(m) for m in raw)
+    return sum(_member_size(m) for m in raw)
+
+
+def _member_size(member: Any) -> int:
+    if not isinstance(member, tuple):
+        return len(member)
+    if isinstance(member[1], dict):  # a stream entry: its id and fields
+        return len(member[0]) + sum(len(k) + len(v) for k, v in member[1].items())
+    return len(member[0]) + 8  # a sorted set's member and its score
 
 
 def _reply(redis_type: str, reply: Any, max_bytes: int | None) -> tuple[Any, Any]:
@@ -209,7 +244,8 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
         for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type, max_bytes) for r in wrong])):
             r.raw, r.resume = _reply(r.redis_type, raw, max_bytes)
             r.size, r.truncated = payload_size(r.raw), r.resume is not None
-    huge = [r for r in reads if max_bytes is not None and isinstance(r.raw, bytes) and len(r.raw) > max_bytes]
+    huge = [r for r in reads if max_bytes is not None and r.redis_type == "string" and isinstance(r.raw, bytes)
+            and len(r.raw) > max_bytes]
     if huge:
         for r, length in zip(huge, roundtrip(client, [("STRLEN", r.key) for r in huge])):
             r.truncated, r.size = True, length if isinstance(length, int) else r.size
@@ -241,6 +277,10 @@ def value_digest(raw: Any) -> int:
         return 0
     if isinstance(raw, dict):
         parts = sorted(k + b"\x00" + v for k, v in raw.items())
+    elif isinstance(raw, Elements):  # a list: where each element stands counts
+        parts = [str(raw.start).encode(), *raw]
+    elif raw and isinstance(raw[0], tuple) and isinstance(raw[0][1], dict):  # a stream, in id order
+        parts = [i + b"\x00" + b"\x00".join(k + b"\x02" + v for k, v in fields.items()) for i, fields in raw]
     elif raw and isinstance(raw[0], tuple):  # a zset, in Redis's own (score, member) order
         parts = [m + b"\x00" + repr(score).encode() for m, score in raw]
     else:
@@ -277,6 +317,11 @@ def decode(raw: Any, value_format: str) -> Any:
         return sorted(_utf8(m, "set member") for m in raw)
     if value_format == "zset":
         return [(_utf8(m, "zset member"), score) for m, score in raw]
+    if value_format == "list":  # (index, element), the index counted from the list's head
+        return [(i, _utf8(m, "list element")) for i, m in enumerate(raw, raw.start)]
+    if value_format == "stream":
+        return [(_utf8(i, "stream entry id"), {_utf8(k, "stream field"): _utf8(v, "stream value") for k, v in fields.items()})
+                for i, fields in raw]
     raise ValueError(f"unknown value format {value_format!r}")
 
 
@@ -310,14 +355,16 @@ def dead_letter_value(client: redis.Redis, read: KeyRead, limit: int) -> tuple[b
 
 def _json_members(raw: Any) -> Iterator[bytes]:
     """A collection's members as JSON (a hash as an object, the others as an array; [member, score]
-    for a sorted set), CHUNK_READ_MEMBERS at a time, each piece without its brackets."""
+    for a sorted set, [id, {fields}] for a stream), CHUNK_READ_MEMBERS at a time, each piece without
+    its brackets."""
     members = iter(raw.items() if isinstance(raw, dict) else raw)
     text = lambda b: b.decode("utf-8", "backslashreplace")  # noqa: E731
     while chunk := list(islice(members, CHUNK_READ_MEMBERS)):
         if isinstance(raw, dict):
             doc: Any = {text(k): text(v) for k, v in chunk}
         else:
-            doc = [[text(m[0]), m[1]] if isinstance(m, tuple) else text(m) for m in chunk]
+            doc = [[text(m[0]), {text(k): text(v) for k, v in m[1].items()} if isinstance(m[1], dict) else m[1]]
+                   if isinstance(m, tuple) else text(m) for m in chunk]
         yield orjson.dumps(doc)[1:-1]
 
 
@@ -356,3 +403,26 @@ def key_client(client: redis.Redis) -> redis.Redis:
     kw = client.connection_pool.connection_kwargs
     return redis.RedisCluster(host=kw.get("host"), port=kw.get("port"), username=kw.get("username"),
                               password=kw.get("password"), decode_responses=False)
+
+
+REDISJSON_MODULE = "ReJSON"  # the RedisJSON module's name in MODULE LIST
+
+
+def loaded_modules(client: redis.Redis) -> set[str]:
+    """The names of the modules the server has loaded."""
+    names = set()
+    for module in client.module_list():
+        name = module.get(b"name", module.get("name", b""))
+        names.add(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+def redisjson_refusal(client: redis.Redis, patterns: Sequence[Pattern]) -> str | None:
+    """Why these patterns cannot be read from this server (some read RedisJSON documents, and its
+    module is not loaded: every read would fail), ending with the fix; None when they can."""
+    wanted = [p.name for p in patterns if p.redis_type == REDISJSON and p.read]
+    if not wanted or REDISJSON_MODULE in loaded_modules(client):
+        return None
+    return (f"pattern(s) {', '.join(wanted)} read RedisJSON documents, but this Redis server has no RedisJSON module "
+            "loaded (MODULE LIST names none); load it (redis-server --loadmodule /path/to/librejson.so, or run Redis "
+            "Stack) or remove those patterns from the mapping")

@@ -147,6 +147,27 @@ def pg(settings: Settings):
     conn.close()
 
 
+@pytest.fixture
+def parts(monkeypatch):
+    """The parts each key was read in, by the batches and by the verification (key -> count): the real
+    reader, counted as it yields."""
+    import migrator.batch
+    import migrator.verify
+
+    seen: dict[bytes, int] = {}
+
+    def counting(real):
+        def read_parts(client, first):
+            for part in real(client, first):
+                seen[first.key] = seen.get(first.key, 0) + 1
+                yield part
+        return read_parts
+
+    monkeypatch.setattr(migrator.batch, "read_parts", counting(migrator.batch.read_parts))
+    monkeypatch.setattr(migrator.verify, "read_parts", counting(migrator.verify.read_parts))
+    return seen
+
+
 @pytest.fixture(scope="module")
 def workers(settings, tmp_path_factory):
     """Two worker processes of this session (w1, w2) for a test module, on the shared services."""

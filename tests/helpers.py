@@ -29,20 +29,20 @@ from migrator.apps.threadr import THREADR
 from migrator.values import stable_id
 
 
-def migrate(settings: Settings, jobs: int = 1, **options: Any) -> dict[str, Any]:
-    """A whole local run, `jobs` batches at once; returns its report."""
+def migrate(settings: Settings, jobs: int = 1, mapping: Mapping = THREADR, **options: Any) -> dict[str, Any]:
+    """A whole local run of `mapping`, `jobs` batches at once; returns its report."""
     opts = RunOptions(**options)
     client = settings.redis()
     try:
         conn = settings.postgres()
         try:
-            run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
+            run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
         finally:
             conn.close()
-        execute_local(client, settings.postgres, THREADR, run_id, opts, jobs=jobs)
+        execute_local(client, settings.postgres, mapping, run_id, opts, jobs=jobs)
         conn = settings.postgres()  # a new one: a test may have restarted the server
         try:
-            return build_report(conn, THREADR, run_id)
+            return build_report(conn, mapping, run_id)
         finally:
             conn.close()
     finally:
@@ -60,13 +60,13 @@ def validate(settings: Settings, run_id: str, priorities: list | None = None) ->
         client.close()
 
 
-def verify(settings: Settings, run_id: str, priorities: list | None = None) -> dict[str, Any]:
+def verify(settings: Settings, run_id: str, priorities: list | None = None, mapping: Mapping = THREADR) -> dict[str, Any]:
     """`migrator verify RUN --local`, through the library."""
     client, conn = settings.redis(), settings.postgres()
     try:
         with conn, conn.cursor() as cur:
             chosen = priorities or RunOptions.from_json(ledger.require_run(cur, run_id)["options"]).priority_order()
-        return verify_local(client, settings.postgres, THREADR, run_id, chosen)
+        return verify_local(client, settings.postgres, mapping, run_id, chosen)
     finally:
         conn.close()
         client.close()

@@ -23,23 +23,6 @@ from helpers import by_pattern, fingerprint, migrate, verify
 MIB = 1024 * 1024
 
 
-@pytest.fixture
-def parts(monkeypatch):
-    """The parts each key was read in, by the batches and by the verification (key -> count)."""
-    seen: dict[bytes, int] = {}
-
-    def counting(real):
-        def read_parts(client, first):
-            for part in real(client, first):
-                seen[first.key] = seen.get(first.key, 0) + 1
-                yield part
-        return read_parts
-
-    monkeypatch.setattr(migrator.batch, "read_parts", counting(migrator.batch.read_parts))
-    monkeypatch.setattr(migrator.verify, "read_parts", counting(migrator.verify.read_parts))
-    return seen
-
-
 def zset_size(r, key: str) -> tuple[int, int]:
     """(bytes, members) of a sorted set as the dead letters count it: each member and 8 for its score."""
     members = r.zrange(key, 0, -1)

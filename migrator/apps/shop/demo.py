@@ -24,9 +24,13 @@ STATUSES = ("pending", "paid", "shipped", "delivered", "refunded")
 NAMES = ("Mug", "T-shirt", "Poster", "Notebook", "Sticker pack", "Hoodie", "Cap", "Tote bag")
 
 
-def seed_shop(r: "redis.Redis", customers: int = 100, *, seed: int = 7,
+def seed_shop(r: "redis.Redis", customers: int = 100, *, malformed: int = 0, seed: int = 7,
               now: datetime | None = None) -> dict[str, int]:
-    """Write the shop of `customers` customers into `r`; the keys written per kind."""
+    """Write the shop of `customers` customers into `r`; the keys written per kind. `malformed` more
+    keys are values the mapping refuses (counted under "malformed" alone): its demo seeder (the
+    hook `migrator seed-demo` calls as seed(client, count, malformed=N))."""
+    if customers < 0 or malformed < 0:
+        raise ValueError("customers and malformed must be >= 0")
     rng = random.Random(seed)
     now = now or datetime.now(timezone.utc)
     counts = dict.fromkeys(("product", "cart", "order", "views", "bestsellers", "recent", "customer_orders",
@@ -69,4 +73,31 @@ def seed_shop(r: "redis.Redis", customers: int = 100, *, seed: int = 7,
         r.xadd("shop:events", {"type": rng.choice(("view", "add_to_cart", "purchase")), "sku": rng.choice(skus),
                                "customer": f"cust-{rng.randrange(customers):06d}"})
     counts["events"] += 1
+    if malformed:
+        counts["malformed"] = write_malformed(r, malformed)
     return counts
+
+
+# Values a mapping of this shop must refuse, one kind after another: each a dead letter, not a row.
+MALFORMED = (
+    ("shop:order:bad-{n}", "string", b'{"customer": "cust-x", "status": '),       # JSON cut short
+    ("shop:order:nocustomer-{n}", "string", b'{"status": "paid", "total_cents": 1}'),  # required customer missing
+    ("shop:views:BAD-{n}", "string", b"lots"),                                      # a counter that is no integer
+    ("shop:product:BAD-{n}", "hash", {b"name": b"Mug", b"price_cents": b"cheap"}),  # a price that is no number
+    ("shop:cart:bad-{n}", "string", b'{"customer": "\xff\xfe"}'),                  # not UTF-8
+    ("shop:product:WRONG-{n}", "string", b"a product as a string"),                 # the wrong Redis type
+)
+
+
+def write_malformed(r: "redis.Redis", n: int) -> int:
+    """`n` malformed keys, of the kinds of MALFORMED in turn; how many were written."""
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        key, kind, value = MALFORMED[i % len(MALFORMED)]
+        key = key.format(n=i)
+        if kind == "hash":
+            pipe.hset(key, mapping=value)
+        else:
+            pipe.set(key, value)
+    pipe.execute()
+    return n

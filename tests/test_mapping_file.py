@@ -1,0 +1,717 @@
+"""A mapping as a file (docs/mapping-file.md): its mistakes reported with file, line and fix before
+anything runs; every Redis type read into rows (large collections and streams a part at a time);
+`mapping --init` from a live keyspace; the shop's file mapping run end to end from the command line."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from migrator.apps.shop.demo import seed_shop
+from migrator.config import ConfigError, Settings
+from migrator.mapping import REDISJSON
+from migrator.mapping_file import MappingFileError, load_file, parse_key
+from migrator.options import RunOptions
+from migrator.registry import digest
+from migrator.runner import plan_run
+from migrator.schema import empty_tables, init_db
+from migrator.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, loaded_modules, read_keys, read_parts
+from migrator.values import stable_id
+from migrator import ledger
+
+from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
+
+SHOP_FILE = ROOT / "migrator" / "apps" / "shop" / "mapping.toml"
+SHOP = load_file(SHOP_FILE)
+
+
+# --- mistakes: every one reported, with its line and its fix, before anything runs ------------------------
+
+
+def mistakes(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(MappingFileError) as caught:
+        load_file(path)
+    assert all(line.startswith(f"{path}:") and " — " in line for line in caught.value.problems)
+    return caught.value.problems
+
+
+def said(problems: list[str], words: str) -> tuple[int, str]:
+    """The line number and text of the one problem saying `words`."""
+    found = [p for p in problems if words in p]
+    assert len(found) == 1, (words, problems)
+    return int(found[0].split(":")[1]), found[0]
+
+
+HOSTILE = '''\
+[mapping]
+name = "bad"
+
+[[pattern]]
+name = "product"
+key = "shop:product:{sku}"
+type = "hsh"
+tabel = "products"
+
+[[pattern]]
+name = "views"
+key = "shop:views:{sku}"
+type = "hash"
+table = "products"
+
+[pattern.columns]
+sku = "key.sku"
+views = "score"
+
+[[pattern]]
+name = "views"
+key = 'shop:day:{day:\\d{4}-(}'
+type = "string"
+table = "products"
+
+[pattern.columns]
+sku = "key.nope"
+
+[tables.products]
+columns = { sku = "text", views = "bigint" }
+'''
+
+
+def test_every_mistake_is_reported_at_once_with_its_file_line_and_fix(tmp_path):
+    problems = mistakes(tmp_path, HOSTILE)
+    assert [int(p.split(":")[1]) for p in problems] == [4, 7, 8, 18, 21, 22, 29]  # in the file's order
+    line, text = said(problems, "has neither table nor skip")  # (its table is misspelt)
+    assert line == 4 and 'add table = "..."' in text
+    line, text = said(problems, "unknown key 'tabel'")
+    assert line == 8 and text.endswith("did you mean 'table'?")
+    line, text = said(problems, "type 'hsh'")
+    assert line == 7 and text.endswith("did you mean 'hash'?")
+    line, text = said(problems, "takes 'score'")  # a source the type has not, with the ones it has
+    assert line == 18 and "a hash has not" in text and "field.<name>" in text
+    assert said(problems, "declared twice")[0] == 21
+    line, text = said(problems, "no regular expression")
+    assert line == 22 and text.endswith("fix it (Python syntax)")
+    line, text = said(problems, "names no key columns")
+    assert line == 29 and 'add key = ["..."]' in text
+    # (the broken key has no fields to check key.nope against: only the grammar's mistake is said)
+    assert not any("key.nope" in p for p in problems)
+
+
+@pytest.mark.parametrize("text, line, words, fix", [
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\npriority = 3\nskip = "s"\n',
+     7, "priority is an integer", 'priority = "high"'),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:*"\ntype = "string"\nskip = "s"\n',
+     5, "'*' is no wildcard", "{name}"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\npriority = "urgent"\n'
+     'skip = "s"\n', 7, "unknown priority 'urgent'", "choose one of: critical"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "hash"\nformat = "json"\nskip = "s"\n',
+     7, "format applies to strings", "remove format"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.user"\n[tables.t]\nkey = ["k"]\ncolumns = { k = "text" }\n',
+     9, "the key has no field 'user' (its fields: id)", "add {user} to the key"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.id"\n[tables.t]\nkey = ["k"]\nrequired = ["v"]\ncolumns = { k = "text", v = "text" }\n',
+     8, "without its column(s) v", "every pattern writing a table gives all of its columns"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.id"\n[tables.t]\nkey = ["k"]\n[tables.t.columns]\nk = "text"\nid = "uuid"\n',
+     14, "column name 'id' cannot be used", "are the engine's own"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "migration_runs"\n'
+     '[pattern.columns]\nk = "key.id"\n[tables.migration_runs]\nkey = ["k"]\ncolumns = { k = "text" }\n',
+     10, "not a name a table of yours can have (the engine's own)", "not a migrator table's name"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.id"\n[tables.t]\nkey = ["k"]\ncolumns = { k = "text", n = "int" }\n', 12,
+     "column n has type 'int'", "did you mean 'bigint'?"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.id"\nn = "value"\n[tables.t]\nkey = ["k"]\ncolumns = { k = "text", n = "text" }\n'
+     'merge = { greatest = ["n"] }\n', 14, "merge orders by 'n', a text column", "greatest and version take"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\ntable = "t"\n'
+     '[pattern.columns]\nk = "key.id"\n[tables.t]\nkey = ["k"]\ncolumns = { k = "text" }\n[tables.u]\nkey = ["k"]\n'
+     'columns = { k = "text" }\n', 13, "table 'u' is written by no pattern", 'table = "u"'),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\n', 3,
+     "has neither table nor skip", "add table"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\nskip = "s"\n'
+     '[[pattern]]\nname = "b"\nkey = "a:{other}"\ntype = "string"\nskip = "s"\n', 10, "same key as pattern 'a'",
+     "never own a key"),
+    ('[mapping]\nname = "x"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\nskip = "s"\n'
+     'max_dead_ratio = 5\n', 8, "max_dead_ratio 5 is no share", "from 0 to 1"),
+    ('[mapping]\nname = "x"\ndemo = "no.such.module:seed"\n[[pattern]]\nname = "a"\nkey = "a:{id}"\n'
+     'type = "string"\nskip = "s"\n', 3, "cannot be imported", "package.module:function"),
+    ('[[pattern]]\nname = "a"\nkey = "a:{id}"\ntype = "string"\nskip = "s"\n', 1, "no [mapping] table", "name ="),
+    ('[mapping]\nname = "x"\n[[patterns]]\nname = "a"\n', 3, "unknown key 'patterns'", "did you mean 'pattern'?"),
+])
+def test_each_kind_of_mistake_names_its_line_and_the_fix(tmp_path, text, line, words, fix):
+    problems = mistakes(tmp_path, text)
+    found, message = said(problems, words)
+    assert found == line and fix in message, problems
+
+
+def test_broken_toml_and_bytes_that_are_not_utf8_say_where(tmp_path):
+    problems = mistakes(tmp_path, '[mapping]\nname = "x"\n\n[[pattern]]\nname = "a\nkey = 1\n')
+    line, text = said(problems, "not valid TOML")
+    assert line == 5 and "fix the syntax at column" in text
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[mapping]\nname = "caf\xe9"\n')
+    with pytest.raises(MappingFileError) as caught:
+        load_file(path)
+    assert caught.value.problems == [f"{path}:2: the file is not UTF-8 (byte 0xe9) — save it as UTF-8"]
+
+
+def test_a_mistaken_file_is_refused_before_redis_or_postgres_is_touched(settings, r, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(HOSTILE)
+    r.set("shop:views:SKU-1", 5)
+    with throwaway_database(settings.database_url) as url:
+        for command in (["init-db"], ["run", "--local"], ["audit"], ["check", "--no-workers"]):
+            done = cli(Settings(settings.redis_url, url, settings.broker_url), *command, "--mapping", str(bad))
+            assert done.returncode == 2 and f"{bad}:8: " in done.stderr and "Traceback" not in done.stderr, done.stderr
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert cur.fetchone()[0] == 0  # not even the ledger
+        conn.close()
+    assert r.dbsize() == 1
+
+
+@pytest.mark.parametrize("key, matches, refuses", [
+    ("shop:product:{sku}", ["shop:product:SKU-1"], ["shop:product:a:b", "shop:product:"]),
+    (r"usage:{ip:.+}:{day:\d{4}-\d{2}-\d{2}}", ["usage:::1:2024-05-01"], ["usage:1.2.3.4:2024-5-1"]),
+    ("odd.{x}[1]?{{y}}", ["odd.Z[1]?{y}"], ["oddXZ[1]?{y}", "odd.Z1?{y}"]),
+])
+def test_the_key_grammar_anchors_its_fields_and_keeps_other_characters_literal(key, matches, refuses):
+    import re
+
+    grammar, glob, _ = parse_key(key)
+    assert all(re.fullmatch(grammar, k) for k in matches) and not any(re.fullmatch(grammar, k) for k in refuses)
+    from fnmatch import fnmatchcase
+
+    assert all(fnmatchcase(k, glob) for k in matches)
+
+
+def test_the_digest_is_the_declaration_and_moves_with_any_change_to_the_file(tmp_path):
+    again = tmp_path / "shop.toml"
+    again.write_text(SHOP_FILE.read_text())
+    assert digest(load_file(again)) == digest(SHOP)
+    again.write_text(SHOP_FILE.read_text().replace('units_sold = "bigint"', 'units_sold = "numeric"'))
+    assert digest(load_file(again)) != digest(SHOP)
+
+
+# --- every Redis type into rows ---------------------------------------------------------------------------------
+
+KINDS = '''\
+[mapping]
+name = "kinds"
+
+[[pattern]]
+name = "note"
+key = "k:note:{id}"
+type = "string"
+table = "notes"
+columns = { note_id = "key.id", body = "value" }
+
+[[pattern]]
+name = "doc"
+key = "k:doc:{id}"
+type = "string"
+format = "json"
+priority = "high"
+table = "docs"
+max_dead_ratio = 0
+max_dead_keys = 0
+
+[pattern.columns]
+doc_id = "key.id"
+title = "json.title"
+city = "json.address.city"
+first_tag = "json.tags.0"
+price = "json.price"
+seen_at = "json.seen_at"
+active = "json.active"
+raw = "value"
+
+[[pattern]]
+name = "count"
+key = 'k:count:{day:\\d{4}-\\d{2}-\\d{2}}'
+type = "string"
+format = "int"
+table = "counts"
+columns = { day = "key.day", n = "value" }
+
+[[pattern]]
+name = "profile"
+key = "k:profile:{user}"
+type = "hash"
+table = "profiles"
+columns = { user_name = "key.user", name = "field.name", age = "field.age", score = "field.score", extra = "field.extra" }
+
+[[pattern]]
+name = "counters"
+key = "k:counters"
+type = "hash"
+rows = "member"
+table = "counters"
+columns = { name = "field", n = "value" }
+
+[[pattern]]
+name = "queue"
+key = "k:queue:{q}"
+type = "list"
+table = "queue_items"
+columns = { queue = "key.q", position = "index", item = "value" }
+
+[[pattern]]
+name = "tags"
+key = "k:tags:{user}"
+type = "set"
+table = "tags"
+columns = { user_name = "key.user", tag = "member" }
+
+[[pattern]]
+name = "board"
+key = "k:board"
+type = "zset"
+table = "board"
+columns = { player = "member", points = "score" }
+
+[[pattern]]
+name = "log"
+key = "k:log:{app}"
+type = "stream"
+table = "log"
+columns = { app = "key.app", entry = "id", at = "id.time", level = "field.level", message = "field.message" }
+
+[[pattern]]
+name = "cache"
+key = "k:cache:{x}"
+type = "string"
+skip = "ephemeral: rebuilt by the app"
+
+[tables.notes]
+key = ["note_id"]
+columns = { note_id = "text", body = "text" }
+
+[tables.docs]
+key = ["doc_id"]
+required = ["title"]
+columns = { doc_id = "text", title = "text", city = "text", first_tag = "text", price = "numeric", seen_at = "timestamptz", active = "boolean", raw = "jsonb" }
+
+[tables.counts]
+key = ["day"]
+columns = { day = "date", n = "bigint" }
+merge = { greatest = ["n"] }
+
+[tables.profiles]
+key = ["user_name"]
+columns = { user_name = "text", name = "text", age = "integer", score = "double precision", extra = "jsonb" }
+
+[tables.counters]
+key = ["name"]
+columns = { name = "text", n = "bigint" }
+
+[tables.queue_items]
+key = ["queue", "position"]
+columns = { queue = "text", position = "integer", item = "text" }
+
+[tables.tags]
+key = ["user_name", "tag"]
+columns = { user_name = "text", tag = "text" }
+
+[tables.board]
+key = ["player"]
+columns = { player = "text", points = "double precision" }
+
+[tables.log]
+key = ["app", "entry"]
+columns = { app = "text", entry = "text", at = "timestamptz", level = "text", message = "text" }
+'''
+
+
+@pytest.fixture(scope="module")
+def target(database_url):
+    """A database of this module's own, holding the engine's schema (each test adds its mapping's)."""
+    with throwaway_database(database_url) as url:
+        yield url
+
+
+@pytest.fixture
+def kinds(tmp_path):
+    path = tmp_path / "kinds.toml"
+    path.write_text(KINDS)
+    return load_file(path)
+
+
+def prepared(settings: Settings, target: str, mapping) -> Settings:
+    """Settings on the module's database, `mapping`'s schema applied and its tables and the ledger emptied."""
+    here = Settings(settings.redis_url, target, settings.broker_url)
+    conn = here.postgres()
+    try:
+        init_db(conn, mapping)
+        empty_tables(conn, [*mapping.table_names(), *ledger.TABLES])
+    finally:
+        conn.close()
+    return here
+
+
+def rows(settings: Settings, query: str, *args) -> list[tuple]:
+    conn = settings.postgres()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def seed_kinds(r) -> None:
+    r.set("k:note:1", "plain text, ünïcode")
+    r.set("k:note:big", "x" * (3 * 1024 * 1024))  # read whole, written in a sub-batch of its own
+    r.set("k:doc:1", json.dumps({"title": "First", "address": {"city": "Lyon"}, "tags": ["a", "b"], "price": "19.90",
+                                 "seen_at": "2024-05-01T10:00:00+02:00", "active": True, "x": [1, 2]}))
+    r.set("k:doc:2", json.dumps({"title": "Second", "price": 3, "seen_at": 1714550400, "active": "no"}))
+    r.set("k:count:2024-05-01", 42)
+    r.hset("k:profile:ann", mapping={"name": "Ann", "age": "37", "score": "4.5", "extra": '{"likes": ["tea"]}'})
+    r.hset("k:profile:bob", mapping={"name": "Bob", "age": ""})  # an empty field is no value
+    r.hset("k:counters", mapping={f"c{i}": i for i in range(2500)})  # three parts
+    r.rpush("k:queue:jobs", *[f"job-{i}" for i in range(2500)])
+    r.sadd("k:tags:ann", "red", "green", "blue")
+    r.zadd("k:board", {"ann": 12.5, "bob": 3})
+    r.xadd("k:log:web", {"level": "info", "message": "started"}, id="1714550400000-0")
+    r.xadd("k:log:web", {"level": "warn", "message": "slow"}, id="1714550400123-1")
+    r.set("k:cache:x", "whatever")
+
+
+def test_every_type_is_read_into_its_rows(settings, r, target, kinds):
+    here = prepared(settings, target, kinds)
+    seed_kinds(r)
+    report = migrate(here, mapping=kinds)
+    assert report["status"] == "completed" and report["balanced"], report
+    found = by_pattern(report)
+    assert {name: (p["migrated"], p["rows"]) for name, p in found.items() if name != "cache"} == {
+        "note": (2, 2), "doc": (2, 2), "count": (1, 1), "profile": (2, 2), "counters": (1, 2500),
+        "queue": (1, 2500), "tags": (1, 3), "board": (1, 2), "log": (1, 2)}
+    assert found["cache"]["skipped"] == 1 and found["cache"]["skip_reason"] == "ephemeral: rebuilt by the app"
+
+    assert rows(here, "SELECT body FROM notes WHERE note_id = '1'") == [("plain text, ünïcode",)]
+    assert rows(here, "SELECT length(body) FROM notes WHERE note_id = 'big'") == [(3 * 1024 * 1024,)]
+    assert rows(here, "SELECT doc_id, title, city, first_tag, price, seen_at, active, raw->'x' FROM docs ORDER BY 1") == [
+        ("1", "First", "Lyon", "a", Decimal("19.90"), datetime(2024, 5, 1, 8, tzinfo=timezone.utc), True, [1, 2]),
+        ("2", "Second", None, None, Decimal(3), datetime(2024, 5, 1, 8, tzinfo=timezone.utc), False, None)]
+    assert rows(here, "SELECT day::text, n FROM counts") == [("2024-05-01", 42)]
+    assert rows(here, "SELECT user_name, name, age, score, extra FROM profiles ORDER BY 1") == [
+        ("ann", "Ann", 37, 4.5, {"likes": ["tea"]}), ("bob", "Bob", None, None, None)]
+    assert rows(here, "SELECT count(*), sum(n) FROM counters") == [(2500, 2500 * 2499 // 2)]
+    # each element at its own position, across the parts it was read in
+    assert rows(here, "SELECT count(*), bool_and(item = 'job-' || position) FROM queue_items") == [(2500, True)]
+    assert rows(here, "SELECT tag FROM tags ORDER BY 1") == [("blue",), ("green",), ("red",)]
+    assert rows(here, "SELECT player, points FROM board ORDER BY 1") == [("ann", 12.5), ("bob", 3.0)]
+    assert rows(here, "SELECT entry, at, level, message FROM log ORDER BY 1") == [
+        ("1714550400000-0", datetime(2024, 5, 1, 8, tzinfo=timezone.utc), "info", "started"),
+        ("1714550400123-1", datetime(2024, 5, 1, 8, 0, 0, 123000, tzinfo=timezone.utc), "warn", "slow")]
+    # ids are stable: uuid5 of the table and its key columns
+    assert rows(here, "SELECT id::text FROM queue_items WHERE position = 7") == [(stable_id("queue_items", "jobs", "7"),)]
+    assert verify(here, report["run_id"], mapping=kinds)["verdict"] == "clean"
+    # a rerun writes nothing
+    assert migrate(here, mapping=kinds)["figures"]["rows_written"] == 0
+
+
+@pytest.mark.parametrize("key, write, reason", [
+    ("k:doc:3", lambda r, k: r.set(k, '{"title": "T", "price": "cheap"}'), "column price (json.price): expected a number"),
+    ("k:doc:4", lambda r, k: r.set(k, '{"price": 1}'), "column title (json.title): missing, and the table requires it"),
+    ("k:doc:5", lambda r, k: r.set(k, '{"title": "T", "seen_at": "yesterday"}'), "column seen_at (json.seen_at)"),
+    ("k:doc:6", lambda r, k: r.set(k, '{"title": '), "value is not valid JSON"),
+    ("k:doc:7", lambda r, k: r.set(k, b'{"title": "\xff"}'), "not valid UTF-8 (byte 0xff"),
+    ("k:doc:8", lambda r, k: r.hset(k, "title", "T"), "wrong Redis type: expected string, found hash"),
+    ("k:doc:9", lambda r, k: r.set(k, '{"title": "T", "active": "maybe"}'), "column active (json.active): expected true"),
+    ("k:doc:10", lambda r, k: r.set(k, '{"title": "T\\u0000"}'), "column title (json.title): holds a NUL"),
+    ("k:doc:11", lambda r, k: r.set(k, '{"title": "T", "price": "NaN"}'), "expected a finite number"),
+])
+def test_a_value_its_columns_refuse_is_a_dead_letter_naming_the_column_and_fails_a_budget_of_none(
+        settings, r, target, kinds, key, write, reason):
+    here = prepared(settings, target, kinds)
+    r.set("k:doc:1", '{"title": "fine"}')
+    clean = migrate(here, mapping=kinds, priorities=("high",))
+    assert clean["status"] == "completed" and by_pattern(clean)["doc"]["dead"] == 0
+    write(r, key)
+    report = migrate(here, mapping=kinds, priorities=("high",))
+    doc = by_pattern(report)["doc"]
+    assert report["balanced"] and (doc["migrated"], doc["dead"]) == (1, 1)
+    # the pattern declares max_dead_keys = 0: one dead letter fails its priority
+    assert report["status"] != "completed"
+    [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
+    assert reason in error, error
+
+
+def test_a_member_its_columns_refuse_makes_the_whole_collection_one_dead_letter(settings, r, target, kinds):
+    here = prepared(settings, target, kinds)
+    r.hset("k:counters", mapping={f"c{i}": i for i in range(2500)})
+    r.zadd("k:board", {"ann": 1})
+    assert by_pattern(migrate(here, mapping=kinds))["counters"]["rows"] == 2500
+    # every counter moved and one refused: the parts read before the refused one are taken back
+    r.hset("k:counters", mapping={f"c{i}": i + 1 if i != 2400 else "many" for i in range(2500)})
+    r.zadd("k:board", {b"\xffbad": 2})
+    r.xadd("k:log:app", {"level": "info", "message": b"caf\xe9"}, id="5-1")
+    report = migrate(here, mapping=kinds)
+    found = by_pattern(report)
+    assert (found["counters"]["dead"], found["board"]["dead"], found["log"]["dead"]) == (1, 1, 1) and report["balanced"]
+    dead = {key: (error, raw) for key, error, raw in rows(
+        here, "SELECT key_text, error, raw_value FROM migration_dead_letters WHERE run_id = %s", report["run_id"])}
+    assert "column n (value): expected an integer, got 'many'" in dead["k:counters"][0]
+    assert "zset member is not valid UTF-8" in dead["k:board"][0]
+    # a stream's dead letter keeps its entries as JSON, ids and fields, the bad bytes escaped
+    assert "stream value is not valid UTF-8 (byte 0xe9" in dead["k:log:app"][0]
+    assert json.loads(bytes(dead["k:log:app"][1])) == [["5-1", {"level": "info", "message": "caf\\xe9"}]]
+    # the rows of the first run stand as they were: this run wrote nothing of the refused collection
+    assert rows(here, "SELECT count(*), sum(n) FROM counters") == [(2500, 2500 * 2499 // 2)]
+
+
+def test_a_large_stream_is_read_and_verified_a_part_at_a_time_with_its_ids_kept(settings, r, target, kinds, parts):
+    here = prepared(settings, target, kinds)
+    n = 50_000
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd("k:log:big", {"level": "info", "message": f"m{i}"}, id=f"{1714550400000 + i}-0")
+    pipe.execute()
+    report = migrate(here, mapping=kinds, priorities=("medium",))
+    assert report["status"] == "completed" and by_pattern(report)["log"]["rows"] == n
+    # read by the run and by its verification in parts of CHUNK_READ_MEMBERS entries
+    assert parts[b"k:log:big"] >= 2 * (n // CHUNK_READ_MEMBERS)
+    assert rows(here, "SELECT count(*), count(DISTINCT entry), min(entry), max(entry) FROM log") == [
+        (n, n, "1714550400000-0", f"{1714550400000 + n - 1}-0")]
+    assert rows(here, "SELECT message FROM log WHERE entry = '1714550412345-0'") == [("m12345",)]
+
+    # damage: a row deleted, one changed, one no entry gives: verify names them
+    conn = here.postgres()
+    with conn, conn.cursor() as cur:
+        cur.execute("DELETE FROM log WHERE entry = '1714550400007-0'")
+        cur.execute("UPDATE log SET message = 'edited' WHERE entry = '1714550440000-0'")
+    conn.close()
+    r.xdel("k:log:big", f"{1714550400000 + 49_999}-0")
+    result = verify(here, report["run_id"], mapping=kinds)
+    log = next(p for p in result["patterns"] if p["pattern"] == "log")
+    assert result["verdict"] == "differences" and (log["missing"], log["different"], log["extra"]) == (1, 1, 1)
+
+
+def test_the_reader_gives_streams_lists_in_parts_and_their_digests_follow_their_content(r):
+    r.xadd("s", {"a": "1"}, id="1-1")
+    r.xadd("s", {"a": "2", "b": "x"}, id="2-1")
+    r.rpush("l", *[str(i) for i in range(CHUNK_READ_MEMBERS + 5)])
+    [stream, listed] = read_keys(r, [(b"s", "stream"), (b"l", "list")])
+    assert stream.raw == [(b"1-1", {b"a": b"1"}), (b"2-1", {b"a": b"2", b"b": b"x"})] and stream.resume is None
+    read = list(read_parts(r, listed))
+    assert [len(p.raw) for p in read] == [CHUNK_READ_MEMBERS, 5] and read[1].raw.start == CHUNK_READ_MEMBERS
+    from migrator.source import value_digest
+
+    before = value_digest(stream.raw)
+    r.xadd("s", {"a": "3"}, id="3-1")
+    assert value_digest(read_keys(r, [(b"s", "stream")])[0].raw) != before
+
+
+# --- RedisJSON -----------------------------------------------------------------------------------------------
+
+JSON_FILE = '''\
+[mapping]
+name = "documents"
+
+[[pattern]]
+name = "doc"
+key = "j:doc:{id}"
+type = "json"
+table = "json_docs"
+columns = { doc_id = "key.id", title = "json.title", whole = "value" }
+
+[tables.json_docs]
+key = ["doc_id"]
+columns = { doc_id = "text", title = "text", whole = "jsonb" }
+'''
+
+
+@pytest.fixture
+def documents(tmp_path):
+    path = tmp_path / "documents.toml"
+    path.write_text(JSON_FILE)
+    return path
+
+
+def test_redisjson_patterns_are_refused_with_the_fix_when_the_module_is_not_loaded(settings, r, target, documents):
+    if REDISJSON_MODULE in loaded_modules(r):
+        pytest.skip("this Redis has RedisJSON loaded: the refusal cannot be seen here")
+    mapping = load_file(documents)
+    here = prepared(settings, target, mapping)
+    client, conn = here.redis(), here.postgres()
+    try:
+        with pytest.raises(ConfigError, match="no RedisJSON module loaded .*; load it"):
+            plan_run(client, conn, mapping, RunOptions(), here.redis_url)
+    finally:
+        client.close()
+        conn.close()
+    done = cli(here, "run", "--local", "--mapping", str(documents))
+    assert done.returncode == 2 and "pattern(s) doc read RedisJSON documents" in done.stderr
+    check = cli(here, "check", "--no-workers", "--mapping", str(documents))
+    assert "FAIL  redis modules" in check.stdout and "loadmodule" in check.stdout
+    assert rows(here, "SELECT count(*) FROM migration_runs") == [(0,)]
+
+
+def test_redisjson_documents_are_read_into_rows(settings, r, target, documents):
+    if REDISJSON_MODULE not in loaded_modules(r):
+        pytest.skip(f"this Redis has no RedisJSON module (MODULE LIST names no {REDISJSON_MODULE}): the reader of "
+                    f"{REDISJSON} keys cannot run here")
+    mapping = load_file(documents)
+    here = prepared(settings, target, mapping)
+    r.execute_command("JSON.SET", "j:doc:1", "$", json.dumps({"title": "Hello", "n": [1, 2]}))
+    r.set("j:doc:2", "a string, not a document")
+    report = migrate(here, mapping=mapping)
+    assert (by_pattern(report)["doc"]["migrated"], by_pattern(report)["doc"]["dead"]) == (1, 1)
+    assert rows(here, "SELECT doc_id, title, whole FROM json_docs") == [("1", "Hello", {"title": "Hello", "n": [1, 2]})]
+    assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
+
+
+# --- the shop, from the command line ----------------------------------------------------------------------------
+
+
+def test_the_shop_file_mapping_runs_from_the_command_line_verifies_finds_damage_and_rolls_back(settings, r, target,
+                                                                                              tmp_path):
+    here = prepared(settings, target, SHOP)
+    seeded = cli(here, "seed-demo", "--mapping", str(SHOP_FILE), "--users", "60", "--malformed", "6", "--fresh")
+    assert seeded.returncode == 0 and "malformed" in seeded.stdout, seeded.stderr
+    assert cli(here, "init-db", "--mapping", str(SHOP_FILE)).returncode == 0
+    # a row the app wrote before the run, which the run changes: rollback puts it back as it was
+    conn = here.postgres()
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO products (id, sku, name, price_cents) VALUES (%s, 'SKU-00001', 'from the app', 1)",
+                    (stable_id("products", "SKU-00001"),))
+    before = fingerprint(conn, list(SHOP.table_names()))
+
+    done = cli(here, "run", "--local", "--json", "--mapping", str(SHOP_FILE), "--output-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.split("\n", 1)[1])
+    assert report["status"] == "completed" and report["balanced"]
+    found = by_pattern(report)
+    assert sum(p["dead"] for p in found.values()) == 6  # the malformed keys, each a dead letter
+    assert found["events"]["rows"] == 120 and found["bestsellers"]["rows"] == 15
+    assert rows(here, "SELECT name FROM products WHERE sku = 'SKU-00001'") == [("T-shirt #1",)]
+    [(carts, expiring)] = rows(here, "SELECT count(*), count(expires_at) FROM carts")
+    assert carts == found["cart"]["migrated"] and expiring == carts  # each cart's TTL as expires_at
+
+    document = cli(here, "mapping", "--mapping", str(SHOP_FILE), "--output-dir", str(tmp_path))
+    assert document.returncode == 0 and "product_views" in document.stdout, document.stderr
+    clean = cli(here, "verify", report["run_id"], "--local", "--mapping", str(SHOP_FILE))
+    assert clean.returncode == 0 and "CLEAN" in clean.stdout.upper(), clean.stdout + clean.stderr
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE products SET price_cents = price_cents + 1 WHERE sku = 'SKU-00002'")
+        cur.execute("DELETE FROM events WHERE entry_id = (SELECT min(entry_id) FROM events)")
+    damaged = cli(here, "verify", report["run_id"], "--local", "--json", "--mapping", str(SHOP_FILE))
+    result = json.loads(damaged.stdout)
+    by_name = {p["pattern"]: p for p in result["patterns"]}
+    assert damaged.returncode == 1 and by_name["product"]["different"] == 1 and by_name["events"]["missing"] == 1, \
+        [(p["pattern"], p["missing"], p["different"], p["changed"], p["extra"], p["examples"]) for p in result["patterns"]]
+
+    undone = cli(here, "rollback", report["run_id"], "--mapping", str(SHOP_FILE))
+    assert undone.returncode == 0, undone.stderr
+    assert fingerprint(conn, list(SHOP.table_names())) == before
+    conn.close()
+
+
+def test_workers_load_the_file_mapping_the_run_names_and_migrate_it(settings, r, target, tmp_path):
+    """A run on Celery workers: each loads the file by the absolute path the run recorded (the
+    command was given a relative one), checked against the run's digest."""
+    here = prepared(settings, target, SHOP)
+    counts = seed_shop(r, 30)
+    pool = Workers(worker_env(here), tmp_path)
+    pool.start("files")
+    try:
+        done = cli(here, "run", "--json", "--mapping", str(SHOP_FILE.relative_to(ROOT)), "--output-dir", str(tmp_path))
+    finally:
+        pool.stop_all()
+        from workers.celery import delete_queues
+
+        delete_queues()
+    assert done.returncode == 0, done.stderr + (tmp_path / "files.log").read_text()[-3000:]
+    report = json.loads(done.stdout.split("\n", 1)[1])
+    assert report["status"] == "completed" and by_pattern(report)["order"]["migrated"] == counts["order"]
+    assert rows(here, "SELECT mapping_spec FROM migration_runs") == [(str(SHOP_FILE),)]
+
+
+def test_the_audit_counts_a_stream_s_entries_as_its_rows(settings, r, target, tmp_path):
+    here = prepared(settings, target, SHOP)
+    counts = seed_shop(r, 20)
+    done = cli(here, "audit", "--json", "--mapping", str(SHOP_FILE), "--output-dir", str(tmp_path))
+    audit = json.loads(done.stdout)
+    found = {p["pattern"]: p for p in audit["patterns"]}
+    assert found["events"]["records"] == r.xlen("shop:events") == 40
+    assert found["product"]["records"] == counts["product"]  # a hash read whole: one row per key
+    assert audit["unmapped"]["keys"] == 0
+
+
+# --- mapping --init ------------------------------------------------------------------------------------------
+
+
+def test_mapping_init_writes_a_file_that_loads_and_migrates_the_shop(settings, r, target, tmp_path):
+    seed_shop(r, 40)
+    r.set("shop:note:one", "not JSON at all")  # another shape: its own pattern
+    path = tmp_path / "start.toml"
+    here = Settings(settings.redis_url, target, settings.broker_url)
+    done = cli(here, "mapping", "--init", str(path))
+    assert done.returncode == 0 and f"wrote {path}" in done.stdout, done.stderr
+    text = path.read_text()
+    mapping = load_file(path)
+    types = {p.glob: (p.redis_type, p.value_format) for p in mapping.patterns}
+    assert types == {"shop:product:*": ("hash", "hash"), "shop:cart:*": ("string", "json"),
+                     "shop:order:*": ("string", "json"), "shop:views:*": ("string", "int"),
+                     "shop:bestsellers": ("zset", "zset"), "shop:recent:*": ("list", "list"),
+                     "shop:customer:*:orders": ("set", "set"), "shop:events": ("stream", "stream"),
+                     "shop:note:one": ("string", "text")}
+    assert mapping.name == "shop" and 'customer = "json.customer"' in text and '"id.time"' in text
+    assert "# " in text and "key(s) like shop:product:" in text
+
+    # it refuses to overwrite, unless told
+    path.write_text("# mine\n")
+    again = cli(here, "mapping", "--init", str(path))
+    assert again.returncode == 2 and "--force" in again.stderr and path.read_text() == "# mine\n"
+    assert cli(here, "mapping", "--init", str(path), "--force").returncode == 0
+    assert path.read_text().split("\n", 2)[2] == text.split("\n", 2)[2]  # (but for the time of the audit)
+
+    prepared(settings, target, mapping)
+    assert cli(here, "init-db", "--mapping", str(path)).returncode == 0
+    run = cli(here, "run", "--local", "--json", "--mapping", str(path), "--output-dir", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.split("\n", 1)[1])
+    assert report["status"] == "completed" and sum(p["dead"] for p in report["patterns"]) == 0
+    assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
+
+
+def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(settings, r, target, tmp_path):
+    r.hset("user:alice@example.com:profile", mapping={"name": "Alice", "since": "2024-05-01"})
+    r.set("ip:2001:db8::1", 3)  # an IPv6 address: its field spans colons
+    r.set("ip:10.0.0.1", 4)
+    r.set("odd\nkey:1", "line\nbreak")
+    r.set(b"bin:\xff1", "x")  # a key name that is not UTF-8: a dead letter of its pattern
+    r.set("tpl:{x}:1", '{"id": 7, "a.b": 1, "order": "o", "": 0}')  # braces; JSON keys no column can be named
+    r.hset("wide:1", mapping={f"f{i}": i for i in range(100)})  # many fields: one row per field
+    r.set("empty:1", "")
+    path = tmp_path / "hostile.toml"
+    here = Settings(settings.redis_url, target, settings.broker_url)
+    done = cli(here, "mapping", "--init", str(path))
+    assert done.returncode == 0, done.stderr
+    text = path.read_text()
+    mapping = load_file(path)
+    assert "alice" not in text and "example.com" not in text  # emails are masked in the comments
+    assert 'key = "ip:{ip:.+}"' in text and 'key = "tpl:{{x}}:{x}"' in text and 'rows = "member"' in text
+    assert mapping.classify("ip:2001:db8::1")[1] == {"ip": "2001:db8::1"}
+    # the audit shows a newline in a key name escaped: the grammar made of it says so, for a person to fix
+    assert text.count("cannot be read back by its name") == 2  # (that key, and the one that is not UTF-8)
+    prepared(settings, target, mapping)
+    assert cli(here, "init-db", "--mapping", str(path)).returncode == 0
+    report = migrate(here, mapping=mapping)
+    assert report["balanced"] and report["status"] == "completed", report
+    found = by_pattern(report)
+    assert sum(p["dead"] for p in found.values()) == 1 and sum(p["migrated"] for p in found.values()) == 6
+    assert found["unmapped"]["skipped"] == 1, found  # the key with a newline, until its grammar is fixed
+
+
+def test_mapping_init_of_an_empty_keyspace_says_so(settings, r, tmp_path):
+    done = cli(settings, "mapping", "--init", str(tmp_path / "m.toml"))
+    assert done.returncode == 2 and "holds no keys to map" in done.stderr and not (tmp_path / "m.toml").exists()
