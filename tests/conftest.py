@@ -35,7 +35,8 @@ from servers import redis_cluster  # noqa: E402
 
 ADMIN_URL = os.environ.get("MIGRATOR_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("MIGRATOR_TEST_REDIS_URL", "")  # the claimed one, once the session has it
-REDIS_CANDIDATES = [REDIS_URL] if REDIS_URL else [f"redis://127.0.0.1:6379/{n}" for n in (11, 9, 8, 7, 6, 4, 3, 2, 1, 13)]
+LOCAL_CANDIDATES = [f"redis://127.0.0.1:6379/{n}" for n in (11, 9, 8, 7, 6, 4, 3, 2, 1, 13)]
+REDIS_CANDIDATES = [REDIS_URL] if REDIS_URL else LOCAL_CANDIDATES
 REGISTRY_DB = 10
 FILLED = "migrator-tests:filled"  # databases a session of this suite wrote into (and may empty)
 CLAIM_SECONDS = 3600  # a killed session's claim lapses after this; each test renews it
@@ -51,11 +52,11 @@ def _claim_key(url: str) -> str:
     return f"migrator-tests:claim:{url}"
 
 
-def claim_redis_db() -> str:
+def claim_redis_db(candidates: list[str] = REDIS_CANDIDATES) -> str:
     """A Redis database for this session alone: empty, or filled by an earlier session of this
     suite; refuses (ending the session) when every candidate holds someone else's keys."""
     refused = []
-    for url in REDIS_CANDIDATES:
+    for url in candidates:
         registry = _registry(url)
         if not registry.set(_claim_key(url), TOKEN, nx=True, ex=CLAIM_SECONDS):
             continue  # another session runs on it now
@@ -77,13 +78,25 @@ def redis_url() -> str:
     global REDIS_URL
     REDIS_URL = claim_redis_db()
     yield REDIS_URL
-    with redis.Redis.from_url(REDIS_URL) as client:
-        client.flushdb()
-    registry = _registry(REDIS_URL)
-    registry.srem(FILLED, REDIS_URL)  # empty again: anyone's
-    if registry.get(_claim_key(REDIS_URL)) == TOKEN.encode():
-        registry.delete(_claim_key(REDIS_URL))
+    release_redis_db(REDIS_URL)
 
+
+@pytest.fixture
+def spare_redis_url(redis_url: str) -> str:
+    """A second Redis database of this session's, for a test that needs one beside the source (a
+    Redis broker): claimed like the first among the local candidates, emptied and given back after."""
+    url = claim_redis_db([url for url in LOCAL_CANDIDATES if url != redis_url])
+    yield url
+    release_redis_db(url)
+
+
+def release_redis_db(url: str) -> None:
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    registry = _registry(url)
+    registry.srem(FILLED, url)  # empty again: anyone's
+    if registry.get(_claim_key(url)) == TOKEN.encode():
+        registry.delete(_claim_key(url))
 
 
 def pytest_configure(config: pytest.Config) -> None:
