@@ -720,7 +720,7 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         db = client.connection_pool.connection_kwargs.get("db", 0)
         error = None
         try:
-            notifications.subscribe_all(client, nodes, db, lambda key: key.startswith(wanted) and follower.changed(key),
+            notifications.subscribe_all(client, nodes, db, lambda key, event: key.startswith(wanted) and follower.changed(key, event),
                                         follower.connected, follower.stop)
             error = follower.run()
         except Exception as exc:

@@ -179,18 +179,23 @@ RETIRE_MARK = sql.SQL(
     " AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1) SELECT count(*) FROM marked")
 
 
-def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, keys: list[bytes]) -> dict[str, int]:
+def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, keys: list[bytes],
+               resets: list[bytes] = ()) -> dict[str, int]:
     """Bring these keys' rows to what each key holds now, in one transaction that commits only while
     the session runs: each key of a migrated pattern read, transformed and upserted as a run does
     (a value that cannot be migrated is a dead letter of the session, its rows left as they were);
     then the rows no key of them gives any more get their table's on_delete. Returns the keys
-    applied, rows written, rows retired and dead letters. Keys of no migrated pattern are ignored."""
+    applied, rows written, rows retired and dead letters. Keys of no migrated pattern are ignored.
+
+    `resets`: keys whose value was replaced whole since their rows were written (deleted or expired
+    and made again, renamed onto, or found different by a reconciliation): their rows in tables that
+    delete are deleted first, so a merge rule (a counter's GREATEST) does not keep the old value."""
     by_priority: dict[Any, list[bytes]] = {}
     for key in dict.fromkeys(keys):
         pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
         if pattern is not None and pattern.migrated:
             by_priority.setdefault(pattern.priority, []).append(key)
-    touched = [k for keys in by_priority.values() for k in keys]
+    touched = {k: None for keys in by_priority.values() for k in keys}
     outcome = {"keys": len(touched), "rows": 0, "retired": 0, "dead": 0}
     if not touched:
         return outcome
@@ -198,6 +203,9 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
         with conn.cursor() as cur:
             cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
             writer = _Recording(cur, mapping, run_id)
+            fresh = [k.decode("utf-8") for k in dict.fromkeys(resets) if k in touched and _utf8(k)]
+            if fresh:
+                _retire(cur, mapping, run_id, fresh, {}, marking=False)
             for priority in sorted(by_priority):  # (users before the rows that link to them)
                 batch = _Batch(client, cur, mapping, ledger.BatchSpec(None, run_id, priority.label, WHOLE, OPTIONS,
                                                                       mapping.name), writer=writer)
@@ -238,10 +246,13 @@ def _utf8(key: bytes) -> bool:
         return False
 
 
-def _retire(cur: Any, mapping: Mapping, run_id: str, texts: list[str], keep: dict[str, list[str]]) -> int:
+def _retire(cur: Any, mapping: Mapping, run_id: str, texts: list[str], keep: dict[str, list[str]],
+            marking: bool = True) -> int:
     retired = 0
     for table in mapping.table_names():
         rule = mapping.rule(table)
+        if rule.on_delete == "mark" and not marking:
+            continue
         statement = (RETIRE_MARK.format(t=sql.Identifier(table), at=sql.Identifier(rule.deleted_at))
                      if rule.on_delete == "mark" else RETIRE_DELETE.format(t=sql.Identifier(table)))
         cur.execute(statement, {"run": run_id, "name": table, "keys": texts, "keep": keep.get(table, [])})
@@ -259,16 +270,20 @@ class Dirty:
         self.lock = threading.Lock()
         self.waiting: dict[bytes, float] = {}
         self.busy: dict[bytes, float] = {}
+        self.resets: set[bytes] = set()  # waiting keys whose value was replaced whole (see apply_keys)
         self.events = 0  # notifications received
         self.ready = threading.Event()
 
-    def add(self, key: bytes, event: bool = True) -> None:
+    def add(self, key: bytes, event: bool = True, reset: bool = False) -> None:
         with self.lock:
             self.events += event
             self.waiting.setdefault(key, time.monotonic())
+            if reset:
+                self.resets.add(key)
         self.ready.set()
 
-    def take(self, n: int) -> list[bytes]:
+    def take(self, n: int) -> tuple[list[bytes], list[bytes]]:
+        """Up to `n` waiting keys, oldest first, and those of them to reset."""
         with self.lock:
             taken = []
             for key in self.waiting:
@@ -278,17 +293,21 @@ class Dirty:
                         break
             for key in taken:
                 self.busy[key] = self.waiting.pop(key)
+            resets = [key for key in taken if key in self.resets]
+            self.resets.difference_update(resets)
             if not self.waiting:
                 self.ready.clear()
-            return taken
+            return taken, resets
 
-    def done(self, keys: list[bytes], applied: bool) -> None:
+    def done(self, keys: list[bytes], resets: list[bytes], applied: bool) -> None:
         """These keys' batch ended; not applied: they wait again, as old as they were."""
         with self.lock:
             for key in keys:
                 seen = self.busy.pop(key)
                 if not applied:
                     self.waiting[key] = min(seen, self.waiting.get(key, seen))
+            if not applied:
+                self.resets.update(resets)
             if self.waiting:
                 self.ready.set()
 
@@ -308,7 +327,9 @@ class Dirty:
 
 # --- the follower ------------------------------------------------------------------------------
 
-Apply = Callable[[list[bytes]], dict[str, int]]
+Apply = Callable[[list[bytes], list[bytes]], dict[str, int]]
+# Events after which a key's value is not the one its rows came from, changed: a new one altogether.
+REPLACED = frozenset({b"del", b"expired", b"evicted", b"rename_from", b"rename_to", b"restore", b"move_to", b"copy_to"})
 
 
 class Follower:
@@ -332,8 +353,8 @@ class Follower:
         self.wanted_lock = threading.Condition()
 
     # called by the subscribers
-    def changed(self, key: bytes) -> None:
-        self.dirty.add(key)
+    def changed(self, key: bytes, event: bytes) -> None:
+        self.dirty.add(key, reset=event in REPLACED)
 
     def connected(self, node: str, first: bool) -> None:
         if not first:
@@ -409,13 +430,13 @@ class Follower:
             if not self.dirty.ready.wait(0.1):
                 continue
             self.halt.wait(self.window_s)  # a burst on a key coalesces into one read
-            keys = self.dirty.take(self.batch_keys)
+            keys, resets = self.dirty.take(self.batch_keys)
             if not keys:
                 continue
             try:
-                outcome = self.apply(keys)
+                outcome = self.apply(keys, resets)
             except Exception as exc:  # retried: the keys wait again, their lag grows and shows
-                self.dirty.done(keys, False)
+                self.dirty.done(keys, resets, False)
                 with self.totals_lock:
                     self.totals["failures"] += 1
                 log.warning("follow_apply_failed", keys=len(keys), error=redact_text(describe(exc)), retry_in_s=backoff)
@@ -425,7 +446,7 @@ class Follower:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            self.dirty.done(keys, True)
+            self.dirty.done(keys, resets, True)
             with self.totals_lock:
                 for name in ("keys", "rows", "retired", "dead"):
                     self.totals[name] += outcome[name]
@@ -456,12 +477,12 @@ def local_apply(client: redis.Redis, connect: Callable[[], Any], mapping: Mappin
     lost)."""
     held = threading.local()
 
-    def apply(keys: list[bytes]) -> dict[str, int]:
+    def apply(keys: list[bytes], resets: list[bytes]) -> dict[str, int]:
         conn = getattr(held, "conn", None)
         if conn is None or conn.closed:
             held.conn = conn = connect()
         try:
-            return apply_keys(client, conn, mapping, run_id, keys)
+            return apply_keys(client, conn, mapping, run_id, keys, resets)
         except Exception as exc:
             if transient(exc):
                 conn.close()

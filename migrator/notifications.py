@@ -94,10 +94,10 @@ MAX_BACKOFF_S = 5.0
 
 class Subscriber(threading.Thread):
     """Subscribes to one server's keyspace notifications of database `db` and hands each changed
-    key to `changed`; `connected(node, first)` is called once subscribed, on the first connection
+    key, with its event (b"set", b"del", b"expired", ...), to `changed`; `connected(node, first)` is called once subscribed, on the first connection
     and on every one after a loss (when events may have been missed)."""
 
-    def __init__(self, client: redis.Redis, node: str, db: int, changed: Callable[[bytes], None],
+    def __init__(self, client: redis.Redis, node: str, db: int, changed: Callable[[bytes, bytes], None],
                  connected: Callable[[str, bool], None], stop: threading.Event) -> None:
         super().__init__(name=f"subscriber-{node or 'redis'}", daemon=True)
         self.client = node_client(client, node) if node else client
@@ -130,7 +130,7 @@ class Subscriber(threading.Thread):
             message = pubsub.get_message(timeout=0.2)
             if message is None or message["type"] != "pmessage":
                 continue
-            self.changed(message["channel"][cut:])
+            self.changed(message["channel"][cut:], message["data"])
 
     def _subscribed(self, first: bool) -> None:
         if not first:
@@ -146,7 +146,7 @@ class Subscriber(threading.Thread):
         self.connected(self.node, False)
 
 
-def subscribe_all(client: redis.Redis, nodes: list[str], db: int, changed: Callable[[bytes], None],
+def subscribe_all(client: redis.Redis, nodes: list[str], db: int, changed: Callable[[bytes, bytes], None],
                   connected: Callable[[str, bool], None], stop: threading.Event,
                   timeout: float = 10.0) -> list[Subscriber]:
     """A started Subscriber per node ([""]: the one standalone server), once each has subscribed."""

@@ -104,7 +104,8 @@ def _differs(tally: Tally) -> bool:
 
 
 def _reapply(client: redis.Redis, mapping: Mapping, key_range: KeyRange, dirty: Dirty) -> int:
-    """Every key of a migrated pattern in the range, marked to apply again; how many."""
+    """Every key of a migrated pattern in the range, marked to apply again from its value alone (a
+    reset: a merge rule would keep what differs, a counter's greater old value); how many."""
     node = node_client(client, key_range.node) if key_range.node else client
     prefixes = mapping.prefixes([p for p in mapping.patterns if p.migrated])
     marked = 0
@@ -112,7 +113,7 @@ def _reapply(client: redis.Redis, mapping: Mapping, key_range: KeyRange, dirty: 
         for keys in scan_range(node, key_range, OPTIONS.scan_count):
             for key in keys:
                 if key.startswith(prefixes):
-                    dirty.add(key, event=False)
+                    dirty.add(key, event=False, reset=True)
                     marked += 1
     finally:
         if node is not client:

@@ -109,6 +109,16 @@ def rows(pg, query: str, *args: Any) -> list[tuple]:
         return cur.fetchall()
 
 
+def cut_subscriber(r: redis.Redis) -> int:
+    """CLIENT KILL of the pub/sub connections on our database (the server is shared: another's, such
+    as a Celery result backend's, are left alone); how many."""
+    db = r.connection_pool.connection_kwargs.get("db", 0)
+    ours = [c["id"] for c in r.client_list(_type="pubsub") if int(c["db"]) == db]
+    for client_id in ours:
+        r.client_kill_filter(_id=client_id)
+    return len(ours)
+
+
 def changed_user(r: redis.Redis, key: bytes, **changes: Any) -> None:
     """The app updating a user record (its updated_at moves, as the app's does)."""
     doc = orjson.loads(r.get(key))
@@ -175,10 +185,8 @@ def test_a_cut_connection_is_repaired_by_the_reconciliation(settings, r, pg, not
     r.config_set(notifications.SETTING, "")
     changed_user(r, user, role="premium")
     r.delete(thread)
-    with r.pipeline(transaction=True) as pipe:
-        pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-        pipe.config_set(notifications.SETTING, "KA")
-        pipe.execute()
+    cut_subscriber(r)
+    r.config_set(notifications.SETTING, "KA")
     after = follow.reconciled(2)[-1]
     assert after["reason"] == "reconnect" and not after["clean"], after
     assert after["keys_reapplied"] >= 1 and after["keys_gone"] == 1, after
@@ -257,3 +265,68 @@ def test_cutover_waits_for_follow(settings, r, pg, notify, tmp_path):
     refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
     assert refused.returncode == 1 and "reconciliation" in refused.stdout, refused.stdout
     assert follow.stop() == 0
+
+
+# An app-like writer: creates and increments counters, updates users, deletes counters, and logs
+# sessions in with TTLs of a second or so, ~200 operations a second until SIGTERM.
+WRITER = r"""
+import datetime, random, signal, sys, time, orjson, redis
+r = redis.Redis.from_url(sys.argv[1])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+rng = random.Random(7)
+users = sorted(r.scan_iter(b"threadr:user:user_*"))
+counters = [f"threadr:usage:ip:198.51.100.{i}:daily:2026-12-06" for i in range(40)]
+ops = 0
+while not stop:
+    op = rng.random()
+    if op < 0.5:
+        key = rng.choice(counters)
+        r.incr(key)
+        r.expire(key, 86400, nx=True)
+    elif op < 0.7:
+        key = rng.choice(users)
+        doc = orjson.loads(r.get(key))
+        doc["role"] = rng.choice(["user", "premium"])
+        doc["updated_at"] = datetime.datetime.utcnow().isoformat()
+        r.set(key, orjson.dumps(doc), keepttl=True)
+    elif op < 0.8:
+        r.delete(rng.choice(counters))
+    else:
+        user = rng.choice(users).split(b":")[-1].decode()
+        r.set(f"threadr:session:{user}", orjson.dumps({"user_id": user, "email": "c@example.org", "role": "user",
+              "status": "active", "login_timestamp": "2026-12-06T09:00:00", "client_ip": "203.0.113.7",
+              "last_activity": datetime.datetime.utcnow().isoformat(), "access_token_hash": ops}),
+              px=rng.randint(300, 1500))
+    ops += 1
+    time.sleep(0.005)
+print(ops)
+"""
+
+
+def test_traffic_during_a_run_then_follow_loses_no_update(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 30)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, settings.redis_url], stdout=subprocess.PIPE, text=True)
+    try:
+        # follow from before the bulk load: a run started while it is live needs no second pass
+        follow = Following(settings, tmp_path, "--local", "--reconcile-every", "5")
+        run = migrate(settings, count_tolerance=0.2)
+        assert run["status"] == "completed", run["status"]
+        time.sleep(1)
+        assert cut_subscriber(r) == 1  # mid-stream
+        time.sleep(2)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        ops = int(writer.communicate(timeout=30)[0])
+    assert ops > 200
+    follow.caught_up(pg)
+    reconnected = wait_for(lambda: [x for x in follow.reconciliations(pg) if x["reason"] == "reconnect"])
+    assert reconnected
+    # a reconciliation that began once the writer had stopped: what it found is what was lost
+    stopped = datetime.now(timezone.utc)
+    later = wait_for(lambda: [x for x in follow.reconciliations(pg)
+                              if datetime.fromisoformat(x["started_at"]) > stopped], 120)[0]
+    follow.caught_up(pg)
+    result = verify(settings, run["run_id"])
+    assert result["verdict"] == "clean" and result["changed_since_run"] == 0, ([(p["pattern"], p["examples"]) for p in result["patterns"] if p["examples"]], later)
+    assert follow.stop() == 0, follow.output()

@@ -108,11 +108,12 @@ def verify_on_workers(conn: Any, verification_id: int, run_id: str, priority: st
 APPLY_TIMEOUT_S = 120.0
 
 
-def apply_on_workers(run_id: str) -> Callable[[list[bytes]], dict[str, int]]:
+def apply_on_workers(run_id: str) -> Callable[[list[bytes], list[bytes]], dict[str, int]]:
     """How `migrator follow` applies a batch of changed keys on the workers: one `migrator.apply_keys`
     task on the critical queue (changes are what cutover waits for), its outcome awaited."""
-    def apply(keys: list[bytes]) -> dict[str, int]:
-        sent = apply_keys_task.apply_async((run_id, [k.decode("latin-1") for k in keys]), queue=queue_for("critical"))
+    def apply(keys: list[bytes], resets: list[bytes]) -> dict[str, int]:
+        sent = apply_keys_task.apply_async((run_id, [k.decode("latin-1") for k in keys],
+                                            [k.decode("latin-1") for k in resets]), queue=queue_for("critical"))
         try:
             return sent.get(timeout=APPLY_TIMEOUT_S, disable_sync_subtasks=False)
         finally:

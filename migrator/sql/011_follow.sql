@@ -44,15 +44,4 @@ CREATE TABLE IF NOT EXISTS migration_reconciliations (
     error             text
 );
 CREATE INDEX IF NOT EXISTS migration_reconciliations_run_idx ON migration_reconciliations (run_id, id);
-
-DO $$
-BEGIN
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'migrator_run') THEN
-        GRANT SELECT, INSERT, UPDATE, DELETE ON migration_follow, migration_reconciliations TO migrator_run;
-        GRANT USAGE ON SEQUENCE migration_reconciliations_id_seq TO migrator_run;
-    END IF;
-    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'migrator_report') THEN
-        GRANT SELECT ON migration_follow, migration_reconciliations TO migrator_report;
-    END IF;
-END
-$$;
+-- (the roles' grants on these tables: migrator_grant_roles(), 009_roles.sql)

@@ -210,7 +210,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     last_activity      timestamptz,
     client_ip          text,
     access_token_hash  bigint,                  -- Python's hash() of the token, as the app stored it
-    deleted_at         timestamptz,             -- the session ended (`migrator follow`: on_delete "mark")
     migration_run      uuid,
     source_key         text,
     metadata           jsonb NOT NULL DEFAULT '{}',
@@ -238,7 +237,6 @@ ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_status_check;
 ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_tier_level_check;
 ALTER TABLE subscriptions DROP CONSTRAINT IF EXISTS subscriptions_stripe_subscription_id_key;
 ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS extra jsonb NOT NULL DEFAULT '{}';
-ALTER TABLE sessions ADD COLUMN IF NOT EXISTS deleted_at timestamptz;
 ALTER TABLE analytics_timeseries DROP CONSTRAINT IF EXISTS analytics_timeseries_user_ref_metric_period_point_at_key;
 DO $$
 BEGIN
