@@ -17,7 +17,8 @@ import redis
 
 from migrator import notifications
 from migrator.apps.threadr.demo import seed_demo
-from helpers import ROOT, cli, content_fingerprint, migrate, verify
+from helpers import ROOT, cli, content_fingerprint, migrate, throwaway_database, verify
+from migrator.config import Settings
 
 
 @pytest.fixture
@@ -330,3 +331,45 @@ def test_traffic_during_a_run_then_follow_loses_no_update(settings, r, pg, notif
     result = verify(settings, run["run_id"])
     assert result["verdict"] == "clean" and result["changed_since_run"] == 0, ([(p["pattern"], p["examples"]) for p in result["patterns"] if p["examples"]], later)
     assert follow.stop() == 0, follow.output()
+
+
+def test_on_celery_workers(settings, r, pg, notify, workers, tmp_path):
+    """Without --local: the subscriber in `migrator follow`, each batch of changed keys applied by a
+    `migrator.apply_keys` task on a worker."""
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path)
+    user = next(r.scan_iter(b"threadr:user:user_*"))
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+    changed_user(r, user, role="premium")
+    r.delete(thread)
+    wait_for(lambda: rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)])
+    wait_for(lambda: rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)])
+    assert follow.caught_up(pg)["keys_applied"] >= 2
+    assert rows(pg, "SELECT mode FROM migration_follow WHERE run_id = %s", follow.run_id) == [("celery",)]
+    assert follow.stop() == 0, follow.output()
+
+
+def test_a_mapping_file_table_that_marks_its_rows(settings, r, notify, tmp_path):
+    """A file mapping's table declares on_delete = "mark": init-db gives it deleted_at, follow sets it."""
+    path = tmp_path / "notes.toml"
+    path.write_text('[mapping]\nname = "notes"\n\n[[pattern]]\nname = "note"\nkey = "note:{id}"\ntype = "string"\n'
+                    'priority = "high"\ntable = "notes"\n[pattern.columns]\nnote_id = "key.id"\n'
+                    'body = "value"\n\n[tables.notes]\nkey = ["note_id"]\non_delete = "mark"\n'
+                    '[tables.notes.columns]\nnote_id = "text"\nbody = "text"\n')
+    with throwaway_database(settings.database_url) as url:
+        here = Settings(settings.redis_url, url, settings.broker_url)
+        made = cli(here, "init-db", "--mapping", str(path))
+        assert made.returncode == 0, made.stdout + made.stderr
+        r.set("note:1", "first")
+        follow = Following(here, tmp_path, "--local", "--mapping", str(path))
+        conn = here.postgres()
+        try:
+            wait_for(lambda: rows(conn, "SELECT body FROM notes") == [("first",)])  # the connect reconciliation
+            r.set("note:1", "second")
+            r.set("note:2", "other", px=200)
+            wait_for(lambda: rows(conn, "SELECT body, deleted_at IS NOT NULL FROM notes ORDER BY body")
+                     == [("other", True), ("second", False)])
+        finally:
+            conn.close()
+        assert follow.stop() == 0, follow.output()
