@@ -14,7 +14,7 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
 import psycopg2
@@ -74,7 +74,8 @@ class _Batch:
     """State of one batch while it runs: counts, pending records, dead letters."""
 
     def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, spec: ledger.BatchSpec,
-                 progress: Progress | None = None, check: Callable[[], None] = lambda: None) -> None:
+                 progress: Progress | None = None, check: Callable[[], None] = lambda: None,
+                 writer: Writer | None = None) -> None:
         self.cur, self.mapping, self.spec, self.progress = cur, mapping, spec, progress
         self.check = check  # raises Fenced once the batch should stop (its run was cancelled)
         # a cluster range is scanned and read on its own master
@@ -86,7 +87,7 @@ class _Batch:
         self.prefixes = self.opts.prefixes(mapping, priority)
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
-        self.writer = Writer(cur, mapping, spec.run_id)
+        self.writer = writer or Writer(cur, mapping, spec.run_id)
         self.pending: list[Prepared] = []
         self.pending_bytes = 0
         # One sub-batch is written by a second thread while this one reads and transforms the
@@ -112,19 +113,20 @@ class _Batch:
         cap = self.opts.max_value_bytes
         self.read_limit = CHUNK_READ_BYTES if cap is None else min(cap, CHUNK_READ_BYTES)
 
-    def run(self) -> None:
+    def run(self, found: Iterable[list[bytes]] | None = None) -> None:
+        """Take every key of `found` (lists of keys; default: a SCAN of the batch's range)."""
         try:
-            self._run()
+            self._run(scan_range(self.client, self.spec.key_range, self.scan_count) if found is None else found)
             self._settle()
         finally:
             self.write_behind.shutdown(wait=True)
             if self.throttle is not None:
                 self.throttle.close()
 
-    def _run(self) -> None:
+    def _run(self, found: Iterable[list[bytes]]) -> None:
         clock, t = time.perf_counter, self.timings
         mark = clock()
-        for keys in scan_range(self.client, self.spec.key_range, self.scan_count):
+        for keys in found:
             self.check()
             if self.throttle is not None:
                 t["throttle"] += self.throttle.acquire(len(keys))

@@ -220,6 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="migrate nothing: validate the latest run again (with --priority: those priorities)")
     _run_flags(p)
 
+    p = sub.add_parser("follow", help="keep PostgreSQL current from the source's keyspace notifications, after the bulk "
+                                      "load and until cutover, with no change to the app",
+                       description="Subscribes to the keyspace notifications (of each master of a cluster) and applies "
+                                   "every changed key as a run writes it (its value now: a burst is one write), and "
+                                   "its rows' deletion or expiry by each table's on_delete. Every connection, and "
+                                   "every --reconcile-every seconds, compares the keyspace with its rows and applies "
+                                   "again what the events missed. A session is a run of its own: `migrator status "
+                                   "ID` shows its lag, `migrator rollback ID` undoes it. Stop it with Ctrl-C or "
+                                   "SIGTERM: it applies what is pending, then ends. Exit 0 ended with every change "
+                                   "applied, 1 not, 2 could not start (notify-keyspace-events lacking: the fix named).")
+    p.set_defaults(handler=lambda a, s: commands.cmd_follow(s, registry.load(a.mapping), spec=registry.requested(a.mapping),
+                                                            local=a.local, jobs=a.jobs or (1 if a.local else 2),
+                                                            configure=a.configure, reconcile_every=a.reconcile_every))
+    _connection_flags(p)
+    p.add_argument("--local", action="store_true", help="apply here instead of on the Celery workers (no broker)")
+    p.add_argument("--jobs", "-j", type=_jobs, metavar="N",
+                   help="batches of changed keys applied at once (default 1 with --local, 2 on the workers)")
+    p.add_argument("--configure", action="store_true",
+                   help="turn on the notify-keyspace-events classes follow needs (CONFIG SET), keeping the others")
+    p.add_argument("--reconcile-every", type=float, default=600.0, metavar="S",
+                   help="seconds between reconciliations (besides one on every connection; default 600)")
+
     p = sub.add_parser("status", help="live progress of a run, from the ledger")
     p.set_defaults(handler=lambda a, s: commands.cmd_status(s, a.run_id, as_json=a.json, watch_it=a.watch))
     _connection_flags(p)
@@ -329,10 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cutover", help="switch the app's reads to PostgreSQL, refused unless validated and at parity",
                        description="Sets the strategy the app's DualWriteService follows. Refused unless the latest "
-                                   "run completed with every priority validated, no repair is pending, and each "
-                                   "operation's shadow-read parity is at least --min-parity over --min-reads reads.")
+                                   "run completed with every priority validated, no repair is pending, and: while a "
+                                   "`migrator follow` session runs, its lag is under --max-lag and its last "
+                                   "reconciliation clean; else each operation's shadow-read parity is at least "
+                                   "--min-parity over --min-reads reads.")
     p.set_defaults(handler=lambda a, s: commands.cmd_cutover(s, registry.load(a.mapping), None if a.back else a.to, min_parity=a.min_parity,
-                                                             min_reads=a.min_reads, hours=a.hours))
+                                                             min_reads=a.min_reads, hours=a.hours, max_lag=a.max_lag))
     _connection_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--to", choices=["postgres-primary", "postgres-only"])
@@ -340,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-parity", type=float, default=0.999)
     p.add_argument("--min-reads", type=int, default=100)
     p.add_argument("--hours", type=float, default=24.0)
+    p.add_argument("--max-lag", type=float, default=1.0, metavar="S",
+                   help="while a `migrator follow` session is the sync path: its most lag allowed (default 1 s); it "
+                        "then stands for parity, with its last reconciliation clean")
 
     p = sub.add_parser("health", help="both stores: up, latency, the strategy in force, pending repairs")
     p.set_defaults(handler=lambda a, s: commands.cmd_health(s, as_json=a.json))

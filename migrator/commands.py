@@ -6,13 +6,16 @@ failed or did not balance), 2 it could not start (settings, connections, schema)
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from dataclasses import asdict
 import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import cutover
+import redis
+
+from . import cutover, notifications
 from . import ledger, registry
 from . import report as report_mod
 from . import status as status_mod
@@ -33,6 +36,8 @@ from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
 from .mapping_init import write_starting_file
+from .redact import redact_text
+from .writer import describe
 from .schema import database_url_for, empty_tables, ensure_database, init_db, require_schema
 
 OK, FAILED, CANNOT_START = 0, 1, 2
@@ -558,7 +563,7 @@ def cmd_parity(settings: Settings, hours: float, *, as_json: bool, out: TextIO =
 
 
 def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_parity: float, min_reads: int, hours: float,
-                out: TextIO = sys.stdout) -> int:
+                max_lag: float = 1.0, out: TextIO = sys.stdout) -> int:
     """Switch the app's strategy: refused unless the run validated and parity holds; --back always allowed."""
     client, conn = settings.redis(), _ledger(settings)
     try:
@@ -566,7 +571,8 @@ def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_par
             cutover.set_strategy(conn, WriteStrategy.DUAL_WRITE, "cutover --back")
             out.write("strategy is dual_write again: Redis answers, both stores are written\n")
             return OK
-        decision = cutover.judge_cutover(client, conn, mapping.hooks.parity_reads, min_parity=min_parity, min_reads=min_reads, hours=hours)
+        decision = cutover.judge_cutover(client, conn, mapping.hooks.parity_reads, min_parity=min_parity, min_reads=min_reads, hours=hours,
+                                        max_lag=max_lag)
         if not decision.allowed:
             out.write("cutover refused:\n" + "".join(f"  - {r}\n" for r in decision.reasons))
             return FAILED
@@ -645,3 +651,90 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
         if code != OK:
             return code
     return OK
+
+
+def _notifications_ready(client: Any, nodes: list[str], configure: bool, out: TextIO) -> None:
+    """Every server publishes the keyspace notifications follow needs, or a ConfigError with the fix
+    (with `configure`: turned on here, where CONFIG SET is allowed)."""
+    from .source import node_client
+
+    for node in nodes:
+        server = node_client(client, node) if node else client
+        where = f" on {node}" if node else ""
+        try:
+            value = notifications.current(server)
+            lacking = notifications.missing(value)
+            if lacking and configure:
+                out.write(f"{notifications.SETTING}{where} was {value!r}; set to {notifications.configure(server)!r}\n")
+            elif lacking:
+                raise ConfigError(f"{notifications.SETTING}{where} is {value!r}, without {lacking}: changes would not "
+                                  f"be seen; {notifications.advice(value)}")
+        except redis.ResponseError:  # CONFIG renamed or refused: a managed service
+            raise ConfigError(f"cannot read {notifications.SETTING}{where} (CONFIG is refused: a managed service?); "
+                              f"make sure it holds {notifications.NEEDED}: {notifications.advice('')}") from None
+        finally:
+            if server is not client:
+                server.close()
+
+
+def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None, local: bool, jobs: int,
+               configure: bool, reconcile_every: float, out: TextIO = sys.stdout) -> int:
+    """Keep PostgreSQL current from the keyspace notifications until SIGINT or SIGTERM; then drain,
+    record, and end the session (exit 1 when it ended with changes not applied)."""
+    from .follow import Follower, end_session, local_apply, start_session
+    from .reconcile import reconcile
+    from .source import cluster_masters
+
+    client = settings.redis()
+    try:
+        conn = _ledger(settings, mapping=mapping)
+        try:
+            nodes = cluster_masters(client) or [""]
+            _notifications_ready(client, nodes, configure, out)
+            if not local:
+                from workers.coordinator import use_broker, workers_answering
+
+                use_broker(settings)
+                if not workers_answering():
+                    raise ConfigError("no worker answers on the broker; start one (`celery -A workers worker`) or "
+                                      "follow here with --local")
+            run_id = start_session(client, conn, mapping, settings.redis_url, spec, "local" if local else "celery",
+                                   [n for n in nodes if n])
+        finally:
+            conn.close()
+        out.write(f"follow session {run_id}: applying changes until Ctrl-C (or SIGTERM); "
+                  f"`migrator status {run_id}` shows its lag\n")
+        out.flush()
+        if local:
+            apply = local_apply(client, settings.postgres, mapping, run_id)
+        else:
+            from workers.coordinator import apply_on_workers
+
+            apply = apply_on_workers(run_id)
+        follower = Follower(settings.postgres, run_id, apply,
+                            lambda reason: reconcile(client, settings.postgres, mapping, run_id, follower.dirty, reason),
+                            jobs=jobs, reconcile_every=reconcile_every)
+        wanted = mapping.prefixes([p for p in mapping.patterns if p.migrated])
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: follower.stop.set())
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        error = None
+        try:
+            notifications.subscribe_all(client, nodes, db, lambda key, event: key.startswith(wanted) and follower.changed(key, event),
+                                        follower.connected, follower.stop)
+            error = follower.run()
+        except Exception as exc:
+            follower.stop.set()
+            error = redact_text(describe(exc))
+            raise
+        finally:
+            conn = settings.postgres()
+            try:
+                end_session(conn, run_id, error)
+            finally:
+                conn.close()
+        out.write(f"follow session {run_id} {'stopped: ' + error if error else 'ended: every change applied'}; "
+                  f"`migrator rollback {run_id}` would undo it\n")
+        return FAILED if error else OK
+    finally:
+        client.close()

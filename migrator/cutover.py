@@ -1,7 +1,8 @@
 """Switching the app's reads: parity from shadow reads, the health of both stores, the cutover itself.
 
 `migrator cutover` refuses unless the latest run completed with every priority validated, no
-dual-write repair is pending, and each operation's shadow-read parity is above the threshold.
+dual-write repair is pending, and the sync path is current: a live `migrator follow` session's lag
+and last reconciliation, or else each operation's shadow-read parity above the threshold.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Sequence
 
 import redis
 
-from . import ledger
+from . import follow, ledger
 from .dualwrite import REPAIR_QUEUE, WriteStrategy, configured_strategy
 
 
@@ -68,12 +69,18 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
-def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *, min_parity: float, min_reads: int, hours: float) -> Decision:
+def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *, min_parity: float, min_reads: int,
+                  hours: float, max_lag: float = 1.0) -> Decision:
+    """Whether the app's reads may move to PostgreSQL. The sync path is `migrator follow` while a session
+    runs (its lag under `max_lag`, its last reconciliation, a comparison of every key, clean), else the
+    app's DualWriteService (its shadow-read parity)."""
     reasons = []
     with conn, conn.cursor() as cur:
         run_id = ledger.latest_run(cur)
         run = ledger.get_run(cur, run_id) if run_id else None
         verdicts = ledger.latest_verdicts(cur, run_id) if run_id else {}
+        session = follow.live_session(cur)
+        following = follow.progress(cur, session) if session else None
     if run is None:
         reasons.append("no migration run yet: backfill with `migrator run` first")
     elif run["status"] != "completed" or not verdicts or not all(verdicts.values()):
@@ -82,6 +89,9 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
     pending = pending_repairs(client, conn)
     if pending:
         reasons.append(f"{pending} dual-write repair(s) pending: apply them first (DualWriteService.repair())")
+    if following is not None:
+        reasons += _follow_reasons(session, following, max_lag)
+        return Decision(not reasons, reasons)
     seen = parity(conn, hours)
     if not parity_reads:
         reasons.append("the mapping names no parity reads (Hooks.parity_reads): nothing says the app's reads agree "
@@ -95,6 +105,22 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
             reasons.append(f"{operation}: parity {p['parity']:.4%} is below {min_parity:.4%} "
                            "(`migrator parity` shows the mismatches)")
     return Decision(not reasons, reasons)
+
+
+def _follow_reasons(session: str, p: dict[str, Any], max_lag: float) -> list[str]:
+    reasons = []
+    if p["silent_s"] > follow.STALE_S:
+        reasons.append(f"follow session {session} has not reported for {p['silent_s']:.0f} s: is its process alive? "
+                       "(start `migrator follow` again)")
+    if p["lag_s"] > max_lag:
+        reasons.append(f"follow session {session} lags {p['lag_s']:.3f} s, over --max-lag {max_lag:g} s; wait, or "
+                       "give it more --jobs")
+    last = p["last_reconciliation"]
+    if last is None or not last["clean"]:
+        reasons.append(f"follow session {session}: its last reconciliation is "
+                       + ("not done yet" if last is None else "not clean (it applied again what the events missed)")
+                       + "; wait for a clean one (`migrator status " + session + "`)")
+    return reasons
 
 
 def set_strategy(conn: Any, strategy: WriteStrategy, reason: str) -> None:

@@ -14,7 +14,7 @@ from .partition import KeyRange
 
 # The ledger tables a run writes (migrator/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
-          "migration_verifications", "migration_verify_ranges")
+          "migration_verifications", "migration_verify_ranges", "migration_follow", "migration_reconciliations")
 
 # Seconds between a running batch's heartbeats (migrator/lease.py); a batch silent for six of
 # them is stale: its worker died, or is cut off.
@@ -159,8 +159,8 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 
 
 def latest_run(cur: Any) -> str | None:
-    """The newest run that was not a dry run."""
-    cur.execute("SELECT id FROM migration_runs WHERE NOT dry_run ORDER BY created_at DESC LIMIT 1")
+    """The newest run that was not a dry run (a follow session is not a run of the keyspace)."""
+    cur.execute("SELECT id FROM migration_runs WHERE NOT dry_run AND kind = 'run' ORDER BY created_at DESC LIMIT 1")
     row = cur.fetchone()
     return str(row[0]) if row else None
 

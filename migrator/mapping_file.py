@@ -13,7 +13,7 @@ import importlib
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -23,7 +23,7 @@ import orjson
 
 from .hooks import Hooks
 from .mapping import REDISJSON, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Row, SourceRecord, Transform
-from .merge import TableRule
+from .merge import ON_DELETE, TableRule
 from .registry import MappingError
 from .schema import PROVENANCE, engine_sql
 from .values import parse_date, parse_dt, stable_id
@@ -39,7 +39,7 @@ TOP_KEYS = ("mapping", "pattern", "tables")
 MAPPING_KEYS = ("name", "demo")
 PATTERN_KEYS = ("name", "key", "type", "format", "priority", "description", "table", "skip", "rows", "ttl",
                 "max_dead_ratio", "max_dead_keys", "columns")
-TABLE_KEYS = ("key", "required", "columns", "merge")
+TABLE_KEYS = ("key", "required", "columns", "merge", "on_delete")
 MERGE_KEYS = ("greatest", "coalesce", "version")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -600,8 +600,18 @@ def _tables(given: Any, problems: _Problems) -> dict[str, _Table]:
                 problems.add((*where, "key" if column in key else "required"), f"{what}: {column!r} is not one of its "
                              "columns", f"declare it under [tables.{name}.columns], or name one of "
                              f"{', '.join(columns)}")
-        tables[name] = _Table(name, key, tuple(dict.fromkeys([*key, *required])), columns,
-                              _merge(where, what, body.get("merge", {}), columns, key, problems))
+        rule = _merge(where, what, body.get("merge", {}), columns, key, problems)
+        on_delete = problems.typed(where, body, "on_delete", str, what, '"delete"') or "delete"
+        if on_delete not in ON_DELETE:
+            problems.add((*where, "on_delete"), f"{what}: on_delete is {on_delete!r}",
+                         'write on_delete = "delete" (follow deletes its rows when their key goes) or "mark" (keeps '
+                         'them, deleted_at set)')
+        elif on_delete == "mark" and rule.deleted_at in columns:
+            problems.add((*where, "columns", rule.deleted_at), f"{what}: column {rule.deleted_at!r} is the engine's own",
+                         "drop it: a table with on_delete = \"mark\" gets it, set when follow marks a row")
+        else:
+            rule = replace(rule, on_delete=on_delete)
+        tables[name] = _Table(name, key, tuple(dict.fromkeys([*key, *required])), columns, rule)
     return tables
 
 

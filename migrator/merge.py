@@ -19,6 +19,9 @@ VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_
 
 # How rows naming an entity by a legacy id (an app's own id, an email) find its new id in
 # legacy_id_map: emails case-folded, as the map stores them.
+# What a table's rows become when their key goes (TableRule.on_delete).
+ON_DELETE = ("delete", "mark")
+
 LEGACY_KEY = "CASE WHEN position('@' IN {ref}) > 0 THEN lower({ref}) ELSE {ref} END"
 
 
@@ -28,6 +31,15 @@ class TableRule:
     greatest: tuple[str, ...] = ()  # counters within their period
     coalesce: tuple[str, ...] = ()  # lookups filled from more than one key
     version: str | None = None  # the document's own updated time
+    # What `migrator follow` does to a row once its key is deleted, expires or is evicted (or no
+    # longer gives it): "delete" it, or "mark" it, keeping it with `deleted_at` set (the table then
+    # has that column; a key that comes back clears it).
+    on_delete: str = "delete"
+    deleted_at: str = "deleted_at"
+
+    def __post_init__(self) -> None:
+        if self.on_delete not in ON_DELETE:
+            raise ValueError(f"table {self.name}: on_delete must be one of {', '.join(ON_DELETE)}, not {self.on_delete!r}")
 
     def merged(self, column: str) -> sql.Composable:
         col, new = sql.SQL("t.") + sql.Identifier(column), sql.SQL("EXCLUDED.") + sql.Identifier(column)

@@ -18,12 +18,12 @@ from celeryconfig import PRIORITY_QUEUES
 from workers.celery import app
 from workers.coordinator import same_redis_db, worker_command
 
-from . import ledger, registry
+from . import ledger, notifications, registry
 from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
 from .mapping import REDISJSON, Mapping
 from .redact import redact_url
 from .schema import require_schema, schema_versions
-from .source import cluster_masters, redisjson_refusal
+from .source import cluster_masters, node_client, redisjson_refusal
 
 Verdict = Literal["ok", "warn", "fail"]
 
@@ -51,6 +51,7 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     mapping = mapping or registry.load()
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
+    results.append(_guarded("keyspace events", lambda: check_keyspace_events(settings)))
     if any(p.redis_type == REDISJSON for p in mapping.patterns):
         results.append(_guarded("redis modules", lambda: check_modules(settings, mapping)))
     results += _postgres_checks(settings, mapping, [*mapping.table_names(), *ledger.TABLES])
@@ -130,6 +131,37 @@ def check_redis(settings: Settings) -> CheckResult:
                            f"scan the master, not a replica: point REDIS_URL at "
                            f"{replication.get('master_host', '?')}:{replication.get('master_port', '?')}")
     return CheckResult("redis", "ok", detail)
+
+
+def check_keyspace_events(settings: Settings) -> CheckResult:
+    """What `migrator follow` needs of each server: keyspace notifications of every class a key can
+    change by. A bulk run needs none, so a lack is a warning, with the exact setting to make."""
+    client = settings.redis()
+    try:
+        nodes = cluster_masters(client) or [""]
+        found = {}
+        for node in nodes:
+            server = node_client(client, node) if node else client
+            try:
+                found[node] = notifications.current(server)
+            except redis.ResponseError:  # CONFIG renamed or refused: a managed service
+                return CheckResult("keyspace events", "warn", f"cannot read {notifications.SETTING} (CONFIG is refused: "
+                                   "a managed service?); `migrator follow` needs it to hold "
+                                   f"{notifications.NEEDED}", notifications.advice(""))
+            finally:
+                if server is not client:
+                    server.close()
+    finally:
+        client.close()
+    lacking = {node: value for node, value in found.items() if notifications.missing(value)}
+    shown = "; ".join(f"{node + ': ' if node else ''}{value!r}" for node, value in found.items())
+    if lacking:
+        value = next(iter(lacking.values()))
+        return CheckResult("keyspace events", "warn", f"{notifications.SETTING} is {shown}, without "
+                           f"{notifications.missing(value)}: `migrator follow` would not see the app's changes "
+                           "(a bulk run does not need them)", notifications.advice(value))
+    return CheckResult("keyspace events", "ok", f"{notifications.SETTING} is {shown}: `migrator follow` sees every "
+                       "change")
 
 
 def check_modules(settings: Settings, mapping: Mapping) -> CheckResult:

@@ -62,10 +62,16 @@ def _ident(name: str) -> str:
 
 def journal_sql(mapping: Mapping) -> str:
     """What the engine adds to every table `mapping` writes, after the mapping's DDL: the provenance
-    columns it fills, and the journal trigger that keeps the prior image of each row a run changes
+    columns it fills (source_key indexed; `deleted_at` where follow marks rows), and the journal trigger that keeps the prior image of each row a run changes
     (without it a rollback would delete the rows that existed before the run)."""
     columns = ", ".join(f"ADD COLUMN IF NOT EXISTS {column} {kind}" for column, kind in PROVENANCE.items())
-    return "".join(f"ALTER TABLE {_ident(table)} {columns};\n"
+    rules = {rule.name: rule for rule in mapping.rules}
+    # a table whose rows `migrator follow` marks when their key goes (TableRule.on_delete) gets the mark's column
+    marked = {table: f", ADD COLUMN IF NOT EXISTS {_ident(rules[table].deleted_at)} timestamptz"
+              for table in rules if rules[table].on_delete == "mark"}
+    # (the index: `migrator follow` finds the rows of a key that changed or went by its source_key)
+    return "".join(f"ALTER TABLE {_ident(table)} {columns}{marked.get(table, '')};\n"
+                   f"CREATE INDEX IF NOT EXISTS {_ident(table + '_source_key_idx')} ON {_ident(table)} (source_key);\n"
                    f"CREATE OR REPLACE TRIGGER {_ident(table + '_journal')} AFTER UPDATE ON {_ident(table)}\n"
                    "    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();\n"
                    for table in written_tables(mapping))

@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import figures as figures_mod
+from . import follow
 from . import ledger
 from .mapping import Priority
 
@@ -18,6 +19,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         dead = figures_mod.dead_letters(cur, run_id)
         verifying = ledger.verification_progress(cur, run_id)
         stuck = finalize_failures(cur, run_id)
+        following = follow.progress(cur, run_id)
     priorities = []
     for p in Priority:
         mine = [b for b in batches if b["priority"] == p.label]
@@ -55,11 +57,14 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         "figures": figures,
         "priorities": priorities,
         "finalize": stuck,
+        "follow": following,
         "as_of": datetime.now(timezone.utc).isoformat(),
     }
 
 
 def render(progress: dict[str, Any]) -> str:
+    if progress.get("follow") is not None:  # a follow session has no batches: its lag and reconciliations
+        return follow.render(progress["run_id"], progress["status"], progress["follow"])
     head = f"run {progress['run_id']}  {progress['status']}" + (f"  error: {progress['error']}" if progress["error"] else "")
     out = [head, *figures_mod.render(progress["figures"])]
     for p in progress["priorities"]:

@@ -532,6 +532,9 @@ def _extra_rows(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, p
         where = sql.SQL("(t.metadata = ANY({mine}::jsonb[]) OR (t.migration_run = {run}"
                         " AND NOT t.metadata = ANY({others}::jsonb[])))").format(
             mine=sql.Literal([p.provenance for p in mine]), run=sql.Literal(run_id), others=sql.Literal(others))
+        rule = mapping.rule(table)
+        if rule.on_delete == "mark":  # a row kept, marked, once its key went: no key is to give it
+            where += sql.SQL(" AND t.{} IS NULL").format(sql.Identifier(rule.deleted_at))
         with conn, conn.cursor() as cur:
             cur.execute(sql.SQL("SELECT count(*) FROM {} t WHERE {}").format(sql.Identifier(table), where))
             total = cur.fetchone()[0]

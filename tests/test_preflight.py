@@ -21,7 +21,7 @@ from migrator.schema import schema_versions
 from migrator.apps.threadr import THREADR
 from servers import redis_server, spare_port, with_password
 
-NAMES = ["env", "redis", "postgres", "schema", "privileges", "init-db", "broker", "workers", "result backend"]
+NAMES = ["env", "redis", "keyspace events", "postgres", "schema", "privileges", "init-db", "broker", "workers", "result backend"]
 # No worker of this session answers on the broker, so waiting longer than this shows nothing more.
 TIMEOUT = 0.5
 VERSIONS = ", ".join(schema_versions(THREADR))
@@ -72,7 +72,8 @@ def test_healthy_local_services_pass_with_warnings_only(settings, r):
     results = run_checks(settings, timeout=TIMEOUT)
     assert [x.name for x in results] == NAMES
     checks = by_name(results)
-    assert {n: v for n, v in verdicts(results).items() if n != "env"} == {
+    # (keyspace events: the shared server's own setting, which tests/test_follow.py proves both ways)
+    assert {n: v for n, v in verdicts(results).items() if n not in ("env", "keyspace events")} == {
         "redis": "ok", "postgres": "warn", "schema": "ok", "privileges": "ok", "init-db": "ok", "broker": "ok",
         "workers": "warn", "result backend": "ok"}
     assert "master, standalone" in checks["redis"].detail and "Redis 7" in checks["redis"].detail
@@ -88,7 +89,7 @@ def test_healthy_local_services_pass_with_warnings_only(settings, r):
     lines = render_checks(results).splitlines()
     assert len(lines) == len(NAMES)
     assert lines[1].split()[:2] == ["OK", "redis"] and "-> fix:" not in lines[1]
-    assert lines[2].startswith("WARN  postgres") and "-> fix: runs as a superuser" in lines[2]
+    assert lines[3].startswith("WARN  postgres") and "-> fix: runs as a superuser" in lines[3]
 
 
 def test_env_warns_about_each_default_and_names_it(monkeypatch):
@@ -195,6 +196,7 @@ def test_role_without_privileges_fails_and_its_grant_is_enough_for_a_run(setting
     grant = "GRANT SELECT, INSERT, UPDATE, DELETE ON subscriptions, users, legacy_id_map"
     assert grant in privileges.fix and f"GRANT SELECT ON schema_migrations TO {unprivileged_role};" in privileges.fix
     assert ("GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq, "
+            "migration_reconciliations_id_seq, "
             f"migration_verifications_id_seq, migration_verify_ranges_id_seq TO {unprivileged_role};") in privileges.fix
     assert checks["init-db"].verdict == "warn" and "no CREATE on schema public" in checks["init-db"].detail
 

@@ -6,7 +6,7 @@ what the ledger says, so losing the coordinator or the broker loses no state.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import structlog
@@ -20,7 +20,7 @@ from migrator.runner import plan_run, resume_point
 from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
 
 from .celery import app
-from .tasks import dispatch_priority, dispatch_verification, finish_verification_task
+from .tasks import apply_keys_task, dispatch_priority, dispatch_verification, finish_verification_task, queue_for
 
 log = structlog.get_logger("workers.coordinator")
 
@@ -102,3 +102,21 @@ def verify_on_workers(conn: Any, verification_id: int, run_id: str, priority: st
     """Send a planned verification's ranges to the workers (on `priority`'s queue), then finish it there."""
     dispatch_verification(conn, verification_id, run_id, priority,
                           finish_verification_task.s(verification_id=verification_id))
+
+
+# Seconds `migrator follow` waits for a worker to apply a batch of changed keys before it sends them again.
+APPLY_TIMEOUT_S = 120.0
+
+
+def apply_on_workers(run_id: str) -> Callable[[list[bytes], list[bytes]], dict[str, int]]:
+    """How `migrator follow` applies a batch of changed keys on the workers: one `migrator.apply_keys`
+    task on the critical queue (changes are what cutover waits for), its outcome awaited."""
+    def apply(keys: list[bytes], resets: list[bytes]) -> dict[str, int]:
+        sent = apply_keys_task.apply_async((run_id, [k.decode("latin-1") for k in keys],
+                                            [k.decode("latin-1") for k in resets]), queue=queue_for("critical"))
+        try:
+            return sent.get(timeout=APPLY_TIMEOUT_S, disable_sync_subtasks=False)
+        finally:
+            sent.forget()
+
+    return apply

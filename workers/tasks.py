@@ -25,6 +25,7 @@ from migrator.batch import migrate_batch
 from migrator.config import Settings
 from migrator.errors import backoff, transient
 from migrator.finalize import Step, begin_verification, halt, judge_priority
+from migrator.follow import apply_keys
 from migrator.lease import worker_name
 from migrator.mapping import Mapping, Priority
 from migrator.registry import MappingError
@@ -335,3 +336,18 @@ def dispatch_verification(conn: Any, verification_id: int, run_id: str, priority
     _send(header, then.set(queue=queue))
     log.info("verification_dispatched", run=run_id, verification=verification_id, ranges=len(header))
     return len(header)
+
+
+@app.task(name="migrator.apply_keys")
+def apply_keys_task(run_id: str, keys: list[str], resets: list[str]) -> dict[str, int]:
+    """Apply changed keys of follow session `run_id`, `resets` among them replaced whole (each key's
+    bytes as latin-1 text: JSON carries no bytes). Not retried here: a batch that fails goes back to the session's waiting keys, and
+    `migrator follow` sends it again."""
+    structlog.contextvars.bind_contextvars(run=run_id)
+    client, conn = _connections()
+    try:
+        return apply_keys(client, conn, _run(conn, run_id)[0], run_id, [k.encode("latin-1") for k in keys],
+                          [k.encode("latin-1") for k in resets])
+    except Exception:
+        _drop_connections()  # whatever state it left them in is not the next task's
+        raise

@@ -16,12 +16,12 @@ BEGIN
         GRANT SELECT, INSERT, UPDATE, DELETE ON
             migration_runs, migration_batches, migration_dead_letters, migration_validations, migration_journal,
             migration_verifications, migration_verify_ranges, dual_write_repairs, dual_write_settings,
-            dual_write_shadow_reads
+            dual_write_shadow_reads, migration_follow, migration_reconciliations
             TO migrator_run;
         GRANT SELECT ON schema_migrations TO migrator_run;
         GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq,
             migration_verifications_id_seq, migration_verify_ranges_id_seq, dual_write_repairs_id_seq,
-            dual_write_shadow_reads_id_seq TO migrator_run;
+            dual_write_shadow_reads_id_seq, migration_reconciliations_id_seq TO migrator_run;
         FOREACH t IN ARRAY written LOOP
             EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO migrator_run', t);
         END LOOP;
@@ -34,7 +34,8 @@ BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'migrator_report') THEN
         GRANT SELECT ON
             migration_runs, migration_batches, migration_validations, migration_verifications,
-            migration_verify_ranges, schema_migrations, dual_write_shadow_reads
+            migration_verify_ranges, schema_migrations, dual_write_shadow_reads, migration_follow,
+            migration_reconciliations
             TO migrator_report;
         GRANT SELECT (id, run_id, batch_id, pattern, redis_key, key_text, redis_type, ttl_ms, error, created_at)
             ON migration_dead_letters TO migrator_report;

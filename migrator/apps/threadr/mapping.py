@@ -668,7 +668,8 @@ TABLES = (
     TableRule("thread_stats", greatest=("created", "viewed", "updated", "deleted", "copied"), coalesce=("user_id",)),
     TableRule("thread_analytics", coalesce=("user_id",)),
     TableRule("analytics_timeseries", coalesce=("user_id",)),
-    TableRule("sessions", coalesce=("user_id",)),
+    # a login session that ends (its TTL, a logout) is kept, marked, as the login history
+    TableRule("sessions", coalesce=("user_id",), on_delete="mark"),
     TableRule("usage_events"),
     TableRule("login_failures"),
 )

@@ -1,0 +1,375 @@
+"""`migrator follow`: the app's changes reach PostgreSQL from the keyspace notifications, with no
+change to the app; what the notifications miss (a cut connection) is found and repaired; a follow
+session rolls back exactly. Real Redis, PostgreSQL and `migrator follow` processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import orjson
+import pytest
+import redis
+
+from migrator import notifications
+from migrator.apps.threadr.demo import seed_demo
+from helpers import ROOT, cli, content_fingerprint, migrate, throwaway_database, verify
+from migrator.config import Settings
+
+
+@pytest.fixture
+def notify(r: redis.Redis):
+    """The server's notify-keyspace-events as follow needs it; the server is shared: put back after."""
+    before = notifications.current(r)
+    r.config_set(notifications.SETTING, notifications.wanted(before))
+    yield r
+    r.config_set(notifications.SETTING, before)
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what.__doc__ or what}")
+
+
+class Following:
+    """A `migrator follow` process, as an operator starts it, and its session in the ledger."""
+
+    def __init__(self, settings, tmp_path, *args: str) -> None:
+        self.settings = settings
+        self.out = open(tmp_path / "follow.out", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "migrator.cli", "follow", *args, "--redis-url", settings.redis_url,
+             "--database-url", settings.database_url, "--broker-url", settings.broker_url],
+            cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env={**os.environ, "MIGRATOR_LOG_JSON": "1"})
+        self.run_id = wait_for(self._session, 60)
+        self.reconciled(1)
+
+    def _session(self) -> str | None:
+        """the session's id, printed"""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"follow ended: {self.output()}")
+        self.out.seek(0)
+        for line in self.out:
+            if line.startswith("follow session "):
+                return line.split()[2].rstrip(":")
+        return None
+
+    def output(self) -> str:
+        self.out.seek(0)
+        return self.out.read()
+
+    def row(self, pg) -> dict[str, Any]:
+        with pg, pg.cursor() as cur:
+            cur.execute("SELECT to_jsonb(f) FROM migration_follow f WHERE run_id = %s", (self.run_id,))
+            return cur.fetchone()[0]
+
+    def reconciliations(self, pg=None) -> list[dict[str, Any]]:
+        conn = pg or self.settings.postgres()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SELECT to_jsonb(r) FROM migration_reconciliations r WHERE run_id = %s AND finished_at IS"
+                            " NOT NULL ORDER BY id", (self.run_id,))
+                return [row[0] for row in cur.fetchall()]
+        finally:
+            if pg is None:
+                conn.close()
+
+    def reconciled(self, n: int) -> list[dict[str, Any]]:
+        return wait_for(lambda: len(found := self.reconciliations()) >= n and found, 120)
+
+    def caught_up(self, pg, events: int = 0) -> dict[str, Any]:
+        """Lag 0: nothing pending in a figure written after the call, with at least `events` received."""
+        asked = datetime.now(timezone.utc)
+
+        def done() -> dict[str, Any] | None:
+            row = self.row(pg)
+            beat = datetime.fromisoformat(row["heartbeat_at"])
+            return row if beat > asked and row["pending"] == 0 and row["events"] >= events else None
+
+        return wait_for(done, 60)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(90)
+        self.out.close()
+        return code
+
+
+def rows(pg, query: str, *args: Any) -> list[tuple]:
+    with pg, pg.cursor() as cur:
+        cur.execute(query, args)
+        return cur.fetchall()
+
+
+def cut_subscriber(r: redis.Redis) -> int:
+    """CLIENT KILL of the pub/sub connections on our database (the server is shared: another's, such
+    as a Celery result backend's, are left alone); how many."""
+    db = r.connection_pool.connection_kwargs.get("db", 0)
+    ours = [c["id"] for c in r.client_list(_type="pubsub") if int(c["db"]) == db]
+    for client_id in ours:
+        r.client_kill_filter(_id=client_id)
+    return len(ours)
+
+
+def changed_user(r: redis.Redis, key: bytes, **changes: Any) -> None:
+    """The app updating a user record (its updated_at moves, as the app's does)."""
+    doc = orjson.loads(r.get(key))
+    doc.update(changes, updated_at=datetime.now(timezone.utc).replace(tzinfo=None).isoformat())
+    r.set(key, orjson.dumps(doc), keepttl=True)
+
+
+def test_changes_reach_postgres_by_each_tables_rule(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 12)
+    run = migrate(settings)
+    assert run["status"] == "completed"
+    follow = Following(settings, tmp_path, "--local")
+    first = follow.reconciliations(pg)[0]
+    assert first["reason"] == "connect" and first["clean"], first  # the bulk load left nothing to repair
+
+    counter = b"threadr:usage:ip:203.0.113.77:daily:2026-12-06"
+    user = next(r.scan_iter(b"threadr:user:user_*"))
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+    session = b"threadr:session:" + user.split(b":")[-1]
+    applied_before = follow.row(pg)["keys_applied"]
+    for _ in range(200):  # a burst on one key
+        r.incr(counter)
+    changed_user(r, user, role="premium")
+    r.delete(thread)
+    r.set(session, orjson.dumps({"user_id": user.split(b":")[-1].decode(), "email": "a@example.org", "role": "user",
+                                 "status": "active", "login_timestamp": "2026-12-06T09:18:19",
+                                 "client_ip": "203.0.113.5", "last_activity": "2026-12-06T09:18:19",
+                                 "access_token_hash": 12345}), px=300)
+    time.sleep(0.5)  # the session expires in Redis
+    assert not r.exists(session)
+    figures = follow.caught_up(pg, events=203)
+
+    assert rows(pg, "SELECT count FROM usage_counters WHERE source_key = %s", counter.decode()) == [(200,)]
+    # 200 INCRs, a user, a thread, a session set and expired: far fewer keys read than events
+    assert figures["keys_applied"] - applied_before < 40, figures
+    assert rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)]
+    assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)]  # on_delete delete
+    marked = rows(pg, "SELECT deleted_at IS NOT NULL, migration_run::text FROM sessions WHERE source_key = %s",
+                  session.decode())
+    assert marked == [(True, follow.run_id)]  # on_delete mark: kept, marked
+    # the session comes back: its row is live again
+    r.set(session, orjson.dumps({"user_id": user.split(b":")[-1].decode(), "email": "a@example.org", "role": "user",
+                                 "status": "active", "login_timestamp": "2026-12-06T10:00:00",
+                                 "client_ip": "203.0.113.5", "last_activity": "2026-12-06T10:00:00",
+                                 "access_token_hash": 12345}))
+    follow.caught_up(pg, events=figures["events"] + 1)
+    assert rows(pg, "SELECT deleted_at FROM sessions WHERE source_key = %s", session.decode()) == [(None,)]
+    assert verify(settings, run["run_id"])["verdict"] == "clean"
+
+    status = cli(settings, "status", follow.run_id)
+    assert "lag" in status.stdout and "reconciliations" in status.stdout, status.stdout + status.stderr
+    assert follow.stop() == 0, follow.output()
+    assert rows(pg, "SELECT status FROM migration_runs WHERE id = %s", follow.run_id) == [("completed",)]
+
+
+def test_a_cut_connection_is_repaired_by_the_reconciliation(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 8)
+    run = migrate(settings)
+    follow = Following(settings, tmp_path, "--local")
+    user = next(r.scan_iter(b"threadr:user:user_*"))
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+    # changes whose events are lost (published to nobody, as while the subscriber is away), then
+    # the subscriber's connection cut: it connects again on its own
+    r.config_set(notifications.SETTING, "")
+    changed_user(r, user, role="premium")
+    r.delete(thread)
+    cut_subscriber(r)
+    r.config_set(notifications.SETTING, "KA")
+    after = follow.reconciled(2)[-1]
+    assert after["reason"] == "reconnect" and not after["clean"], after
+    assert after["keys_reapplied"] >= 1 and after["keys_gone"] == 1, after
+    follow.caught_up(pg)
+    assert rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)]
+    assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)]
+    assert follow.row(pg)["reconnects"] >= 1
+    assert verify(settings, run["run_id"])["verdict"] == "clean"
+    assert follow.stop() == 0, follow.output()
+
+
+def test_broken_json_written_live_is_a_dead_letter_then_retried(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path, "--local")
+    key = next(r.scan_iter(b"threadr:thread:*"))
+    good = r.get(key)
+    r.set(key, b'{"id": "broken')
+    wait_for(lambda: rows(pg, "SELECT error FROM migration_dead_letters WHERE run_id = %s AND key_text = %s",
+                          follow.run_id, key.decode()))
+    (reason,), = rows(pg, "SELECT error FROM migration_dead_letters WHERE run_id = %s", follow.run_id)
+    assert "not valid JSON" in reason
+    assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", key.decode()) == [(1,)]  # its last good row
+    r.set(key, good)  # fixed by the app: applied, and no longer a dead letter
+    wait_for(lambda: not rows(pg, "SELECT 1 FROM migration_dead_letters WHERE run_id = %s", follow.run_id))
+    assert follow.stop() == 0, follow.output()
+
+
+def test_rollback_of_a_follow_session_is_exact(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 8)
+    migrate(settings)
+    before = content_fingerprint(pg)
+    follow = Following(settings, tmp_path, "--local")
+    user = next(r.scan_iter(b"threadr:user:user_*"))
+    threads = list(r.scan_iter(b"threadr:thread:*"))
+    changed_user(r, user, role="premium")
+    r.delete(threads[0])
+    r.incrby(b"threadr:usage:ip:203.0.113.9:daily:2026-12-06", 3)
+    r.set(b"threadr:session:" + user.split(b":")[-1], orjson.dumps(
+        {"user_id": user.split(b":")[-1].decode(), "email": "b@example.org", "role": "user", "status": "active",
+         "login_timestamp": "2026-12-06T09:00:00", "client_ip": "203.0.113.6", "last_activity": "2026-12-06T09:00:00",
+         "access_token_hash": 1}), px=200)
+    time.sleep(0.4)
+    follow.caught_up(pg, events=5)
+    assert content_fingerprint(pg) != before
+    assert cli(settings, "rollback", follow.run_id).returncode == 2  # refused while it runs
+    assert follow.stop() == 0, follow.output()
+    undone = cli(settings, "rollback", follow.run_id)
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert content_fingerprint(pg) == before
+
+
+def test_check_names_the_setting_and_configure_sets_it(settings, r, pg, notify, tmp_path):
+    r.config_set(notifications.SETTING, "Ex")
+    checked = cli(settings, "check", "--no-workers")
+    line = next(x for x in checked.stdout.splitlines() if "keyspace events" in x)
+    assert line.startswith("WARN") and "without K" in line and "CONFIG SET notify-keyspace-events 'KEA'" in line, line
+    assert "ElastiCache" in line and "Memorystore" in line and "Azure" in line
+    refused = cli(settings, "follow", "--local")
+    assert refused.returncode == 2 and "CONFIG SET notify-keyspace-events 'KEA'" in refused.stderr, refused.stderr
+    follow = Following(settings, tmp_path, "--local", "--configure")
+    assert notifications.missing(notifications.current(r)) == "" and "E" in notifications.current(r)
+    assert follow.stop() == 0
+    checked = cli(settings, "check", "--no-workers")
+    assert next(x for x in checked.stdout.splitlines() if "keyspace events" in x).startswith("OK")
+
+
+def test_cutover_waits_for_follow(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path, "--local")
+    allowed = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr  # no shadow reads: follow is the sync path
+    with pg, pg.cursor() as cur:  # its last reconciliation repaired something
+        cur.execute("UPDATE migration_reconciliations SET clean = false WHERE run_id = %s", (follow.run_id,))
+    refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
+    assert refused.returncode == 1 and "reconciliation" in refused.stdout, refused.stdout
+    assert follow.stop() == 0
+
+
+# An app-like writer: creates and increments counters, updates users, deletes counters, and logs
+# sessions in with TTLs of a second or so, ~200 operations a second until SIGTERM.
+WRITER = r"""
+import datetime, random, signal, sys, time, orjson, redis
+r = redis.Redis.from_url(sys.argv[1])
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+rng = random.Random(7)
+users = sorted(r.scan_iter(b"threadr:user:user_*"))
+counters = [f"threadr:usage:ip:198.51.100.{i}:daily:2026-12-06" for i in range(40)]
+ops = 0
+while not stop:
+    op = rng.random()
+    if op < 0.5:
+        key = rng.choice(counters)
+        r.incr(key)
+        r.expire(key, 86400, nx=True)
+    elif op < 0.7:
+        key = rng.choice(users)
+        doc = orjson.loads(r.get(key))
+        doc["role"] = rng.choice(["user", "premium"])
+        doc["updated_at"] = datetime.datetime.utcnow().isoformat()
+        r.set(key, orjson.dumps(doc), keepttl=True)
+    elif op < 0.8:
+        r.delete(rng.choice(counters))
+    else:
+        user = rng.choice(users).split(b":")[-1].decode()
+        r.set(f"threadr:session:{user}", orjson.dumps({"user_id": user, "email": "c@example.org", "role": "user",
+              "status": "active", "login_timestamp": "2026-12-06T09:00:00", "client_ip": "203.0.113.7",
+              "last_activity": datetime.datetime.utcnow().isoformat(), "access_token_hash": ops}),
+              px=rng.randint(300, 1500))
+    ops += 1
+    time.sleep(0.005)
+print(ops)
+"""
+
+
+def test_traffic_during_a_run_then_follow_loses_no_update(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 30)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, settings.redis_url], stdout=subprocess.PIPE, text=True)
+    try:
+        # follow from before the bulk load: a run started while it is live needs no second pass
+        follow = Following(settings, tmp_path, "--local", "--reconcile-every", "5")
+        run = migrate(settings, count_tolerance=0.2)
+        assert run["status"] == "completed", run["status"]
+        time.sleep(1)
+        assert cut_subscriber(r) == 1  # mid-stream
+        time.sleep(2)
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        ops = int(writer.communicate(timeout=30)[0])
+    assert ops > 200
+    follow.caught_up(pg)
+    reconnected = wait_for(lambda: [x for x in follow.reconciliations(pg) if x["reason"] == "reconnect"])
+    assert reconnected
+    # a reconciliation that began once the writer had stopped: what it found is what was lost
+    stopped = datetime.now(timezone.utc)
+    later = wait_for(lambda: [x for x in follow.reconciliations(pg)
+                              if datetime.fromisoformat(x["started_at"]) > stopped], 120)[0]
+    follow.caught_up(pg)
+    result = verify(settings, run["run_id"])
+    assert result["verdict"] == "clean" and result["changed_since_run"] == 0, ([(p["pattern"], p["examples"]) for p in result["patterns"] if p["examples"]], later)
+    assert follow.stop() == 0, follow.output()
+
+
+def test_on_celery_workers(settings, r, pg, notify, workers, tmp_path):
+    """Without --local: the subscriber in `migrator follow`, each batch of changed keys applied by a
+    `migrator.apply_keys` task on a worker."""
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path)
+    user = next(r.scan_iter(b"threadr:user:user_*"))
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+    changed_user(r, user, role="premium")
+    r.delete(thread)
+    wait_for(lambda: rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)])
+    wait_for(lambda: rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)])
+    assert follow.caught_up(pg)["keys_applied"] >= 2
+    assert rows(pg, "SELECT mode FROM migration_follow WHERE run_id = %s", follow.run_id) == [("celery",)]
+    assert follow.stop() == 0, follow.output()
+
+
+def test_a_mapping_file_table_that_marks_its_rows(settings, r, notify, tmp_path):
+    """A file mapping's table declares on_delete = "mark": init-db gives it deleted_at, follow sets it."""
+    path = tmp_path / "notes.toml"
+    path.write_text('[mapping]\nname = "notes"\n\n[[pattern]]\nname = "note"\nkey = "note:{id}"\ntype = "string"\n'
+                    'priority = "high"\ntable = "notes"\n[pattern.columns]\nnote_id = "key.id"\n'
+                    'body = "value"\n\n[tables.notes]\nkey = ["note_id"]\non_delete = "mark"\n'
+                    '[tables.notes.columns]\nnote_id = "text"\nbody = "text"\n')
+    with throwaway_database(settings.database_url) as url:
+        here = Settings(settings.redis_url, url, settings.broker_url)
+        made = cli(here, "init-db", "--mapping", str(path))
+        assert made.returncode == 0, made.stdout + made.stderr
+        r.set("note:1", "first")
+        follow = Following(here, tmp_path, "--local", "--mapping", str(path))
+        conn = here.postgres()
+        try:
+            wait_for(lambda: rows(conn, "SELECT body FROM notes") == [("first",)])  # the connect reconciliation
+            r.set("note:1", "second")
+            r.set("note:2", "other", px=200)
+            wait_for(lambda: rows(conn, "SELECT body, deleted_at IS NOT NULL FROM notes ORDER BY body")
+                     == [("other", True), ("second", False)])
+        finally:
+            conn.close()
+        assert follow.stop() == 0, follow.output()
