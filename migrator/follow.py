@@ -144,19 +144,13 @@ def render(run_id: str, status: str, p: dict[str, Any]) -> str:
 # --- applying changed keys ------------------------------------------------------------------
 
 class _Recording(Writer):
-    """A run's writer that also notes, per key, the ids of the rows it wrote for it; and gives rows
-    of a table that marks its rows the mark cleared (a key that came back is live again)."""
+    """A run's writer that also notes, per key, the ids of the rows it wrote for it."""
 
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str) -> None:
         super().__init__(cursor, mapping, run_id)
-        self.marked = {r.name: r.deleted_at for r in mapping.rules if r.on_delete == "mark"}
         self.given: dict[str, dict[str, set[str]]] = {}  # key text -> table -> row ids
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
-        for rec in records:
-            for row in rec.rows:
-                if row.table in self.marked:
-                    row.values.setdefault(self.marked[row.table], None)
         written, bad = super().write(records)
         failed = {id(rec) for rec, _ in bad}
         for rec in records:

@@ -105,6 +105,9 @@ class Writer:
         self.run_id = run_id
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
+        # A key that gives a row says the row is live: in a table whose rows `follow` marks rather
+        # than deletes, every write clears the mark (a run's as well as follow's own).
+        self._marked = {r.name: r.deleted_at for r in mapping.rules if r.on_delete == "mark"}
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
@@ -132,6 +135,8 @@ class Writer:
             provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at, rec.digest)
             for row in rec.rows:
                 values = row.values
+                if self._marked and row.table in self._marked:
+                    values.setdefault(self._marked[row.table], None)
                 group, row_id = (row.table, tuple(values)), values["id"]
                 line = [*values.values(), *provenance]
                 for batch in rounds:
