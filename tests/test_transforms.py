@@ -9,7 +9,8 @@ import pytest
 
 from migrator.mapping import BadRecord, SourceRecord, literal_prefix
 from migrator.source import decode
-from migrator.apps.threadr import THREADR, user_uuid
+from migrator.apps.threadr import THREADR
+from migrator.apps.threadr.mapping import user_uuid
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
