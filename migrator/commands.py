@@ -458,9 +458,7 @@ def cmd_cancel(settings: Settings, run_id: str, spec: str | None = None, *, roll
 def _revoke(settings: Settings, conn: Any, run_id: str) -> int:
     """Revoke a run's queued batch tasks on the workers (a run sent to Celery); their count."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT task_id FROM migration_batches WHERE run_id = %s AND status <> 'done' AND task_id IS NOT NULL",
-                    (run_id,))
-        ids = [row[0] for row in cur.fetchall()]
+        ids = ledger.queued_tasks(cur, run_id)
     if not ids:
         return 0  # a --local run, or nothing left
     from workers.coordinator import revoke, use_broker  # Celery is only needed here

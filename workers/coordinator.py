@@ -11,11 +11,10 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from migrator import ledger
 from migrator.config import ConfigError, Settings
 from migrator.mapping import Mapping
 from migrator.options import RunOptions
-from migrator.runner import plan_run, resume_point
+from migrator.runner import plan_run, requeue as reopen, resume_point
 
 from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
 
@@ -79,12 +78,7 @@ def resume(conn: Any, run_id: str) -> str | None:
 
 def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
     """Put batches (the given ones, or every failed one) back to pending and carry the run on."""
-    with conn, conn.cursor() as cur:
-        reopened = ledger.reopen_batches(cur, run_id, batch_ids)
-        for priority in sorted({p for _, p in reopened}):
-            # the priority must validate again before the run can complete
-            cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, false, %s)",
-                        (run_id, priority, '[{"name": "requeued", "ok": false, "detail": "batches requeued by hand"}]'))
+    reopened = reopen(conn, run_id, batch_ids)
     if reopened:
         resume(conn, run_id)
     return reopened
