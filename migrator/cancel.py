@@ -11,12 +11,9 @@ from typing import Any, Callable
 
 import structlog
 
-from . import runstate
-from .ledger import STALE_SECONDS, STALE_SQL
+from . import ledger, runstate
 
 log = structlog.get_logger("migrator.cancel")
-
-LIVE = f"SELECT count(*) FROM migration_batches b WHERE b.run_id = %(run)s AND b.status = 'running' AND NOT {STALE_SQL}"
 
 
 def refusal(run_id: str, status: str) -> str:
@@ -33,7 +30,7 @@ def cancel_run(conn: Any, run_id: str, *, wait_s: float = 120.0,
     """Cancel a run (see the module); the number of its batches still running when it was
     marked cancelled (0 unless `wait_s` ran out: their work cannot commit anyway)."""
     with conn, conn.cursor() as cur:
-        status = runstate.status_of(cur, run_id)
+        status = ledger.run_status(cur, run_id)
         if status is None:
             raise LookupError(f"no run {run_id} in the ledger; is DATABASE_URL the run's database?")
         if status not in ("planned", "running", "cancelling"):
@@ -43,8 +40,7 @@ def cancel_run(conn: Any, run_id: str, *, wait_s: float = 120.0,
     deadline = time.monotonic() + wait_s
     while True:
         with conn, conn.cursor() as cur:
-            cur.execute(LIVE, {"run": run_id, "stale": STALE_SECONDS})
-            live = cur.fetchone()[0]
+            live = ledger.live_batches(cur, run_id)
         progress(live)
         if not live or time.monotonic() >= deadline:
             break

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("requeue", help="send batches to the workers again (after fixing what made them fail)")
-    p.set_defaults(handler=lambda a, s: commands.cmd_requeue(s, a.run_id, a.batch or []))
+    p.set_defaults(handler=lambda a, s: commands.cmd_requeue(s, a.run_id, a.batch or [], a.mapping))
     _connection_flags(p)
     p.add_argument("run_id")
     which = p.add_mutually_exclusive_group(required=True)
@@ -271,10 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-sends the first priority that has not validated, with exactly its unfinished "
                                    "batches. With --local, runs them here instead (a `run --local` that was "
                                    "killed), then prints the report like `run`.")
-    p.set_defaults(handler=lambda a, s: (commands.cmd_resume_local(s, a.run_id, a.mapping, as_json=a.json,
-                                                                   output_dir=a.output_dir,
-                                                                   jobs=a.jobs) if a.local else commands.cmd_resume(s,
-                                                                   a.run_id)))
+    p.set_defaults(handler=lambda a, s: commands.cmd_resume(s, a.run_id, a.mapping, local=a.local, jobs=a.jobs,
+                                                            as_json=a.json, output_dir=a.output_dir))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--local", action="store_true", help="carry the run on here (see --jobs) instead of on the workers")
@@ -297,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(orphans within budget). The same checks the run itself made: they agree. A role "
                                    "that may not write the ledger (migrator_report) validates without recording.")
     p.set_defaults(handler=lambda a, s: commands.cmd_validate(s, a.run_id, a.mapping, a.priority, as_json=a.json,
-                                                              where=_where(a), jobs=a.jobs))
+                                                              local=a.local, jobs=a.jobs))
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
@@ -308,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "any difference", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=VERIFY_DESCRIPTION)
     p.set_defaults(handler=lambda a, s: commands.cmd_verify(s, a.run_id, a.mapping, a.priority, as_json=a.json,
-                                                            where=_where(a), jobs=a.jobs, show_diffs=a.show_diffs))
+                                                            local=a.local, jobs=a.jobs, show_diffs=a.show_diffs))
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[],
@@ -393,20 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _where(args: argparse.Namespace) -> str:
-    return "local" if args.local else "auto"
-
-
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.validate_only:
         return commands.cmd_validate(settings, None, args.mapping, args.priority or [], as_json=args.json,
-                                     where=_where(args), jobs=args.jobs)
+                                     local=args.local, jobs=args.jobs)
     spec, mapping = registry.requested(args.mapping), registry.load(args.mapping)
-    if args.local:
-        return commands.cmd_run(settings, mapping, _options(args), spec=spec, as_json=args.json,
-                                output_dir=args.output_dir, jobs=args.jobs)
-    return commands.cmd_run_distributed(settings, mapping, _options(args), spec=spec, detach=args.detach,
-                                        as_json=args.json, output_dir=args.output_dir)
+    return commands.cmd_run(settings, mapping, _options(args), spec=spec, local=args.local, jobs=args.jobs,
+                            detach=args.detach, as_json=args.json, output_dir=args.output_dir)
 
 
 def _mapping(args: argparse.Namespace, settings: Settings) -> int:

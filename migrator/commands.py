@@ -15,8 +15,7 @@ from typing import Any, Callable, TextIO
 
 import redis
 
-from . import cutover, notifications
-from . import ledger, registry
+from . import cutover, executor, ledger, notifications, registry
 from . import report as report_mod
 from . import status as status_mod
 from .config import ConfigError, Settings, reason
@@ -28,14 +27,15 @@ from .mapping import Mapping, Priority
 from .options import RunOptions
 from .cancel import cancel_run
 from .rollback import RollbackFailed, rollback_run
-from .runner import execute_local, plan_run, resume_point, verify_local
+from .runner import plan_run, requeue, resume_point
 from .validate import render_validation, validate_run
-from .verify import explain, masked, plan_verification, verify_in_memory
+from .verify import explain, masked, verify_in_memory
 from .verify import render as render_verification
 from .audit import audit_keyspace, render_audit, write_audit
 from .backup import backup, restore_instructions
 from .mapping_doc import build_mapping_document, latest_audit, write_mapping_document
 from .mapping_init import write_starting_file
+from .preflight import exit_code, render_checks, run_checks
 from .redact import redact_text
 from .writer import describe
 from .schema import database_url_for, empty_tables, ensure_database, init_db, require_schema
@@ -106,25 +106,41 @@ def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as
     return OK if report["status"] in ("completed", "dry_run") and report["balanced"] else FAILED
 
 
-def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str | None = None, as_json: bool = False,
-            output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
+def _executor(settings: Settings, *, local: bool, jobs: int = 1) -> executor.Executor:
+    """Where a command's work goes, chosen once: here with --local (`jobs` at once), else to the
+    Celery workers; reached now (a ConfigError with the fix when the source, or the broker, does not
+    answer)."""
+    chosen = executor.load("local", settings, jobs=jobs) if local else executor.load("celery", settings)
+    chosen.connect()
+    return chosen
+
+
+def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, local: bool = False, jobs: int = 1,
+            spec: str | None = None, detach: bool = False, as_json: bool = False, output_dir: Path = Path("."),
+            out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Plan the run and have it executed: here with --local, else by the Celery workers, watched
+    from the ledger until it ends (unless `detach`); then print and write its report."""
+    opts.check_scope(mapping)
+    runs = _executor(settings, local=local, jobs=jobs)
     client = settings.redis()
     try:
         conn = _ledger(settings, mapping=mapping)
         try:
+            if not runs.answering():
+                err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
+                          f"starts: {runs.worker_command()}\n")
             run_id = plan_run(client, conn, mapping, opts, settings.redis_url, spec)
         finally:
             conn.close()
-        _announce(run_id, opts, output_dir, out)
-        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, jobs, out)
     finally:
         client.close()
-
-
-def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, opts: RunOptions,
-              start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO) -> int:
-    """Execute a run's batches here from `start`, `jobs` at once, then print and write its report."""
-    execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
+    _announce(run_id, opts, output_dir, out)
+    runs.carry_on(mapping, run_id, opts, opts.priority_order()[0])
+    if runs.background:
+        if detach:
+            out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
+            return OK
+        watch(settings.postgres, run_id, out=err)
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
@@ -136,32 +152,6 @@ def _report_anew(settings: Settings, mapping: Mapping, run_id: str, output_dir: 
         return _final_report(conn, mapping, run_id, output_dir, as_json, out)
     finally:
         conn.close()
-
-
-def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str | None = None,
-                        detach: bool = False,
-                        as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout,
-                        err: TextIO = sys.stderr) -> int:
-    """Plan the run, send it to the Celery workers, and watch it from the ledger until it ends."""
-    from workers.coordinator import start_run, use_broker, worker_command, workers_answering  # Celery is only needed here
-
-    opts.check_scope(mapping)
-    use_broker(settings)
-    client, conn = settings.redis(), _ledger(settings, mapping=mapping)
-    try:
-        if not workers_answering():
-            err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
-                      f"starts: {worker_command()}\n")
-        run_id = start_run(settings, client, conn, mapping, opts, spec)
-        _announce(run_id, opts, output_dir, out)
-        if detach:
-            out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
-            return OK
-    finally:
-        conn.close()
-        client.close()
-    watch(settings.postgres, run_id, out=err)
-    return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
 # Tries to reach PostgreSQL again when the watcher lost it (a restart): backoff 0.5 s, 1 s, ... 30 s,
@@ -235,13 +225,17 @@ def cmd_batches(settings: Settings, run_id: str, *, failed_only: bool, stale_onl
     return OK
 
 
-def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], out: TextIO = sys.stdout) -> int:
-    from workers.coordinator import requeue, use_broker
-
-    use_broker(settings)
-    conn = _ledger(settings, run_id)
+def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], spec: str | None = None,
+                out: TextIO = sys.stdout) -> int:
+    """Put batches back (the given ones, or every failed or stale one) and send the run on to the
+    workers from the first priority that has not validated."""
+    runs = _executor(settings, local=False)
+    conn, mapping = _run_ledger(settings, run_id, spec)
     try:
         reopened = requeue(conn, run_id, batch_ids or None)
+        if reopened:
+            opts, priority = resume_point(conn, run_id)
+            runs.carry_on(mapping, run_id, opts, priority)
     finally:
         conn.close()
     if not reopened:
@@ -252,37 +246,27 @@ def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], out: Text
     return OK
 
 
-def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int:
-    from workers.coordinator import resume, use_broker
-
-    use_broker(settings)
-    conn = _ledger(settings, run_id)
+def cmd_resume(settings: Settings, run_id: str, spec: str | None = None, *, local: bool = False, jobs: int = 1,
+               as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+    """Carry a run on from the ledger (with the mapping it was made with) from the first priority
+    that has not validated: sent to the workers, or executed here with --local and then reported
+    like `run --local`."""
+    runs = _executor(settings, local=local, jobs=jobs)
+    conn, mapping = _run_ledger(settings, run_id, spec)
     try:
-        label = resume(conn, run_id)
+        opts, priority = resume_point(conn, run_id)
     finally:
         conn.close()
-    out.write(f"resumed run {run_id} at priority {label}\n" if label else f"run {run_id} has nothing left to do\n")
-    return OK
-
-
-def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
-                     output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
-    """Carry a run on here from the ledger (with the mapping it was made with), then report it
-    like `run --local`."""
-    client = settings.redis()
-    try:
-        conn, mapping = _run_ledger(settings, run_id, spec)
-        try:
-            opts, priority = resume_point(conn, run_id)
-        finally:
-            conn.close()
-        if priority is None:
-            out.write(f"run {run_id} has nothing left to do\n")
-            return OK
-        out.write(f"resuming run {run_id} at priority {priority.label}\n")
-        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, jobs, out)
-    finally:
-        client.close()
+    if priority is None:
+        out.write(f"run {run_id} has nothing left to do\n")
+        return OK
+    if runs.background:  # the workers carry it on; `migrator status RUN --watch` follows it
+        runs.carry_on(mapping, run_id, opts, priority)
+        out.write(f"resumed run {run_id} at priority {priority.label}\n")
+        return OK
+    out.write(f"resuming run {run_id} at priority {priority.label}\n")
+    runs.carry_on(mapping, run_id, opts, priority)
+    return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
 def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
@@ -295,38 +279,33 @@ def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_j
 
 
 def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, run_id: str,
-                  priorities: list[Priority], where: str, jobs: int, err: TextIO) -> dict[str, Any]:
-    """Verify a run's `priorities`: on the workers, or here (`where`: "workers", "local", or
-    "auto": the workers when one answers, else here); the verification's result. A role that may
-    not write the ledger verifies here, in memory, and nothing is recorded."""
+                  priorities: list[Priority], local: bool, jobs: int, err: TextIO) -> dict[str, Any]:
+    """Verify a run's `priorities`: here with --local, else on the workers when one answers, and
+    here otherwise (saying why); the verification's result. A role that may not write the ledger
+    verifies here, in memory, and nothing is recorded."""
     with conn, conn.cursor() as cur:
         reader = ledger.verification_reader(cur)
     if reader is not None:
         err.write(f"migrator: not recorded: role {reader} cannot write the ledger (verifying here, in memory)\n")
         return verify_in_memory(client, conn, mapping, run_id, priorities)
-    if where != "local":
-        from workers.coordinator import use_broker, verify_on_workers, workers_answering
+    return _verifier(settings, local, jobs, err).verify(mapping, run_id, priorities)
 
-        try:
-            use_broker(settings)
-        except ConfigError as exc:
-            if where != "auto":
-                raise
-            err.write(f"migrator: verifying here (--local): {exc}\n")
-            where = "local"
-        if where == "auto" and not workers_answering():
-            err.write("migrator: no worker answers on the broker; verifying here (--local)\n")
-            where = "local"
-    if where == "local":
-        return verify_local(client, settings.postgres, mapping, run_id, priorities, jobs=jobs)
-    verification = plan_verification(client, conn, run_id, priorities)
-    verify_on_workers(conn, verification, run_id, priorities[0].label)
-    while True:  # the workers report to the ledger, never to this process
-        with conn, conn.cursor() as cur:
-            found = ledger.get_verification(cur, verification)
-        if found["status"] != "running":
-            return found["result"] or {"verification_id": verification, "verdict": "incomplete", "error": found["error"]}
-        time.sleep(0.5)
+
+def _verifier(settings: Settings, local: bool, jobs: int, err: TextIO) -> executor.Executor:
+    """Where a verification runs: here with --local; else on the workers when one answers, and here
+    when none does or the broker cannot be reached (saying why)."""
+    here = executor.load("local", settings, jobs=jobs)
+    if local:
+        return here
+    try:
+        workers = _executor(settings, local=False)
+    except ConfigError as exc:
+        err.write(f"migrator: verifying here (--local): {exc}\n")
+        return here
+    if not workers.answering():
+        err.write("migrator: no worker answers on the broker; verifying here (--local)\n")
+        return here
+    return workers
 
 
 def _mapping_of(conn: Any, run_id: str, spec: str | None) -> Mapping:
@@ -352,7 +331,7 @@ def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple
     return run_id, opts, chosen
 
 
-def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, where: str = "auto",
+def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, local: bool = False,
                jobs: int = 2, show_diffs: int = 0, as_json: bool = False, out: TextIO = sys.stdout,
                err: TextIO = sys.stderr) -> int:
     """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
@@ -360,7 +339,7 @@ def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorit
     try:
         run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
         mapping = _mapping_of(conn, run_id, spec)
-        result = _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err)
+        result = _verification(settings, client, conn, mapping, run_id, chosen, local, jobs, err)
         for p in result.get("patterns", []):
             # up to `show_diffs` rows of each kind (missing, different, extra, changed), explained
             shown = [e for kind in ("missing", "different", "extra", "changed")
@@ -377,7 +356,7 @@ def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorit
 
 
 def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *,
-                 where: str = "auto", jobs: int = 2, as_json: bool = False, out: TextIO = sys.stdout,
+                 local: bool = False, jobs: int = 2, as_json: bool = False, out: TextIO = sys.stdout,
                  err: TextIO = sys.stderr) -> int:
     """Validate a run (the latest one when `run_id` is None) again, now: the checks it got as it
     ran, over a new verification."""
@@ -386,7 +365,8 @@ def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, prior
         run_id, _, chosen = _run_to_check(conn, run_id, priorities)
         mapping = _mapping_of(conn, run_id, spec)
         result = validate_run(conn, mapping, run_id, chosen,
-                              lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, where, jobs, err))
+                              lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, local, jobs,
+                                                           err))
     finally:
         conn.close()
         client.close()
@@ -464,15 +444,10 @@ def cmd_cancel(settings: Settings, run_id: str, spec: str | None = None, *, roll
 def _revoke(settings: Settings, conn: Any, run_id: str) -> int:
     """Revoke a run's queued batch tasks on the workers (a run sent to Celery); their count."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT task_id FROM migration_batches WHERE run_id = %s AND status <> 'done' AND task_id IS NOT NULL",
-                    (run_id,))
-        ids = [row[0] for row in cur.fetchall()]
-    if not ids:
+        queued = ledger.queued_tasks(cur, run_id)
+    if not queued:
         return 0  # a --local run, or nothing left
-    from workers.coordinator import revoke, use_broker  # Celery is only needed here
-
-    use_broker(settings)
-    return revoke(ids)
+    return _executor(settings, local=False).revoke(queued)
 
 
 def _write_rollback(summary: dict[str, dict[str, int]], out: TextIO) -> None:
@@ -484,8 +459,6 @@ def _write_rollback(summary: dict[str, dict[str, int]], out: TextIO) -> None:
 def cmd_check(settings: Settings, mapping: Mapping, *, need_workers: bool, timeout: float, as_json: bool,
               out: TextIO = sys.stdout) -> int:
     """Preflight: one line per check with its verdict and fix; exit 1 when any check fails."""
-    from .preflight import exit_code, render_checks, run_checks  # it asks the Celery broker too
-
     results = run_checks(settings, need_workers=need_workers, timeout=timeout, mapping=mapping)
     _dump([asdict(r) for r in results], out) if as_json else out.write(render_checks(results) + "\n")
     return exit_code(results)
@@ -646,7 +619,7 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
 
     for step in (lambda: cmd_init_db(demo, mapping, out), empty,
                  lambda: cmd_seed_demo(demo, mapping, users, fresh=True, out=out),
-                 lambda: cmd_run(demo, mapping, opts, out=out)):
+                 lambda: cmd_run(demo, mapping, opts, local=True, out=out)):
         code = step()
         if code != OK:
             return code
@@ -681,7 +654,7 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
                configure: bool, reconcile_every: float, out: TextIO = sys.stdout) -> int:
     """Keep PostgreSQL current from the keyspace notifications until SIGINT or SIGTERM; then drain,
     record, and end the session (exit 1 when it ended with changes not applied)."""
-    from .follow import Follower, end_session, local_apply, start_session
+    from .follow import Follower, end_session, start_session
     from .reconcile import reconcile
     from .source import cluster_masters
 
@@ -691,13 +664,10 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         try:
             nodes = cluster_masters(client) or [""]
             _notifications_ready(client, nodes, configure, out)
-            if not local:
-                from workers.coordinator import use_broker, workers_answering
-
-                use_broker(settings)
-                if not workers_answering():
-                    raise ConfigError("no worker answers on the broker; start one (`celery -A workers worker`) or "
-                                      "follow here with --local")
+            applies = _executor(settings, local=local)
+            if not applies.answering():
+                raise ConfigError(f"no worker answers on the broker; start one ({applies.worker_command()}) or "
+                                  "follow here with --local")
             run_id = start_session(client, conn, mapping, settings.redis_url, spec, "local" if local else "celery",
                                    [n for n in nodes if n])
         finally:
@@ -705,12 +675,7 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         out.write(f"follow session {run_id}: applying changes until Ctrl-C (or SIGTERM); "
                   f"`migrator status {run_id}` shows its lag\n")
         out.flush()
-        if local:
-            apply = local_apply(client, settings.postgres, mapping, run_id)
-        else:
-            from workers.coordinator import apply_on_workers
-
-            apply = apply_on_workers(run_id)
+        apply = applies.applier(mapping, run_id)
         follower = Follower(settings.postgres, run_id, apply,
                             lambda reason: reconcile(client, settings.postgres, mapping, run_id, follower.dirty, reason),
                             jobs=jobs, reconcile_every=reconcile_every)

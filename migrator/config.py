@@ -56,6 +56,14 @@ def endpoint(url: str) -> str:
     return f"{host}:{port}" if port else host
 
 
+def same_redis_db(a: str, b: str) -> bool:
+    """Whether two URLs name the same database of the same Redis server."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    db = lambda p: (p.path or "/0").strip("/") or "0"  # noqa: E731
+    return pa.scheme.startswith("redis") and pb.scheme.startswith("redis") and \
+        (pa.hostname, pa.port or 6379, db(pa)) == (pb.hostname, pb.port or 6379, db(pb))
+
+
 def reason(exc: BaseException) -> str:
     """The first line of an error, passwords and emails masked (hosts left readable)."""
     first = (str(exc).strip().splitlines() or [""])[0]

@@ -1,6 +1,7 @@
 """Figures of a run, computed once from the ledger: keys scanned, rows written, elapsed time and
-keys/s, per priority and for the whole run, and its dead letters grouped by reason. `status` and
-`report` show these and compute none of their own, so the two cannot disagree.
+keys/s, per priority and for the whole run, and the line its dead letters grouped by reason
+(ledger.dead_reasons) make. `status` and `report` show these and compute none of their own, so the
+two cannot disagree.
 
 Elapsed time is the time during which at least one batch was running (the union of the
 batches' [started_at, finished_at]): a run that failed, waited and had batches requeued later
@@ -11,9 +12,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable
 
-from . import ledger, runstate
+from . import runstate
 from .mapping import Priority
-from .redact import redact_text
 
 
 def active_seconds(spans: Iterable[tuple[datetime, datetime]]) -> float:
@@ -76,14 +76,6 @@ def render(figures: dict[str, Any]) -> list[str]:
     wall = f" (wall clock {figures['wall_clock_s']:,.3f} s)" if figures["wall_clock_s"] is not None else ""
     return [f"run: {_line(figures)}{wall}",
             *(f"  {label}: {_line(f)}" for label, f in figures["priorities"].items())]
-
-
-def dead_letters(cur: Any, run_id: str) -> list[dict[str, Any]]:
-    """Per priority and pattern: dead letters and their top reasons (ledger.dead_reasons), PII masked."""
-    groups = ledger.dead_reasons(cur, run_id)
-    for g in groups:
-        g["dead_reasons"] = [{"reason": redact_text(r["reason"]), "count": r["count"]} for r in g["dead_reasons"]]
-    return groups
 
 
 def dead_line(pattern: str, dead: int, reasons: list[dict[str, Any]]) -> str:

@@ -91,10 +91,8 @@ def halt(conn: Any, run_id: str, priority: Priority, what: str) -> None:
 def _still_running(conn: Any, run_id: str, dispatch: int | None = None) -> None:
     with conn, conn.cursor() as cur:
         runstate.hold(cur, run_id)
-        if dispatch is not None:
-            cur.execute("SELECT dispatch FROM migration_runs WHERE id = %s", (run_id,))
-            if cur.fetchone()[0] != dispatch:
-                raise Fenced(f"run {run_id}: these batches were sent again since (resume, requeue)")
+        if dispatch is not None and ledger.dispatch_of(cur, run_id) != dispatch:
+            raise Fenced(f"run {run_id}: these batches were sent again since (resume, requeue)")
 
 
 def _end(conn: Any, run_id: str, to: str, error: str | None = None) -> None:

@@ -23,8 +23,8 @@ from typing import Any, Callable
 import psycopg2
 import structlog
 
-from .ledger import HEARTBEAT_SECONDS, STALE_SECONDS, STALE_SQL, BatchSpec, KeyRange
-from .options import RunOptions
+from . import ledger
+from .ledger import HEARTBEAT_SECONDS, BatchSpec
 from .redact import redact_text
 from .runstate import Fenced, hold
 
@@ -32,17 +32,6 @@ log = structlog.get_logger("migrator.lease")
 
 # Namespace of the per-batch advisory locks (any constant; the batch id is the second key).
 BATCH_LOCK = 0x6D67
-
-CLAIM = f"""
-UPDATE migration_batches b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
-       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL
-FROM migration_runs r
-WHERE b.id = %(id)s AND r.id = b.run_id AND r.status = 'running' AND b.status <> 'done'
-  AND (%(locked)s OR {STALE_SQL})
-RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, b.node, r.options, r.mapping,
-          b.attempts, r.fence
-"""
-
 
 @dataclass(frozen=True)
 class Lease:
@@ -64,20 +53,15 @@ def claim(conn: Any, batch_id: int) -> tuple[BatchSpec, Lease] | None:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s, %s)", (BATCH_LOCK, batch_id))
             locked = cur.fetchone()[0]
-            cur.execute(CLAIM, {"worker": worker_name(), "locked": locked, "stale": STALE_SECONDS, "id": batch_id})
-            row = cur.fetchone()
-            if row is None:
-                cur.execute("SELECT b.status, r.status FROM migration_batches b JOIN migration_runs r ON r.id = b.run_id"
-                            " WHERE b.id = %s", (batch_id,))
-                found = cur.fetchone()
+            claimed = ledger.claim_batch(cur, batch_id, worker_name(), locked)
+            if claimed is None:
+                found = ledger.batch_state(cur, batch_id)
         conn.commit()
-        if row is not None:
-            run_id, priority, index, count, start, end, node, options, mapping, attempt, fence = row
-            spec = BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end), node),
-                             RunOptions.from_json(options), mapping)
+        if claimed is not None:
+            spec, attempt, fence = claimed
             if not locked:
                 _end_lost_session(conn, batch_id)
-            return spec, Lease(batch_id, str(run_id), attempt, fence, locked)
+            return spec, Lease(batch_id, spec.run_id, attempt, fence, locked)
         if locked:
             release(conn, batch_id)
         if found is None:
@@ -122,25 +106,15 @@ def release(conn: Any, batch_id: int) -> None:
 
 def give_back(cur: Any, lease: Lease, reason: str) -> None:
     """A batch stopped before its end (its run was cancelled): pending again, if it is still ours."""
-    cur.execute("UPDATE migration_batches SET status = 'pending', heartbeat_at = NULL, error = %s"
-                " WHERE id = %s AND attempts = %s AND status = 'running'", (reason, lease.batch_id, lease.attempt))
+    ledger.give_back(cur, lease.batch_id, lease.attempt, reason)
 
 
 def still_ours(cur: Any, lease: Lease) -> None:
     """At commit, in the batch's transaction: hold the run's row and check that neither the run
     nor the batch moved on since the claim; raises Fenced otherwise."""
     hold(cur, lease.run_id, lease.fence)
-    cur.execute("SELECT attempts FROM migration_batches WHERE id = %s FOR UPDATE", (lease.batch_id,))
-    row = cur.fetchone()
-    if row is None or row[0] != lease.attempt:
+    if ledger.lock_attempt(cur, lease.batch_id) != lease.attempt:
         raise Fenced(f"batch {lease.batch_id} was taken over by another worker (its heartbeat had stopped)")
-
-
-HEARTBEAT = """
-UPDATE migration_batches b SET heartbeat_at = clock_timestamp() FROM migration_runs r
-WHERE b.id = %s AND b.attempts = %s AND b.status = 'running' AND r.id = b.run_id
-RETURNING r.status, r.fence
-"""
 
 
 class Heartbeat:
@@ -174,8 +148,7 @@ class Heartbeat:
                     conn = self.connect()
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    cur.execute(HEARTBEAT, (self.lease.batch_id, self.lease.attempt))
-                    row = cur.fetchone()
+                    row = ledger.heartbeat(cur, self.lease.batch_id, self.lease.attempt)
             except psycopg2.Error as exc:  # the ledger is unreachable: this batch's commit will tell
                 log.warning("heartbeat_failed", batch=self.lease.batch_id, error=redact_text(str(exc).strip()))
                 conn = _closed(conn)

@@ -1,4 +1,8 @@
-"""The run ledger in PostgreSQL: runs, their planned batches, per-pattern counts, dead letters."""
+"""The run ledger in PostgreSQL, and every query of it: runs and their state, planned batches and
+their leases, per-pattern counts, dead letters, verdicts, the journal exact rollback reads, and
+verifications. Other modules decide; only this one reads or writes the ledger's tables
+(migrator/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql).
+"""
 from __future__ import annotations
 
 import os
@@ -7,10 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import orjson
+import psycopg2
+from psycopg2 import sql
 from psycopg2.extras import execute_values
 
 from .options import RunOptions
 from .partition import KeyRange
+from .redact import redact_text
 
 # The ledger tables a run writes (migrator/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
@@ -65,6 +72,8 @@ class BatchSpec:
     mapping: str
 
 
+# --- runs ------------------------------------------------------------------------------------
+
 def create_run(cur: Any, run_id: str, mapping: str, options: RunOptions, source: str, redis_run_id: str | None,
                mapping_spec: str, mapping_digest: str) -> None:
     cur.execute(
@@ -72,89 +81,6 @@ def create_run(cur: Any, run_id: str, mapping: str, options: RunOptions, source:
         " mapping_spec, mapping_digest) VALUES (%s, 'running', %s, %s, %s, %s, %s, now(), %s, %s)",
         (run_id, mapping, options.dry_run, orjson.dumps(options.to_json()).decode(), source, redis_run_id,
          mapping_spec, mapping_digest),
-    )
-
-
-def plan_batches(cur: Any, run_id: str, priorities: Iterable[str], ranges: list[KeyRange]) -> None:
-    """Record every (priority, range) batch before any of them runs."""
-    execute_values(
-        cur,
-        "INSERT INTO migration_batches (run_id, priority, node, range_index, range_count, range_start, range_end)"
-        " VALUES %s ON CONFLICT (run_id, priority, node, range_index) DO NOTHING",
-        [(run_id, p, r.node, r.index, r.count, r.start, r.end) for p in priorities for r in ranges],
-    )
-
-
-def batch_ids(cur: Any, run_id: str, priority: str, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:
-    cur.execute(
-        "SELECT id FROM migration_batches WHERE run_id = %s AND priority = %s AND status = ANY(%s) ORDER BY node, range_index",
-        (run_id, priority, list(statuses)),
-    )
-    return [r[0] for r in cur.fetchall()]
-
-
-def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
-    """Put batches back to pending for a requeue: the given ones, or every failed or stale one.
-    A batch a live worker is running is left to it."""
-    chosen = (f"b.id = ANY(%(ids)s) AND (b.status <> 'running' OR {STALE_SQL})" if batch_ids
-              else f"(b.status = 'failed' OR {STALE_SQL})")
-    # (a stale batch stays `running`, without a heartbeat: anyone may take it over, though its
-    # lost worker's session may still hold the batch's lock)
-    cur.execute(f"UPDATE migration_batches b SET status = CASE b.status WHEN 'running' THEN 'running' ELSE 'pending' END,"
-                f" error = NULL, heartbeat_at = NULL WHERE b.run_id = %(run)s AND {chosen} RETURNING b.id, b.priority",
-                {"run": run_id, "ids": batch_ids or [], "stale": STALE_SECONDS})
-    return cur.fetchall()
-
-
-def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]]) -> None:
-    """Mark a batch done with its tallies (and examples of its dangling references, per pattern)."""
-    cur.execute(
-        "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
-        " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s, dangling = %s WHERE id = %s",
-        (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
-         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), batch_id),
-    )
-
-
-def stage_seconds(cur: Any, run_id: str) -> dict[str, float]:
-    """Seconds per stage over every done batch of a run (see STAGES)."""
-    cur.execute(
-        "SELECT s.stage, sum((b.timings ->> s.stage)::float8) FROM migration_batches b,"
-        " unnest(%s::text[]) AS s(stage) WHERE b.run_id = %s AND b.status = 'done' GROUP BY s.stage",
-        (list(STAGES), run_id),
-    )
-    found = dict(cur.fetchall())
-    return {stage: round(found.get(stage) or 0.0, 3) for stage in STAGES}
-
-
-def refuse_batch(cur: Any, batch_id: int, error: str) -> None:
-    """A worker that cannot run a batch it was sent (another mapping than the run's) says why,
-    unless the batch is done or another worker runs it."""
-    cur.execute("UPDATE migration_batches SET status = 'failed', error = %s WHERE id = %s AND status IN ('pending', 'failed')",
-                (error, batch_id))
-
-
-def fail_batch(cur: Any, batch_id: int, attempt: int, error: str) -> None:
-    """Record a batch's failure, unless another worker has taken it over since (`attempt`)."""
-    cur.execute(
-        "UPDATE migration_batches SET status = 'failed', finished_at = clock_timestamp(), heartbeat_at = NULL, error = %s"
-        " WHERE id = %s AND attempts = %s",
-        (error, batch_id, attempt),
-    )
-
-
-def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple]) -> None:
-    """letters: (pattern, key bytes, key text, redis type, raw bytes, ttl ms, reason)."""
-    if not letters:
-        return
-    execute_values(
-        cur,
-        "INSERT INTO migration_dead_letters (run_id, batch_id, pattern, redis_key, key_text, redis_type, raw_value, ttl_ms, error)"
-        " VALUES %s ON CONFLICT (run_id, sha256(redis_key)) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
-        " raw_value = EXCLUDED.raw_value, error = EXCLUDED.error, created_at = now()",
-        [(run_id, batch_id, *letter) for letter in letters],
     )
 
 
@@ -204,12 +130,198 @@ def get_run(cur: Any, run_id: str) -> dict[str, Any] | None:
     return dict(zip(keys, row))
 
 
+def run_status(cur: Any, run_id: str) -> str | None:
+    """A run's state (None: no such run)."""
+    cur.execute("SELECT status FROM migration_runs WHERE id = %s", (run_id,))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def lock_run(cur: Any, run_id: str) -> str | None:
+    """A run's state, its row locked until the transaction ends so that no one else moves it
+    meanwhile (None: no such run)."""
+    cur.execute("SELECT status FROM migration_runs WHERE id = %s FOR UPDATE", (run_id,))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def set_run_status(cur: Any, run_id: str, status: str, *, fence_moves: bool, error: str | None, ends: bool) -> None:
+    """Record the state migrator/runstate.py moved a run to: its fence moved on or not; `error`
+    kept (None keeps the one there; `running` clears it); its end stamped when the state `ends`
+    it (`running` clears that too)."""
+    cur.execute(
+        "UPDATE migration_runs SET status = %s, fence = fence + %s,"
+        " error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
+        " finished_at = CASE WHEN %s THEN now() WHEN %s = 'running' THEN NULL ELSE finished_at END WHERE id = %s",
+        (status, int(fence_moves), status, error, ends, status, run_id),
+    )
+
+
+def hold_run(cur: Any, run_id: str) -> tuple[str, int] | None:
+    """A run's state and fence, its row held (FOR SHARE) until the transaction ends: its state
+    cannot change before this transaction's writes commit (None: no such run)."""
+    cur.execute("SELECT status, fence FROM migration_runs WHERE id = %s FOR SHARE", (run_id,))
+    return cur.fetchone()
+
+
+def dispatch_of(cur: Any, run_id: str) -> int:
+    """The number of the latest sending of a run's batches to the workers."""
+    cur.execute("SELECT dispatch FROM migration_runs WHERE id = %s", (run_id,))
+    return cur.fetchone()[0]
+
+
+def next_dispatch(cur: Any, run_id: str) -> int:
+    """Number a new sending of a run's batches to the workers: an earlier chord of the run, still
+    waiting on a batch taken over since, then ends quietly."""
+    cur.execute("UPDATE migration_runs SET dispatch = dispatch + 1 WHERE id = %s RETURNING dispatch", (run_id,))
+    return cur.fetchone()[0]
+
+
 def rescan_priority(cur: Any, run_id: str, priority: str, redis_run_id: str) -> int:
     """The source restarted: every batch of `priority` runs again, on the new server process."""
     cur.execute("UPDATE migration_runs SET redis_run_id = %s WHERE id = %s", (redis_run_id, run_id))
     cur.execute("UPDATE migration_batches SET status = 'pending' WHERE run_id = %s AND priority = %s",
                 (run_id, priority))
     return cur.rowcount
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def plan_batches(cur: Any, run_id: str, priorities: Iterable[str], ranges: list[KeyRange]) -> None:
+    """Record every (priority, range) batch before any of them runs."""
+    execute_values(
+        cur,
+        "INSERT INTO migration_batches (run_id, priority, node, range_index, range_count, range_start, range_end)"
+        " VALUES %s ON CONFLICT (run_id, priority, node, range_index) DO NOTHING",
+        [(run_id, p, r.node, r.index, r.count, r.start, r.end) for p in priorities for r in ranges],
+    )
+
+
+def unfinished_batches(cur: Any, run_id: str, priority: str) -> list[tuple[int, str, int, int]]:
+    """A priority's batches not done yet, in range order: (id, node, range index, range count)."""
+    cur.execute("SELECT id, node, range_index, range_count FROM migration_batches WHERE run_id = %s AND priority = %s"
+                " AND status <> 'done' ORDER BY node, range_index", (run_id, priority))
+    return cur.fetchall()
+
+
+def reopen_batches(cur: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
+    """Put batches back to pending for a requeue: the given ones, or every failed or stale one.
+    A batch a live worker is running is left to it."""
+    chosen = (f"b.id = ANY(%(ids)s) AND (b.status <> 'running' OR {STALE_SQL})" if batch_ids
+              else f"(b.status = 'failed' OR {STALE_SQL})")
+    # (a stale batch stays `running`, without a heartbeat: anyone may take it over, though its
+    # lost worker's session may still hold the batch's lock)
+    cur.execute(f"UPDATE migration_batches b SET status = CASE b.status WHEN 'running' THEN 'running' ELSE 'pending' END,"
+                f" error = NULL, heartbeat_at = NULL WHERE b.run_id = %(run)s AND {chosen} RETURNING b.id, b.priority",
+                {"run": run_id, "ids": batch_ids or [], "stale": STALE_SECONDS})
+    return cur.fetchall()
+
+
+def set_task_ids(cur: Any, tasks: list[tuple[int, str]]) -> None:
+    """The Celery task each batch was last sent as, (batch id, task id): `cancel` revokes them while they wait."""
+    execute_values(cur, "UPDATE migration_batches b SET task_id = v.task FROM (VALUES %s) AS v (id, task)"
+                        " WHERE b.id = v.id", tasks)
+
+
+def queued_tasks(cur: Any, run_id: str) -> list[str]:
+    """The tasks of a run's batches not done yet that were sent to the workers (none for a --local run)."""
+    cur.execute("SELECT task_id FROM migration_batches WHERE run_id = %s AND status <> 'done' AND task_id IS NOT NULL",
+                (run_id,))
+    return [row[0] for row in cur.fetchall()]
+
+
+CLAIM = f"""
+UPDATE migration_batches b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
+       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL
+FROM migration_runs r
+WHERE b.id = %(id)s AND r.id = b.run_id AND r.status = 'running' AND b.status <> 'done'
+  AND (%(locked)s OR {STALE_SQL})
+RETURNING b.run_id, b.priority, b.range_index, b.range_count, b.range_start, b.range_end, b.node, r.options, r.mapping,
+          b.attempts, r.fence
+"""
+
+
+def claim_batch(cur: Any, batch_id: int, worker: str, locked: bool) -> tuple[BatchSpec, int, int] | None:
+    """Mark a batch running for `worker` when it may be taken (migrator/lease.py): its run is
+    running, it is not done, and this session holds its lock (`locked`) or it is stale. Its spec,
+    its attempt number and its run's fence; None when it may not be taken."""
+    cur.execute(CLAIM, {"worker": worker, "locked": locked, "stale": STALE_SECONDS, "id": batch_id})
+    row = cur.fetchone()
+    if row is None:
+        return None
+    run_id, priority, index, count, start, end, node, options, mapping, attempt, fence = row
+    spec = BatchSpec(batch_id, str(run_id), priority, KeyRange(index, count, int(start), int(end), node),
+                     RunOptions.from_json(options), mapping)
+    return spec, attempt, fence
+
+
+def batch_state(cur: Any, batch_id: int) -> tuple[str, str] | None:
+    """A batch's status and its run's (None: no such batch)."""
+    cur.execute("SELECT b.status, r.status FROM migration_batches b JOIN migration_runs r ON r.id = b.run_id"
+                " WHERE b.id = %s", (batch_id,))
+    return cur.fetchone()
+
+
+def lock_attempt(cur: Any, batch_id: int) -> int | None:
+    """A batch's attempt number, its row locked until the transaction ends (None: no such batch)."""
+    cur.execute("SELECT attempts FROM migration_batches WHERE id = %s FOR UPDATE", (batch_id,))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+HEARTBEAT = """
+UPDATE migration_batches b SET heartbeat_at = clock_timestamp() FROM migration_runs r
+WHERE b.id = %s AND b.attempts = %s AND b.status = 'running' AND r.id = b.run_id
+RETURNING r.status, r.fence
+"""
+
+
+def heartbeat(cur: Any, batch_id: int, attempt: int) -> tuple[str, int] | None:
+    """A running batch's attempt says it is alive: its run's state and fence, or None when the
+    batch is no longer that attempt's (another worker took it over)."""
+    cur.execute(HEARTBEAT, (batch_id, attempt))
+    return cur.fetchone()
+
+
+def give_back(cur: Any, batch_id: int, attempt: int, reason: str) -> None:
+    """A batch stopped before its end: pending again, if `attempt` still runs it."""
+    cur.execute("UPDATE migration_batches SET status = 'pending', heartbeat_at = NULL, error = %s"
+                " WHERE id = %s AND attempts = %s AND status = 'running'", (reason, batch_id, attempt))
+
+
+def live_batches(cur: Any, run_id: str) -> int:
+    """A run's batches running with a heartbeat that has not stopped."""
+    cur.execute(f"SELECT count(*) FROM migration_batches b WHERE b.run_id = %(run)s AND b.status = 'running'"
+                f" AND NOT {STALE_SQL}", {"run": run_id, "stale": STALE_SECONDS})
+    return cur.fetchone()[0]
+
+
+def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
+                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]]) -> None:
+    """Mark a batch done with its tallies (and examples of its dangling references, per pattern)."""
+    cur.execute(
+        "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
+        " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
+        " timings = %s, dangling = %s WHERE id = %s",
+        (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
+         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), batch_id),
+    )
+
+
+def refuse_batch(cur: Any, batch_id: int, error: str) -> None:
+    """A worker that cannot run a batch it was sent (another mapping than the run's) says why,
+    unless the batch is done or another worker runs it."""
+    cur.execute("UPDATE migration_batches SET status = 'failed', error = %s WHERE id = %s AND status IN ('pending', 'failed')",
+                (error, batch_id))
+
+
+def fail_batch(cur: Any, batch_id: int, attempt: int, error: str) -> None:
+    """Record a batch's failure, unless another worker has taken it over since (`attempt`)."""
+    cur.execute(
+        "UPDATE migration_batches SET status = 'failed', finished_at = clock_timestamp(), heartbeat_at = NULL, error = %s"
+        " WHERE id = %s AND attempts = %s",
+        (error, batch_id, attempt),
+    )
 
 
 def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
@@ -233,33 +345,23 @@ def batches(cur: Any, run_id: str) -> list[dict[str, Any]]:
     return rows
 
 
+def stage_seconds(cur: Any, run_id: str) -> dict[str, float]:
+    """Seconds per stage over every done batch of a run (see STAGES)."""
+    cur.execute(
+        "SELECT s.stage, sum((b.timings ->> s.stage)::float8) FROM migration_batches b,"
+        " unnest(%s::text[]) AS s(stage) WHERE b.run_id = %s AND b.status = 'done' GROUP BY s.stage",
+        (list(STAGES), run_id),
+    )
+    found = dict(cur.fetchall())
+    return {stage: round(found.get(stage) or 0.0, 3) for stage in STAGES}
+
+
 def dangling_examples(batches: list[dict[str, Any]], pattern: str, limit: int = 5) -> list[dict[str, Any]]:
     """A few of a pattern's dangling references, over batches (ledger.batches rows)."""
     found: list[dict[str, Any]] = []
     for batch in batches:
         found += (batch.get("dangling") or {}).get(pattern, [])
     return found[:limit]
-
-
-def latest_verdicts(cur: Any, run_id: str) -> dict[str, bool]:
-    """Per priority, whether its latest validation passed (priorities never validated are absent)."""
-    cur.execute("SELECT DISTINCT ON (priority) priority, ok FROM migration_validations WHERE run_id = %s"
-                " ORDER BY priority, created_at DESC", (run_id,))
-    return dict(cur.fetchall())
-
-
-def latest_checks(cur: Any, run_id: str, priority: str) -> list[dict[str, Any]]:
-    """The checks of a priority's latest validation ([] when it has none)."""
-    cur.execute("SELECT checks FROM migration_validations WHERE run_id = %s AND priority = %s"
-                " ORDER BY created_at DESC LIMIT 1", (run_id, priority))
-    row = cur.fetchone()
-    return row[0] if row else []
-
-
-def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:
-    """The first priority (in run order) whose latest validation is missing or failed."""
-    verdicts = latest_verdicts(cur, run_id)
-    return next((p for p in order if not verdicts.get(p)), None)
 
 
 def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -273,7 +375,130 @@ def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return totals
 
 
-# --- verifications (migrator/verify.py) ----------------------------------------------------
+# --- dead letters ----------------------------------------------------------------------------
+
+def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple]) -> None:
+    """letters: (pattern, key bytes, key text, redis type, raw bytes, ttl ms, reason)."""
+    if not letters:
+        return
+    execute_values(
+        cur,
+        "INSERT INTO migration_dead_letters (run_id, batch_id, pattern, redis_key, key_text, redis_type, raw_value, ttl_ms, error)"
+        " VALUES %s ON CONFLICT (run_id, sha256(redis_key)) DO UPDATE SET batch_id = EXCLUDED.batch_id,"
+        " raw_value = EXCLUDED.raw_value, error = EXCLUDED.error, created_at = now()",
+        [(run_id, batch_id, *letter) for letter in letters],
+    )
+
+
+def dead_keys(cur: Any, run_id: str, keys: list[bytes]) -> set[bytes]:
+    """Those of `keys` the run made dead letters."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
+                (run_id, [psycopg2.Binary(key) for key in keys]))
+    return {bytes(row[0]) for row in cur.fetchall()}
+
+
+# A dead letter's reason, normalised so that reasons differing only by the key's data group
+# together: row images and key values in PostgreSQL's detail, quoted values and numbers (hex,
+# with thousands separators; not the digit of a name such as UTF-8) become placeholders.
+# PostgreSQL double-quotes names, worth keeping, and values after a colon; Python does when the
+# value holds an apostrophe. Applied in this order.
+REASON_FORM = (
+    (r"\(Failing row contains .*\)$", "(Failing row contains (…))"),
+    (r"\)=\(.*\) (already exists|is not present|conflicts)", r")=(…) \1"),
+    (': "[^"]*"', ': "…"'),
+    ("\"[^\"]*'[^\"]*\"", '"…"'),
+    (r"'[^']*'", "'…'"),
+    (r"(?<![[:alpha:]]-)\m(0x[[:xdigit:]]+|[[:digit:]]+([.,][[:digit:]]+)*)\M", "N"),
+)
+
+
+def dead_reasons(cur: Any, run_id: str, top: int = 3) -> list[dict[str, Any]]:
+    """Per priority and pattern: the dead letters and their `top` most frequent normalised reasons,
+    most dead first. Grouped as stored, then masked (emails, IP addresses): what `status`, `report`
+    and the dead-letter check show."""
+    form = "d.error"
+    for _ in REASON_FORM:
+        form = f"regexp_replace({form}, %s, %s, 'g')"
+    cur.execute(
+        f"WITH letters AS (SELECT b.priority, d.pattern, {form} AS reason FROM migration_dead_letters d"
+        "   LEFT JOIN migration_batches b ON b.id = d.batch_id WHERE d.run_id = %s),"
+        " grouped AS (SELECT priority, pattern, reason, count(*) AS n,"
+        "   sum(count(*)) OVER (PARTITION BY priority, pattern) AS dead,"
+        "   row_number() OVER (PARTITION BY priority, pattern ORDER BY count(*) DESC, reason) AS rank"
+        "   FROM letters GROUP BY priority, pattern, reason)"
+        " SELECT priority, pattern, dead, reason, n FROM grouped WHERE rank <= %s"
+        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), dead DESC, pattern, rank",
+        (*(arg for rule in REASON_FORM for arg in rule), run_id, top),
+    )
+    out: list[dict[str, Any]] = []
+    for priority, pattern, dead, reason, n in cur.fetchall():
+        if not out or (out[-1]["priority"], out[-1]["pattern"]) != (priority, pattern):
+            out.append({"priority": priority, "pattern": pattern, "dead": int(dead), "dead_reasons": []})
+        out[-1]["dead_reasons"].append({"reason": redact_text(reason), "count": n})
+    return out
+
+
+# --- verdicts --------------------------------------------------------------------------------
+
+def record_validation(cur: Any, run_id: str, label: str, ok: bool, checks: list[dict[str, Any]]) -> None:
+    """Keep a verdict: of a priority, or of the run as a whole (label "run"), with its checks."""
+    cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
+                (run_id, label, ok, orjson.dumps(checks).decode()))
+
+
+def latest_validations(cur: Any, run_id: str) -> dict[str, tuple[bool, list[dict[str, Any]]]]:
+    """Per priority (and "run"), its latest verdict: whether it passed, and its checks (one never
+    validated is absent)."""
+    cur.execute("SELECT DISTINCT ON (priority) priority, ok, checks FROM migration_validations WHERE run_id = %s"
+                " ORDER BY priority, created_at DESC", (run_id,))
+    return {label: (ok, checks) for label, ok, checks in cur.fetchall()}
+
+
+def latest_verdicts(cur: Any, run_id: str) -> dict[str, bool]:
+    """Per priority, whether its latest validation passed (priorities never validated are absent)."""
+    return {label: ok for label, (ok, _) in latest_validations(cur, run_id).items()}
+
+
+def first_unvalidated(cur: Any, run_id: str, order: list[str]) -> str | None:
+    """The first priority (in run order) whose latest validation is missing or failed."""
+    verdicts = latest_verdicts(cur, run_id)
+    return next((p for p in order if not verdicts.get(p)), None)
+
+
+# --- the journal: prior images of the rows a run changed (exact rollback, migrator/rollback.py) -
+
+DELETE_INSERTED = sql.SQL(
+    "DELETE FROM {t} WHERE migration_run = %(run)s AND NOT EXISTS"
+    " (SELECT 1 FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s AND j.row_id = {t}.id)"
+)
+DELETE_CHANGED = sql.SQL(
+    "DELETE FROM {t} USING migration_journal j"
+    " WHERE j.run_id = %(run)s AND j.table_name = %(name)s AND j.row_id = {t}.id"
+)
+RESTORE_CHANGED = sql.SQL(
+    "INSERT INTO {t} SELECT (jsonb_populate_record(NULL::{t}, j.old_row)).*"
+    " FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s"
+)
+
+
+def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
+    """Put one table back as it was before a run: the rows it inserted deleted, the rows it changed
+    given their journaled prior image again. (rows deleted, rows restored)"""
+    params = {"run": run_id, "name": table}
+    t = sql.Identifier(table)
+    cur.execute(DELETE_INSERTED.format(t=t), params)
+    deleted = cur.rowcount
+    cur.execute(DELETE_CHANGED.format(t=t), params)
+    cur.execute(RESTORE_CHANGED.format(t=t), params)
+    return deleted, cur.rowcount
+
+
+def forget_journal(cur: Any, run_id: str) -> None:
+    """A run's prior images, once it is undone."""
+    cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))
+
+
+# --- verifications (migrator/verify.py) ------------------------------------------------------
 
 @dataclass(frozen=True)
 class VerifySpec:
@@ -311,10 +536,11 @@ def verification_reader(cur: Any) -> str | None:
     return None if may_write else role
 
 
-def verify_range_ids(cur: Any, verification_id: int, statuses: tuple[str, ...] = ("pending", "failed", "running")) -> list[int]:
-    cur.execute("SELECT id FROM migration_verify_ranges WHERE verification_id = %s AND status = ANY(%s)"
-                " ORDER BY node, range_index", (verification_id, list(statuses)))
-    return [r[0] for r in cur.fetchall()]
+def unfinished_ranges(cur: Any, verification_id: int) -> list[tuple[int, str, int, int]]:
+    """A verification's ranges not done yet, in range order: (id, node, range index, range count)."""
+    cur.execute("SELECT id, node, range_index, range_count FROM migration_verify_ranges WHERE verification_id = %s"
+                " AND status <> 'done' ORDER BY node, range_index", (verification_id,))
+    return cur.fetchall()
 
 
 def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
@@ -382,46 +608,6 @@ def end_verification(cur: Any, verification_id: int, result: dict[str, Any] | No
     cur.execute("UPDATE migration_verifications SET status = %s, finished_at = clock_timestamp(), result = %s, error = %s"
                 " WHERE id = %s", ("failed" if error else "done", None if result is None else orjson.dumps(result).decode(),
                                    error, verification_id))
-
-
-# A dead letter's reason, normalised so that reasons differing only by the key's data group
-# together: row images and key values in PostgreSQL's detail, quoted values and numbers (hex,
-# with thousands separators; not the digit of a name such as UTF-8) become placeholders.
-# PostgreSQL double-quotes names, worth keeping, and values after a colon; Python does when the
-# value holds an apostrophe. Applied in this order.
-REASON_FORM = (
-    (r"\(Failing row contains .*\)$", "(Failing row contains (…))"),
-    (r"\)=\(.*\) (already exists|is not present|conflicts)", r")=(…) \1"),
-    (': "[^"]*"', ': "…"'),
-    ("\"[^\"]*'[^\"]*\"", '"…"'),
-    (r"'[^']*'", "'…'"),
-    (r"(?<![[:alpha:]]-)\m(0x[[:xdigit:]]+|[[:digit:]]+([.,][[:digit:]]+)*)\M", "N"),
-)
-
-
-def dead_reasons(cur: Any, run_id: str, top: int = 3) -> list[dict[str, Any]]:
-    """Per priority and pattern: the dead letters and their `top` most frequent normalised reasons
-    (as stored: unmasked), most dead first."""
-    form = "d.error"
-    for _ in REASON_FORM:
-        form = f"regexp_replace({form}, %s, %s, 'g')"
-    cur.execute(
-        f"WITH letters AS (SELECT b.priority, d.pattern, {form} AS reason FROM migration_dead_letters d"
-        "   LEFT JOIN migration_batches b ON b.id = d.batch_id WHERE d.run_id = %s),"
-        " grouped AS (SELECT priority, pattern, reason, count(*) AS n,"
-        "   sum(count(*)) OVER (PARTITION BY priority, pattern) AS dead,"
-        "   row_number() OVER (PARTITION BY priority, pattern ORDER BY count(*) DESC, reason) AS rank"
-        "   FROM letters GROUP BY priority, pattern, reason)"
-        " SELECT priority, pattern, dead, reason, n FROM grouped WHERE rank <= %s"
-        " ORDER BY array_position(ARRAY['critical','high','medium','low'], priority), dead DESC, pattern, rank",
-        (*(arg for rule in REASON_FORM for arg in rule), run_id, top),
-    )
-    out: list[dict[str, Any]] = []
-    for priority, pattern, dead, reason, n in cur.fetchall():
-        if not out or (out[-1]["priority"], out[-1]["pattern"]) != (priority, pattern):
-            out.append({"priority": priority, "pattern": pattern, "dead": int(dead), "dead_reasons": []})
-        out[-1]["dead_reasons"].append({"reason": reason, "count": n})
-    return out
 
 
 def verification_progress(cur: Any, run_id: str) -> dict[str, dict[str, Any]]:

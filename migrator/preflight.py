@@ -14,12 +14,9 @@ from typing import Any, Callable, Literal, Mapping as EnvMapping, Sequence
 import psycopg2
 import redis
 
-from celeryconfig import PRIORITY_QUEUES
-from workers.celery import app
-from workers.coordinator import same_redis_db, worker_command
-
-from . import ledger, notifications, registry
-from .config import DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason
+from . import executor, ledger, notifications, registry
+from .config import (DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, ConfigError, Settings, reason,
+                     same_redis_db)
 from .mapping import REDISJSON, Mapping
 from .redact import redact_url
 from .schema import require_schema, schema_versions
@@ -49,6 +46,7 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     result-backend probes; Redis and PostgreSQL use Settings' own connect timeouts, as a run does.
     `mapping`: the one whose tables are checked (default: registry.load's)."""
     mapping = mapping or registry.load()
+    workers = executor.load("celery", settings)  # what a run without --local sends its batches to
     results = [_guarded("env", lambda: check_env(settings, os.environ)),
                _guarded("redis", lambda: check_redis(settings))]
     results.append(_guarded("keyspace events", lambda: check_keyspace_events(settings)))
@@ -59,9 +57,9 @@ def run_checks(settings: Settings, *, need_workers: bool = True, timeout: float 
     results.append(broker)
     if need_workers:
         results.append(_skipped("workers", broker, "warn") if broker.verdict == "fail"
-                       else _guarded("workers", lambda: check_workers(settings.broker_url, timeout)))
+                       else _guarded("workers", lambda: check_workers(workers, timeout)))
     results.append(_guarded("result backend",
-                            lambda: check_result_backend(settings.redis_url, str(app.conf.result_backend), timeout)))
+                            lambda: check_result_backend(settings.redis_url, workers.result_backend, timeout)))
     return results
 
 
@@ -305,15 +303,15 @@ def check_broker(settings: Settings, timeout: float) -> CheckResult:
     return CheckResult("broker", "ok", f"{redact_url(settings.broker_url)}: connected{f' ({product})' if product else ''}")
 
 
-def check_workers(broker_url: str, timeout: float) -> CheckResult:
-    with app.connection_for_write(broker_url) as conn:
-        replies = app.control.inspect(timeout=timeout, connection=conn).active_queues() or {}
-    return judge_workers(replies, list(PRIORITY_QUEUES.values()), timeout)
+def check_workers(workers: executor.Executor, timeout: float) -> CheckResult:
+    return judge_workers(workers.consumers(timeout), list(workers.queues), timeout, workers.worker_command)
 
 
-def judge_workers(replies: dict[str, list[dict[str, Any]]], queues: list[str], timeout: float) -> CheckResult:
-    """`replies` is inspect().active_queues(): worker name -> the queues it consumes."""
-    consumers = {q: sum(any(c.get("name") == q for c in consumed) for consumed in replies.values()) for q in queues}
+def judge_workers(replies: dict[str, list[str]], queues: list[str], timeout: float,
+                  worker_command: Callable[[list[str]], str]) -> CheckResult:
+    """`replies`: each worker that answered and the queues it consumes; `worker_command`: how to
+    start one for some queues."""
+    consumers = {q: sum(q in consumed for consumed in replies.values()) for q in queues}
     idle = [q for q in queues if not consumers[q]]
     detail = ", ".join(f"{q}: {n} worker{'' if n == 1 else 's'}" for q, n in consumers.items())
     if not replies:

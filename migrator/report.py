@@ -24,7 +24,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         verdicts = ledger.latest_verdicts(cur, run_id)
         stages = ledger.stage_seconds(cur, run_id)
         figures = figures_mod.run_figures(cur, run, batches)
-        reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in figures_mod.dead_letters(cur, run_id)}
+        reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in ledger.dead_reasons(cur, run_id)}
     totals = ledger.pattern_totals(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []

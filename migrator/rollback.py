@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from psycopg2 import sql
 
-from . import runstate
+from . import ledger, runstate
 from .errors import transient
 from .mapping import Mapping
 from .redact import redact_text
@@ -19,20 +18,6 @@ from .schema import journal_refusal, missing_journals, written_tables
 from .writer import describe
 
 log = structlog.get_logger("migrator.rollback")
-
-DELETE_INSERTED = sql.SQL(
-    "DELETE FROM {t} WHERE migration_run = %(run)s AND NOT EXISTS"
-    " (SELECT 1 FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s AND j.row_id = {t}.id)"
-)
-DELETE_CHANGED = sql.SQL(
-    "DELETE FROM {t} USING migration_journal j"
-    " WHERE j.run_id = %(run)s AND j.table_name = %(name)s AND j.row_id = {t}.id"
-)
-RESTORE_CHANGED = sql.SQL(
-    "INSERT INTO {t} SELECT (jsonb_populate_record(NULL::{t}, j.old_row)).*"
-    " FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s"
-)
-
 
 def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str, int]]:
     """Undo one run in one transaction; returns per table the rows deleted and restored.
@@ -50,14 +35,9 @@ def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str
                 raise Unjournaled(journal_refusal(mapping, missing))
             cur.execute("SELECT set_config('migrator.run_id', '', true)")  # the undo itself is not journaled
             for table in mapping.table_names():
-                params = {"run": run_id, "name": table}
-                t = sql.Identifier(table)
-                cur.execute(DELETE_INSERTED.format(t=t), params)
-                deleted = cur.rowcount
-                cur.execute(DELETE_CHANGED.format(t=t), params)
-                cur.execute(RESTORE_CHANGED.format(t=t), params)
-                summary[table] = {"deleted": deleted, "restored": cur.rowcount}
-            cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))
+                deleted, restored = ledger.undo_table(cur, run_id, table)
+                summary[table] = {"deleted": deleted, "restored": restored}
+            ledger.forget_journal(cur, run_id)
             runstate.transition(cur, run_id, "rolled_back")
     except (runstate.NotNow, LookupError):
         raise
@@ -66,7 +46,7 @@ def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str
             raise  # (nothing of it applied: run it again)
         why = f"the rollback failed: {redact_text(describe(exc))}; fix that, then run `migrator rollback {run_id}` again"
         with conn, conn.cursor() as cur:
-            if runstate.status_of(cur, run_id) != "rolling_back":
+            if ledger.run_status(cur, run_id) != "rolling_back":
                 runstate.transition(cur, run_id, "rolling_back")
             runstate.transition(cur, run_id, "rollback_failed", why)
         log.error("rollback_failed", run=run_id, error=why)

@@ -1,8 +1,9 @@
-"""Planning a run and executing it without Celery (`migrator run --local`).
+"""Planning a run, putting its batches back (requeue) and finding where it carries on, whatever
+executes it; and executing it here, without Celery (`migrator run --local`).
 
-The Celery coordinator plans the same way and sends the same batches to workers; here they
-run through the same `migrate_batch`, `verify_range` and `judge_priority`, a few at once in lane processes
-forked from this one (`--jobs`).
+The Celery executor sends the same batches to workers; here they run through the same
+`migrate_batch`, `verify_range` and `judge_priority`, a few at once in lane processes forked from
+this one (`--jobs`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .partition import plan_ranges
 from .redact import redact_text, redact_url
 from .runstate import Fenced
 from .source import redisjson_refusal
+from .validate import Check
 from .writer import describe
 
 log = structlog.get_logger("migrator.runner")
@@ -83,6 +85,21 @@ def resume_point(conn: Any, run_id: str) -> tuple[RunOptions, Priority | None]:
     return opts, Priority.parse(label)
 
 
+# What a priority whose batches were put back must do before the run can complete.
+REQUEUED = Check("requeued", False, "batches requeued by hand")
+
+
+def requeue(conn: Any, run_id: str, batch_ids: list[int] | None = None) -> list[tuple[int, str]]:
+    """Put batches back to pending (the given ones, or every failed or stale one), each of their
+    priorities to validate again, in one transaction; (batch id, priority) of each. `resume_point`
+    then says where the run carries on."""
+    with conn, conn.cursor() as cur:
+        reopened = ledger.reopen_batches(cur, run_id, batch_ids)
+        for priority in sorted({p for _, p in reopened}):
+            ledger.record_validation(cur, run_id, priority, False, [REQUEUED.to_json()])
+    return reopened
+
+
 def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
                   opts: RunOptions, start: Priority | None = None, jobs: int = 1) -> str:
     """Run every planned batch not yet done, priority by priority from `start` (default: the
@@ -105,7 +122,7 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
         try:
             while priority is not None:
                 with conn, conn.cursor() as cur:
-                    ids = ledger.batch_ids(cur, run_id, priority.label)
+                    ids = [batch for batch, *_ in ledger.unfinished_batches(cur, run_id, priority.label)]
                 conn = _run_all(lanes, client, conn, connect, mapping, "batch", ids, opts.continue_on_error)
                 verification = begin_verification(client, conn, mapping, run_id, priority, opts)
                 if verification is None:
@@ -144,7 +161,7 @@ def verify_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mappi
 def _verify_all(lanes: "Lanes | None", client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,
                 verification_id: int) -> Any:
     with conn, conn.cursor() as cur:
-        ids = ledger.verify_range_ids(cur, verification_id)
+        ids = [unit for unit, *_ in ledger.unfinished_ranges(cur, verification_id)]
     return _run_all(lanes, client, conn, connect, mapping, "verify", ids, keep_going=True)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import ledger
 from .config import ConfigError
 
 # States a run stays in until someone acts (resume, requeue, rollback).
@@ -52,20 +53,13 @@ def transition(cur: Any, run_id: str, to: str, error: str | None = None) -> str:
     Raises NotNow when the state machine does not allow it. `error` is kept (None keeps the
     one there; entering `running` clears it).
     """
-    cur.execute("SELECT status FROM migration_runs WHERE id = %s FOR UPDATE", (run_id,))
-    row = cur.fetchone()
-    if row is None:
+    now = ledger.lock_run(cur, run_id)
+    if now is None:
         raise LookupError(f"no run {run_id} in the ledger; is DATABASE_URL the run's database?")
-    now = row[0]
     if to not in TRANSITIONS[now]:
         raise NotNow(f"run {run_id} is {now}: it cannot become {to}")
-    fenced = (now == "running") != (to == "running")
-    cur.execute(
-        "UPDATE migration_runs SET status = %s, fence = fence + %s,"
-        " error = CASE WHEN %s = 'running' THEN NULL ELSE COALESCE(%s, error) END,"
-        " finished_at = CASE WHEN %s THEN now() WHEN %s = 'running' THEN NULL ELSE finished_at END WHERE id = %s",
-        (to, int(fenced), to, error, to in TERMINAL, to, run_id),
-    )
+    ledger.set_run_status(cur, run_id, to, fence_moves=(now == "running") != (to == "running"), error=error,
+                          ends=to in TERMINAL)
     return now
 
 
@@ -73,8 +67,7 @@ def hold(cur: Any, run_id: str, fence: int | None = None) -> int:
     """Hold the run's row until the transaction ends, so its state cannot change before this
     transaction's writes commit; raises Fenced unless it is running (under `fence`, if given).
     Returns the fence."""
-    cur.execute("SELECT status, fence FROM migration_runs WHERE id = %s FOR SHARE", (run_id,))
-    row = cur.fetchone()
+    row = ledger.hold_run(cur, run_id)
     if row is None:
         raise Fenced(f"run {run_id} is no longer in the ledger")
     status, now = row
@@ -83,9 +76,3 @@ def hold(cur: Any, run_id: str, fence: int | None = None) -> int:
     if fence is not None and now != fence:
         raise Fenced(f"run {run_id} was stopped and resumed since this work began")
     return now
-
-
-def status_of(cur: Any, run_id: str) -> str | None:
-    cur.execute("SELECT status FROM migration_runs WHERE id = %s", (run_id,))
-    row = cur.fetchone()
-    return row[0] if row else None

@@ -16,7 +16,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         batches = ledger.batches(cur, run_id)
         validated = ledger.latest_verdicts(cur, run_id)
         figures = figures_mod.run_figures(cur, run, batches)
-        dead = figures_mod.dead_letters(cur, run_id)
+        dead = ledger.dead_reasons(cur, run_id)
         verifying = ledger.verification_progress(cur, run_id)
         stuck = finalize_failures(cur, run_id)
         following = follow.progress(cur, run_id)
@@ -87,9 +87,8 @@ def render(progress: dict[str, Any]) -> str:
 def finalize_failures(cur: Any, run_id: str) -> list[dict[str, Any]]:
     """Priorities whose latest validation is a failed finalize step (not a batch), with its error
     and the command that runs it again."""
-    cur.execute("SELECT DISTINCT ON (priority) priority, checks FROM migration_validations WHERE run_id = %s"
-                " ORDER BY priority, created_at DESC", (run_id,))
-    return [{"priority": priority, "detail": check["detail"]} for priority, checks in cur.fetchall()
+    return [{"priority": priority, "detail": check["detail"]}
+            for priority, (_, checks) in ledger.latest_validations(cur, run_id).items()
             for check in checks if check["name"] == "finalize" and not check["ok"]]
 
 

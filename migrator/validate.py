@@ -18,11 +18,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import orjson
 from psycopg2 import sql
 
 from . import ledger
-from .figures import dead_letters
 from .mapping import Mapping, Priority
 from .options import RunOptions
 from .redact import redact_text
@@ -45,8 +43,7 @@ def record(conn: Any, run_id: str, label: str, checks: list[Check]) -> bool:
     """Keep a verdict in the ledger; whether it passed."""
     ok = all(c.ok for c in checks)
     with conn, conn.cursor() as cur:
-        cur.execute("INSERT INTO migration_validations (run_id, priority, ok, checks) VALUES (%s, %s, %s, %s)",
-                    (run_id, label, ok, orjson.dumps([c.to_json() for c in checks]).decode()))
+        ledger.record_validation(cur, run_id, label, ok, [c.to_json() for c in checks])
     return ok
 
 
@@ -160,7 +157,7 @@ def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority
     with conn, conn.cursor() as cur:
         batches = [b for b in ledger.batches(cur, run_id) if b["priority"] == priority.label]
         reasons = {g["pattern"]: [(r["reason"], r["count"]) for r in g["dead_reasons"]]
-                   for g in dead_letters(cur, run_id) if g["priority"] == priority.label}
+                   for g in ledger.dead_reasons(cur, run_id) if g["priority"] == priority.label}
     totals = ledger.pattern_totals(batches)
     failed = [b["id"] for b in batches if b["status"] != "done"]
     checks = [Check("batches_done", not failed,

@@ -169,9 +169,7 @@ class RangeVerifier:
             self.cap.acquire(len(chunk))
         reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
         now = datetime.now(timezone.utc)
-        self.cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
-                         (self.run_id, [psycopg2.Binary(key) for key, _, _, _ in chunk]))
-        dead = {bytes(row[0]) for row in self.cur.fetchall()}
+        dead = ledger.dead_keys(self.cur, self.run_id, [key for key, _, _, _ in chunk])
         expected = []
         for (key, text, pattern, fields), read in zip(chunk, reads):
             if key in dead:
@@ -411,11 +409,17 @@ def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: in
         found = ledger.get_verification(cur, verification_id)
         ranges = ledger.verify_ranges(cur, verification_id)
     if found["status"] != "running":
-        return found["result"] or {"verification_id": verification_id, "verdict": "incomplete", "error": found["error"]}
+        return kept_result(found)
     result = conclude(client, conn, mapping, found, ranges)
     with conn, conn.cursor() as cur:
         ledger.end_verification(cur, verification_id, result, result["error"])
     return result
+
+
+def kept_result(found: dict[str, Any]) -> dict[str, Any]:
+    """The result the ledger keeps of a verification that has ended (ledger.get_verification); one
+    that could not end has none: incomplete, with its error."""
+    return found["result"] or {"verification_id": found["id"], "verdict": "incomplete", "error": found["error"]}
 
 
 def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, Any],

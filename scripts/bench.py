@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from migrator.apps.threadr.demo import GIANT_THREAD_BYTES, WIDE_MEMBERS, seed_demo, seed_hostile, write_large_thread, write_large_timeseries  # noqa: E402
+from migrator import ledger  # noqa: E402
 from migrator.log import configure  # noqa: E402
 from migrator.source import CHUNK_READ_MEMBERS  # noqa: E402
 from migrator.partition import plan_ranges  # noqa: E402
@@ -237,10 +238,9 @@ def mode_verify(args: argparse.Namespace, run_id: str) -> dict:
         raise SystemExit(f"bench: migrator verify {run_id} found {result['verdict']}: {result.get('error')}")
     conn = psycopg2.connect(args.database_url)
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT extract(epoch FROM finished_at - created_at) FROM migration_verifications WHERE id = %s",
-                    (result["verification_id"],))
-        seconds = float(cur.fetchone()[0])
+        found = ledger.get_verification(cur, result["verification_id"])
     conn.close()
+    seconds = (found["finished_at"] - found["created_at"]).total_seconds()
     return {"keys": result["totals"]["keys"], "seconds": seconds, "peak_rss_mb": peak}
 
 

@@ -17,6 +17,7 @@ from psycopg2 import sql
 from migrator import ledger
 from migrator.runstate import TERMINAL
 from migrator.config import Settings
+from migrator.executor import load
 from migrator.mapping import Mapping, Pattern, Priority, Row, SourceRecord
 from migrator.merge import TableRule
 from migrator.options import RunOptions
@@ -47,6 +48,14 @@ def migrate(settings: Settings, jobs: int = 1, mapping: Mapping = THREADR, **opt
             conn.close()
     finally:
         client.close()
+
+
+def start_on_workers(settings: Settings, client: Any, conn: Any, mapping: Mapping, opts: RunOptions) -> str:
+    """`migrator run` without its watching: the run planned, and its first priority sent to the
+    workers (on the broker this session's Celery app is configured with)."""
+    run_id = plan_run(client, conn, mapping, opts, settings.redis_url)
+    load("celery", settings).carry_on(mapping, run_id, opts, opts.priority_order()[0])
+    return run_id
 
 
 def validate(settings: Settings, run_id: str, priorities: list | None = None) -> dict[str, Any]:

@@ -23,17 +23,15 @@ from migrator.report import build_report
 from migrator.status import run_progress
 from migrator.apps.threadr import THREADR
 
-from helpers import ROOT, Flower, by_pattern, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Flower, by_pattern, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env
 
 
 
 def run_distributed(settings, timeout: float = 240, **options) -> dict:
-    from workers.coordinator import start_run
-
     opts = RunOptions(**options)
     client, conn = settings.redis(), settings.postgres()
     try:
-        run_id = start_run(settings, client, conn, THREADR, opts)
+        run_id = start_on_workers(settings, client, conn, THREADR, opts)
         wait_for_end(conn, run_id, timeout)
         return build_report(conn, THREADR, run_id)
     finally:
@@ -153,10 +151,8 @@ def test_worker_killed_mid_batch_ends_with_the_same_tables_as_an_undisturbed_run
     pg.commit()
 
     workers.kill("w2")  # one worker takes the batch, and is killed while it runs
-    from workers.coordinator import start_run
-
     client = settings.redis()
-    run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=2, batch_size=50, priorities=("high",)))
+    run_id = start_on_workers(settings, client, pg, THREADR, RunOptions(ranges=2, batch_size=50, priorities=("high",)))
     client.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -312,13 +308,11 @@ def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_updat
 
 def test_a_flushed_broker_loses_queued_batches_and_resume_sends_exactly_the_unfinished_ones(settings, r, pg, workers):
     from workers.celery import app
-    from workers.coordinator import start_run
-
     seed_demo(r, 150)
     workers.kill("w1", signal.SIGTERM)
     workers.kill("w2", signal.SIGTERM)  # nobody consumes: the first chord waits in its queue
     client = settings.redis()
-    run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=4))
+    run_id = start_on_workers(settings, client, pg, THREADR, RunOptions(ranges=4))
     client.close()
     with app.connection_for_write() as conn:  # the broker loses everything queued
         purged = conn.default_channel.queue_purge(os.environ["MIGRATOR_QUEUE_PREFIX"] + "critical")

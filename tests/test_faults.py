@@ -16,7 +16,7 @@ from psycopg2 import sql
 import pytest
 import redis
 
-from helpers import ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Workers, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env
 from migrator.config import Settings
 from migrator.apps.threadr.demo import seed_demo
 from migrator.options import RunOptions
@@ -78,12 +78,10 @@ def _empty(own: Settings) -> None:
 
 
 def _start(own: Settings, **options) -> tuple[str, object]:
-    from workers.coordinator import start_run
-
     _empty(own)
     client, conn = own.redis(), own.postgres()
     try:
-        return start_run(own, client, conn, THREADR, RunOptions(ranges=4, batch_size=50, **options)), conn
+        return start_on_workers(own, client, conn, THREADR, RunOptions(ranges=4, batch_size=50, **options)), conn
     finally:
         client.close()
 

@@ -18,15 +18,13 @@ from migrator.options import RunOptions
 from migrator.status import run_progress
 from migrator.apps.threadr import THREADR
 
-from helpers import cli, content_fingerprint, fingerprint, migrate, wait_for_end
+from helpers import cli, content_fingerprint, fingerprint, migrate, start_on_workers, wait_for_end
 
 
 def start(settings, pg, **options) -> str:
-    from workers.coordinator import start_run
-
     client = settings.redis()
     try:
-        return start_run(settings, client, pg, THREADR, RunOptions(**options))
+        return start_on_workers(settings, client, pg, THREADR, RunOptions(**options))
     finally:
         client.close()
 

@@ -1,8 +1,15 @@
-"""The engine names no application: everything Threadr-specific lives in migrator/apps/threadr."""
+"""The engine's layout: it names no application (everything Threadr-specific lives in
+migrator/apps/threadr), only migrator/ledger.py queries the run ledger's tables, migrator/ never
+imports the Celery layer (it reaches Celery through an executor found by name), and no layer
+imports one above it."""
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
+from typing import Iterator
+
+from migrator import ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "migrator" / "apps" / "threadr"
@@ -20,3 +27,145 @@ def test_no_engine_module_outside_the_threadr_app_names_threadr():
              if re.search("threadr", line, re.IGNORECASE)]
     assert len(engine_files()) > 30  # the scan saw the engine
     assert named == [], "the engine names Threadr; move this into migrator/apps/threadr or a hook:\n" + "\n".join(named)
+
+
+def python_modules() -> dict[str, Path]:
+    """Every module of the project's packages, by its dotted name."""
+    files = [*(ROOT / "migrator").rglob("*.py"), *(ROOT / "workers").rglob("*.py"), ROOT / "celeryconfig.py"]
+    modules = {}
+    for f in files:
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return modules
+
+
+# ---- the ledger's SQL lives in migrator/ledger.py ----
+
+# The tables migrator/sql/ creates that are not the run ledger's, and whose they are.
+NOT_LEDGER = {
+    "schema_migrations": "the schema's versions (migrator/schema.py)",
+    "legacy_id_map": "a target table every mapping writes (migrator/writer.py, migrator/finalize.py)",
+    "dual_write_repairs": "the dual-write service's (migrator/dualwrite.py, migrator/cutover.py)",
+    "dual_write_settings": "the dual-write service's",
+    "dual_write_shadow_reads": "the dual-write service's",
+}
+
+
+def ledger_tables() -> set[str]:
+    """The tables of migrator/sql/*.sql's CREATE TABLE statements that are the ledger's."""
+    created = {m.group(1) for f in (ROOT / "migrator" / "sql").glob("*.sql")
+               for m in re.finditer(r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", f.read_text(), re.I)}
+    assert set(NOT_LEDGER) <= created, "NOT_LEDGER names a table migrator/sql/ no longer creates"
+    return created - set(NOT_LEDGER)
+
+
+def strings(path: Path) -> Iterator[tuple[int, str]]:
+    """The string literals of a module that are not docstrings (nor other bare strings: comments in
+    all but name), with their line."""
+    tree = ast.parse(path.read_text())
+    bare = {id(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare:
+            yield node.lineno, node.value
+
+
+def test_every_table_of_the_engine_s_sql_is_the_ledger_s_or_said_whose_it_is():
+    assert ledger_tables() == set(ledger.TABLES)
+
+
+def test_only_the_ledger_module_queries_the_ledger_s_tables():
+    named = re.compile(r"\b(" + "|".join(sorted(ledger_tables())) + r")\b")
+    found = [f"{path.relative_to(ROOT)}:{line}: {' '.join(text.split())[:120]}"
+             for name, path in python_modules().items() if name != "migrator.ledger"
+             for line, text in strings(path) if named.search(text)]
+    assert found == [], "SQL over the ledger's tables outside migrator/ledger.py; make it a function there:\n" + \
+        "\n".join(found)
+
+
+# ---- layers ----
+
+def imported(name: str, path: Path, modules: dict[str, Path]) -> Iterator[tuple[int, str]]:
+    """The project modules a module imports (at its top, in a function, or for type checking), by
+    dotted name: `from . import x` is the module x when there is one, else the package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([base] if base else [])])
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            # the longest project module the dotted name starts with (a name imported from it is not one)
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target:
+                yield node.lineno, target
+
+
+# Each module of the engine and of its glue, by layer, from the bottom up.
+LAYERS = {
+    # the engine core: mappings and their values, the source, the target's writes and schema, the
+    # ledger, and one batch, verification, validation or rollback at a time
+    "core": ("migrator", "migrator.config", "migrator.errors", "migrator.hooks", "migrator.log", "migrator.redact",
+             "migrator.mapping", "migrator.mapping_file", "migrator.merge", "migrator.values", "migrator.options",
+             "migrator.registry", "migrator.partition", "migrator.source", "migrator.references", "migrator.throttle",
+             "migrator.writer", "migrator.schema", "migrator.sql", "migrator.ledger", "migrator.runstate",
+             "migrator.lease", "migrator.batch", "migrator.verify", "migrator.validate", "migrator.rollback"),
+    # executing runs: planning and carrying them on, the steps after a priority, stopping them, and
+    # the executors (here, or through the Celery layer found by name)
+    "execution": ("migrator.runner", "migrator.finalize", "migrator.cancel", "migrator.executor"),
+    # what operators look at before, during and after a run
+    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.preflight",
+              "migrator.report", "migrator.status"),
+    # the application's switch from Redis to PostgreSQL
+    "cutover": ("migrator.dualwrite", "migrator.cutover"),
+    # the command line
+    "cli": ("migrator.cli", "migrator.commands"),
+    # the Celery layer: tasks over the engine, and the Celery executor
+    "celery": ("celeryconfig", "workers", "workers.celery", "workers.coordinator", "workers.executor", "workers.tasks"),
+    # applications' mappings (migrator/apps/<app>), found by name like any installed one
+    "apps": (),
+}
+# The layers each one stands on: it may import them and itself, nothing else.
+STANDS_ON = {
+    "core": (),
+    "execution": ("core",),
+    "views": ("core", "execution"),
+    "cutover": ("core",),
+    "cli": ("core", "execution", "views", "cutover"),
+    "celery": ("core", "execution"),
+    "apps": ("core", "cutover"),
+}
+
+
+def layer_of(module: str) -> str:
+    if module.startswith("migrator.apps"):
+        return "apps"
+    found = [layer for layer, names in LAYERS.items() if module in names]
+    assert found, f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}"
+    return found[0]
+
+
+def test_no_layer_imports_one_above_it():
+    modules = python_modules()
+    assert {"migrator.ledger", "migrator.executor", "workers.executor", "migrator.cli"} <= set(modules)
+    wrong = []
+    for name, path in sorted(modules.items()):
+        layer = layer_of(name)
+        for line, target in imported(name, path, modules):
+            if layer_of(target) not in (layer, *STANDS_ON[layer]):
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: {name} ({layer}) imports {target} ({layer_of(target)})")
+    assert wrong == [], "a layer imports one it does not stand on:\n" + "\n".join(wrong)
+
+
+def test_the_engine_never_imports_the_celery_layer():
+    modules = python_modules()
+    celery = [f"{path.relative_to(ROOT)}:{line}: {target}" for name, path in modules.items() if name.startswith("migrator")
+              for line, target in imported(name, path, modules) if layer_of(target) == "celery"]
+    assert celery == [], "migrator/ imports the Celery layer; reach it through the executor instead:\n" + "\n".join(celery)

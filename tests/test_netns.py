@@ -25,7 +25,7 @@ from migrator.options import RunOptions
 from migrator.schema import init_db
 from migrator.apps.threadr import THREADR
 
-from helpers import ROOT, Workers, content_fingerprint, migrate, wait_for_end, worker_env
+from helpers import ROOT, Workers, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env
 from servers import Forwarder, PostgresServer, network_namespace, redis_server, set_link
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
@@ -72,12 +72,10 @@ def _cut_off_mid_batch(here: Settings, there: Settings, namespace: str, results:
     local = Workers(worker_env(here), logs)
     remote.start("far")  # alone at first: the first batch is its
     try:
-        from workers.coordinator import start_run
-
         client = redis.Redis.from_url(here.redis_url)
         # (throttled, so that its batches last seconds: the cut comes in the middle of one)
-        run_id = start_run(here, client, conn, THREADR, RunOptions(ranges=2, batch_size=50, priorities=("high",),
-                                                                   max_keys_per_sec=2000))
+        run_id = start_on_workers(here, client, conn, THREADR, RunOptions(ranges=2, batch_size=50, priorities=("high",),
+                                                                          max_keys_per_sec=2000))
         client.close()
         batch_id = _first_running(conn, run_id)
         time.sleep(1)  # inside the batch: sub-batches written, nothing committed

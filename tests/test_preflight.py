@@ -224,8 +224,10 @@ def test_result_backend_in_the_source_database_fails_and_a_dead_one_warns(settin
 
 
 def test_workers_warn_names_only_the_queues_nobody_consumes():
-    replies = {"a@host": [{"name": "critical"}, {"name": "high"}], "b@host": [{"name": "critical"}]}
-    result = judge_workers(replies, ["critical", "high", "medium"], TIMEOUT)
+    from workers.coordinator import worker_command
+
+    replies = {"a@host": ["critical", "high"], "b@host": ["critical"]}
+    result = judge_workers(replies, ["critical", "high", "medium"], TIMEOUT, worker_command)
     assert result.verdict == "warn" and result.detail == "critical: 2 workers, high: 1 worker, medium: 0 workers"
     assert result.fix.endswith(f": MIGRATOR_QUEUE_PREFIX={QUEUE_PREFIX} celery -A workers worker -Q medium")
-    assert judge_workers(replies, ["critical", "high"], TIMEOUT).verdict == "ok"
+    assert judge_workers(replies, ["critical", "high"], TIMEOUT, worker_command).verdict == "ok"

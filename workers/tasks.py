@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import psycopg2
 import redis
-from psycopg2.extras import execute_values
 import structlog
 from celery import chord, uuid
 from celery.canvas import Signature
@@ -302,22 +301,16 @@ def _shown_range(node: str, index: int, count: int) -> str:
 def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
     """Send one chord: every unfinished batch of `priority`, then its finalize callback."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, node, range_index, range_count FROM migration_batches WHERE run_id = %s AND priority = %s"
-                    " AND status <> 'done' ORDER BY node, range_index", (run_id, priority.label))
-        batches = cur.fetchall()
+        batches = ledger.unfinished_batches(cur, run_id, priority.label)
     queue = queue_for(priority.label)
     # priority and range first: Flower's task list shows the start of the keyword arguments
     header = [migrate_batch_task.si(priority=priority.label, range=_shown_range(node, index, count), batch_id=bid,
                                     run_id=run_id).set(queue=queue, task_id=uuid())
               for bid, node, index, count in batches]
     with conn, conn.cursor() as cur:
-        # this sending's number: an earlier chord of the run, still waiting on a batch taken over
-        # since, then ends quietly
-        cur.execute("UPDATE migration_runs SET dispatch = dispatch + 1 WHERE id = %s RETURNING dispatch", (run_id,))
-        dispatch = cur.fetchone()[0]
-        if header:  # so that `migrator cancel` can revoke them while they wait
-            execute_values(cur, "UPDATE migration_batches b SET task_id = v.task FROM (VALUES %s) AS v (id, task)"
-                           " WHERE b.id = v.id", [(sig["kwargs"]["batch_id"], sig.id) for sig in header])
+        dispatch = ledger.next_dispatch(cur, run_id)
+        if header:
+            ledger.set_task_ids(cur, [(sig["kwargs"]["batch_id"], sig.id) for sig in header])
     _send(header, finalize_priority_task.s(priority=priority.label, run_id=run_id, dispatch=dispatch).set(queue=queue))
     log.info("priority_dispatched", run=run_id, priority=priority.label, batches=len(header))
     return len(header)
@@ -326,9 +319,7 @@ def dispatch_priority(conn: Any, run_id: str, priority: Priority) -> int:
 def dispatch_verification(conn: Any, verification_id: int, run_id: str, priority: str, then: Signature) -> int:
     """Send one chord: every unfinished range of a verification, then `then` (on `priority`'s queue)."""
     with conn, conn.cursor() as cur:
-        cur.execute("SELECT id, node, range_index, range_count FROM migration_verify_ranges WHERE verification_id = %s"
-                    " AND status <> 'done' ORDER BY node, range_index", (verification_id,))
-        ranges = cur.fetchall()
+        ranges = ledger.unfinished_ranges(cur, verification_id)
     queue = queue_for(priority)
     header = [verify_range_task.si(priority=priority, range=_shown_range(node, index, count), range_id=rid,
                                    verification_id=verification_id, run_id=run_id).set(queue=queue)

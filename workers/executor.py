@@ -1,0 +1,75 @@
+"""The Celery executor (the interface is migrator/executor.py's): a run's batches and a
+verification's ranges sent as chords to Celery workers through the coordinator
+(workers/coordinator.py). A call returns once the work is sent; the workers carry the run on,
+and report to the ledger, never to the process that sent it."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from migrator import ledger
+from migrator.executor import Executor
+from migrator.follow import Apply
+from migrator.mapping import Mapping, Priority
+from migrator.options import RunOptions
+from migrator.verify import kept_result, plan_verification
+
+from celeryconfig import PRIORITY_QUEUES
+
+from . import coordinator
+from .celery import app
+from .tasks import dispatch_priority
+
+
+class CeleryExecutor(Executor):
+    """On Celery workers: any number, on any host, each consuming some of the priority queues."""
+
+    background = True
+    queues = tuple(PRIORITY_QUEUES.values())
+
+    @property
+    def result_backend(self) -> str:
+        return str(app.conf.result_backend)
+
+    def connect(self) -> None:
+        coordinator.use_broker(self.settings)
+
+    def consumers(self, timeout: float) -> dict[str, list[str]]:
+        return coordinator.consumers(self.settings.broker_url, timeout)
+
+    def answering(self, timeout: float = 2.0) -> bool:
+        # a worker of another MIGRATOR_QUEUE_PREFIX would never take our batches
+        ours = set(self.queues)
+        return any(ours.intersection(consumed) for consumed in self.consumers(timeout).values())
+
+    def worker_command(self, queues: Iterable[str] | None = None) -> str:
+        return coordinator.worker_command(self.queues if queues is None else queues)
+
+    def carry_on(self, mapping: Mapping, run_id: str, opts: RunOptions, priority: Priority) -> None:
+        # (the workers load the run's mapping and options from the ledger)
+        conn = self.settings.postgres()
+        try:
+            dispatch_priority(conn, run_id, priority)
+        finally:
+            conn.close()
+
+    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority]) -> dict[str, Any]:
+        client, conn = self.settings.redis(), self.settings.postgres()
+        try:
+            verification = plan_verification(client, conn, run_id, priorities)
+            coordinator.verify_on_workers(conn, verification, run_id, priorities[0].label)
+            while True:  # the workers report to the ledger, never to this process
+                with conn, conn.cursor() as cur:
+                    found = ledger.get_verification(cur, verification)
+                if found["status"] != "running":
+                    return kept_result(found)
+                time.sleep(0.5)
+        finally:
+            conn.close()
+            client.close()
+
+    def revoke(self, task_ids: list[str]) -> int:
+        return coordinator.revoke(task_ids)
+
+    def applier(self, mapping: Mapping, run_id: str) -> Apply:
+        return coordinator.apply_on_workers(run_id)  # (the workers load the session's mapping from the ledger)
