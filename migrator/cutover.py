@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import redis
 
-from . import follow, ledger
+from . import ledger
 from .dualwrite import REPAIR_QUEUE, WriteStrategy, configured_strategy
 
 
@@ -79,8 +79,8 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
         run_id = ledger.latest_run(cur)
         run = ledger.get_run(cur, run_id) if run_id else None
         verdicts = ledger.latest_verdicts(cur, run_id) if run_id else {}
-        session = follow.live_session(cur)
-        following = follow.progress(cur, session) if session else None
+        session = ledger.live_follow_session(cur)
+        following = ledger.follow_progress(cur, session) if session else None
     if run is None:
         reasons.append("no migration run yet: backfill with `migrator run` first")
     elif run["status"] != "completed" or not verdicts or not all(verdicts.values()):
@@ -109,7 +109,7 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
 
 def _follow_reasons(session: str, p: dict[str, Any], max_lag: float) -> list[str]:
     reasons = []
-    if p["silent_s"] > follow.STALE_S:
+    if p["silent_s"] > ledger.FOLLOW_STALE_S:
         reasons.append(f"follow session {session} has not reported for {p['silent_s']:.0f} s: is its process alive? "
                        "(start `migrator follow` again)")
     if p["lag_s"] > max_lag:

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import psycopg2
 import redis
 import structlog
-from psycopg2 import sql
 
 from . import ledger, registry, runstate
 from .batch import _Batch
@@ -37,10 +36,8 @@ from .writer import Prepared, Writer, describe
 
 log = structlog.get_logger("migrator.follow")
 
-KIND = "follow"
-# A follow session's process rewrites its figures this often; silent for STALE_S, it is gone.
+# A follow session's process rewrites its figures this often (silent for ledger.FOLLOW_STALE_S, it is gone).
 FIGURES_EVERY_S = 1.0
-STALE_S = 30.0
 # Every key a follow batch takes is read as a run reads it, with a run's default settings.
 OPTIONS = RunOptions()
 WHOLE = KeyRange.split(1)[0]
@@ -54,18 +51,14 @@ def start_session(client: redis.Redis, conn: Any, mapping: Mapping, redis_url: s
     time: two would apply the same keys). One whose process stopped heartbeating is failed first."""
     run_id = str(uuid.uuid4())
     with conn, conn.cursor() as cur:
-        cur.execute("LOCK TABLE migration_follow IN SHARE ROW EXCLUSIVE MODE")
-        cur.execute("SELECT f.run_id::text, f.heartbeat_at > now() - make_interval(secs => %s) FROM migration_follow f"
-                    " JOIN migration_runs r ON r.id = f.run_id WHERE r.status = 'running'", (STALE_S,))
-        for other, alive in cur.fetchall():
+        for other, alive in ledger.running_follow_sessions(cur, ledger.FOLLOW_STALE_S):
             if alive:
                 raise runstate.NotNow(f"follow session {other} is running (its process heartbeats): one session at a "
                                       "time; stop it first (Ctrl-C, or SIGTERM to its process)")
-            runstate.transition(cur, other, "failed", f"its process stopped heartbeating for over {STALE_S:g} s")
+            runstate.transition(cur, other, "failed", f"its process stopped heartbeating for over {ledger.FOLLOW_STALE_S:g} s")
         ledger.create_run(cur, run_id, mapping.name, OPTIONS, redact_url(redis_url), server_process(client),
                           spec or mapping.name, registry.digest(mapping))
-        cur.execute("UPDATE migration_runs SET kind = %s WHERE id = %s", (KIND, run_id))
-        cur.execute("INSERT INTO migration_follow (run_id, mode, nodes) VALUES (%s, %s, %s)", (run_id, mode, nodes))
+        ledger.mark_follow_session(cur, run_id, mode, nodes)
     log.info("follow_started", run=run_id, mode=mode, nodes=nodes)
     return run_id
 
@@ -74,51 +67,14 @@ def end_session(conn: Any, run_id: str, error: str | None = None) -> None:
     """The session stopped: completed (it may be rolled back like any run), or failed with why."""
     with conn, conn.cursor() as cur:
         runstate.transition(cur, run_id, "failed" if error else "completed", error)
-        cur.execute("UPDATE migration_follow SET error = %s WHERE run_id = %s", (error, run_id))
+        ledger.end_follow_session(cur, run_id, error)
     log.info("follow_stopped", run=run_id, error=error)
-
-
-FIGURES = ("events", "keys_applied", "rows_written", "rows_retired", "dead", "failures", "pending", "lag_s",
-           "events_per_s", "applied_per_s", "reconnects")
 
 
 def record_figures(conn: Any, run_id: str, figures: dict[str, Any]) -> None:
     """The session's figures now (its heartbeat too)."""
     with conn, conn.cursor() as cur:
-        cur.execute(sql.SQL("UPDATE migration_follow SET heartbeat_at = now(), {} WHERE run_id = %s").format(
-            sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(f)) for f in FIGURES)),
-            [*(figures[f] for f in FIGURES), run_id])
-
-
-def progress(cur: Any, run_id: str) -> dict[str, Any] | None:
-    """A follow session's figures and its latest reconciliation (None: `run_id` is no follow session)."""
-    cur.execute(sql.SQL("SELECT f.mode, f.nodes, f.heartbeat_at, extract(epoch FROM now() - f.heartbeat_at), f.error,"
-                        " {} FROM migration_follow f WHERE f.run_id = %s").format(
-        sql.SQL(", ").join(sql.SQL("f.") + sql.Identifier(f) for f in FIGURES)), (run_id,))
-    row = cur.fetchone()
-    if row is None:
-        return None
-    mode, nodes, heartbeat, silent, error, *figures = row
-    cur.execute("SELECT count(*), count(*) FILTER (WHERE NOT clean) FROM migration_reconciliations"
-                " WHERE run_id = %s AND finished_at IS NOT NULL", (run_id,))
-    done, repaired = cur.fetchone()
-    cur.execute("SELECT reason, started_at, finished_at, ranges, ranges_repaired, keys_reapplied, keys_gone, clean, error"
-                " FROM migration_reconciliations WHERE run_id = %s AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
-                (run_id,))
-    last = cur.fetchone()
-    keys = ("reason", "started_at", "finished_at", "ranges", "ranges_repaired", "keys_reapplied", "keys_gone", "clean",
-            "error")
-    return {"mode": mode, "nodes": list(nodes), "heartbeat_at": heartbeat, "silent_s": float(silent), "error": error,
-            **dict(zip(FIGURES, figures)), "reconciliations": done, "reconciliations_repaired": repaired,
-            "last_reconciliation": dict(zip(keys, last)) if last else None}
-
-
-def live_session(cur: Any) -> str | None:
-    """The follow session running now, if any (its process may have died: see its silent_s)."""
-    cur.execute("SELECT r.id::text FROM migration_runs r WHERE r.kind = %s AND r.status = 'running'"
-                " ORDER BY r.created_at DESC LIMIT 1", (KIND,))
-    row = cur.fetchone()
-    return row[0] if row else None
+        ledger.record_follow_figures(cur, run_id, figures)
 
 
 def render(run_id: str, status: str, p: dict[str, Any]) -> str:
@@ -128,7 +84,7 @@ def render(run_id: str, status: str, p: dict[str, Any]) -> str:
                f"{'clean' if last['clean'] else 'REPAIRED'} ({last['reason']}, {last['finished_at']:%Y-%m-%d %H:%M:%S}: "
                f"{last['ranges_repaired']}/{last['ranges']} ranges applied again, {last['keys_reapplied']:,} keys, "
                f"{last['keys_gone']:,} gone)" + (f" error: {last['error']}" if last["error"] else ""))
-    alive = "" if status != "running" or p["silent_s"] < STALE_S else f"  NO HEARTBEAT for {p['silent_s']:.0f} s"
+    alive = "" if status != "running" or p["silent_s"] < ledger.FOLLOW_STALE_S else f"  NO HEARTBEAT for {p['silent_s']:.0f} s"
     return "\n".join([
         f"follow session {run_id}  {status} ({p['mode']}, {', '.join(p['nodes']) or 'standalone'}){alive}"
         + (f"  error: {p['error']}" if p["error"] else ""),
@@ -159,18 +115,6 @@ class _Recording(Writer):
                 for row in rec.rows:
                     mine.setdefault(row.table, set()).add(str(row.values["id"]))
         return written, bad
-
-
-# The rows of the keys applied that no key of them gives now: deleted (their prior image journaled
-# by hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
-RETIRE_DELETE = sql.SQL(
-    "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) RETURNING {t}.*),"
-    " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
-    " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
-    " ON CONFLICT DO NOTHING) SELECT count(*) FROM gone")
-RETIRE_MARK = sql.SQL(
-    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s WHERE source_key = ANY(%(keys)s)"
-    " AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1) SELECT count(*) FROM marked")
 
 
 def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, keys: list[bytes],
@@ -207,8 +151,7 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
                 batch.spill_dead()
                 outcome["rows"] += batch.rows_written
             # the dead letters of this transaction (written now, or again)
-            cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND created_at = now()", (run_id,))
-            dead = {bytes(k) for (k,) in cur.fetchall()}
+            dead = ledger.dead_letters_now(cur, run_id)
             applied = [k for k in touched if k not in dead]
             texts = [k.decode("utf-8") for k in applied if _utf8(k)]
             keep: dict[str, list[str]] = {}
@@ -217,9 +160,7 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
                     keep.setdefault(table, []).extend(ids)
             outcome["retired"] = _retire(cur, mapping, run_id, texts, keep)
             # a key that failed before and applies now is no dead letter any more
-            cur.execute("DELETE FROM migration_dead_letters WHERE run_id = %s AND created_at < now()"
-                        " AND sha256(redis_key) = ANY(ARRAY(SELECT sha256(k) FROM unnest(%s::bytea[]) k))",
-                        (run_id, [psycopg2.Binary(k) for k in applied]))
+            ledger.forget_dead_letters(cur, run_id, applied)
             outcome["dead"] = len(dead)
             runstate.hold(cur, run_id)  # (commits only while the session runs: a rollback of it waits, or wins)
         conn.commit()
@@ -247,10 +188,8 @@ def _retire(cur: Any, mapping: Mapping, run_id: str, texts: list[str], keep: dic
         rule = mapping.rule(table)
         if rule.on_delete == "mark" and not marking:
             continue
-        statement = (RETIRE_MARK.format(t=sql.Identifier(table), at=sql.Identifier(rule.deleted_at))
-                     if rule.on_delete == "mark" else RETIRE_DELETE.format(t=sql.Identifier(table)))
-        cur.execute(statement, {"run": run_id, "name": table, "keys": texts, "keep": keep.get(table, [])})
-        retired += cur.fetchone()[0]
+        retired += ledger.retire_rows(cur, run_id, table, texts, keep.get(table, []),
+                                      rule.deleted_at if rule.on_delete == "mark" else None)
     return retired
 
 

@@ -620,3 +620,119 @@ def verification_progress(cur: Any, run_id: str) -> dict[str, dict[str, Any]]:
     )
     return {p: {"verification_id": vid, "status": status, "verdict": verdict, "ranges": ranges, "done": done}
             for p, vid, status, verdict, ranges, done in cur.fetchall()}
+
+
+# --- follow sessions (migrator/follow.py, migrator/reconcile.py) ------------------------------
+
+FOLLOW_KIND = "follow"  # migration_runs.kind of a follow session
+FOLLOW_STALE_S = 30.0  # a session whose process has not heartbeated for this long is gone
+# A follow session's figures, as its process records them with its heartbeat.
+FOLLOW_FIGURES = ("events", "keys_applied", "rows_written", "rows_retired", "dead", "failures", "pending", "lag_s",
+                  "events_per_s", "applied_per_s", "reconnects")
+RECONCILIATION = ("reason", "started_at", "finished_at", "ranges", "ranges_repaired", "keys_reapplied", "keys_gone",
+                  "clean", "error")
+
+
+def running_follow_sessions(cur: Any, stale_s: float) -> list[tuple[str, bool]]:
+    """Follow sessions that are running, each with whether its process heartbeated within
+    `stale_s`; the table locked until the transaction ends, so two starts cannot both pass."""
+    cur.execute("LOCK TABLE migration_follow IN SHARE ROW EXCLUSIVE MODE")
+    cur.execute("SELECT f.run_id::text, f.heartbeat_at > now() - make_interval(secs => %s) FROM migration_follow f"
+                " JOIN migration_runs r ON r.id = f.run_id WHERE r.status = 'running'", (stale_s,))
+    return cur.fetchall()
+
+
+def mark_follow_session(cur: Any, run_id: str, mode: str, nodes: list[str]) -> None:
+    cur.execute("UPDATE migration_runs SET kind = %s WHERE id = %s", (FOLLOW_KIND, run_id))
+    cur.execute("INSERT INTO migration_follow (run_id, mode, nodes) VALUES (%s, %s, %s)", (run_id, mode, nodes))
+
+
+def end_follow_session(cur: Any, run_id: str, error: str | None) -> None:
+    cur.execute("UPDATE migration_follow SET error = %s WHERE run_id = %s", (error, run_id))
+
+
+def record_follow_figures(cur: Any, run_id: str, figures: dict[str, Any]) -> None:
+    """The session's figures now, and its heartbeat."""
+    cur.execute(sql.SQL("UPDATE migration_follow SET heartbeat_at = now(), {} WHERE run_id = %s").format(
+        sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(f)) for f in FOLLOW_FIGURES)),
+        [*(figures[f] for f in FOLLOW_FIGURES), run_id])
+
+
+def follow_progress(cur: Any, run_id: str) -> dict[str, Any] | None:
+    """A follow session's figures and its latest reconciliation (None: `run_id` is no follow session)."""
+    cur.execute(sql.SQL("SELECT f.mode, f.nodes, f.heartbeat_at, extract(epoch FROM now() - f.heartbeat_at), f.error,"
+                        " {} FROM migration_follow f WHERE f.run_id = %s").format(
+        sql.SQL(", ").join(sql.SQL("f.") + sql.Identifier(f) for f in FOLLOW_FIGURES)), (run_id,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    mode, nodes, heartbeat, silent, error, *figures = row
+    cur.execute("SELECT count(*), count(*) FILTER (WHERE NOT clean) FROM migration_reconciliations"
+                " WHERE run_id = %s AND finished_at IS NOT NULL", (run_id,))
+    done, repaired = cur.fetchone()
+    cur.execute(sql.SQL("SELECT {} FROM migration_reconciliations WHERE run_id = %s AND finished_at IS NOT NULL"
+                        " ORDER BY id DESC LIMIT 1").format(sql.SQL(", ").join(map(sql.Identifier, RECONCILIATION))),
+                (run_id,))
+    last = cur.fetchone()
+    return {"mode": mode, "nodes": list(nodes), "heartbeat_at": heartbeat, "silent_s": float(silent), "error": error,
+            **dict(zip(FOLLOW_FIGURES, figures)), "reconciliations": done, "reconciliations_repaired": repaired,
+            "last_reconciliation": dict(zip(RECONCILIATION, last)) if last else None}
+
+
+def live_follow_session(cur: Any) -> str | None:
+    """The follow session running now, if any (its process may have died: see its silent_s)."""
+    cur.execute("SELECT r.id::text FROM migration_runs r WHERE r.kind = %s AND r.status = 'running'"
+                " ORDER BY r.created_at DESC LIMIT 1", (FOLLOW_KIND,))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def dead_letters_now(cur: Any, run_id: str) -> set[bytes]:
+    """The keys of the dead letters this transaction wrote."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND created_at = now()", (run_id,))
+    return {bytes(k) for (k,) in cur.fetchall()}
+
+
+def forget_dead_letters(cur: Any, run_id: str, keys: list[bytes]) -> None:
+    """Keys that failed before and applied now are no dead letters any more."""
+    cur.execute("DELETE FROM migration_dead_letters WHERE run_id = %s AND created_at < now()"
+                " AND sha256(redis_key) = ANY(ARRAY(SELECT sha256(k) FROM unnest(%s::bytea[]) k))",
+                (run_id, [psycopg2.Binary(k) for k in keys]))
+
+
+# The rows of some keys that no key of them gives now: deleted (their prior image journaled by
+# hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
+RETIRE_DELETE = sql.SQL(
+    "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) RETURNING {t}.*),"
+    " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
+    " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
+    " ON CONFLICT DO NOTHING) SELECT count(*) FROM gone")
+RETIRE_MARK = sql.SQL(
+    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s WHERE source_key = ANY(%(keys)s)"
+    " AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1) SELECT count(*) FROM marked")
+
+
+def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[str], mark: str | None) -> int:
+    """Rows of `table` written for `keys` but not among `keep` (ids): deleted, journaled for
+    rollback; or, with `mark` (a column), kept with it set. How many."""
+    statement = (RETIRE_MARK.format(t=sql.Identifier(table), at=sql.Identifier(mark)) if mark
+                 else RETIRE_DELETE.format(t=sql.Identifier(table)))
+    cur.execute(statement, {"run": run_id, "name": table, "keys": keys, "keep": keep})
+    return cur.fetchone()[0]
+
+
+def start_reconciliation(cur: Any, run_id: str, reason: str) -> int:
+    cur.execute("INSERT INTO migration_reconciliations (run_id, reason) VALUES (%s, %s) RETURNING id", (run_id, reason))
+    return cur.fetchone()[0]
+
+
+def fail_reconciliation(cur: Any, reconciliation_id: int, error: str) -> None:
+    cur.execute("UPDATE migration_reconciliations SET finished_at = now(), clean = false, error = %s WHERE id = %s",
+                (error, reconciliation_id))
+
+
+def end_reconciliation(cur: Any, reconciliation_id: int, outcome: dict[str, Any]) -> None:
+    cur.execute("UPDATE migration_reconciliations SET finished_at = now(), ranges = %s, ranges_repaired = %s,"
+                " keys_reapplied = %s, keys_gone = %s, clean = %s, detail = %s WHERE id = %s",
+                (outcome["ranges"], len(outcome["repaired"]), outcome["keys_reapplied"], outcome["keys_gone"],
+                 outcome["clean"], orjson.dumps({"repaired": outcome["repaired"]}).decode(), reconciliation_id))

@@ -14,14 +14,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import orjson
 import redis
 import structlog
 from psycopg2 import sql
 
+from . import ledger
 from .finalize import link_rows
 from .follow import OPTIONS, Dirty, now_iso
-from .ledger import VerifySpec
 from .mapping import Mapping, Priority
 from .partition import KeyRange, plan_ranges, scan_range
 from .redact import redact_text
@@ -45,9 +44,7 @@ def reconcile(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
     started = time.monotonic()
     try:
         with conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO migration_reconciliations (run_id, reason) VALUES (%s, %s) RETURNING id",
-                        (run_id, reason))
-            (rec_id,) = cur.fetchone()
+            rec_id = ledger.start_reconciliation(cur, run_id, reason)
         try:
             outcome = _compare_all(client, conn, mapping, run_id, dirty)
         except Exception as exc:
@@ -55,14 +52,10 @@ def reconcile(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
             if not conn.closed:
                 conn.rollback()
                 with conn, conn.cursor() as cur:
-                    cur.execute("UPDATE migration_reconciliations SET finished_at = now(), clean = false, error = %s"
-                                " WHERE id = %s", (error, rec_id))
+                    ledger.fail_reconciliation(cur, rec_id, error)
             raise
         with conn, conn.cursor() as cur:
-            cur.execute("UPDATE migration_reconciliations SET finished_at = now(), ranges = %s, ranges_repaired = %s,"
-                        " keys_reapplied = %s, keys_gone = %s, clean = %s, detail = %s WHERE id = %s",
-                        (outcome["ranges"], len(outcome["repaired"]), outcome["keys_reapplied"], outcome["keys_gone"],
-                         outcome["clean"], orjson.dumps({"repaired": outcome["repaired"]}).decode(), rec_id))
+            ledger.end_reconciliation(cur, rec_id, outcome)
     finally:
         conn.close()
     log.info("reconciliation_done", run=run_id, reason=reason, clean=outcome["clean"], ranges=outcome["ranges"],
@@ -78,7 +71,7 @@ def _compare_all(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, 
     since = now_iso()
     repaired, reapplied, attributed = [], 0, {}
     for n, key_range in enumerate(ranges):
-        spec = VerifySpec(n, None, run_id, labels, True, key_range, OPTIONS, since)
+        spec = ledger.VerifySpec(n, None, run_id, labels, True, key_range, OPTIONS, since)
         compared_at = time.monotonic()
         tally = check_range(client, conn, mapping, spec)
         if _differs(tally):

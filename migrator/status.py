@@ -19,7 +19,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         dead = ledger.dead_reasons(cur, run_id)
         verifying = ledger.verification_progress(cur, run_id)
         stuck = finalize_failures(cur, run_id)
-        following = follow.progress(cur, run_id)
+        following = ledger.follow_progress(cur, run_id)
     priorities = []
     for p in Priority:
         mine = [b for b in batches if b["priority"] == p.label]

@@ -116,12 +116,14 @@ LAYERS = {
              "migrator.mapping", "migrator.mapping_file", "migrator.merge", "migrator.values", "migrator.options",
              "migrator.registry", "migrator.partition", "migrator.source", "migrator.references", "migrator.throttle",
              "migrator.writer", "migrator.schema", "migrator.sql", "migrator.ledger", "migrator.runstate",
-             "migrator.lease", "migrator.batch", "migrator.verify", "migrator.validate", "migrator.rollback"),
+             "migrator.lease", "migrator.batch", "migrator.verify", "migrator.validate", "migrator.rollback",
+             "migrator.notifications"),
     # executing runs: planning and carrying them on, the steps after a priority, stopping them, and
     # the executors (here, or through the Celery layer found by name)
-    "execution": ("migrator.runner", "migrator.finalize", "migrator.cancel", "migrator.executor"),
+    "execution": ("migrator.runner", "migrator.finalize", "migrator.cancel", "migrator.executor", "migrator.follow",
+                  "migrator.reconcile"),
     # what operators look at before, during and after a run
-    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.preflight",
+    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.mapping_init", "migrator.preflight",
               "migrator.report", "migrator.status"),
     # the application's switch from Redis to PostgreSQL
     "cutover": ("migrator.dualwrite", "migrator.cutover"),
