@@ -16,7 +16,7 @@ from typing import Any, Callable, TextIO
 import redis
 
 from . import cutover, notifications
-from . import ledger, registry
+from . import ledger, metrics, registry
 from . import report as report_mod
 from . import status as status_mod
 from .config import ConfigError, Settings, reason
@@ -89,6 +89,7 @@ def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) 
 
 def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO) -> None:
     log_path = attach_log_file(output_dir / f"migration_{run_id}.log")
+    metrics.coordinating(run_id)
     out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
     out.flush()
     sys.stderr.write(f"migrator: logging to {log_path}\n")
