@@ -286,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
     p.set_defaults(handler=lambda a, s: commands.cmd_report(s, a.run_id, a.mapping, as_json=a.json,
-                                                            output_dir=a.output_dir))
+                                                            output_dir=a.output_dir, html=a.html))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--html", action="store_true",
+                   help="also write migration_report_<run>.html: one self-contained file with the balance, dead "
+                        "letters by reason, the verdicts, and charts of throughput over time and the time split")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="where migration_report_<run>.json goes")
 
     p = sub.add_parser("validate", help="judge a run again, now: the checks it got as it ran, over a new full "

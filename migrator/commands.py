@@ -28,6 +28,7 @@ from .mapping import Mapping, Priority
 from .options import RunOptions
 from .cancel import cancel_run
 from .rollback import RollbackFailed, rollback_run
+from .html_report import write_html
 from .runner import execute_local, plan_run, resume_point, verify_local
 from .validate import render_validation, validate_run
 from .verify import explain, masked, plan_verification, verify_in_memory
@@ -287,10 +288,14 @@ def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *
 
 
 def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
-               output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+               output_dir: Path = Path("."), html: bool = False, out: TextIO = sys.stdout) -> int:
     conn = _ledger(settings, run_id)
     try:
-        return _final_report(conn, _mapping_of(conn, run_id, spec), run_id, output_dir, as_json, out)
+        mapping = _mapping_of(conn, run_id, spec)
+        code = _final_report(conn, mapping, run_id, output_dir, as_json, out)
+        if html:
+            out.write(f"HTML report written to {write_html(conn, mapping, run_id, output_dir)}\n")
+        return code
     finally:
         conn.close()
 
