@@ -122,7 +122,7 @@ table {{ border-collapse: collapse; margin: 8px 0 20px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
 td {{ text-align: right; }} td:first-child, td:nth-child(2), td:nth-child(3) {{ text-align: left; }}
 table.dead td:last-child, table.verdicts td:last-child {{ text-align: left; }}
-tr:last-child td {{ font-weight: bold; }} .legend {{ font-size: 12px; }}
+table.balance tr:last-child td {{ font-weight: bold; }} .legend {{ font-size: 12px; }}
 .bad {{ color: #c0392b; }}
 </style></head><body>
 <h1>Run {escape(report['run_id'])}</h1>
