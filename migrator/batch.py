@@ -21,7 +21,7 @@ import psycopg2
 import redis
 import structlog
 
-from . import lease, ledger
+from . import lease, ledger, metrics
 from .ledger import PatternCounts
 from .mapping import SHAPE_ERRORS, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Reference, SourceRecord
 from .partition import scan_range
@@ -438,8 +438,8 @@ def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: in
     try:
         # Every log line of this batch, ours or the writer's, carries run, priority and batch.
         with structlog.contextvars.bound_contextvars(run=spec.run_id, priority=spec.priority, batch=batch_id), \
-                lease.Heartbeat(connect, held) as heartbeat:
-            return _migrate(client, conn, mapping, spec, held, heartbeat, progress)
+                lease.Heartbeat(connect, held) as heartbeat, metrics.batch_outcome(spec.priority) as ended:
+            return ended(_migrate(client, conn, mapping, spec, held, heartbeat, progress))
     finally:
         if held.locked:
             lease.release(conn, batch_id)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import redis
 
-from . import commands, version
+from . import commands, metrics, version
 from .config import BROKER_ERRORS, ConfigError, Settings, service_failure
 from .log import configure
 from .mapping import Priority
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the batches on this machine instead of on Celery workers (no broker; see --jobs)")
     _jobs_flag(p)
     p.add_argument("--detach", action="store_true", help="send the run to the workers and return (Celery runs)")
+    _metrics_flag(p)
     p.add_argument("--validate-only", action="store_true",
                    help="migrate nothing: validate the latest run again (with --priority: those priorities)")
     _run_flags(p)
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn on the notify-keyspace-events classes follow needs (CONFIG SET), keeping the others")
     p.add_argument("--reconcile-every", type=float, default=600.0, metavar="S",
                    help="seconds between reconciliations (besides one on every connection; default 600)")
+    _metrics_flag(p)
 
     p = sub.add_parser("status", help="live progress of a run, from the ledger")
     p.set_defaults(handler=lambda a, s: commands.cmd_status(s, a.run_id, as_json=a.json, watch_it=a.watch))
@@ -282,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the per-pattern balance of a run, timings and monitoring figures")
     p.set_defaults(handler=lambda a, s: commands.cmd_report(s, a.run_id, a.mapping, as_json=a.json,
-                                                            output_dir=a.output_dir))
+                                                            output_dir=a.output_dir, html=a.html))
     _connection_flags(p)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--html", action="store_true",
+                   help="also write migration_report_<run>.html: one self-contained file with the balance, dead "
+                        "letters by reason, the verdicts, and charts of throughput over time and the time split")
     p.add_argument("--output-dir", type=_output_dir, default=Path("."), help="where migration_report_<run>.json goes")
 
     p = sub.add_parser("validate", help="judge a run again, now: the checks it got as it ran, over a new full "
@@ -391,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _metrics_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this port while the command runs (0: a free one, logged); "
+                        "see the README's metrics section")
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.validate_only:
         return commands.cmd_validate(settings, None, args.mapping, args.priority or [], as_json=args.json,
@@ -418,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     configure(level=args.log_level)
     settings = Settings.from_env(*(getattr(args, f, None) for f in ("redis_url", "database_url", "broker_url")))
     try:
+        if getattr(args, "metrics_port", None) is not None:
+            metrics.serve(args.metrics_port, settings.postgres)
         return args.handler(args, settings)
     except (ConfigError, LookupError, ValueError) as exc:
         print(f"migrator: {exc}", file=sys.stderr)

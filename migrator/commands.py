@@ -15,7 +15,7 @@ from typing import Any, Callable, TextIO
 
 import redis
 
-from . import cutover, executor, ledger, notifications, registry
+from . import cutover, executor, ledger, metrics, notifications, registry
 from . import report as report_mod
 from . import status as status_mod
 from .config import ConfigError, Settings, reason
@@ -27,6 +27,7 @@ from .mapping import Mapping, Priority
 from .options import RunOptions
 from .cancel import cancel_run
 from .rollback import RollbackFailed, rollback_run
+from .html_report import write_html
 from .runner import plan_run, requeue, resume_point
 from .validate import render_validation, validate_run
 from .verify import explain, masked, verify_in_memory
@@ -89,6 +90,7 @@ def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) 
 
 def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO) -> None:
     log_path = attach_log_file(output_dir / f"migration_{run_id}.log")
+    metrics.coordinating(run_id)
     out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
     out.flush()
     sys.stderr.write(f"migrator: logging to {log_path}\n")
@@ -270,10 +272,14 @@ def cmd_resume(settings: Settings, run_id: str, spec: str | None = None, *, loca
 
 
 def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
-               output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+               output_dir: Path = Path("."), html: bool = False, out: TextIO = sys.stdout) -> int:
     conn = _ledger(settings, run_id)
     try:
-        return _final_report(conn, _mapping_of(conn, run_id, spec), run_id, output_dir, as_json, out)
+        mapping = _mapping_of(conn, run_id, spec)
+        code = _final_report(conn, mapping, run_id, output_dir, as_json, out)
+        if html:
+            out.write(f"HTML report written to {write_html(conn, mapping, run_id, output_dir)}\n")
+        return code
     finally:
         conn.close()
 

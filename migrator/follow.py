@@ -23,7 +23,7 @@ import psycopg2
 import redis
 import structlog
 
-from . import ledger, registry, runstate
+from . import ledger, metrics, registry, runstate
 from .batch import _Batch
 from .errors import transient
 from .finalize import link_rows
@@ -341,6 +341,7 @@ class Follower:
             span = now - last_t
             events, keys = self.dirty.events, self.totals["keys"]
             figures = self.figures((events - last_events) / span, (keys - last_keys) / span)
+            metrics.FOLLOW_LAG.set(figures["lag_s"])
             last_t, last_events, last_keys = now, events, keys
             try:
                 conn = _alive(conn, self.connect)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import redis
 import structlog
 
-from . import ledger, registry, runstate, verify
+from . import ledger, metrics, registry, runstate, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
 from .errors import backoff, reconnect, transient
@@ -288,6 +288,7 @@ def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any]
             if not transient(exc) or attempt == RETRIES:
                 return False, conn  # recorded in the ledger by migrate_batch; validation decides
             pause = backoff(attempt)
+            metrics.RETRIES.labels(kind).inc()
             log.warning(f"{kind}_retry", **{kind: unit}, attempt=attempt + 1, pause_s=pause, error=redact_text(describe(exc)))
             time.sleep(pause)
             conn.close()

@@ -16,6 +16,7 @@ import time
 
 import redis
 
+from . import metrics
 from .config import state_db
 from .options import RunOptions
 from .source import client_like
@@ -49,6 +50,7 @@ class Throttle:
         """Take `keys` tokens, sleeping as long as the shared rate requires; returns the seconds slept."""
         wait = int(self._take(keys=[self.key], args=[self.rate, keys])) / 1000
         if wait:
+            metrics.THROTTLE_WAIT.inc(wait)
             time.sleep(wait)
         return wait
 

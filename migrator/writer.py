@@ -20,7 +20,7 @@ import orjson
 import psycopg2
 import psycopg2.errors
 
-from . import schema
+from . import metrics, schema
 from .mapping import Mapping, Pattern, Row
 from .source import KeyRead
 
@@ -154,7 +154,8 @@ class Writer:
                 documents.append(orjson.dumps([rows[k] for k in sorted(rows)]))
         if not statements:
             return 0
-        written, state, message, detail_ = call_with_documents(self.cursor, "migrator_write", statements, documents)
+        with metrics.POSTGRES_WRITE.time():
+            written, state, message, detail_ = call_with_documents(self.cursor, "migrator_write", statements, documents)
         if state is not None:
             error = _error_class(state)(message)
             error.detail = detail_

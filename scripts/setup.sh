@@ -19,6 +19,15 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# Headless Chromium: the HTML report's test loads the report in it, and the README's screenshots
+# are taken with it (Debian's package; MIGRATOR_NEEDS_CHROMIUM=0 to go without: that test then skips).
+if [ "${MIGRATOR_NEEDS_CHROMIUM:-1}" = 1 ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing chromium"
+  apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_for() {  # port name seconds
   for _ in $(seq 1 "$3"); do up "$1" && return 0; sleep 1; done

@@ -8,7 +8,7 @@ from celeryconfig import PRIORITY_QUEUES
 from migrator.batch import collect_less
 from migrator.log import configure, route_stdlib_logging
 
-app = Celery("migrator", include=["workers.tasks"])
+app = Celery("migrator", include=["workers.tasks", "workers.metrics"])
 app.config_from_object("celeryconfig")
 
 

@@ -19,7 +19,7 @@ from celery import chord, uuid
 from celery.canvas import Signature
 from celery.signals import task_postrun, task_prerun
 
-from migrator import ledger, registry, verify
+from migrator import ledger, metrics, registry, verify
 from migrator.batch import migrate_batch
 from migrator.config import Settings
 from migrator.errors import backoff, transient
@@ -140,6 +140,7 @@ def _unit(task: Any, work: Callable[..., Any], unit_id: int, shown: dict[str, An
     except Exception as exc:  # recorded in the ledger by the engine
         _drop_connections()
         if transient(exc) and task.request.retries < task.max_retries:
+            metrics.RETRIES.labels("batch" if "batch_id" in shown else "verify").inc()
             log.warning("unit_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
             raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=30))
         raise UnitFailed(redact_text(describe(exc))) from None
@@ -196,6 +197,7 @@ def _callback(task: Any, step: Callable[[redis.Redis, Any], Any]) -> Any:
         _drop_connections()  # whatever state it left them in is not the next task's
         if not transient(exc):
             raise
+        metrics.RETRIES.labels("callback").inc()
         log.warning("callback_retry", error=redact_text(describe(exc)), attempt=task.request.retries + 1)
         raise task.retry(exc=exc, countdown=backoff(task.request.retries, base=1, cap=60))
 

@@ -1,0 +1,126 @@
+"""Prometheus metrics, scraped from real endpoints: `migrator run --local --metrics-port`, a Celery worker
+process with MIGRATOR_METRICS_PORT and the coordinator of a run on it; their per-pattern counts equal
+the run's report. The Grafana dashboard names only metrics that exist."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from migrator import cli, ledger, metrics
+from migrator.apps.threadr import THREADR
+from migrator.apps.threadr.demo import seed_demo
+from migrator.mapping import UNMAPPED
+from migrator.report import build_report
+
+from helpers import ROOT, Workers, free_port, wait_for_end, worker_env
+
+OUTCOMES = ("scanned", "migrated", "skipped", "dead", "expired")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample the endpoint serves, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def keys_of(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> dict[tuple[str, str], float]:
+    """(pattern, outcome) -> value of the samples of `name` that carry `labels`."""
+    found = {}
+    for (sample, sample_labels), value in samples.items():
+        d = dict(sample_labels)
+        if sample == name and all(d.get(k) == v for k, v in labels.items()):
+            found[d["pattern"], d["outcome"]] = value
+    return found
+
+
+def of_report(report: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """The report's counts as (pattern, outcome) -> count, the zero ones left out (a counter never
+    incremented is not there)."""
+    return {(p["pattern"], f): float(p[f]) for p in report["patterns"] for f in OUTCOMES if p[f]}
+
+
+def nonzero(found: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    return {k: v for k, v in found.items() if v}
+
+
+def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(settings, r, pg, tmp_path):
+    seed_demo(r, 40, malformed=4)
+    before = {(p, f): REGISTRY.get_sample_value("migrator_keys_total", {"pattern": p, "outcome": f}) or 0.0
+              for p in [*(p.name for p in THREADR.patterns), UNMAPPED] for f in OUTCOMES}
+    writes = REGISTRY.get_sample_value("migrator_postgres_write_seconds_count") or 0.0
+    port = free_port()
+    code = cli.main(["run", "--local", "--jobs", "1", "--metrics-port", str(port), "--output-dir", str(tmp_path),
+                     "--redis-url", settings.redis_url, "--database-url", settings.database_url])
+    try:
+        samples = scrape(port)  # (the endpoint serves on after the command, in this test's process)
+    finally:
+        metrics.serving().close()
+    with pg, pg.cursor() as cur:
+        run_id = ledger.latest_run(cur)
+    report = build_report(pg, THREADR, run_id)
+    assert code == 0 and report["totals"]["dead"] >= 1, report["totals"]
+
+    assert nonzero(keys_of(samples, "migrator_run_keys", run=run_id)) == of_report(report)
+    done = {dict(labels)["priority"]: v for (name, labels), v in samples.items()
+            if name == "migrator_run_batches" and dict(labels)["status"] == "done"}
+    assert sum(done.values()) == report["batches"]["done"] == report["batches"]["total"]
+    # with --jobs 1 the batches ran in this process: its own counters grew by exactly the report's counts
+    grown = {(p, f): samples.get(("migrator_keys_total", (("outcome", f), ("pattern", p))), 0.0) - before[p, f]
+             for p, f in before}
+    assert nonzero(grown) == of_report(report)
+    assert samples[("migrator_postgres_write_seconds_count", ())] > writes
+
+
+def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(settings, r, pg, tmp_path):
+    from workers.celery import delete_queues
+    from workers.coordinator import start_run
+    from migrator.options import RunOptions
+
+    seed_demo(r, 40, malformed=4)
+    worker_port = free_port()
+    pool = Workers({**worker_env(settings), "MIGRATOR_METRICS_PORT": str(worker_port)}, tmp_path)
+    coordinator = metrics.serve(0, settings.postgres, addr="127.0.0.1")
+    try:
+        pool.start("metrics")
+        client = settings.redis()
+        try:
+            run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=2))
+        finally:
+            client.close()
+        metrics.coordinating(run_id)
+        wait_for_end(pg, run_id)
+        worker, coordinated = scrape(worker_port), scrape(coordinator.port)
+    finally:
+        coordinator.close()
+        pool.stop_all()
+        delete_queues()
+    report = build_report(pg, THREADR, run_id)
+    assert report["status"] == "completed" and report["totals"]["dead"] >= 1, report["totals"]
+    # one worker process ran every batch: its counters are the run's
+    assert nonzero(keys_of(worker, "migrator_keys_total")) == of_report(report)
+    batches = sum(v for (name, labels), v in worker.items()
+                  if name == "migrator_batches_total" and dict(labels)["outcome"] == "done")
+    assert batches == report["batches"]["total"]
+    assert worker[("migrator_batch_seconds_count", (("priority", "critical"),))] >= 1
+    assert nonzero(keys_of(coordinated, "migrator_run_keys", run=run_id)) == of_report(report)
+
+
+def test_the_grafana_dashboard_names_only_metrics_that_exist():
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    named = {name for expr in exprs for name in re.findall(r"\bmigrator_[a-z_]+", expr)}
+    # the sample names each of our metrics serves (a counter's with _total, a histogram's _bucket, _sum, _count)
+    kinds = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    served = {family.name + suffix for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+              for family in m.describe() for suffix in kinds[family.type]}
+    served |= {metrics.RUN_KEYS[0], metrics.RUN_BATCHES[0]}
+    assert len(exprs) >= 8 and named, exprs
+    assert named <= served, named - served
