@@ -117,20 +117,21 @@ LAYERS = {
              "migrator.registry", "migrator.partition", "migrator.source", "migrator.references", "migrator.throttle",
              "migrator.writer", "migrator.schema", "migrator.sql", "migrator.ledger", "migrator.runstate",
              "migrator.lease", "migrator.batch", "migrator.verify", "migrator.validate", "migrator.rollback",
-             "migrator.notifications"),
+             "migrator.notifications", "migrator.metrics"),
     # executing runs: planning and carrying them on, the steps after a priority, stopping them, and
     # the executors (here, or through the Celery layer found by name)
     "execution": ("migrator.runner", "migrator.finalize", "migrator.cancel", "migrator.executor", "migrator.follow",
                   "migrator.reconcile"),
     # what operators look at before, during and after a run
-    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.mapping_init", "migrator.preflight",
+    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.mapping_init", "migrator.preflight", "migrator.html_report",
               "migrator.report", "migrator.status"),
     # the application's switch from Redis to PostgreSQL
     "cutover": ("migrator.dualwrite", "migrator.cutover"),
     # the command line
     "cli": ("migrator.cli", "migrator.commands"),
     # the Celery layer: tasks over the engine, and the Celery executor
-    "celery": ("celeryconfig", "workers", "workers.celery", "workers.coordinator", "workers.executor", "workers.tasks"),
+    "celery": ("celeryconfig", "workers", "workers.celery", "workers.coordinator", "workers.executor", "workers.metrics",
+               "workers.tasks"),
     # applications' mappings (migrator/apps/<app>), found by name like any installed one
     "apps": (),
 }
