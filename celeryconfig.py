@@ -5,11 +5,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kombu import Queue
 
-from migrator.config import state_db
+from migrator.core.config import state_db
 
 
 def _beside_source(source: str) -> str:
-    """Another database of the source's Redis server: see migrator.config.state_db."""
+    """Another database of the source's Redis server: see migrator.core.config.state_db."""
     parts = urlsplit(source)
     return urlunsplit(parts._replace(path=f"/{state_db(int(parts.path.strip('/') or 0))}"))
 

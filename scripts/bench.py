@@ -48,11 +48,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from migrator.apps.threadr.demo import GIANT_THREAD_BYTES, WIDE_MEMBERS, seed_demo, seed_hostile, write_large_thread, write_large_timeseries  # noqa: E402
-from migrator import ledger  # noqa: E402
-from migrator.log import configure  # noqa: E402
-from migrator.source import CHUNK_READ_MEMBERS  # noqa: E402
-from migrator.partition import plan_ranges  # noqa: E402
-from migrator.schema import database_url_for, ensure_database, init_db  # noqa: E402
+from migrator.core import ledger  # noqa: E402
+from migrator.core.log import configure  # noqa: E402
+from migrator.core.source import CHUNK_READ_MEMBERS  # noqa: E402
+from migrator.core.partition import plan_ranges  # noqa: E402
+from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
 
 KEYS_PER_USER = 13.9  # what the demo generator writes per user
@@ -217,7 +217,7 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
 def _migrator(args: argparse.Namespace, *flags: str) -> dict:
     """`migrator run --json ...` as a child: its report, its run's seconds (planning to the last
     validation, from the ledger: without interpreter start-up and the final report), peak RSS."""
-    _, out, peak = _measured([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--json",
+    _, out, peak = _measured([sys.executable, "-m", "migrator.cli.main", "--log-level", "WARNING", "run", "--json",
                               "--output-dir", args.work_dir, *flags], env=_env(args), stderr=subprocess.DEVNULL)
     text = out.decode()
     report = json.loads(text[text.index("{"):])
@@ -231,7 +231,7 @@ def _migrator(args: argparse.Namespace, *flags: str) -> dict:
 def mode_verify(args: argparse.Namespace, run_id: str) -> dict:
     """`migrator verify RUN --local` (its default --jobs 2) of a run: every key compared with its
     rows; its seconds from the ledger (planned to finished), as the run's are."""
-    _, out, peak = _measured([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "verify", run_id,
+    _, out, peak = _measured([sys.executable, "-m", "migrator.cli.main", "--log-level", "WARNING", "verify", run_id,
                               "--local", "--json"], env=_env(args), stderr=subprocess.DEVNULL)
     result = json.loads(out.decode())
     if result["verdict"] != "clean":
@@ -342,7 +342,7 @@ def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> di
     migration = None
     if flags is not None:
         _truncate(args.database_url)
-        migration = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "run", "--local",
+        migration = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", "--log-level", "WARNING", "run", "--local",
                                       "--output-dir", args.work_dir, *flags], cwd=ROOT, env=_env(args),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(2)  # past planning, into the reads

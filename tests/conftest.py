@@ -25,10 +25,11 @@ import pytest  # noqa: E402
 import redis  # noqa: E402
 from psycopg2 import sql  # noqa: E402
 
-from migrator import dualwrite, ledger  # noqa: E402
-from migrator.config import Settings  # noqa: E402
-from migrator.log import configure  # noqa: E402
-from migrator.schema import database_url_for, empty_tables, ensure_database, init_db  # noqa: E402
+from migrator.cutover import dualwrite  # noqa: E402
+from migrator.core import ledger
+from migrator.core.config import Settings  # noqa: E402
+from migrator.core.log import configure  # noqa: E402
+from migrator.core.schema import database_url_for, empty_tables, ensure_database, init_db  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
 from helpers import Workers, worker_env  # noqa: E402
 from servers import redis_cluster  # noqa: E402
@@ -164,8 +165,8 @@ def pg(settings: Settings):
 def parts(monkeypatch):
     """The parts each key was read in, by the batches and by the verification (key -> count): the real
     reader, counted as it yields."""
-    import migrator.batch
-    import migrator.verify
+    import migrator.core.batch
+    import migrator.core.verify
 
     seen: dict[bytes, int] = {}
 
@@ -176,8 +177,8 @@ def parts(monkeypatch):
                 yield part
         return read_parts
 
-    monkeypatch.setattr(migrator.batch, "read_parts", counting(migrator.batch.read_parts))
-    monkeypatch.setattr(migrator.verify, "read_parts", counting(migrator.verify.read_parts))
+    monkeypatch.setattr(migrator.core.batch, "read_parts", counting(migrator.core.batch.read_parts))
+    monkeypatch.setattr(migrator.core.verify, "read_parts", counting(migrator.core.verify.read_parts))
     return seen
 
 

@@ -1,6 +1,6 @@
 """Mappings for the tests of `--mapping module:attribute` (tests/ is put on PYTHONPATH): another
 team's mapping, as small as one can be, made of two of Threadr's patterns."""
-from migrator.mapping import Mapping
+from migrator.core.mapping import Mapping
 from migrator.apps.threadr import THREADR
 
 PREMIUM_ONLY = Mapping(

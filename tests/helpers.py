@@ -14,20 +14,20 @@ from typing import Any, Iterator, Sequence
 import psycopg2
 from psycopg2 import sql
 
-from migrator import ledger
-from migrator.runstate import TERMINAL
-from migrator.config import Settings
-from migrator.executor import load
-from migrator.mapping import Mapping, Pattern, Priority, Row, SourceRecord
-from migrator.merge import TableRule
-from migrator.options import RunOptions
-from migrator.report import build_report
-from migrator.runner import execute_local, plan_run, verify_local
-from migrator.schema import database_url_for, ensure_database
-from migrator.validate import validate_run
-from migrator.status import run_progress
+from migrator.core import ledger
+from migrator.core.runstate import TERMINAL
+from migrator.core.config import Settings
+from migrator.execution.executor import load
+from migrator.core.mapping import Mapping, Pattern, Priority, Row, SourceRecord
+from migrator.core.merge import TableRule
+from migrator.core.options import RunOptions
+from migrator.views.report import build_report
+from migrator.execution.runner import execute_local, plan_run, verify_local
+from migrator.core.schema import database_url_for, ensure_database
+from migrator.core.validate import validate_run
+from migrator.views.status import run_progress
 from migrator.apps.threadr import THREADR
-from migrator.values import stable_id
+from migrator.core.values import stable_id
 
 
 def migrate(settings: Settings, jobs: int = 1, mapping: Mapping = THREADR, **options: Any) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def verify(settings: Settings, run_id: str, priorities: list | None = None, mapp
 
 def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The `migrator` command as people run it, in a process of its own."""
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "MIGRATOR_LOG_JSON": "1", **(env or {})}, cwd=cwd)
 
 
@@ -122,7 +122,7 @@ def by_pattern(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def cli(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`migrator ARGS` as an operator runs it, against this session's services."""
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args, "--redis-url", settings.redis_url,
+    return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args, "--redis-url", settings.redis_url,
                            "--database-url", settings.database_url, "--broker-url", settings.broker_url],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 

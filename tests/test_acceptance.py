@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from migrator.apps.threadr.demo import seed_demo
-from migrator.mapping import UNMAPPED
+from migrator.core.mapping import UNMAPPED
 
 from helpers import by_pattern, fingerprint, migrate
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import redis
 
-from migrator.audit import (
+from migrator.views.audit import (
     AUDIT_PREFIX,
     Tally,
     USED_MEMORY_LIMIT,
@@ -22,12 +22,12 @@ from migrator.audit import (
     ttl_bucket,
     write_audit,
 )
-from migrator.config import ConfigError
+from migrator.core.config import ConfigError
 from migrator.apps.threadr.audit import PREMIUM_USERS_LIMIT, PremiumTally
 from migrator.apps.threadr.demo import seed_demo
-from migrator.mapping import Link, Mapping, Pattern, Priority, Row
-from migrator.mapping_doc import MAPPING_PREFIX, build_mapping_document, latest_audit, write_mapping_document
-from migrator.merge import TableRule
+from migrator.core.mapping import Link, Mapping, Pattern, Priority, Row
+from migrator.views.mapping_doc import MAPPING_PREFIX, build_mapping_document, latest_audit, write_mapping_document
+from migrator.core.merge import TableRule
 from migrator.apps.threadr import THREADR
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)  # naive, as the app wrote datetimes

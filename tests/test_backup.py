@@ -12,8 +12,8 @@ from datetime import datetime
 import pytest
 import redis
 
-from migrator.backup import backup, restore_instructions
-from migrator.config import ConfigError, Settings
+from migrator.views.backup import backup, restore_instructions
+from migrator.core.config import ConfigError, Settings
 from migrator.apps.threadr.demo import seed_demo
 
 from servers import redis_cluster, redis_server, spare_port, with_password

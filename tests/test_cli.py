@@ -130,7 +130,7 @@ def empty_database(settings):
     from psycopg2 import connect
     from psycopg2 import sql as q
 
-    from migrator.schema import database_url_for, ensure_database
+    from migrator.core.schema import database_url_for, ensure_database
 
     admin_url = database_url_for(settings.database_url, "postgres")
     name = f"migrator_empty_{os.getpid()}"
@@ -176,8 +176,8 @@ def _runs(pg) -> list[tuple]:
 @pytest.fixture
 def a_run(settings, r, pg) -> str:
     """A run in the ledger (planned, not executed): the one the messages should name."""
-    from migrator.options import RunOptions
-    from migrator.runner import plan_run
+    from migrator.core.options import RunOptions
+    from migrator.execution.runner import plan_run
     from migrator.apps.threadr import THREADR
 
     seed_demo(r, 3)
@@ -323,7 +323,6 @@ def test_version_is_the_installed_package_s():
     from importlib import metadata
 
     from migrator import version
-
     done = migrator("--version")
     assert done.returncode == 0 and done.stdout == f"migrator {metadata.version('redis-pg-migrator')}\n"
     # a checkout that was never installed says the version its pyproject.toml gives

@@ -6,7 +6,7 @@ from datetime import datetime
 import redis
 from psycopg2 import sql
 
-from migrator.config import Settings
+from migrator.core.config import Settings
 from migrator.apps.threadr.demo import seed_demo
 from migrator.apps.threadr import THREADR
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from migrator.cli import build_parser
+from migrator.cli.main import build_parser
 
 from helpers import ROOT, free_port, worker_env
 

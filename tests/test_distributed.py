@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from migrator.apps.threadr.demo import DANGLING, seed_demo
-from migrator.options import RunOptions
-from migrator.report import build_report
-from migrator.status import run_progress
+from migrator.core.options import RunOptions
+from migrator.views.report import build_report
+from migrator.views.status import run_progress
 from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, Flower, by_pattern, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env
@@ -123,7 +123,7 @@ def test_a_failing_batch_shows_as_failure_in_flower_and_requeue_after_the_fix_co
         with pg.cursor() as cur:
             cur.execute("ALTER TABLE IF EXISTS usage_counters_away RENAME TO usage_counters")
         pg.commit()
-    done = subprocess.run([sys.executable, "-m", "migrator.cli", "requeue", report["run_id"], "--failed",
+    done = subprocess.run([sys.executable, "-m", "migrator.cli.main", "requeue", report["run_id"], "--failed",
                            "--database-url", settings.database_url, "--broker-url", settings.broker_url],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "requeued 4 batch(es)" in done.stdout, done.stderr
@@ -219,17 +219,17 @@ def test_validation_fails_and_rolls_back_when_postgres_disagrees_with_redis(sett
 
 
 def test_resume_carries_on_a_run_whose_coordinator_died_after_planning(settings, r, pg, workers):
-    from migrator.runner import plan_run
+    from migrator.execution.runner import plan_run
 
     seed_demo(r, 100)
     client = settings.redis()
     run_id = plan_run(client, pg, THREADR, RunOptions(ranges=2), settings.redis_url)  # ...and nothing was sent
     client.close()
-    done = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+    done = subprocess.run([sys.executable, "-m", "migrator.cli.main", "resume", run_id, "--database-url", settings.database_url],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "at priority critical" in done.stdout, done.stderr
     assert wait_for_end(pg, run_id)["status"] == "completed"
-    again = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+    again = subprocess.run([sys.executable, "-m", "migrator.cli.main", "resume", run_id, "--database-url", settings.database_url],
                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert again.returncode == 0 and "nothing left to do" in again.stdout
     assert build_report(pg, THREADR, run_id)["balanced"]
@@ -240,7 +240,7 @@ def app_with_dual_writes(redis_url: str, database_url: str, ips: list[str], emai
     import psycopg2
 
     from migrator.apps.threadr.dualwrite import ThreadrDualWrite
-    from migrator.dualwrite import WriteStrategy
+    from migrator.cutover.dualwrite import WriteStrategy
 
     service = ThreadrDualWrite(redis.Redis.from_url(redis_url), lambda: psycopg2.connect(database_url), THREADR,
                                WriteStrategy.DUAL_WRITE, shadow_rate=0.5)
@@ -264,8 +264,8 @@ def test_live_traffic_through_the_dual_write_service_during_a_run_loses_no_updat
     import psycopg2
 
     from migrator.apps.threadr.dualwrite import ThreadrDualWrite
-    from migrator.cutover import judge_cutover
-    from migrator.dualwrite import WriteStrategy
+    from migrator.cutover.switch import judge_cutover
+    from migrator.cutover.dualwrite import WriteStrategy
 
     seed_demo(r, 600)
     ips = [f"198.51.100.{i}" for i in range(20)] + [k.decode().split(":", 3)[3] for k in
@@ -325,7 +325,7 @@ def test_a_flushed_broker_loses_queued_batches_and_resume_sends_exactly_the_unfi
         cur.execute("SELECT count(*) FROM migration_batches WHERE run_id = %s AND status = 'pending'", (run_id,))
         assert cur.fetchone()[0] == 16
     pg.rollback()
-    done = subprocess.run([sys.executable, "-m", "migrator.cli", "resume", run_id, "--database-url", settings.database_url],
+    done = subprocess.run([sys.executable, "-m", "migrator.cli.main", "resume", run_id, "--database-url", settings.database_url],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and "at priority critical" in done.stdout, done.stderr
     assert wait_for_end(pg, run_id)["status"] == "completed"
@@ -423,7 +423,7 @@ def test_verify_runs_its_ranges_on_the_workers(settings, r, pg, workers):
     assert report["status"] == "completed"
 
     def verify_cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "migrator.cli", "verify", report["run_id"], "--json", *args,
+        return subprocess.run([sys.executable, "-m", "migrator.cli.main", "verify", report["run_id"], "--json", *args,
                                "--redis-url", settings.redis_url, "--database-url", settings.database_url,
                                "--broker-url", settings.broker_url], capture_output=True, text=True, timeout=120, cwd=ROOT)
 

@@ -13,7 +13,7 @@ import pytest
 
 from migrator.apps.threadr.demo import seed_demo
 from migrator.apps.threadr.dualwrite import ThreadrDualWrite
-from migrator.dualwrite import REPAIR_QUEUE, WriteStrategy
+from migrator.cutover.dualwrite import REPAIR_QUEUE, WriteStrategy
 from migrator.apps.threadr import THREADR
 
 from helpers import migrate
@@ -108,7 +108,7 @@ def test_a_backfill_beside_the_app_never_overwrites_newer_values(service, settin
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cutover_refuses_below_parity_then_switches_services_that_follow_it(service, settings, r, pg):

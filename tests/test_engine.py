@@ -11,11 +11,11 @@ from decimal import Decimal
 import orjson
 import pytest
 
-import migrator.batch
+import migrator.core.batch
 from migrator.apps.threadr.demo import DANGLING, GIANT_THREAD_BYTES, seed_demo, seed_hostile
-from migrator.ledger import COUNT_FIELDS
-from migrator.mapping import UNMAPPED
-from migrator.rollback import rollback_run
+from migrator.core.ledger import COUNT_FIELDS
+from migrator.core.mapping import UNMAPPED
+from migrator.core.rollback import rollback_run
 from migrator.apps.threadr import THREADR
 
 from helpers import by_pattern, fingerprint, migrate, validate
@@ -46,7 +46,7 @@ def test_demo_keyspace_balances_for_every_pattern(settings, r, pg):
     # races leave is within budget: the run completed)
     assert {name: p["dangling"] for name, p in patterns.items() if p["dangling"]} == DANGLING
     # the run spaced the garbage collector's passes out in its process (the bench shows why)
-    assert gc.get_threshold() == migrator.batch.GC_THRESHOLDS
+    assert gc.get_threshold() == migrator.core.batch.GC_THRESHOLDS
     for pattern in THREADR.patterns:
         if seeded.get(pattern.name):
             assert pattern.name in patterns, pattern.name
@@ -160,7 +160,7 @@ def test_hostile_values_become_dead_letters_with_reasons(settings, r, pg):
 def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkeypatch):
     for i in range(30):
         put_user(r, f"user_{i:02d}", f"u{i}@x.io")
-    real_read = migrator.batch.read_keys
+    real_read = migrator.core.batch.read_keys
 
     def read_after_expiry(client, wanted, *args):
         # the race made certain: some users vanish between SCAN and the value read
@@ -168,7 +168,7 @@ def test_keys_that_expire_mid_run_are_counted_as_expired(settings, r, pg, monkey
             client.delete(key)
         return real_read(client, wanted, *args)
 
-    monkeypatch.setattr(migrator.batch, "read_keys", read_after_expiry)
+    monkeypatch.setattr(migrator.core.batch, "read_keys", read_after_expiry)
     report = migrate(settings, max_dead_ratio=1.0)  # (their index entries dangle: not what is measured here)
     users = by_pattern(report)["user"]
     assert users["expired"] == 10 and users["migrated"] == 20 and users["dead"] == 0 and report["balanced"]
@@ -320,10 +320,10 @@ def test_a_connection_cut_mid_batch_is_retried_on_a_new_connection_and_nothing_d
     """pg_terminate_backend in the middle of a batch's transaction: nothing half-written stays."""
     import psycopg2
 
-    import migrator.writer
+    import migrator.core.writer
 
     users = seed_demo(r, 60)["user"]
-    real_upsert = migrator.writer.Writer.upsert
+    real_upsert = migrator.core.writer.Writer.upsert
     calls = {"n": 0}
 
     def cut_after_two(self, records):
@@ -333,7 +333,7 @@ def test_a_connection_cut_mid_batch_is_retried_on_a_new_connection_and_nothing_d
                 cur.execute("SELECT pg_terminate_backend(%s)", (self.cursor.connection.get_backend_pid(),))
         return real_upsert(self, records)
 
-    monkeypatch.setattr(migrator.writer.Writer, "upsert", cut_after_two)
+    monkeypatch.setattr(migrator.core.writer.Writer, "upsert", cut_after_two)
     report = migrate(settings, batch_size=20, priorities=("high",))
     assert report["status"] == "completed" and report["balanced"]
     assert by_pattern(report)["user"]["migrated"] == users  # counted once: the cut attempt left nothing
@@ -351,8 +351,8 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
 
     import redis as redis_py
 
-    import migrator.runner
-    from migrator.config import Settings
+    import migrator.execution.runner
+    from migrator.core.config import Settings
     from servers import spare_port
 
     port = spare_port()
@@ -372,7 +372,7 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
     procs = [start()]
     source = redis_py.Redis(port=port)
     seeded = seed_demo(source, 400)
-    real = migrator.runner.migrate_batch
+    real = migrator.execution.runner.migrate_batch
     done = {"high": 0}
 
     def restart_after_first_high_batch(client, conn, mapping, batch_id, *args, **kwargs):
@@ -385,7 +385,7 @@ def test_a_redis_restart_mid_priority_rescans_that_priority_and_loses_no_key(set
                 procs[0] = start()
         return result
 
-    monkeypatch.setattr(migrator.runner, "migrate_batch", restart_after_first_high_batch)
+    monkeypatch.setattr(migrator.execution.runner, "migrate_batch", restart_after_first_high_batch)
     try:
         report = migrate(Settings(f"redis://127.0.0.1:{port}/0", settings.database_url, settings.broker_url), ranges=4)
     finally:
@@ -406,9 +406,9 @@ def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
     advisory lock, its heartbeat) makes the second delivery wait, then find the batch done."""
     import threading
 
-    from migrator.batch import migrate_batch
-    from migrator.options import RunOptions
-    from migrator.runner import plan_run
+    from migrator.core.batch import migrate_batch
+    from migrator.core.options import RunOptions
+    from migrator.execution.runner import plan_run
 
     seed_demo(r, 300)
     client = settings.redis()
@@ -442,14 +442,14 @@ def test_a_batch_delivered_twice_at_once_runs_once(settings, r, pg):
 
 def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad_one(settings, r, pg, monkeypatch):
     """5 % malformed keys of every kind, huge values, large collections, keys expiring mid-run."""
-    import migrator.batch
+    import migrator.core.batch
 
     seeded = seed_demo(r, 1000)
     good = sum(n for name, n in seeded.items())
     wide = 20_000
     hostile = seed_hostile(r, good, wide=wide)["malformed"]
     giant = next(k for k in r.scan_iter("threadr:thread:*", count=1000, _type="string") if r.strlen(k) >= GIANT_THREAD_BYTES)
-    real_read = migrator.batch.read_keys
+    real_read = migrator.core.batch.read_keys
     vanished = {"n": 0}
 
     def read_while_keys_expire(client, wanted, *args):
@@ -459,7 +459,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
                 vanished["n"] += client.delete(key)
         return real_read(client, wanted, *args)
 
-    monkeypatch.setattr(migrator.batch, "read_keys", read_while_keys_expire)
+    monkeypatch.setattr(migrator.core.batch, "read_keys", read_while_keys_expire)
     report = migrate(settings, ranges=4, max_dead_ratio=1.0)  # hostile by design: no dead-letter budget
     assert report["status"] == "completed" and report["balanced"]
     totals = report["totals"]
@@ -474,7 +474,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         cur.execute("SELECT length(raw_value), error FROM migration_dead_letters WHERE run_id = %s"
                     " AND key_text LIKE 'threadr:user:user_huge%%'", (report["run_id"],))
         huge = cur.fetchall()
-        assert len(huge) == 3 and all(length == migrator.batch.DEAD_LETTER_VALUE_BYTES for length, _ in huge)
+        assert len(huge) == 3 and all(length == migrator.core.batch.DEAD_LETTER_VALUE_BYTES for length, _ in huge)
         size = r.strlen("threadr:user:user_huge0")
         assert all("password_hash" in e and f"the value is {size:,} bytes; its first 1,048,576 are kept here" in e
                    for _, e in huge)
@@ -483,7 +483,7 @@ def test_hostile_keyspace_at_scale_keeps_every_good_record_and_reports_every_bad
         cur.execute("SELECT length(raw_value), error FROM migration_dead_letters WHERE run_id = %s"
                     " AND key_text LIKE '%%user_wide%%'", (report["run_id"],))
         length, error = cur.fetchone()
-        assert length == migrator.batch.DEAD_LETTER_VALUE_BYTES
+        assert length == migrator.core.batch.DEAD_LETTER_VALUE_BYTES
         assert "TimeSeriesDataPoint model refuses it" in error and f"in {wide + 1:,} members;" in error
         cur.execute("SELECT count(*) FROM analytics_timeseries WHERE source_key LIKE '%%user_wide%%'")
         assert cur.fetchone()[0] == 0
@@ -504,9 +504,9 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
 
     import psycopg2
 
-    import migrator.writer
-    from migrator.config import Settings
-    from migrator.schema import init_db
+    import migrator.core.writer
+    from migrator.core.config import Settings
+    from migrator.core.schema import init_db
     from servers import PostgresServer
 
     server = PostgresServer()
@@ -516,7 +516,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
         init_db(conn, THREADR)
         conn.close()
         users = seed_demo(r, 80)["user"]
-        real_upsert = migrator.writer.Writer.upsert
+        real_upsert = migrator.core.writer.Writer.upsert
         calls = {"n": 0}
 
         def restart_on_third_write(self, records):
@@ -526,7 +526,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
                 time.sleep(0.5)
             return real_upsert(self, records)
 
-        monkeypatch.setattr(migrator.writer.Writer, "upsert", restart_on_third_write)
+        monkeypatch.setattr(migrator.core.writer.Writer, "upsert", restart_on_third_write)
         report = migrate(Settings(settings.redis_url, server.url, settings.broker_url), batch_size=20,
                          priorities=("high",))
         assert report["status"] == "completed" and report["balanced"]
@@ -543,7 +543,7 @@ def test_a_postgres_restart_mid_run_is_retried_and_the_run_completes(settings, r
 
 
 def test_dead_letters_are_written_out_as_they_pile_up_and_none_is_lost(settings, r, pg, monkeypatch):
-    monkeypatch.setattr(migrator.batch, "DEAD_LETTER_SPILL_BYTES", 2000)  # spill every few letters
+    monkeypatch.setattr(migrator.core.batch, "DEAD_LETTER_SPILL_BYTES", 2000)  # spill every few letters
     for i in range(60):
         r.set(f"threadr:user:user_bad{i:02d}", b'{"email": ' + b"x" * 100)
     report = migrate(settings, batch_size=7, max_dead_ratio=1.0)
@@ -555,7 +555,7 @@ def test_dead_letters_are_written_out_as_they_pile_up_and_none_is_lost(settings,
 
 
 def test_read_keys_gives_each_type_its_shape_in_one_round_trip(r):
-    from migrator.source import read_keys
+    from migrator.core.source import read_keys
 
     r.set("s", b"\xff\x00")
     r.hset("h", mapping={"a": "1"})
@@ -584,7 +584,7 @@ def test_report_says_where_the_time_went(settings, r, pg):
 def test_record_errors_returned_by_migrator_write_keep_their_class():
     import psycopg2.errors
 
-    from migrator.writer import RECORD_ERRORS, _error_class
+    from migrator.core.writer import RECORD_ERRORS, _error_class
 
     assert _error_class("23514") is psycopg2.errors.CheckViolation
     # a code this psycopg2 does not know still lands in the right family, so it is bisected
@@ -596,10 +596,10 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
                                                                                                   monkeypatch):
     """Critical's fresh count and its full verification come from its own verification pass, once
     its batches are in: grants that appear in between (keys its batches never saw) fail critical."""
-    import migrator.finalize
+    import migrator.execution.finalize
 
     seed_demo(r, 60)
-    real_link = migrator.finalize.link_rows
+    real_link = migrator.execution.finalize.link_rows
     calls = []
 
     def link_then_grants_appear(conn, mapping, run_id):
@@ -609,7 +609,7 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
                 r.set(f"threadr:premium:ip:203.0.113.{i}", json.dumps({"expires_at": "2030-01-01T00:00:00"}))
         return real_link(conn, mapping, run_id)
 
-    monkeypatch.setattr(migrator.finalize, "link_rows", link_then_grants_appear)
+    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_grants_appear)
     report = migrate(settings)
     assert report["status"] == "rolled_back"
     with pg.cursor() as cur:
@@ -676,10 +676,10 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
     a too-long value is an error, not a silent truncation, and a column added later is seen."""
     import psycopg2.errors
 
-    from migrator.mapping import Mapping, Pattern, Priority, Row
-    from migrator.merge import TableRule
-    from migrator.source import KeyRead
-    from migrator.writer import Prepared, Writer, column_types
+    from migrator.core.mapping import Mapping, Pattern, Priority, Row
+    from migrator.core.merge import TableRule
+    from migrator.core.source import KeyRead
+    from migrator.core.writer import Prepared, Writer, column_types
 
     def rows(_rec) -> list[Row]:
         return []
@@ -758,7 +758,7 @@ def test_a_document_sent_as_utf8_bytes_reaches_postgresql_exactly(pg, conforming
     escapes and multi-byte characters arrive as they were, whatever standard_conforming_strings."""
     import orjson
 
-    from migrator.writer import Utf8Text
+    from migrator.core.writer import Utf8Text
 
     texts = ["it's", "back\\slash \\' both", 'say "hi"', "naïve 𝄞 字", "tab\tnew\nline", "''", "\\"]
     document = orjson.dumps([texts, {"k": texts}])
@@ -776,13 +776,13 @@ def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with
     import multiprocessing
     import threading
 
-    import migrator.runner
+    import migrator.execution.runner
     from helpers import content_fingerprint
 
     seed_demo(r, 120)
     one_at_a_time = migrate(settings, ranges=4)
     expected = content_fingerprint(pg)
-    real = migrator.runner.migrate_batch
+    real = migrator.execution.runner.migrate_batch
     fork = multiprocessing.get_context("fork")
     both_in = fork.Barrier(2, timeout=30)  # shared with the forked lanes; broken unless two batches overlap
     lanes = fork.SimpleQueue()
@@ -796,7 +796,7 @@ def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with
                 pass
         return real(client, conn, mapping, batch_id, progress, **kwargs)
 
-    monkeypatch.setattr(migrator.runner, "migrate_batch", together)  # the lanes fork after this
+    monkeypatch.setattr(migrator.execution.runner, "migrate_batch", together)  # the lanes fork after this
     at_once = migrate(settings, jobs=2, ranges=4)
     seen = set()
     while not lanes.empty():
@@ -813,7 +813,7 @@ def test_local_jobs_run_batches_at_once_each_in_its_own_process_and_session_with
 def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatch):
     import multiprocessing
 
-    import migrator.runner
+    import migrator.execution.runner
 
     seed_demo(r, 60)
     started = multiprocessing.get_context("fork").SimpleQueue()
@@ -822,7 +822,7 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
         started.put(batch_id)
         raise RuntimeError("a bug in a transform")
 
-    monkeypatch.setattr(migrator.runner, "migrate_batch", failing)
+    monkeypatch.setattr(migrator.execution.runner, "migrate_batch", failing)
     report = migrate(settings, jobs=2, ranges=8)
     assert report["status"] == "rolled_back"
     taken = []
@@ -832,8 +832,8 @@ def test_after_a_failed_batch_no_lane_starts_another(settings, r, pg, monkeypatc
 
 
 def test_lanes_that_cannot_open_a_session_stop_the_run_before_any_batch_with_the_way_out(settings, r, pg):
-    from migrator.options import RunOptions
-    from migrator.runner import LaneDied, execute_local, plan_run
+    from migrator.core.options import RunOptions
+    from migrator.execution.runner import LaneDied, execute_local, plan_run
 
     seed_demo(r, 10)
     parent = os.getpid()
@@ -865,11 +865,11 @@ def test_lanes_leave_the_broker_connections_of_the_process_they_fork_from_alone(
 def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_completes_it(settings, r, pg, monkeypatch):
     import signal
 
-    import migrator.runner
-    from migrator.runner import LaneDied, execute_local, resume_point
+    import migrator.execution.runner
+    from migrator.execution.runner import LaneDied, execute_local, resume_point
 
     seed_demo(r, 60)
-    real = migrator.runner.migrate_batch
+    real = migrator.execution.runner.migrate_batch
     parent = os.getpid()
 
     def killed(client, conn, mapping, batch_id, progress=None, **kwargs):
@@ -879,10 +879,10 @@ def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_complete
                 os.kill(os.getpid(), signal.SIGKILL)
         return real(client, conn, mapping, batch_id, progress, **kwargs)
 
-    monkeypatch.setattr(migrator.runner, "migrate_batch", killed)
+    monkeypatch.setattr(migrator.execution.runner, "migrate_batch", killed)
     with pytest.raises(LaneDied, match="migrator resume"):
         migrate(settings, jobs=2, ranges=4)
-    monkeypatch.setattr(migrator.runner, "migrate_batch", real)
+    monkeypatch.setattr(migrator.execution.runner, "migrate_batch", real)
     with pg, pg.cursor() as cur:
         cur.execute("SELECT id, status FROM migration_runs")
         (run_id, status), = cur.fetchall()
@@ -896,18 +896,18 @@ def test_a_lane_process_killed_mid_batch_stops_the_run_for_resume_which_complete
 
 
 def test_a_sub_batch_ends_at_its_byte_limit_as_well_as_its_record_count(settings, r, pg, monkeypatch):
-    import migrator.writer
+    import migrator.core.writer
 
     seed_demo(r, 60)
-    monkeypatch.setattr(migrator.batch, "SUB_BATCH_BYTES", 1)  # every read chunk's values are over it
+    monkeypatch.setattr(migrator.core.batch, "SUB_BATCH_BYTES", 1)  # every read chunk's values are over it
     sizes: list[int] = []
-    real = migrator.writer.Writer.write
+    real = migrator.core.writer.Writer.write
 
     def counted(self, records):
         sizes.append(len(records))
         return real(self, records)
 
-    monkeypatch.setattr(migrator.writer.Writer, "write", counted)
+    monkeypatch.setattr(migrator.core.writer.Writer, "write", counted)
     report = migrate(settings, ranges=1, batch_size=100_000, read_chunk=50)
     assert report["status"] == "completed" and report["balanced"]
     assert max(sizes) <= 50 and sum(sizes) == report["totals"]["migrated"]

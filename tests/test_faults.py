@@ -17,11 +17,11 @@ import pytest
 import redis
 
 from helpers import ROOT, Workers, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env
-from migrator.config import Settings
+from migrator.core.config import Settings
 from migrator.apps.threadr.demo import seed_demo
-from migrator.options import RunOptions
-from migrator.report import build_report
-from migrator.schema import init_db
+from migrator.core.options import RunOptions
+from migrator.views.report import build_report
+from migrator.core.schema import init_db
 from migrator.apps.threadr import THREADR
 from servers import PostgresServer, redis_server
 
@@ -232,7 +232,7 @@ def test_connections_cut_mid_transaction_are_retried(stack, expected, table, cau
 
 
 def _cli(own: Settings, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "migrator.cli", *args, "--redis-url", own.redis_url,
+    return subprocess.Popen([sys.executable, "-m", "migrator.cli.main", *args, "--redis-url", own.redis_url,
                              "--database-url", own.database_url, "--broker-url", own.broker_url],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

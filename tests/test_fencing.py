@@ -12,10 +12,10 @@ import time
 import psycopg2
 import pytest
 
-from migrator import finalize
+from migrator.execution import finalize
 from migrator.apps.threadr.demo import seed_demo
-from migrator.options import RunOptions
-from migrator.status import run_progress
+from migrator.core.options import RunOptions
+from migrator.views.status import run_progress
 from migrator.apps.threadr import THREADR
 
 from helpers import cli, content_fingerprint, fingerprint, migrate, start_on_workers, wait_for_end
@@ -242,10 +242,10 @@ def test_a_failed_rollback_says_so_keeps_everything_and_can_be_run_again(setting
 def test_a_batch_begun_before_a_cancel_cannot_commit_after_the_resume(settings, r, pg):
     """A batch that began before a cancel and commits after a resume would mix two lives of a
     run: the fence it took at its start no longer holds."""
-    from migrator import lease, runstate
-
+    from migrator.core import lease
+    from migrator.core import runstate
     seed_demo(r, 30)
-    from migrator.runner import plan_run
+    from migrator.execution.runner import plan_run
 
     client = settings.redis()
     run_id = plan_run(client, pg, THREADR, RunOptions(priorities=("high",)), settings.redis_url)
@@ -269,8 +269,9 @@ def test_a_batch_begun_before_a_cancel_cannot_commit_after_the_resume(settings, 
 def test_the_commit_of_a_batch_another_worker_took_over_is_refused(settings, r, pg):
     """Where the lost session cannot be ended (no privilege to), the takeover waits for its rows,
     and the lost worker's commit, when it comes back, is refused: its attempt is not the batch's."""
-    from migrator import lease, runstate
-    from migrator.runner import plan_run
+    from migrator.core import lease
+    from migrator.core import runstate
+    from migrator.execution.runner import plan_run
 
     seed_demo(r, 30)
     client = settings.redis()

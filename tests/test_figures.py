@@ -8,12 +8,12 @@ from pathlib import Path
 
 from psycopg2 import sql
 
-from migrator import figures as figures_mod
-from migrator import ledger
+from migrator.views import figures as figures_mod
+from migrator.core import ledger
 from migrator.apps.threadr.demo import seed_demo
-from migrator.options import RunOptions
-from migrator.runner import plan_run
-from migrator.status import run_progress
+from migrator.core.options import RunOptions
+from migrator.execution.runner import plan_run
+from migrator.views.status import run_progress
 from migrator.apps.threadr import THREADR
 
 from test_cli import migrator, urls

@@ -15,10 +15,10 @@ import orjson
 import pytest
 import redis
 
-from migrator import notifications
+from migrator.core import notifications
 from migrator.apps.threadr.demo import seed_demo
 from helpers import ROOT, cli, content_fingerprint, migrate, throwaway_database, verify
-from migrator.config import Settings
+from migrator.core.config import Settings
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ class Following:
         self.settings = settings
         self.out = open(tmp_path / "follow.out", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "migrator.cli", "follow", *args, "--redis-url", settings.redis_url,
+            [sys.executable, "-m", "migrator.cli.main", "follow", *args, "--redis-url", settings.redis_url,
              "--database-url", settings.database_url, "--broker-url", settings.broker_url],
             cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, env={**os.environ, "MIGRATOR_LOG_JSON": "1"})
         self.run_id = wait_for(self._session, 60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrator.apps.threadr.demo import seed_demo
-from migrator.ledger import COUNT_FIELDS
+from migrator.core.ledger import COUNT_FIELDS
 
 from helpers import cli, migrate
 

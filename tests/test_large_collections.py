@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-import migrator.batch
-import migrator.verify
+import migrator.core.batch
+import migrator.core.verify
 from migrator.apps.threadr.demo import add_usage_stats, write_large_timeseries
-from migrator.options import RunOptions
-from migrator.report import build_report
-from migrator.runner import execute_local, plan_run
-from migrator.source import CHUNK_READ_MEMBERS, read_keys, read_parts
+from migrator.core.options import RunOptions
+from migrator.views.report import build_report
+from migrator.execution.runner import execute_local, plan_run
+from migrator.core.source import CHUNK_READ_MEMBERS, read_keys, read_parts
 from migrator.apps.threadr import THREADR
-from migrator.values import stable_id
+from migrator.core.values import stable_id
 
 from helpers import by_pattern, fingerprint, migrate, verify
 
@@ -76,7 +76,7 @@ def test_a_large_time_series_and_stats_hash_are_migrated_a_part_at_a_time_verifi
     assert checked["analytics_timeseries"]["compared"] == 1 and checked["analytics_timeseries"]["rows"] == n
     kinds = {e["kind"]: e for p in result["patterns"] for e in p["examples"]}
     assert kinds["different"]["id"] == changed and kinds["extra"]["why"] == "its key no longer gives this row"
-    shown = migrator.verify.explain(r, pg, THREADR, kinds["different"], RunOptions())
+    shown = migrator.core.verify.explain(r, pg, THREADR, kinds["different"], RunOptions())
     assert shown == [{"column": "value", "postgres": point["value"] + 1, "redis": point["value"]}]
 
 
@@ -86,13 +86,13 @@ def test_one_refused_member_late_in_a_large_time_series_dead_letters_the_key_and
     series = write_large_timeseries(r, n, refused_last=True)
     small = write_large_timeseries(r, 3, user="user_small")
     written: list[int] = []
-    real = migrator.batch.Writer.write
+    real = migrator.core.batch.Writer.write
 
     def counted(self, records):
         written.extend(len(rec.rows) for rec in records if rec.key == series.encode())
         return real(self, records)
 
-    monkeypatch.setattr(migrator.batch.Writer, "write", counted)
+    monkeypatch.setattr(migrator.core.batch.Writer, "write", counted)
     report = migrate(settings, priorities=("medium",), max_dead_ratio=1.0)
     assert report["status"] == "completed" and report["balanced"]
     found = by_pattern(report)["analytics_timeseries"]
@@ -150,7 +150,7 @@ def test_a_large_index_set_is_checked_a_part_at_a_time_and_its_dangling_members_
 
 def test_a_large_collection_deleted_mid_way_counts_expired_and_keeps_nothing_it_wrote(settings, r, pg, monkeypatch):
     series = write_large_timeseries(r, 20_000)
-    real = migrator.batch.read_parts
+    real = migrator.core.batch.read_parts
 
     def deleted_after_three_parts(client, first):
         for n, part in enumerate(real(client, first), 1):
@@ -158,7 +158,7 @@ def test_a_large_collection_deleted_mid_way_counts_expired_and_keeps_nothing_it_
             if n == 3:
                 r.delete(series)
 
-    monkeypatch.setattr(migrator.batch, "read_parts", deleted_after_three_parts)
+    monkeypatch.setattr(migrator.core.batch, "read_parts", deleted_after_three_parts)
     report = migrate(settings, priorities=("medium",))
     assert report["status"] == "completed" and report["balanced"]
     found = by_pattern(report)["analytics_timeseries"]

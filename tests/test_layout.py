@@ -1,5 +1,5 @@
 """The engine's layout: it names no application (everything Threadr-specific lives in
-migrator/apps/threadr), only migrator/ledger.py queries the run ledger's tables, migrator/ never
+migrator/apps/threadr), only migrator/core/ledger.py queries the run ledger's tables, migrator/ never
 imports the Celery layer (it reaches Celery through an executor found by name), and no layer
 imports one above it."""
 from __future__ import annotations
@@ -9,8 +9,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from migrator import ledger
-
+from migrator.core import ledger
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "migrator" / "apps" / "threadr"
 
@@ -39,23 +38,23 @@ def python_modules() -> dict[str, Path]:
     return modules
 
 
-# ---- the ledger's SQL lives in migrator/ledger.py ----
+# ---- the ledger's SQL lives in migrator/core/ledger.py ----
 
-# The tables migrator/sql/ creates that are not the run ledger's, and whose they are.
+# The tables migrator/core/sql/ creates that are not the run ledger's, and whose they are.
 NOT_LEDGER = {
-    "schema_migrations": "the schema's versions (migrator/schema.py)",
-    "legacy_id_map": "a target table every mapping writes (migrator/writer.py, migrator/finalize.py)",
-    "dual_write_repairs": "the dual-write service's (migrator/dualwrite.py, migrator/cutover.py)",
+    "schema_migrations": "the schema's versions (migrator/core/schema.py)",
+    "legacy_id_map": "a target table every mapping writes (migrator/core/writer.py, migrator/execution/finalize.py)",
+    "dual_write_repairs": "the dual-write service's (migrator/cutover/dualwrite.py, migrator/cutover/switch.py)",
     "dual_write_settings": "the dual-write service's",
     "dual_write_shadow_reads": "the dual-write service's",
 }
 
 
 def ledger_tables() -> set[str]:
-    """The tables of migrator/sql/*.sql's CREATE TABLE statements that are the ledger's."""
-    created = {m.group(1) for f in (ROOT / "migrator" / "sql").glob("*.sql")
+    """The tables of migrator/core/sql/*.sql's CREATE TABLE statements that are the ledger's."""
+    created = {m.group(1) for f in (ROOT / "migrator" / "core" / "sql").glob("*.sql")
                for m in re.finditer(r"CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", f.read_text(), re.I)}
-    assert set(NOT_LEDGER) <= created, "NOT_LEDGER names a table migrator/sql/ no longer creates"
+    assert set(NOT_LEDGER) <= created, "NOT_LEDGER names a table migrator/core/sql/ no longer creates"
     return created - set(NOT_LEDGER)
 
 
@@ -77,9 +76,9 @@ def test_every_table_of_the_engine_s_sql_is_the_ledger_s_or_said_whose_it_is():
 def test_only_the_ledger_module_queries_the_ledger_s_tables():
     named = re.compile(r"\b(" + "|".join(sorted(ledger_tables())) + r")\b")
     found = [f"{path.relative_to(ROOT)}:{line}: {' '.join(text.split())[:120]}"
-             for name, path in python_modules().items() if name != "migrator.ledger"
+             for name, path in python_modules().items() if name != "migrator.core.ledger"
              for line, text in strings(path) if named.search(text)]
-    assert found == [], "SQL over the ledger's tables outside migrator/ledger.py; make it a function there:\n" + \
+    assert found == [], "SQL over the ledger's tables outside migrator/core/ledger.py; make it a function there:\n" + \
         "\n".join(found)
 
 
@@ -108,32 +107,24 @@ def imported(name: str, path: Path, modules: dict[str, Path]) -> Iterator[tuple[
                 yield node.lineno, target
 
 
-# Each module of the engine and of its glue, by layer, from the bottom up.
+# A package per layer, from the bottom up: each module's layer is the package it lives in.
 LAYERS = {
     # the engine core: mappings and their values, the source, the target's writes and schema, the
     # ledger, and one batch, verification, validation or rollback at a time
-    "core": ("migrator", "migrator.config", "migrator.errors", "migrator.hooks", "migrator.log", "migrator.redact",
-             "migrator.mapping", "migrator.mapping_file", "migrator.merge", "migrator.values", "migrator.options",
-             "migrator.registry", "migrator.partition", "migrator.source", "migrator.references", "migrator.throttle",
-             "migrator.writer", "migrator.schema", "migrator.sql", "migrator.ledger", "migrator.runstate",
-             "migrator.lease", "migrator.batch", "migrator.verify", "migrator.validate", "migrator.rollback",
-             "migrator.notifications", "migrator.metrics"),
-    # executing runs: planning and carrying them on, the steps after a priority, stopping them, and
-    # the executors (here, or through the Celery layer found by name)
-    "execution": ("migrator.runner", "migrator.finalize", "migrator.cancel", "migrator.executor", "migrator.follow",
-                  "migrator.reconcile"),
+    "core": ("migrator", "migrator.core"),
+    # executing runs: planning and carrying them on, the steps after a priority, stopping them,
+    # follow, and the executors (here, or through the Celery layer found by name)
+    "execution": ("migrator.execution",),
     # what operators look at before, during and after a run
-    "views": ("migrator.audit", "migrator.backup", "migrator.figures", "migrator.mapping_doc", "migrator.mapping_init", "migrator.preflight", "migrator.html_report",
-              "migrator.report", "migrator.status"),
+    "views": ("migrator.views",),
     # the application's switch from Redis to PostgreSQL
-    "cutover": ("migrator.dualwrite", "migrator.cutover"),
+    "cutover": ("migrator.cutover",),
     # the command line
-    "cli": ("migrator.cli", "migrator.commands"),
+    "cli": ("migrator.cli",),
     # the Celery layer: tasks over the engine, and the Celery executor
-    "celery": ("celeryconfig", "workers", "workers.celery", "workers.coordinator", "workers.executor", "workers.metrics",
-               "workers.tasks"),
+    "celery": ("celeryconfig", "workers"),
     # applications' mappings (migrator/apps/<app>), found by name like any installed one
-    "apps": (),
+    "apps": ("migrator.apps",),
 }
 # The layers each one stands on: it may import them and itself, nothing else.
 STANDS_ON = {
@@ -148,16 +139,21 @@ STANDS_ON = {
 
 
 def layer_of(module: str) -> str:
-    if module.startswith("migrator.apps"):
-        return "apps"
-    found = [layer for layer, names in LAYERS.items() if module in names]
-    assert found, f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}"
+    found = [layer for layer, packages in LAYERS.items() for package in packages
+             if module == package or package != "migrator" and module.startswith(package + ".")]
+    assert found, f"{module} is in no layer's package: move it into one of {sorted(LAYERS)} (tests/test_layout.py)"
     return found[0]
+
+
+def test_every_module_of_the_engine_lives_in_its_layer_s_package():
+    top = sorted(f.name for f in (ROOT / "migrator").glob("*.py") if f.name != "__init__.py")
+    assert top == [], f"modules outside a layer's package: {top}"
+    assert all(layer_of(name) for name in python_modules())
 
 
 def test_no_layer_imports_one_above_it():
     modules = python_modules()
-    assert {"migrator.ledger", "migrator.executor", "workers.executor", "migrator.cli"} <= set(modules)
+    assert {"migrator.core.ledger", "migrator.execution.executor", "workers.executor", "migrator.cli.main"} <= set(modules)
     wrong = []
     for name, path in sorted(modules.items()):
         layer = layer_of(name)

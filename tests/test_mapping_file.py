@@ -12,17 +12,16 @@ import psycopg2
 import pytest
 
 from migrator.apps.shop.demo import seed_shop
-from migrator.config import ConfigError, Settings
-from migrator.mapping import REDISJSON
-from migrator.mapping_file import MappingFileError, load_file, parse_key
-from migrator.options import RunOptions
-from migrator.registry import digest
-from migrator.runner import plan_run
-from migrator.schema import empty_tables, init_db
-from migrator.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, loaded_modules, read_keys, read_parts
-from migrator.values import stable_id
-from migrator import ledger
-
+from migrator.core.config import ConfigError, Settings
+from migrator.core.mapping import REDISJSON
+from migrator.core.mapping_file import MappingFileError, load_file, parse_key
+from migrator.core.options import RunOptions
+from migrator.core.registry import digest
+from migrator.execution.runner import plan_run
+from migrator.core.schema import empty_tables, init_db
+from migrator.core.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, loaded_modules, read_keys, read_parts
+from migrator.core.values import stable_id
+from migrator.core import ledger
 from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
 
 SHOP_FILE = ROOT / "migrator" / "apps" / "shop" / "mapping.toml"
@@ -503,7 +502,7 @@ def test_the_reader_gives_streams_lists_in_parts_and_their_digests_follow_their_
     assert stream.raw == [(b"1-1", {b"a": b"1"}), (b"2-1", {b"a": b"2", b"b": b"x"})] and stream.resume is None
     read = list(read_parts(r, listed))
     assert [len(p.raw) for p in read] == [CHUNK_READ_MEMBERS, 5] and read[1].raw.start == CHUNK_READ_MEMBERS
-    from migrator.source import value_digest
+    from migrator.core.source import value_digest
 
     before = value_digest(stream.raw)
     r.xadd("s", {"a": "3"}, id="3-1")

@@ -12,11 +12,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from migrator import cli, ledger, metrics
+from migrator.cli.main import main as cli
+from migrator.core import ledger
+from migrator.core import metrics
 from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
-from migrator.mapping import UNMAPPED
-from migrator.report import build_report
+from migrator.core.mapping import UNMAPPED
+from migrator.views.report import build_report
 
 from helpers import ROOT, Workers, free_port, wait_for_end, worker_env
 
@@ -82,7 +84,7 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
 def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(settings, r, pg, tmp_path):
     from workers.celery import delete_queues
     from workers.coordinator import start_run
-    from migrator.options import RunOptions
+    from migrator.core.options import RunOptions
 
     seed_demo(r, 40, malformed=4)
     worker_port = free_port()

@@ -19,10 +19,10 @@ import psycopg2
 import pytest
 import redis
 
-from migrator.config import Settings
+from migrator.core.config import Settings
 from migrator.apps.threadr.demo import seed_demo
-from migrator.options import RunOptions
-from migrator.schema import init_db
+from migrator.core.options import RunOptions
+from migrator.core.schema import init_db
 from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, Workers, content_fingerprint, migrate, start_on_workers, wait_for_end, worker_env

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.partition import KeyRange, scan_range
+from migrator.core.partition import KeyRange, scan_range
 
 
 @pytest.fixture

@@ -9,15 +9,15 @@ import pytest
 from psycopg2 import sql
 
 from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
-from migrator.config import DEFAULT_BROKER_URL, Settings
+from migrator.core.config import DEFAULT_BROKER_URL, Settings
 from migrator.apps.threadr.demo import seed_demo
-from migrator.preflight import (CheckResult, check_redis, check_result_backend, exit_code, judge_postgres,
+from migrator.views.preflight import (CheckResult, check_redis, check_result_backend, exit_code, judge_postgres,
                                 judge_workers, render_checks, run_checks)
-from migrator.schema import database_url_for, ensure_database
+from migrator.core.schema import database_url_for, ensure_database
 
 from conftest import ADMIN_URL
 from helpers import migrate
-from migrator.schema import schema_versions
+from migrator.core.schema import schema_versions
 from migrator.apps.threadr import THREADR
 from servers import redis_server, spare_port, with_password
 

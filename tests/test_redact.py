@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from migrator.redact import redact_secrets, redact_text, redact_url
+from migrator.core.redact import redact_secrets, redact_text, redact_url
 
 
 @pytest.mark.parametrize("url, secret", [
@@ -44,7 +44,7 @@ def test_masking_takes_linear_time_on_half_a_megabyte_of_adversarial_text():
     import subprocess
     import sys
 
-    code = ("from migrator.redact import redact_text\n"
+    code = ("from migrator.core.redact import redact_text\n"
             "n = 512 * 1024\n"
             "for text in ['x' * n, 'a.' * n, 'a@' * n, '1.' * n, 'a:' * n, '::' * n, 'http://' * (n // 4), 'a@b.' * n]:\n"
             "    redact_text(text)\n")

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from migrator import registry
+from migrator.core import registry
 from migrator.apps.threadr.demo import seed_demo
-from migrator.mapping import Mapping
+from migrator.core.mapping import Mapping
 from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, migrate, wait_for_end
@@ -22,7 +22,7 @@ SPEC = "example_mappings:PREMIUM_ONLY"  # tests/example_mappings.py
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.run([sys.executable, "-m", "migrator.cli", *args, "--redis-url", settings.redis_url,
+    return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args, "--redis-url", settings.redis_url,
                            "--database-url", settings.database_url, "--broker-url", settings.broker_url],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
@@ -39,7 +39,7 @@ def test_a_mapping_is_found_by_its_installed_name_or_module_and_a_wrong_one_says
         registry.load("no_such_module:MAPPING")
     with pytest.raises(registry.MappingError, match="has no 'NOPE'"):
         registry.load("migrator.apps.threadr.mapping:NOPE")
-    with pytest.raises(registry.MappingError, match="is a str, not a migrator.mapping.Mapping"):
+    with pytest.raises(registry.MappingError, match="is a str, not a migrator.core.mapping.Mapping"):
         registry.load("migrator.apps.threadr.mapping:UUID")
 
 
@@ -90,8 +90,8 @@ def test_a_run_made_with_a_mapping_is_reported_with_it_and_refuses_another(setti
 def test_a_worker_whose_mapping_is_not_the_runs_refuses_its_batches_and_says_why(settings, r, pg, workers):
     """A worker deployed with another version of the mapping (here: the run recorded another
     digest) runs none of its batches: each is marked failed with the reason, and the run stops."""
-    from migrator.options import RunOptions
-    from migrator.runner import plan_run
+    from migrator.core.options import RunOptions
+    from migrator.execution.runner import plan_run
     from workers.tasks import dispatch_priority
 
     seed_demo(r, 20)

@@ -8,12 +8,12 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from migrator import ledger
-from migrator.config import Settings
+from migrator.core import ledger
+from migrator.core.config import Settings
 from migrator.apps.threadr.demo import seed_demo
-from migrator.preflight import check_privileges
-from migrator.report import build_report
-from migrator.schema import init_db
+from migrator.views.preflight import check_privileges
+from migrator.views.report import build_report
+from migrator.core.schema import init_db
 from migrator.apps.threadr import THREADR
 
 from helpers import GADGETS_DDL, gadgets, migrate, migrator, throwaway_database

@@ -10,14 +10,14 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from migrator.config import ConfigError, Settings
-from migrator.options import RunOptions
-from migrator.rollback import RollbackFailed, rollback_run
-from migrator.runner import execute_local, plan_run
-from migrator.schema import PROVENANCE, engine_sql, init_db, missing_journals, require_schema, schema_versions
-from migrator.status import run_progress
+from migrator.core.config import ConfigError, Settings
+from migrator.core.options import RunOptions
+from migrator.core.rollback import RollbackFailed, rollback_run
+from migrator.execution.runner import execute_local, plan_run
+from migrator.core.schema import PROVENANCE, engine_sql, init_db, missing_journals, require_schema, schema_versions
+from migrator.views.status import run_progress
 from migrator.apps.threadr import THREADR
-from migrator.values import stable_id
+from migrator.core.values import stable_id
 
 from helpers import GADGETS_DDL, fingerprint, gadgets, migrate, migrator, throwaway_database
 

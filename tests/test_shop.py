@@ -9,8 +9,8 @@ import json
 import pytest
 from psycopg2 import sql
 
-from migrator.mapping_file import load_file
-from migrator.values import stable_id
+from migrator.core.mapping_file import load_file
+from migrator.core.values import stable_id
 
 from helpers import ROOT, by_pattern, cli, fingerprint
 

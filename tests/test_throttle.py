@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from helpers import migrate
-from migrator.config import state_db
+from migrator.core.config import state_db
 from migrator.apps.threadr.demo import seed_demo
-from migrator.options import RunOptions
-from migrator.throttle import Throttle
+from migrator.core.options import RunOptions
+from migrator.core.throttle import Throttle
 
 
 def _state(r: redis.Redis) -> redis.Redis:
@@ -57,5 +57,5 @@ def test_throttled_run_scans_and_reads_under_the_cap_and_still_balances(settings
 def test_the_cap_must_be_positive_and_is_in_run_help():
     with pytest.raises(ValueError, match="--max-keys-per-sec"):
         RunOptions(max_keys_per_sec=0)
-    out = subprocess.run([sys.executable, "-m", "migrator.cli", "run", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "migrator.cli.main", "run", "--help"], capture_output=True, text=True).stdout
     assert "--max-keys-per-sec" in out

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from migrator.mapping import BadRecord, SourceRecord, literal_prefix
-from migrator.source import decode
+from migrator.core.mapping import BadRecord, SourceRecord, literal_prefix
+from migrator.core.source import decode
 from migrator.apps.threadr.mapping import THREADR, user_uuid
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
@@ -346,7 +346,7 @@ def test_wrong_shapes_are_bad_records_not_crashes():
 def test_stable_ids_are_rfc4122_uuid5_so_they_never_drift():
     import uuid
 
-    from migrator.values import ID_NAMESPACE, stable_id
+    from migrator.core.values import ID_NAMESPACE, stable_id
 
     many = [("n", str(i)) for i in range(64)]  # every variant digit (8, 9, a, b) comes up
     for parts in [("premium", "cs_test_1"), ("user", "user_abc"), ("usage", "ip", "2001:db8::1", "daily", "2026-11-27"),
@@ -372,7 +372,7 @@ def refs(key: str, value) -> list:
 
 def test_index_patterns_and_records_name_what_must_be_there():
     """Indexes name records; records name the index that must list them (checked in Redis)."""
-    from migrator.mapping import Reference
+    from migrator.core.mapping import Reference
 
     assert refs("threadr:user:email:ann@x.io", b"user_abc") == [Reference("threadr:user:user_abc")]
     assert refs("threadr:user:user_abc", user_value()) == [Reference("threadr:user:email:Ann@X.io", "user_abc")]

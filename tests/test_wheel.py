@@ -21,8 +21,8 @@ from celery import Celery
 
 from celeryconfig import PRIORITY_QUEUES  # this session's queue names (its MIGRATOR_QUEUE_PREFIX)
 
-from migrator import ledger
-from migrator.schema import missing_journals, require_schema, schema_versions, written_tables
+from migrator.core import ledger
+from migrator.core.schema import missing_journals, require_schema, schema_versions, written_tables
 from migrator.apps.threadr import THREADR
 
 from helpers import ROOT, by_pattern, throwaway_database
@@ -41,7 +41,7 @@ def installed(tmp_path_factory) -> Path:
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("*.whl")
     packaged = set(zipfile.ZipFile(wheel).namelist())
-    assert {"migrator/sql/001_ledger.sql", "migrator/apps/threadr/schema.sql", "celeryconfig.py"} <= packaged
+    assert {"migrator/core/sql/001_ledger.sql", "migrator/apps/threadr/schema.sql", "celeryconfig.py"} <= packaged
     assert not any(name.startswith(("tests/", "sql/")) for name in packaged)
 
     venv = tmp / "venv"

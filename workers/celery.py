@@ -5,8 +5,8 @@ from celery import Celery
 from celery.signals import setup_logging, worker_init
 
 from celeryconfig import PRIORITY_QUEUES
-from migrator.batch import collect_less
-from migrator.log import configure, route_stdlib_logging
+from migrator.core.batch import collect_less
+from migrator.core.log import configure, route_stdlib_logging
 
 app = Celery("migrator", include=["workers.tasks", "workers.metrics"])
 app.config_from_object("celeryconfig")

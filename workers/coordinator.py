@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any, Callable, Iterable
 
-from migrator.config import ConfigError, Settings, same_redis_db
+from migrator.core.config import ConfigError, Settings, same_redis_db
 
 from celeryconfig import PRIORITY_QUEUES, QUEUE_PREFIX
 

@@ -1,4 +1,4 @@
-"""The Celery executor (the interface is migrator/executor.py's): a run's batches and a
+"""The Celery executor (the interface is migrator/execution/executor.py's): a run's batches and a
 verification's ranges sent as chords to Celery workers through the coordinator
 (workers/coordinator.py). A call returns once the work is sent; the workers carry the run on,
 and report to the ledger, never to the process that sent it."""
@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from migrator import ledger
-from migrator.executor import Executor
-from migrator.follow import Apply
-from migrator.mapping import Mapping, Priority
-from migrator.options import RunOptions
-from migrator.verify import kept_result, plan_verification
+from migrator.core import ledger
+from migrator.execution.executor import Executor
+from migrator.execution.follow import Apply
+from migrator.core.mapping import Mapping, Priority
+from migrator.core.options import RunOptions
+from migrator.core.verify import kept_result, plan_verification
 
 from celeryconfig import PRIORITY_QUEUES
 

@@ -1,4 +1,4 @@
-"""Each worker process that runs tasks serves its Prometheus metrics (migrator/metrics.py) when
+"""Each worker process that runs tasks serves its Prometheus metrics (migrator/core/metrics.py) when
 MIGRATOR_METRICS_PORT is set: a threads, gevent or solo pool's worker on that port; a prefork pool's
 children on the port plus their index (0, 1, ...), since their counts are their own. With
 PROMETHEUS_MULTIPROC_DIR set (prometheus_client's multiprocess mode), the children's counts are
@@ -13,9 +13,7 @@ from billiard.process import current_process
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import worker_process_init, worker_ready
 
-from migrator import metrics
-
-
+from migrator.core import metrics
 def _port() -> int | None:
     port = os.environ.get("MIGRATOR_METRICS_PORT")
     return int(port) if port else None

@@ -19,19 +19,22 @@ from celery import chord, uuid
 from celery.canvas import Signature
 from celery.signals import task_postrun, task_prerun
 
-from migrator import ledger, metrics, registry, verify
-from migrator.batch import migrate_batch
-from migrator.config import Settings
-from migrator.errors import backoff, transient
-from migrator.finalize import Step, begin_verification, halt, judge_priority
-from migrator.follow import apply_keys
-from migrator.lease import worker_name
-from migrator.mapping import Mapping, Priority
-from migrator.registry import MappingError
-from migrator.options import RunOptions
-from migrator.redact import redact_text
-from migrator.runstate import Fenced
-from migrator.writer import describe
+from migrator.core import ledger
+from migrator.core import metrics
+from migrator.core import registry
+from migrator.core import verify
+from migrator.core.batch import migrate_batch
+from migrator.core.config import Settings
+from migrator.core.errors import backoff, transient
+from migrator.execution.finalize import Step, begin_verification, halt, judge_priority
+from migrator.execution.follow import apply_keys
+from migrator.core.lease import worker_name
+from migrator.core.mapping import Mapping, Priority
+from migrator.core.registry import MappingError
+from migrator.core.options import RunOptions
+from migrator.core.redact import redact_text
+from migrator.core.runstate import Fenced
+from migrator.core.writer import describe
 
 from celeryconfig import PRIORITY_QUEUES
 

@@ -1,2 +1,2 @@
 """Applications' mappings, each a package of its own registered like any other mapping
-(migrator/registry.py); the engine around them names none of them."""
+(migrator/core/registry.py); the engine around them names none of them."""

@@ -8,7 +8,7 @@
 -- findings without recording them ("not recorded: role migrator_report cannot write the ledger");
 -- raw dead-letter values stay hidden.
 -- What each may do is granted by init-db whenever they exist (migrator_grant_roles, in
--- migrator/sql/009_roles.sql: the ledger and every table a mapping writes); this file grants the same
+-- migrator/core/sql/009_roles.sql: the ledger and every table a mapping writes); this file grants the same
 -- once it has created them, if init-db ran before.
 DO $$
 BEGIN

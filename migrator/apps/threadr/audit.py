@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from migrator.mapping import BadRecord, Mapping, Pattern, Priority
-from migrator.values import parse_dt
+from migrator.core.mapping import BadRecord, Mapping, Pattern, Priority
+from migrator.core.values import parse_dt
 
 # Fields of a critical value that make it a time-limited grant or a subscription.
 GRANT_EXPIRY = "expires_at"

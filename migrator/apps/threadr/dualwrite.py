@@ -10,9 +10,9 @@ from typing import Any
 import redis
 from psycopg2 import sql
 
-from migrator.dualwrite import DualWriteService, WriteResult, app_time
-from migrator.mapping import SourceRecord
-from migrator.values import parse_dt
+from migrator.cutover.dualwrite import DualWriteService, WriteResult, app_time
+from migrator.core.mapping import SourceRecord
+from migrator.core.values import parse_dt
 
 DAY = 86_400
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 
-from migrator.hooks import Hooks
-from migrator.mapping import BadRecord, Figure, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
-from migrator.merge import TableRule
-from migrator.values import (
+from migrator.core.hooks import Hooks
+from migrator.core.mapping import BadRecord, Figure, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
+from migrator.core.merge import TableRule
+from migrator.core.values import (
     parse_bool,
     parse_date,
     parse_dt,

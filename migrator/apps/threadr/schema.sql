@@ -1,6 +1,6 @@
 -- Threadr's target tables: the THREADR mapping's schema (migrator/threadr.py), which `migrator init-db`
--- applies after the engine's own SQL (migrator/sql/). The engine then gives every table the mapping
--- writes its provenance columns and the journal trigger exact rollback depends on (migrator/schema.py).
+-- applies after the engine's own SQL (migrator/core/sql/). The engine then gives every table the mapping
+-- writes its provenance columns and the journal trigger exact rollback depends on (migrator/core/schema.py).
 -- Every table: a deterministic uuid id (uuid5 of the natural key) so reruns upsert in place,
 -- provenance (migration_run, source_key, metadata->>'source'), expires_at from the key's TTL,
 -- timezone-aware timestamps only, and no generated column that would need a mutable function.

@@ -1,0 +1,2 @@
+"""The command line: `main` parses (each command registered once with its handler), `commands`
+calls the library."""

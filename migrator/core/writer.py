@@ -1,0 +1,234 @@
+"""Writing transformed records: one round trip per sub-batch, bisection on failure.
+
+The rows of each table go as one JSON array of arrays (a row's values in column order),
+expanded server-side by jsonb_array_elements and cast column by column (orjson serialises them
+in C, where quoting each value in Python cost more than the insert itself), and every upsert
+of a sub-batch runs in one call of `migrator_write` (migrator/core/sql/004_write_path.sql), inside a
+subtransaction that a record error rolls back without aborting the batch. A failing sub-batch
+is split in halves until every good record has committed and each bad one is isolated as a
+dead letter with the database's reason.
+"""
+from __future__ import annotations
+
+import struct
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Sequence
+
+import orjson
+import psycopg2
+import psycopg2.errors
+
+from migrator.core import metrics
+from migrator.core import schema
+from migrator.core.mapping import Mapping, Pattern, Row
+from migrator.core.source import KeyRead
+
+
+# Errors a record can cause. Anything else (a missing table, a lost connection) fails the batch.
+RECORD_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.errors.ProgramLimitExceeded,
+                 orjson.JSONEncodeError)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A source key ready to write: all of its rows commit together or not at all."""
+
+    key: bytes
+    key_text: str
+    pattern: Pattern
+    rows: list[Row]
+    expires_at: datetime | None
+    read: KeyRead  # kept for the dead letter should the write fail
+    digest: int  # of the value as read (source.value_digest), kept on its rows for verification
+
+
+def describe(exc: BaseException) -> str:
+    """The first line of an error, fit for logs: PostgreSQL's detail (row values) is left out."""
+    text = (getattr(exc, "pgerror", None) or str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def detail(exc: BaseException) -> str | None:
+    """PostgreSQL's detail, which may quote row values: kept with the dead letter, never logged."""
+    return getattr(exc, "detail", None) or getattr(getattr(exc, "diag", None), "message_detail", None)
+
+
+def _error_class(sqlstate: str) -> type[psycopg2.Error]:
+    """psycopg2's exception for a record error that migrator_write returned (classes 22, 23, 54)."""
+    try:
+        return psycopg2.errors.lookup(sqlstate)
+    except KeyError:  # a code newer than this psycopg2: its class says enough
+        return {"22": psycopg2.DataError, "23": psycopg2.IntegrityError}.get(sqlstate[:2],
+                                                                              psycopg2.errors.ProgramLimitExceeded)
+
+
+# Columns every row gets from the record it came from, after its own (init-db adds them to every table).
+PROVENANCE = tuple(schema.PROVENANCE)
+
+COLUMN_TYPES = """
+SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory, pg_get_expr(d.adbin, d.adrelid)
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid IN (SELECT to_regclass(t) FROM unnest(%s::text[]) AS t) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+class Utf8Text:
+    """A text parameter given as UTF-8 bytes: psycopg2 quotes it as they are. orjson writes bytes,
+    and decoding a sub-batch's document to str for psycopg2 to encode it again cost more than
+    serialising it. Only for a connection whose client encoding is UTF8."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __conform__(self, protocol: Any) -> "Utf8Text":
+        return self
+
+    def getquoted(self) -> bytes:
+        # an escape string literal means the same whatever standard_conforming_strings says
+        return b"E'" + self.data.replace(b"\\", b"\\\\").replace(b"'", b"''") + b"'"
+
+
+# Column types per connection, read once from the catalog: a type per column is what the
+# upsert casts each positional value to (with its category, and its default expression for
+# the verification). A new connection reads them again.
+ColumnType = tuple[str, str, str | None]
+_column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, ColumnType]]]" = weakref.WeakKeyDictionary()
+
+
+class Writer:
+    def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None) -> None:  # None: the app's own writes
+        self.cursor = cursor
+        self.mapping = mapping
+        self.run_id = run_id
+        self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
+        # A key that gives a row says the row is live: in a table whose rows `follow` marks rather
+        # than deletes, every write clears the mark (a run's as well as follow's own).
+        self._marked = {r.name: r.deleted_at for r in mapping.rules if r.on_delete == "mark"}
+
+    def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
+        """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
+        try:
+            return self.upsert(records), []
+        except RECORD_ERRORS as exc:
+            if len(records) == 1:
+                return 0, [(records[0], exc)]
+            mid = len(records) // 2
+            left_rows, left_dead = self.write(records[:mid])
+            right_rows, right_dead = self.write(records[mid:])
+            return left_rows + right_rows, left_dead + right_dead
+
+    def upsert(self, records: list[Prepared]) -> int:
+        """Upsert every row of these records, all or none; returns the rows inserted or changed.
+
+        A record error is raised as psycopg2's exception for its SQLSTATE, and leaves the
+        transaction usable.
+        """
+        # One statement per (table, columns); a row id seen twice goes to a later round,
+        # since one upsert statement may not touch the same row twice. A row travels as the
+        # list of its values, its provenance last.
+        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, list[Any]]]] = []
+        for rec in records:
+            provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at, rec.digest)
+            for row in rec.rows:
+                values = row.values
+                if self._marked and row.table in self._marked:
+                    values.setdefault(self._marked[row.table], None)
+                group, row_id = (row.table, tuple(values)), values["id"]
+                line = [*values.values(), *provenance]
+                for batch in rounds:
+                    bucket = batch.setdefault(group, {})
+                    if row_id not in bucket:
+                        bucket[row_id] = line
+                        break
+                else:
+                    rounds.append({group: {row_id: line}})
+        statements, documents = [], []
+        for batch in rounds:
+            # A fixed table order and id order keeps concurrent workers from deadlocking.
+            for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
+                statements.append(self._statement(table, columns + PROVENANCE))
+                documents.append(orjson.dumps([rows[k] for k in sorted(rows)]))
+        if not statements:
+            return 0
+        with metrics.POSTGRES_WRITE.time():
+            written, state, message, detail_ = call_with_documents(self.cursor, "migrator_write", statements, documents)
+        if state is not None:
+            error = _error_class(state)(message)
+            error.detail = detail_
+            raise error
+        return written
+
+    def _statement(self, table: str, columns: tuple[str, ...]) -> str:
+        key = (table, columns)
+        if key not in self._statements:
+            types = column_types(self.cursor, self.mapping, table, columns)
+            self._statements[key] = self.mapping.rule(table).upsert(columns, types).as_string(self.cursor)
+        return self._statements[key]
+
+
+# Documents of rows larger than this go to PostgreSQL by COPY, streamed as they are: as a
+# parameter, psycopg2 would quote a copy of one and build the statement text around another.
+LARGE_DOCUMENT_BYTES = 4 * 1024 * 1024
+STAGED = "ARRAY(SELECT doc FROM pg_temp.migrator_documents ORDER BY n)"
+
+
+def call_with_documents(cursor: Any, function: str, statements: list[str], documents: list[bytes]) -> tuple:
+    """`SELECT * FROM function(statements, documents)` (migrator_write, migrator_compare): its one
+    row. The documents (JSON of rows, as orjson wrote them) go as parameters, or, when one of them
+    is large, through a temporary table filled by COPY, so the client holds each once."""
+    if max(map(len, documents)) < LARGE_DOCUMENT_BYTES:
+        param = Utf8Text if cursor.connection.encoding == "UTF8" else bytes.decode
+        cursor.execute(f"SELECT * FROM {function}(%s, %s)", (statements, [param(d) for d in documents]))
+        return cursor.fetchone()
+    cursor.execute("CREATE TEMP TABLE IF NOT EXISTS migrator_documents (n integer, doc text) ON COMMIT DELETE ROWS")
+    cursor.copy_expert("COPY pg_temp.migrator_documents (n, doc) FROM STDIN WITH (FORMAT binary)", _Binary(documents))
+    cursor.execute(f"SELECT * FROM {function}(%s, {STAGED})", (statements,))
+    row = cursor.fetchone()
+    cursor.execute("TRUNCATE pg_temp.migrator_documents")
+    return row
+
+
+class _Binary:
+    """COPY's binary format of rows (n, doc), read by psycopg2 a piece at a time: a document is
+    handed over in slices of itself, never copied whole."""
+
+    def __init__(self, documents: list[bytes]) -> None:
+        parts: list[bytes | memoryview] = [b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)]
+        for n, doc in enumerate(documents):
+            parts += [struct.pack("!hii", 2, 4, n) + struct.pack("!i", len(doc)), memoryview(doc)]
+        parts.append(struct.pack("!h", -1))
+        self.parts, self.at = parts, 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self.parts and self.at >= len(self.parts[0]):
+            self.parts.pop(0)
+            self.at = 0
+        if not self.parts:
+            return b""
+        part = self.parts[0]
+        end = len(part) if size < 0 else min(len(part), self.at + size)
+        piece, self.at = bytes(part[self.at:end]), end
+        return piece
+
+
+def column_types(cursor: Any, mapping: Mapping, table: str, columns: Sequence[str]) -> dict[str, ColumnType]:
+    """The catalog's type of each column of `table` (all of them); read again when a column is new to it."""
+    conn = cursor.connection
+    known = _column_types.get(conn, {}).get(table, {})
+    if not known or not all(c in known for c in columns):
+        cursor.execute(COLUMN_TYPES, (mapping.table_names(),))
+        tables: dict[str, dict[str, ColumnType]] = {}
+        for relname, column, type_name, category, default in cursor.fetchall():
+            tables.setdefault(relname, {})[column] = (type_name, category, default)
+        _column_types[conn] = tables
+        known = tables.get(table, {})
+        missing = [c for c in columns if c not in known]
+        if missing:
+            what = f"table {table}" if not known else f"column(s) {', '.join(missing)} of table {table}"
+            raise LookupError(f"{what} not in the target database: is its schema current? (`migrator init-db`)")
+    return known

@@ -1,0 +1,261 @@
+"""The dual-write service an app imports during a zero-downtime cutover.
+
+An application's operations (migrator/apps/<app>/dualwrite.py) subclass
+DualWriteService: they write the app's Redis formats with `put`, and answer the app's reads
+with `read`, whose shadow reads `migrator parity` and `migrator cutover` judge. Writes reach
+PostgreSQL through the same pattern transforms and per-table merge rules as the batch migration, so a backfill running
+beside the app never overwrites a newer value and both paths agree on every row.
+
+Strategies: REDIS_ONLY (before), DUAL_WRITE (Redis answers, PostgreSQL is written too),
+POSTGRES_PRIMARY (PostgreSQL answers, Redis is still written as the fallback), POSTGRES_ONLY.
+A failed write to the secondary store is never counted as a success: it is recorded in
+`dual_write_repairs` with the exact key, value and TTL, and `repair()` applies it again.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+import psycopg2
+import redis
+from psycopg2 import sql
+import structlog
+
+from migrator.core.mapping import Mapping, SourceRecord
+from migrator.core.redact import redact_text
+from migrator.core.source import KeyRead, decode, value_digest
+from migrator.core.writer import Prepared, Writer, describe
+
+log = structlog.get_logger("migrator.cutover.dualwrite")
+
+TABLES = ("dual_write_repairs", "dual_write_settings", "dual_write_shadow_reads")  # migrator/core/sql/003_dual_write.sql
+
+
+class WriteStrategy(str, enum.Enum):
+    REDIS_ONLY = "redis_only"
+    DUAL_WRITE = "dual_write"
+    POSTGRES_PRIMARY = "postgres_primary"
+    POSTGRES_ONLY = "postgres_only"
+
+    @property
+    def writes_redis(self) -> bool:
+        return self is not WriteStrategy.POSTGRES_ONLY
+
+    @property
+    def writes_postgres(self) -> bool:
+        return self is not WriteStrategy.REDIS_ONLY
+
+    @property
+    def reads_postgres(self) -> bool:
+        return self in (WriteStrategy.POSTGRES_PRIMARY, WriteStrategy.POSTGRES_ONLY)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What happened to one write: the primary store took it; the secondary did, or it awaits repair."""
+
+    key: str
+    primary_ok: bool
+    secondary_ok: bool | None  # None: this strategy has no secondary store
+    repair_id: int | None = None
+
+
+def app_time(at: datetime) -> str:
+    # the app wrote naive UTC datetimes
+    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+class DualWriteService:
+    """`strategy` fixed, or None to follow `dual_write_settings` (what `migrator cutover` switches),
+    re-read at most every `follow_every_s`. `shadow_rate`: the share of reads, in DUAL_WRITE,
+    also answered by PostgreSQL and compared, in a background thread off the request path."""
+
+    def __init__(self, client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
+                 strategy: WriteStrategy | None = WriteStrategy.DUAL_WRITE, *, shadow_rate: float = 0.0,
+                 follow_every_s: float = 5.0) -> None:
+        self.redis, self._connect, self.mapping = client, connect, mapping
+        self._fixed, self._followed, self._followed_at, self._follow_every = strategy, None, 0.0, follow_every_s
+        self.shadow_rate = shadow_rate
+        self._shadow = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow-read")
+        self._conn: Any = None
+
+    @property
+    def strategy(self) -> WriteStrategy:
+        if self._fixed is not None:
+            return self._fixed
+        if self._followed is None or time.monotonic() - self._followed_at > self._follow_every:
+            self._followed, self._followed_at = configured_strategy(self._pg()), time.monotonic()
+        return self._followed
+
+    @strategy.setter
+    def strategy(self, value: WriteStrategy) -> None:
+        self._fixed = value
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _pg(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def close(self) -> None:
+        self._shadow.shutdown(wait=True)
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+    def _to_postgres(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
+        """Through the pattern's transform and its table's merge rule, as the batch writer does;
+        `raw` None deletes what the key wrote."""
+        pattern, fields = self.mapping.classify(key)
+        if pattern is None or not pattern.migrated:
+            return  # the migration does not carry this key either
+        if raw is None:
+            conn = self._pg()
+            with conn, conn.cursor() as cur:
+                cur.execute(sql.SQL("DELETE FROM {} WHERE source_key = %s").format(sql.Identifier(pattern.table)), (key,))
+            return
+        now = datetime.now(timezone.utc)
+        expires = now + timedelta(seconds=ttl_s) if ttl_s else None
+        rows = pattern.transform(SourceRecord(key, fields, decode(raw, pattern.value_format), expires, now, timezone.utc))
+        conn = self._pg()
+        try:
+            with conn, conn.cursor() as cur:
+                Writer(cur, self.mapping, run_id=None).upsert(
+                    [Prepared(key.encode(), key, pattern, rows, expires, KeyRead(key.encode(), pattern.redis_type, -1, raw, len(raw)),
+                              value_digest(raw))])
+        except psycopg2.Error:
+            conn.close()  # a broken connection is replaced on the next call
+            raise
+
+    def _to_redis(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
+        if raw is None:
+            self.redis.delete(key)
+        else:
+            self.redis.set(key, raw, ex=ttl_s)
+
+    def _record_repair(self, store: str, key: str, raw: bytes | None, ttl_s: int | None,
+                       exc: BaseException) -> int | None:
+        """Keep the failed secondary write in the store that just took it, for `repair()`."""
+        reason = redact_text(describe(exc))
+        log.warning("secondary_write_failed", store=store, key=redact_text(key), error=reason)
+        conn = self._pg() if store == "redis" else None
+        if conn is None:  # PostgreSQL is the one that failed: queue the repair in Redis
+            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({
+                "key": key, "raw": None if raw is None else raw.decode("latin-1"), "ttl_s": ttl_s, "error": reason})))
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, ttl_s, error) VALUES (%s, %s, %s, %s, %s)"
+                        " RETURNING id", (store, key, None if raw is None else psycopg2.Binary(raw), ttl_s, reason))
+            return cur.fetchone()[0]
+
+    def put(self, key: str, value: Any, ttl_s: int | None) -> WriteResult:
+        """Write one key to the primary store, then the secondary; a secondary failure is queued.
+        `value` None deletes the key (and what it wrote in PostgreSQL)."""
+        raw = value if value is None or isinstance(value, bytes) else (
+            value if isinstance(value, str) else json.dumps(value)).encode()
+        writers = [("redis", self._to_redis)] if self.strategy.writes_redis else []
+        if self.strategy.writes_postgres:
+            writers.append(("postgres", self._to_postgres))
+        if self.strategy.reads_postgres:
+            writers.reverse()  # PostgreSQL first: it answers the reads now
+        (_, primary), *secondary = writers
+        primary(key, raw, ttl_s)
+        if not secondary:
+            return WriteResult(key, True, None)
+        store, write = secondary[0]
+        try:
+            write(key, raw, ttl_s)
+        except (redis.RedisError, psycopg2.Error) as exc:
+            return WriteResult(key, True, False, self._record_repair(store, key, raw, ttl_s, exc))
+        return WriteResult(key, True, True)
+
+    def repair(self) -> int:
+        """Apply queued secondary writes again; returns how many succeeded."""
+        done = 0
+        while (item := self.redis.lpop(REPAIR_QUEUE)) is not None:
+            entry = json.loads(item)
+            try:
+                raw = entry["raw"]
+                self._to_postgres(entry["key"], None if raw is None else raw.encode("latin-1"), entry["ttl_s"])
+                done += 1
+            except psycopg2.Error:
+                self.redis.lpush(REPAIR_QUEUE, item)  # still down: keep it, first in line
+                return done
+        conn = self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT id, redis_key, raw_value, ttl_s FROM dual_write_repairs WHERE repaired_at IS NULL"
+                        " AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
+            for repair_id, key, raw, ttl_s in cur.fetchall():
+                self._to_redis(key, None if raw is None else bytes(raw), ttl_s)
+                cur.execute("UPDATE dual_write_repairs SET repaired_at = now(), attempts = attempts + 1 WHERE id = %s",
+                            (repair_id,))
+                done += 1
+        return done
+
+    # --- for an application's operations (a subclass of this one) ---------------------------
+
+    def document(self, key: str, table: str, from_row: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The app's current document for `key`: from Redis while Redis is written, else rebuilt from PostgreSQL."""
+        if self.strategy.writes_redis:
+            raw = self.redis.get(key)
+            if raw is None:
+                raise LookupError(f"{redact_text(key)} does not exist")
+            return json.loads(raw)
+        conn = self._pg()
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT to_jsonb(t) FROM {} t WHERE source_key = %s").format(sql.Identifier(table)), (key,))
+            row = cur.fetchone()
+        if row is None:
+            raise LookupError(f"{redact_text(key)} does not exist")
+        return from_row(row[0])
+
+    def secondary_write(self, key: str, value: int, ttl_s: int) -> None:
+        try:
+            self._to_postgres(key, str(value).encode(), ttl_s)
+        except psycopg2.Error as exc:
+            self._record_repair("postgres", key, str(value).encode(), ttl_s, exc)
+
+
+    def read(self, operation: str, from_redis: Callable, from_postgres: Callable, identifier: str, kind: str) -> Any:
+        """One of the app's reads, answered by the store the strategy reads; in DUAL_WRITE, a
+        share of them (`shadow_rate`) also asked of PostgreSQL, off the request path, and the two
+        answers recorded under `operation` for `migrator parity`."""
+        strategy = self.strategy
+        if strategy.reads_postgres:
+            return from_postgres(identifier, kind)
+        answer = from_redis(identifier, kind)
+        if strategy is WriteStrategy.DUAL_WRITE and self.shadow_rate and random.random() < self.shadow_rate:
+            self._shadow.submit(self._compare, operation, from_postgres, identifier, kind, answer)
+        return answer
+
+    def _compare(self, operation: str, from_postgres: Callable, identifier: str, kind: str, redis_answer: Any) -> None:
+        """Off the request path, on its own connection: PostgreSQL's answer against Redis's."""
+        try:
+            conn = self._connect()
+            try:
+                postgres_answer = from_postgres(identifier, kind, conn=conn)
+                with conn, conn.cursor() as cur:
+                    cur.execute("INSERT INTO dual_write_shadow_reads (operation, matched, redis_answer, postgres_answer,"
+                                " identifier) VALUES (%s, %s, %s, %s, %s)",
+                                (operation, postgres_answer == redis_answer, json.dumps(redis_answer, default=str),
+                                 json.dumps(postgres_answer, default=str), identifier))
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:  # a shadow read never fails the app
+            log.warning("shadow_read_failed", operation=operation, error=redact_text(describe(exc)))
+
+def configured_strategy(conn: Any) -> WriteStrategy:
+    """The strategy `migrator cutover` set; DUAL_WRITE until it has set one."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT strategy FROM dual_write_settings")
+        row = cur.fetchone()
+    return WriteStrategy(row[0]) if row else WriteStrategy.DUAL_WRITE
+
+
+# Failed PostgreSQL writes wait here, in Redis (which took them), until `repair()`.
+REPAIR_QUEUE = "migrator:dual_write:repairs"

@@ -1,0 +1,305 @@
+"""`migrator mapping --init`: a starting mapping file from the live keyspace.
+
+One audit pass (audit.audit_keyspace, against a mapping of no patterns) gives the key shapes and
+the Redis types their keys hold; one example key of each shape is read to guess the string format
+and the columns. The text written is checked by loading it (mapping_file.load_file) before it
+replaces anything: the file loads as it is, to be edited by a person.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from migrator.views.audit import audit_keyspace
+from migrator.core.mapping import REDISJSON, Mapping
+from migrator.core.mapping_file import ENGINE_TABLE, RESERVED_COLUMNS, load_file, parse_key
+from migrator.core.redact import redact_text
+from migrator.core.schema import engine_sql
+
+# The file's `type` for what TYPE answers.
+FILE_TYPES = {"string": "string", "hash": "hash", "list": "list", "set": "set", "zset": "zset", "stream": "stream",
+              REDISJSON: "json"}
+# A hash of more fields than this is taken for a collection (counters, an index): one row per field.
+WIDE_HASH = 64
+MAX_COLUMNS = 50  # of one JSON document or hash read whole
+SAMPLE_BYTES = 64 * 1024  # of a string example
+INTEGER = re.compile(r"-?\d{1,18}")
+DECIMAL = re.compile(r"-?\d+\.\d+")
+TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+@dataclass
+class Guess:
+    """What one key shape becomes: a pattern and its table."""
+
+    name: str
+    key: str  # the key grammar
+    file_type: str
+    keys: int
+    example: str
+    value_format: str = ""
+    rows: str = ""
+    columns: dict[str, tuple[str, str]] = field(default_factory=dict)  # column -> (source, type)
+    key_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skip: str = ""  # why it is not migrated
+
+
+def starting_file(client: redis.Redis, *, scan_count: int = 1000, now: datetime | None = None) -> tuple[str, int]:
+    """The text of a starting mapping file for the keyspace behind `client`, and how many patterns
+    it declares; ValueError for an empty keyspace."""
+    report = audit_keyspace(client, Mapping("init", ()), show_pii=True, scan_count=scan_count, now=now)
+    unmapped = report["unmapped"]
+    shapes = sorted((s for s in unmapped["shapes"] if s["types"]), key=lambda s: (s["shape"].count("*"), s["shape"]))
+    if not shapes:
+        raise ValueError(f"the keyspace at {redact_text(report['source'])} holds no keys to map; point --redis-url "
+                         "at the application's database")
+    names: set[str] = set()
+    engine = {m[1] for _, text in engine_sql() for m in ENGINE_TABLE.finditer(text)}
+    guesses = [_guess(client, shape, names, engine) for shape in shapes]
+    head = [
+        f"# A starting mapping written by `migrator mapping --init` from an audit of {redact_text(report['source'])}",
+        f"# at {report['generated_at']}: {report['total_keys']:,} keys in {len(shapes)} shapes"
+        + (f" (and {unmapped['other_shapes_keys']:,} keys of shapes past the first 100, left out)"
+           if unmapped["other_shapes_keys"] else "") + ".",
+        "# Each [[pattern]] is one shape of key with the Redis type its keys hold; its columns and their types are",
+        "# guessed from one example key. Edit names, priorities, tables, types, `required` and `merge`",
+        "# (docs/mapping-file.md), then: migrator init-db --mapping FILE; migrator run --local --mapping FILE",
+        "",
+        "[mapping]",
+        f"name = {toml_string(_mapping_name(shapes))}",
+        "",
+    ]
+    body = [line for g in guesses for line in _pattern_text(g)] + [line for g in guesses for line in _table_text(g)]
+    return "\n".join(head + body) + "\n", len(guesses)
+
+
+def write_starting_file(client: redis.Redis, path: Path, *, force: bool) -> int:
+    """Write the starting file at `path` (refused when it exists, unless `force`); its patterns.
+    Written beside it first and loaded from there: a file that would not load replaces nothing."""
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it, or name another file")
+    text, patterns = starting_file(client)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.toml")
+    tmp.write_text(text)
+    try:
+        load_file(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return patterns
+
+
+def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: set[str]) -> Guess:
+    redis_type, keys = next(iter(shape["types"].items()))
+    file_type = FILE_TYPES.get(redis_type)
+    grammar, fields = _grammar(shape["shape"], shape["examples"])
+    name = _unique(_identifier("_".join(s for s in shape["shape"].split(":") if s != "*") or "keys"), names, engine)
+    g = Guess(name, grammar, file_type or "string", shape["keys"], redact_text(shape["examples"][0]))
+    for kind, n in list(shape["types"].items())[1:]:
+        g.notes.append(f"also {n:,} {kind} key(s) of this shape: dead letters (wrong type) unless a pattern of "
+                       "their own comes first")
+    for f in fields:
+        g.columns[f] = (f"key.{f}", "text")
+        g.key_columns.append(f)
+    if file_type is None:
+        g.skip = f"its keys hold {redis_type}, which no mapping file reads"
+        return g
+    key = shape["examples"][0].encode()
+    if not client.exists(key):  # (the audit shows control characters and bytes that are not UTF-8 escaped)
+        g.notes.append("its example cannot be read back by its name as shown (escaped characters, or gone since): "
+                       "check that the key grammar matches these keys, and the columns")
+    _columns_of(client, g, redis_type, key)
+    if not g.key_columns:  # a single key read whole: its name is its identity
+        g.columns = {"redis_key": ("key", "text"), **g.columns}
+        g.key_columns.append("redis_key")
+    return g
+
+
+def _grammar(shape: str, examples: list[str]) -> tuple[str, list[str]]:
+    """A key grammar for a shape: each `*` a field named after the text before it, one segment
+    each, or any text when an example holds a colon there (an IPv6 address, say)."""
+    literals = shape.split("*")
+    fields: list[str] = []
+    for before in literals[:-1]:
+        fields.append(_unique(_identifier(before.rstrip(":-_").rsplit(":", 1)[-1] or "part"), set(fields), set()))
+    escaped = [text.replace("{", "{{").replace("}", "}}") for text in literals]
+    for wide in (False, True):
+        grammar = escaped[0] + "".join(f"{{{f}{':.+' if wide else ''}}}{text}" for f, text in zip(fields, escaped[1:]))
+        regex = re.compile(parse_key(grammar)[0], re.DOTALL)
+        if all(regex.fullmatch(example) for example in examples):
+            break
+    return grammar, fields
+
+
+def _columns_of(client: redis.Redis, g: Guess, redis_type: str, key: bytes) -> None:
+    """The columns one example key suggests, and its rows (one per key, or per member)."""
+    if redis_type == "string":
+        _string_columns(g, client.getrange(key, 0, SAMPLE_BYTES - 1))
+    elif redis_type == REDISJSON:
+        _document_columns(g, _loads(client.execute_command("JSON.GET", key)))
+    elif redis_type == "hash":
+        if client.hlen(key) > WIDE_HASH:
+            g.rows = "member"
+            _member_columns(g, {"field": ("field", "text"), "value": ("value", "text")}, "field")
+        else:
+            g.rows = "key"
+            for name, value in client.hgetall(key).items():
+                name = name.decode("utf-8", "replace")
+                column = _unique(_identifier(name), set(g.columns), set())
+                g.columns[column] = (f"field.{name}", _type_of_text(value.decode("utf-8", "replace")))
+    elif redis_type == "list":
+        _member_columns(g, {"position": ("index", "integer"), "value": ("value", "text")}, "position")
+    elif redis_type == "set":
+        _member_columns(g, {"member": ("member", "text")}, "member")
+    elif redis_type == "zset":
+        _member_columns(g, {"member": ("member", "text"), "score": ("score", "double precision")}, "member")
+    elif redis_type == "stream":
+        _member_columns(g, {"entry_id": ("id", "text"), "occurred_at": ("id.time", "timestamptz")}, "entry_id")
+        for _, entry in client.xrange(key, count=1):
+            for name in entry:
+                name = name.decode("utf-8", "replace")
+                g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", "text")
+
+
+def _member_columns(g: Guess, columns: dict[str, tuple[str, str]], identity: str) -> None:
+    for column, source in columns.items():
+        name = _unique(column, set(g.columns), set())
+        g.columns[name] = source
+        if column == identity:
+            g.key_columns.append(name)
+
+
+def _string_columns(g: Guess, raw: bytes) -> None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        g.value_format = "text"
+        g.columns["value"] = ("value", "text")
+        g.notes.append("its example is not UTF-8: such values are dead letters")
+        return
+    document = _loads(raw)
+    if isinstance(document, (dict, list)):
+        g.value_format = "json"
+        _document_columns(g, document)
+    elif INTEGER.fullmatch(text.strip()):
+        g.value_format = "int"
+        g.columns[_unique("value", set(g.columns), set())] = ("value", "bigint")
+    else:
+        g.value_format = "text"
+        g.columns[_unique("value", set(g.columns), set())] = ("value", _type_of_text(text))
+
+
+def _document_columns(g: Guess, document: Any) -> None:
+    """A JSON object's top-level keys as columns (json.<key>); anything else as one jsonb column."""
+    if not isinstance(document, dict):
+        g.columns[_unique("value", set(g.columns), set())] = ("value", "jsonb")
+        return
+    for name, value in list(document.items())[:MAX_COLUMNS]:
+        if "." in name or not name:
+            g.notes.append(f"key {name!r} of its documents cannot be a json.<path>: left in no column")
+            continue
+        g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"json.{name}", _type_of(value))
+    if len(document) > MAX_COLUMNS:
+        g.notes.append(f"its example has {len(document)} keys: the first {MAX_COLUMNS} are columns")
+
+
+def _loads(raw: Any) -> Any:
+    try:
+        return orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _type_of(value: Any) -> str:
+    """The column type for a JSON value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    if isinstance(value, float):
+        return "double precision"
+    if isinstance(value, (dict, list)):
+        return "jsonb"
+    return _type_of_text(value) if isinstance(value, str) else "text"
+
+
+def _type_of_text(text: str) -> str:
+    if INTEGER.fullmatch(text):
+        return "bigint"
+    if DECIMAL.fullmatch(text):
+        return "numeric"
+    if TIMESTAMP.fullmatch(text):
+        return "timestamptz"
+    return "date" if DAY.fullmatch(text) else "text"
+
+
+def _identifier(text: str) -> str:
+    """A column or table name from any text: lower case, letters, digits and _ (RESERVED ones suffixed)."""
+    name = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")[:60] or "part"
+    name = f"_{name}" if name[0].isdigit() else name
+    return f"{name}_" if name in RESERVED_COLUMNS else name
+
+
+def _unique(name: str, taken: set[str], engine: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`, ... : none of `taken` nor of the engine's tables (added to `taken`)."""
+    candidate, n = name, 1
+    while candidate in taken or candidate in engine:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _mapping_name(shapes: list[dict[str, Any]]) -> str:
+    heads: Counter[str] = Counter()
+    for s in shapes:
+        heads[s["shape"].split(":", 1)[0]] += s["keys"]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", heads.most_common(1)[0][0]).strip("_-")
+    return name if name[:1].isalnum() else "keyspace"
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: JSON's escapes are TOML's, but for DEL, which TOML escapes too."""
+    return orjson.dumps(text).decode().replace("\x7f", "\\u007F")
+
+
+def _pattern_text(g: Guess) -> list[str]:
+    lines = [f"# {g.keys:,} key(s) like {toml_comment(g.example)}", *(f"# NOTE: {toml_comment(n)}" for n in g.notes),
+             "[[pattern]]", f"name = {toml_string(g.name)}", f"key = {toml_string(g.key)}",
+             f"type = {toml_string(g.file_type)}"]
+    if g.value_format:
+        lines.append(f"format = {toml_string(g.value_format)}")
+    lines.append('priority = "medium"')
+    if g.skip:
+        return [*lines, f"skip = {toml_string(g.skip)}", ""]
+    lines.append(f"table = {toml_string(g.name)}")
+    if g.rows:
+        lines.append(f"rows = {toml_string(g.rows)}")
+    lines += ["", "[pattern.columns]"]
+    lines += [f"{column} = {toml_string(source)}" for column, (source, _) in g.columns.items()]
+    return [*lines, ""]
+
+
+def _table_text(g: Guess) -> list[str]:
+    if g.skip:
+        return []
+    lines = [f"[tables.{g.name}]", f"key = [{', '.join(map(toml_string, g.key_columns))}]", "",
+             f"[tables.{g.name}.columns]"]
+    lines += [f"{column} = {toml_string(kind)}" for column, (_, kind) in g.columns.items()]
+    return [*lines, ""]
+
+
+def toml_comment(text: str) -> str:
+    """Text fit for a comment line: no line break (printable() escaped them), no other control character."""
+    return re.sub(r"[\x00-\x1f\x7f]", "?", text)
