@@ -19,11 +19,21 @@ from migrator.core import notifications
 from migrator.apps.threadr.demo import seed_demo
 from helpers import ROOT, cli, content_fingerprint, migrate, throwaway_database, verify
 from migrator.core.config import Settings
+from servers import redis_server
+
+
+@pytest.fixture(scope="module")
+def settings(database_url: str, tmp_path_factory) -> Settings:
+    """A Redis server of this module's own: follow needs a server-wide setting (notify-keyspace-events),
+    which a test of another session on the shared server could change under it, or it under them."""
+    with redis_server(tmp_path_factory.mktemp("follow-redis")) as port:
+        yield Settings(f"redis://127.0.0.1:{port}/0", database_url,
+                       os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"))
 
 
 @pytest.fixture
 def notify(r: redis.Redis):
-    """The server's notify-keyspace-events as follow needs it; the server is shared: put back after."""
+    """The server's notify-keyspace-events as follow needs it, put back after."""
     before = notifications.current(r)
     r.config_set(notifications.SETTING, notifications.wanted(before))
     yield r
