@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.cli.main import main as cli
 from migrator.core import ledger
@@ -20,17 +18,9 @@ from migrator.apps.threadr.demo import seed_demo
 from migrator.core.mapping import UNMAPPED
 from migrator.views.report import build_report
 
-from helpers import ROOT, Workers, free_port, wait_for_end, worker_env
+from helpers import ROOT, Workers, free_port, scrape, wait_for_end, worker_env
 
 OUTCOMES = ("scanned", "migrated", "skipped", "dead", "expired")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample the endpoint serves, by name and labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def keys_of(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> dict[tuple[str, str], float]:
