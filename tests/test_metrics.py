@@ -49,7 +49,7 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
               for p in [*(p.name for p in THREADR.patterns), UNMAPPED] for f in OUTCOMES}
     writes = REGISTRY.get_sample_value("migrator_postgres_write_seconds_count") or 0.0
     port = free_port()
-    code = cli.main(["run", "--local", "--jobs", "1", "--metrics-port", str(port), "--output-dir", str(tmp_path),
+    code = cli(["run", "--local", "--jobs", "1", "--metrics-port", str(port), "--output-dir", str(tmp_path),
                      "--redis-url", settings.redis_url, "--database-url", settings.database_url])
     try:
         samples = scrape(port)  # (the endpoint serves on after the command, in this test's process)
@@ -73,8 +73,9 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
 
 def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(settings, r, pg, tmp_path):
     from workers.celery import delete_queues
-    from workers.coordinator import start_run
     from migrator.core.options import RunOptions
+    from migrator.execution.executor import load
+    from migrator.execution.runner import plan_run
 
     seed_demo(r, 40, malformed=4)
     worker_port = free_port()
@@ -84,9 +85,13 @@ def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(s
         pool.start("metrics")
         client = settings.redis()
         try:
-            run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=2))
+            opts = RunOptions(ranges=2)
+            run_id = plan_run(client, pg, THREADR, opts, settings.redis_url)
         finally:
             client.close()
+        on_workers = load("celery", settings)  # as `migrator run` sends a run to the workers
+        on_workers.connect()
+        on_workers.carry_on(THREADR, run_id, opts, opts.priority_order()[0])
         metrics.coordinating(run_id)
         wait_for_end(pg, run_id)
         worker, coordinated = scrape(worker_port), scrape(coordinator.port)
