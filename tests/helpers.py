@@ -198,6 +198,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample a metrics endpoint serves, by name and labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 class Flower:
     """A real Flower process on this session's broker; its HTTP API answers as operators see it."""
 

@@ -15,9 +15,10 @@ import orjson
 import pytest
 import redis
 
+from migrator.core import ledger
 from migrator.core import notifications
 from migrator.apps.threadr.demo import seed_demo
-from helpers import ROOT, cli, content_fingerprint, migrate, throwaway_database, verify
+from helpers import ROOT, cli, content_fingerprint, free_port, migrate, scrape, throwaway_database, verify
 from migrator.core.config import Settings
 from servers import redis_server
 
@@ -277,6 +278,89 @@ def test_cutover_waits_for_follow(settings, r, pg, notify, tmp_path):
     assert refused.returncode == 1 and "reconciliation" in refused.stdout, refused.stdout
     assert follow.stop() == 0
 
+
+def test_cutover_refused_while_follow_lags(settings, r, pg, notify, tmp_path):
+    """The lag made real: a transaction holds usage_counters locked, so the applier that must write a
+    changed counter waits; the change stays unapplied, its age grows past --max-lag."""
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path, "--local")
+    counter = b"threadr:usage:ip:203.0.113.79:daily:2026-12-06"
+    blocker = settings.postgres()
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE usage_counters IN ACCESS EXCLUSIVE MODE")
+        r.incr(counter)
+        lagging = wait_for(lambda: (row := follow.row(pg))["lag_s"] > 2 and row)
+        assert lagging["pending"] == 1, lagging
+        refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "1", timeout=60)
+        assert refused.returncode == 1 and "over --max-lag 1 s" in refused.stdout, refused.stdout + refused.stderr
+        status = cli(settings, "status", follow.run_id, timeout=60)
+        assert "1 keys pending" in status.stdout, status.stdout
+    finally:
+        blocker.rollback()  # the lock goes: the applier writes
+        blocker.close()
+    follow.caught_up(pg)
+    assert rows(pg, "SELECT count FROM usage_counters WHERE source_key = %s", counter.decode()) == [(1,)]
+    allowed = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "1", timeout=60)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert follow.stop() == 0, follow.output()
+
+
+def test_a_killed_follow_shows_no_heartbeat_and_refuses_cutover(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 4)
+    migrate(settings)
+    follow = Following(settings, tmp_path, "--local")
+    alive = cli(settings, "status", follow.run_id, timeout=60)
+    assert "running" in alive.stdout and "NO HEARTBEAT" not in alive.stdout, alive.stdout
+    follow.proc.kill()  # SIGKILL: no drain, no last figures, the session left running in the ledger
+    follow.proc.wait(30)
+    follow.out.close()
+
+    def silent() -> bool:
+        """the session silent for longer than a live one ever is"""
+        with pg, pg.cursor() as cur:
+            return ledger.follow_progress(cur, follow.run_id)["silent_s"] > ledger.FOLLOW_STALE_S
+
+    wait_for(silent, ledger.FOLLOW_STALE_S + 30, every=1)
+    status = cli(settings, "status", follow.run_id, timeout=60)
+    assert "running" in status.stdout and "NO HEARTBEAT for" in status.stdout, status.stdout
+    refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5", timeout=60)
+    assert refused.returncode == 1 and "has not reported" in refused.stdout, refused.stdout + refused.stderr
+
+
+def test_follow_serves_its_metrics(settings, r, pg, notify, tmp_path):
+    seed_demo(r, 4)
+    migrate(settings)
+    port = free_port()
+    follow = Following(settings, tmp_path, "--local", "--metrics-port", str(port))
+
+    def sample(name: str, **labels: str) -> float:
+        return scrape(port).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    # the connect reconciliation: the bulk load left nothing to repair
+    wait_for(lambda: sample("migrator_follow_reconciliations_total", outcome="clean") == 1)
+    served = scrape(port)
+    assert ("migrator_follow_lag_seconds", ()) in served and ("migrator_follow_pending_keys", ()) in served, served
+    events, applied = sample("migrator_follow_events_total"), sample("migrator_follow_keys_applied_total")
+
+    counter = b"threadr:usage:ip:203.0.113.80:daily:2026-12-06"
+    for _ in range(20):
+        r.incr(counter)
+    changed_user(r, next(r.scan_iter(b"threadr:user:user_*")), role="premium")
+    follow.caught_up(pg, events=21)
+    wait_for(lambda: sample("migrator_follow_events_total") >= events + 21
+             and sample("migrator_follow_keys_applied_total") >= applied + 2)
+    assert sample("migrator_follow_reconnects_total") == 0
+
+    assert cut_subscriber(r) == 1
+    # (one cut may count twice: redis-py connects the subscription again on its own, then the read
+    # that was cut fails and the subscriber connects once more; each is followed by a reconciliation)
+    wait_for(lambda: sample("migrator_follow_reconnects_total") >= 1
+             and sample("migrator_follow_reconciliations_total", outcome="clean")
+             + sample("migrator_follow_reconciliations_total", outcome="repaired") >= 2)
+    assert sample("migrator_follow_reconciliations_total", outcome="failed") == 0
+    assert follow.stop() == 0, follow.output()
 
 # An app-like writer: creates and increments counters, updates users, deletes counters, and logs
 # sessions in with TTLs of a second or so, ~200 operations a second until SIGTERM.

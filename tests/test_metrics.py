@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.request
 from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.parser import text_string_to_metric_families
 
 from migrator.cli.main import main as cli
 from migrator.core import ledger
@@ -20,17 +18,9 @@ from migrator.apps.threadr.demo import seed_demo
 from migrator.core.mapping import UNMAPPED
 from migrator.views.report import build_report
 
-from helpers import ROOT, Workers, free_port, wait_for_end, worker_env
+from helpers import ROOT, Workers, free_port, scrape, wait_for_end, worker_env
 
 OUTCOMES = ("scanned", "migrated", "skipped", "dead", "expired")
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample the endpoint serves, by name and labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def keys_of(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> dict[tuple[str, str], float]:
@@ -59,7 +49,7 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
               for p in [*(p.name for p in THREADR.patterns), UNMAPPED] for f in OUTCOMES}
     writes = REGISTRY.get_sample_value("migrator_postgres_write_seconds_count") or 0.0
     port = free_port()
-    code = cli.main(["run", "--local", "--jobs", "1", "--metrics-port", str(port), "--output-dir", str(tmp_path),
+    code = cli(["run", "--local", "--jobs", "1", "--metrics-port", str(port), "--output-dir", str(tmp_path),
                      "--redis-url", settings.redis_url, "--database-url", settings.database_url])
     try:
         samples = scrape(port)  # (the endpoint serves on after the command, in this test's process)
@@ -83,8 +73,9 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
 
 def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(settings, r, pg, tmp_path):
     from workers.celery import delete_queues
-    from workers.coordinator import start_run
     from migrator.core.options import RunOptions
+    from migrator.execution.executor import load
+    from migrator.execution.runner import plan_run
 
     seed_demo(r, 40, malformed=4)
     worker_port = free_port()
@@ -94,9 +85,13 @@ def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(s
         pool.start("metrics")
         client = settings.redis()
         try:
-            run_id = start_run(settings, client, pg, THREADR, RunOptions(ranges=2))
+            opts = RunOptions(ranges=2)
+            run_id = plan_run(client, pg, THREADR, opts, settings.redis_url)
         finally:
             client.close()
+        on_workers = load("celery", settings)  # as `migrator run` sends a run to the workers
+        on_workers.connect()
+        on_workers.carry_on(THREADR, run_id, opts, opts.priority_order()[0])
         metrics.coordinating(run_id)
         wait_for_end(pg, run_id)
         worker, coordinated = scrape(worker_port), scrape(coordinator.port)

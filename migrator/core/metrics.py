@@ -39,9 +39,18 @@ THROTTLE_WAIT = Counter("migrator_throttle_wait_seconds", "Seconds slept under -
 POSTGRES_WRITE = Histogram("migrator_postgres_write_seconds", "Duration of one sub-batch's upsert in PostgreSQL "
                            "(a run's, follow's or the dual-write service's)",
                            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-# the largest lag of the follow processes is the one cutover waits for
+# `migrator follow`: one session at a time, so one process; "max" keeps its figures in multiprocess mode too
+# (the largest lag is the one cutover waits for)
 FOLLOW_LAG = Gauge("migrator_follow_lag_seconds", "Age of the oldest change follow has not applied yet",
                    multiprocess_mode="max")
+FOLLOW_PENDING = Gauge("migrator_follow_pending_keys", "Keys changed that follow has not applied yet",
+                       multiprocess_mode="max")
+FOLLOW_EVENTS = Counter("migrator_follow_events", "Keyspace notifications follow received for keys of the mapping")
+FOLLOW_APPLIED = Counter("migrator_follow_keys_applied", "Keys follow applied (read, transformed, upserted or retired)")
+FOLLOW_RECONNECTS = Counter("migrator_follow_reconnects", "Times follow's subscription connected again after a cut "
+                            "(what was published meanwhile is lost: each one is followed by a reconciliation)")
+FOLLOW_RECONCILIATIONS = Counter("migrator_follow_reconciliations", "Reconciliations of follow ended, per outcome "
+                                 "(clean, repaired: it applied again what the events missed, failed)", ["outcome"])
 
 # The ledger's view of a coordinated run (RunCollector), by name and labels: the dashboard's panels use them.
 RUN_KEYS = ("migrator_run_keys", "Keys of the run's batches done so far, per pattern and outcome, from the ledger",

@@ -19,6 +19,7 @@ import structlog
 from psycopg2 import sql
 
 from migrator.core import ledger
+from migrator.core import metrics
 from migrator.execution.finalize import link_rows
 from migrator.execution.follow import OPTIONS, Dirty, now_iso
 from migrator.core.mapping import Mapping, Priority
@@ -48,6 +49,7 @@ def reconcile(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
         try:
             outcome = _compare_all(client, conn, mapping, run_id, dirty)
         except Exception as exc:
+            metrics.FOLLOW_RECONCILIATIONS.labels("failed").inc()
             error = redact_text(describe(exc))
             if not conn.closed:
                 conn.rollback()
@@ -56,6 +58,7 @@ def reconcile(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping,
             raise
         with conn, conn.cursor() as cur:
             ledger.end_reconciliation(cur, rec_id, outcome)
+        metrics.FOLLOW_RECONCILIATIONS.labels("clean" if outcome["clean"] else "repaired").inc()
     finally:
         conn.close()
     log.info("reconciliation_done", run=run_id, reason=reason, clean=outcome["clean"], ranges=outcome["ranges"],
