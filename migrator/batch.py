@@ -22,6 +22,7 @@ import redis
 import structlog
 
 from . import lease, ledger
+from . import progress as progress_mod
 from .ledger import PatternCounts
 from .mapping import SHAPE_ERRORS, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Reference, SourceRecord
 from .partition import scan_range
@@ -104,6 +105,7 @@ class _Batch:
         self.checksum = 0
         self.streamed: _Streamed | None = None  # while a large collection is written a part at a time
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
+        self.walked = 0  # keys SCAN returned, of any priority: what progress counts (migrator/progress.py)
         # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
         self.throttle = throttle.for_run(client, spec.run_id, self.opts)
@@ -128,6 +130,7 @@ class _Batch:
         mark = clock()
         for keys in found:
             self.check()
+            self.walked += len(keys)
             if self.throttle is not None:
                 t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
@@ -455,6 +458,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
             batch = _Batch(client, cur, mapping, spec, progress, heartbeat.check)
+            heartbeat.walked = lambda: batch.walked  # written with each beat: progress moves within the range
             try:
                 batch.run()
             finally:
@@ -465,6 +469,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
+            progress_mod.record_walked(cur, spec.id, batch.walked)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling)
         conn.commit()
     except Fenced as exc:

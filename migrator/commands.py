@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import redis
+from rich.console import Group
 
 from . import cutover, notifications
 from . import ledger, registry
 from . import report as report_mod
+from . import progress as progress_mod
 from . import status as status_mod
 from .config import ConfigError, Settings, reason
 from .errors import TRANSIENT, reconnect
@@ -87,11 +89,12 @@ def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) 
     return OK
 
 
-def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO) -> None:
-    log_path = attach_log_file(output_dir / f"migration_{run_id}.log")
+def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO, err: TextIO) -> None:
+    # on a terminal the progress display has stderr: log lines go to the run's log file alone
+    log_path = attach_log_file(output_dir / f"migration_{run_id}.log", only=err.isatty())
     out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
     out.flush()
-    sys.stderr.write(f"migrator: logging to {log_path}\n")
+    err.write(f"migrator: logging to {log_path}\n")
 
 
 def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as_json: bool, out: TextIO) -> int:
@@ -107,7 +110,7 @@ def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as
 
 
 def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str | None = None, as_json: bool = False,
-            output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
+            output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     client = settings.redis()
     try:
         conn = _ledger(settings, mapping=mapping)
@@ -115,16 +118,18 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, spec: str
             run_id = plan_run(client, conn, mapping, opts, settings.redis_url, spec)
         finally:
             conn.close()
-        _announce(run_id, opts, output_dir, out)
-        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, jobs, out)
+        _announce(run_id, opts, output_dir, out, err)
+        return _run_here(settings, client, mapping, run_id, opts, None, output_dir, as_json, jobs, out, err)
     finally:
         client.close()
 
 
 def _run_here(settings: Settings, client: Any, mapping: Mapping, run_id: str, opts: RunOptions,
-              start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO) -> int:
-    """Execute a run's batches here from `start`, `jobs` at once, then print and write its report."""
-    execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
+              start: Priority | None, output_dir: Path, as_json: bool, jobs: int, out: TextIO, err: TextIO) -> int:
+    """Execute a run's batches here from `start`, `jobs` at once, its progress shown on `err`, then
+    print and write its report."""
+    with progress_mod.watching(settings.postgres, run_id, err):
+        execute_local(client, settings.postgres, mapping, run_id, opts, start=start, jobs=jobs)
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
@@ -153,7 +158,7 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
             err.write("migrator: no worker answers on the broker yet; the batches wait in their queues until one "
                       f"starts: {worker_command()}\n")
         run_id = start_run(settings, client, conn, mapping, opts, spec)
-        _announce(run_id, opts, output_dir, out)
+        _announce(run_id, opts, output_dir, out, err)
         if detach:
             out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
             return OK
@@ -169,34 +174,40 @@ def cmd_run_distributed(settings: Settings, mapping: Mapping, opts: RunOptions, 
 WATCH_RETRIES = 7
 
 
-def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0,
-          out: TextIO = sys.stderr) -> dict[str, Any]:
-    """Print progress until the run ends; on a terminal the view is redrawn in place. A lost
-    connection (PostgreSQL restarting) is made again, so the run's real outcome is still seen."""
-    tty = out.isatty()
-    last_print = 0.0
+def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0, every: float = progress_mod.LINE_SECONDS,
+          out: TextIO = sys.stderr, terminal: bool | None = None) -> dict[str, Any]:
+    """Show progress until the run ends (progress_mod.Display: in place, with the status view under
+    the bars, on a terminal; else a line every `every` seconds and the status view at the end); the
+    run's status (status.run_progress). A lost connection (PostgreSQL restarting) is made again, so
+    the run's real outcome is still seen."""
+    display = progress_mod.Display(out, terminal=terminal, every=every)
     conn = connect()
     try:
         while True:
             try:
                 progress = status_mod.run_progress(conn, run_id)
+                # a follow session has no batches to count keys by: its own view (lag, reconciliations)
+                measured = None if progress["follow"] is not None else progress_mod.measure(conn, run_id)
             except TRANSIENT as exc:
+                display.close()
                 out.write(f"migrator: lost the ledger ({reason(exc)}); connecting again, for up to a minute\n")
                 conn.close()
                 conn = reconnect(connect, WATCH_RETRIES)
+                display = progress_mod.Display(out, terminal=terminal, every=every)
                 continue
             ended = progress["status"] in TERMINAL
-            if tty:
-                view = status_mod.render(progress)
-                out.write("\x1b[H\x1b[J" + view + "\n")
-            elif ended or time.monotonic() - last_print >= 10:
-                out.write(status_mod.render(progress) + "\n")
-                last_print = time.monotonic()
-            out.flush()
+            if measured is None:
+                display.show(status_mod.view(progress), status_mod.render(progress), final=ended)
+            else:
+                display.show(Group(progress_mod.view(measured), status_mod.view(progress)), progress_mod.line(measured),
+                             final=ended)
             if ended:
+                if not display.terminal and measured is not None:
+                    out.write(status_mod.render(progress) + "\n")  # the whole view once, at the end
                 return progress
             time.sleep(interval)
     finally:
+        display.close()
         conn.close()
 
 
@@ -266,7 +277,8 @@ def cmd_resume(settings: Settings, run_id: str, out: TextIO = sys.stdout) -> int
 
 
 def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *, as_json: bool = False,
-                     output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout) -> int:
+                     output_dir: Path = Path("."), jobs: int = 1, out: TextIO = sys.stdout,
+                     err: TextIO = sys.stderr) -> int:
     """Carry a run on here from the ledger (with the mapping it was made with), then report it
     like `run --local`."""
     client = settings.redis()
@@ -280,7 +292,7 @@ def cmd_resume_local(settings: Settings, run_id: str, spec: str | None = None, *
             out.write(f"run {run_id} has nothing left to do\n")
             return OK
         out.write(f"resuming run {run_id} at priority {priority.label}\n")
-        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, jobs, out)
+        return _run_here(settings, client, mapping, run_id, opts, priority, output_dir, as_json, jobs, out, err)
     finally:
         client.close()
 

@@ -35,7 +35,7 @@ BATCH_LOCK = 0x6D67
 
 CLAIM = f"""
 UPDATE migration_batches b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
-       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL
+       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL, keys_walked = 0
 FROM migration_runs r
 WHERE b.id = %(id)s AND r.id = b.run_id AND r.status = 'running' AND b.status <> 'done'
   AND (%(locked)s OR {STALE_SQL})
@@ -137,7 +137,7 @@ def still_ours(cur: Any, lease: Lease) -> None:
 
 
 HEARTBEAT = """
-UPDATE migration_batches b SET heartbeat_at = clock_timestamp() FROM migration_runs r
+UPDATE migration_batches b SET heartbeat_at = clock_timestamp(), keys_walked = %s FROM migration_runs r
 WHERE b.id = %s AND b.attempts = %s AND b.status = 'running' AND r.id = b.run_id
 RETURNING r.status, r.fence
 """
@@ -150,6 +150,7 @@ class Heartbeat:
     def __init__(self, connect: Callable[[], Any], lease: Lease) -> None:
         self.connect, self.lease = connect, lease
         self.fenced: str | None = None
+        self.walked: Callable[[], int] = lambda: 0  # the batch's keys walked so far, for progress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lease.batch_id}", daemon=True)
 
@@ -174,7 +175,7 @@ class Heartbeat:
                     conn = self.connect()
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    cur.execute(HEARTBEAT, (self.lease.batch_id, self.lease.attempt))
+                    cur.execute(HEARTBEAT, (self.walked(), self.lease.batch_id, self.lease.attempt))
                     row = cur.fetchone()
             except psycopg2.Error as exc:  # the ledger is unreachable: this batch's commit will tell
                 log.warning("heartbeat_failed", batch=self.lease.batch_id, error=redact_text(str(exc).strip()))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import redis
 import structlog
 
-from . import ledger, registry, runstate, verify
+from . import ledger, progress, registry, runstate, verify
 from .batch import collect_less, migrate_batch
 from .config import ConfigError
 from .errors import backoff, reconnect, transient
@@ -60,6 +60,7 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
         ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"),
                           spec or mapping.name, registry.digest(mapping))
         ledger.plan_batches(cur, run_id, [p.label for p in opts.priority_order()], ranges)
+        progress.record_plan(cur, run_id, progress.keyspace_size(client))
     log.info("run_planned", run=run_id, ranges=len(ranges), priorities=[p.label for p in opts.priority_order()])
     return run_id
 
