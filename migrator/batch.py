@@ -130,7 +130,6 @@ class _Batch:
         mark = clock()
         for keys in found:
             self.check()
-            self.walked += len(keys)
             if self.throttle is not None:
                 t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
@@ -157,6 +156,7 @@ class _Batch:
                     self._flush(len(self.pending))
                 mark = clock()
                 t["transform"] += mark - now_s - (t["write_wait"] + t["read"] + t["throttle"] - aside)
+            self.walked += len(keys)  # (once they are taken: a reply holding a large key counts after it)
             if self.progress is not None:
                 self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
             mark = clock()

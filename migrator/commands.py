@@ -205,7 +205,7 @@ def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0, eve
                 if not display.terminal and measured is not None:
                     out.write(status_mod.render(progress) + "\n")  # the whole view once, at the end
                 return progress
-            time.sleep(interval)
+            time.sleep(min(interval, every))
     finally:
         display.close()
         conn.close()

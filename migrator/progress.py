@@ -13,6 +13,7 @@ On a terminal the view is redrawn in place (rich); elsewhere it is one line per 
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from .source import cluster_masters, node_client
 
 ESTIMATE_OF = "estimate: DBSIZE at plan, once per priority's pass"
 # Not on a terminal: a line this often (a log file or CI output is read later, not watched).
-LINE_SECONDS = 10.0
+LINE_SECONDS = float(os.environ.get("MIGRATOR_PROGRESS_SECONDS") or 10)
 
 
 def keyspace_size(client: Any) -> int:
@@ -192,7 +193,7 @@ def watching(connect: Callable[[], Any], run_id: str, out: TextIO, *, interval: 
 
     def loop() -> None:
         conn = None
-        while not stop.wait(interval):
+        while not stop.wait(min(interval, every)):
             conn = look(conn)
         conn = look(conn, final=True)
         if conn is not None:
