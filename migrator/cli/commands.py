@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import redis
+from rich.console import Group
 
 from migrator.cutover import switch as cutover
 from migrator.execution import executor
@@ -22,6 +23,7 @@ from migrator.core import metrics
 from migrator.core import notifications
 from migrator.core import registry
 from migrator.views import report as report_mod
+from migrator.views import progress as progress_mod
 from migrator.views import status as status_mod
 from migrator.core.config import ConfigError, Settings, reason
 from migrator.core.errors import TRANSIENT, reconnect
@@ -93,12 +95,13 @@ def cmd_init_db(settings: Settings, mapping: Mapping, out: TextIO = sys.stdout) 
     return OK
 
 
-def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO) -> None:
-    log_path = attach_log_file(output_dir / f"migration_{run_id}.log")
+def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO, err: TextIO) -> None:
+    # on a terminal the progress display has stderr: log lines go to the run's log file alone
+    log_path = attach_log_file(output_dir / f"migration_{run_id}.log", only=err.isatty())
     metrics.coordinating(run_id)
     out.write(f"run {run_id}{' (dry run)' if opts.dry_run else ''}\n")
     out.flush()
-    sys.stderr.write(f"migrator: logging to {log_path}\n")
+    err.write(f"migrator: logging to {log_path}\n")
 
 
 def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as_json: bool, out: TextIO) -> int:
@@ -141,13 +144,16 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, local: bo
             conn.close()
     finally:
         client.close()
-    _announce(run_id, opts, output_dir, out)
-    runs.carry_on(mapping, run_id, opts, opts.priority_order()[0])
+    _announce(run_id, opts, output_dir, out, err)
     if runs.background:
+        runs.carry_on(mapping, run_id, opts, opts.priority_order()[0])
         if detach:
             out.write(f"detached; follow it with: migrator status {run_id} --watch\n")
             return OK
         watch(settings.postgres, run_id, out=err)
+    else:
+        with progress_mod.watching(settings.postgres, run_id, err):  # its progress on `err` while it runs here
+            runs.carry_on(mapping, run_id, opts, opts.priority_order()[0])
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 
@@ -166,34 +172,40 @@ def _report_anew(settings: Settings, mapping: Mapping, run_id: str, output_dir: 
 WATCH_RETRIES = 7
 
 
-def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0,
-          out: TextIO = sys.stderr) -> dict[str, Any]:
-    """Print progress until the run ends; on a terminal the view is redrawn in place. A lost
-    connection (PostgreSQL restarting) is made again, so the run's real outcome is still seen."""
-    tty = out.isatty()
-    last_print = 0.0
+def watch(connect: Callable[[], Any], run_id: str, *, interval: float = 1.0, every: float = progress_mod.LINE_SECONDS,
+          out: TextIO = sys.stderr, terminal: bool | None = None) -> dict[str, Any]:
+    """Show progress until the run ends (progress_mod.Display: in place, with the status view under
+    the bars, on a terminal; else a line every `every` seconds and the status view at the end); the
+    run's status (status.run_progress). A lost connection (PostgreSQL restarting) is made again, so
+    the run's real outcome is still seen."""
+    display = progress_mod.Display(out, terminal=terminal, every=every)
     conn = connect()
     try:
         while True:
             try:
                 progress = status_mod.run_progress(conn, run_id)
+                # a follow session has no batches to count keys by: its own view (lag, reconciliations)
+                measured = None if progress["follow"] is not None else progress_mod.measure(conn, run_id)
             except TRANSIENT as exc:
+                display.close()
                 out.write(f"migrator: lost the ledger ({reason(exc)}); connecting again, for up to a minute\n")
                 conn.close()
                 conn = reconnect(connect, WATCH_RETRIES)
+                display = progress_mod.Display(out, terminal=terminal, every=every)
                 continue
             ended = progress["status"] in TERMINAL
-            if tty:
-                view = status_mod.render(progress)
-                out.write("\x1b[H\x1b[J" + view + "\n")
-            elif ended or time.monotonic() - last_print >= 10:
-                out.write(status_mod.render(progress) + "\n")
-                last_print = time.monotonic()
-            out.flush()
+            if measured is None:
+                display.show(status_mod.view(progress), status_mod.render(progress), final=ended)
+            else:
+                display.show(Group(progress_mod.view(measured), status_mod.view(progress)), progress_mod.line(measured),
+                             final=ended)
             if ended:
+                if not display.terminal and measured is not None:
+                    out.write(status_mod.render(progress) + "\n")  # the whole view once, at the end
                 return progress
-            time.sleep(interval)
+            time.sleep(min(interval, every))
     finally:
+        display.close()
         conn.close()
 
 
@@ -254,10 +266,11 @@ def cmd_requeue(settings: Settings, run_id: str, batch_ids: list[int], spec: str
 
 
 def cmd_resume(settings: Settings, run_id: str, spec: str | None = None, *, local: bool = False, jobs: int = 1,
-               as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout) -> int:
+               as_json: bool = False, output_dir: Path = Path("."), out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
     """Carry a run on from the ledger (with the mapping it was made with) from the first priority
-    that has not validated: sent to the workers, or executed here with --local and then reported
-    like `run --local`."""
+    that has not validated: sent to the workers, or executed here with --local (its progress shown
+    on `err`) and then reported like `run --local`."""
     runs = _executor(settings, local=local, jobs=jobs)
     conn, mapping = _run_ledger(settings, run_id, spec)
     try:
@@ -272,7 +285,8 @@ def cmd_resume(settings: Settings, run_id: str, spec: str | None = None, *, loca
         out.write(f"resumed run {run_id} at priority {priority.label}\n")
         return OK
     out.write(f"resuming run {run_id} at priority {priority.label}\n")
-    runs.carry_on(mapping, run_id, opts, priority)
+    with progress_mod.watching(settings.postgres, run_id, err):  # its progress on `err` while it runs here
+        runs.carry_on(mapping, run_id, opts, priority)
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
 

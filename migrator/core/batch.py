@@ -106,6 +106,7 @@ class _Batch:
         self.checksum = 0
         self.streamed: _Streamed | None = None  # while a large collection is written a part at a time
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
+        self.walked = 0  # keys SCAN returned, of any priority: what progress counts (migrator/views/progress.py)
         # seconds per stage; "write" runs beside the others, "write_wait" is what it held them up
         self.timings = dict.fromkeys(ledger.STAGES, 0.0)
         self.throttle = throttle.for_run(client, spec.run_id, self.opts)
@@ -156,6 +157,7 @@ class _Batch:
                     self._flush(len(self.pending))
                 mark = clock()
                 t["transform"] += mark - now_s - (t["write_wait"] + t["read"] + t["throttle"] - aside)
+            self.walked += len(keys)  # (once they are taken: a reply holding a large key counts after it)
             if self.progress is not None:
                 self.progress({f: self.counts.total(f) for f in ledger.COUNT_FIELDS})
             mark = clock()
@@ -457,6 +459,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
             batch = _Batch(client, cur, mapping, spec, progress, heartbeat.check)
+            heartbeat.walked = lambda: batch.walked  # written with each beat: progress moves within the range
             try:
                 batch.run()
             finally:
@@ -467,6 +470,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
+            ledger.record_keys_walked(cur, spec.id, batch.walked)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling)
         conn.commit()
     except Fenced as exc:

@@ -124,6 +124,7 @@ class Heartbeat:
     def __init__(self, connect: Callable[[], Any], lease: Lease) -> None:
         self.connect, self.lease = connect, lease
         self.fenced: str | None = None
+        self.walked: Callable[[], int] = lambda: 0  # the batch's keys walked so far, for progress
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{lease.batch_id}", daemon=True)
 
@@ -148,7 +149,7 @@ class Heartbeat:
                     conn = self.connect()
                     conn.autocommit = True
                 with conn.cursor() as cur:
-                    row = ledger.heartbeat(cur, self.lease.batch_id, self.lease.attempt)
+                    row = ledger.heartbeat(cur, self.lease.batch_id, self.lease.attempt, self.walked())
             except psycopg2.Error as exc:  # the ledger is unreachable: this batch's commit will tell
                 log.warning("heartbeat_failed", batch=self.lease.batch_id, error=redact_text(str(exc).strip()))
                 conn = _closed(conn)

@@ -197,6 +197,26 @@ def plan_batches(cur: Any, run_id: str, priorities: Iterable[str], ranges: list[
     )
 
 
+def record_keys_planned(cur: Any, run_id: str, keys: int) -> None:
+    """The keyspace's size as the run is planned: what each priority's pass is expected to walk
+    (migrator/views/progress.py)."""
+    cur.execute("UPDATE migration_runs SET keys_planned = %s WHERE id = %s", (keys, run_id))
+
+
+def record_keys_walked(cur: Any, batch_id: int, walked: int) -> None:
+    """A batch's keys walked, in its own transaction as it commits (its heartbeat wrote them so far)."""
+    cur.execute("UPDATE migration_batches SET keys_walked = %s WHERE id = %s", (walked, batch_id))
+
+
+def keys_walked(cur: Any, run_id: str) -> tuple[int | None, dict[str, int]]:
+    """A run's keys planned (None: not recorded) and its keys walked so far, by priority."""
+    cur.execute("SELECT r.keys_planned, b.priority, sum(b.keys_walked) FROM migration_runs r"
+                " JOIN migration_batches b ON b.run_id = r.id WHERE r.id = %s GROUP BY 1, 2", (run_id,))
+    found = cur.fetchall()
+    planned = found[0][0] if found else None
+    return planned, {priority: int(n) for _, priority, n in found}
+
+
 def unfinished_batches(cur: Any, run_id: str, priority: str) -> list[tuple[int, str, int, int]]:
     """A priority's batches not done yet, in range order: (id, node, range index, range count)."""
     cur.execute("SELECT id, node, range_index, range_count FROM migration_batches WHERE run_id = %s AND priority = %s"
@@ -232,7 +252,7 @@ def queued_tasks(cur: Any, run_id: str) -> list[str]:
 
 CLAIM = f"""
 UPDATE migration_batches b SET status = 'running', attempts = b.attempts + 1, started_at = clock_timestamp(),
-       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL
+       heartbeat_at = clock_timestamp(), worker = %(worker)s, error = NULL, keys_walked = 0
 FROM migration_runs r
 WHERE b.id = %(id)s AND r.id = b.run_id AND r.status = 'running' AND b.status <> 'done'
   AND (%(locked)s OR {STALE_SQL})
@@ -270,16 +290,17 @@ def lock_attempt(cur: Any, batch_id: int) -> int | None:
 
 
 HEARTBEAT = """
-UPDATE migration_batches b SET heartbeat_at = clock_timestamp() FROM migration_runs r
+UPDATE migration_batches b SET heartbeat_at = clock_timestamp(), keys_walked = %s FROM migration_runs r
 WHERE b.id = %s AND b.attempts = %s AND b.status = 'running' AND r.id = b.run_id
 RETURNING r.status, r.fence
 """
 
 
-def heartbeat(cur: Any, batch_id: int, attempt: int) -> tuple[str, int] | None:
-    """A running batch's attempt says it is alive: its run's state and fence, or None when the
-    batch is no longer that attempt's (another worker took it over)."""
-    cur.execute(HEARTBEAT, (batch_id, attempt))
+def heartbeat(cur: Any, batch_id: int, attempt: int, walked: int) -> tuple[str, int] | None:
+    """A running batch's attempt says it is alive, with its keys walked so far (what progress
+    counts, so it moves within a long range): its run's state and fence, or None when the batch
+    is no longer that attempt's (another worker took it over)."""
+    cur.execute(HEARTBEAT, (walked, batch_id, attempt))
     return cur.fetchone()
 
 

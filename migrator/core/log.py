@@ -70,8 +70,13 @@ class _FileSink:
         return event
 
 
-def attach_log_file(path: Path) -> Path:
-    """Also write every log line (masked, JSON) to `path`, e.g. migration_<run>.log."""
+def attach_log_file(path: Path, only: bool = False) -> Path:
+    """Also write every log line (masked, JSON) to `path`, e.g. migration_<run>.log; with `only`, to
+    `path` alone: a terminal showing the run's progress is not written over by log lines."""
     processors = [p for p in structlog.get_config()["processors"] if not isinstance(p, _FileSink)]
-    structlog.configure(processors=[*processors[:-1], _FileSink(path), processors[-1]])
+    if only:
+        structlog.configure(processors=[*processors[:-1], structlog.processors.JSONRenderer()],
+                            logger_factory=structlog.PrintLoggerFactory(file=open(path, "a", encoding="utf-8")))
+    else:
+        structlog.configure(processors=[*processors[:-1], _FileSink(path), processors[-1]])
     return path

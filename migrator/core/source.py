@@ -383,6 +383,19 @@ def cluster_masters(client: redis.Redis) -> list[str]:
     return sorted(masters)
 
 
+def keyspace_size(client: redis.Redis) -> int:
+    """DBSIZE of the source: of every master, on a Redis Cluster (the estimate progress walks,
+    migrator/views/progress.py)."""
+    masters = cluster_masters(client)
+    if not masters:
+        return client.dbsize()
+    total = 0
+    for node in masters:
+        with node_client(client, node) as server:
+            total += server.dbsize()
+    return total
+
+
 def client_like(client: redis.Redis, **changes: Any) -> redis.Redis:
     """A new client with the credentials and options of `client`, but for `changes` (host, port, db)."""
     pool = client.connection_pool

@@ -36,7 +36,7 @@ from migrator.core.options import RunOptions
 from migrator.core.partition import plan_ranges
 from migrator.core.redact import redact_text, redact_url
 from migrator.core.runstate import Fenced
-from migrator.core.source import redisjson_refusal
+from migrator.core.source import keyspace_size, redisjson_refusal
 from migrator.core.validate import Check
 from migrator.core.writer import describe
 
@@ -66,6 +66,7 @@ def plan_run(client: redis.Redis, conn: Any, mapping: Mapping, opts: RunOptions,
         ledger.create_run(cur, run_id, mapping.name, opts, redact_url(redis_url), server.get("run_id"),
                           spec or mapping.name, registry.digest(mapping))
         ledger.plan_batches(cur, run_id, [p.label for p in opts.priority_order()], ranges)
+        ledger.record_keys_planned(cur, run_id, keyspace_size(client))
     log.info("run_planned", run=run_id, ranges=len(ranges), priorities=[p.label for p in opts.priority_order()])
     return run_id
 

@@ -26,6 +26,7 @@ from migrator.core.mapping import Mapping, Pattern, Priority
 from migrator.core.partition import KeyRange, plan_ranges, scan_range
 from migrator.core.redact import EMAIL, IPV4, IPV6, printable, redact_text
 from migrator.core.source import node_client
+from migrator.views import tables
 
 AUDIT_PREFIX = "redis_audit_report_"
 STAMP = "%Y%m%d_%H%M%S"  # UTC; sorts as text in time order
@@ -327,16 +328,6 @@ def _spread(buckets: dict[str, int]) -> str:
     return " ".join(f"{name}:{n}" for name, n in buckets.items() if n) or "-"
 
 
-def _table(head: Sequence[str], rows: list[Sequence[str]], right_from: int) -> list[str]:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if right_from <= i < right_from + 2 else v.ljust(w)
-                         for i, (v, w) in enumerate(zip(r, widths))).rstrip()
-
-    return [line(head), line(["-" * w for w in widths]), *map(line, rows)]
-
-
 def render_audit(report: dict[str, Any]) -> str:
     """The report for a terminal: patterns, unmapped shapes, the mapping's tallies, volumes, stop conditions."""
     r = report["redis"]
@@ -352,7 +343,8 @@ def render_audit(report: dict[str, Any]) -> str:
     u = report["unmapped"]
     rows.append(("(unmapped)", "-", "-", ", ".join(f"{t} {n}" for t, n in u["by_type"].items()) or "-",
                  f"{u['keys']:,}", human_bytes(u["estimated_bytes"]), _spread(u["ttl_buckets"])))
-    out += _table(("pattern", "priority", "table", "type(s)", "keys", "est. bytes", "TTL spread"), rows, 4)
+    out.append(tables.text(tables.table(("pattern", "priority", "table", "type(s)", "keys", "est. bytes", "TTL spread"), rows,
+                                        right=(4, 5))))
     out.append(f"all keys TTL: {_spread(report['ttl_buckets'])}")
     wrong = [p for p in report["patterns"] if p["wrong_type"]]
     if wrong:
@@ -360,9 +352,10 @@ def render_audit(report: dict[str, Any]) -> str:
                    + ", ".join(f"{p['pattern']} {p['wrong_type']} (expects {p['redis_type']})" for p in wrong))
     if u["shapes"]:
         out += ["", f"unmapped key shapes ({u['keys']:,} keys, left in Redis):"]
-        out += [f"  {s['shape']:<40} {s['keys']:>8,}  e.g. {', '.join(s['examples'])}" for s in u["shapes"]]
+        shapes = [(s["shape"], f"{s['keys']:,}", ", ".join(s["examples"])) for s in u["shapes"]]
         if u["other_shapes_keys"]:
-            out.append(f"  (other shapes) {u['other_shapes_keys']:,}")
+            shapes.append(("(other shapes)", f"{u['other_shapes_keys']:,}", ""))
+        out.append(tables.text(tables.table(("shape", "keys", "e.g."), shapes, right=(1,))))
     out += ["", *(report[name]["summary"] for name in report.get("additions", ()))]
     out.append("records to migrate by priority: " + ", ".join(
         f"{prio} {v['records']:,} ({v['keys']:,} keys)" for prio, v in report["by_priority"].items()))

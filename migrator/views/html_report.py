@@ -26,7 +26,8 @@ def gather(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
     """The report, with what the HTML adds: each priority's checks and latest verification, and the batches."""
     report = build_report(conn, mapping, run_id)
     with conn, conn.cursor() as cur:
-        report["checks"] = {p: ledger.latest_checks(cur, run_id, p) for p in report["validated"]}
+        latest = ledger.latest_validations(cur, run_id)  # (ledger.latest_checks was merged into this)
+        report["checks"] = {p: latest[p][1] for p in report["validated"] if p in latest}
         report["verifications"] = ledger.verification_progress(cur, run_id)
         report["batch_rows"] = ledger.batches(cur, run_id)
     return report

@@ -15,6 +15,7 @@ from migrator.core.mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
 from migrator.core.options import RunOptions
 from migrator.core.redact import printable, redact_text
 from migrator.core.validate import figure_checks
+from migrator.views import tables
 
 
 def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
@@ -102,16 +103,16 @@ def write_report(report: dict[str, Any], directory: Path) -> Path:
 def render(report: dict[str, Any]) -> str:
     head = ("pattern", "priority", "table", "read", "migrated", "rows", "skipped", "dead", "expired", "dangling", "seconds",
             "keys/s", "ok")
-    line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", p["scanned"], p["migrated"], p["rows"], p["skipped"],
-                         p["dead"], p["expired"], p["dangling"], f"{p['seconds']:.3f}", p["keys_per_s"] or "-")
+    line_of = lambda p: (p["pattern"], p["priority"], p["table"] or "-", f"{p['scanned']:,}", f"{p['migrated']:,}",
+                         f"{p['rows']:,}", f"{p['skipped']:,}", f"{p['dead']:,}", f"{p['expired']:,}", f"{p['dangling']:,}",
+                         f"{p['seconds']:.3f}", f"{p['keys_per_s']:,.1f}" if p["keys_per_s"] else "-")
     rows = [(*line_of(p), "yes" if p["balanced"] else "NO") for p in report["patterns"]]
     t, f = report["totals"], report["figures"]
-    rows.append(("TOTAL", "", "", t["scanned"], t["migrated"], t["rows"], t["skipped"], t["dead"], t["expired"],
-                 t["dangling"], f"{f['elapsed_s']:.3f}", f["keys_per_s"] or "-", "yes" if report["balanced"] else "NO"))
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(v).rjust(w) if i >= 3 else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))
+    total = ("TOTAL", "", "", *(f"{t[k]:,}" for k in ("scanned", "migrated", "rows", "skipped", "dead", "expired", "dangling")),
+             f"{f['elapsed_s']:.3f}", f"{f['keys_per_s']:,.1f}" if f["keys_per_s"] else "-",
+             "yes" if report["balanced"] else "NO")
     out = [f"run {report['run_id']}  status {report['status']}" + ("  (dry run: nothing kept)" if report["dry_run"] else ""),
-           line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+           tables.text(tables.table(head, rows, right=range(3, 12), footer=total))]
     skipped = [p for p in report["patterns"] if p["skip_reason"]]
     if skipped:
         out.append("skipped because:")

@@ -8,6 +8,9 @@ from migrator.views import figures as figures_mod
 from migrator.execution import follow
 from migrator.core import ledger
 from migrator.core.mapping import Priority
+from migrator.views import tables
+from rich.console import Group, RenderableType
+from rich.text import Text
 
 
 def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
@@ -62,26 +65,32 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
     }
 
 
-def render(progress: dict[str, Any]) -> str:
+def view(progress: dict[str, Any]) -> RenderableType:
+    """The status for people: the run's figures, a row per priority (ranges done, dead letters,
+    verification, verdict), then its dead letters by reason, stale batches and failed finalize steps."""
     if progress.get("follow") is not None:  # a follow session has no batches: its lag and reconciliations
-        return follow.render(progress["run_id"], progress["status"], progress["follow"])
+        return Text(follow.render(progress["run_id"], progress["status"], progress["follow"]))
     head = f"run {progress['run_id']}  {progress['status']}" + (f"  error: {progress['error']}" if progress["error"] else "")
-    out = [head, *figures_mod.render(progress["figures"])]
+    rows, notes = [], []
     for p in progress["priorities"]:
-        width = 20
-        filled = int(width * p["done"] / p["batches"]) if p["batches"] else width
         verdict = {True: "validated", False: "NOT VALIDATED", None: ""}[p["validated"]]
         eta = (f"{len(p['stale'])} STALE" if p["stale"] else f"eta {p['eta_s']} s" if p["eta_s"] else "")
         v = p["verification"]
         checked = ("" if v is None else f"verifying {v['done']}/{v['ranges']} ranges" if v["status"] == "running"
                    else f"verified: {v['verdict']}")
-        out.append(f"  {p['priority']:8} [{'#' * filled}{'.' * (width - filled)}] {p['done']}/{p['batches']} ranges"
-                   f"  {p['dead']} dead  {p['failed']} failed  {eta}  {checked}  {verdict}".rstrip())
-        out += [f"    {figures_mod.dead_line(d['pattern'], d['dead'], d['dead_reasons'])}" for d in p["dead_letters"]]
-        out += [f"    batch {b['id']} stale: no heartbeat for {b['silent_s']} s (worker {b['worker'] or '?'}): "
-                f"migrator resume {progress['run_id']}" for b in p["stale"]]
-    out += [f"  priority {f['priority']}: {f['detail']}" for f in progress.get("finalize", [])]
-    return "\n".join(out)
+        rows.append((p["priority"], f"{p['done']}/{p['batches']}", p["running"], p["failed"], f"{p['dead']:,}", eta,
+                     checked, verdict))
+        notes += [f"    {figures_mod.dead_line(d['pattern'], d['dead'], d['dead_reasons'])}" for d in p["dead_letters"]]
+        notes += [f"    batch {b['id']} stale: no heartbeat for {b['silent_s']} s (worker {b['worker'] or '?'}): "
+                  f"migrator resume {progress['run_id']}" for b in p["stale"]]
+    notes += [f"  priority {f['priority']}: {f['detail']}" for f in progress.get("finalize", [])]
+    shown = tables.table(("priority", "ranges done", "running", "failed", "dead", "", "verification", "verdict"), rows,
+                         right=(1, 2, 3, 4))
+    return Group(*map(Text, [head, *figures_mod.render(progress["figures"])]), shown, *map(Text, notes))
+
+
+def render(progress: dict[str, Any]) -> str:
+    return tables.text(view(progress))
 
 
 def finalize_failures(cur: Any, run_id: str) -> list[dict[str, Any]]:
@@ -93,11 +102,11 @@ def finalize_failures(cur: Any, run_id: str) -> list[dict[str, Any]]:
 
 
 def render_batches(batches: list[dict[str, Any]], run_id: str) -> str:
-    head = f"{'id':>6}  {'priority':8}  {'node':>15}  {'range':>7}  {'status':7}  {'tries':>5}  {'scanned':>8}  {'dead':>5}  error"
-    rows = [f"{b['id']:>6}  {b['priority']:8}  {b['node'] or '-':>15}  {b['range_index'] + 1:>3}/{b['range_count']:<3}  "
-            f"{'stale' if b['stale'] else b['status']:7}  {b['attempts']:>5}  {b['scanned']:>8}  {b['dead']:>5}  "
-            f"{_stale_note(b, run_id) if b['stale'] else b['error'] or ''}" for b in batches]
-    return "\n".join([head, *rows])
+    rows = [(b["id"], b["priority"], b["node"] or "-", f"{b['range_index'] + 1}/{b['range_count']}",
+             "stale" if b["stale"] else b["status"], b["attempts"], b["scanned"], b["dead"],
+             _stale_note(b, run_id) if b["stale"] else b["error"] or "") for b in batches]
+    return tables.text(tables.table(("id", "priority", "node", "range", "status", "tries", "scanned", "dead", "error"),
+                                    rows, right=(0, 2, 3, 5, 6, 7)))
 
 
 def _stale_note(batch: dict[str, Any], run_id: str) -> str:
