@@ -605,9 +605,9 @@ def render(size: dict) -> list[str]:
         floor_total = sum(modes["floor"]["cpu"].values()) * 1e6 / modes["floor"]["keys"]
         total = sum(two["cpu"].values()) * 1e6 / two["keys"]
         bar = TOTAL_BAR_US / QUIET_FLOOR_US * floor_total
-        verdicts.append(f"2 workers: total CPU per key <= {TOTAL_BAR_US} µs in a quiet machine's terms "
-                        f"({TOTAL_BAR_US}/{QUIET_FLOOR_US} of the floor's {floor_total:.1f} = {bar:.1f} µs here): "
-                        f"{yes(total <= bar)} ({total:.1f} µs)")
+        verdicts.append(f"2 workers: total CPU per key <= {TOTAL_BAR_US} µs in a quiet machine's terms: "
+                        f"{yes(total <= bar)} ({total:.1f} µs against {TOTAL_BAR_US}/{QUIET_FLOOR_US} of the floor's "
+                        f"{floor_total:.1f} = {bar:.1f} µs here)")
     lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrators)
     verdicts.append(f"every mode >= 10x seed: {yes(lowest >= 10)} (lowest {lowest:.1f}x)")
     verified = next((m for m in modes if m.startswith("verify")), None)
