@@ -1,26 +1,32 @@
-"""Throughput, memory and source impact of the migrator against a floor and the seed's approach.
+"""Cost per key by process, throughput, memory and source impact of the migrator, each against a
+yardstick measured in the same run.
 
     .venv/bin/python scripts/bench.py                       # 1,000,000 keys
     .venv/bin/python scripts/bench.py --sizes 100000,300000,1000000 --readme
 
-Seeds the demo keyspace (every pattern) into its own Redis DB and migrates it into a throwaway
-database, then measures side by side in the same run:
+Starts a redis-server of its own (unless --redis-url names one), seeds the demo keyspace (every
+pattern) into it and migrates it into a throwaway database, then measures side by side:
   floor   one plain process: SCAN COUNT 1000, pipelined TYPE+PTTL then GET/HGETALL/SMEMBERS/ZRANGE,
           JSON parsing, COPY of the parsed records into a plain table; no transforms (the yardstick)
   seed    one read per key, one INSERT per row, a commit every 100 rows (on a sample, extrapolated)
   local   `migrator run --local` (its default --jobs 2: two batches at once, in two forked processes)
   verify  `migrator verify RUN --local` of local's run: every key read again and compared with its rows
+  follow  `migrator follow --local` while distinct keys are rewritten at 5,000 changes/s
+  PostgreSQL's same-work floor: the rows local's run wrote, written again into the same tables by
+          COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with and without the
+          journal trigger, the upsert, secondary indexes and WAL (scripts/costs.py)
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
-Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
-each to the floor and to the seed's approach, peak RSS (of a mode's largest process; coordinator
-and workers apart), the time of the SCAN passes alone, and where the migrator's time went (scan,
-read, transform, write; from the ledger's per-batch timings), and the CPU per key each mode cost
-its own processes, PostgreSQL, Redis and the broker, with the most that allows against the floor
-on this machine's cores. Then the p50/p99 latency of an app-like load on the same Redis server
-while nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
+The headline is the CPU each mode cost per key, by process: its own, PostgreSQL (the backends of
+its database only), Redis (its own server) and the broker; throughput moves with a shared
+machine's load, cost per key much less. Beside it keys/s, the ratios to the floor and to the
+seed's approach, Redis calls per key, peak RSS, and where the migrator's time went (from the
+ledger's per-batch timings); the bars' verdicts; the capacity model's predictions for 1 and 2
+workers beside the measured keys/s, and its projection past one machine (scripts/capacity.py,
+docs/capacity.md). Then the p50/p99 latency of an app-like load on the same Redis server while
+nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
 With --sizes, all of it per size and a table of how cost grows; --readme puts the tables in
-README.md between its bench markers.
+README.md and the model's in docs/capacity.md, between their bench markers.
 """
 from __future__ import annotations
 
@@ -171,6 +177,11 @@ def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_sys"] + info["used_cpu_user"]
+
+
 def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]:
     """CPU seconds so far: of the mode (this process's reaped children, and the `running`
     processes it started before), of PostgreSQL (the backends of the bench's database), of Redis
@@ -178,10 +189,10 @@ def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]
     Redis server's calls per command."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
     with redis.Redis.from_url(args.redis_url) as client:
-        info, calls = client.info("cpu"), redis_calls(client)
+        redis_cpu, calls = _redis_cpu(client), redis_calls(client)
     return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
             "postgresql": args.pg_cpu.total(),
-            "redis": info["used_cpu_sys"] + info["used_cpu_user"],
+            "redis": redis_cpu,
             "broker": _cpu_of(lambda _, name: name == "beam.smp"),
             "calls": calls}
 
@@ -491,10 +502,11 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         seed_demo(client, max(1, int(target_keys / KEYS_PER_USER)))
         out["keys"] = client.dbsize()
         print(f"seeded {out['keys']:,} keys in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _redis_cpu(client)
         for _ in client.scan_iter(count=1000):
             pass
         out["scan_pass_s"] = time.perf_counter() - started
+        out["scan_pass_redis_s"] = _redis_cpu(client) - cpu
         out["ranges"] = len(plan_ranges(client))
         modes = out["modes"]
         modes["floor"] = _with_cpu(args, lambda: run_child("floor", args))
@@ -587,6 +599,11 @@ def render(size: dict) -> list[str]:
               f"{seconds * 1e6 / modes['local']['keys'] / pg_floor:.2f} |" for name, seconds in size["pg_floor"].items()]
     lines += [f"| the migrator: {m} | {_per_key(modes[m], 'postgresql'):.1f} | "
               f"{_per_key(modes[m], 'postgresql') / pg_floor:.2f} |" for m in migrators]
+    verified = next((m for m in modes if m.startswith("verify")), None)
+    if verified:  # the run's validation compares every key with its rows too: this much of its cost
+        lines.append(f"| {verified} alone (every run validates so) | {_per_key(modes[verified], 'postgresql'):.1f} | "
+                     f"{_per_key(modes[verified], 'postgresql') / pg_floor:.2f} |")
+    lines += ["", *_redis_levers(size)]
     verdicts = []
     yes = lambda ok: "yes" if ok else "NO"
     redis_floor = _per_key(modes["floor"], "redis")
@@ -610,19 +627,21 @@ def render(size: dict) -> list[str]:
                         f"{floor_total:.1f} = {bar:.1f} µs here)")
     lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrators)
     verdicts.append(f"every mode >= 10x seed: {yes(lowest >= 10)} (lowest {lowest:.1f}x)")
-    verified = next((m for m in modes if m.startswith("verify")), None)
     if verified:
         pace = (modes[verified]["keys"] / modes[verified]["seconds"]) / (modes["local"]["keys"] / modes["local"]["seconds"])
         verdicts.append(f"verify >= 0.5x its run's keys/s: {yes(pace >= 0.5)} ({pace:.2f}x)")
     if "follow" in size:
+        # it sustains the rate the changes came at when its lag (the oldest change not yet applied)
+        # stayed under the bar throughout
         f = size["follow"]
-        rate = f["keys"] / f["seconds"]
+        rate = f["keys"] / f["written_s"]
         ok = rate >= FOLLOW_RATE * 0.95 and f["lag_max_s"] < FOLLOW_LAG_S
         lines += ["", f"`follow --local` while {f['keys']:,} distinct string keys were rewritten at {FOLLOW_RATE:,}/s "
-                  f"({f['keys'] / f['written_s']:,.0f}/s achieved over {f['written_s']:.1f} s): all applied after "
-                  f"{f['seconds']:.1f} s, {rate:,.0f} changes/s; lag at worst {f['lag_max_s']:.2f} s, "
-                  f"{f['lag_end_s']:.2f} s when the writes stopped; CPU µs per change: "
-                  + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"]) + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}"]
+                  f"({rate:,.0f}/s achieved over {f['written_s']:.1f} s): lag at worst {f['lag_max_s']:.2f} s, "
+                  f"{f['lag_end_s']:.2f} s when the writes stopped; every change applied within "
+                  f"{f['seconds'] - f['written_s']:.1f} s of the last (as its figures, written once a second, show); "
+                  "CPU µs per change: " + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"])
+                  + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}"]
         verdicts.append(f"follow >= {FOLLOW_RATE:,} changes/s with lag under {FOLLOW_LAG_S:g} s: {yes(ok)} "
                         f"({rate:,.0f}/s, lag at worst {f['lag_max_s']:.2f} s)")
     hostile = next((modes[m] for m in modes if "hostile" in m), None)
@@ -645,6 +664,25 @@ def render(size: dict) -> list[str]:
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
+    return lines
+
+
+def _redis_levers(size: dict) -> list[str]:
+    """What the source's cost per key is made of, and what one SCAN pass instead of the run's would save."""
+    modes, keys = size["modes"], size["keys"]
+    one_pass = size["scan_pass_redis_s"] * 1e6 / keys
+    floor_scans = modes["floor"]["redis_calls"].get("scan", 0)
+    lines = []
+    for m in (m for m in ("local", "2 workers") if m in modes):
+        r = modes[m]
+        passes = r["redis_calls"].get("scan", 0) / floor_scans if floor_scans else 0
+        spooled = _per_key(r, "redis") - max(0.0, passes - 1) * one_pass
+        calls = ", ".join(f"{c.upper()} {n / r['keys']:.2f}" for c, n in
+                          sorted(r["redis_calls"].items(), key=lambda item: -item[1])[:6])
+        lines.append(f"Redis, {m}: {passes:.1f} SCAN passes' worth of calls (the floor makes one, which alone costs "
+                     f"Redis {one_pass:.1f} µs per key); one pass instead would leave about {spooled:.1f} of its "
+                     f"{_per_key(r, 'redis'):.1f} µs per key ({spooled / _per_key(modes['floor'], 'redis'):.2f}x the "
+                     f"floor's). Calls per key: {calls}.")
     return lines
 
 

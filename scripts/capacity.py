@@ -69,11 +69,14 @@ def _duration(seconds: float) -> str:
 def render(costs: Costs, measured: dict[int, tuple[float, Costs]], machine_cores: int) -> list[str]:
     """The model's lines: its check against the bench (`measured`: workers -> (keys/s, their costs)),
     then the projection past one machine from `costs`."""
+    # On a shared machine a run gets fewer cores than it has: the cores it did use (its CPU per key
+    # times its keys/s) show how much of a gap between the model and the bench that explains.
     lines = [f"| workers on this machine ({machine_cores} cores, everything on it) | measured keys/s | model keys/s "
-             "(bound by) | model / measured |", "|---:|---:|---:|---:|"]
+             "(bound by) | model / measured | cores the run used |", "|---:|---:|---:|---:|---:|"]
     for workers, (rate, own_costs) in measured.items():
         model, bound = predict(own_costs, workers=workers, pg_cores=machine_cores, machine_cores=machine_cores)
-        lines.append(f"| {workers} | {rate:,.0f} | {model:,.0f} ({bound}) | {model / rate:.2f} |")
+        lines.append(f"| {workers} | {rate:,.0f} | {model:,.0f} ({bound}) | {model / rate:.2f} | "
+                     f"{own_costs.total * rate / 1e6:.2f} |")
     lines += ["", f"From the CPU per key of 2 workers ({costs.own:.0f} own + {costs.postgresql:.0f} PostgreSQL + "
               f"{costs.redis:.0f} Redis µs): one Redis master feeds {1e6 / costs.redis:,.0f} keys/s with its whole core "
               f"({REDIS_SHARE:.0%} of it: {REDIS_SHARE * 1e6 / costs.redis:,.0f}), one PostgreSQL core "

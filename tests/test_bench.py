@@ -44,6 +44,9 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
     for variant in ("same-work floor", "+ journal trigger", "plain INSERT, no upsert", "without secondary indexes",
                     "unlogged tables (no WAL)", "the migrator: local", "the migrator: 2 workers"):
         assert re.search(rf"^\| {re.escape(variant)}.* \| [\d.]+ \| \d+\.\d\d \|$", out, re.M), (variant, out)
+    for mode in ("local", "2 workers"):  # the source's levers: its SCAN passes, and one pass instead
+        assert re.search(rf"^Redis, {mode}: \d+\.\d SCAN passes' worth of calls .* one pass instead would leave about "
+                         r"[\d.]+ of its [\d.]+ µs per key \([\d.]+x the floor's\)\. Calls per key: [A-Z]+ [\d.]+", out, re.M), out
     assert re.search(r"^`follow --local` while [\d,]+ distinct string keys were rewritten at 5,000/s .* lag at worst "
                      r"[\d.]+ s", out, re.M), out
     bars = re.findall(r"^- (.*): (yes|NO) \(", out, re.M)
@@ -58,7 +61,7 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
         "verify >= 0.5x its run's keys/s", "follow >= 5,000 changes/s with lag under 1 s"], out
     # the capacity model beside the bench's own workers, and projected past one machine
     for workers in (1, 2):
-        assert re.search(rf"^\| {workers} \| [\d,]+ \| [\d,]+ \((redis|workers|postgresql|machine)\) \| \d+\.\d\d \|$",
+        assert re.search(rf"^\| {workers} \| [\d,]+ \| [\d,]+ \((redis|workers|postgresql|machine)\) \| \d+\.\d\d \| \d+\.\d\d \|$",
                          out, re.M), out
     assert len(re.findall(r"^\| (1|6|30) \| \d+ \| [\d,]+ \(\w+\) \|( [\d.]+ (min|h) \|){3}$", out, re.M)) == 3, out
     large = re.search(r"One valid thread alone.*: peak RSS ([\d.]+) MB at 1 MiB, ([\d.]+) MB at 64 MiB", out)
