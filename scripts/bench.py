@@ -61,7 +61,7 @@ from migrator.schema import database_url_for, ensure_database, init_db, written_
 from migrator.apps.threadr import THREADR  # noqa: E402
 import capacity  # noqa: E402
 from capacity import Costs  # noqa: E402
-from costs import BackendCpu, PrivateRedis, redis_calls, same_work_floor, snapshot  # noqa: E402
+from costs import ROUNDS, BackendCpu, PrivateRedis, redis_calls, same_work_floor, snapshot  # noqa: E402
 
 KEYS_PER_USER = 13.9  # what the demo generator writes per user
 READ = {"string": "get", "hash": "hgetall", "set": "smembers", "zset": "zrange", "list": "lrange"}
@@ -427,7 +427,7 @@ def mode_follow(args: argparse.Namespace) -> dict:
     notify = client.config_get("notify-keyspace-events")["notify-keyspace-events"]
     log = open(Path(args.work_dir) / "follow.out", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "follow", "--local",
-                             "--configure"], cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT,
+                             "--configure", *(("--jobs", str(args.follow_jobs)) if args.follow_jobs else ())], cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         run_id, deadline = None, time.monotonic() + 120
@@ -593,7 +593,7 @@ def render(size: dict) -> list[str]:
     migrators = [m for m in ("local", "2 workers", "1 worker") if m in modes]
     pg_floor = next(iter(size["pg_floor"].values())) * 1e6 / modes["local"]["keys"]
     lines += ["", f"Where PostgreSQL's time goes: the rows `run --local` wrote ({modes['local']['keys']:,} keys), written "
-              "again into the same tables, emptied first, with and without each part:", "",
+              f"again into the same tables, emptied first, with and without each part (the least of {ROUNDS} rounds each):", "",
               "| PostgreSQL writes the same rows | CPU µs per key | × same-work floor |", "|---|---:|---:|"]
     lines += [f"| {name} | {seconds * 1e6 / modes['local']['keys']:.1f} | "
               f"{seconds * 1e6 / modes['local']['keys'] / pg_floor:.2f} |" for name, seconds in size["pg_floor"].items()]
@@ -641,7 +641,8 @@ def render(size: dict) -> list[str]:
                   f"{f['lag_end_s']:.2f} s when the writes stopped; every change applied within "
                   f"{f['seconds'] - f['written_s']:.1f} s of the last (as its figures, written once a second, show); "
                   "CPU µs per change: " + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"])
-                  + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}"]
+                  + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}, {sum(f['cpu'].values()) / f['seconds']:.2f} "
+                  f"cores in use of {os.cpu_count()}"]
         verdicts.append(f"follow >= {FOLLOW_RATE:,} changes/s with lag under {FOLLOW_LAG_S:g} s: {yes(ok)} "
                         f"({rate:,.0f}/s, lag at worst {f['lag_max_s']:.2f} s)")
     hostile = next((modes[m] for m in modes if "hostile" in m), None)
@@ -740,6 +741,7 @@ def main() -> None:
                              "keyspace, and of the time series measured alone (default 1,000,000)")
     parser.add_argument("--follow-seconds", type=float, default=5.0,
                         help=f"how long the app rewrites keys at {FOLLOW_RATE:,}/s while follow runs (0: no follow)")
+    parser.add_argument("--follow-jobs", type=int, help="follow's --jobs (default: its own, 1 with --local)")
     parser.add_argument("--readme", action="store_true",
                         help="write the result tables into README.md, and the model's into docs/capacity.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
