@@ -1,26 +1,32 @@
-"""Throughput, memory and source impact of the migrator against a floor and the seed's approach.
+"""Cost per key by process, throughput, memory and source impact of the migrator, each against a
+yardstick measured in the same run.
 
     .venv/bin/python scripts/bench.py                       # 1,000,000 keys
     .venv/bin/python scripts/bench.py --sizes 100000,300000,1000000 --readme
 
-Seeds the demo keyspace (every pattern) into its own Redis DB and migrates it into a throwaway
-database, then measures side by side in the same run:
+Starts a redis-server of its own (unless --redis-url names one), seeds the demo keyspace (every
+pattern) into it and migrates it into a throwaway database, then measures side by side:
   floor   one plain process: SCAN COUNT 1000, pipelined TYPE+PTTL then GET/HGETALL/SMEMBERS/ZRANGE,
           JSON parsing, COPY of the parsed records into a plain table; no transforms (the yardstick)
   seed    one read per key, one INSERT per row, a commit every 100 rows (on a sample, extrapolated)
   local   `migrator run --local` (its default --jobs 2: two batches at once, in two forked processes)
   verify  `migrator verify RUN --local` of local's run: every key read again and compared with its rows
+  follow  `migrator follow --local` while distinct keys are rewritten at 5,000 changes/s
+  PostgreSQL's same-work floor: the rows local's run wrote, written again into the same tables by
+          COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with and without the
+          journal trigger, the upsert, secondary indexes and WAL (scripts/costs.py)
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
-Each mode runs in its own processes so their peak RSS is their own. Prints keys/s, the ratio of
-each to the floor and to the seed's approach, peak RSS (of a mode's largest process; coordinator
-and workers apart), the time of the SCAN passes alone, and where the migrator's time went (scan,
-read, transform, write; from the ledger's per-batch timings), and the CPU per key each mode cost
-its own processes, PostgreSQL, Redis and the broker, with the most that allows against the floor
-on this machine's cores. Then the p50/p99 latency of an app-like load on the same Redis server
-while nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
+The headline is the CPU each mode cost per key, by process: its own, PostgreSQL (the backends of
+its database only), Redis (its own server) and the broker; throughput moves with a shared
+machine's load, cost per key much less. Beside it keys/s, the ratios to the floor and to the
+seed's approach, Redis calls per key, peak RSS, and where the migrator's time went (from the
+ledger's per-batch timings); the bars' verdicts; the capacity model's predictions for 1 and 2
+workers beside the measured keys/s, and its projection past one machine (scripts/capacity.py,
+docs/capacity.md). Then the p50/p99 latency of an app-like load on the same Redis server while
+nothing runs, while `run --local` runs unthrottled, and with --max-keys-per-sec.
 With --sizes, all of it per size and a table of how cost grows; --readme puts the tables in
-README.md between its bench markers.
+README.md and the model's in docs/capacity.md, between their bench markers.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 import psycopg2
@@ -52,8 +58,11 @@ from migrator.core import ledger  # noqa: E402
 from migrator.core.log import configure  # noqa: E402
 from migrator.core.source import CHUNK_READ_MEMBERS  # noqa: E402
 from migrator.core.partition import plan_ranges  # noqa: E402
-from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
+from migrator.core.schema import database_url_for, ensure_database, init_db, written_tables  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
+import capacity  # noqa: E402
+from capacity import Costs  # noqa: E402
+from costs import ROUNDS, BackendCpu, PrivateRedis, redis_calls, same_work_floor, snapshot  # noqa: E402
 
 KEYS_PER_USER = 13.9  # what the demo generator writes per user
 READ = {"string": "get", "hash": "hgetall", "set": "smembers", "zset": "zrange", "list": "lrange"}
@@ -169,26 +178,37 @@ def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_now(redis_url: str, running: Sequence[int]) -> dict[str, float]:
+def _redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return info["used_cpu_sys"] + info["used_cpu_user"]
+
+
+def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]:
     """CPU seconds so far: of the mode (this process's reaped children, and the `running`
-    processes it started before), of PostgreSQL, of Redis and of the broker (RabbitMQ)."""
+    processes it started before), of PostgreSQL (the backends of the bench's database), of Redis
+    (the bench's own server, unless --redis-url named one) and of the broker (RabbitMQ); and the
+    Redis server's calls per command."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with redis.Redis.from_url(redis_url) as client:
-        info = client.info("cpu")
+    with redis.Redis.from_url(args.redis_url) as client:
+        redis_cpu, calls = _redis_cpu(client), redis_calls(client)
     return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
-            "postgresql": _cpu_of(lambda _, name: name == "postgres"),
-            "redis": info["used_cpu_sys"] + info["used_cpu_user"],
-            "broker": _cpu_of(lambda _, name: name == "beam.smp")}
+            "postgresql": args.pg_cpu.total(),
+            "redis": redis_cpu,
+            "broker": _cpu_of(lambda _, name: name == "beam.smp"),
+            "calls": calls}
 
 
-def _with_cpu(redis_url: str, run: Callable[[], dict], running: Sequence[int] = ()) -> dict:
+def _with_cpu(args: argparse.Namespace, run: Callable[[], dict], running: Sequence[int] = ()) -> dict:
     """A mode's result with the CPU seconds it cost each part of the machine while it ran
-    (`running`: processes already up, e.g. workers, whose start-up is not the run's)."""
-    before = _cpu_now(redis_url, running)
+    (`running`: processes already up, e.g. workers, whose start-up is not the run's), and the Redis
+    commands it sent."""
+    before = _cpu_now(args, running)
     result = run()
-    after = _cpu_now(redis_url, running)
+    after = _cpu_now(args, running)
+    calls_before, calls_after = before.pop("calls"), after.pop("calls")
     # (never below 0: a server process of someone else's that exits meanwhile takes its CPU with it)
-    result["cpu"] = {k: round(max(0.0, after[k] - before[k]), 1) for k in before}
+    result["cpu"] = {k: round(max(0.0, after[k] - before[k]), 2) for k in before}
+    result["redis_calls"] = {c: n - calls_before.get(c, 0) for c, n in calls_after.items() if n > calls_before.get(c, 0)}
     return result
 
 
@@ -262,7 +282,7 @@ def mode_workers(args: argparse.Namespace, workers: int, *flags: str) -> dict:
         with app.connection_for_write() as conn:  # a new one: the pool's may have idled out since the last mode
             while len(app.control.ping(timeout=0.5, connection=conn) or []) < workers and time.monotonic() < deadline:
                 pass
-        result = _with_cpu(args.redis_url, lambda: _migrator(args, *flags), [p.pid for p in procs])
+        result = _with_cpu(args, lambda: _migrator(args, *flags), [p.pid for p in procs])
         result["coordinator_rss_mb"] = result.pop("peak_rss_mb")
         result["worker_peak_rss_mb"] = max(_peak_rss_of_group(p.pid) for p in procs)
         return result
@@ -272,10 +292,14 @@ def mode_workers(args: argparse.Namespace, workers: int, *flags: str) -> dict:
             p.wait(60)
 
 
+WRITTEN = written_tables(THREADR)  # the mapping's tables and the legacy id map
+TRUNCATED = [*WRITTEN, "migration_journal"]
+
+
 def _truncate(database_url: str) -> None:
     conn = psycopg2.connect(database_url)
     with conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE " + ", ".join(THREADR.table_names()) + ", migration_journal")
+        cur.execute("TRUNCATE " + ", ".join(TRUNCATED))
     conn.close()
 
 
@@ -366,6 +390,98 @@ def latency_under(args: argparse.Namespace, flags: tuple[str, ...] | None) -> di
     return {"ops": len(lat), "p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": round(lat[-1], 3)}
 
 
+FOLLOW_RATE = 5_000  # changes/s: follow's bar
+
+
+def _string_keys(client: redis.Redis, wanted: int) -> list[tuple[bytes, bytes]]:
+    """Up to `wanted` distinct string keys of migrated patterns, with their values."""
+    found: list[tuple[bytes, bytes]] = []
+    for key in client.scan_iter(count=1000):
+        pattern, _ = THREADR.pattern_of(key.decode("utf-8", "backslashreplace"))
+        if pattern is not None and pattern.migrated and client.type(key) == b"string":
+            found.append((key, client.get(key)))
+            if len(found) == wanted:
+                break
+    return found
+
+
+def _follow_row(database_url: str, run_id: str) -> dict:
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_jsonb(f) FROM migration_follow f WHERE run_id = %s", (run_id,))
+            row = cur.fetchone()
+            return row[0] if row else {}
+    finally:
+        conn.close()
+
+
+def mode_follow(args: argparse.Namespace) -> dict:
+    """`migrator follow --local` after a run, while the app rewrites distinct string keys at
+    FOLLOW_RATE changes/s for --follow-seconds (each one read, transformed and upserted again): the
+    changes it applied per second, and its lag (as its session reports it, once a second) at worst
+    and when the writes stopped."""
+    client = redis.Redis.from_url(args.redis_url)
+    changes = _string_keys(client, int(FOLLOW_RATE * args.follow_seconds))
+    # follow --configure turns keyspace notifications on; they would cost Redis CPU in the modes after
+    notify = client.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    log = open(Path(args.work_dir) / "follow.out", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "follow", "--local",
+                             "--configure", *(("--jobs", str(args.follow_jobs)) if args.follow_jobs else ())], cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        run_id, deadline = None, time.monotonic() + 120
+        while run_id is None or not _follow_row(args.database_url, run_id).get("heartbeat_at"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise SystemExit(f"bench: migrator follow did not start: {log.read()[-2000:]}")
+            log.seek(0)
+            run_id = next((line.split()[2].rstrip(":") for line in log if line.startswith("follow session ")), None)
+            time.sleep(0.2)
+        # past its first reconciliation (on connecting), so only the writes below are applied
+        conn = psycopg2.connect(args.database_url)
+        with conn, conn.cursor() as cur:
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM migration_reconciliations WHERE run_id = %s AND finished_at IS NOT NULL",
+                            (run_id,))
+                if cur.fetchone()[0]:
+                    break
+                time.sleep(0.2)
+        conn.close()
+        lags: list[float] = []
+        applied_before = _follow_row(args.database_url, run_id)["keys_applied"]
+
+        def write() -> dict:
+            started, tick = time.perf_counter(), 0.01
+            per_tick = max(1, int(FOLLOW_RATE * tick))
+            for i in range(0, len(changes), per_tick):
+                pipe = client.pipeline(transaction=False)
+                for key, value in changes[i:i + per_tick]:
+                    pipe.set(key, value, keepttl=True)
+                pipe.execute()
+                if i // per_tick % 25 == 0:
+                    lags.append(_follow_row(args.database_url, run_id)["lag_s"])
+                time.sleep(max(0.0, started + (i // per_tick + 1) * tick - time.perf_counter()))
+            wrote = time.perf_counter() - started
+            at_end = _follow_row(args.database_url, run_id)
+            while True:  # caught up: a figure written with nothing pending and every change applied
+                row = _follow_row(args.database_url, run_id)
+                if row["pending"] == 0 and row["keys_applied"] - applied_before >= len(changes):
+                    break
+                if time.perf_counter() - started > 120 + 10 * wrote:
+                    raise SystemExit(f"bench: follow did not catch up: {row}")
+                time.sleep(0.05)
+            return {"keys": len(changes), "seconds": time.perf_counter() - started, "written_s": wrote,
+                    "lag_max_s": max(lags + [at_end["lag_s"], row["lag_s"]]), "lag_end_s": at_end["lag_s"]}
+
+        return _with_cpu(args, write, [proc.pid])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(90)
+        log.close()
+        client.config_set("notify-keyspace-events", notify)
+
+
 def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool) -> dict:
     """Every mode on one keyspace of about `target_keys` keys; on the first size also a run of 2
     workers over the same keyspace made hostile, on the last the latency under load."""
@@ -379,23 +495,32 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         conn = psycopg2.connect(args.database_url)
         init_db(conn, THREADR)
         conn.close()
+        args.pg_cpu = BackendCpu(args.database_url)
         client = redis.Redis.from_url(args.redis_url)
         client.flushdb()
         started = time.perf_counter()
         seed_demo(client, max(1, int(target_keys / KEYS_PER_USER)))
         out["keys"] = client.dbsize()
         print(f"seeded {out['keys']:,} keys in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _redis_cpu(client)
         for _ in client.scan_iter(count=1000):
             pass
         out["scan_pass_s"] = time.perf_counter() - started
+        out["scan_pass_redis_s"] = _redis_cpu(client) - cpu
         out["ranges"] = len(plan_ranges(client))
         modes = out["modes"]
-        modes["floor"] = _with_cpu(args.redis_url, lambda: run_child("floor", args))
-        modes["seed"] = _with_cpu(args.redis_url, lambda: run_child("seed", args))
+        modes["floor"] = _with_cpu(args, lambda: run_child("floor", args))
+        modes["seed"] = _with_cpu(args, lambda: run_child("seed", args))
         _truncate(args.database_url)
-        modes["local"] = _with_cpu(args.redis_url, lambda: _migrator(args, "--local"))
-        modes["verify (of local's run)"] = _with_cpu(args.redis_url, lambda: mode_verify(args, modes["local"]["run_id"]))
+        modes["local"] = _with_cpu(args, lambda: _migrator(args, "--local"))
+        modes["verify (of local's run)"] = _with_cpu(args, lambda: mode_verify(args, modes["local"]["run_id"]))
+        conn = psycopg2.connect(args.database_url)
+        rows = snapshot(conn, WRITTEN)
+        conn.close()
+        if args.follow_seconds:
+            out["follow"] = mode_follow(args)
+        out["pg_floor"] = same_work_floor(args.database_url, WRITTEN, rows, args.pg_cpu, TRUNCATED)
+        del rows
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
@@ -421,6 +546,8 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
             out["large_collection"] = measure_alone(args, client, write_large_timeseries, (SMALL_COLLECTION, args.wide))
         client.flushdb()
     finally:
+        if getattr(args, "pg_cpu", None):
+            args.pg_cpu.close()
         admin.autocommit = True
         with admin.cursor() as cur:
             cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
@@ -429,17 +556,27 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
     return out
 
 
+def _per_key(r: dict, part: str) -> float:
+    return r["cpu"][part] * 1e6 / r["keys"]
+
+
+# Bars on costs per key, each against a yardstick of the same run (../shared/spec/architecture.md)
+REDIS_BAR = 1.3  # the migrator's Redis CPU per key, at most this times the floor's
+PG_BAR = 1.25  # its PostgreSQL CPU per key, at most this times the same-work floor's
+TOTAL_BAR_US, QUIET_FLOOR_US = 40, 23  # total CPU per key of 2 workers, in the terms of a quiet machine's floor
+FOLLOW_LAG_S = 1.0
+
+
 def render(size: dict) -> list[str]:
-    """One size's results as a markdown table and notes."""
+    """One size's results as markdown tables, notes and the bars' verdicts."""
     modes = size["modes"]
     floor = modes["floor"]["keys"] / modes["floor"]["seconds"]
     seed = modes["seed"]["keys"] / modes["seed"]["seconds"]
     lines = [f"keyspace {size['keys']:,} keys, {size['ranges']} cursor range(s); one bare SCAN pass "
-             f"{size['scan_pass_s']:.2f} s, so the migrator's 8 passes (per priority, one that migrates and one that "
-             f"verifies) spend about {8 * size['scan_pass_s']:.1f} s in SCAN alone", "",
-             "| mode | keys | seconds | keys/s | × floor | × seed | peak RSS MB | scan / read / transform / write s "
-             "| CPU µs per key: mode + PostgreSQL + Redis + broker |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             f"{size['scan_pass_s']:.2f} s", "",
+             "| mode | keys | CPU µs per key: own + PostgreSQL + Redis + broker | keys/s | × floor | × seed | seconds "
+             "| peak RSS MB | scan / read / transform / write s | Redis calls per key: SCAN, TYPE, all |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for mode, r in modes.items():
         rate = r["keys"] / r["seconds"]
         rss = (f"{r['coordinator_rss_mb']} coord., {r['worker_peak_rss_mb']} worker" if "worker_peak_rss_mb" in r
@@ -447,29 +584,73 @@ def render(size: dict) -> list[str]:
         st = r.get("stages")
         split = " / ".join(f"{st[k]:.1f}" for k in ("scan", "read", "transform", "write")) if st else ""
         note = " (sample, extrapolated)" if r.get("sampled") else ""
-        cpu = r.get("cpu")
-        per_key = (" + ".join(f"{v * 1e6 / r['keys']:.0f}" for v in cpu.values())
-                   + f" = {sum(cpu.values()) * 1e6 / r['keys']:.0f}") if cpu else ""
-        lines.append(f"| {mode}{note} | {r['keys']:,} | {r['seconds']:.1f} | {rate:,.0f} | {rate / floor:.2f} | "
-                     f"{rate / seed:.1f} | {rss} | {split} | {per_key} |")
-    ratio = lambda name: modes[name]["keys"] / modes[name]["seconds"] / floor if name in modes else None
-    migrator_modes = [m for m in modes if m not in ("floor", "seed") and not m.startswith("verify")]
-    bars = [("2 workers >= 1.0x floor", "2 workers", 1.0), ("local >= 0.7x floor", "local", 0.7)]
-    lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrator_modes) if migrator_modes else None
-    verdicts = [f"{name}: {'yes' if ratio(mode) >= bar else 'NO'} ({ratio(mode):.2f}{_ceiling(modes, mode, floor)})"
-                for name, mode, bar in bars if mode in modes]
-    if lowest is not None:
-        verdicts.append(f"every mode >= 10x seed: {'yes' if lowest >= 10 else 'NO'} (lowest {lowest:.1f}x)")
+        cpu, calls = r["cpu"], r["redis_calls"]
+        per_key = " + ".join(f"{_per_key(r, k):.1f}" for k in cpu) + f" = {sum(cpu.values()) * 1e6 / r['keys']:.1f}"
+        scans = f"{calls.get('scan', 0) / r['keys']:.3f}, {calls.get('type', 0) / r['keys']:.2f}, " \
+                f"{sum(calls.values()) / r['keys']:.2f}"
+        lines.append(f"| {mode}{note} | {r['keys']:,} | {per_key} | {rate:,.0f} | {rate / floor:.2f} | {rate / seed:.1f} | "
+                     f"{r['seconds']:.1f} | {rss} | {split} | {scans} |")
+    migrators = [m for m in ("local", "2 workers", "1 worker") if m in modes]
+    pg_floor = next(iter(size["pg_floor"].values())) * 1e6 / modes["local"]["keys"]
+    lines += ["", f"Where PostgreSQL's time goes: the rows `run --local` wrote ({modes['local']['keys']:,} keys), written "
+              f"again into the same tables, emptied first, with and without each part (the least of {ROUNDS} rounds each):", "",
+              "| PostgreSQL writes the same rows | CPU µs per key | × same-work floor |", "|---|---:|---:|"]
+    lines += [f"| {name} | {seconds * 1e6 / modes['local']['keys']:.1f} | "
+              f"{seconds * 1e6 / modes['local']['keys'] / pg_floor:.2f} |" for name, seconds in size["pg_floor"].items()]
+    lines += [f"| the migrator: {m} | {_per_key(modes[m], 'postgresql'):.1f} | "
+              f"{_per_key(modes[m], 'postgresql') / pg_floor:.2f} |" for m in migrators]
     verified = next((m for m in modes if m.startswith("verify")), None)
-    if verified and "local" in modes:
-        pace = ratio(verified) / ratio("local")
-        verdicts.append(f"verify >= 0.5x its run's keys/s: {'yes' if pace >= 0.5 else 'NO'} ({pace:.2f}x)")
+    if verified:  # the run's validation compares every key with its rows too: this much of its cost
+        lines.append(f"| {verified} alone (every run validates so) | {_per_key(modes[verified], 'postgresql'):.1f} | "
+                     f"{_per_key(modes[verified], 'postgresql') / pg_floor:.2f} |")
+    lines += ["", *_redis_levers(size)]
+    verdicts = []
+    yes = lambda ok: "yes" if ok else "NO"
+    redis_floor = _per_key(modes["floor"], "redis")
+    for m in migrators:
+        ratio = _per_key(modes[m], "redis") / redis_floor
+        verdicts.append(f"{m}: Redis CPU per key <= {REDIS_BAR}x the floor's: {yes(ratio <= REDIS_BAR)} ({ratio:.2f}x: "
+                        f"{_per_key(modes[m], 'redis'):.1f} against {redis_floor:.1f} µs)")
+    for m in migrators:
+        ratio = _per_key(modes[m], "postgresql") / pg_floor
+        verdicts.append(f"{m}: PostgreSQL CPU per key <= {PG_BAR}x the same-work floor's: {yes(ratio <= PG_BAR)} "
+                        f"({ratio:.2f}x: {_per_key(modes[m], 'postgresql'):.1f} against {pg_floor:.1f} µs)")
+    if "2 workers" in modes:
+        two = modes["2 workers"]
+        ratio = two["keys"] / two["seconds"] / floor
+        verdicts.append(f"2 workers >= 1.0x the floor's keys/s: {yes(ratio >= 1.0)} ({ratio:.2f}{_ceiling(modes, '2 workers', floor)})")
+        floor_total = sum(modes["floor"]["cpu"].values()) * 1e6 / modes["floor"]["keys"]
+        total = sum(two["cpu"].values()) * 1e6 / two["keys"]
+        bar = TOTAL_BAR_US / QUIET_FLOOR_US * floor_total
+        verdicts.append(f"2 workers: total CPU per key <= {TOTAL_BAR_US} µs in a quiet machine's terms: "
+                        f"{yes(total <= bar)} ({total:.1f} µs against {TOTAL_BAR_US}/{QUIET_FLOOR_US} of the floor's "
+                        f"{floor_total:.1f} = {bar:.1f} µs here)")
+    lowest = min(modes[m]["keys"] / modes[m]["seconds"] / seed for m in migrators)
+    verdicts.append(f"every mode >= 10x seed: {yes(lowest >= 10)} (lowest {lowest:.1f}x)")
+    if verified:
+        pace = (modes[verified]["keys"] / modes[verified]["seconds"]) / (modes["local"]["keys"] / modes["local"]["seconds"])
+        verdicts.append(f"verify >= 0.5x its run's keys/s: {yes(pace >= 0.5)} ({pace:.2f}x)")
+    if "follow" in size:
+        # it sustains the rate the changes came at when its lag (the oldest change not yet applied)
+        # stayed under the bar throughout
+        f = size["follow"]
+        rate = f["keys"] / f["written_s"]
+        ok = rate >= FOLLOW_RATE * 0.95 and f["lag_max_s"] < FOLLOW_LAG_S
+        lines += ["", f"`follow --local` while {f['keys']:,} distinct string keys were rewritten at {FOLLOW_RATE:,}/s "
+                  f"({rate:,.0f}/s achieved over {f['written_s']:.1f} s): lag at worst {f['lag_max_s']:.2f} s, "
+                  f"{f['lag_end_s']:.2f} s when the writes stopped; every change applied within "
+                  f"{f['seconds'] - f['written_s']:.1f} s of the last (as its figures, written once a second, show); "
+                  "CPU µs per change: " + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"])
+                  + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}, {sum(f['cpu'].values()) / f['seconds']:.2f} "
+                  f"cores in use of {os.cpu_count()}"]
+        verdicts.append(f"follow >= {FOLLOW_RATE:,} changes/s with lag under {FOLLOW_LAG_S:g} s: {yes(ok)} "
+                        f"({rate:,.0f}/s, lag at worst {f['lag_max_s']:.2f} s)")
     hostile = next((modes[m] for m in modes if "hostile" in m), None)
     if hostile:
         rss, bar = hostile["worker_peak_rss_mb"], HOSTILE_RSS_MB + 3 * LARGEST_VALUE_MB
         verdicts.append(f"hostile worker peak RSS <= {HOSTILE_RSS_MB} MB + 3 x its {LARGEST_VALUE_MB} MiB value: "
-                        f"{'yes' if rss <= bar else 'NO'} ({rss} MB)")
-    lines += ["", "Bars: " + "; ".join(verdicts)]
+                        f"{yes(rss <= bar)} ({rss} MB)")
+    lines += ["", "Bars:", ""] + [f"- {v}" for v in verdicts]
     if "large_value" in size:
         small, large = (size["large_value"][m] for m in LARGE_VALUE_MIB)
         grew = (large - small) / (LARGE_VALUE_MIB[1] - LARGE_VALUE_MIB[0])
@@ -484,6 +665,25 @@ def render(size: dict) -> list[str]:
     if "latency" in size:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
+    return lines
+
+
+def _redis_levers(size: dict) -> list[str]:
+    """What the source's cost per key is made of, and what one SCAN pass instead of the run's would save."""
+    modes, keys = size["modes"], size["keys"]
+    one_pass = size["scan_pass_redis_s"] * 1e6 / keys
+    floor_scans = modes["floor"]["redis_calls"].get("scan", 0)
+    lines = []
+    for m in (m for m in ("local", "2 workers") if m in modes):
+        r = modes[m]
+        passes = r["redis_calls"].get("scan", 0) / floor_scans if floor_scans else 0
+        spooled = _per_key(r, "redis") - max(0.0, passes - 1) * one_pass
+        calls = ", ".join(f"{c.upper()} {n / r['keys']:.2f}" for c, n in
+                          sorted(r["redis_calls"].items(), key=lambda item: -item[1])[:6])
+        lines.append(f"Redis, {m}: {passes:.1f} SCAN passes' worth of calls (the floor makes one, which alone costs "
+                     f"Redis {one_pass:.1f} µs per key); one pass instead would leave about {spooled:.1f} of its "
+                     f"{_per_key(r, 'redis'):.1f} µs per key ({spooled / _per_key(modes['floor'], 'redis'):.2f}x the "
+                     f"floor's). Calls per key: {calls}.")
     return lines
 
 
@@ -510,14 +710,14 @@ def render_growth(sizes: list[dict]) -> list[str]:
     return lines
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
+def write_between(path: Path, text: str) -> None:
+    """Put `text` between the bench's markers in `path`."""
+    body = path.read_text()
     start, end = "<!-- bench:start -->", "<!-- bench:end -->"
     if start not in body or end not in body:
-        raise SystemExit(f"README.md has no {start} ... {end} section to fill")
+        raise SystemExit(f"{path.name} has no {start} ... {end} section to fill")
     head, rest = body.split(start, 1)
-    readme.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main() -> None:
@@ -525,7 +725,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_000_000, help="about this many keys (default 1,000,000)")
     parser.add_argument("--sizes", help="several key counts, e.g. 100000,300000,1000000: everything per size, "
                                         "then how the cost grows (overrides --keys)")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5", help="its own Redis DB (flushed)")
+    parser.add_argument("--redis-url", help="a Redis DB to seed and migrate (flushed); by default a redis-server of the "
+                                            "bench's own, so that its CPU is the bench's alone")
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--seed-sample", type=int, default=20_000, help="keys the seed's approach is timed on")
     parser.add_argument("--workers", default="1,2", help="worker process counts to measure (default 1,2)")
@@ -538,7 +739,11 @@ def main() -> None:
     parser.add_argument("--wide", type=int, default=WIDE_MEMBERS,
                         help="members of the large time series and counters added to the stats hash of the hostile "
                              "keyspace, and of the time series measured alone (default 1,000,000)")
-    parser.add_argument("--readme", action="store_true", help="write the result tables into README.md")
+    parser.add_argument("--follow-seconds", type=float, default=5.0,
+                        help=f"how long the app rewrites keys at {FOLLOW_RATE:,}/s while follow runs (0: no follow)")
+    parser.add_argument("--follow-jobs", type=int, help="follow's --jobs (default: its own, 1 with --local)")
+    parser.add_argument("--readme", action="store_true",
+                        help="write the result tables into README.md, and the model's into docs/capacity.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure(json=True, level="WARNING")  # logs to stderr; a child's stdout carries only its result
@@ -551,27 +756,46 @@ def main() -> None:
     os.environ.setdefault("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
     targets = [int(x) for x in args.sizes.split(",")] if args.sizes else [args.keys]
     sizes = []
+    server = None if args.redis_url else PrivateRedis()
+    args.redis_url = args.redis_url or server.url
     with tempfile.TemporaryDirectory(prefix="migrator-bench-") as work_dir:
         args.work_dir = work_dir
         try:
             for i, target in enumerate(targets):
                 sizes.append(measure(args, target, first=i == 0, last=i == len(targets) - 1))
+            version = _redis_version(args.redis_url)
         finally:
             if args.workers:
                 from workers.celery import delete_queues
 
                 delete_queues()  # this run's queues, off the shared broker
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB, Python "
-             f"{platform.python_version()}, Redis {_redis_version(args.redis_url)}, PostgreSQL {_pg_version()}; "
-             f"`scripts/bench.py {' '.join(sys.argv[1:])}` on {time.strftime('%Y-%m-%d')}.", ""]
+            if server:
+                server.close()
+    machine = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb()} GB, Python "
+               f"{platform.python_version()}, Redis {version}, PostgreSQL {_pg_version()}, load average "
+               f"{os.getloadavg()[0]:.1f} at the end; `scripts/bench.py {' '.join(sys.argv[1:])}` on "
+               f"{time.strftime('%Y-%m-%d')}.")
+    lines = [machine, ""]
     for size in sizes:
         lines += render(size) + [""]
     if len(sizes) > 1:
         lines += ["How the cost grows with the keyspace:", ""] + render_growth(sizes) + [""]
     text = "\n".join(lines).rstrip()
-    print(text)
+    model = "\n".join([machine, "", *render_model(sizes[-1])]) if "2 workers" in sizes[-1]["modes"] else ""
+    print(text + ("\n\nThe capacity model (docs/capacity.md), from the largest keyspace:\n\n" + model if model else ""))
     if args.readme:
-        write_readme(text)
+        write_between(ROOT / "README.md", text)
+        if model:
+            write_between(ROOT / "docs" / "capacity.md", model)
+
+
+def render_model(size: dict) -> list[str]:
+    """docs/capacity.md's figures: the model against the bench's workers, then past one machine."""
+    costs = lambda r: Costs(*(r["cpu"][k] * 1e6 / r["keys"] for k in ("mode", "postgresql", "redis", "broker")))
+    modes = size["modes"]
+    measured = {n: (modes[m]["keys"] / modes[m]["seconds"], costs(modes[m]))
+                for n, m in ((1, "1 worker"), (2, "2 workers")) if m in modes}
+    return capacity.render(costs(modes["2 workers"]), measured, os.cpu_count())
 
 
 def _memory_gb() -> int:
