@@ -47,7 +47,7 @@ def test_a_throttled_batch_shows_keys_moving_before_its_range_ends_one_line_per_
     looking = threading.Thread(target=look)
     looking.start()
     try:
-        with progress.watching(settings.postgres, run_id, shown, every=0.5, terminal=False):
+        with progress.watching(settings.postgres, progress.run_drawing(run_id), shown, every=0.5, terminal=False):
             execute_local(client, settings.postgres, THREADR, run_id, opts)
     finally:
         done.set()
