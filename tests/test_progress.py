@@ -1,6 +1,8 @@
 """Progress by keys as a person sees it: keys walked of the planned estimate, keys/s, elapsed and ETA,
 moving within a running batch; redrawn in place on a terminal with the log lines in the run's log
-file, one line per interval elsewhere; and the status, batches and report tables drawn by rich."""
+file, one line per interval elsewhere; and the status, batches and report tables drawn by rich. The same
+for a verification (keys walked of the estimate, moving within a range) and a follow session (its
+lag and rates)."""
 from __future__ import annotations
 
 import io
@@ -11,15 +13,21 @@ import re
 import select
 import subprocess
 import sys
+import signal
 import threading
 
 from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
+from migrator.core.mapping import Priority
 from migrator.core.options import RunOptions
-from migrator.execution.runner import execute_local, plan_run
+from migrator.execution.runner import execute_local, plan_run, verify_local
 from migrator.views import progress
 
+import test_follow
 from helpers import migrator
+
+# A Redis server of this module's own, as follow's tests have (notify-keyspace-events is server-wide)
+settings, notify = test_follow.settings, test_follow.notify
 
 LINE = re.compile(r"^run (?P<run>[0-9a-f-]{36}) (?P<status>\w+): run (?P<share>\d+)% (?P<walked>[\d,]+)/(?P<estimate>[\d,?]+) keys"
                   r" \((?P<elapsed>\d+:\d\d:\d\d) / (?P<eta>[\d:-]+)\) (?P<rate>[\d,.]+|-)/s; critical ")
@@ -47,7 +55,7 @@ def test_a_throttled_batch_shows_keys_moving_before_its_range_ends_one_line_per_
     looking = threading.Thread(target=look)
     looking.start()
     try:
-        with progress.watching(settings.postgres, run_id, shown, every=0.5, terminal=False):
+        with progress.watching(settings.postgres, progress.run_drawing(run_id), shown, every=0.5, terminal=False):
             execute_local(client, settings.postgres, THREADR, run_id, opts)
     finally:
         done.set()
@@ -126,3 +134,86 @@ def test_status_batches_and_report_tables_are_drawn_by_rich_with_every_figure(se
     assert row[:2] == ["critical", "1/1"] and "validated" in row
     batches = migrator("batches", run_id, "--database-url", settings.database_url).stdout.splitlines()
     assert batches[0].split()[:3] == ["id", "priority", "node"] and batches[2].split()[1:5] == ["critical", "-", "1/1", "done"]
+
+
+VERIFY_LINE = re.compile(r"^verification (?P<id>\d+) of run (?P<run>[0-9a-f-]{36}) (?P<status>\w+): verify critical "
+                         r"(?P<share>\d+)% (?P<walked>[\d,]+)/(?P<estimate>[\d,?]+) keys \((?P<elapsed>\d+:\d\d:\d\d) / "
+                         r"(?P<eta>[\d:-]+)\) (?P<rate>[\d,.]+|-)/s, ranges (?P<done>\d+)/(?P<ranges>\d+) ")
+
+
+def test_a_throttled_verification_shows_keys_moving_within_its_range_one_line_per_interval(settings, r, pg):
+    """A run throttled by --max-keys-per-sec, verified again: its one range lasts a few heartbeats,
+    and the ledger shows its keys walked growing before the range ends; the lines say so."""
+    seed_demo(r, 20)
+    r.mset({f"legacy:{n}": "1" for n in range(3000)})
+    planned = r.dbsize()
+    opts = RunOptions(priorities=("critical",), ranges=1, max_keys_per_sec=1000)
+    client, conn = settings.redis(), settings.postgres()
+    run_id = plan_run(client, conn, THREADR, opts, settings.redis_url)
+    execute_local(client, settings.postgres, THREADR, run_id, opts)
+    drawing = progress.verify_drawing(conn, run_id)  # after the run's own verification
+    seen: list[dict] = []
+    shown = io.StringIO()
+    watcher = settings.postgres()
+    done = threading.Event()
+    after = None
+
+    def look() -> None:
+        while not done.is_set():
+            seen.append(progress.measure_verification(watcher, run_id, after))
+            done.wait(0.2)
+
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT max(id) FROM migration_verifications WHERE run_id = %s", (run_id,))
+        after = cur.fetchone()[0]
+    looking = threading.Thread(target=look)
+    looking.start()
+    try:
+        with progress.watching(settings.postgres, drawing, shown, every=0.5, terminal=False):
+            result = verify_local(client, settings.postgres, THREADR, run_id, [Priority.parse("critical")])
+    finally:
+        done.set()
+        looking.join()
+        watcher.close()
+        conn.close()
+        client.close()
+    assert result["verdict"] == "clean", result
+    assert after is not None
+    mid = [m for m in seen if m is not None and m["status"] == "running" and m["verify"]["ranges_done"] == 0
+           and 0 < m["verify"]["walked"] < planned]
+    assert mid, seen
+    assert mid[-1]["verify"]["keys_per_s"] and mid[-1]["verify"]["eta_s"] and mid[-1]["verify"]["estimate"] == planned
+    lines = shown.getvalue().splitlines()
+    parsed = [VERIFY_LINE.match(line) for line in lines]
+    assert len(lines) >= 2 and all(parsed), lines
+    assert all(m["run"] == run_id and int(m["id"]) > after and m["estimate"] == f"{planned:,}" for m in parsed)
+    assert any(0 < int(m["walked"].replace(",", "")) < planned and m["rate"] != "-" and m["eta"] != "-:--:--"
+               for m in parsed), lines
+    last = parsed[-1]
+    assert last["status"] == "done" and last["share"] == "100" and last["eta"] == "0:00:00" and last["done"] == "1"
+    assert int(last["walked"].replace(",", "")) == planned
+
+
+FOLLOW_LINE = re.compile(r"^follow session (?P<run>[0-9a-f-]{36}) (?P<status>\w+): lag (?P<lag>[\d.]+) s, "
+                         r"(?P<pending>[\d,]+) pending, (?P<events>[\d,.]+) events/s, (?P<applied>[\d,.]+) applied/s, "
+                         r"(?P<keys>[\d,]+) keys applied, reconnects (?P<reconnects>\d+), reconciliations (?P<rec>\d+) ")
+
+
+def test_follow_not_on_a_terminal_writes_its_figures_one_line_per_interval(settings, r, pg, notify, tmp_path,
+                                                                           monkeypatch):
+    seed_demo(r, 5)
+    monkeypatch.setenv("MIGRATOR_PROGRESS_SECONDS", "1")
+    following = test_follow.Following(settings, tmp_path, "--local")
+    try:
+        for n in range(20):
+            r.set(f"legacy:{n}", "1")  # unmapped: events, not applied
+        users = sorted(r.scan_iter("user:*"))[:3]
+        for key in users:
+            test_follow.changed_user(r, key, name="moved")
+        test_follow.wait_for(lambda: [m for m in map(FOLLOW_LINE.match, following.output().splitlines())
+                                      if m and int(m["keys"].replace(",", "")) >= len(users)], 60)
+    finally:
+        assert following.stop(signal.SIGTERM) == 0
+    lines = [m for m in map(FOLLOW_LINE.match, (tmp_path / "follow.out").read_text().splitlines()) if m]
+    assert len(lines) >= 2 and all(m["run"] == following.run_id for m in lines)
+    assert int(lines[-1]["rec"]) >= 1 and lines[-1]["status"] in ("running", "completed")

@@ -179,7 +179,7 @@ def verify_range_task(self: Any, range_id: int, verification_id: int, run_id: st
              "run_id": run_id}
 
     def work(client: Any, conn: Any, mapping: Any, unit: int, progress: Any) -> dict[str, int] | None:
-        done = verify.verify_range(client, conn, mapping, unit, progress)
+        done = verify.verify_range(client, conn, mapping, unit, progress, connect=Settings.from_env().postgres)
         if done is None:
             return None
         return {f: sum(c[f] for c in done["patterns"].values()) for f in ("keys", "compared", "missing", "different")}

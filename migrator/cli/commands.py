@@ -152,7 +152,7 @@ def cmd_run(settings: Settings, mapping: Mapping, opts: RunOptions, *, local: bo
             return OK
         watch(settings.postgres, run_id, out=err)
     else:
-        with progress_mod.watching(settings.postgres, run_id, err):  # its progress on `err` while it runs here
+        with progress_mod.watching(settings.postgres, progress_mod.run_drawing(run_id), err):  # its progress on `err` while it runs here
             runs.carry_on(mapping, run_id, opts, opts.priority_order()[0])
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
@@ -285,7 +285,7 @@ def cmd_resume(settings: Settings, run_id: str, spec: str | None = None, *, loca
         out.write(f"resumed run {run_id} at priority {priority.label}\n")
         return OK
     out.write(f"resuming run {run_id} at priority {priority.label}\n")
-    with progress_mod.watching(settings.postgres, run_id, err):  # its progress on `err` while it runs here
+    with progress_mod.watching(settings.postgres, progress_mod.run_drawing(run_id), err):  # its progress on `err` while it runs here
         runs.carry_on(mapping, run_id, opts, priority)
     return _report_anew(settings, mapping, run_id, output_dir, as_json, out)
 
@@ -313,7 +313,10 @@ def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, 
     if reader is not None:
         err.write(f"migrator: not recorded: role {reader} cannot write the ledger (verifying here, in memory)\n")
         return verify_in_memory(client, conn, mapping, run_id, priorities)
-    return _verifier(settings, local, jobs, err).verify(mapping, run_id, priorities)
+    verifier = _verifier(settings, local, jobs, err)
+    # its progress on `err` while it runs (here or on the workers: both write it to the ledger)
+    with progress_mod.watching(settings.postgres, progress_mod.verify_drawing(conn, run_id), err):
+        return verifier.verify(mapping, run_id, priorities)
 
 
 def _verifier(settings: Settings, local: bool, jobs: int, err: TextIO) -> executor.Executor:
@@ -676,7 +679,7 @@ def _notifications_ready(client: Any, nodes: list[str], configure: bool, out: Te
 
 
 def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None, local: bool, jobs: int,
-               configure: bool, reconcile_every: float, out: TextIO = sys.stdout) -> int:
+               configure: bool, reconcile_every: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Keep PostgreSQL current from the keyspace notifications until SIGINT or SIGTERM; then drain,
     record, and end the session (exit 1 when it ended with changes not applied)."""
     from migrator.execution.follow import Follower, end_session, start_session
@@ -712,7 +715,8 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         try:
             notifications.subscribe_all(client, nodes, db, lambda key, event: key.startswith(wanted) and follower.changed(key, event),
                                         follower.connected, follower.stop)
-            error = follower.run()
+            with progress_mod.watching(settings.postgres, progress_mod.follow_drawing(run_id), err):
+                error = follower.run()
         except Exception as exc:
             follower.stop.set()
             error = redact_text(describe(exc))

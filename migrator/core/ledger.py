@@ -1,7 +1,7 @@
 """The run ledger in PostgreSQL, and every query of it: runs and their state, planned batches and
 their leases, per-pattern counts, dead letters, verdicts, the journal exact rollback reads, and
 verifications. Other modules decide; only this one reads or writes the ledger's tables
-(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql).
+(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql, 013_verify_progress.sql).
 """
 from __future__ import annotations
 
@@ -568,7 +568,7 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
     """Mark a verification range running; None when it is already done (a redelivery)."""
     cur.execute(
         "UPDATE migration_verify_ranges v SET status = 'running', attempts = attempts + 1,"
-        " started_at = clock_timestamp(), error = NULL FROM migration_verifications f, migration_runs r"
+        " started_at = clock_timestamp(), error = NULL, keys_walked = 0 FROM migration_verifications f, migration_runs r"
         " WHERE v.id = %s AND f.id = v.verification_id AND r.id = f.run_id AND v.status <> 'done'"
         " RETURNING v.verification_id, f.run_id, f.priorities, f.compare, v.range_index, v.range_count, v.range_start,"
         " v.range_end, v.node, r.options, r.started_at",
@@ -587,12 +587,45 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
 
 
 def finish_verify_range(cur: Any, range_id: int, counts: dict[str, dict[str, int]], attributed: dict[str, int],
-                        examples: list[dict[str, Any]]) -> None:
+                        examples: list[dict[str, Any]], walked: int) -> None:
     cur.execute(
         "UPDATE migration_verify_ranges SET status = 'done', finished_at = clock_timestamp(), counts = %s,"
-        " attributed = %s, examples = %s WHERE id = %s",
-        (orjson.dumps(counts).decode(), orjson.dumps(attributed).decode(), orjson.dumps(examples).decode(), range_id),
+        " attributed = %s, examples = %s, keys_walked = %s WHERE id = %s",
+        (orjson.dumps(counts).decode(), orjson.dumps(attributed).decode(), orjson.dumps(examples).decode(), walked,
+         range_id),
     )
+
+
+def verify_range_walked(cur: Any, range_id: int, walked: int) -> None:
+    """A running verification range's keys walked so far, from a session of its own (the range's
+    transaction shows nothing until it commits), for the progress display."""
+    cur.execute("UPDATE migration_verify_ranges SET keys_walked = %s WHERE id = %s AND status = 'running'",
+                (walked, range_id))
+
+
+def latest_verification_id(cur: Any, run_id: str) -> int | None:
+    cur.execute("SELECT max(id) FROM migration_verifications WHERE run_id = %s", (run_id,))
+    return cur.fetchone()[0]
+
+
+def verification_walked(cur: Any, run_id: str, after: int | None) -> dict[str, Any] | None:
+    """The run's latest verification after id `after` (None: any), as its progress counts it: keys
+    walked by its ranges, the run's keys planned, ranges done of all, and seconds since it began
+    (until it ended); None when there is none yet."""
+    cur.execute(
+        "SELECT v.id, v.status, v.priorities, r.keys_planned, extract(epoch FROM coalesce(v.finished_at, now())"
+        " - v.created_at), coalesce(sum(g.keys_walked), 0), count(g.id), count(g.id) FILTER (WHERE g.status = 'done')"
+        " FROM migration_verifications v JOIN migration_runs r ON r.id = v.run_id"
+        " LEFT JOIN migration_verify_ranges g ON g.verification_id = v.id"
+        " WHERE v.run_id = %s AND v.id > %s GROUP BY v.id, r.keys_planned ORDER BY v.id DESC LIMIT 1",
+        (run_id, after or 0))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    keys = ("id", "status", "priorities", "keys_planned", "elapsed_s", "walked", "ranges", "ranges_done")
+    found = dict(zip(keys, row))
+    return {**found, "priorities": list(found["priorities"]), "elapsed_s": float(found["elapsed_s"]),
+            "walked": int(found["walked"])}
 
 
 def fail_verify_range(cur: Any, range_id: int, error: str) -> None:

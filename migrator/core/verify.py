@@ -328,8 +328,9 @@ def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: l
 
 
 def verify_range(client: redis.Redis, conn: Any, mapping: Mapping, range_id: int,
-                 progress: Progress | None = None) -> dict[str, Any] | None:
-    """Verify one planned range from the ledger; its counts, or None when it was already done."""
+                 progress: Progress | None = None, *, connect: Callable[[], Any]) -> dict[str, Any] | None:
+    """Verify one planned range from the ledger; its counts, or None when it was already done. Its
+    keys walked go to the ledger as it runs, on a session made by `connect` (_Walked)."""
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_lock(%s, %s)", (VERIFY_LOCK, range_id))
     try:
@@ -340,7 +341,11 @@ def verify_range(client: redis.Redis, conn: Any, mapping: Mapping, range_id: int
             return None
         with structlog.contextvars.bound_contextvars(run=spec.run_id, verification=spec.verification_id,
                                                      range=range_id):
-            return _verify(client, conn, mapping, spec, progress)
+            walked = _Walked(connect, range_id, progress)
+            try:
+                return _verify(client, conn, mapping, spec, walked)
+            finally:
+                walked.close()
     finally:
         try:
             conn.rollback()
@@ -364,12 +369,15 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
         with conn.cursor() as cur:
             verifier = RangeVerifier(node, cur, mapping, patterns, opts, run_id=spec.run_id, compare=spec.compare,
                                      count_unmapped=unmapped, since=spec.run_started, cap=cap)
+            walked = 0  # every key SCAN returned, in scope or not: what progress counts
             for keys in scan_range(node, spec.key_range, throttle.paced(opts)[1]):
                 if cap is not None:
                     cap.acquire(len(keys))
                 verifier.feed(keys)
+                walked += len(keys)
                 if progress is not None:
-                    progress({f: sum(c[f] for c in verifier.tally.patterns.values()) for f in ("keys", "compared")})
+                    progress({"walked": walked,
+                              **{f: sum(c[f] for c in verifier.tally.patterns.values()) for f in ("keys", "compared")}})
             verifier.flush()
     finally:
         if node is not client:
@@ -383,11 +391,49 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     return tally
 
 
-def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, progress: Progress | None) -> dict:
+class _Walked:
+    """A running range's progress: passed on to `then` (Flower's, on a worker), and its keys walked
+    written to the ledger at most every HEARTBEAT_SECONDS on a session of its own, since the range's
+    own transaction shows nothing until it commits. A write that fails is logged and dropped: the
+    display lags, the verification goes on."""
+
+    def __init__(self, connect: Callable[[], Any], range_id: int, then: Progress | None) -> None:
+        self.connect, self.range_id, self.then = connect, range_id, then
+        self.walked = 0
+        self.conn: Any = None
+        self.last = time.monotonic()
+
+    def __call__(self, counts: dict[str, int]) -> None:
+        self.walked = counts["walked"]
+        if self.then is not None:
+            self.then(counts)
+        if time.monotonic() - self.last < ledger.HEARTBEAT_SECONDS:
+            return
+        self.last = time.monotonic()
+        try:
+            if self.conn is None:
+                self.conn = self.connect()
+                self.conn.autocommit = True
+            with self.conn.cursor() as cur:
+                ledger.verify_range_walked(cur, self.range_id, self.walked)
+        except Exception as exc:  # psycopg2.Error, or a ConfigError from connect
+            log.warning("verify_progress_not_recorded", error=redact_text(describe(exc)))
+            self.close()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg2.Error:
+                pass
+            self.conn = None
+
+
+def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, walked: _Walked) -> dict:
     try:
-        tally = check_range(client, conn, mapping, spec, progress)
+        tally = check_range(client, conn, mapping, spec, walked)
         with conn.cursor() as cur:
-            ledger.finish_verify_range(cur, spec.id, tally.to_json(), tally.attributed, tally.examples)
+            ledger.finish_verify_range(cur, spec.id, tally.to_json(), tally.attributed, tally.examples, walked.walked)
         conn.commit()
     except Exception as exc:
         reason = redact_text(describe(exc))

@@ -278,7 +278,7 @@ def _work(kind: str, client: redis.Redis, conn: Any, connect: Callable[[], Any],
     if kind == "batch":
         migrate_batch(client, conn, mapping, unit, connect=connect)
     else:
-        verify.verify_range(client, conn, mapping, unit)
+        verify.verify_range(client, conn, mapping, unit, connect=connect)
 
 
 def _run_with_retries(client: redis.Redis, conn: Any, connect: Callable[[], Any], mapping: Mapping,

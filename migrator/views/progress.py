@@ -9,6 +9,11 @@ a keyspace that grows or shrinks meanwhile moves the truth away from it, and the
 it is an estimate of. A running batch's count is written by its heartbeat (migrator/core/lease.py), so
 progress moves within a long range, not only when a range ends.
 
+A verification (`migrator verify`, local or on workers) is shown the same way: keys its ranges'
+SCAN walked (written as they run: migrator/core/verify.py _Walked) of the same estimate, once for the
+priorities it checks together. A follow session (`migrator follow`) has no estimate: its lag,
+pending keys, rates, reconnects and reconciliations, as the ledger keeps them.
+
 On a terminal the view is redrawn in place (rich); elsewhere it is one line per interval.
 """
 from __future__ import annotations
@@ -29,6 +34,7 @@ from rich.text import Text
 
 from migrator.core import ledger, runstate
 from migrator.core.mapping import Priority
+from migrator.execution import follow
 from migrator.views import figures as figures_mod
 
 ESTIMATE_OF = "estimate: DBSIZE at plan, once per priority's pass"
@@ -74,6 +80,52 @@ def _figures(name: str, walked: int, estimate: int | None, elapsed: float, done:
     return {"name": name, "walked": walked, "estimate": estimate, "keys_per_s": round(rate, 1) if rate else None,
             "elapsed_s": round(elapsed, 1), "eta_s": round(eta, 1) if eta is not None else None, "done": done,
             "ranges_done": ranges_done, "ranges": ranges}
+
+
+def measure_verification(conn: Any, run_id: str, after: int | None) -> dict[str, Any] | None:
+    """The progress of run `run_id`'s latest verification after id `after` (None: none begun yet):
+    keys walked of the run's keys planned (one SCAN of the keyspace checks all its priorities)."""
+    with conn, conn.cursor() as cur:
+        found = ledger.verification_walked(cur, run_id, after)
+    if found is None:
+        return None
+    done = found["status"] != "running"
+    shown = _figures("verify " + ",".join(found["priorities"]), found["walked"], found["keys_planned"],
+                     found["elapsed_s"], done and found["ranges_done"] == found["ranges"], found["ranges_done"],
+                     found["ranges"])
+    return {"run_id": run_id, "verification_id": found["id"], "status": found["status"], "verify": shown}
+
+
+def verify_line(measured: dict[str, Any]) -> str:
+    f = measured["verify"]
+    rate = f"{f['keys_per_s']:,.1f}/s" if f["keys_per_s"] is not None else "-/s"
+    estimate = f"{f['estimate']:,}" if f["estimate"] is not None else "?"
+    return (f"verification {measured['verification_id']} of run {measured['run_id']} {measured['status']}: "
+            f"{f['name']} {_share(f):.0%} {f['walked']:,}/{estimate} keys ({_clock(f['elapsed_s'])} / "
+            f"{_clock(f['eta_s'])}) {rate}, ranges {f['ranges_done']}/{f['ranges']} [{ESTIMATE_OF}]")
+
+
+def verify_view(measured: dict[str, Any]) -> Table:
+    f = measured["verify"]
+    shown = Table(box=None, show_header=True, pad_edge=False, title_justify="left", caption_justify="left",
+                  title=Text(f"verification {measured['verification_id']} of run {measured['run_id']}  {measured['status']}"),
+                  caption=Text(f"keys walked by SCAN; {ESTIMATE_OF}"))
+    for name, justify in (("", "left"), ("", "left"), ("", "right"), ("keys walked / estimate", "right"),
+                          ("keys/s", "right"), ("elapsed", "right"), ("ETA", "right"), ("ranges", "right")):
+        shown.add_column(name, justify=justify, no_wrap=True)
+    shown.add_row(f["name"], ProgressBar(total=1.0, completed=_share(f), width=30), f"{_share(f):.0%}",
+                  f"{f['walked']:,} / {f['estimate']:,}" if f["estimate"] is not None else f"{f['walked']:,} / ?",
+                  f"{f['keys_per_s']:,.1f}" if f["keys_per_s"] is not None else "-", _clock(f["elapsed_s"]),
+                  _clock(f["eta_s"]), f"{f['ranges_done']}/{f['ranges']}")
+    return shown
+
+
+def follow_line(run_id: str, status: str, p: dict[str, Any]) -> str:
+    """A follow session's figures on one line (follow.render: the same, in full)."""
+    return (f"follow session {run_id} {status}: lag {p['lag_s']:.3f} s, {p['pending']:,} pending, "
+            f"{p['events_per_s']:,.1f} events/s, {p['applied_per_s']:,.1f} applied/s, {p['keys_applied']:,} keys applied, "
+            f"reconnects {p['reconnects']:,}, reconciliations {p['reconciliations']:,} "
+            f"({p['reconciliations_repaired']:,} repaired)")
 
 
 def _clock(seconds: float | None) -> str:
@@ -144,20 +196,57 @@ class Display:
             self.live = None
 
 
+Draw = Callable[[Any], "tuple[RenderableType, str] | None"]
+
+
+def run_drawing(run_id: str) -> Draw:
+    """What `watching` shows of a run: its progress by keys."""
+    def draw(conn: Any) -> tuple[RenderableType, str]:
+        measured = measure(conn, run_id)
+        return view(measured), line(measured)
+    return draw
+
+
+def verify_drawing(conn: Any, run_id: str) -> Draw:
+    """What `watching` shows of the verification of run `run_id` about to begin (after the latest
+    one it has now): nothing until it is planned."""
+    with conn, conn.cursor() as cur:
+        after = ledger.latest_verification_id(cur, run_id)
+
+    def draw(conn: Any) -> tuple[RenderableType, str] | None:
+        measured = measure_verification(conn, run_id, after)
+        return None if measured is None else (verify_view(measured), verify_line(measured))
+    return draw
+
+
+def follow_drawing(run_id: str) -> Draw:
+    """What `watching` shows of a follow session: its figures as the ledger has them."""
+    def draw(conn: Any) -> tuple[RenderableType, str] | None:
+        with conn, conn.cursor() as cur:
+            status = ledger.require_run(cur, run_id)["status"]
+            figures = ledger.follow_progress(cur, run_id)
+        if figures is None:
+            return None
+        return Text(follow.render(run_id, status, figures)), follow_line(run_id, status, figures)
+    return draw
+
+
 @contextmanager
-def watching(connect: Callable[[], Any], run_id: str, out: TextIO, *, interval: float = 1.0,
+def watching(connect: Callable[[], Any], draw: Draw, out: TextIO, *, interval: float = 1.0,
              every: float = LINE_SECONDS, terminal: bool | None = None) -> Iterator[Display]:
-    """Show a run's progress while the body runs (its batches, here), from a thread with a session of
-    its own; the final state once the body is done. A ledger that cannot be read for a moment leaves
-    the last view up: the run itself decides what a lost connection means."""
+    """Show what `draw` reads from the ledger (run_drawing, verify_drawing, follow_drawing) while the
+    body runs (batches, ranges, a follow session, here), from a thread with a session of its own;
+    the final state once the body is done. A ledger that cannot be read for a moment leaves the last
+    view up: the work itself decides what a lost connection means."""
     display = Display(out, terminal=terminal, every=every)
     stop = threading.Event()
 
     def look(conn: Any, final: bool = False) -> Any:
         try:
             conn = conn or connect()
-            measured = measure(conn, run_id)
-            display.show(view(measured), line(measured), final=final)
+            drawn = draw(conn)
+            if drawn is not None:
+                display.show(*drawn, final=final)
             return conn
         except psycopg2.Error:
             if conn is not None:
