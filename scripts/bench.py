@@ -426,7 +426,7 @@ def mode_follow(args: argparse.Namespace) -> dict:
     # follow --configure turns keyspace notifications on; they would cost Redis CPU in the modes after
     notify = client.config_get("notify-keyspace-events")["notify-keyspace-events"]
     log = open(Path(args.work_dir) / "follow.out", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli", "--log-level", "WARNING", "follow", "--local",
+    proc = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", "--log-level", "WARNING", "follow", "--local",
                              "--configure", *(("--jobs", str(args.follow_jobs)) if args.follow_jobs else ())], cwd=ROOT, env=_env(args), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:

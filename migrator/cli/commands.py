@@ -418,16 +418,9 @@ def cmd_rollback(settings: Settings, run_id: str, spec: str | None = None, out: 
         if status == "cancelling":
             raise NotNow(f"run {run_id} is being cancelled; wait for `migrator cancel {run_id}` to end (or run it "
                          f"again), then: migrator rollback {run_id}")
-        try:
-            summary = rollback_run(conn, mapping, run_id)
-        except RollbackFailed as exc:
-            err.write(f"migrator: run {run_id}: {exc}\n")
-            return FAILED
+        return _roll_back(conn, mapping, run_id, out, err)
     finally:
         conn.close()
-    _write_rollback(summary, out)
-    out.write(f"run {run_id} rolled back\n")
-    return OK
 
 
 def cmd_cancel(settings: Settings, run_id: str, spec: str | None = None, *, rollback: bool, wait_s: float,
@@ -457,16 +450,9 @@ def cmd_cancel(settings: Settings, run_id: str, spec: str | None = None, *, roll
             out.write(f"what it committed stays. Undo it: migrator rollback {run_id}   or carry on: migrator resume "
                       f"{run_id}\n")
             return OK
-        try:
-            summary = rollback_run(conn, mapping, run_id)
-        except RollbackFailed as exc:
-            err.write(f"migrator: run {run_id}: {exc}\n")
-            return FAILED
+        return _roll_back(conn, mapping, run_id, out, err)
     finally:
         conn.close()
-    _write_rollback(summary, out)
-    out.write(f"run {run_id} rolled back\n")
-    return OK
 
 
 def _revoke(settings: Settings, conn: Any, run_id: str) -> int:
@@ -476,6 +462,18 @@ def _revoke(settings: Settings, conn: Any, run_id: str) -> int:
     if not queued:
         return 0  # a --local run, or nothing left
     return _executor(settings, local=False).revoke(queued)
+
+
+def _roll_back(conn: Any, mapping: Mapping, run_id: str, out: TextIO, err: TextIO) -> int:
+    """Undo a run that is not running, saying what was undone (exit 0) or why it could not be (1)."""
+    try:
+        summary = rollback_run(conn, mapping, run_id)
+    except RollbackFailed as exc:
+        err.write(f"migrator: run {run_id}: {exc}\n")
+        return FAILED
+    _write_rollback(summary, out)
+    out.write(f"run {run_id} rolled back\n")
+    return OK
 
 
 def _write_rollback(summary: dict[str, dict[str, int]], out: TextIO) -> None:

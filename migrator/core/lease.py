@@ -94,11 +94,12 @@ def _end_lost_session(conn: Any, batch_id: int) -> None:
         log.warning("lost_session_ended", batch=batch_id, backends=[pid for pid, _ in ended])
 
 
-def release(conn: Any, batch_id: int) -> None:
+def release(conn: Any, unit: int, lock: int = BATCH_LOCK) -> None:
+    """Let go of a unit's session lock (a batch's, or with `lock` a verification range's)."""
     try:
         conn.rollback()
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCK, batch_id))
+            cur.execute("SELECT pg_advisory_unlock(%s, %s)", (lock, unit))
         conn.commit()
     except psycopg2.Error:
         pass  # a lost connection took its session locks with it

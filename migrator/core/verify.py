@@ -25,7 +25,7 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from migrator.core import ledger
+from migrator.core import lease, ledger
 from migrator.core import throttle
 from migrator.core.ledger import VerifySpec
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
@@ -347,13 +347,7 @@ def verify_range(client: redis.Redis, conn: Any, mapping: Mapping, range_id: int
             finally:
                 walked.close()
     finally:
-        try:
-            conn.rollback()
-            with conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_unlock(%s, %s)", (VERIFY_LOCK, range_id))
-            conn.commit()
-        except psycopg2.Error:
-            pass  # a lost connection took its session locks with it
+        lease.release(conn, range_id, VERIFY_LOCK)
 
 
 def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec,
