@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -17,6 +19,7 @@ from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
 from migrator.core.mapping import UNMAPPED
 from migrator.views.report import build_report
+from migrator.views.status import run_progress
 
 from helpers import ROOT, Workers, free_port, scrape, wait_for_end, worker_env
 
@@ -69,6 +72,48 @@ def test_a_local_run_serves_its_balance_and_its_own_counts_equal_to_the_report(s
              for p, f in before}
     assert nonzero(grown) == of_report(report)
     assert samples[("migrator_postgres_write_seconds_count", ())] > writes
+
+
+def test_a_scrape_while_a_throttled_local_run_still_runs_shows_some_of_its_keys(settings, r, pg, tmp_path):
+    """The endpoint of `migrator run --local --metrics-port` scraped during the run: four ranges walked
+    one after the other under --max-keys-per-sec, so keys of the batches done show up while the ledger
+    still says running; once it ends, the scrape equals the report."""
+    seed_demo(r, 20)
+    r.mset({f"legacy:{n}": "1" for n in range(2000)})  # unmapped: walked and skipped
+    with pg, pg.cursor() as cur:
+        earlier = ledger.latest_run(cur)
+    port = free_port()
+    codes: list[int] = []
+    running = threading.Thread(target=lambda: codes.append(cli(
+        ["run", "--local", "--jobs", "1", "--priority", "critical", "--ranges", "4", "--max-keys-per-sec", "500",
+         "--metrics-port", str(port), "--output-dir", str(tmp_path),
+         "--redis-url", settings.redis_url, "--database-url", settings.database_url])))
+    running.start()
+    seen: list[float] = []
+    run_id = None
+    try:
+        while running.is_alive():
+            if run_id is None:
+                with pg, pg.cursor() as cur:
+                    run_id = ledger.latest_run(cur)
+                run_id = None if run_id == earlier else run_id
+            if run_id is not None and metrics.serving() is not None:
+                scanned = sum(v for (_, outcome), v in
+                              keys_of(scrape(port), "migrator_run_keys", run=run_id).items() if outcome == "scanned")
+                if run_progress(pg, run_id)["status"] == "running":  # scraped before the run ended
+                    seen.append(scanned)
+            time.sleep(0.1)
+        running.join()
+        final = scrape(port)  # (the endpoint serves on after the command, in this test's process)
+    finally:
+        running.join()
+        if metrics.serving() is not None:
+            metrics.serving().close()
+    report = build_report(pg, THREADR, run_id)
+    assert codes == [0] and report["status"] == "completed" and report["batches"]["total"] == 4, report["batches"]
+    total = report["totals"]["scanned"]
+    assert any(0 < n < total for n in seen), (seen, total)
+    assert nonzero(keys_of(final, "migrator_run_keys", run=run_id)) == of_report(report)
 
 
 def test_a_worker_process_and_the_coordinator_serve_counts_equal_to_the_report(settings, r, pg, tmp_path):
