@@ -111,6 +111,43 @@ def test_on_a_terminal_the_view_is_redrawn_in_place_and_log_lines_go_to_the_log_
     assert "TOTAL" in text  # the report follows
 
 
+def test_on_a_terminal_verify_draws_its_progress_and_its_log_lines_go_to_the_verification_log_file(settings, r, pg,
+                                                                                                   tmp_path):
+    seed_demo(r, 30)
+    opts = RunOptions(priorities=("critical",), ranges=2)
+    client = settings.redis()
+    try:
+        run_id = plan_run(client, pg, THREADR, opts, settings.redis_url)
+        execute_local(client, settings.postgres, THREADR, run_id, opts)
+    finally:
+        client.close()
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "MIGRATOR_LOG_JSON"}
+    child = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", "verify", run_id, "--local",
+                              "--output-dir", str(tmp_path), "--redis-url", settings.redis_url,
+                              "--database-url", settings.database_url],
+                             stdin=follower, stdout=follower, stderr=follower, env={**env, "COLUMNS": "160"})
+    os.close(follower)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert child.wait(60) == 0
+    text = screen.decode()
+    path = tmp_path / f"verification_{run_id}.log"
+    assert f"migrator: logging to {path}" in text.replace("\r\n", "\n")
+    logged = path.read_text()
+    assert '"event": "verify_range_done"' in logged and '"event": "verification_done"' in logged
+    assert "verify_range_done" not in text and "verification_done" not in text and "verification_planned" not in text
+    assert "clean" in text.lower()  # the verification's result follows
+
 def test_status_batches_and_report_tables_are_drawn_by_rich_with_every_figure(settings, r, pg, tmp_path):
     seed_demo(r, 20)
     done = migrator("run", "--local", "--priority", "critical", "--output-dir", str(tmp_path), "--redis-url",

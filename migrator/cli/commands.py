@@ -104,6 +104,13 @@ def _announce(run_id: str, opts: RunOptions, output_dir: Path, out: TextIO, err:
     err.write(f"migrator: logging to {log_path}\n")
 
 
+def _log_on_a_terminal(path: Path, err: TextIO) -> None:
+    """On a terminal the progress display has stderr: log lines go to `path` alone (said on stderr)."""
+    if err.isatty():
+        err.write(f"migrator: logging to {attach_log_file(path, only=True)}\n")
+        err.flush()
+
+
 def _final_report(conn: Any, mapping: Mapping, run_id: str, output_dir: Path, as_json: bool, out: TextIO) -> int:
     """Print the report (and the monitoring figures), write migration_report_<run>.json; the exit code."""
     report = report_mod.build_report(conn, mapping, run_id)
@@ -360,12 +367,13 @@ def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple
 
 
 def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, local: bool = False,
-               jobs: int = 2, show_diffs: int = 0, as_json: bool = False, out: TextIO = sys.stdout,
-               err: TextIO = sys.stderr) -> int:
+               jobs: int = 2, show_diffs: int = 0, as_json: bool = False, output_dir: Path = Path("."),
+               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
     client, conn = settings.redis(), _ledger(settings)
     try:
         run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
+        _log_on_a_terminal(output_dir / f"verification_{run_id}.log", err)
         mapping = _mapping_of(conn, run_id, spec)
         result = _verification(settings, client, conn, mapping, run_id, chosen, local, jobs, err)
         for p in result.get("patterns", []):
@@ -677,7 +685,8 @@ def _notifications_ready(client: Any, nodes: list[str], configure: bool, out: Te
 
 
 def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None, local: bool, jobs: int,
-               configure: bool, reconcile_every: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+               configure: bool, reconcile_every: float, output_dir: Path = Path("."), out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
     """Keep PostgreSQL current from the keyspace notifications until SIGINT or SIGTERM; then drain,
     record, and end the session (exit 1 when it ended with changes not applied)."""
     from migrator.execution.follow import Follower, end_session, start_session
@@ -701,6 +710,7 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         out.write(f"follow session {run_id}: applying changes until Ctrl-C (or SIGTERM); "
                   f"`migrator status {run_id}` shows its lag\n")
         out.flush()
+        _log_on_a_terminal(output_dir / f"follow_{run_id}.log", err)
         apply = applies.applier(mapping, run_id)
         follower = Follower(settings.postgres, run_id, apply,
                             lambda reason: reconcile(client, settings.postgres, mapping, run_id, follower.dirty, reason),

@@ -234,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "applied, 1 not, 2 could not start (notify-keyspace-events lacking: the fix named).")
     p.set_defaults(handler=lambda a, s: commands.cmd_follow(s, registry.load(a.mapping), spec=registry.requested(a.mapping),
                                                             local=a.local, jobs=a.jobs or (1 if a.local else 2),
-                                                            configure=a.configure, reconcile_every=a.reconcile_every))
+                                                            configure=a.configure, reconcile_every=a.reconcile_every,
+                                                            output_dir=a.output_dir))
     _connection_flags(p)
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."),
+                   help="on a terminal: where follow_<session>.log (its log lines) goes")
     p.add_argument("--local", action="store_true", help="apply here instead of on the Celery workers (no broker)")
     p.add_argument("--jobs", "-j", type=_jobs, metavar="N",
                    help="batches of changed keys applied at once (default 1 with --local, 2 on the workers)")
@@ -312,8 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "any difference", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=VERIFY_DESCRIPTION)
     p.set_defaults(handler=lambda a, s: commands.cmd_verify(s, a.run_id, a.mapping, a.priority, as_json=a.json,
-                                                            local=a.local, jobs=a.jobs, show_diffs=a.show_diffs))
+                                                            local=a.local, jobs=a.jobs, show_diffs=a.show_diffs,
+                                                            output_dir=a.output_dir))
     _connection_flags(p)
+    p.add_argument("--output-dir", type=_output_dir, default=Path("."),
+                   help="on a terminal: where verification_<run>.log (its log lines) goes")
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[],
                    help="only the patterns of this priority (repeatable); default: every priority of the run")
