@@ -79,13 +79,12 @@ def test_a_throttled_batch_shows_keys_moving_before_its_range_ends_one_line_per_
     assert "estimate: DBSIZE at plan" in lines[-1]
 
 
-def test_on_a_terminal_the_view_is_redrawn_in_place_and_log_lines_go_to_the_log_file(settings, r, pg, tmp_path):
-    seed_demo(r, 30)
+def on_a_terminal(settings, tmp_path, *args: str) -> str:
+    """`migrator ARGS` on a pseudo-terminal, as a person sees it (exit 0): all it wrote there."""
     leader, follower = pty.openpty()
     env = {k: v for k, v in os.environ.items() if k != "MIGRATOR_LOG_JSON"}
-    child = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", "run", "--local", "--priority", "critical",
-                              "--output-dir", str(tmp_path), "--redis-url", settings.redis_url,
-                              "--database-url", settings.database_url],
+    child = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", *args, "--output-dir", str(tmp_path),
+                              "--redis-url", settings.redis_url, "--database-url", settings.database_url],
                              stdin=follower, stdout=follower, stderr=follower, env={**env, "COLUMNS": "160"})
     os.close(follower)
     screen = b""
@@ -100,7 +99,12 @@ def test_on_a_terminal_the_view_is_redrawn_in_place_and_log_lines_go_to_the_log_
         screen += chunk
     os.close(leader)
     assert child.wait(60) == 0
-    text = screen.decode()
+    return screen.decode()
+
+
+def test_on_a_terminal_the_view_is_redrawn_in_place_and_log_lines_go_to_the_log_file(settings, r, pg, tmp_path):
+    seed_demo(r, 30)
+    text = on_a_terminal(settings, tmp_path, "run", "--local", "--priority", "critical")
     run_id = re.search(r"run ([0-9a-f-]{36})", text)[1]
     assert "\x1b[2K" in text or "\x1b[1A" in text  # erased and redrawn, not scrolled
     assert "keys walked / estimate" in text and "keys/s" in text and "ETA" in text and "critical" in text
@@ -121,26 +125,7 @@ def test_on_a_terminal_verify_draws_its_progress_and_its_log_lines_go_to_the_ver
         execute_local(client, settings.postgres, THREADR, run_id, opts)
     finally:
         client.close()
-    leader, follower = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k != "MIGRATOR_LOG_JSON"}
-    child = subprocess.Popen([sys.executable, "-m", "migrator.cli.main", "verify", run_id, "--local",
-                              "--output-dir", str(tmp_path), "--redis-url", settings.redis_url,
-                              "--database-url", settings.database_url],
-                             stdin=follower, stdout=follower, stderr=follower, env={**env, "COLUMNS": "160"})
-    os.close(follower)
-    screen = b""
-    while True:
-        ready, _, _ = select.select([leader], [], [], 60)
-        try:
-            chunk = os.read(leader, 65536) if ready else b""
-        except OSError:  # the child closed the terminal
-            chunk = b""
-        if not chunk:
-            break
-        screen += chunk
-    os.close(leader)
-    assert child.wait(60) == 0
-    text = screen.decode()
+    text = on_a_terminal(settings, tmp_path, "verify", run_id, "--local")
     path = tmp_path / f"verification_{run_id}.log"
     assert f"migrator: logging to {path}" in text.replace("\r\n", "\n")
     logged = path.read_text()
