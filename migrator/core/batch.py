@@ -470,8 +470,8 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
-            ledger.record_keys_walked(cur, spec.id, batch.walked)
-            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling)
+            ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling,
+                                batch.walked)
         conn.commit()
     except Fenced as exc:
         log.warning("batch_fenced", reason=str(exc))

@@ -203,11 +203,6 @@ def record_keys_planned(cur: Any, run_id: str, keys: int) -> None:
     cur.execute("UPDATE migration_runs SET keys_planned = %s WHERE id = %s", (keys, run_id))
 
 
-def record_keys_walked(cur: Any, batch_id: int, walked: int) -> None:
-    """A batch's keys walked, in its own transaction as it commits (its heartbeat wrote them so far)."""
-    cur.execute("UPDATE migration_batches SET keys_walked = %s WHERE id = %s", (walked, batch_id))
-
-
 def keys_walked(cur: Any, run_id: str) -> tuple[int | None, dict[str, int]]:
     """A run's keys planned (None: not recorded) and its keys walked so far, by priority."""
     cur.execute("SELECT r.keys_planned, b.priority, sum(b.keys_walked) FROM migration_runs r"
@@ -318,14 +313,15 @@ def live_batches(cur: Any, run_id: str) -> int:
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]]) -> None:
-    """Mark a batch done with its tallies (and examples of its dangling references, per pattern)."""
+                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]], walked: int) -> None:
+    """Mark a batch done with its tallies, examples of its dangling references per pattern, and
+    its keys walked (its heartbeat wrote them so far)."""
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s, dangling = %s WHERE id = %s",
+        " timings = %s, dangling = %s, keys_walked = %s WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
-         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), batch_id),
+         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), walked, batch_id),
     )
 
 
