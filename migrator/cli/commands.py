@@ -715,14 +715,13 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         follower = Follower(settings.postgres, run_id, apply,
                             lambda reason: reconcile(client, settings.postgres, mapping, run_id, follower.dirty, reason),
                             jobs=jobs, reconcile_every=reconcile_every)
-        wanted = mapping.prefixes([p for p in mapping.patterns if p.migrated])
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: follower.stop.set())
         db = client.connection_pool.connection_kwargs.get("db", 0)
         error = None
         try:
-            notifications.subscribe_all(client, nodes, db, lambda key, event: key.startswith(wanted) and follower.changed(key, event),
-                                        follower.connected, follower.stop)
+            notifications.Subscriptions(client, db, mapping.prefixes([p for p in mapping.patterns if p.migrated]),
+                                        follower, follower.stop).start(nodes)
             with progress_mod.watching(settings.postgres, progress_mod.follow_drawing(run_id), err):
                 error = follower.run()
         except Exception as exc:

@@ -678,7 +678,7 @@ FOLLOW_KIND = "follow"  # migration_runs.kind of a follow session
 FOLLOW_STALE_S = 30.0  # a session whose process has not heartbeated for this long is gone
 # A follow session's figures, as its process records them with its heartbeat.
 FOLLOW_FIGURES = ("events", "keys_applied", "rows_written", "rows_retired", "dead", "failures", "pending", "lag_s",
-                  "events_per_s", "applied_per_s", "reconnects")
+                  "events_per_s", "applied_per_s", "reconnects", "nodes", "unsubscribed")
 RECONCILIATION = ("reason", "started_at", "finished_at", "ranges", "ranges_repaired", "keys_reapplied", "keys_gone",
                   "clean", "error")
 
@@ -710,13 +710,13 @@ def record_follow_figures(cur: Any, run_id: str, figures: dict[str, Any]) -> Non
 
 def follow_progress(cur: Any, run_id: str) -> dict[str, Any] | None:
     """A follow session's figures and its latest reconciliation (None: `run_id` is no follow session)."""
-    cur.execute(sql.SQL("SELECT f.mode, f.nodes, f.heartbeat_at, extract(epoch FROM now() - f.heartbeat_at), f.error,"
+    cur.execute(sql.SQL("SELECT f.mode, f.heartbeat_at, extract(epoch FROM now() - f.heartbeat_at), f.error,"
                         " {} FROM migration_follow f WHERE f.run_id = %s").format(
         sql.SQL(", ").join(sql.SQL("f.") + sql.Identifier(f) for f in FOLLOW_FIGURES)), (run_id,))
     row = cur.fetchone()
     if row is None:
         return None
-    mode, nodes, heartbeat, silent, error, *figures = row
+    mode, heartbeat, silent, error, *figures = row
     cur.execute("SELECT count(*), count(*) FILTER (WHERE NOT clean) FROM migration_reconciliations"
                 " WHERE run_id = %s AND finished_at IS NOT NULL", (run_id,))
     done, repaired = cur.fetchone()
@@ -724,7 +724,7 @@ def follow_progress(cur: Any, run_id: str) -> dict[str, Any] | None:
                         " ORDER BY id DESC LIMIT 1").format(sql.SQL(", ").join(map(sql.Identifier, RECONCILIATION))),
                 (run_id,))
     last = cur.fetchone()
-    return {"mode": mode, "nodes": list(nodes), "heartbeat_at": heartbeat, "silent_s": float(silent), "error": error,
+    return {"mode": mode, "heartbeat_at": heartbeat, "silent_s": float(silent), "error": error,
             **dict(zip(FOLLOW_FIGURES, figures)), "reconciliations": done, "reconciliations_repaired": repaired,
             "last_reconciliation": dict(zip(RECONCILIATION, last)) if last else None}
 

@@ -1,5 +1,6 @@
 """Keyspace notifications, the source of `migrator follow`: whether the server publishes the ones it
-needs, how to make it, and a subscriber per server that turns them into changed keys.
+needs, how to make it, and a subscriber per server (per master of a cluster, where they are
+node-local) that turns them into changed keys.
 
 Pub/sub delivers at most once: a notification published while the subscriber is disconnected is
 gone. So every (re)connection is reported to the caller, which reconciles the keyspace (the events
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import redis
 import redis.client
 import structlog
 
 from migrator.core.redact import redact_text
-from migrator.core.source import node_client
+from migrator.core.source import cluster_masters, node_client
 
 log = structlog.get_logger("migrator.core.notifications")
 
@@ -88,74 +89,155 @@ class _Watched(redis.client.PubSub):
         self.on_reconnect()
 
 
+class Sink(Protocol):
+    """Where a subscriber's news goes (migrator/execution/follow.py's Follower)."""
+
+    def changed(self, key: bytes, event: bytes) -> None:
+        """A key of the mapping changed (event: b"set", b"del", b"expired", ...)."""
+
+    def connected(self, node: str, first: bool) -> None:
+        """Subscribed to `node`: its first subscription, or again after a loss (events were missed)."""
+
+    def lost(self, node: str, why: str) -> None:
+        """`node`'s subscription is down, and trying again (nothing is received from it meanwhile)."""
+
+    def left(self, node: str) -> None:
+        """`node` is no master of the cluster any more: no longer subscribed to."""
+
+
 # Seconds between attempts to reach a server that went away (doubling, up to this much).
 MAX_BACKOFF_S = 5.0
+# Seconds between two looks at a cluster's masters (a failover, a master added or gone).
+TOPOLOGY_EVERY_S = 5.0
 
 
 class Subscriber(threading.Thread):
-    """Subscribes to one server's keyspace notifications of database `db` and hands each changed
-    key, with its event (b"set", b"del", b"expired", ...), to `changed`; `connected(node, first)` is called once subscribed, on the first connection
-    and on every one after a loss (when events may have been missed)."""
+    """Subscribes to one server's keyspace notifications of database `db` and hands each changed key
+    that starts with one of `prefixes` to the sink; tells it once per connection: the first, and one
+    per loss after it (when events may have been missed), once subscribed again."""
 
-    def __init__(self, client: redis.Redis, node: str, db: int, changed: Callable[[bytes, bytes], None],
-                 connected: Callable[[str, bool], None], stop: threading.Event) -> None:
+    def __init__(self, client: redis.Redis, node: str, db: int, prefixes: tuple[bytes, ...], sink: Sink,
+                 stop: threading.Event) -> None:
         super().__init__(name=f"subscriber-{node or 'redis'}", daemon=True)
         self.client = node_client(client, node) if node else client
-        self.node, self.prefix = node, f"__keyspace@{db}__:".encode()
-        self.changed, self.connected, self.stop = changed, connected, stop
-        self.reconnects = 0
+        self.node, self.prefix, self.prefixes = node, f"__keyspace@{db}__:".encode(), prefixes
+        self.sink, self.stop = sink, stop
+        self.retired = threading.Event()  # this node alone is no longer followed
         self.ready = threading.Event()  # subscribed at least once
+        # redis-py connected the subscription again on its own, not yet told. One cut can reach
+        # both ways back: redis-py reconnects while handling the failed read, then gives the error
+        # up to run() all the same (its retries spent), which subscribes once more. So the loss is
+        # told once, when the subscription is known to stand: at the next read that does not fail,
+        # or at run()'s own subscription, whichever comes first.
+        self.back = False
+
+    def ending(self) -> bool:
+        return self.stop.is_set() or self.retired.is_set()
 
     def run(self) -> None:
         first, backoff = True, 0.1
-        while not self.stop.is_set():
-            pubsub = _Watched(self.client, lambda: self._lost_and_back())
-            try:
-                pubsub.psubscribe(self.prefix + b"*")
-                self._subscribed(first)
-                first, backoff = False, 0.1
-                self._listen(pubsub)
-            except redis.RedisError as exc:
-                if self.stop.is_set():
-                    break
-                log.warning("subscriber_lost", node=self.node, error=redact_text(str(exc)), retry_in_s=backoff)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-            finally:
-                pubsub.close()
+        try:
+            while not self.ending():
+                pubsub = _Watched(self.client, self._reconnected)
+                try:
+                    pubsub.psubscribe(self.prefix + b"*")
+                    self._subscribed(first)
+                    first, backoff = False, 0.1
+                    self._listen(pubsub)
+                except redis.RedisError as exc:
+                    if self.ending():
+                        break
+                    why = redact_text(str(exc))
+                    log.warning("subscriber_lost", node=self.node, error=why, retry_in_s=backoff)
+                    self.sink.lost(self.node, why)
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
+                finally:
+                    pubsub.close()
+        finally:
+            if self.node:  # (its own client: node_client)
+                self.client.close()
 
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         cut = len(self.prefix)
-        while not self.stop.is_set():
+        while not self.ending():
             message = pubsub.get_message(timeout=0.2)
+            if self.back:  # the read after redis-py's reconnection did not fail: it stands
+                self._subscribed(False)
             if message is None or message["type"] != "pmessage":
                 continue
-            self.changed(message["channel"][cut:], message["data"])
+            key = message["channel"][cut:]
+            if key.startswith(self.prefixes):
+                self.sink.changed(key, message["data"])
 
     def _subscribed(self, first: bool) -> None:
-        if not first:
-            self.reconnects += 1
+        self.back = False
         self.ready.set()
         log.info("subscribed", node=self.node, reconnect=not first)
-        self.connected(self.node, first)
+        self.sink.connected(self.node, first)
 
-    def _lost_and_back(self) -> None:
-        # redis-py connected the subscription again on its own
-        self.reconnects += 1
+    def _reconnected(self) -> None:
         log.warning("subscriber_reconnected", node=self.node)
-        self.connected(self.node, False)
+        self.back = True
 
 
-def subscribe_all(client: redis.Redis, nodes: list[str], db: int, changed: Callable[[bytes, bytes], None],
-                  connected: Callable[[str, bool], None], stop: threading.Event,
-                  timeout: float = 10.0) -> list[Subscriber]:
-    """A started Subscriber per node ([""]: the one standalone server), once each has subscribed."""
-    subscribers = [Subscriber(client, node, db, changed, connected, stop) for node in nodes]
-    for s in subscribers:
+class Subscriptions:
+    """A Subscriber per server ([""]: the one standalone server; a cluster's masters), kept to a
+    cluster's masters while it runs: a master that appears (a replica promoted by a failover, a
+    node added) is subscribed to, its first connection reconciled like any; one that is no master
+    any more is left, said in the log and to the sink."""
+
+    def __init__(self, client: redis.Redis, db: int, prefixes: tuple[bytes, ...], sink: Sink,
+                 stop: threading.Event) -> None:
+        self.client, self.db, self.prefixes, self.sink, self.stop = client, db, prefixes, sink, stop
+        self.subscribers: dict[str, Subscriber] = {}
+
+    def start(self, nodes: list[str], timeout: float = 10.0) -> None:
+        """Subscribed to each of `nodes`, or a redis.ConnectionError (the session stopped)."""
+        started = [self._subscribe(node) for node in nodes]
+        deadline = time.monotonic() + timeout
+        for s in started:
+            if not s.ready.wait(max(deadline - time.monotonic(), 0)):
+                self.stop.set()
+                raise redis.ConnectionError(f"could not subscribe to the keyspace notifications of "
+                                            f"{s.node or 'the source'}")
+        if nodes != [""]:
+            threading.Thread(target=self._watch, name="topology", daemon=True).start()
+
+    def _subscribe(self, node: str) -> Subscriber:
+        s = self.subscribers[node] = Subscriber(self.client, node, self.db, self.prefixes, self.sink, self.stop)
         s.start()
-    deadline = time.monotonic() + timeout
-    for s in subscribers:
-        if not s.ready.wait(max(deadline - time.monotonic(), 0)):
-            stop.set()
-            raise redis.ConnectionError(f"could not subscribe to the keyspace notifications of {s.node or 'the source'}")
-    return subscribers
+        return s
+
+    def _watch(self) -> None:
+        while not self.stop.wait(TOPOLOGY_EVERY_S):
+            masters = self._masters()
+            if masters is not None:
+                self.follow(masters)
+
+    def _masters(self) -> list[str] | None:
+        """The cluster's masters as any node that answers sees them (the one in the URL may be the one
+        that failed); None when none answers."""
+        for node in ["", *self.subscribers]:
+            try:
+                if not node:
+                    return cluster_masters(self.client)
+                with node_client(self.client, node) as server:
+                    return cluster_masters(server)
+            except redis.RedisError:
+                continue
+        log.warning("cluster_topology_unknown", nodes=list(self.subscribers))
+        return None
+
+    def follow(self, masters: list[str]) -> None:
+        """Subscribed to `masters`, and to them alone."""
+        added = [node for node in masters if node not in self.subscribers]
+        gone = [node for node in self.subscribers if node not in masters]
+        if not added and not gone:
+            return
+        log.warning("cluster_topology_changed", added=added, gone=gone, masters=masters)
+        for node in gone:
+            self.subscribers.pop(node).retired.set()
+            self.sink.left(node)
+        for node in added:
+            self._subscribe(node)

@@ -115,6 +115,9 @@ def _follow_reasons(session: str, p: dict[str, Any], max_lag: float) -> list[str
     if p["lag_s"] > max_lag:
         reasons.append(f"follow session {session} lags {p['lag_s']:.3f} s, over --max-lag {max_lag:g} s; wait, or "
                        "give it more --jobs")
+    if p["unsubscribed"]:
+        reasons.append(f"follow session {session} is not receiving the events of {p['unsubscribed']}: changes there "
+                       "would not reach PostgreSQL (`migrator status " + session + "`)")
     last = p["last_reconciliation"]
     if last is None or not last["clean"]:
         reasons.append(f"follow session {session}: its last reconciliation is "

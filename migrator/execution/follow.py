@@ -97,6 +97,7 @@ def render(run_id: str, status: str, p: dict[str, Any]) -> str:
         f"{p['dead']:,} dead letters, {p['failures']:,} failed applications (retried)",
         f"  reconnects {p['reconnects']:,}; reconciliations {p['reconciliations']:,} "
         f"({p['reconciliations_repaired']:,} repaired something); last: {verdict}",
+        *([f"  NOT RECEIVING the events of {p['unsubscribed']}"] if p["unsubscribed"] else []),
     ])
 
 
@@ -284,7 +285,12 @@ class Follower:
         self.halt = threading.Event()  # set here once drained: the appliers end
         self.totals = dict.fromkeys(("keys", "rows", "retired", "dead", "failures"), 0)
         self.totals_lock = threading.Lock()
+        # the subscriptions (notifications.Subscriptions tells): one reconnect per cut, and the nodes
+        # whose events are not being received now, which status shows and cutover refuses
         self.reconnects = 0
+        self.nodes: list[str] = []  # the servers subscribed to (a cluster's masters; [] standalone)
+        self.down: dict[str, str] = {}  # node ("" standalone) -> why its subscription is down
+        self.nodes_lock = threading.Lock()
         self.wanted: list[str] = []  # reconciliations asked for (their reasons), run one at a time
         self.wanted_lock = threading.Condition()
 
@@ -294,10 +300,29 @@ class Follower:
         metrics.FOLLOW_EVENTS.inc()
 
     def connected(self, node: str, first: bool) -> None:
+        with self.nodes_lock:
+            self.down.pop(node, None)
+            if node and node not in self.nodes:
+                self.nodes = sorted([*self.nodes, node])
+            if not first:
+                self.reconnects += 1
         if not first:
-            self.reconnects += 1
             metrics.FOLLOW_RECONNECTS.inc()
         self.ask("connect" if first else "reconnect")
+
+    def lost(self, node: str, why: str) -> None:
+        with self.nodes_lock:
+            self.down[node] = why
+
+    def left(self, node: str) -> None:
+        with self.nodes_lock:
+            self.down.pop(node, None)
+            self.nodes = [n for n in self.nodes if n != node]
+
+    def unsubscribed(self) -> str | None:
+        """The servers whose events are not being received now, and why (None: every one is)."""
+        with self.nodes_lock:
+            return "; ".join(f"{node or 'the source'}: {why}" for node, why in sorted(self.down.items())) or None
 
     def ask(self, reason: str) -> None:
         with self.wanted_lock:
@@ -360,7 +385,7 @@ class Follower:
                 "failures": self.totals["failures"], "pending": self.dirty.pending(),
                 "lag_s": 0.0 if oldest is None else round(time.monotonic() - oldest, 3),
                 "events_per_s": round(events_per_s, 1), "applied_per_s": round(applied_per_s, 1),
-                "reconnects": self.reconnects}
+                "reconnects": self.reconnects, "nodes": list(self.nodes), "unsubscribed": self.unsubscribed()}
 
     @staticmethod
     def _exposed(figures: dict[str, Any]) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def follow_line(run_id: str, status: str, p: dict[str, Any]) -> str:
     return (f"follow session {run_id} {status}: lag {p['lag_s']:.3f} s, {p['pending']:,} pending, "
             f"{p['events_per_s']:,.1f} events/s, {p['applied_per_s']:,.1f} applied/s, {p['keys_applied']:,} keys applied, "
             f"reconnects {p['reconnects']:,}, reconciliations {p['reconciliations']:,} "
-            f"({p['reconciliations_repaired']:,} repaired)")
+            f"({p['reconciliations_repaired']:,} repaired)"
+            + (f"; NOT RECEIVING the events of {p['unsubscribed']}" if p["unsubscribed"] else ""))
 
 
 def _clock(seconds: float | None) -> str:
