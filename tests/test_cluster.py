@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
 import redis
 from psycopg2 import sql
 
+from migrator.core import notifications
 from migrator.core.config import Settings
 from migrator.apps.threadr.demo import seed_demo
 from migrator.apps.threadr import THREADR
 
-from helpers import by_pattern, content_fingerprint, migrate
+from helpers import by_pattern, cli, content_fingerprint, migrate, verify
+from test_follow import Following, changed_user, cut_subscriber, rows, wait_for
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
 
@@ -38,3 +41,90 @@ def test_cluster_source_migrates_per_master_like_a_standalone_one(settings, r, p
     assert by_pattern(report).keys() == by_pattern(standalone).keys()
     assert content_fingerprint(pg) == expected
     rc.close()
+
+
+@pytest.fixture
+def silent_cluster(cluster):
+    """The cluster's masters publishing no keyspace notifications (as a cluster is by default), their
+    setting put back after."""
+    nodes = [redis.Redis(port=port) for port in cluster]
+    before = [notifications.current(node) for node in nodes]
+    for node in nodes:
+        node.config_set(notifications.SETTING, "")
+    yield cluster
+    for node, value in zip(nodes, before):
+        node.config_set(notifications.SETTING, value)
+        node.close()
+
+
+def on_master(node: redis.Redis, pattern: bytes) -> list[bytes]:
+    """The keys of `pattern` that live on this master."""
+    return sorted(node.scan_iter(match=pattern, count=1000))
+
+
+def keyspace_line(settings: Settings) -> str:
+    """`check`'s line about the keyspace notifications."""
+    checked = cli(settings, "check", "--no-workers")
+    return next(x for x in checked.stdout.splitlines() if "keyspace events" in x)
+
+
+def test_follow_subscribes_on_every_master(settings, pg, silent_cluster, tmp_path):
+    """Keyspace notifications are node-local in Redis Cluster: `follow` configures and subscribes on
+    every master, applies the changes made on each, and repairs what one cut master's subscriber missed."""
+    cluster = silent_cluster
+    on_cluster = Settings(f"redis://127.0.0.1:{cluster[1]}/0", settings.database_url, settings.broker_url)
+    rc = redis.RedisCluster(host="127.0.0.1", port=cluster[0])
+    masters = [redis.Redis(port=port) for port in cluster]
+    names = sorted(f"127.0.0.1:{port}" for port in cluster)
+    follow = None
+    try:
+        seed_demo(rc, 60, now=NOW)
+        # (not the premium keys: a premium user's email key and IP key give one subscriptions row, and
+        # a reconciliation that applies one of them again alone, from its value, loses the other's
+        # columns; on a cluster the two live on different masters, so in different ranges)
+        for node in masters:
+            for key in node.scan_iter(match=b"threadr:premium:*", count=1000):
+                node.delete(key)
+        run = migrate(on_cluster, ranges=2)
+        assert run["status"] == "completed", run["status"]
+        lacking = keyspace_line(on_cluster)
+        assert lacking.startswith("WARN") and all(f"{name}: ''" in lacking for name in names), lacking
+
+        follow = Following(on_cluster, tmp_path, "--local", "--configure")
+        assert all(notifications.missing(notifications.current(node)) == "" for node in masters)
+        ready = keyspace_line(on_cluster)
+        assert ready.startswith("OK") and all(f"{name}: " in ready for name in names), ready
+        assert follow.row(pg)["nodes"] == names
+
+        # on every master: a user changed, a thread deleted
+        users = [on_master(node, b"threadr:user:user_*")[0] for node in masters]
+        threads = [on_master(node, b"threadr:thread:*")[0] for node in masters]
+        for node, user, thread in zip(masters, users, threads):
+            changed_user(node, user, role="premium")
+            node.delete(thread)
+        follow.caught_up(pg, events=6)
+        for user, thread in zip(users, threads):
+            assert rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)]
+            assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)]
+
+        # one master's subscriber cut while a change there publishes to nobody: its reconnection
+        # alone is counted, and its reconciliation applies the change
+        cut, user = masters[2], on_master(masters[2], b"threadr:user:user_*")[1]
+        cut.config_set(notifications.SETTING, "")
+        changed_user(cut, user, role="premium")
+        assert cut_subscriber(cut) == 1
+        cut.config_set(notifications.SETTING, "KEA")
+        repaired = wait_for(lambda: [x for x in follow.reconciliations(pg) if x["reason"] == "reconnect"], 120)[0]
+        assert not repaired["clean"] and repaired["keys_reapplied"] >= 1, repaired
+        figures = follow.caught_up(pg)
+        assert figures["lag_s"] == 0 and figures["reconnects"] == 1 and figures["unsubscribed"] is None, figures
+        assert rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)]
+        verdict = verify(on_cluster, run["run_id"])
+        assert verdict["verdict"] == "clean", [(p["pattern"], p["examples"]) for p in verdict["patterns"] if p["examples"]]
+        assert follow.stop() == 0, follow.output()
+    finally:
+        if follow is not None and follow.proc.poll() is None:
+            follow.stop()
+        rc.close()
+        for node in masters:
+            node.close()

@@ -28,6 +28,7 @@ from migrator.core.config import Settings
 from migrator.core.errors import backoff, transient
 from migrator.execution.finalize import Step, begin_verification, halt, judge_priority
 from migrator.execution.follow import apply_keys
+from migrator.core.source import key_client
 from migrator.core.lease import worker_name
 from migrator.core.mapping import Mapping, Priority
 from migrator.core.registry import MappingError
@@ -341,9 +342,13 @@ def apply_keys_task(run_id: str, keys: list[str], resets: list[str]) -> dict[str
     `migrator follow` sends it again."""
     structlog.contextvars.bind_contextvars(run=run_id)
     client, conn = _connections()
+    reader = key_client(client)  # on a cluster, the changed keys live on every master
     try:
-        return apply_keys(client, conn, _run(conn, run_id)[0], run_id, [k.encode("latin-1") for k in keys],
+        return apply_keys(reader, conn, _run(conn, run_id)[0], run_id, [k.encode("latin-1") for k in keys],
                           [k.encode("latin-1") for k in resets])
     except Exception:
         _drop_connections()  # whatever state it left them in is not the next task's
         raise
+    finally:
+        if reader is not client:
+            reader.close()

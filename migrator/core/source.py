@@ -411,7 +411,7 @@ def node_client(client: redis.Redis, node: str) -> redis.Redis:
 
 def key_client(client: redis.Redis) -> redis.Redis:
     """A client that reaches any key: `client` itself, or a cluster client routing by slot."""
-    if not cluster_masters(client):
+    if isinstance(client, redis.RedisCluster) or not cluster_masters(client):
         return client
     kw = client.connection_pool.connection_kwargs
     return redis.RedisCluster(host=kw.get("host"), port=kw.get("port"), username=kw.get("username"),

@@ -20,6 +20,7 @@ from migrator.core.config import ConfigError, Settings
 from migrator.core.mapping import Mapping, Priority
 from migrator.core.options import RunOptions
 from migrator.execution.follow import Apply, local_apply
+from migrator.core.source import key_client
 from migrator.execution.runner import execute_local, verify_local
 
 GROUP = "migrator.executors"
@@ -121,8 +122,9 @@ class LocalExecutor(Executor):
         return 0  # nothing of it is queued: its lanes stop at their next sub-batch, fenced
 
     def applier(self, mapping: Mapping, run_id: str) -> Apply:
-        # (the client lives as long as the process: follow applies until it is stopped)
-        return local_apply(self.settings.redis(), self.settings.postgres, mapping, run_id)
+        # (the client lives as long as the process: follow applies until it is stopped; on a
+        # cluster, one that routes each changed key to its master)
+        return local_apply(key_client(self.settings.redis()), self.settings.postgres, mapping, run_id)
 
 
 def load(name: str, settings: Settings, **options: Any) -> Executor:
