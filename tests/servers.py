@@ -79,19 +79,24 @@ def redis_server(directory: Path, *options: str, password: str | None = None) ->
 
 
 @contextmanager
-def redis_cluster(directory: Path, masters: int = 3) -> Iterator[list[int]]:
-    """`masters` cluster nodes with every slot assigned; yields their ports once the cluster is ok."""
+def redis_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[list[int]]:
+    """`masters` cluster nodes with every slot assigned, and `replicas` replicas of each (redis-cli
+    decides which of which); yields every node's port once the cluster is ok and the replicas synced."""
     with ExitStack() as stack:
         ports = [stack.enter_context(redis_server(directory, "--cluster-enabled", "yes",
                                                   "--cluster-config-file", f"nodes-{i}.conf"))
-                 for i in range(masters)]
+                 for i in range(masters * (1 + replicas))]
         subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=120)
-        with redis.Redis(port=ports[0]) as client:
-            for _ in range(100):
-                if client.cluster("info")["cluster_state"] == "ok":
-                    break
-                time.sleep(0.1)
+                        "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True,
+                       timeout=120)
+        for port in ports:
+            with redis.Redis(port=port) as client:
+                for _ in range(200):
+                    role = client.info("replication")
+                    if client.cluster("info")["cluster_state"] == "ok" and (
+                            role["role"] == "master" or role.get("master_link_status") == "up"):
+                        break
+                    time.sleep(0.1)
         yield ports
 
 

@@ -13,6 +13,7 @@ from migrator.apps.threadr.demo import seed_demo
 from migrator.apps.threadr import THREADR
 
 from helpers import by_pattern, cli, content_fingerprint, migrate, verify
+from servers import redis_cluster
 from test_follow import Following, changed_user, cut_subscriber, rows, wait_for
 
 NOW = datetime(2026, 11, 27, 12, 0, 0)
@@ -128,3 +129,53 @@ def test_follow_subscribes_on_every_master(settings, pg, silent_cluster, tmp_pat
         rc.close()
         for node in masters:
             node.close()
+
+
+def test_follow_follows_a_failover(settings, pg, tmp_path):
+    """A replica promoted (CLUSTER FAILOVER) is a new master: follow says it does not receive its
+    events while it publishes none, subscribes to it once it does, reconciles what it missed there,
+    and leaves the old master, a replica now."""
+    (tmp_path / "cluster").mkdir()
+    with redis_cluster(tmp_path / "cluster", masters=3, replicas=1) as ports:
+        nodes = {port: redis.Redis(port=port) for port in ports}
+        masters = [port for port, node in nodes.items() if node.info("replication")["role"] == "master"]
+        for port in masters:  # the masters alone, as `follow --configure` does
+            nodes[port].config_set(notifications.SETTING, "KEA")
+        on_cluster = Settings(f"redis://127.0.0.1:{masters[0]}/0", settings.database_url, settings.broker_url)
+        rc = redis.RedisCluster(host="127.0.0.1", port=masters[0])
+        follow = None
+        try:
+            seed_demo(rc, 30, now=NOW)
+            for key in rc.scan_iter(match=b"threadr:premium:*", count=1000):  # (see test_follow_subscribes_on_every_master)
+                rc.delete(key)
+            run = migrate(on_cluster, ranges=1)
+            follow = Following(on_cluster, tmp_path, "--local")
+
+            old = masters[2]
+            promoted = next(port for port, node in nodes.items()
+                            if node.info("replication").get("master_port") == old)
+            nodes[promoted].execute_command("CLUSTER FAILOVER")
+            wait_for(lambda: nodes[promoted].info("replication")["role"] == "master")
+            unheard = wait_for(lambda: follow.row(pg)["unsubscribed"], 60)
+            assert f"127.0.0.1:{promoted}: notify-keyspace-events is ''" in unheard, unheard
+            assert "NOT RECEIVING" in cli(on_cluster, "status", follow.run_id).stdout
+            user = on_master(nodes[promoted], b"threadr:user:user_*")[0]
+            changed_user(nodes[promoted], user, role="premium")  # published to nobody
+
+            nodes[promoted].config_set(notifications.SETTING, "KEA")
+            now = sorted(f"127.0.0.1:{port}" for port in [*masters[:2], promoted])
+            wait_for(lambda: (row := follow.row(pg))["nodes"] == now and row["unsubscribed"] is None, 60)
+            wait_for(lambda: rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)])
+            thread = on_master(nodes[promoted], b"threadr:thread:*")[0]
+            nodes[promoted].delete(thread)  # heard now
+            wait_for(lambda: rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)])
+            follow.caught_up(pg)
+            verdict = verify(on_cluster, run["run_id"])
+            assert verdict["verdict"] == "clean", [(p["pattern"], p["examples"]) for p in verdict["patterns"] if p["examples"]]
+            assert follow.stop() == 0, follow.output()
+        finally:
+            if follow is not None and follow.proc.poll() is None:
+                follow.stop()
+            rc.close()
+            for node in nodes.values():
+                node.close()

@@ -721,7 +721,7 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
         error = None
         try:
             notifications.Subscriptions(client, db, mapping.prefixes([p for p in mapping.patterns if p.migrated]),
-                                        follower, follower.stop).start(nodes)
+                                        follower, follower.stop, configure).start(nodes)
             with progress_mod.watching(settings.postgres, progress_mod.follow_drawing(run_id), err):
                 error = follower.run()
         except Exception as exc:

@@ -188,8 +188,9 @@ class Subscriptions:
     any more is left, said in the log and to the sink."""
 
     def __init__(self, client: redis.Redis, db: int, prefixes: tuple[bytes, ...], sink: Sink,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, configure: bool = False) -> None:
         self.client, self.db, self.prefixes, self.sink, self.stop = client, db, prefixes, sink, stop
+        self.configure = configure  # a new master's setting may be made here (`follow --configure`)
         self.subscribers: dict[str, Subscriber] = {}
 
     def start(self, nodes: list[str], timeout: float = 10.0) -> None:
@@ -240,4 +241,26 @@ class Subscriptions:
             self.subscribers.pop(node).retired.set()
             self.sink.left(node)
         for node in added:
-            self._subscribe(node)
+            if self._publishes(node):
+                self._subscribe(node)
+
+    def _publishes(self, node: str) -> bool:
+        """Whether a new master publishes the notifications follow needs (set here with `configure`);
+        if not, the sink is told why, and the next look tries again (a replica promoted by a
+        failover has the setting of its own config file, not its old master's)."""
+        server = node_client(self.client, node)
+        try:
+            value = current(server)
+            if not missing(value):
+                return True
+            if self.configure:
+                log.warning("notifications_configured", node=node, was=value, now=configure(server))
+                return True
+            why = f"{SETTING} is {value!r}, without {missing(value)}; {advice(value)}"
+        except redis.RedisError as exc:
+            why = f"cannot read {SETTING}: {redact_text(str(exc))}"
+        finally:
+            server.close()
+        log.warning("subscriber_not_started", node=node, why=why)
+        self.sink.lost(node, why)
+        return False
