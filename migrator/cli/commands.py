@@ -572,7 +572,11 @@ def cmd_parity(settings: Settings, hours: float, *, as_json: bool, out: TextIO =
 def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_parity: float, min_reads: int, hours: float,
                 max_lag: float = 1.0, out: TextIO = sys.stdout) -> int:
     """Switch the app's strategy: refused unless the run validated and parity holds; --back always allowed."""
-    client, conn = settings.redis(), _ledger(settings)
+    from migrator.core.source import key_client
+
+    plain = settings.redis()
+    client = key_client(plain)  # (the repair queue's key may live on any master of a cluster)
+    conn = _ledger(settings)
     try:
         if to is None:
             cutover.set_strategy(conn, WriteStrategy.DUAL_WRITE, "cutover --back")
@@ -590,6 +594,7 @@ def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_par
     finally:
         conn.close()
         client.close()
+        plain.close()
 
 
 def cmd_health(settings: Settings, *, as_json: bool, out: TextIO = sys.stdout) -> int:
