@@ -166,3 +166,39 @@ def test_a_retried_first_batch_leaves_one_copy_of_its_spool(settings, r, pg, mon
     # low counts the unmapped keys: its list is the whole keyspace, once
     assert kept["ranges"] == 1 and kept["low"] == kept["walked"] == keys
     assert spooled(pg, report["run_id"])["ranges"] == 0
+
+
+def test_a_spool_of_another_server_process_is_not_read_and_the_next_batch_scans_again(private, pg, monkeypatch):
+    """A Redis restart (another run_id) reshuffles the cursor order: a spool taken before it is not
+    read. Critical's spool is made another process's once its batches are in: critical's validation
+    and high's batches SCAN (high's record a new spool), and the passes after them read that one."""
+    import migrator.execution.finalize
+
+    settings, client = private
+    seed_demo(client, 300)
+    client.config_resetstat()
+    assert migrate(settings, ranges=2)["status"] == "completed"
+    single = scan_calls(client)  # one pass over two ranges, their probes included
+    real_link = migrator.execution.finalize.link_rows
+    calls = []
+
+    def link_then_restart(conn, mapping, run_id):
+        calls.append(run_id)
+        if len(calls) == 1:
+            with conn, conn.cursor() as cur:
+                cur.execute("UPDATE migration_spool_ranges SET source_process = 'before a restart' WHERE run_id = %s",
+                            (run_id,))
+        return real_link(conn, mapping, run_id)
+
+    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_restart)
+    client.config_resetstat()
+    report = migrate(settings, ranges=2)
+    assert report["status"] == "completed"
+    assert scan_calls(client) == 3 * single  # critical's batches, its validation, high's batches
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT priorities[1], result -> 'totals' ->> 'spooled', result -> 'totals' ->> 'keys'"
+                    " FROM migration_verifications WHERE run_id = %s ORDER BY id", (report["run_id"],))
+        spooled_keys = {priority: (int(n), int(keys)) for priority, n, keys in cur.fetchall()}
+    assert spooled_keys["critical"][0] == 0 < spooled_keys["critical"][1]
+    later = [counts for p, counts in spooled_keys.items() if p != "critical"]
+    assert all(n == keys for n, keys in later) and sum(n for n, _ in later) > 0

@@ -152,19 +152,22 @@ class RangeVerifier:
             pattern, match = self.mapping.pattern_of(text)
             if pattern is None:
                 if self.count_unmapped:
-                    self.tally.add(UNMAPPED, "keys")
+                    self._count(UNMAPPED)
                 continue
             if pattern.name not in self.scope:
                 continue
-            self.tally.add(pattern.name, "keys")
-            if self.spooled:
-                self.tally.add(pattern.name, "spooled")
+            self._count(pattern.name)
             if pattern.skip:
                 self.tally.add(pattern.name, "skipped")
             elif self.compare:
                 self.pending.append((key, text, pattern, self.mapping.fields_of(match)))
         if len(self.pending) >= self.opts.read_chunk:
             self.flush()
+
+    def _count(self, name: str) -> None:
+        self.tally.add(name, "keys")
+        if self.spooled:
+            self.tally.add(name, "spooled")
 
     def flush(self) -> None:
         chunk, self.pending = self.pending, []
