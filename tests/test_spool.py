@@ -15,6 +15,7 @@ from migrator.apps.threadr.demo import seed_demo
 from migrator.core import ledger, spool
 from migrator.core.config import Settings
 from migrator.core.partition import KeyRange
+from migrator.views.status import spool_note
 from servers import redis_server
 from helpers import migrate, verify
 
@@ -165,6 +166,8 @@ def test_a_retried_first_batch_leaves_one_copy_of_its_spool(settings, r, pg, mon
     assert failed and report["status"] == "completed"
     # low counts the unmapped keys: its list is the whole keyspace, once
     assert kept["ranges"] == 1 and kept["low"] == kept["walked"] == keys
+    (note,) = spool_note(kept)  # what `status` says while the spool exists
+    assert f"{kept['keys']:,} key names of 1 range(s)" in note and "VACUUM FULL migration_spool" in note
     assert spooled(pg, report["run_id"])["ranges"] == 0
 
 

@@ -402,6 +402,7 @@ def batch_ranges(cur: Any, run_id: str, priority: str) -> list[KeyRange]:
 
 # --- the spool: one SCAN of each range, for the run's later passes (migrator/core/spool.py) -----
 
+SPOOL_TABLE = "migration_spool"  # the table of the keys themselves, named to operators (VACUUM FULL)
 SPOOL_RANGE = "run_id = %(run)s AND node = %(node)s AND range_count = %(count)s AND range_index = %(index)s"
 
 
@@ -418,8 +419,10 @@ def write_spool(cur: Any, run_id: str, key_range: KeyRange, source_process: str 
     where = _spool_key(run_id, key_range)
     cur.execute(f"DELETE FROM migration_spool_ranges WHERE {SPOOL_RANGE}", where)  # (its chunks cascade)
     cur.execute("INSERT INTO migration_spool_ranges (run_id, node, range_count, range_index, range_start, range_end,"
-                " source_process, keys_walked) VALUES (%(run)s, %(node)s, %(count)s, %(index)s, %(start)s, %(end)s,"
-                " %(process)s, %(walked)s)", {**where, "process": source_process, "walked": walked})
+                " source_process, keys_walked, keys_spooled, bytes_spooled) VALUES (%(run)s, %(node)s, %(count)s,"
+                " %(index)s, %(start)s, %(end)s, %(process)s, %(walked)s, %(keys)s, %(bytes)s)",
+                {**where, "process": source_process, "walked": walked, "keys": sum(c[2] for c in chunks),
+                 "bytes": sum(len(c[3]) + len(c[4]) for c in chunks)})
     execute_values(cur, "INSERT INTO migration_spool (run_id, node, range_count, range_index, priority, chunk, keys,"
                         " lengths, packed) VALUES %s",
                    [(run_id, key_range.node, key_range.count, key_range.index, priority, n, keys,
@@ -448,12 +451,10 @@ def drop_spool(cur: Any, run_id: str) -> None:
 
 
 def spool_size(cur: Any, run_id: str) -> dict[str, int]:
-    """What a run's spool holds now: ranges, chunks, keys and bytes (of its keys' names and lengths)."""
-    cur.execute("SELECT count(DISTINCT (s.node, s.range_count, s.range_index)), count(c.*), coalesce(sum(c.keys), 0),"
-                " coalesce(sum(octet_length(c.lengths) + octet_length(c.packed)), 0)"
-                " FROM migration_spool_ranges s LEFT JOIN migration_spool c USING (run_id, node, range_count, range_index)"
-                " WHERE s.run_id = %s", (run_id,))
-    return dict(zip(("ranges", "chunks", "keys", "bytes"), map(int, cur.fetchone())))
+    """What a run's spool holds now: ranges, key names and their bytes (names and lengths)."""
+    cur.execute("SELECT count(*), coalesce(sum(keys_spooled), 0), coalesce(sum(bytes_spooled), 0)"
+                " FROM migration_spool_ranges WHERE run_id = %s", (run_id,))
+    return dict(zip(("ranges", "keys", "bytes"), map(int, cur.fetchone())))
 
 
 # --- dead letters ----------------------------------------------------------------------------

@@ -97,8 +97,8 @@ def spool_note(spooled: dict[str, int] | None) -> list[str]:
     if not spooled or not spooled["ranges"]:
         return []
     return [f"  spool: {spooled['keys']:,} key names of {spooled['ranges']} range(s), {spooled['bytes'] / 2**20:,.1f} MB "
-            "(migration_spool, unlogged): dropped when the run completes or is rolled back; its space is reused "
-            "by later spools, and handed back to the system by VACUUM FULL migration_spool"]
+            f"({ledger.SPOOL_TABLE}, unlogged): dropped when the run completes or is rolled back; its space is reused "
+            f"by later spools, and handed back to the system by VACUUM FULL {ledger.SPOOL_TABLE}"]
 
 
 def render(progress: dict[str, Any]) -> str:

@@ -8,8 +8,9 @@
 -- both tables, and a range without its row in migration_spool_ranges is SCANned again.
 
 -- One row per range spooled: which server process it was scanned on (Redis's run_id: a restart
--- reshuffles the cursor order and voids it) and how many keys the SCAN returned (what progress
--- counts as walked, whichever share of them a priority's pass reads).
+-- reshuffles the cursor order and voids it), how many keys the SCAN returned (what progress
+-- counts as walked, whichever share of them a priority's pass reads), and the key names its chunks
+-- hold and their bytes (what `status` shows: the read-only role sees these, not the names).
 CREATE UNLOGGED TABLE IF NOT EXISTS migration_spool_ranges (
     run_id         uuid NOT NULL REFERENCES migration_runs (id) ON DELETE CASCADE,
     node           text NOT NULL,       -- host:port of the cluster master; '' standalone
@@ -19,6 +20,8 @@ CREATE UNLOGGED TABLE IF NOT EXISTS migration_spool_ranges (
     range_end      numeric(20, 0) NOT NULL,
     source_process text,
     keys_walked    bigint NOT NULL,
+    keys_spooled   bigint NOT NULL,
+    bytes_spooled  bigint NOT NULL,
     PRIMARY KEY (run_id, node, range_count, range_index)
 );
 
