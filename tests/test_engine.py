@@ -594,8 +594,9 @@ def test_record_errors_returned_by_migrator_write_keep_their_class():
 
 def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_the_run_rolls_back(settings, r, pg,
                                                                                                   monkeypatch):
-    """Critical's fresh count and its full verification come from its own verification pass, once
-    its batches are in: grants that appear in between (keys its batches never saw) fail critical."""
+    """With --scan-each-priority, critical's fresh count and its full verification come from its own
+    SCAN, once its batches are in: grants that appear in between (keys its batches never saw) fail
+    critical. (By default the verification reads the spool instead: tests/test_spool.py.)"""
     import migrator.execution.finalize
 
     seed_demo(r, 60)
@@ -610,7 +611,7 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
         return real_link(conn, mapping, run_id)
 
     monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_grants_appear)
-    report = migrate(settings)
+    report = migrate(settings, scan_each_priority=True)
     assert report["status"] == "rolled_back"
     with pg.cursor() as cur:
         cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s ORDER BY created_at",

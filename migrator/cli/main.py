@@ -65,6 +65,8 @@ def _jobs_flag(p: argparse.ArgumentParser) -> None:
 VERIFY_DESCRIPTION = """\
 Every key of the run's mapping is read again from Redis, transformed as the run did, and
 compared with its rows in PostgreSQL, range by range (on the workers, or here with --local).
+It SCANs the keyspace itself (it does not read the run's spool), so it also finds the keys
+written after the run's single SCAN pass, which that run did not migrate: missing rows.
 Per pattern it counts:
   missing    rows a key should have become that are not there
   different  rows that differ although their key's value did not change since they were written
@@ -122,8 +124,15 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
                         "production server (a token bucket shared through Redis; a run touches each key about 10 times: "
-                        "once in each of its 8 SCAN passes (a migration and a verification per priority), and two reads; "
-                        "default: no cap)")
+                        "once in each of its 8 passes (a migration and a verification per priority: one SCAN, the "
+                        "others read from the spool), and two reads; default: no cap)")
+    g.add_argument("--scan-each-priority", action="store_true",
+                   help="SCAN the keyspace again for each priority's batches and validation (8 passes) instead of "
+                        "once: by default the first priority's SCAN keeps every key's name in a spool in PostgreSQL "
+                        "(dropped when the run completes or is rolled back) that the later passes read, so a key "
+                        "written after that first pass is not migrated by this run: `migrator verify` reports it "
+                        "missing, `migrator follow` (or a second run) migrates it. With this flag a later priority "
+                        "also takes the keys written before its own pass, at about three times the Redis CPU")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how many more source keys a fresh count may find than the batches scanned, and "
@@ -151,6 +160,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
         count_tolerance=args.count_tolerance, max_keys_per_sec=args.max_keys_per_sec,
         max_dead_ratio=args.max_dead_ratio, max_dead_keys=args.max_dead_keys,
+        scan_each_priority=args.scan_each_priority,
     )
 
 

@@ -1,6 +1,6 @@
 """The unit of work: one priority over one cursor range, in one PostgreSQL transaction.
 
-SCAN the range -> classify each key by the mapping -> pipelined TYPE/PTTL/value reads ->
+SCAN the range (or read its spool: migrator/core/spool.py) -> classify each key by the mapping -> pipelined TYPE/PTTL/value reads ->
 pure transforms -> sub-batches written under savepoints (bisected on failure) -> the ledger
 row updated in the same transaction. Celery tasks and `migrator run --local` both call
 `migrate_batch`; it needs only a Redis client, a PostgreSQL connection and the ledger.
@@ -24,6 +24,7 @@ import structlog
 from migrator.core import lease
 from migrator.core import ledger
 from migrator.core import metrics
+from migrator.core import spool
 from migrator.core.ledger import PatternCounts
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Reference, SourceRecord
 from migrator.core.partition import scan_range
@@ -449,6 +450,24 @@ def migrate_batch(client: redis.Redis, conn: Any, mapping: Mapping, batch_id: in
             lease.release(conn, batch_id)
 
 
+def _keys_of(cur: Any, mapping: Mapping, batch: _Batch) -> tuple[Iterable[list[bytes]] | None, spool.Spooled | None,
+                                                                  spool.Recorder | None, str | None]:
+    """Where a batch's keys come from (migrator/core/spool.py): (what to take, its spool when they
+    are read from one, the recorder of a new spool when they are SCANned for one, the server process).
+    The run's first priority SCANs and records; a later one reads the spool its range has on this
+    server process, or SCANs and records when there is none; --scan-each-priority always SCANs."""
+    spec, opts = batch.spec, batch.opts
+    if opts.scan_each_priority:
+        return None, None, None, None
+    process = spool.source_process(batch.client)
+    if spec.priority != opts.priority_order()[0].label:
+        spooled = spool.replay(cur, spec.run_id, spec.key_range, spec.priority, process)
+        if spooled is not None:
+            return spooled, spooled, None, process
+    recorder = spool.Recorder(spool.routes(mapping, opts))
+    return recorder.tap(scan_range(batch.client, spec.key_range, batch.scan_count)), None, recorder, process
+
+
 def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.BatchSpec, held: lease.Lease,
              heartbeat: lease.Heartbeat, progress: Progress | None) -> BatchResult:
     log.info("batch_started", range=spec.key_range.index, ranges=spec.key_range.count, dry_run=spec.options.dry_run)
@@ -459,19 +478,23 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             if spec.options.dry_run:
                 cur.execute("SAVEPOINT dry_run")
             batch = _Batch(client, cur, mapping, spec, progress, heartbeat.check)
-            heartbeat.walked = lambda: batch.walked  # written with each beat: progress moves within the range
             try:
-                batch.run()
+                found, spooled, recorder, process = _keys_of(cur, mapping, batch)
+                # written with each beat: progress moves within the range
+                heartbeat.walked = spooled.walked if spooled is not None else lambda: batch.walked
+                batch.run(found)
             finally:
                 if batch.client is not client:
                     batch.client.close()
             if spec.options.dry_run:
                 cur.execute("ROLLBACK TO SAVEPOINT dry_run")
+            if recorder is not None:  # (after a dry run's rollback: its later passes read it too)
+                recorder.save(cur, spec.run_id, spec.key_range, process)
             checksum = f"{batch.checksum:016x}"
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling,
-                                batch.walked)
+                                spooled.walked() if spooled is not None else batch.walked)
         conn.commit()
     except Fenced as exc:
         log.warning("batch_fenced", reason=str(exc))

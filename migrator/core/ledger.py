@@ -1,7 +1,7 @@
 """The run ledger in PostgreSQL, and every query of it: runs and their state, planned batches and
 their leases, per-pattern counts, dead letters, verdicts, the journal exact rollback reads, and
 verifications. Other modules decide; only this one reads or writes the ledger's tables
-(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql, 013_verify_progress.sql).
+(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql, 013_verify_progress.sql, 014_spool.sql).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from migrator.core.redact import redact_text
 
 # The ledger tables a run writes (migrator/core/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
-          "migration_verifications", "migration_verify_ranges", "migration_follow", "migration_reconciliations")
+          "migration_verifications", "migration_verify_ranges", "migration_follow", "migration_reconciliations",
+          "migration_spool_ranges", "migration_spool")
 
 # Seconds between a running batch's heartbeats (migrator/core/lease.py); a batch silent for six of
 # them is stale: its worker died, or is cut off.
@@ -392,6 +393,70 @@ def pattern_totals(batches: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return totals
 
 
+def batch_ranges(cur: Any, run_id: str, priority: str) -> list[KeyRange]:
+    """The cursor ranges a priority's batches were planned over, in range order."""
+    cur.execute("SELECT range_index, range_count, range_start, range_end, node FROM migration_batches"
+                " WHERE run_id = %s AND priority = %s ORDER BY node, range_index", (run_id, priority))
+    return [KeyRange(index, count, int(start), int(end), node) for index, count, start, end, node in cur.fetchall()]
+
+
+# --- the spool: one SCAN of each range, for the run's later passes (migrator/core/spool.py) -----
+
+SPOOL_TABLE = "migration_spool"  # the table of the keys themselves, named to operators (VACUUM FULL)
+SPOOL_RANGE = "run_id = %(run)s AND node = %(node)s AND range_count = %(count)s AND range_index = %(index)s"
+
+
+def _spool_key(run_id: str, key_range: KeyRange) -> dict[str, Any]:
+    return {"run": run_id, "node": key_range.node, "count": key_range.count, "index": key_range.index,
+            "start": key_range.start, "end": key_range.end}
+
+
+def write_spool(cur: Any, run_id: str, key_range: KeyRange, source_process: str | None, walked: int,
+                chunks: list[tuple[str, int, int, bytes, bytes]]) -> None:
+    """A range's spool, replacing the one kept before (a batch run again): (priority, chunk number,
+    keys, lengths, packed keys) per chunk. In the caller's transaction: a batch that fails leaves
+    none of it."""
+    where = _spool_key(run_id, key_range)
+    cur.execute(f"DELETE FROM migration_spool_ranges WHERE {SPOOL_RANGE}", where)  # (its chunks cascade)
+    cur.execute("INSERT INTO migration_spool_ranges (run_id, node, range_count, range_index, range_start, range_end,"
+                " source_process, keys_walked, keys_spooled, bytes_spooled) VALUES (%(run)s, %(node)s, %(count)s,"
+                " %(index)s, %(start)s, %(end)s, %(process)s, %(walked)s, %(keys)s, %(bytes)s)",
+                {**where, "process": source_process, "walked": walked, "keys": sum(c[2] for c in chunks),
+                 "bytes": sum(len(c[3]) + len(c[4]) for c in chunks)})
+    execute_values(cur, "INSERT INTO migration_spool (run_id, node, range_count, range_index, priority, chunk, keys,"
+                        " lengths, packed) VALUES %s",
+                   [(run_id, key_range.node, key_range.count, key_range.index, priority, n, keys,
+                     psycopg2.Binary(lengths), psycopg2.Binary(packed))
+                    for priority, n, keys, lengths, packed in chunks], page_size=50)
+
+
+def read_spool(cur: Any, run_id: str, key_range: KeyRange, priority: str,
+               source_process: str | None) -> tuple[int, list[tuple[int, bytes, bytes]]] | None:
+    """A range's spool of `priority`, if it was taken of this range on this server process: the keys
+    its SCAN walked, and (keys, lengths, packed keys) per chunk in order; None when there is none."""
+    where = {**_spool_key(run_id, key_range), "priority": priority, "process": source_process}
+    cur.execute(f"SELECT keys_walked FROM migration_spool_ranges WHERE {SPOOL_RANGE} AND range_start = %(start)s"
+                " AND range_end = %(end)s AND source_process IS NOT DISTINCT FROM %(process)s", where)
+    found = cur.fetchone()
+    if found is None:
+        return None
+    cur.execute(f"SELECT keys, lengths, packed FROM migration_spool WHERE {SPOOL_RANGE} AND priority = %(priority)s"
+                " ORDER BY chunk", where)
+    return found[0], [(keys, bytes(lengths), bytes(packed)) for keys, lengths, packed in cur.fetchall()]
+
+
+def drop_spool(cur: Any, run_id: str) -> None:
+    """A run's spool, once nothing of the run reads it again (its chunks cascade)."""
+    cur.execute("DELETE FROM migration_spool_ranges WHERE run_id = %s", (run_id,))
+
+
+def spool_size(cur: Any, run_id: str) -> dict[str, int]:
+    """What a run's spool holds now: ranges, key names and their bytes (names and lengths)."""
+    cur.execute("SELECT count(*), coalesce(sum(keys_spooled), 0), coalesce(sum(bytes_spooled), 0)"
+                " FROM migration_spool_ranges WHERE run_id = %s", (run_id,))
+    return dict(zip(("ranges", "keys", "bytes"), map(int, cur.fetchone())))
+
+
 # --- dead letters ----------------------------------------------------------------------------
 
 def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple]) -> None:
@@ -529,12 +594,13 @@ class VerifySpec:
     key_range: KeyRange
     options: RunOptions
     run_started: str  # ISO time the run began: documents written after it changed since the run
+    from_spool: bool = False  # the range's keys are read from the run's spool, when it holds them (else SCANned)
 
 
 def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange],
-                        redis_run_id: str | None) -> int:
-    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id) VALUES (%s, %s, %s, %s)"
-                " RETURNING id", (run_id, priorities, compare, redis_run_id))
+                        redis_run_id: str | None, from_spool: bool = False) -> int:
+    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id, from_spool)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id", (run_id, priorities, compare, redis_run_id, from_spool))
     verification_id = cur.fetchone()[0]
     execute_values(
         cur,
@@ -567,7 +633,7 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
         " started_at = clock_timestamp(), error = NULL, keys_walked = 0 FROM migration_verifications f, migration_runs r"
         " WHERE v.id = %s AND f.id = v.verification_id AND r.id = f.run_id AND v.status <> 'done'"
         " RETURNING v.verification_id, f.run_id, f.priorities, f.compare, v.range_index, v.range_count, v.range_start,"
-        " v.range_end, v.node, r.options, r.started_at",
+        " v.range_end, v.node, r.options, r.started_at, f.from_spool",
         (range_id,),
     )
     row = cur.fetchone()
@@ -576,10 +642,10 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
         if cur.fetchone() is None:
             raise LookupError(f"verification range {range_id} is not in the ledger; is DATABASE_URL the run's database?")
         return None
-    verification_id, run_id, priorities, compare, index, count, start, end, node, options, started = row
+    verification_id, run_id, priorities, compare, index, count, start, end, node, options, started, from_spool = row
     return VerifySpec(range_id, verification_id, str(run_id), tuple(priorities), compare,
                       KeyRange(index, count, int(start), int(end), node), RunOptions.from_json(options),
-                      started.isoformat())
+                      started.isoformat(), from_spool)
 
 
 def finish_verify_range(cur: Any, range_id: int, counts: dict[str, dict[str, int]], attributed: dict[str, int],

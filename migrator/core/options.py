@@ -32,6 +32,10 @@ class RunOptions:
     # and more than max_dead_keys (a pattern may declare its own budget).
     max_dead_ratio: float = 0.001
     max_dead_keys: int = 10
+    # Each priority's batches and validation SCAN the keyspace again, rather than read the keys the
+    # first priority's SCAN spooled (migrator/core/spool.py): slower on Redis, but a later priority
+    # also takes the keys written since the first one's pass.
+    scan_each_priority: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes", "max_keys_per_sec"):

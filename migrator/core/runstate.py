@@ -23,6 +23,10 @@ from migrator.core.config import ConfigError
 # States a run stays in until someone acts (resume, requeue, rollback).
 TERMINAL = ("completed", "dry_run", "failed", "cancelled", "rolled_back", "rollback_failed")
 
+# States after which nothing of the run reads its spool again (migrator/core/spool.py): it is dropped.
+# A failed or cancelled run keeps it for `resume` and `requeue`; a completed one resumed SCANs again.
+SPOOL_DROPPED = ("completed", "dry_run", "rolled_back")
+
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "planned": ("running", "cancelling", "failed"),
     "running": ("completed", "dry_run", "failed", "cancelling", "rolling_back"),
@@ -60,6 +64,8 @@ def transition(cur: Any, run_id: str, to: str, error: str | None = None) -> str:
         raise NotNow(f"run {run_id} is {now}: it cannot become {to}")
     ledger.set_run_status(cur, run_id, to, fence_moves=(now == "running") != (to == "running"), error=error,
                           ends=to in TERMINAL)
+    if to in SPOOL_DROPPED:
+        ledger.drop_spool(cur, run_id)
     return now
 
 

@@ -52,12 +52,15 @@ def within(n: int, of: int, ratio: float, floor: int) -> bool:
     return n <= floor or n <= ratio * of
 
 
-def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolerance: float) -> Check:
-    """The batches' tallies against a fresh count of the source, per pattern (one-sided)."""
+def count_check(totals: dict[str, dict[str, int]], fresh: dict[str, int], tolerance: float,
+                spooled: frozenset[str] = frozenset()) -> Check:
+    """The batches' tallies against a fresh count of the source, per pattern (one-sided). For the
+    `spooled` patterns the count is of the keys of the run's spool (migrator/core/spool.py), the
+    list the batches took: every key of it scanned, those gone since included."""
     off, gone = {}, {}
     for name in sorted(set(fresh) | set(totals)):
         counted = totals.get(name, {})
-        now, seen = fresh.get(name, 0), counted.get("scanned", 0) - counted.get("expired", 0)
+        now, seen = fresh.get(name, 0), counted.get("scanned", 0) - counted.get("expired", 0) * (name not in spooled)
         # More keys now than the batches saw: keys the scan missed (or the app wrote since,
         # within the tolerance). Fewer is no loss: those keys were scanned, then expired or
         # were deleted by the app before this count (a TTL'd key of a skipped pattern is never
@@ -173,8 +176,10 @@ def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority
     checks.append(reference_check(mapping, totals, opts, batches))
     counted = opts.counted(mapping, priority)
     fresh = {p["pattern"]: p["keys"] for p in verification.get("patterns", []) if p["pattern"] in counted}
+    # patterns whose every key the verification counted came from the run's spool
+    spooled = frozenset(p["pattern"] for p in verification.get("patterns", []) if p.get("spooled", 0) >= p["keys"] > 0)
     if verification["verdict"] != "incomplete":
-        checks.append(count_check(totals, fresh, opts.count_tolerance))
+        checks.append(count_check(totals, fresh, opts.count_tolerance, spooled))
     checks.append(verification_check(_narrowed(verification, counted), totals, opts.count_tolerance))
     return checks
 

@@ -25,7 +25,7 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from migrator.core import lease, ledger
+from migrator.core import lease, ledger, spool
 from migrator.core import throttle
 from migrator.core.ledger import VerifySpec
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
@@ -44,9 +44,10 @@ log = structlog.get_logger("migrator.core.verify")
 # run made dead letters (no rows expected); unreadable: keys whose value cannot be migrated now
 # but were not dead letters of the run; expired: keys gone between the scan and the read;
 # skipped: keys of patterns the mapping skips; extra: rows no key of the keyspace expects;
-# expired_rows: rows whose key has expired since.
+# expired_rows: rows whose key has expired since; spooled: keys read from the run's spool
+# (migrator/core/spool.py) rather than SCANned: some may be gone since, found so only when read.
 FIELDS = ("keys", "compared", "rows", "missing", "different", "changed", "dead", "unreadable", "expired", "skipped",
-          "extra", "expired_rows")
+          "extra", "expired_rows", "spooled")
 EXAMPLES_PER_PATTERN = 5  # of each kind
 # Namespace of the per-range advisory locks (the range id is the second key).
 VERIFY_LOCK = 0x7666
@@ -121,13 +122,14 @@ class RangeVerifier:
 
     def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, patterns: list[Pattern], opts: RunOptions, *,
                  run_id: str, compare: bool, count_unmapped: bool, since: str,
-                 cap: throttle.Throttle | None = None) -> None:
+                 cap: throttle.Throttle | None = None, spooled: bool = False) -> None:
         self.client, self.cur, self.mapping, self.opts, self.run_id = client, cur, mapping, opts, run_id
         self.cap = cap  # --max-keys-per-sec: the run's bucket, reads included
         limit = opts.max_value_bytes
         self.read_limit = CHUNK_READ_BYTES if limit is None else min(limit, CHUNK_READ_BYTES)
         self.scope = {p.name: p for p in patterns}
         self.compare, self.count_unmapped, self.since = compare, count_unmapped, since
+        self.spooled = spooled  # the keys fed are the run's spool's, not a SCAN's
         self.prefixes = (b"",) if count_unmapped else mapping.prefixes(patterns)
         self.tz = ZoneInfo(opts.source_timezone)
         self.tally = Tally()
@@ -150,17 +152,22 @@ class RangeVerifier:
             pattern, match = self.mapping.pattern_of(text)
             if pattern is None:
                 if self.count_unmapped:
-                    self.tally.add(UNMAPPED, "keys")
+                    self._count(UNMAPPED)
                 continue
             if pattern.name not in self.scope:
                 continue
-            self.tally.add(pattern.name, "keys")
+            self._count(pattern.name)
             if pattern.skip:
                 self.tally.add(pattern.name, "skipped")
             elif self.compare:
                 self.pending.append((key, text, pattern, self.mapping.fields_of(match)))
         if len(self.pending) >= self.opts.read_chunk:
             self.flush()
+
+    def _count(self, name: str) -> None:
+        self.tally.add(name, "keys")
+        if self.spooled:
+            self.tally.add(name, "spooled")
 
     def flush(self) -> None:
         chunk, self.pending = self.pending, []
@@ -315,15 +322,21 @@ def _planned(client: redis.Redis, conn: Any, run_id: str) -> tuple[dict[str, Any
     return run, plan_ranges(client, RunOptions.from_json(run["options"]).ranges)
 
 
-def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: list[Priority]) -> int:
+def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: list[Priority],
+                      from_spool: bool = False) -> int:
     """Record a verification of the run's `priorities` and its cursor ranges; its id. A dry run
-    kept no rows: its verification only counts the source keys."""
+    kept no rows: its verification only counts the source keys. `from_spool` (the in-run
+    validation of one priority): over the ranges of the priority's batches, each reading the keys
+    its range's spool holds, if any (migrator/core/spool.py), rather than SCANning."""
     run, key_ranges = _planned(client, conn, run_id)
     with conn, conn.cursor() as cur:
+        if from_spool:
+            (priority,) = priorities
+            key_ranges = ledger.batch_ranges(cur, run_id, priority.label) or key_ranges
         verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities], not run["dry_run"],
-                                                      key_ranges, server_process(client))
+                                                      key_ranges, server_process(client), from_spool)
     log.info("verification_planned", run=run_id, verification=verification_id, ranges=len(key_ranges),
-             priorities=[p.label for p in priorities])
+             priorities=[p.label for p in priorities], from_spool=from_spool)
     return verification_id
 
 
@@ -361,14 +374,16 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     started = time.perf_counter()
     try:
         with conn.cursor() as cur:
+            spooled = _spooled(cur, node, spec)
             verifier = RangeVerifier(node, cur, mapping, patterns, opts, run_id=spec.run_id, compare=spec.compare,
-                                     count_unmapped=unmapped, since=spec.run_started, cap=cap)
+                                     count_unmapped=unmapped, since=spec.run_started, cap=cap,
+                                     spooled=spooled is not None)
             walked = 0  # every key SCAN returned, in scope or not: what progress counts
-            for keys in scan_range(node, spec.key_range, throttle.paced(opts)[1]):
+            for keys in spooled if spooled is not None else scan_range(node, spec.key_range, throttle.paced(opts)[1]):
                 if cap is not None:
                     cap.acquire(len(keys))
                 verifier.feed(keys)
-                walked += len(keys)
+                walked = spooled.walked() if spooled is not None else walked + len(keys)
                 if progress is not None:
                     progress({"walked": walked,
                               **{f: sum(c[f] for c in verifier.tally.patterns.values()) for f in ("keys", "compared")}})
@@ -383,6 +398,14 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     log.info("verify_range_done", keys=keys, seconds=round(time.perf_counter() - started, 3),
              problems=sum(c[f] for c in tally.patterns.values() for f in ("missing", "different", "changed")))
     return tally
+
+
+def _spooled(cur: Any, node: redis.Redis, spec: VerifySpec) -> spool.Spooled | None:
+    """The range's keys from the run's spool, for a verification planned to read it that checks one
+    priority, when the spool holds them for this server process; None: SCAN the range."""
+    if not spec.from_spool or len(spec.priorities) != 1:
+        return None
+    return spool.replay(cur, spec.run_id, spec.key_range, spec.priorities[0], spool.source_process(node))
 
 
 class _Walked:

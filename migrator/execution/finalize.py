@@ -70,7 +70,7 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
             return None
         linked = 0 if opts.dry_run else link_rows(conn, mapping, run_id)
         log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
-        return verify.plan_verification(client, conn, run_id, [priority])
+        return verify.plan_verification(client, conn, run_id, [priority], from_spool=not opts.scan_each_priority)
     except Fenced:
         raise
     except Exception as exc:
@@ -128,7 +128,8 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         result = verify.finish(client, conn, mapping, verification_id)
         if (result.get("error") or "").startswith(verify.RESTARTED):
             log.warning("verification_restarted", run=run_id, priority=priority.label, verification=verification_id)
-            return Step(verify_again=verify.plan_verification(client, conn, run_id, [priority]))
+            return Step(verify_again=verify.plan_verification(client, conn, run_id, [priority],
+                                                              from_spool=not opts.scan_each_priority))
         checks = priority_checks(conn, mapping, run_id, priority, opts, result)
     except Exception as exc:
         if transient(exc):

@@ -23,6 +23,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         verifying = ledger.verification_progress(cur, run_id)
         stuck = finalize_failures(cur, run_id)
         following = ledger.follow_progress(cur, run_id)
+        spooled = ledger.spool_size(cur, run_id)
     priorities = []
     for p in Priority:
         mine = [b for b in batches if b["priority"] == p.label]
@@ -61,6 +62,7 @@ def run_progress(conn: Any, run_id: str) -> dict[str, Any]:
         "priorities": priorities,
         "finalize": stuck,
         "follow": following,
+        "spool": spooled,
         "as_of": datetime.now(timezone.utc).isoformat(),
     }
 
@@ -84,9 +86,19 @@ def view(progress: dict[str, Any]) -> RenderableType:
         notes += [f"    batch {b['id']} stale: no heartbeat for {b['silent_s']} s (worker {b['worker'] or '?'}): "
                   f"migrator resume {progress['run_id']}" for b in p["stale"]]
     notes += [f"  priority {f['priority']}: {f['detail']}" for f in progress.get("finalize", [])]
+    notes += spool_note(progress.get("spool"))
     shown = tables.table(("priority", "ranges done", "running", "failed", "dead", "", "verification", "verdict"), rows,
                          right=(1, 2, 3, 4))
     return Group(*map(Text, [head, *figures_mod.render(progress["figures"])]), shown, *map(Text, notes))
+
+
+def spool_note(spooled: dict[str, int] | None) -> list[str]:
+    """What the run's spool holds in PostgreSQL, and how its space comes back."""
+    if not spooled or not spooled["ranges"]:
+        return []
+    return [f"  spool: {spooled['keys']:,} key names of {spooled['ranges']} range(s), {spooled['bytes'] / 2**20:,.1f} MB "
+            f"({ledger.SPOOL_TABLE}, unlogged): dropped when the run completes or is rolled back; its space is reused "
+            f"by later spools, and handed back to the system by VACUUM FULL {ledger.SPOOL_TABLE}"]
 
 
 def render(progress: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ BEGIN
         GRANT SELECT, INSERT, UPDATE, DELETE ON
             migration_runs, migration_batches, migration_dead_letters, migration_validations, migration_journal,
             migration_verifications, migration_verify_ranges, dual_write_repairs, dual_write_settings,
-            dual_write_shadow_reads, migration_follow, migration_reconciliations
+            dual_write_shadow_reads, migration_follow, migration_reconciliations, migration_spool_ranges,
+            migration_spool
             TO migrator_run;
         GRANT SELECT ON schema_migrations TO migrator_run;
         GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq,
@@ -35,7 +36,7 @@ BEGIN
         GRANT SELECT ON
             migration_runs, migration_batches, migration_validations, migration_verifications,
             migration_verify_ranges, schema_migrations, dual_write_shadow_reads, migration_follow,
-            migration_reconciliations
+            migration_reconciliations, migration_spool_ranges
             TO migrator_report;
         GRANT SELECT (id, run_id, batch_id, pattern, redis_key, key_text, redis_type, ttl_ms, error, created_at)
             ON migration_dead_letters TO migrator_report;

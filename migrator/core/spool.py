@@ -1,0 +1,139 @@
+"""The spool: one SCAN pass per run instead of one per priority and validation.
+
+Redis is the production store and single-threaded: every SCAN pass over the keyspace costs it CPU
+the app would have had (1-2 µs per key a pass). A run used to make eight: a migrating and a
+validating pass per priority. Now the first priority's batch of each cursor range records the keys
+its SCAN returns, sorted out into the lists each priority's pass looks at (the keys starting with
+one of its patterns' prefixes, as that pass's own SCAN would have kept them), and keeps them in
+PostgreSQL in the batch's transaction (ledger.write_spool, migrator/core/sql/014_spool.sql). Every
+later priority's batch of the range and every priority's in-run validation read their list from
+there; each still classifies its keys exactly as before.
+
+What a spool cannot see: keys written after its pass. `migrator verify` (which SCANs: the
+independent check) reports them missing, `migrator follow` migrates them; `run
+--scan-each-priority` is the former behaviour, a SCAN per pass. A spool taken on another server
+process (a Redis restart reshuffles the cursor order) or lost (the tables are unlogged: a crash of
+PostgreSQL empties them) is not read: the pass SCANs its range, and a batch that SCANs records a
+new spool for the passes after it.
+"""
+from __future__ import annotations
+
+import sys
+from array import array
+from itertools import accumulate
+from typing import Any, Iterable, Iterator
+
+import redis
+
+from migrator.core import ledger
+from migrator.core.mapping import Mapping
+from migrator.core.options import RunOptions
+from migrator.core.partition import KeyRange
+
+# Keys per chunk (a row of migration_spool): large enough that a row's overhead is small against
+# its keys, small enough that a chunk being packed holds little memory.
+CHUNK_KEYS = 5_000
+
+# Key lengths are kept as uint32 little-endian: the same bytes whichever machine reads them.
+_LENGTH = "I"
+assert array(_LENGTH).itemsize == 4
+
+
+def pack(keys: list[bytes]) -> tuple[bytes, bytes]:
+    """Keys as (their lengths, the keys one after another): two byte strings, whatever bytes a key holds."""
+    lengths = array(_LENGTH, map(len, keys))
+    if sys.byteorder == "big":
+        lengths.byteswap()
+    return lengths.tobytes(), b"".join(keys)
+
+
+def unpack(lengths: bytes, packed: bytes) -> list[bytes]:
+    """The keys `pack` made these two byte strings of, in order."""
+    sizes = array(_LENGTH)
+    sizes.frombytes(lengths)
+    if sys.byteorder == "big":
+        sizes.byteswap()
+    ends = list(accumulate(sizes))
+    return [packed[start:end] for start, end in zip([0, *ends], ends)]
+
+
+def routes(mapping: Mapping, opts: RunOptions) -> list[tuple[str, tuple[bytes, ...]]]:
+    """Per priority of the run, the prefixes its passes keep keys by (a priority with none in scope
+    keeps nothing and is left out)."""
+    found = [(p.label, opts.prefixes(mapping, p)) for p in opts.priority_order()]
+    return [(label, prefixes) for label, prefixes in found if prefixes]
+
+
+def walked_share(taken: int, of: int, walked: int) -> int:
+    """The keys of a range's SCAN a pass counts as walked once it has taken `taken` of the `of` keys
+    its spool list holds: progress counts a range's keys whichever share of them a pass reads."""
+    return walked if taken >= of else walked * taken // of
+
+
+def source_process(client: redis.Redis) -> str | None:
+    """The server process a range is scanned on (its run_id): a spool is good for that process only."""
+    return client.info("server").get("run_id")
+
+
+class Recorder:
+    """The keys of one range's SCAN, sorted out per priority of the run into packed chunks, as they
+    are walked; `save` keeps them in the batch's transaction."""
+
+    def __init__(self, routes: list[tuple[str, tuple[bytes, ...]]]) -> None:
+        self.routes = routes
+        self.held: dict[str, list[bytes]] = {label: [] for label, _ in routes}
+        self.chunks: list[tuple[str, int, int, bytes, bytes]] = []
+        self.numbered: dict[str, int] = dict.fromkeys(self.held, 0)
+        self.walked = 0
+
+    def tap(self, found: Iterable[list[bytes]]) -> Iterator[list[bytes]]:
+        """`found`'s lists of keys, each recorded as it goes by."""
+        for keys in found:
+            self.add(keys)
+            yield keys
+
+    def add(self, keys: list[bytes]) -> None:
+        self.walked += len(keys)
+        for label, prefixes in self.routes:
+            held = self.held[label]
+            held += keys if prefixes == (b"",) else [k for k in keys if k.startswith(prefixes)]
+            if len(held) >= CHUNK_KEYS:
+                self._close(label)
+
+    def _close(self, label: str) -> None:
+        held, self.held[label] = self.held[label], []
+        self.chunks.append((label, self.numbered[label], len(held), *pack(held)))
+        self.numbered[label] += 1
+
+    def save(self, cur: Any, run_id: str, key_range: KeyRange, process: str | None) -> None:
+        for label, held in self.held.items():
+            if held:
+                self._close(label)
+        ledger.write_spool(cur, run_id, key_range, process, self.walked, self.chunks)
+        self.chunks = []
+
+
+class Spooled:
+    """A pass's keys of one range, read from its spool: lists of keys, as a SCAN would give them,
+    and the keys walked so far (the range's SCAN's, in proportion to what was taken)."""
+
+    def __init__(self, walked: int, chunks: list[tuple[int, bytes, bytes]]) -> None:
+        self.range_walked, self.chunks = walked, chunks
+        self.keys = sum(n for n, _, _ in chunks)
+        self.taken = 0
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        while self.chunks:
+            _, lengths, packed = self.chunks.pop(0)  # (let go of each chunk once it is unpacked)
+            keys = unpack(lengths, packed)
+            self.taken += len(keys)
+            yield keys
+
+    def walked(self) -> int:
+        return walked_share(self.taken, self.keys, self.range_walked)
+
+
+def replay(cur: Any, run_id: str, key_range: KeyRange, priority: str, process: str | None) -> Spooled | None:
+    """The spooled keys of `priority` in this range, if a spool of it was taken on this server process."""
+    found = ledger.read_spool(cur, run_id, key_range, priority, process)
+    return None if found is None else Spooled(*found)
