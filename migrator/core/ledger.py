@@ -1,7 +1,7 @@
 """The run ledger in PostgreSQL, and every query of it: runs and their state, planned batches and
 their leases, per-pattern counts, dead letters, verdicts, the journal exact rollback reads, and
 verifications. Other modules decide; only this one reads or writes the ledger's tables
-(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql, 013_verify_progress.sql, 014_spool.sql).
+(migrator/core/sql/001_ledger.sql, 006_verify.sql, 008_fencing.sql, 013_verify_progress.sql, 015_spool.sql).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the app would have had (1-2 µs per key a pass). A run used to make eight: a mig
 validating pass per priority. Now the first priority's batch of each cursor range records the keys
 its SCAN returns, sorted out into the lists each priority's pass looks at (the keys starting with
 one of its patterns' prefixes, as that pass's own SCAN would have kept them), and keeps them in
-PostgreSQL in the batch's transaction (ledger.write_spool, migrator/core/sql/014_spool.sql). Every
+PostgreSQL in the batch's transaction (ledger.write_spool, migrator/core/sql/015_spool.sql). Every
 later priority's batch of the range and every priority's in-run validation read their list from
 there; each still classifies its keys exactly as before.
 
