@@ -758,8 +758,18 @@ RETIRE_DELETE = sql.SQL(
     " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
     " ON CONFLICT DO NOTHING) SELECT count(*) FROM gone")
 RETIRE_MARK = sql.SQL(
-    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s WHERE source_key = ANY(%(keys)s)"
-    " AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1) SELECT count(*) FROM marked")
+    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s, synced_at = clock_timestamp()"
+    " WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1)"
+    " SELECT count(*) FROM marked")
+# (clock_timestamp(): the statement runs after follow read the keys; see merge.SYNCED_AT)
+STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() WHERE id = ANY(%s::uuid[])")
+
+
+def stamp_synced(cur: Any, table: str, ids: list[str]) -> None:
+    """These rows of `table` were just written (or found current) by follow from keys it read in this
+    transaction: their mark says so to a bulk batch that began before (merge.SYNCED_AT). Every one,
+    a row the upsert left as it was included: the batch's read of its key may be older than follow's."""
+    cur.execute(STAMP_SYNCED.format(t=sql.Identifier(table)), (ids,))
 
 
 def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[str], mark: str | None) -> int:

@@ -162,6 +162,8 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
             for text in texts:
                 for table, ids in writer.given.get(text, {}).items():
                     keep.setdefault(table, []).extend(ids)
+            for table, ids in keep.items():  # (after every read: the fence of a bulk batch running now)
+                ledger.stamp_synced(cur, table, ids)
             outcome["retired"] = _retire(cur, mapping, run_id, texts, keep)
             # a key that failed before and applies now is no dead letter any more
             ledger.forget_dead_letters(cur, run_id, applied)
