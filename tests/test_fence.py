@@ -140,3 +140,51 @@ def test_a_row_follow_marked_stays_marked(settings, r, pg, monkeypatch, session_
         between_read_and_write(monkeypatch, session_key, gone_then_follow)
         assert migrate(settings)["status"] == "completed"
         assert role(pg, session_key) == [("user", True)]
+
+
+def test_a_row_follow_deleted_is_not_made_again(settings, r, pg, monkeypatch):
+    """The key went after the batch read it: follow deletes its rows (on_delete "delete"), and the
+    batch's write of the value it read does not insert them again; rolling follow back restores them."""
+    seed_demo(r, 3)
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+    first = migrate(settings)["run_id"]
+    loaded = fingerprint(pg)
+
+    def threads() -> int:
+        with pg, pg.cursor() as cur:
+            cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (thread.decode(),))
+            return cur.fetchone()[0]
+
+    with following(settings, r) as apply:
+        def gone_then_follow() -> None:
+            r.delete(thread)
+            assert apply(thread)["retired"] >= 1
+
+        between_read_and_write(monkeypatch, thread, gone_then_follow)
+        run = migrate(settings)
+        assert run["status"] == "completed", run
+        assert threads() == 0
+        assert verify(settings, run["run_id"])["verdict"] == "clean"
+    undo(settings, apply.run_id)
+    assert threads() == 1 and fingerprint(pg) == loaded
+    with pg, pg.cursor() as cur:  # (its deletions are forgotten with it: the rows are back)
+        cur.execute("SELECT count(*) FROM migration_retired")
+        assert cur.fetchone() == (0,)
+    undo(settings, first)
+
+
+def test_a_row_two_keys_fill_takes_the_other_key_s_write(settings, r, pg, monkeypatch):
+    """A premium grant is one row filled by two keys (its ip's, its email's): follow applying one of
+    them fences that key's writes only, and the batch still fills the lookup the other key gives."""
+    grant = orjson.dumps({"granted_at": "2026-12-01T10:00:00", "expires_at": "2027-01-01T10:00:00", "plan": "premium",
+                          "duration_days": 31, "client_ip": "203.0.113.8", "email": "p@example.org",
+                          "payment_info": {"payment_reference": "ref-1", "granted_by": "stripe_webhook"}})
+    by_ip, by_email = b"threadr:premium:ip:203.0.113.8", b"threadr:premium:email:p@example.org"
+    r.set(by_ip, grant)
+    r.set(by_email, grant)
+    with following(settings, r) as apply:
+        between_read_and_write(monkeypatch, by_email, lambda: apply(by_ip))
+        assert migrate(settings)["status"] == "completed"
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT ip, email FROM subscriptions WHERE kind = 'premium_grant'")
+        assert cur.fetchall() == [("203.0.113.8", "p@example.org")]

@@ -20,6 +20,7 @@ import orjson
 import psycopg2
 import psycopg2.errors
 
+from migrator.core import ledger
 from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
@@ -171,7 +172,8 @@ class Writer:
         key = (table, columns)
         if key not in self._statements:
             types = column_types(self.cursor, self.mapping, table, columns)
-            self._statements[key] = self.mapping.rule(table).upsert(columns, types, self.fenced).as_string(self.cursor)
+            self._statements[key] = self.mapping.rule(table).upsert(
+                columns, types, ledger.unretired if self.fenced else None).as_string(self.cursor)
         return self._statements[key]
 
 
