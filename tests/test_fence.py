@@ -27,16 +27,24 @@ def session_doc(user: bytes, role: str) -> bytes:
                          "last_activity": "2026-12-06T09:00:00", "access_token_hash": 1})
 
 
+class Session:
+    """A live follow session whose changed keys the test applies itself, one at a time, as its
+    appliers would (here or in the Celery task: both call apply_keys)."""
+
+    def __init__(self, r: redis.Redis, conn: Any, run_id: str) -> None:
+        self.r, self.conn, self.run_id = r, conn, run_id
+
+    def __call__(self, key: bytes) -> dict[str, int]:
+        return apply_keys(self.r, self.conn, THREADR, self.run_id, [key])
+
+
 @contextmanager
-def following(settings, r: redis.Redis) -> Iterator[Callable[[bytes], dict[str, int]]]:
-    """A live follow session; yields its application of a key (what its appliers call per batch)."""
+def following(settings, r: redis.Redis) -> Iterator[Session]:
     conn = settings.postgres()
     try:
-        run_id = start_session(r, conn, THREADR, settings.redis_url, None, "local", [])
-        apply = lambda key: apply_keys(r, conn, THREADR, run_id, [key])  # noqa: E731
-        apply.run_id = run_id
-        yield apply
-        end_session(conn, run_id)
+        session = Session(r, conn, start_session(r, conn, THREADR, settings.redis_url, None, "local", []))
+        yield session
+        end_session(conn, session.run_id)
     finally:
         conn.close()
 

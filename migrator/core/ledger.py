@@ -769,7 +769,8 @@ RETIRE_MARK = sql.SQL(
     " WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1)"
     " SELECT count(*) FROM marked")
 # (clock_timestamp(): the statement runs after follow read the keys; see merge.SYNCED_AT)
-STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() WHERE id = ANY(%s::uuid[])")
+STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest(%s::uuid[], %s::text[]) AS s (id, key)"
+                       " WHERE {t}.id = s.id AND {t}.source_key = s.key")
 
 
 def unretired(table: str, row_id: sql.Composable, source_key: sql.Composable) -> sql.Composable:
@@ -780,11 +781,12 @@ def unretired(table: str, row_id: sql.Composable, source_key: sql.Composable) ->
                    " AND g.source_key = {} AND g.retired_at >= now())").format(sql.Literal(table), row_id, source_key)
 
 
-def stamp_synced(cur: Any, table: str, ids: list[str]) -> None:
-    """These rows of `table` were just written (or found current) by follow from keys it read in this
-    transaction: their mark says so to a bulk batch that began before (merge.SYNCED_AT). Every one,
-    a row the upsert left as it was included: the batch's read of its key may be older than follow's."""
-    cur.execute(STAMP_SYNCED.format(t=sql.Identifier(table)), (ids,))
+def stamp_synced(cur: Any, table: str, given: list[tuple[str, str]]) -> None:
+    """These rows of `table` (id, key) were just written, or found current, by follow from keys it read
+    in this transaction: their mark says so to a bulk batch that began before (merge.SYNCED_AT). A row
+    the upsert left as it was too (the batch's read of its key may be older than follow's), unless
+    another key's: follow's read of this key says nothing of that one's."""
+    cur.execute(STAMP_SYNCED.format(t=sql.Identifier(table)), ([i for i, _ in given], [k for _, k in given]))
 
 
 def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[str], mark: str | None) -> int:
