@@ -11,4 +11,6 @@ CREATE TABLE IF NOT EXISTS migration_retired (
     PRIMARY KEY (table_name, row_id)
 );
 CREATE INDEX IF NOT EXISTS migration_retired_run_idx ON migration_retired (run_id);
+-- (a batch's statement asks first whether follow deleted any row of its table since it began)
+CREATE INDEX IF NOT EXISTS migration_retired_at_idx ON migration_retired (table_name, retired_at);
 -- (the roles' grants: migrator_grant_roles(), 009_roles.sql)
