@@ -101,7 +101,7 @@ def fingerprint(conn: Any, tables: list[str] | None = None) -> dict[str, tuple[i
 
 # Columns that say which run wrote a row and when its key expires: they differ between two
 # runs over the same data, the content does not.
-PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at")
+PROVENANCE = ("migration_run", "source_key", "metadata", "expires_at", "synced_at")
 
 
 def content_fingerprint(conn: Any) -> dict[str, tuple[int, str]]:

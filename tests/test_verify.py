@@ -10,7 +10,7 @@ from psycopg2 import sql
 
 from migrator.apps.threadr.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.apps.threadr import THREADR
-from migrator.core.writer import PROVENANCE
+from migrator.core.schema import PROVENANCE
 
 from helpers import by_pattern, cli, migrate, verify
 

@@ -90,7 +90,8 @@ class _Batch:
         self.prefixes = self.opts.prefixes(mapping, priority)
         self.tz = ZoneInfo(self.opts.source_timezone)
         self.counts = PatternCounts()
-        self.writer = writer or Writer(cur, mapping, spec.run_id)
+        # (a bulk batch's writer is fenced: it leaves rows a live follow session read since it began)
+        self.writer = writer or Writer(cur, mapping, spec.run_id, fenced=True)
         self.pending: list[Prepared] = []
         self.pending_bytes = 0
         # One sub-batch is written by a second thread while this one reads and transforms the

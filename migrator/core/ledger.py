@@ -22,7 +22,7 @@ from migrator.core.redact import redact_text
 # The ledger tables a run writes (migrator/core/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
           "migration_verifications", "migration_verify_ranges", "migration_follow", "migration_reconciliations",
-          "migration_spool_ranges", "migration_spool")
+          "migration_spool_ranges", "migration_spool", "migration_retired")
 
 # Seconds between a running batch's heartbeats (migrator/core/lease.py); a batch silent for six of
 # them is stale: its worker died, or is cut off.
@@ -576,8 +576,9 @@ def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
 
 
 def forget_journal(cur: Any, run_id: str) -> None:
-    """A run's prior images, once it is undone."""
+    """A run's prior images, once it is undone, and the rows it deleted (they are back)."""
     cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))
+    cur.execute("DELETE FROM migration_retired WHERE run_id = %s", (run_id,))
 
 
 # --- verifications (migrator/core/verify.py) ------------------------------------------------------
@@ -822,10 +823,39 @@ RETIRE_DELETE = sql.SQL(
     "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) RETURNING {t}.*),"
     " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
     " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
-    " ON CONFLICT DO NOTHING) SELECT count(*) FROM gone")
+    " ON CONFLICT DO NOTHING),"
+    # the fence of a bulk batch running now (merge.SYNCED_AT): the row is not to come back from its older read
+    " fenced AS (INSERT INTO migration_retired (table_name, row_id, source_key, run_id, retired_at)"
+    " SELECT %(name)s, g.id, g.source_key, %(run)s, clock_timestamp() FROM gone g ON CONFLICT (table_name, row_id)"
+    " DO UPDATE SET source_key = EXCLUDED.source_key, run_id = EXCLUDED.run_id, retired_at = EXCLUDED.retired_at)"
+    " SELECT count(*) FROM gone")
 RETIRE_MARK = sql.SQL(
-    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s WHERE source_key = ANY(%(keys)s)"
-    " AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1) SELECT count(*) FROM marked")
+    "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s, synced_at = clock_timestamp()"
+    " WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1)"
+    " SELECT count(*) FROM marked")
+# (clock_timestamp(): the statement runs after follow read the keys; see merge.SYNCED_AT)
+STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest(%s::uuid[], %s::text[]) AS s (id, key)"
+                       " WHERE {t}.id = s.id AND {t}.source_key = s.key")
+
+
+def unretired(table: str, row_id: sql.Composable, source_key: sql.Composable) -> sql.Composable:
+    """A bulk batch's condition on each row it writes (merge.TableRule.upsert, fenced): that follow
+    did not delete it, as its key's, since the batch's transaction began (RETIRE_DELETE: merge.SYNCED_AT's
+    fence for a row that is gone). Asked once per statement first (an index probe, an InitPlan): only
+    when follow deleted rows of the table since is each row looked up, so a run without follow pays
+    for no join."""
+    return sql.SQL("(NOT EXISTS (SELECT FROM migration_retired WHERE table_name = {t} AND retired_at >= now())"
+                   " OR NOT EXISTS (SELECT FROM migration_retired g WHERE g.table_name = {t} AND g.row_id = {id}"
+                   " AND g.source_key = {key} AND g.retired_at >= now()))").format(
+        t=sql.Literal(table), id=row_id, key=source_key)
+
+
+def stamp_synced(cur: Any, table: str, given: list[tuple[str, str]]) -> None:
+    """These rows of `table` (id, key) were just written, or found current, by follow from keys it read
+    in this transaction: their mark says so to a bulk batch that began before (merge.SYNCED_AT). A row
+    the upsert left as it was too (the batch's read of its key may be older than follow's), unless
+    another key's: follow's read of this key says nothing of that one's."""
+    cur.execute(STAMP_SYNCED.format(t=sql.Identifier(table)), ([i for i, _ in given], [k for _, k in given]))
 
 
 def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[str], mark: str | None) -> int:

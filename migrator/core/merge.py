@@ -9,13 +9,29 @@ own), so reruns leave tables identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from psycopg2 import sql
 
 # Provenance and bookkeeping: refreshed when a row changes, never a reason to change it
 # (a grant written under its ip and its email key would otherwise flip its source each run).
-VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest"})
+VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest", "synced_at"})
+
+# When a live `migrator follow` session last read the row's key: the database's clock just after the
+# read (ledger.stamp_synced; only follow writes it). The fence between a bulk batch and follow: a batch
+# reads its keys after its transaction began (now()), so a row stamped before then was read by follow
+# before the batch read it, and the batch's value is the newer; a row stamped since may hold a newer
+# read than the batch's, and the batch leaves it alone. Leaving it is safe even when the batch's read
+# was the newer: the app's write after follow's read is a notification follow applies. (Only against
+# the same key: a row another key also fills, a lookup's, takes that key's write as it did.) Being on
+# the row, it is evaluated on the row as follow committed it, even when the batch's write waited for
+# follow's transaction.
+SYNCED_AT = "synced_at"
+FENCE = sql.SQL("(t.{at} IS NULL OR t.{at} < now() OR t.source_key IS DISTINCT FROM EXCLUDED.source_key)").format(
+    at=sql.Identifier(SYNCED_AT))
+# A row follow deleted has no mark to carry: the fence's other half (ledger.unretired) says, for a
+# table and a row's id and key, that follow did not delete that row of that key since the batch began.
+Unretired = Callable[[str, sql.Composable, sql.Composable], sql.Composable]
 
 # How rows naming an entity by a legacy id (an app's own id, an email) find its new id in
 # legacy_id_map: emails case-folded, as the map stores them.
@@ -49,10 +65,13 @@ class TableRule:
             return sql.SQL("COALESCE({}, {})").format(new, col)
         return new
 
-    def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]]) -> sql.Composed:
+    def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]],
+               unretired: Unretired | None = None) -> sql.Composed:
         """INSERT ... ON CONFLICT (id) DO UPDATE of rows given as one JSON array ($1) of arrays,
         each holding the values of `columns` in that order; `types` gives each column's type name
-        and category, from the catalog (see Writer).
+        and category, from the catalog (see Writer). Fenced, given `unretired` (a bulk batch's): a
+        row follow read since the transaction began is left as it is (FENCE), and one it deleted
+        since is not made again.
 
         Positional arrays cost PostgreSQL a third of what objects through jsonb_populate_recordset
         did to parse (no key per value to sort and look up), and each value still goes through its
@@ -72,13 +91,20 @@ class TableRule:
         if self.version and self.version in columns:
             v = sql.Identifier(self.version)
             guard = sql.SQL("(t.{} IS NULL OR EXCLUDED.{} >= t.{}) AND ").format(v, v, v) + changed
+        values = [_element(i, c, types[c], self.name) for i, c in enumerate(columns)]
+        kept = sql.SQL("")
+        if unretired is not None:
+            guard = FENCE + sql.SQL(" AND ") + guard
+            kept = sql.SQL(" WHERE ") + unretired(self.name, values[columns.index("id")],
+                                                  values[columns.index("source_key")])
         return sql.SQL(
-            "INSERT INTO {table} AS t ({cols}) SELECT {values} FROM jsonb_array_elements($1::jsonb) AS r"
+            "INSERT INTO {table} AS t ({cols}) SELECT {values} FROM jsonb_array_elements($1::jsonb) AS r{kept}"
             " ON CONFLICT (id) DO UPDATE SET {updates} WHERE {guard}"
         ).format(
             table=sql.Identifier(self.name),
             cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
-            values=sql.SQL(", ").join(_element(i, c, types[c], self.name) for i, c in enumerate(columns)),
+            values=sql.SQL(", ").join(values),
+            kept=kept,
             updates=updates,
             guard=guard,
         )

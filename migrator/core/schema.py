@@ -18,16 +18,18 @@ from psycopg2 import sql
 
 from migrator.core.config import ConfigError
 from migrator.core.mapping import Mapping
+from migrator.core.merge import SYNCED_AT
 
 # Any constant works; it keeps two `init-db` runs from interleaving.
 INIT_LOCK = 0x6D696772
 ENGINE_FILE = re.compile(r"(\d{3}_\w+)\.sql")
-# The columns the engine fills on every row besides the mapping's own (writer.PROVENANCE), with their
-# types: the run, the key, the pattern's source, the key's TTL, and a digest of the key's value, by
-# which a verification tells a row whose key the app wrote again ("changed since the run") from a row
-# that itself changed ("different"). A mapping's DDL need not declare them.
+# The columns the engine fills on every row besides the mapping's own, with their types: the run, the
+# key, the pattern's source, the key's TTL, and a digest of the key's value (writer.PROVENANCE: every
+# write fills them), by which a verification tells a row whose key the app wrote again ("changed since
+# the run") from a row that itself changed ("different"); and when a `migrator follow` session last
+# read the row's key (merge.SYNCED_AT, the fence). A mapping's DDL need not declare them.
 PROVENANCE = {"migration_run": "uuid", "source_key": "text", "metadata": "jsonb NOT NULL DEFAULT '{}'",
-              "expires_at": "timestamptz", "source_digest": "bigint"}
+              "expires_at": "timestamptz", "source_digest": "bigint", SYNCED_AT: "timestamptz"}
 # The ledger's table through which every run links users (migrator/core/sql/001_ledger.sql): a run writes
 # it as it writes its mapping's tables.
 LEGACY_ID_MAP = "legacy_id_map"

@@ -20,9 +20,11 @@ import orjson
 import psycopg2
 import psycopg2.errors
 
+from migrator.core import ledger
 from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
+from migrator.core.merge import SYNCED_AT
 from migrator.core.source import KeyRead
 
 
@@ -64,8 +66,9 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
                                                                               psycopg2.errors.ProgramLimitExceeded)
 
 
-# Columns every row gets from the record it came from, after its own (init-db adds them to every table).
-PROVENANCE = tuple(schema.PROVENANCE)
+# Columns every row gets from the record it came from, after its own (init-db adds them to every table;
+# synced_at is follow's alone, stamped after its writes).
+PROVENANCE = tuple(c for c in schema.PROVENANCE if c != SYNCED_AT)
 
 COLUMN_TYPES = """
 SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory, pg_get_expr(d.adbin, d.adrelid)
@@ -100,10 +103,12 @@ _column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, ColumnType]]]
 
 
 class Writer:
-    def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None) -> None:  # None: the app's own writes
+    def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None,  # None: the app's own writes
+                 fenced: bool = False) -> None:  # a bulk batch's: see merge.FENCE
         self.cursor = cursor
         self.mapping = mapping
         self.run_id = run_id
+        self.fenced = fenced
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
         # A key that gives a row says the row is live: in a table whose rows `follow` marks rather
@@ -167,7 +172,8 @@ class Writer:
         key = (table, columns)
         if key not in self._statements:
             types = column_types(self.cursor, self.mapping, table, columns)
-            self._statements[key] = self.mapping.rule(table).upsert(columns, types).as_string(self.cursor)
+            self._statements[key] = self.mapping.rule(table).upsert(
+                columns, types, ledger.unretired if self.fenced else None).as_string(self.cursor)
         return self._statements[key]
 
 

@@ -158,10 +158,13 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
             dead = ledger.dead_letters_now(cur, run_id)
             applied = [k for k in touched if k not in dead]
             texts = [k.decode("utf-8") for k in applied if _utf8(k)]
-            keep: dict[str, list[str]] = {}
+            given: dict[str, list[tuple[str, str]]] = {}  # table -> (row id, key) the keys gave
             for text in texts:
                 for table, ids in writer.given.get(text, {}).items():
-                    keep.setdefault(table, []).extend(ids)
+                    given.setdefault(table, []).extend((i, text) for i in ids)
+            for table, rows in given.items():  # (after every read: the fence of a bulk batch running now)
+                ledger.stamp_synced(cur, table, rows)
+            keep = {table: [i for i, _ in rows] for table, rows in given.items()}
             outcome["retired"] = _retire(cur, mapping, run_id, texts, keep)
             # a key that failed before and applies now is no dead letter any more
             ledger.forget_dead_letters(cur, run_id, applied)

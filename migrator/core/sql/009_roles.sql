@@ -17,7 +17,7 @@ BEGIN
             migration_runs, migration_batches, migration_dead_letters, migration_validations, migration_journal,
             migration_verifications, migration_verify_ranges, dual_write_repairs, dual_write_settings,
             dual_write_shadow_reads, migration_follow, migration_reconciliations, migration_spool_ranges,
-            migration_spool
+            migration_spool, migration_retired
             TO migrator_run;
         GRANT SELECT ON schema_migrations TO migrator_run;
         GRANT USAGE ON SEQUENCE migration_batches_id_seq, migration_dead_letters_id_seq,
