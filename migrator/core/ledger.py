@@ -779,15 +779,15 @@ def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[s
 
 
 def rows_retiring(cur: Any, table: str, keys: list[str], keep: list[str], columns: tuple[str, ...],
-                  mark: str | None) -> list[tuple[str, str, dict[str, Any]]]:
-    """The rows retire_rows would retire, each as (id, source_key, {column: value} of `columns`)."""
-    statement = sql.SQL("SELECT id::text, source_key, {cols} FROM {t} WHERE source_key = ANY(%s)"
+                  mark: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The rows retire_rows would retire, each as (id, {column: value} of `columns`)."""
+    statement = sql.SQL("SELECT id::text, {cols} FROM {t} WHERE source_key = ANY(%s)"
                         " AND id NOT IN (SELECT unnest(%s::uuid[]))").format(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)), t=sql.Identifier(table))
     if mark:
         statement += sql.SQL(" AND {} IS NULL").format(sql.Identifier(mark))
     cur.execute(statement, (keys, keep))
-    return [(row_id, key, dict(zip(columns, values))) for row_id, key, *values in cur.fetchall()]
+    return [(row_id, dict(zip(columns, values))) for row_id, *values in cur.fetchall()]
 
 
 def repoint_rows(cur: Any, run_id: str, table: str, rows: list[tuple[str, str, str, Any, int]]) -> int:

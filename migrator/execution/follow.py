@@ -144,7 +144,6 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
     outcome = {"keys": len(owners), "rows": 0, "retired": 0, "dead": 0}
     if not owners:
         return outcome
-    step = _Step(client, mapping, run_id, {k.decode("utf-8", "backslashreplace") for k in owners})
     try:
         with conn.cursor() as cur:
             # Every statement below finds a batch's rows by an index (id, source_key); without
@@ -152,18 +151,18 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
             # planner takes `source_key = ANY(500 keys)` for most of a table and scans it all, per batch.
             cur.execute("SELECT set_config('migrator.run_id', %s, true), set_config('enable_seqscan', 'off', true)",
                         (run_id,))
-            step.writer = _Recording(cur, mapping, run_id)
+            step = _Step(client, cur, mapping, run_id, {k.decode("utf-8", "backslashreplace") for k in owners})
             fresh = _by_table([k for k in dict.fromkeys(resets) if k in owners], owners)
             if fresh:
-                step.retire(cur, fresh, {}, marking=False)
-            outcome["rows"], failed = step.apply(cur, owners)
+                step.retire(fresh, {}, marking=False)
+            outcome["rows"], failed = step.apply(owners)
             # (looked up only when there are some: a session may hold many)
             dead = ledger.dead_letters_now(cur, run_id) if failed else set()
             applied = [k for k in owners if k not in dead]
             written = _by_table(applied, owners)
             keep = {table: [i for text in texts for i in step.writer.given.get(text, {}).get(table, ())]
                     for table, texts in written.items()}
-            outcome["retired"] = step.retire(cur, written, keep)
+            outcome["retired"] = step.retire(written, keep)
             if dead or ledger.has_dead_letters(cur, run_id):
                 # a key that failed before and applies now is no dead letter any more
                 ledger.forget_dead_letters(cur, run_id, applied)
@@ -194,22 +193,22 @@ def _by_table(keys: list[bytes], owners: dict[bytes, Pattern]) -> dict[str, list
 
 
 class _Step:
-    """One application of changed keys, in the caller's transaction."""
+    """One application of changed keys (`touched`), in the transaction of `cur`."""
 
-    def __init__(self, client: redis.Redis, mapping: Mapping, run_id: str, touched: set[str]) -> None:
-        self.client, self.mapping, self.run_id, self.touched = client, mapping, run_id, touched
-        self.writer: _Recording | None = None
+    def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, run_id: str, touched: set[str]) -> None:
+        self.client, self.cur, self.mapping, self.run_id, self.touched = client, cur, mapping, run_id, touched
+        self.writer = _Recording(cur, mapping, run_id)
         self.dead = 0  # dead letters of keys applied for a row they share (_share)
 
-    def apply(self, cur: Any, owners: dict[bytes, Pattern]) -> tuple[int, int]:
+    def apply(self, owners: dict[bytes, Pattern]) -> tuple[int, int]:
         """Each key read, transformed and upserted as a run does: the rows written, and how many
         keys are dead letters now."""
         by_priority: dict[Any, list[bytes]] = {}
         for key, pattern in owners.items():
             by_priority.setdefault(pattern.priority, []).append(key)
         rows = dead = 0
-        for priority in sorted(by_priority):  # (users before the rows that link to them)
-            batch = _Batch(self.client, cur, self.mapping, ledger.BatchSpec(None, self.run_id, priority.label, WHOLE,
+        for priority in sorted(by_priority):  # (a batch's scope is one priority's patterns)
+            batch = _Batch(self.client, self.cur, self.mapping, ledger.BatchSpec(None, self.run_id, priority.label, WHOLE,
                                                                             OPTIONS, self.mapping.name), writer=self.writer)
             batch.run([by_priority[priority]])
             batch.spill_dead()
@@ -217,8 +216,7 @@ class _Step:
             dead += batch.counts.total("dead")
         return rows, dead
 
-    def retire(self, cur: Any, by_table: dict[str, list[str]], keep: dict[str, list[str]],
-               marking: bool = True) -> int:
+    def retire(self, by_table: dict[str, list[str]], keep: dict[str, list[str]], marking: bool = True) -> int:
         """The rows of these keys (per table) not among `keep` (ids) get their table's on_delete, but
         those another key gives too (_share); how many."""
         retired = 0
@@ -228,11 +226,11 @@ class _Step:
                 continue
             mark = rule.deleted_at if rule.on_delete == "mark" else None
             if self.mapping.sharing(table):
-                self._share(cur, table, texts, keep.get(table, []), mark)
-            retired += ledger.retire_rows(cur, self.run_id, table, texts, keep.get(table, []), mark)
+                self._share(table, texts, keep.get(table, []), mark)
+            retired += ledger.retire_rows(self.cur, self.run_id, table, texts, keep.get(table, []), mark)
         return retired
 
-    def _share(self, cur: Any, table: str, texts: list[str], keep: list[str], mark: str | None) -> None:
+    def _share(self, table: str, texts: list[str], keep: list[str], mark: str | None) -> None:
         """Rows of `table` about to be retired that a key not applied here gives too (one grant under
         two keys, the row written by the one that went): the other key, spelled from the row
         (Pattern.row_key), applied now if it is in Redis, and each row it gives pointed at it, so
@@ -240,9 +238,9 @@ class _Step:
         sharing = self.mapping.sharing(table)
         mine = [t for t in texts if self.mapping.pattern_of(t)[0] in sharing]
         columns = tuple(dict.fromkeys(c for p in sharing for c in p.row_key.columns))
-        rows = ledger.rows_retiring(cur, table, mine, keep, columns, mark) if mine else []
+        rows = ledger.rows_retiring(self.cur, table, mine, keep, columns, mark) if mine else []
         others: dict[str, list[str]] = {}  # another key that may give them -> row ids
-        for row_id, _, values in rows:
+        for row_id, values in rows:
             for pattern in sharing:
                 other = pattern.row_key.render(values)
                 if other is not None and other not in self.touched and self.mapping.pattern_of(other)[0] is pattern:
@@ -256,12 +254,12 @@ class _Step:
             if reader is not self.client:
                 reader.close()
         self.touched.update(live)
-        self.dead += self.apply(cur, {k.encode(): self.mapping.pattern_of(k)[0] for k in live})[1]
+        self.dead += self.apply({k.encode(): self.mapping.pattern_of(k)[0] for k in live})[1]
         given = self.writer.given
         moved = [(row_id, key, *self.writer.provenance[key]) for key in live
                  for row_id in others[key] if row_id in given.get(key, {}).get(table, ())]
         if moved:
-            ledger.repoint_rows(cur, self.run_id, table, moved)
+            ledger.repoint_rows(self.cur, self.run_id, table, moved)
 
 
 # --- the keys waiting --------------------------------------------------------------------------
