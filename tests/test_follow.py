@@ -537,3 +537,65 @@ def test_a_mapping_file_table_that_marks_its_rows(settings, r, notify, tmp_path)
         finally:
             conn.close()
         assert follow.stop() == 0, follow.output()
+
+
+GRANTS_FILE = """[mapping]
+name = "grants"
+
+[[pattern]]
+name = "by_ip"
+key = "app:grant:ip:{ip:.+}"
+type = "string"
+format = "json"
+priority = "high"
+table = "grants"
+[pattern.columns]
+ip = "key.ip"
+email = "json.email"
+granted = "json.granted"
+
+[[pattern]]
+name = "by_email"
+key = "app:grant:email:{email}"
+type = "string"
+format = "json"
+priority = "high"
+table = "grants"
+[pattern.columns]
+ip = "json.ip"
+email = "key.email"
+granted = "json.granted"
+
+[tables.grants]
+key = ["granted"]
+[tables.grants.columns]
+ip = "text"
+email = "text"
+granted = "text"
+"""
+
+
+def test_a_mapping_file_row_two_keys_give_stays_while_one_lives(settings, r, notify, tmp_path):
+    """The same with a mapping file: each pattern's key, spelled from the row by its key grammar."""
+    path = tmp_path / "grants.toml"
+    path.write_text(GRANTS_FILE)
+    keys = ["app:grant:ip:2001:db8::7", "app:grant:email:Ann@X.io"]
+    with throwaway_database(settings.database_url) as url:
+        here = Settings(settings.redis_url, url, settings.broker_url)
+        made = cli(here, "init-db", "--mapping", str(path))
+        assert made.returncode == 0, made.stdout + made.stderr
+        value = json.dumps({"ip": "2001:db8::7", "email": "Ann@X.io", "granted": "2026-12-01T10:00:00"})
+        for key in keys:
+            r.set(key, value)
+        follow = Following(here, tmp_path, "--local", "--mapping", str(path))
+        conn = here.postgres()
+        try:
+            (writer,), = wait_for(lambda: rows(conn, "SELECT source_key FROM grants"))  # the connect reconciliation
+            other = next(k for k in keys if k != writer)
+            r.delete(writer)
+            wait_for(lambda: rows(conn, "SELECT source_key FROM grants") == [(other,)])
+            r.delete(other)
+            wait_for(lambda: rows(conn, "SELECT count(*) FROM grants") == [(0,)])
+        finally:
+            conn.close()
+        assert follow.stop() == 0, follow.output()
