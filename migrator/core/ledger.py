@@ -744,6 +744,7 @@ def dead_letters_now(cur: Any, run_id: str) -> set[bytes]:
 
 
 def has_dead_letters(cur: Any, run_id: str) -> bool:
+    """Whether the run holds any dead letter (an index probe: a follow batch asks before it forgets)."""
     cur.execute("SELECT EXISTS (SELECT FROM migration_dead_letters WHERE run_id = %s)", (run_id,))
     return cur.fetchone()[0]
 
