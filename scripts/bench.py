@@ -3,6 +3,7 @@ yardstick measured in the same run.
 
     .venv/bin/python scripts/bench.py                       # 1,000,000 keys
     .venv/bin/python scripts/bench.py --sizes 100000,300000,1000000 --readme
+    .venv/bin/python scripts/bench.py --keys 100000 --only follow  # follow alone (after a run of its rows)
 
 Starts a redis-server of its own (unless --redis-url names one), seeds the demo keyspace (every
 pattern) into it and migrates it into a throwaway database, then measures side by side:
@@ -508,6 +509,11 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         out["scan_pass_s"] = time.perf_counter() - started
         out["scan_pass_redis_s"] = _redis_cpu(client) - cpu
         out["ranges"] = len(plan_ranges(client))
+        if args.only == "follow":  # the rows a run writes first, then follow alone
+            _migrator(args, "--local")
+            out["follow"] = mode_follow(args)
+            client.flushdb()
+            return out
         modes = out["modes"]
         modes["floor"] = _with_cpu(args, lambda: run_child("floor", args))
         modes["seed"] = _with_cpu(args, lambda: run_child("seed", args))
@@ -631,20 +637,9 @@ def render(size: dict) -> list[str]:
         pace = (modes[verified]["keys"] / modes[verified]["seconds"]) / (modes["local"]["keys"] / modes["local"]["seconds"])
         verdicts.append(f"verify >= 0.5x its run's keys/s: {yes(pace >= 0.5)} ({pace:.2f}x)")
     if "follow" in size:
-        # it sustains the rate the changes came at when its lag (the oldest change not yet applied)
-        # stayed under the bar throughout
-        f = size["follow"]
-        rate = f["keys"] / f["written_s"]
-        ok = rate >= FOLLOW_RATE * 0.95 and f["lag_max_s"] < FOLLOW_LAG_S
-        lines += ["", f"`follow --local` while {f['keys']:,} distinct string keys were rewritten at {FOLLOW_RATE:,}/s "
-                  f"({rate:,.0f}/s achieved over {f['written_s']:.1f} s): lag at worst {f['lag_max_s']:.2f} s, "
-                  f"{f['lag_end_s']:.2f} s when the writes stopped; every change applied within "
-                  f"{f['seconds'] - f['written_s']:.1f} s of the last (as its figures, written once a second, show); "
-                  "CPU µs per change: " + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"])
-                  + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}, {sum(f['cpu'].values()) / f['seconds']:.2f} "
-                  f"cores in use of {os.cpu_count()}"]
-        verdicts.append(f"follow >= {FOLLOW_RATE:,} changes/s with lag under {FOLLOW_LAG_S:g} s: {yes(ok)} "
-                        f"({rate:,.0f}/s, lag at worst {f['lag_max_s']:.2f} s)")
+        line, verdict = render_follow(size["follow"])
+        lines += ["", line]
+        verdicts.append(verdict)
     hostile = next((modes[m] for m in modes if "hostile" in m), None)
     if hostile:
         rss, bar = hostile["worker_peak_rss_mb"], HOSTILE_RSS_MB + 3 * LARGEST_VALUE_MB
@@ -666,6 +661,23 @@ def render(size: dict) -> list[str]:
         lines += ["", "| app-like load on the same Redis (1,000 ops/s) | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
         lines += [f"| {k} | {v['p50_ms']} | {v['p99_ms']} | {v['max_ms']} |" for k, v in size["latency"].items()]
     return lines
+
+
+def render_follow(f: dict) -> tuple[str, str]:
+    """follow's measurement, and its bar's verdict: it sustains the rate the changes came at when its
+    lag (the oldest change not yet applied) stayed under the bar throughout."""
+    rate = f["keys"] / f["written_s"]
+    ok = rate >= FOLLOW_RATE * 0.95 and f["lag_max_s"] < FOLLOW_LAG_S
+    line = (f"`follow --local` while {f['keys']:,} distinct string keys were rewritten at {FOLLOW_RATE:,}/s "
+            f"({rate:,.0f}/s achieved over {f['written_s']:.1f} s): lag at worst {f['lag_max_s']:.2f} s, "
+            f"{f['lag_end_s']:.2f} s when the writes stopped; every change applied within "
+            f"{f['seconds'] - f['written_s']:.1f} s of the last (as its figures, written once a second, show); "
+            "CPU µs per change: " + " + ".join(f"{_per_key(f, k):.1f}" for k in f["cpu"])
+            + f" = {sum(f['cpu'].values()) * 1e6 / f['keys']:.1f}, {sum(f['cpu'].values()) / f['seconds']:.2f} "
+            f"cores in use of {os.cpu_count()}")
+    verdict = (f"follow >= {FOLLOW_RATE:,} changes/s with lag under {FOLLOW_LAG_S:g} s: {'yes' if ok else 'NO'} "
+               f"({rate:,.0f}/s, lag at worst {f['lag_max_s']:.2f} s)")
+    return line, verdict
 
 
 def _redis_levers(size: dict) -> list[str]:
@@ -742,6 +754,9 @@ def main() -> None:
     parser.add_argument("--follow-seconds", type=float, default=5.0,
                         help=f"how long the app rewrites keys at {FOLLOW_RATE:,}/s while follow runs (0: no follow)")
     parser.add_argument("--follow-jobs", type=int, help="follow's --jobs (default: its own, 1 with --local)")
+    parser.add_argument("--only", choices=("follow",),
+                        help="measure one part alone: follow (after a run that writes its rows; no other mode, no "
+                             "README)")
     parser.add_argument("--readme", action="store_true",
                         help="write the result tables into README.md, and the model's into docs/capacity.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -777,13 +792,13 @@ def main() -> None:
                f"{time.strftime('%Y-%m-%d')}.")
     lines = [machine, ""]
     for size in sizes:
-        lines += render(size) + [""]
+        lines += render_follow(size["follow"]) + ("",) if args.only else render(size) + [""]
     if len(sizes) > 1:
         lines += ["How the cost grows with the keyspace:", ""] + render_growth(sizes) + [""]
     text = "\n".join(lines).rstrip()
     model = "\n".join([machine, "", *render_model(sizes[-1])]) if "2 workers" in sizes[-1]["modes"] else ""
     print(text + ("\n\nThe capacity model (docs/capacity.md), from the largest keyspace:\n\n" + model if model else ""))
-    if args.readme:
+    if args.readme and not args.only:
         write_between(ROOT / "README.md", text)
         if model:
             write_between(ROOT / "docs" / "capacity.md", model)

@@ -74,3 +74,18 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
             app.connection_for_write() as conn:
         with pytest.raises(NotFound):  # it left no queue of its own behind on the broker
             conn.default_channel.queue_declare(f"benchtest{os.getpid()}.low", passive=True)
+
+
+def test_the_bench_measures_follow_alone():
+    done = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--keys", "4000", "--only", "follow", "--follow-seconds", "1"],
+        cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL,
+                       "MIGRATOR_QUEUE_PREFIX": f"benchtest{os.getpid()}."},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line]
+    assert lines[0].startswith("Machine: ") and "load average" in lines[0], done.stdout
+    assert re.fullmatch(r"`follow --local` while [\d,]+ distinct string keys were rewritten at 5,000/s .* lag at worst "
+                        r"[\d.]+ s.* CPU µs per change: [\d.]+ \+ [\d.]+ \+ [\d.]+ \+ [\d.]+ = [\d.]+, .*", lines[1]), lines
+    assert re.fullmatch(r"follow >= 5,000 changes/s with lag under 1 s: (yes|NO) \(.*\)", lines[2]), lines
+    assert len(lines) == 3 and "| mode |" not in done.stdout  # no other mode measured

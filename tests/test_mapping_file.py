@@ -13,13 +13,13 @@ import pytest
 
 from migrator.apps.shop.demo import seed_shop
 from migrator.core.config import ConfigError, Settings
-from migrator.core.mapping import REDISJSON
+from migrator.core.mapping import REDISJSON, SourceRecord
 from migrator.core.mapping_file import MappingFileError, load_file, parse_key
 from migrator.core.options import RunOptions
 from migrator.core.registry import digest
 from migrator.execution.runner import plan_run
 from migrator.core.schema import empty_tables, init_db
-from migrator.core.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, loaded_modules, read_keys, read_parts
+from migrator.core.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, decode, loaded_modules, read_keys, read_parts
 from migrator.core.values import stable_id
 from migrator.core import ledger
 from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
@@ -189,6 +189,78 @@ def test_the_key_grammar_anchors_its_fields_and_keeps_other_characters_literal(k
     from fnmatch import fnmatchcase
 
     assert all(fnmatchcase(k, glob) for k in matches)
+
+
+GRANTS = """
+[mapping]
+name = "grants"
+
+[[pattern]]
+name = "by_ip"
+key = "app:{{grant}}:ip:{ip:.+}"
+type = "string"
+format = "json"
+table = "grants"
+[pattern.columns]
+ip = "key.ip"
+email = "json.email"
+granted = "json.granted"
+
+[[pattern]]
+name = "by_email"
+key = "app:{{grant}}:email:{email}"
+type = "string"
+format = "json"
+table = "grants"
+[pattern.columns]
+ip = "json.ip"
+email = "key.email"
+granted = "json.granted"
+
+[[pattern]]
+name = "by_day"
+key = "app:day:{day}"
+type = "string"
+format = "json"
+table = "days"
+[pattern.columns]
+day = "key.day"
+count = "json.count"
+
+[tables.grants]
+key = ["granted"]
+[tables.grants.columns]
+ip = "text"
+email = "text"
+granted = "text"
+
+[tables.days]
+key = ["day"]
+[tables.days.columns]
+day = "date"
+count = "integer"
+"""
+
+
+def test_a_file_pattern_spells_the_key_of_its_row_from_its_key_fields(tmp_path):
+    """Two patterns whose keys give one row (by its value): each key is spelled again from the row's
+    columns (`migrator follow` looks for the other before it retires the row); a key whose field a
+    column converts (a date) is not."""
+    path = tmp_path / "grants.toml"
+    path.write_text(GRANTS)
+    mapping = load_file(path)
+    by_ip, by_email, by_day = mapping.patterns
+    assert mapping.sharing("grants") == (by_ip, by_email) and mapping.sharing("days") == ()
+    assert by_day.row_key is None
+    value = json.dumps({"ip": "2001:db8::1", "email": "Ann@X.io", "granted": "2026-12-01T10:00:00"}).encode()
+    keys = ("app:{grant}:ip:2001:db8::1", "app:{grant}:email:Ann@X.io")
+    rows = []
+    for key in keys:
+        pattern, fields = mapping.classify(key)
+        rows += pattern.transform(SourceRecord(key, fields, decode(value, "json"), None, datetime.now(timezone.utc),
+                                               timezone.utc))
+    assert rows[0].values["id"] == rows[1].values["id"]  # one row
+    assert [p.row_key.render(rows[0].values) for p in (by_ip, by_email)] == list(keys)
 
 
 def test_the_digest_is_the_declaration_and_moves_with_any_change_to_the_file(tmp_path):

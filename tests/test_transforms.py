@@ -124,6 +124,20 @@ def test_premium_ip_none_belongs_to_no_ip_and_placeholder_is_kept():
     assert zero["ip"] == "0.0.0.0"
 
 
+@pytest.mark.parametrize("key, value", [
+    ("threadr:premium:ip:None", grant(client_ip=None)),  # a webhook grant: the key says None, the row NULL
+    ("threadr:premium:ip:2001:db8::1", grant()),
+    ("threadr:premium:email:Ann.Lee@Example.ORG", grant(email="Ann.Lee@Example.ORG")),  # as typed: any case
+    ("threadr:premium:email:a:b@x.io", grant(email="a:b@x.io")),
+])
+def test_a_premium_row_spells_the_key_it_came_from(key, value):
+    """What `migrator follow` looks for before it retires a grant's row whose other key went."""
+    pattern, _ = THREADR.classify(key)
+    assert pattern.row_key.render(rows_for(key, value)[0].values) == key
+    assert THREADR.sharing("subscriptions") == (THREADR.named("premium_ip")[0], THREADR.named("premium_email")[0])
+    assert THREADR.sharing("users") == ()  # (one pattern writes it: nothing to look for)
+
+
 def test_two_grants_sharing_a_payment_reference_are_two_records():
     """payment_reference is free text the app reuses (webhook retries, admin grants): a grant is
     identified by its whole value, which its ip and email keys share and no other grant does."""

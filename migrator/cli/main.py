@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SIGTERM: it applies what is pending, then ends. Exit 0 ended with every change "
                                    "applied, 1 not, 2 could not start (notify-keyspace-events lacking: the fix named).")
     p.set_defaults(handler=lambda a, s: commands.cmd_follow(s, registry.load(a.mapping), spec=registry.requested(a.mapping),
-                                                            local=a.local, jobs=a.jobs or (1 if a.local else 2),
+                                                            local=a.local, jobs=a.jobs or 2,
                                                             configure=a.configure, reconcile_every=a.reconcile_every,
                                                             output_dir=a.output_dir))
     _connection_flags(p)
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a terminal: where follow_<session>.log (its log lines) goes")
     p.add_argument("--local", action="store_true", help="apply here instead of on the Celery workers (no broker)")
     p.add_argument("--jobs", "-j", type=_jobs, metavar="N",
-                   help="batches of changed keys applied at once (default 1 with --local, 2 on the workers)")
+                   help="batches of changed keys applied at once (default 2: a large value holds up its own batch "
+                        "alone)")
     p.add_argument("--configure", action="store_true",
                    help="turn on the notify-keyspace-events classes follow needs (CONFIG SET), keeping the others")
     p.add_argument("--reconcile-every", type=float, default=600.0, metavar="S",

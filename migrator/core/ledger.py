@@ -810,6 +810,12 @@ def dead_letters_now(cur: Any, run_id: str) -> set[bytes]:
     return {bytes(k) for (k,) in cur.fetchall()}
 
 
+def has_dead_letters(cur: Any, run_id: str) -> bool:
+    """Whether the run holds any dead letter (an index probe: a follow batch asks before it forgets)."""
+    cur.execute("SELECT EXISTS (SELECT FROM migration_dead_letters WHERE run_id = %s)", (run_id,))
+    return cur.fetchone()[0]
+
+
 def forget_dead_letters(cur: Any, run_id: str, keys: list[bytes]) -> None:
     """Keys that failed before and applied now are no dead letters any more."""
     cur.execute("DELETE FROM migration_dead_letters WHERE run_id = %s AND created_at < now()"
@@ -819,8 +825,10 @@ def forget_dead_letters(cur: Any, run_id: str, keys: list[bytes]) -> None:
 
 # The rows of some keys that no key of them gives now: deleted (their prior image journaled by
 # hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
+# (NOT IN a subquery is a hashed lookup per row; NOT id = ANY(array) walks the whole array for each.)
 RETIRE_DELETE = sql.SQL(
-    "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) RETURNING {t}.*),"
+    "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND id NOT IN (SELECT unnest(%(keep)s::uuid[]))"
+    " RETURNING {t}.*),"
     " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
     " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
     " ON CONFLICT DO NOTHING),"
@@ -831,7 +839,7 @@ RETIRE_DELETE = sql.SQL(
     " SELECT count(*) FROM gone")
 RETIRE_MARK = sql.SQL(
     "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s, synced_at = clock_timestamp()"
-    " WHERE source_key = ANY(%(keys)s) AND NOT id = ANY(%(keep)s::uuid[]) AND {at} IS NULL RETURNING 1)"
+    " WHERE source_key = ANY(%(keys)s) AND id NOT IN (SELECT unnest(%(keep)s::uuid[])) AND {at} IS NULL RETURNING 1)"
     " SELECT count(*) FROM marked")
 # (clock_timestamp(): the statement runs after follow read the keys; see merge.SYNCED_AT)
 STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest(%s::uuid[], %s::text[]) AS s (id, key)"
@@ -865,6 +873,31 @@ def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[s
                  else RETIRE_DELETE.format(t=sql.Identifier(table)))
     cur.execute(statement, {"run": run_id, "name": table, "keys": keys, "keep": keep})
     return cur.fetchone()[0]
+
+
+def rows_retiring(cur: Any, table: str, keys: list[str], keep: list[str], columns: tuple[str, ...],
+                  mark: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """The rows retire_rows would retire, each as (id, {column: value} of `columns`)."""
+    statement = sql.SQL("SELECT id::text, {cols} FROM {t} WHERE source_key = ANY(%s)"
+                        " AND id NOT IN (SELECT unnest(%s::uuid[]))").format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, columns)), t=sql.Identifier(table))
+    if mark:
+        statement += sql.SQL(" AND {} IS NULL").format(sql.Identifier(mark))
+    cur.execute(statement, (keys, keep))
+    return [(row_id, dict(zip(columns, values))) for row_id, *values in cur.fetchall()]
+
+
+def repoint_rows(cur: Any, run_id: str, table: str, rows: list[tuple[str, str, str, Any, int]]) -> int:
+    """Rows another key gives too, written by a key that went: their provenance set to that other key's
+    (id, source_key, metadata JSON, expires_at, source_digest), which follow just read (stamped, as
+    stamp_synced does), the prior image journaled by the trigger. How many."""
+    cur.execute(sql.SQL(
+        "UPDATE {} AS t SET source_key = v.key, migration_run = %s, metadata = v.metadata, expires_at = v.expires_at,"
+        " source_digest = v.digest, synced_at = clock_timestamp()"  # (read in this transaction: merge.SYNCED_AT)
+        " FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::timestamptz[], %s::bigint[])"
+        " AS v(id, key, metadata, expires_at, digest) WHERE t.id = v.id").format(sql.Identifier(table)),
+        (run_id, *map(list, zip(*rows))))
+    return cur.rowcount
 
 
 def start_reconciliation(cur: Any, run_id: str, reason: str) -> int:

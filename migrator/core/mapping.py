@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+import string
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from fnmatch import fnmatchcase
@@ -97,6 +98,47 @@ COLLECTION_TYPES = ("hash", "set", "zset", "list", "stream")
 REDISJSON = "ReJSON-RL"
 
 
+COLUMN_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+@dataclass(frozen=True)
+class KeyTemplate:
+    """The key of a pattern that gives a row, spelled from the row's columns: `text` names them in
+    braces (`app:grant:email:{email}`; `{{` and `}}` are literal braces). For a row several keys
+    give (one grant under its ip key and its email key): when the key that wrote it last goes,
+    `migrator follow` looks for the others before it retires the row. A NULL column is spelled
+    `null` (a key the app names after a None), or, when `null` is None, spells no key."""
+
+    text: str
+    null: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            bad = [name for _, name, spec, conversion in string.Formatter().parse(self.text)
+                   if name is not None and (not COLUMN_NAME.fullmatch(name) or spec or conversion)]
+        except ValueError:  # a lone brace
+            bad = [self.text]
+        if bad or not self.columns:
+            raise ValueError(f"key template {self.text!r}: name each column in braces, as {{email}}, and only that")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.text) if name))
+
+    def render(self, values: dict[str, Any]) -> str | None:
+        """The key a row with these column values comes from; None when a column it needs is NULL
+        (and no `null` spelling) or missing."""
+        found = {}
+        for column in self.columns:
+            value = values.get(column)
+            if value is None:
+                if self.null is None:
+                    return None
+                value = self.null
+            found[column] = value
+        return self.text.format_map(found)
+
+
 def literal_prefix(grammar: str) -> str:
     """Text every key matching `grammar` starts with; '' when that cannot be told simply."""
     depth, escaped, in_class = 0, False, False
@@ -160,6 +202,12 @@ class Pattern:
     # part at a time, in bounded memory (one member its model refuses still refuses the whole key);
     # otherwise it is read whole, however large, as a large string is.
     member_wise: bool | None = None
+    # Tables besides `table` its transform's rows may go to (a user's row in the legacy id map): where
+    # `migrator follow` looks for the rows a changed key no longer gives. Decides nothing a run writes.
+    also_writes: tuple[str, ...] = field(default=(), metadata={"digest": False})
+    # The key of this pattern that gives a row of `table`, from the row's columns, where one row is
+    # given by keys of several patterns (see KeyTemplate). Decides nothing a run writes.
+    row_key: KeyTemplate | None = field(default=None, metadata={"digest": False})
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:
@@ -179,6 +227,11 @@ class Pattern:
     @property
     def migrated(self) -> bool:
         return self.transform is not None
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """Every table its rows may go to."""
+        return (self.table, *self.also_writes) if self.table else ()
 
     def zone(self, source_tz: tzinfo) -> tzinfo:
         """The zone its naive datetimes are read in."""
@@ -265,9 +318,17 @@ class Mapping:
         object.__setattr__(self, "_owner", owners)
         object.__setattr__(self, "_fields", fields)
         ruled = {r.name for r in self.rules}
-        missing = {p.table for p in self.patterns if p.table} - ruled
+        missing = {t for p in self.patterns for t in p.tables} - ruled
         if missing:
             raise ValueError(f"mapping {self.name}: tables without a merge rule: {sorted(missing)}")
+        # Per table that keys of more than one migrated pattern write: the patterns that spell the key
+        # of a row from its columns (the keys that may give one row together).
+        writers: dict[str, list[Pattern]] = {}
+        for p in self.patterns:
+            if p.migrated:
+                writers.setdefault(p.table, []).append(p)
+        object.__setattr__(self, "_sharing", {t: tuple(p for p in ps if p.row_key) for t, ps in writers.items()
+                                              if len(ps) > 1 and any(p.row_key for p in ps)})
 
     def pattern_of(self, key: str) -> tuple[Pattern | None, re.Match[str] | None]:
         """The pattern owning `key` (None: unmapped), and the match to take its fields from."""
@@ -300,6 +361,11 @@ class Mapping:
             if rule.name == table:
                 return rule
         raise KeyError(f"no merge rule for table {table!r}")
+
+    def sharing(self, table: str) -> tuple[Pattern, ...]:
+        """The patterns whose keys may give one row of `table` together (each spells its key from the
+        row: Pattern.row_key); none for a table one pattern writes."""
+        return self._sharing.get(table, ())
 
     def table_names(self) -> list[str]:
         """Every table a run of this mapping writes, the legacy id map included."""

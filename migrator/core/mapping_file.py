@@ -12,6 +12,7 @@ import difflib
 import importlib
 import math
 import re
+import string
 import tomllib
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone, tzinfo
@@ -22,7 +23,8 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from migrator.core.hooks import Hooks
-from migrator.core.mapping import REDISJSON, UNMAPPED, BadRecord, Mapping, Pattern, Priority, Row, SourceRecord, Transform
+from migrator.core.mapping import (REDISJSON, UNMAPPED, BadRecord, KeyTemplate, Mapping, Pattern, Priority, Row, SourceRecord,
+                                   Transform)
 from migrator.core.merge import ON_DELETE, TableRule
 from migrator.core.registry import MappingError
 from migrator.core.schema import PROVENANCE, engine_sql
@@ -317,13 +319,19 @@ TEXTUAL = frozenset({"key", "key_field", "field", "field_name", "member", "id"})
 def parse_key(text: str) -> tuple[str, str, tuple[str, ...]]:
     """(regular expression, glob, field names) of a key grammar (`shop:product:{sku}`); ValueError
     saying what is wrong and how to fix it."""
-    grammar, glob, names = [], [], []
+    return _parsed_key(text)[:3]
+
+
+def _parsed_key(text: str) -> tuple[str, str, tuple[str, ...], str]:
+    """parse_key's, and the key as a template of its fields (`{name:REGEX}` written `{name}`)."""
+    grammar, glob, names, template = [], [], [], []
     i = 0
     while i < len(text):
         ch = text[i]
         if text.startswith(("{{", "}}"), i):
             grammar.append(re.escape(ch))
             glob.append(ch)
+            template.append(ch * 2)
             i += 2
         elif ch == "}":
             raise ValueError(f"a '}}' at character {i + 1} closes nothing — write '}}}}' for a literal brace")
@@ -336,14 +344,16 @@ def parse_key(text: str) -> tuple[str, str, tuple[str, ...]]:
             grammar.append(f"(?P<{_field_name(name, names)}>{_field_regex(name, regex) if colon else '[^:]+'})")
             glob.append("*")
             names.append(name)
+            template.append(f"{{{name}}}")
             i = end + 1
         else:
             grammar.append(re.escape(ch))
             glob.append(f"[{ch}]" if ch in "?[" else ch)
+            template.append(ch)
             i += 1
     if not text:
         raise ValueError("the key grammar is empty — write the keys' text, e.g. \"app:item:{id}\"")
-    return "".join(grammar), "".join(glob), tuple(names)
+    return "".join(grammar), "".join(glob), tuple(names), "".join(template)
 
 
 def _closing(text: str, start: int) -> int:
@@ -488,6 +498,7 @@ class _Pattern:
     name: str
     grammar: str
     glob: str
+    template: str  # the key with its fields in braces (KeyTemplate's spelling)
     fields: tuple[str, ...]
     redis_type: str  # the file's spelling
     value_format: str
@@ -714,11 +725,11 @@ def _pattern_declared(index: int, name: str, what: str, body: dict[str, Any], ta
     description, ttl = t("description", str, '"..."'), t("ttl", str, '"2 days"')
     ratio, keys = t("max_dead_ratio", (int, float), "0.001"), t("max_dead_keys", int, "10")
     columns = t("columns", dict, '{ sku = "key.sku" }')
-    grammar = glob = None
+    grammar = glob = template = None
     fields: tuple[str, ...] = ()
     if key is not None:
         try:
-            grammar, glob, fields = parse_key(key)
+            grammar, glob, fields, template = _parsed_key(key)
         except ValueError as exc:
             what_, _, fix = str(exc).partition(" — ")
             problems.add((*where, "key"), f"{what}: key {key!r}: {what_}", fix or "fix the key grammar")
@@ -766,7 +777,7 @@ def _pattern_declared(index: int, name: str, what: str, body: dict[str, Any], ta
                          f"add [pattern.columns] below its [[pattern]]: column = \"source\", e.g. "
                          f"{next(iter(tables[table].columns), 'name') if table in tables else 'name'} = \"value\"")
         sources = _sources(where, what, columns or {}, redis_type, value_format, per_member, fields, problems)
-    return _Pattern(index, name, grammar, glob, fields, redis_type, value_format, level,
+    return _Pattern(index, name, grammar, glob, template, fields, redis_type, value_format, level,
                     description or f"{redis_type} {key}", table, skip, per_member, ttl or "", ratio, keys, sources,
                     tuple(columns or ()))
 
@@ -883,7 +894,20 @@ def _pattern(p: _Pattern, tables: dict[str, _Table]) -> Pattern:
     return Pattern(p.name, p.glob, p.grammar, REDIS_TYPES[p.redis_type], p.priority, p.description,
                    value_format=p.value_format, table=p.table, transform=transform, skip=p.skip, ttl=p.ttl,
                    max_dead_ratio=p.max_dead_ratio, max_dead_keys=p.max_dead_keys,
-                   member_wise=p.per_member if collection and transform is not None else None)
+                   member_wise=p.per_member if collection and transform is not None else None,
+                   row_key=_row_key(p, tables[p.table]) if p.table is not None else None)
+
+
+def _row_key(p: _Pattern, table: _Table) -> KeyTemplate | None:
+    """The key a row of `p` comes from, spelled from the row's columns: when each field of the key is
+    a text column taking it as it is (`sku = "key.sku"`); else None."""
+    column_of = {path[0]: column for column, (_, origin, path) in p.columns.items()
+                 if origin == "key_field" and table.columns.get(column) == "text"}
+    if not p.fields or any(f not in column_of for f in p.fields):
+        return None
+    braces = str.maketrans({"{": "{{", "}": "}}"})
+    return KeyTemplate("".join(literal.translate(braces) + (f"{{{column_of[f]}}}" if f else "")
+                               for literal, f, _, _ in string.Formatter().parse(p.template)))
 
 
 def _converter(kind: str, origin: str, p: _Pattern) -> str:

@@ -35,21 +35,28 @@ LINK = sql.SQL(
 )
 
 
-def link_rows(conn: Any, mapping: Mapping, run_id: str, keys: list[str] | None = None) -> int:
+def link_rows(conn: Any, mapping: Mapping, run_id: str) -> int:
     """Fill the linked columns of rows that name their entity by a legacy id, now that the
-    entities are in (only while the run is running: its row is held until these writes commit).
-    `keys`: only the rows of these source keys (what `migrator follow` just wrote)."""
-    linked = 0
-    statement = LINK if keys is None else sql.SQL(LINK.string + " AND {t}.source_key = ANY(%s)")
+    entities are in (only while the run is running: its row is held until these writes commit)."""
     with conn, conn.cursor() as cur:
         runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
-        for link in mapping.links:
-            t, c = sql.Identifier(link.table), sql.Identifier(link.column)
-            cur.execute(statement.format(t=t, c=c, linked=sql.Identifier(link.into),
-                                         legacy=sql.SQL(LEGACY_KEY).format(ref=sql.SQL("{}.{}").format(t, c))),
-                        None if keys is None else (keys,))
-            linked += cur.rowcount
+        return link(cur, mapping)
+
+
+def link(cur: Any, mapping: Mapping, keys: dict[str, list[str]] | None = None) -> int:
+    """link_rows in the caller's transaction. `keys`: per table, only the rows of these source keys
+    (what `migrator follow` just wrote); the links of other tables are left alone."""
+    linked = 0
+    for link_ in mapping.links:
+        if keys is not None and not keys.get(link_.table):
+            continue
+        t, c = sql.Identifier(link_.table), sql.Identifier(link_.column)
+        statement = LINK if keys is None else sql.SQL(LINK.string + " AND {t}.source_key = ANY(%s)")
+        cur.execute(statement.format(t=t, c=c, linked=sql.Identifier(link_.into),
+                                     legacy=sql.SQL(LEGACY_KEY).format(ref=sql.SQL("{}.{}").format(t, c))),
+                    None if keys is None else (keys[link_.table],))
+        linked += cur.rowcount
     return linked
 
 

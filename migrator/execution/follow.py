@@ -29,11 +29,12 @@ from migrator.core import registry
 from migrator.core import runstate
 from migrator.core.batch import _Batch
 from migrator.core.errors import transient
-from migrator.execution.finalize import link_rows
-from migrator.core.mapping import Mapping
+from migrator.execution.finalize import link
+from migrator.core.mapping import Mapping, Pattern
 from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange
 from migrator.core.redact import redact_text, redact_url
+from migrator.core.source import key_client, roundtrip
 from migrator.core.verify import server_process
 from migrator.core.writer import Prepared, Writer, describe
 
@@ -104,11 +105,13 @@ def render(run_id: str, status: str, p: dict[str, Any]) -> str:
 # --- applying changed keys ------------------------------------------------------------------
 
 class _Recording(Writer):
-    """A run's writer that also notes, per key, the ids of the rows it wrote for it."""
+    """A run's writer that also notes, per key, the ids of the rows it wrote for it, and the
+    provenance it gave them."""
 
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str) -> None:
         super().__init__(cursor, mapping, run_id)
         self.given: dict[str, dict[str, set[str]]] = {}  # key text -> table -> row ids
+        self.provenance: dict[str, tuple[str, datetime | None, int]] = {}  # key text -> metadata, expires_at, digest
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         written, bad = super().write(records)
@@ -118,6 +121,7 @@ class _Recording(Writer):
                 mine = self.given.setdefault(rec.key_text, {})
                 for row in rec.rows:
                     mine.setdefault(row.table, set()).add(str(row.values["id"]))
+                self.provenance[rec.key_text] = (rec.pattern.provenance, rec.expires_at, rec.digest)
         return written, bad
 
 
@@ -126,78 +130,141 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
     """Bring these keys' rows to what each key holds now, in one transaction that commits only while
     the session runs: each key of a migrated pattern read, transformed and upserted as a run does
     (a value that cannot be migrated is a dead letter of the session, its rows left as they were);
-    then the rows no key of them gives any more get their table's on_delete. Returns the keys
+    then the rows no key of them gives any more get their table's on_delete (looked for in the
+    tables their patterns write), unless another live key gives them too (_share). Returns the keys
     applied, rows written, rows retired and dead letters. Keys of no migrated pattern are ignored.
 
     `resets`: keys whose value was replaced whole since their rows were written (deleted or expired
     and made again, renamed onto, or found different by a reconciliation): their rows in tables that
     delete are deleted first, so a merge rule (a counter's GREATEST) does not keep the old value."""
-    by_priority: dict[Any, list[bytes]] = {}
+    owners: dict[bytes, Pattern] = {}
     for key in dict.fromkeys(keys):
         pattern, _ = mapping.pattern_of(key.decode("utf-8", "backslashreplace"))
         if pattern is not None and pattern.migrated:
-            by_priority.setdefault(pattern.priority, []).append(key)
-    touched = {k: None for keys in by_priority.values() for k in keys}
-    outcome = {"keys": len(touched), "rows": 0, "retired": 0, "dead": 0}
-    if not touched:
+            owners[key] = pattern
+    outcome = {"keys": len(owners), "rows": 0, "retired": 0, "dead": 0}
+    if not owners:
         return outcome
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
-            writer = _Recording(cur, mapping, run_id)
-            fresh = [k.decode("utf-8") for k in dict.fromkeys(resets) if k in touched and _utf8(k)]
+            # Every statement below finds a batch's rows by an index (id, source_key); without
+            # statistics (tables just loaded and not analyzed yet, or analyzed while still empty) the
+            # planner takes `source_key = ANY(500 keys)` for most of a table and scans it all, per batch.
+            cur.execute("SELECT set_config('migrator.run_id', %s, true), set_config('enable_seqscan', 'off', true)",
+                        (run_id,))
+            step = _Step(client, cur, mapping, run_id, {k.decode("utf-8", "backslashreplace") for k in owners})
+            fresh = _by_table([k for k in dict.fromkeys(resets) if k in owners], owners)
             if fresh:
-                _retire(cur, mapping, run_id, fresh, {}, marking=False)
-            for priority in sorted(by_priority):  # (users before the rows that link to them)
-                batch = _Batch(client, cur, mapping, ledger.BatchSpec(None, run_id, priority.label, WHOLE, OPTIONS,
-                                                                      mapping.name), writer=writer)
-                batch.run([by_priority[priority]])
-                batch.spill_dead()
-                outcome["rows"] += batch.rows_written
-            # the dead letters of this transaction (written now, or again)
-            dead = ledger.dead_letters_now(cur, run_id)
-            applied = [k for k in touched if k not in dead]
-            texts = [k.decode("utf-8") for k in applied if _utf8(k)]
-            given: dict[str, list[tuple[str, str]]] = {}  # table -> (row id, key) the keys gave
-            for text in texts:
-                for table, ids in writer.given.get(text, {}).items():
-                    given.setdefault(table, []).extend((i, text) for i in ids)
+                step.retire(fresh, {}, marking=False)
+            outcome["rows"], failed = step.apply(owners)
+            # (looked up only when there are some: a session may hold many)
+            dead = ledger.dead_letters_now(cur, run_id) if failed else set()
+            applied = [k for k in owners if k not in dead]
+            written = _by_table(applied, owners)
+            given = {table: [(i, text) for text in texts for i in step.writer.given.get(text, {}).get(table, ())]
+                     for table, texts in written.items()}
             for table, rows in given.items():  # (after every read: the fence of a bulk batch running now)
-                ledger.stamp_synced(cur, table, rows)
+                if rows:
+                    ledger.stamp_synced(cur, table, rows)
             keep = {table: [i for i, _ in rows] for table, rows in given.items()}
-            outcome["retired"] = _retire(cur, mapping, run_id, texts, keep)
-            # a key that failed before and applies now is no dead letter any more
-            ledger.forget_dead_letters(cur, run_id, applied)
-            outcome["dead"] = len(dead)
+            outcome["retired"] = step.retire(written, keep)
+            if dead or ledger.has_dead_letters(cur, run_id):
+                # a key that failed before and applies now is no dead letter any more
+                ledger.forget_dead_letters(cur, run_id, applied)
+            outcome["dead"] = len(dead) + step.dead
+            if mapping.links:
+                link(cur, mapping, written)
             runstate.hold(cur, run_id)  # (commits only while the session runs: a rollback of it waits, or wins)
         conn.commit()
     except BaseException:
         if not conn.closed:
             conn.rollback()
         raise
-    if mapping.links and texts:
-        link_rows(conn, mapping, run_id, texts)
     return outcome
 
 
-def _utf8(key: bytes) -> bool:
-    try:
-        key.decode("utf-8")
-        return True
-    except UnicodeDecodeError:  # (a dead letter: no row names it)
-        return False
-
-
-def _retire(cur: Any, mapping: Mapping, run_id: str, texts: list[str], keep: dict[str, list[str]],
-            marking: bool = True) -> int:
-    retired = 0
-    for table in mapping.table_names():
-        rule = mapping.rule(table)
-        if rule.on_delete == "mark" and not marking:
+def _by_table(keys: list[bytes], owners: dict[bytes, Pattern]) -> dict[str, list[str]]:
+    """Per table, the keys (as text) whose pattern writes it: where their rows can be. A key that is
+    no UTF-8 is left out (a dead letter: no row names it)."""
+    found: dict[str, list[str]] = {}
+    for key in keys:
+        try:
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
             continue
-        retired += ledger.retire_rows(cur, run_id, table, texts, keep.get(table, []),
-                                      rule.deleted_at if rule.on_delete == "mark" else None)
-    return retired
+        for table in owners[key].tables:
+            found.setdefault(table, []).append(text)
+    return found
+
+
+class _Step:
+    """One application of changed keys (`touched`), in the transaction of `cur`."""
+
+    def __init__(self, client: redis.Redis, cur: Any, mapping: Mapping, run_id: str, touched: set[str]) -> None:
+        self.client, self.cur, self.mapping, self.run_id, self.touched = client, cur, mapping, run_id, touched
+        self.writer = _Recording(cur, mapping, run_id)
+        self.dead = 0  # dead letters of keys applied for a row they share (_share)
+
+    def apply(self, owners: dict[bytes, Pattern]) -> tuple[int, int]:
+        """Each key read, transformed and upserted as a run does: the rows written, and how many
+        keys are dead letters now."""
+        by_priority: dict[Any, list[bytes]] = {}
+        for key, pattern in owners.items():
+            by_priority.setdefault(pattern.priority, []).append(key)
+        rows = dead = 0
+        for priority in sorted(by_priority):  # (a batch's scope is one priority's patterns)
+            batch = _Batch(self.client, self.cur, self.mapping, ledger.BatchSpec(None, self.run_id, priority.label, WHOLE,
+                                                                            OPTIONS, self.mapping.name), writer=self.writer)
+            batch.run([by_priority[priority]])
+            batch.spill_dead()
+            rows += batch.rows_written
+            dead += batch.counts.total("dead")
+        return rows, dead
+
+    def retire(self, by_table: dict[str, list[str]], keep: dict[str, list[str]], marking: bool = True) -> int:
+        """The rows of these keys (per table) not among `keep` (ids) get their table's on_delete, but
+        those another key gives too (_share); how many."""
+        retired = 0
+        for table, texts in by_table.items():
+            rule = self.mapping.rule(table)
+            if rule.on_delete == "mark" and not marking:
+                continue
+            mark = rule.deleted_at if rule.on_delete == "mark" else None
+            if self.mapping.sharing(table):
+                self._share(table, texts, keep.get(table, []), mark)
+            retired += ledger.retire_rows(self.cur, self.run_id, table, texts, keep.get(table, []), mark)
+        return retired
+
+    def _share(self, table: str, texts: list[str], keep: list[str], mark: str | None) -> None:
+        """Rows of `table` about to be retired that a key not applied here gives too (one grant under
+        two keys, the row written by the one that went): the other key, spelled from the row
+        (Pattern.row_key), applied now if it is in Redis, and each row it gives pointed at it, so
+        that it stays; the rest are left to retire."""
+        sharing = self.mapping.sharing(table)
+        mine = [t for t in texts if self.mapping.pattern_of(t)[0] in sharing]
+        columns = tuple(dict.fromkeys(c for p in sharing for c in p.row_key.columns))
+        rows = ledger.rows_retiring(self.cur, table, mine, keep, columns, mark) if mine else []
+        others: dict[str, list[str]] = {}  # another key that may give them -> row ids
+        for row_id, values in rows:
+            for pattern in sharing:
+                other = pattern.row_key.render(values)
+                if other is not None and other not in self.touched and self.mapping.pattern_of(other)[0] is pattern:
+                    others.setdefault(other, []).append(row_id)
+        if not others:
+            return
+        reader = key_client(self.client)
+        try:
+            live = [k for k, n in zip(others, roundtrip(reader, [("EXISTS", k) for k in others])) if n == 1]
+        finally:
+            if reader is not self.client:
+                reader.close()
+        self.touched.update(live)
+        self.dead += self.apply({k.encode(): self.mapping.pattern_of(k)[0] for k in live})[1]
+        given = self.writer.given
+        moved = [(row_id, key, *self.writer.provenance[key]) for key in live
+                 for row_id in others[key] if row_id in given.get(key, {}).get(table, ())]
+        if moved:
+            ledger.repoint_rows(self.cur, self.run_id, table, moved)
 
 
 # --- the keys waiting --------------------------------------------------------------------------

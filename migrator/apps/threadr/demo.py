@@ -144,7 +144,8 @@ _FORCED: tuple[tuple[tuple[str, Any], ...], ...] = (
     (("n_threads", 3), ("timeseries", True), ("email_style", "obrien")),
     (("session", True), ("failed_login", True), ("ipv6", True), ("usage_logs", 2)),
     (("premium", "stripe"), ("grant_ip", "client"), ("grant_expired", True)),
-    (("premium", "stripe"), ("grant_ip", "client"), ("grant_expired", False),
+    # (its email as typed, mixed case: the key the admin API grants under)
+    (("premium", "stripe"), ("grant_ip", "client"), ("grant_expired", False), ("email_style", "upper"),
      ("subscription", "user_id"), ("sub_status", "active"), ("sub_both_keys", True)),
     (("subscription", "email"), ("sub_status", "cancelled"), ("newsletter", True), ("email_style", "upper")),
     (("premium", "manual"), ("grant_ip", "client"), ("ratelimit", True), ("subscription", None)),

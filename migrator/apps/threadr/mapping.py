@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from migrator.core.hooks import Hooks
-from migrator.core.mapping import BadRecord, Figure, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
+from migrator.core.mapping import BadRecord, Figure, KeyTemplate, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
 from migrator.core.merge import TableRule
 from migrator.core.values import (
     parse_bool,
@@ -571,11 +571,14 @@ PATTERNS = (
             "legacy premium grant by client ip (`None`: webhook grant without ip)",
             table="subscriptions", transform=premium_by_ip, source="redis_ip_premium", ttl="days*86400 + 7 d",
             validation=("expires_at parses", "one entitlement per grant (the ip and email keys of a purchase)",
-                        "ip=None stored as NULL")),
+                        "ip=None stored as NULL"),
+            # (the inverse of _lookup_ip: a webhook grant's ip key says None)
+            row_key=KeyTemplate("threadr:premium:ip:{ip}", null="None")),
     Pattern("premium_email", "threadr:premium:email:*", r"threadr:premium:email:(?P<email>.+)", "string", C,
             "legacy premium grant by email (same value as the ip key of the purchase)",
             table="subscriptions", transform=premium_by_email, source="redis_email_premium", ttl="days*86400 + 7 d",
-            validation=("expires_at parses", "deduplicated with premium_ip by the grant's whole value")),
+            validation=("expires_at parses", "deduplicated with premium_ip by the grant's whole value"),
+            row_key=KeyTemplate("threadr:premium:email:{email}")),  # (the key's email as written: any case)
     Pattern("subscription", "threadr:subscription:user:*", r"threadr:subscription:user:(?P<customer>.+)", "string", C,
             "Stripe subscription by user id or customer email",
             table="subscriptions", transform=stripe_subscription, source="redis_user_subscription", ttl="1 y or period end + 7 d",
@@ -592,7 +595,7 @@ PATTERNS = (
             validation=("names a user that exists",), references=user_of_email),
     Pattern("user", "threadr:user:*", r"threadr:user:(?P<user_id>[^:]+)", "string", H,
             "registered user with bcrypt password hash",
-            table="users", transform=registered_user, source="redis_user", ttl="1-2 y",
+            table="users", also_writes=("legacy_id_map",), transform=registered_user, source="redis_user", ttl="1-2 y",
             validation=("password_hash byte for byte", "role and status as the User model allows",
                         "listed in its email index"), references=user_in_index, utc_naive=True),
     Pattern("newsletter", "threadr:email:*", r"threadr:email:(?P<email>.+)", "string", H,
