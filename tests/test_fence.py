@@ -16,7 +16,8 @@ import redis
 import migrator.core.batch
 from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
-from migrator.execution.follow import apply_keys, end_session, start_session
+from migrator.core import ledger
+from migrator.execution.follow import apply_keys, end_session, record_figures, start_session
 from helpers import cli, fingerprint, migrate, verify
 
 
@@ -196,3 +197,39 @@ def test_a_row_two_keys_fill_takes_the_other_key_s_write(settings, r, pg, monkey
     with pg, pg.cursor() as cur:
         cur.execute("SELECT ip, email FROM subscriptions WHERE kind = 'premium_grant'")
         assert cur.fetchall() == [("203.0.113.8", "p@example.org")]
+
+
+def test_a_key_made_and_deleted_between_the_read_and_the_write_leaves_no_row(settings, r, pg, monkeypatch):
+    """A key the batch read, deleted before it wrote, and applied by follow meanwhile: follow had no
+    row of it to delete, so it keeps the key itself as gone, and the batch inserts nothing for it."""
+    seed_demo(r, 3)
+    thread = next(r.scan_iter(b"threadr:thread:*"))
+
+    def threads() -> int:
+        with pg, pg.cursor() as cur:
+            cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (thread.decode(),))
+            return cur.fetchone()[0]
+
+    with following(settings, r) as apply:
+        def gone_then_follow() -> None:
+            r.delete(thread)
+            assert apply(thread)["retired"] == 0  # (nothing of it in PostgreSQL yet)
+
+        between_read_and_write(monkeypatch, thread, gone_then_follow)
+        run = migrate(settings)
+        assert run["status"] == "completed", run
+        assert threads() == 0
+        assert verify(settings, run["run_id"])["verdict"] == "clean"
+        # no batch runs now: the session's next figures forget what it kept for the fence
+        assert retired(pg) == 1
+        record_figures(apply.conn, apply.run_id, {f: [] if f == "nodes" else None if f == "unsubscribed" else 0
+                                                  for f in ledger.FOLLOW_FIGURES})
+        assert retired(pg) == 0
+    undo(settings, apply.run_id)
+    undo(settings, run["run_id"])
+
+
+def retired(pg) -> int:
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM migration_retired")
+        return cur.fetchone()[0]

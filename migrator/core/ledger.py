@@ -769,10 +769,13 @@ def end_follow_session(cur: Any, run_id: str, error: str | None) -> None:
 
 
 def record_follow_figures(cur: Any, run_id: str, figures: dict[str, Any]) -> None:
-    """The session's figures now, and its heartbeat."""
+    """The session's figures now, and its heartbeat; its fence's entries that no running batch can
+    need any more forgotten (a batch heeds only those since it began)."""
     cur.execute(sql.SQL("UPDATE migration_follow SET heartbeat_at = now(), {} WHERE run_id = %s").format(
         sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(f)) for f in FOLLOW_FIGURES)),
         [*(figures[f] for f in FOLLOW_FIGURES), run_id])
+    cur.execute("DELETE FROM migration_retired WHERE run_id = %s AND retired_at < (SELECT coalesce(min(started_at), now())"
+                " FROM migration_batches WHERE status = 'running')", (run_id,))  # (claimed before its transaction began)
 
 
 def follow_progress(cur: Any, run_id: str) -> dict[str, Any] | None:
@@ -823,6 +826,12 @@ def forget_dead_letters(cur: Any, run_id: str, keys: list[bytes]) -> None:
                 (run_id, [psycopg2.Binary(k) for k in keys]))
 
 
+# (the latest deletion of a row, or key, is the one a batch running now is to know of)
+RETIRED_AGAIN = (" ON CONFLICT (table_name, source_key, row_id) DO UPDATE SET run_id = EXCLUDED.run_id,"
+                 " retired_at = EXCLUDED.retired_at")
+# migration_retired's row_id for every row of a key (016_follow_fence.sql)
+WHOLE_KEY = "00000000-0000-0000-0000-000000000000"
+
 # The rows of some keys that no key of them gives now: deleted (their prior image journaled by
 # hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
 # (NOT IN a subquery is a hashed lookup per row; NOT id = ANY(array) walks the whole array for each.)
@@ -834,8 +843,7 @@ RETIRE_DELETE = sql.SQL(
     " ON CONFLICT DO NOTHING),"
     # the fence of a bulk batch running now (merge.SYNCED_AT): the row is not to come back from its older read
     " fenced AS (INSERT INTO migration_retired (table_name, row_id, source_key, run_id, retired_at)"
-    " SELECT %(name)s, g.id, g.source_key, %(run)s, clock_timestamp() FROM gone g ON CONFLICT (table_name, row_id)"
-    " DO UPDATE SET source_key = EXCLUDED.source_key, run_id = EXCLUDED.run_id, retired_at = EXCLUDED.retired_at)"
+    " SELECT %(name)s, g.id, g.source_key, %(run)s, clock_timestamp() FROM gone g" + RETIRED_AGAIN + ")"
     " SELECT count(*) FROM gone")
 RETIRE_MARK = sql.SQL(
     "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s, synced_at = clock_timestamp()"
@@ -848,14 +856,23 @@ STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest
 
 def unretired(table: str, row_id: sql.Composable, source_key: sql.Composable) -> sql.Composable:
     """A bulk batch's condition on each row it writes (merge.TableRule.upsert, fenced): that follow
-    did not delete it, as its key's, since the batch's transaction began (RETIRE_DELETE: merge.SYNCED_AT's
-    fence for a row that is gone). Asked once per statement first (an index probe, an InitPlan): only
+    did not delete it, as its key's, nor find its key giving no row of the table, since the batch's
+    transaction began (RETIRE_DELETE, retire_keys: merge.SYNCED_AT's fence for a row that is gone). Asked once per statement first (an index probe, an InitPlan): only
     when follow deleted rows of the table since is each row looked up, so a run without follow pays
     for no join."""
     return sql.SQL("(NOT EXISTS (SELECT FROM migration_retired WHERE table_name = {t} AND retired_at >= now())"
-                   " OR NOT EXISTS (SELECT FROM migration_retired g WHERE g.table_name = {t} AND g.row_id = {id}"
-                   " AND g.source_key = {key} AND g.retired_at >= now()))").format(
-        t=sql.Literal(table), id=row_id, key=source_key)
+                   " OR NOT EXISTS (SELECT FROM migration_retired g WHERE g.table_name = {t} AND g.source_key = {key}"
+                   " AND g.row_id IN ({id}, {whole}) AND g.retired_at >= now()))").format(
+        t=sql.Literal(table), id=row_id, key=source_key, whole=sql.Literal(WHOLE_KEY) + sql.SQL("::uuid"))
+
+
+def retire_keys(cur: Any, run_id: str, table: str, keys: list[str]) -> None:
+    """These keys, read by follow in this transaction, give no row of `table`: a bulk batch that
+    began before inserts none of theirs there from its older read (unretired), though follow had no
+    row of theirs to delete (the key made and deleted between the batch's read and its write)."""
+    cur.execute("INSERT INTO migration_retired (table_name, source_key, row_id, run_id, retired_at)"
+                " SELECT %s, k, %s, %s, clock_timestamp() FROM unnest(%s::text[]) k" + RETIRED_AGAIN,
+                (table, WHOLE_KEY, run_id, keys))
 
 
 def stamp_synced(cur: Any, table: str, given: list[tuple[str, str]]) -> None:

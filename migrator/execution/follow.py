@@ -166,6 +166,10 @@ def apply_keys(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, ke
             for table, rows in given.items():  # (after every read: the fence of a bulk batch running now)
                 if rows:
                     ledger.stamp_synced(cur, table, rows)
+                none = [text for text in written[table] if text not in step.writer.given or
+                        table not in step.writer.given[text]]
+                if none:
+                    ledger.retire_keys(cur, run_id, table, none)
             keep = {table: [i for i, _ in rows] for table, rows in given.items()}
             outcome["retired"] = step.retire(written, keep)
             if dead or ledger.has_dead_letters(cur, run_id):
