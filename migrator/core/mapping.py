@@ -160,6 +160,11 @@ class Pattern:
     # part at a time, in bounded memory (one member its model refuses still refuses the whole key);
     # otherwise it is read whole, however large, as a large string is.
     member_wise: bool | None = None
+    # Whether its transform reads SourceRecord.expires_at. The run's reads always ask each key's
+    # PTTL (the rows keep it); a validation asks it only for the patterns that say so, as a
+    # column made from it is compared too: one PTTL call fewer per key of the others. Not in the
+    # digest: it changes what is read to validate, not what a run writes.
+    reads_ttl: bool = field(default=True, metadata={"digest": False})
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:
