@@ -531,8 +531,9 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
         if last:
-            # a quarter of what the unthrottled run touched per second (each key about 10 times: 8 passes, 2 reads)
-            touched = 10 * modes["local"]["keys"] / modes["local"]["seconds"]
+            # a quarter of what the unthrottled run touched per second (each key about 3 times: one SCAN
+            # pass, 2 reads; the passes that read the spool take no token)
+            touched = 3 * modes["local"]["keys"] / modes["local"]["seconds"]
             cap = args.throttle or max(100, int(touched / 4 / 100) * 100)
             # the load must end while the unthrottled run still reads
             args.latency_seconds = max(3.0, min(args.latency_seconds, modes["local"]["seconds"] - 4))

@@ -572,6 +572,39 @@ def test_read_keys_gives_each_type_its_shape_in_one_round_trip(r):
     assert r.get("s") == b"\xff\x00"  # the pooled connection came back clean
 
 
+def test_read_keys_without_the_ttl_tells_a_missing_string_from_an_empty_one(r):
+    from migrator.core.source import NOT_ASKED, read_keys
+
+    r.set("empty", b"")
+    r.set("full", b"x", px=60_000)
+    r.hset("h", mapping={"a": "1"})
+    wanted = [(b"empty", "string"), (b"gone", "string"), (b"full", "string"), (b"h", "hash"), (b"gone", "hash")]
+    reads = read_keys(r, wanted, ttl=[False, False, False, False, True])
+    assert [x.redis_type for x in reads] == ["string", "none", "string", "hash", "none"]
+    assert reads[0].raw == b"" and reads[2].raw == b"x" and [x.pttl for x in reads] == [NOT_ASKED] * 4 + [-2]
+    assert 0 < read_keys(r, wanted[2:3])[0].pttl <= 60_000  # (asked by default)
+
+
+def test_references_to_keys_are_asked_many_at_a_time_and_each_missing_one_is_still_found(tmp_path):
+    import redis
+
+    from migrator.core.references import EXISTS_GROUP, Checker
+    from servers import redis_server
+
+    keys = [f"record:{i}" for i in range(5 * EXISTS_GROUP)]
+    gone = {3, 4, EXISTS_GROUP + 7, *range(3 * EXISTS_GROUP, 4 * EXISTS_GROUP)}  # one group wholly missing
+    with redis_server(tmp_path) as port, redis.Redis(port=port) as client:
+        client.mset({k: "1" for i, k in enumerate(keys) if i not in gone})
+        named = [*keys, keys[0], keys[3]]  # a key named twice
+        checker = Checker(client, THREADR)
+        assert checker.exist(named) == [i not in gone for i in range(len(keys))] + [True, False]
+        client.config_resetstat()
+        assert checker.exist(keys[:4 * EXISTS_GROUP]) == [i not in gone for i in range(4 * EXISTS_GROUP)]
+        # four calls for the first asking, then halves down to each missing key of the groups short of one
+        calls = client.info("commandstats")["cmdstat_exists"]["calls"]
+        assert 4 < calls < 4 * EXISTS_GROUP // 2
+
+
 def test_report_says_where_the_time_went(settings, r, pg):
     seed_demo(r, 40)
     report = migrate(settings)

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
+import psycopg2
 import pytest
+import redis
 from psycopg2 import sql
 
 from migrator.apps.threadr.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.apps.threadr import THREADR
-from migrator.core.schema import PROVENANCE
+from migrator.core.config import Settings
+from migrator.core.mapping import Mapping, Pattern, Priority, Row, SourceRecord
+from migrator.core.merge import TableRule
+from migrator.core.schema import PROVENANCE, init_db
+from migrator.core.values import stable_id
 
-from helpers import by_pattern, cli, migrate, verify
+from helpers import by_pattern, cli, migrate, throwaway_database, verify
+from servers import redis_server
 
 KEYS = {"run_id", "verdict", "missing", "different", "extra", "patterns"}
 
@@ -182,3 +190,96 @@ def test_a_pattern_whose_values_are_broken_beyond_its_budget_fails_its_priority(
     assert f"{share:,} x \"value '…' is not an integer\"" in final["error"]  # one line, however many keys
     status = cli(settings, "status", final["run_id"])
     assert f"usage_counter: {share:,} dead" in status.stdout and "is not an integer" in status.stdout
+
+
+# --- what a validation asks Redis: a key's TTL only for a pattern whose rows are made from it ----
+
+GIZMOS_DDL = "CREATE TABLE IF NOT EXISTS gizmos (id uuid PRIMARY KEY, name text NOT NULL, lasting boolean)"
+
+
+def _lasting(rec: SourceRecord) -> list[Row]:
+    """A row with a column made from the key's TTL (a Python transform may read it)."""
+    return [Row("gizmos", {"id": stable_id("gizmo", rec.key), "name": rec.value, "lasting": rec.expires_at is None})]
+
+
+def _plain(rec: SourceRecord) -> list[Row]:
+    return [Row("gizmos", {"id": stable_id("gizmo", rec.key), "name": rec.value})]
+
+
+GIZMOS = Mapping("gizmos", (
+    Pattern("lasting", "gizmo:ttl:*", r"gizmo:ttl:(?P<id>\w+)", "string", Priority.HIGH, "a gizmo and whether it lasts",
+            value_format="text", table="gizmos", transform=_lasting),  # (reads_ttl: True unless declared)
+    Pattern("plain", "gizmo:plain:*", r"gizmo:plain:(?P<id>\w+)", "string", Priority.HIGH, "a gizmo",
+            value_format="text", table="gizmos", transform=_plain, reads_ttl=False),
+), rules=(TableRule("gizmos"),), schema=(GIZMOS_DDL,))
+
+
+@pytest.fixture
+def gizmos(settings, tmp_path):
+    """Settings on a redis-server and a database of the test's own (the GIZMOS schema), a client of
+    that server, and a function counting its calls of one command so far."""
+    with redis_server(tmp_path) as port, redis.Redis(port=port) as client, \
+            throwaway_database(settings.database_url) as url:
+        conn = psycopg2.connect(url)
+        init_db(conn, GIZMOS)
+        conn.close()
+        calls = lambda name: client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0)  # noqa: E731
+        yield Settings(f"redis://127.0.0.1:{port}/0", url, settings.broker_url), client, calls
+
+
+def _in_run_validation(settings: Settings, run_id: str) -> dict:
+    """Per pattern, what the run's validation of GIZMOS's one priority found."""
+    conn = psycopg2.connect(settings.database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT result FROM migration_verifications WHERE run_id = %s AND from_spool"
+                        " AND priorities = '{high}'", (run_id,))
+            return {p["pattern"]: p for p in cur.fetchone()[0]["patterns"]}
+    finally:
+        conn.close()
+
+
+def test_a_validation_asks_the_ttl_only_of_a_pattern_whose_rows_are_made_from_it_and_checks_that_column(gizmos):
+    settings, client, calls = gizmos
+    client.set("gizmo:ttl:a", "A", ex=3600)
+    client.set("gizmo:ttl:b", "B")
+    client.set("gizmo:plain:c", "")  # an empty value: there, though GETRANGE answers a missing key the same
+    client.set("gizmo:plain:d", "D", ex=3600)
+    client.config_resetstat()
+    report = migrate(settings, mapping=GIZMOS)
+    assert report["status"] == "completed", report["error"]
+    # the batch asks every key's PTTL; the validation only the two whose pattern reads it, and
+    # EXISTS only of the string that read as ""
+    assert (calls("pttl"), calls("exists")) == (4 + 2, 1)
+    found = _in_run_validation(settings, report["run_id"])
+    assert found["lasting"]["compared"] == 2 and found["plain"]["compared"] == 2
+    assert all(p["different"] == p["missing"] == p["expired"] == 0 for p in found.values())
+
+    conn = psycopg2.connect(settings.database_url)
+    with conn, conn.cursor() as cur:  # the column made from the TTL, damaged: verify names it
+        cur.execute("UPDATE gizmos SET lasting = NOT lasting WHERE source_key = 'gizmo:ttl:a'")
+    conn.close()
+    damaged = verify(settings, report["run_id"], mapping=GIZMOS)
+    assert damaged["verdict"] == "differences" and damaged["different"] == 1
+    assert {p["pattern"]: p["columns"] for p in damaged["patterns"] if p["different"]} == {"lasting": {"lasting": 1}}
+
+
+def test_a_string_that_expires_between_its_batch_and_its_validation_counts_expired_not_different(gizmos, monkeypatch):
+    """Read without its PTTL, a string gone since its batch answers "" as an empty value would: it is
+    told apart (EXISTS) and counted expired, not a row that differs."""
+    import migrator.execution.finalize
+
+    settings, client, _ = gizmos
+    client.set("gizmo:plain:short", "S", px=1500)
+    client.set("gizmo:plain:long", "L")
+    real_link = migrator.execution.finalize.link_rows
+
+    def link_then_wait(conn, mapping, run_id):  # after the priority's batches, before its validation
+        time.sleep(1.6)
+        return real_link(conn, mapping, run_id)
+
+    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_wait)
+    report = migrate(settings, mapping=GIZMOS)
+    assert report["status"] == "completed", report["error"]
+    plain = _in_run_validation(settings, report["run_id"])["plain"]
+    assert (plain["compared"], plain["expired"], plain["different"]) == (1, 1, 0)

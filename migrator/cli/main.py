@@ -123,9 +123,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "by the largest value)")
     g.add_argument("--max-keys-per-sec", type=int, metavar="N",
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
-                        "production server (a token bucket shared through Redis; a run touches each key about 10 times: "
-                        "once in each of its 8 passes (a migration and a verification per priority: one SCAN, the "
-                        "others read from the spool), and two reads; default: no cap)")
+                        "production server (a token bucket shared through Redis; a run touches each key about 3 times: "
+                        "once in its one SCAN pass (the other passes read the spool, which costs Redis nothing), "
+                        "and two reads; 10 with --scan-each-priority; default: no cap)")
     g.add_argument("--scan-each-priority", action="store_true",
                    help="SCAN the keyspace again for each priority's batches and validation (8 passes) instead of "
                         "once: by default the first priority's SCAN keeps every key's name in a spool in PostgreSQL "

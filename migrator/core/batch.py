@@ -13,7 +13,7 @@ import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
@@ -31,8 +31,8 @@ from migrator.core.partition import scan_range
 from migrator.core.redact import printable, redact_text
 from migrator.core.references import Checker
 from migrator.core.runstate import Fenced
-from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, dead_letter_value, decode, key_client,
-                     node_client, read_keys, read_parts, value_digest)
+from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, dead_letter_value, decode, expiry,
+                     key_client, node_client, read_keys, read_parts, value_digest)
 from migrator.core import throttle
 from migrator.core.writer import Prepared, Writer, describe, detail
 
@@ -118,22 +118,23 @@ class _Batch:
         cap = self.opts.max_value_bytes
         self.read_limit = CHUNK_READ_BYTES if cap is None else min(cap, CHUNK_READ_BYTES)
 
-    def run(self, found: Iterable[list[bytes]] | None = None) -> None:
-        """Take every key of `found` (lists of keys; default: a SCAN of the batch's range)."""
+    def run(self, found: Iterable[list[bytes]] | None = None, *, scanned: bool = True) -> None:
+        """Take every key of `found` (lists of keys; default: a SCAN of the batch's range). `scanned`:
+        they come from a SCAN, whose every key costs Redis a token's worth; a spool's cost it nothing."""
         try:
-            self._run(scan_range(self.client, self.spec.key_range, self.scan_count) if found is None else found)
+            self._run(scan_range(self.client, self.spec.key_range, self.scan_count) if found is None else found, scanned)
             self._settle()
         finally:
             self.write_behind.shutdown(wait=True)
             if self.throttle is not None:
                 self.throttle.close()
 
-    def _run(self, found: Iterable[list[bytes]]) -> None:
+    def _run(self, found: Iterable[list[bytes]], scanned: bool) -> None:
         clock, t = time.perf_counter, self.timings
         mark = clock()
         for keys in found:
             self.check()
-            if self.throttle is not None:
+            if self.throttle is not None and scanned:
                 t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
             t["scan"] += now_s - mark
@@ -216,7 +217,7 @@ class _Batch:
             self._prepare(key, text, pattern, fields, read_keys(self.client, [(key, pattern.redis_type)], None)[0], now)
             self._flush(len(self.pending))
             return
-        expires_at = now + MILLISECOND * read.pttl if read.pttl > 0 else None
+        expires_at = expiry(now, read.pttl)
         try:
             rows = self._records(text, pattern, fields, read, expires_at, now)
         except SHAPE_ERRORS as exc:
@@ -289,7 +290,7 @@ class _Batch:
         as a sub-batch of their own while the next part is read; why it stopped short (GONE: the
         key went), or None (PostgreSQL may still refuse the last part: self.streamed.error)."""
         clock, t, streamed = time.perf_counter, self.timings, self.streamed
-        expires_at = now + MILLISECOND * first.pttl if first.pttl > 0 else None
+        expires_at = expiry(now, first.pttl)
         cap, size = self.opts.max_value_bytes, 0
         parts = read_parts(self.client, first)
         while streamed.error is None:
@@ -409,9 +410,6 @@ def _reason(exc: BaseException) -> str:
 # A large collection's key went while its parts were read: it counts expired, not dead
 GONE = "the key went mid-way"
 
-# timedelta(milliseconds=n) parses keywords on every call; a product does not
-MILLISECOND = timedelta(milliseconds=1)
-
 # Values held for one sub-batch at most: memory stays flat whatever the values' sizes.
 SUB_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -483,7 +481,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
                 found, spooled, recorder, process = _keys_of(cur, mapping, batch)
                 # written with each beat: progress moves within the range
                 heartbeat.walked = spooled.walked if spooled is not None else lambda: batch.walked
-                batch.run(found)
+                batch.run(found, scanned=spooled is None)
             finally:
                 if batch.client is not client:
                     batch.client.close()

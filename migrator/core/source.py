@@ -4,6 +4,7 @@ from __future__ import annotations
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any, Iterator, Sequence
 
@@ -40,13 +41,24 @@ class Elements(list):
 class KeyRead:
     key: bytes
     redis_type: str  # the type the key holds; "none" once it has expired
-    pttl: int  # milliseconds; -1 without TTL, -2 gone
+    pttl: int  # milliseconds; -1 without TTL, -2 gone, NOT_ASKED when read without it
     raw: Any  # reply of the read command for the type the pattern expects
     size: int  # bytes of payload, for the value size limit (of what `raw` holds, for a collection read in part)
     # a string over the limit (`raw` holds only its first bytes), or a collection read in part
     truncated: bool = False
     resume: Any = None  # a collection read in part: where its next part starts (see read_parts)
 
+
+NOT_ASKED = -3  # KeyRead.pttl of a key read without its PTTL (read_keys' `ttl`)
+
+
+def expiry(now: datetime, pttl: int) -> datetime | None:
+    """The absolute expiry a PTTL read at `now` says (None: no TTL, or none asked)."""
+    return now + MILLISECOND * pttl if pttl > 0 else None
+
+
+# timedelta(milliseconds=n) parses keywords on every call; a product does not
+MILLISECOND = timedelta(milliseconds=1)
 
 # Strings of a read chunk are read up to this many bytes: one that is longer is read whole on its
 # own afterwards, so a chunk of many keys never holds more than a few large values at once.
@@ -211,11 +223,14 @@ def _reply(redis_type: str, reply: Any, max_bytes: int | None) -> tuple[Any, Any
 
 
 def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
-              max_bytes: int | None = CHUNK_READ_BYTES) -> list[KeyRead]:
+              max_bytes: int | None = CHUNK_READ_BYTES, ttl: Sequence[bool] | None = None) -> list[KeyRead]:
     """Read (key, expected type) pairs: the value and its PTTL in one round trip.
 
     PTTL comes after the value, so a key that vanishes in between is counted gone whichever
-    came first (GETRANGE answers "" for a missing key). Strings are read up to `max_bytes` + 1,
+    came first (GETRANGE answers "" for a missing key). `ttl` (one flag per key; None: all) says
+    whose PTTL to ask: a key read without it has pttl NOT_ASKED, and is found gone by its value
+    alone (a missing key answers nil or an empty collection; a string answering "" is asked EXISTS,
+    since an empty value answers the same). Strings are read up to `max_bytes` + 1,
     collections up to CHUNK_READ_MEMBERS members (`max_bytes` None: every value whole); a longer
     string is marked truncated, with its real length asked for, for the caller to read whole or
     refuse, and a larger collection is marked truncated with where its next part starts, for the
@@ -223,20 +238,27 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
     refused (WRONGTYPE), and such a key is read again by its real type, so its dead letter keeps
     what was really there.
     """
+    asked = [True] * len(wanted) if ttl is None else list(ttl)
     commands = []
-    for key, expected in wanted:
+    for (key, expected), with_ttl in zip(wanted, asked):
         commands.append(_read_command(key, expected, max_bytes))
-        commands.append(("PTTL", key))
-    replies = roundtrip(client, commands, large=max_bytes is None)
+        if with_ttl:
+            commands.append(("PTTL", key))
+    replies = iter(roundtrip(client, commands, large=max_bytes is None))
     reads = []
-    for i, (key, expected) in enumerate(wanted):
-        (raw, resume), pttl = _reply(expected, replies[2 * i], max_bytes), replies[2 * i + 1]
+    for (key, expected), with_ttl in zip(wanted, asked):
+        (raw, resume), pttl = _reply(expected, next(replies), max_bytes), next(replies) if with_ttl else NOT_ASKED
         # An empty reply is a missing key: Redis deletes emptied collections (a SCAN call may find
         # no member in its part of a sparse table, and says where to go on).
         gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw and resume is None)
         rtype = "none" if gone else expected
         reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw),
                              resume is not None, resume))
+    unsure = [r for r, with_ttl in zip(reads, asked) if not with_ttl and r.raw == b"" and r.redis_type == "string"]
+    if unsure:
+        for r, exists in zip(unsure, roundtrip(client, [("EXISTS", r.key) for r in unsure])):
+            if exists == 0:
+                r.redis_type = "none"
     wrong = [r for r in reads if isinstance(r.raw, redis.ResponseError) and "WRONGTYPE" in str(r.raw)]
     if wrong:
         for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):

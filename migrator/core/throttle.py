@@ -6,9 +6,11 @@ being migrated, so the scan never sees it). Every key a SCAN reply names and eve
 takes a token (on a large table a SCAN costs Redis about as much per key as a read does), in
 one atomic script call per reply or read chunk; a call that finds the bucket short reserves its
 tokens anyway and sleeps until they would have been there, so workers on any number of hosts
-together touch at most `rate` keys per second (plus one second's burst). A run touches each key
-about ten times: once in each of its 8 SCAN passes (a migration and a verification per
-priority), and two reads (the migration's and the verification's).
+together touch at most `rate` keys per second (plus one second's burst). A key the pass reads
+from the run's spool (migrator/core/spool.py) costs Redis nothing until it is read, and takes no
+token for its name. A run touches each key about three times: once in its one SCAN pass, and two
+reads (the migration's and the validation's); with --scan-each-priority, once in each of its 8
+SCAN passes (a migration and a validation per priority) and two reads.
 """
 from __future__ import annotations
 

@@ -32,8 +32,8 @@ from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Prio
 from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange, plan_ranges, scan_range
 from migrator.core.redact import printable, redact_text
-from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, cluster_masters, decode, key_client, node_client,
-                     read_keys, read_parts, value_digest)
+from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, cluster_masters, decode, expiry, key_client,
+                     node_client, read_keys, read_parts, value_digest)
 from migrator.core.writer import _error_class, call_with_documents, column_types, describe
 
 log = structlog.get_logger("migrator.core.verify")
@@ -175,7 +175,8 @@ class RangeVerifier:
             return
         if self.cap is not None:
             self.cap.acquire(len(chunk))
-        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
+        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit,
+                          [p.reads_ttl for _, _, p, _ in chunk])
         now = datetime.now(timezone.utc)
         dead = ledger.dead_keys(self.cur, self.run_id, [key for key, _, _, _ in chunk])
         expected = []
@@ -190,7 +191,7 @@ class RangeVerifier:
                     continue
                 # (its raw bytes gone once transformed: the rows and their document are enough to hold)
                 found = self._expected(key, text, pattern, fields, read_keys(self.client, [(key, pattern.redis_type)],
-                                                                              None)[0], now)
+                                                                              None, [pattern.reads_ttl])[0], now)
                 self._compare([found] if found else [])
                 continue
             found = self._expected(key, text, pattern, fields, read, now)
@@ -210,7 +211,8 @@ class RangeVerifier:
             self.tally.add(pattern.name, "unreadable")
             return None
         try:
-            rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format), None, now,
+            rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format),
+                                                  expiry(now, read.pttl) if pattern.reads_ttl else None, now,
                                                   pattern.zone(self.tz)))
         except SHAPE_ERRORS:
             self.tally.add(pattern.name, "unreadable")
@@ -380,7 +382,7 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
                                      spooled=spooled is not None)
             walked = 0  # every key SCAN returned, in scope or not: what progress counts
             for keys in spooled if spooled is not None else scan_range(node, spec.key_range, throttle.paced(opts)[1]):
-                if cap is not None:
+                if cap is not None and spooled is None:  # (a spool's keys cost Redis nothing: only their reads)
                     cap.acquire(len(keys))
                 verifier.feed(keys)
                 walked = spooled.walked() if spooled is not None else walked + len(keys)
@@ -647,8 +649,8 @@ def _rows_of_large(client: redis.Redis, conn: Any, mapping: Mapping, table: str,
                 readable = part.redis_type == pattern.redis_type and not isinstance(part.raw, Exception)
                 if readable:
                     try:
-                        rows = pattern.transform(SourceRecord(key, fields, decode(part.raw, pattern.value_format), None,
-                                                              now, pattern.zone(tz)))
+                        rows = pattern.transform(SourceRecord(key, fields, decode(part.raw, pattern.value_format),
+                                                              expiry(now, part.pttl), now, pattern.zone(tz)))
                     except SHAPE_ERRORS:
                         readable = False
                 if not readable:
@@ -703,7 +705,7 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             continue
         try:
             rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
-                                                  None, now, pattern.zone(tz)))
+                                                  expiry(now, read.pttl), now, pattern.zone(tz)))
             yields[key] = {r.values["id"] for r in rows if r.table == table}
         except SHAPE_ERRORS:
             yields[key] = None
@@ -748,9 +750,10 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
     for part in read_parts(client, read):
         if part.redis_type != pattern.redis_type or expected:
             break
+        now = datetime.now(timezone.utc)
         try:
-            rows = pattern.transform(SourceRecord(example["key"], fields, decode(part.raw, pattern.value_format), None,
-                                                  datetime.now(timezone.utc), pattern.zone(ZoneInfo(opts.source_timezone))))
+            rows = pattern.transform(SourceRecord(example["key"], fields, decode(part.raw, pattern.value_format),
+                                                  expiry(now, part.pttl), now, pattern.zone(ZoneInfo(opts.source_timezone))))
             expected = next((r.values for r in rows if r.table == example["table"] and r.values["id"] == example["id"]), {})
         except SHAPE_ERRORS:
             break
