@@ -10,6 +10,7 @@ from psycopg2 import sql
 
 from migrator.apps.threadr.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.apps.threadr import THREADR
+from migrator.core import verify as verify_module
 from migrator.core.writer import PROVENANCE
 
 from helpers import by_pattern, cli, migrate, verify
@@ -156,6 +157,22 @@ def test_keys_the_app_deleted_or_let_expire_since_the_run(settings, r, pg):
     assert patterns["session"]["extra"] == 0 and result["extra"] == 2 and result["different"] == 0
     whys = {e["key"]: e["why"] for e in patterns["thread"]["examples"] if e["kind"] == "extra"}
     assert whys == {deleted: "its key is not in Redis", large: "its key no longer gives this row"}
+
+
+@pytest.mark.parametrize("held", [verify_module.DEAD_KEYS_HELD, 0])
+def test_the_runs_dead_letters_are_counted_as_dead_whether_held_or_looked_up(settings, r, pg, monkeypatch, held):
+    """A key the run made a dead letter has no rows to compare: counted dead, never missing, whether
+    a range holds the run's dead letters or (more than it holds) looks them up chunk by chunk."""
+    seed_demo(r, 40)
+    broken = sorted(r.scan_iter("threadr:usage:ip:*:daily:*", count=1000))[:7]
+    for key in broken:
+        r.set(key, f"{int(r.get(key))} generations", keepttl=True)
+    report = migrate(settings, max_dead_ratio=1)
+    assert report["status"] == "completed"
+    monkeypatch.setattr(verify_module, "DEAD_KEYS_HELD", held)
+    result = verify(settings, report["run_id"])
+    counters = by_pattern(result)["usage_counter"]
+    assert counters["dead"] == len(broken) and counters["missing"] == 0 and result["verdict"] == "clean"
 
 
 @pytest.mark.parametrize("broken, budget, completes", [(30, None, False), (8, None, True), (30, "0.5", True)])

@@ -473,10 +473,18 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 
 
 def dead_keys(cur: Any, run_id: str, keys: list[bytes]) -> set[bytes]:
-    """Those of `keys` the run made dead letters."""
-    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
+    """Those of `keys` the run made dead letters (by their index: run and digest of the key)."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s"
+                " AND sha256(redis_key) = ANY(ARRAY(SELECT sha256(k) FROM unnest(%s::bytea[]) k))",
                 (run_id, [psycopg2.Binary(key) for key in keys]))
     return {bytes(row[0]) for row in cur.fetchall()}
+
+
+def all_dead_keys(cur: Any, run_id: str, most: int) -> set[bytes] | None:
+    """Every key the run made dead letters, if it made at most `most`; None if more."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s LIMIT %s", (run_id, most + 1))
+    keys = {bytes(row[0]) for row in cur.fetchall()}
+    return keys if len(keys) <= most else None
 
 
 # A dead letter's reason, normalised so that reasons differing only by the key's data group
