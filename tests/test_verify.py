@@ -13,15 +13,18 @@ from psycopg2 import sql
 
 from migrator.apps.threadr.demo import LARGE_THREAD_CHARS, seed_demo
 from migrator.apps.threadr import THREADR
+from migrator.core import verify as verify_module
 from migrator.core.config import Settings
 from migrator.core.mapping import Mapping, Pattern, Priority, Row, SourceRecord
 from migrator.core.merge import TableRule
 from migrator.core.schema import PROVENANCE, init_db
 from migrator.core.values import stable_id
+from migrator.core.verify import verify_in_memory
 
 from helpers import by_pattern, cli, migrate, throwaway_database, verify
 from servers import redis_server
 
+PRIORITIES = [Priority.parse(p) for p in ("critical", "high", "medium", "low")]
 KEYS = {"run_id", "verdict", "missing", "different", "extra", "patterns"}
 
 
@@ -164,6 +167,61 @@ def test_keys_the_app_deleted_or_let_expire_since_the_run(settings, r, pg):
     assert patterns["session"]["extra"] == 0 and result["extra"] == 2 and result["different"] == 0
     whys = {e["key"]: e["why"] for e in patterns["thread"]["examples"] if e["kind"] == "extra"}
     assert whys == {deleted: "its key is not in Redis", large: "its key no longer gives this row"}
+
+
+def test_a_session_that_compared_before_sees_a_row_damaged_since(settings, r, pg):
+    """The comparison statements are planned once per session (functions of its own, 016): a session
+    that found the run clean finds a column changed since, as a new one would; a function made in a
+    transaction that rolled back is made again."""
+    seed_demo(r, 40)
+    report = migrate(settings)
+    assert report["status"] == "completed"
+    client, conn = settings.redis(), settings.postgres()
+
+    def made() -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()"
+                        " AND proname LIKE 'migrator_compare_%'")
+            return cur.fetchone()[0]
+
+    try:
+        counted = "SELECT count(*), '[]'::jsonb FROM jsonb_array_elements($1::jsonb)"
+        for _ in range(2):  # a function made in a transaction that rolls back goes with it, and is made again
+            with conn.cursor() as cur:
+                cur.execute("SELECT attributed FROM migrator_compare(%s, %s)", ([counted], ["[1, 2]"]))
+                assert cur.fetchone()[0] == [2] and made() == 1
+            conn.rollback()
+            assert made() == 0
+        first = verify_in_memory(client, conn, THREADR, report["run_id"], PRIORITIES)
+        assert first["verdict"] == "clean", first["error"]
+        kept = made()
+        assert kept > 0
+        with pg.cursor() as cur:
+            cur.execute("UPDATE usage_counters SET count = count + 1 WHERE id = (SELECT id FROM usage_counters ORDER BY id LIMIT 1)")
+        pg.commit()
+        damaged = verify_in_memory(client, conn, THREADR, report["run_id"], PRIORITIES)
+        assert damaged["verdict"] == "differences" and damaged["different"] == 1
+        assert by_pattern(damaged)["usage_counter"]["columns"] == {"count": 1}
+        assert made() == kept  # the same statements, planned before
+    finally:
+        conn.close()
+        client.close()
+
+
+@pytest.mark.parametrize("held", [verify_module.DEAD_KEYS_HELD, 0])
+def test_the_runs_dead_letters_are_counted_as_dead_whether_held_or_looked_up(settings, r, pg, monkeypatch, held):
+    """A key the run made a dead letter has no rows to compare: counted dead, never missing, whether
+    a range holds the run's dead letters or (more than it holds) looks them up chunk by chunk."""
+    seed_demo(r, 40)
+    broken = sorted(r.scan_iter("threadr:usage:ip:*:daily:*", count=1000))[:7]
+    for key in broken:
+        r.set(key, f"{int(r.get(key))} generations", keepttl=True)
+    report = migrate(settings, max_dead_ratio=1)
+    assert report["status"] == "completed"
+    monkeypatch.setattr(verify_module, "DEAD_KEYS_HELD", held)
+    result = verify(settings, report["run_id"])
+    counters = by_pattern(result)["usage_counter"]
+    assert counters["dead"] == len(broken) and counters["missing"] == 0 and result["verdict"] == "clean"
 
 
 @pytest.mark.parametrize("broken, budget, completes", [(30, None, False), (8, None, True), (30, "0.5", True)])

@@ -5,8 +5,11 @@ verifications. Other modules decide; only this one reads or writes the ledger's 
 """
 from __future__ import annotations
 
+import io
 import os
 import re
+import struct
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -423,11 +426,28 @@ def write_spool(cur: Any, run_id: str, key_range: KeyRange, source_process: str 
                 " %(index)s, %(start)s, %(end)s, %(process)s, %(walked)s, %(keys)s, %(bytes)s)",
                 {**where, "process": source_process, "walked": walked, "keys": sum(c[2] for c in chunks),
                  "bytes": sum(len(c[3]) + len(c[4]) for c in chunks)})
-    execute_values(cur, "INSERT INTO migration_spool (run_id, node, range_count, range_index, priority, chunk, keys,"
-                        " lengths, packed) VALUES %s",
-                   [(run_id, key_range.node, key_range.count, key_range.index, priority, n, keys,
-                     psycopg2.Binary(lengths), psycopg2.Binary(packed))
-                    for priority, n, keys, lengths, packed in chunks], page_size=50)
+    # by COPY's binary format: as bytea literals, the packed keys cost PostgreSQL 1.4 µs per key to
+    # read (hex, twice their size, through the SQL lexer); as they are, a tenth of that (measured)
+    run, node, count, index = uuid.UUID(run_id).bytes, key_range.node.encode(), _int4(key_range.count), _int4(key_range.index)
+    cur.copy_expert("COPY migration_spool (run_id, node, range_count, range_index, priority, chunk, keys, lengths, packed)"
+                    " FROM STDIN WITH (FORMAT binary)",
+                    io.BytesIO(copy_binary((run, node, count, index, priority.encode(), _int4(n), _int4(keys), lengths, packed)
+                                           for priority, n, keys, lengths, packed in chunks)))
+
+
+def _int4(n: int) -> bytes:
+    return struct.pack("!i", n)
+
+
+def copy_binary(rows: Iterable[tuple[bytes, ...]]) -> bytes:
+    """Rows in COPY's binary format, each field given in its type's binary form (no NULLs)."""
+    parts = [b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)]
+    for row in rows:
+        parts.append(struct.pack("!h", len(row)))
+        for value in row:
+            parts += [struct.pack("!i", len(value)), value]
+    parts.append(struct.pack("!h", -1))
+    return b"".join(parts)
 
 
 def read_spool(cur: Any, run_id: str, key_range: KeyRange, priority: str,
@@ -473,10 +493,18 @@ def add_dead_letters(cur: Any, run_id: str, batch_id: int, letters: list[tuple])
 
 
 def dead_keys(cur: Any, run_id: str, keys: list[bytes]) -> set[bytes]:
-    """Those of `keys` the run made dead letters."""
-    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s AND redis_key = ANY(%s)",
+    """Those of `keys` the run made dead letters (by their index: run and digest of the key)."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s"
+                " AND sha256(redis_key) = ANY(ARRAY(SELECT sha256(k) FROM unnest(%s::bytea[]) k))",
                 (run_id, [psycopg2.Binary(key) for key in keys]))
     return {bytes(row[0]) for row in cur.fetchall()}
+
+
+def all_dead_keys(cur: Any, run_id: str, most: int) -> set[bytes] | None:
+    """Every key the run made dead letters, if it made at most `most`; None if more."""
+    cur.execute("SELECT redis_key FROM migration_dead_letters WHERE run_id = %s LIMIT %s", (run_id, most + 1))
+    keys = {bytes(row[0]) for row in cur.fetchall()}
+    return keys if len(keys) <= most else None
 
 
 # A dead letter's reason, normalised so that reasons differing only by the key's data group
