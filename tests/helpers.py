@@ -81,6 +81,26 @@ def verify(settings: Settings, run_id: str, priorities: list | None = None, mapp
         client.close()
 
 
+def grants_after_critical_batches(monkeypatch: Any, r: Any, value: Any = lambda i: {}) -> None:
+    """30 premium grants appear once critical's batches are in, before its verification (keys its
+    batches never saw); `value(i)`: more fields of grant i."""
+    import orjson
+
+    import migrator.execution.finalize
+
+    real_link = migrator.execution.finalize.link_rows
+    calls = []
+
+    def link_then_grants_appear(conn: Any, mapping: Mapping, run_id: str) -> Any:
+        calls.append(run_id)
+        if len(calls) == 1:
+            for i in range(30):
+                r.set(f"threadr:premium:ip:203.0.113.{i}", orjson.dumps({"expires_at": "2030-01-01T00:00:00", **value(i)}))
+        return real_link(conn, mapping, run_id)
+
+    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_grants_appear)
+
+
 def migrator(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The `migrator` command as people run it, in a process of its own."""
     return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=300,

@@ -18,7 +18,7 @@ from migrator.core.mapping import UNMAPPED
 from migrator.core.rollback import rollback_run
 from migrator.apps.threadr import THREADR
 
-from helpers import by_pattern, fingerprint, migrate, validate
+from helpers import by_pattern, fingerprint, grants_after_critical_batches, migrate, validate
 
 USER = {"user_id": None, "email": None, "password_hash": "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234",
         "role": "user", "status": "active", "created_at": "2026-01-01T00:00:00", "updated_at": "2026-01-02 00:00:00",
@@ -630,20 +630,8 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
     """With --scan-each-priority, critical's fresh count and its full verification come from its own
     SCAN, once its batches are in: grants that appear in between (keys its batches never saw) fail
     critical. (By default the verification reads the spool instead: tests/test_spool.py.)"""
-    import migrator.execution.finalize
-
     seed_demo(r, 60)
-    real_link = migrator.execution.finalize.link_rows
-    calls = []
-
-    def link_then_grants_appear(conn, mapping, run_id):
-        calls.append(run_id)
-        if len(calls) == 1:  # after critical's batches, before its verification
-            for i in range(30):
-                r.set(f"threadr:premium:ip:203.0.113.{i}", json.dumps({"expires_at": "2030-01-01T00:00:00"}))
-        return real_link(conn, mapping, run_id)
-
-    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_grants_appear)
+    grants_after_critical_batches(monkeypatch, r)
     report = migrate(settings, scan_each_priority=True)
     assert report["status"] == "rolled_back"
     with pg.cursor() as cur:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import orjson
 import pytest
 import redis
+from psycopg2 import sql
 
 import migrator.core.batch
 from migrator.apps.threadr import THREADR
@@ -63,6 +64,16 @@ def between_read_and_write(monkeypatch, key: bytes, then: Callable[[], Any]) -> 
         return reads
 
     monkeypatch.setattr(migrator.core.batch, "read_keys", read_keys)
+
+
+def rows_of(pg, table: str, key: bytes) -> Callable[[], int]:
+    """How many rows of `table` name `key` as their source, when called."""
+    def count() -> int:
+        with pg, pg.cursor() as cur:
+            cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE source_key = %s").format(sql.Identifier(table)),
+                        (key.decode(),))
+            return cur.fetchone()[0]
+    return count
 
 
 def role(pg, key: bytes) -> list[tuple]:
@@ -158,11 +169,7 @@ def test_a_row_follow_deleted_is_not_made_again(settings, r, pg, monkeypatch):
     thread = next(r.scan_iter(b"threadr:thread:*"))
     first = migrate(settings)["run_id"]
     loaded = fingerprint(pg)
-
-    def threads() -> int:
-        with pg, pg.cursor() as cur:
-            cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (thread.decode(),))
-            return cur.fetchone()[0]
+    threads = rows_of(pg, "threads", thread)
 
     with following(settings, r) as apply:
         def gone_then_follow() -> None:
@@ -204,11 +211,7 @@ def test_a_key_made_and_deleted_between_the_read_and_the_write_leaves_no_row(set
     row of it to delete, so it keeps the key itself as gone, and the batch inserts nothing for it."""
     seed_demo(r, 3)
     thread = next(r.scan_iter(b"threadr:thread:*"))
-
-    def threads() -> int:
-        with pg, pg.cursor() as cur:
-            cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (thread.decode(),))
-            return cur.fetchone()[0]
+    threads = rows_of(pg, "threads", thread)
 
     with following(settings, r) as apply:
         def gone_then_follow() -> None:

@@ -5,7 +5,6 @@ suite's traffic is in the count.
 """
 from __future__ import annotations
 
-import json
 
 import psycopg2
 import pytest
@@ -17,7 +16,7 @@ from migrator.core.config import Settings
 from migrator.core.partition import KeyRange
 from migrator.views.status import spool_note
 from servers import redis_server
-from helpers import migrate, verify
+from helpers import grants_after_critical_batches, migrate, verify
 
 
 @pytest.fixture
@@ -77,21 +76,8 @@ def test_a_key_written_after_the_spool_pass_is_missing_for_verify_and_taken_by_a
                                                                                             monkeypatch):
     """Grants that appear after critical's batches: the run no longer sees them (its validation reads
     the spool, and completes); `migrator verify` SCANs and reports them missing; a second run takes them."""
-    import migrator.execution.finalize
-
     seed_demo(r, 60)
-    real_link = migrator.execution.finalize.link_rows
-    calls = []
-
-    def link_then_grants_appear(conn, mapping, run_id):
-        calls.append(run_id)
-        if len(calls) == 1:  # after critical's batches, before its verification
-            for i in range(30):
-                r.set(f"threadr:premium:ip:203.0.113.{i}", json.dumps({"expires_at": "2030-01-01T00:00:00",
-                                                                        "duration_days": i + 1}))  # (a grant each)
-        return real_link(conn, mapping, run_id)
-
-    monkeypatch.setattr(migrator.execution.finalize, "link_rows", link_then_grants_appear)
+    grants_after_critical_batches(monkeypatch, r, lambda i: {"duration_days": i + 1})  # (a grant each)
     report = migrate(settings)
     assert report["status"] == "completed"
     found = verify(settings, report["run_id"])
