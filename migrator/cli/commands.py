@@ -47,6 +47,7 @@ from migrator.views.preflight import exit_code, render_checks, run_checks
 from migrator.core.redact import redact_text
 from migrator.core.writer import describe
 from migrator.core.schema import database_url_for, empty_tables, ensure_database, init_db, require_schema
+from migrator.core.source import cluster_masters, key_client, node_client
 
 OK, FAILED, CANNOT_START = 0, 1, 2
 
@@ -572,8 +573,6 @@ def cmd_parity(settings: Settings, hours: float, *, as_json: bool, out: TextIO =
 def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_parity: float, min_reads: int, hours: float,
                 max_lag: float = 1.0, out: TextIO = sys.stdout) -> int:
     """Switch the app's strategy: refused unless the run validated and parity holds; --back always allowed."""
-    from migrator.core.source import key_client
-
     plain = settings.redis()
     client = key_client(plain)  # (the repair queue's key may live on any master of a cluster)
     conn = _ledger(settings)
@@ -668,7 +667,6 @@ def cmd_demo(settings: Settings, mapping: Mapping, users: int, database: str, op
 def _notifications_ready(client: Any, nodes: list[str], configure: bool, out: TextIO) -> None:
     """Every server publishes the keyspace notifications follow needs, or a ConfigError with the fix
     (with `configure`: turned on here, where CONFIG SET is allowed)."""
-    from migrator.core.source import node_client
 
     for node in nodes:
         server = node_client(client, node) if node else client
@@ -696,7 +694,6 @@ def cmd_follow(settings: Settings, mapping: Mapping, *, spec: str | None = None,
     record, and end the session (exit 1 when it ended with changes not applied)."""
     from migrator.execution.follow import Follower, end_session, start_session
     from migrator.execution.reconcile import reconcile
-    from migrator.core.source import cluster_masters
 
     client = settings.redis()
     try:

@@ -479,8 +479,8 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             batch = _Batch(client, cur, mapping, spec, progress, heartbeat.check)
             try:
                 found, spooled, recorder, process = _keys_of(cur, mapping, batch)
-                # written with each beat: progress moves within the range
-                heartbeat.walked = spooled.walked if spooled is not None else lambda: batch.walked
+                walked = spooled.walked if spooled is not None else lambda: batch.walked
+                heartbeat.walked = walked  # written with each beat: progress moves within the range
                 batch.run(found, scanned=spooled is None)
             finally:
                 if batch.client is not client:
@@ -493,7 +493,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling,
-                                spooled.walked() if spooled is not None else batch.walked)
+                                walked())
         conn.commit()
     except Fenced as exc:
         log.warning("batch_fenced", reason=str(exc))

@@ -885,9 +885,9 @@ STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest
 def unretired(table: str, row_id: sql.Composable, source_key: sql.Composable) -> sql.Composable:
     """A bulk batch's condition on each row it writes (merge.TableRule.upsert, fenced): that follow
     did not delete it, as its key's, nor find its key giving no row of the table, since the batch's
-    transaction began (RETIRE_DELETE, retire_keys: merge.SYNCED_AT's fence for a row that is gone). Asked once per statement first (an index probe, an InitPlan): only
-    when follow deleted rows of the table since is each row looked up, so a run without follow pays
-    for no join."""
+    transaction began (RETIRE_DELETE, retire_keys: merge.SYNCED_AT's fence for a row that is gone).
+    Asked once per statement first (an index probe, an InitPlan): only when follow deleted rows of
+    the table since is each row looked up, so a run without follow pays for no join."""
     return sql.SQL("(NOT EXISTS (SELECT FROM migration_retired WHERE table_name = {t} AND retired_at >= now())"
                    " OR NOT EXISTS (SELECT FROM migration_retired g WHERE g.table_name = {t} AND g.source_key = {key}"
                    " AND g.row_id IN ({id}, {whole}) AND g.retired_at >= now()))").format(

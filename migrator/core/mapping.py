@@ -9,6 +9,7 @@ import enum
 import re
 import string
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone, tzinfo
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterable, Sequence
@@ -121,7 +122,7 @@ class KeyTemplate:
         if bad or not self.columns:
             raise ValueError(f"key template {self.text!r}: name each column in braces, as {{email}}, and only that")
 
-    @property
+    @cached_property  # (render asks it per row)
     def columns(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.text) if name))
 

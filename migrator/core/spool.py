@@ -64,12 +64,6 @@ def routes(mapping: Mapping, opts: RunOptions) -> list[tuple[str, tuple[bytes, .
     return [(label, prefixes) for label, prefixes in found if prefixes]
 
 
-def walked_share(taken: int, of: int, walked: int) -> int:
-    """The keys of a range's SCAN a pass counts as walked once it has taken `taken` of the `of` keys
-    its spool list holds: progress counts a range's keys whichever share of them a pass reads."""
-    return walked if taken >= of else walked * taken // of
-
-
 def source_process(client: redis.Redis) -> str | None:
     """The server process a range is scanned on (its run_id): a spool is good for that process only."""
     return client.info("server").get("run_id")
@@ -130,7 +124,9 @@ class Spooled:
             yield keys
 
     def walked(self) -> int:
-        return walked_share(self.taken, self.keys, self.range_walked)
+        """The range's SCAN's keys in the share of its list taken so far: progress counts a range's
+        keys whichever share of them a pass reads."""
+        return self.range_walked if self.taken >= self.keys else self.range_walked * self.taken // self.keys
 
 
 def replay(cur: Any, run_id: str, key_range: KeyRange, priority: str, process: str | None) -> Spooled | None:

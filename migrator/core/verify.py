@@ -226,7 +226,7 @@ class RangeVerifier:
             return None
         try:
             rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format),
-                                                  expiry(now, read.pttl) if pattern.reads_ttl else None, now,
+                                                  expiry(now, read.pttl), now,
                                                   pattern.zone(self.tz)))
         except SHAPE_ERRORS:
             self.tally.add(pattern.name, "unreadable")

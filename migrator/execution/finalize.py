@@ -48,14 +48,14 @@ def link(cur: Any, mapping: Mapping, keys: dict[str, list[str]] | None = None) -
     """link_rows in the caller's transaction. `keys`: per table, only the rows of these source keys
     (what `migrator follow` just wrote); the links of other tables are left alone."""
     linked = 0
-    for link_ in mapping.links:
-        if keys is not None and not keys.get(link_.table):
+    statement = LINK if keys is None else sql.SQL(LINK.string + " AND {t}.source_key = ANY(%s)")
+    for one in mapping.links:
+        if keys is not None and not keys.get(one.table):
             continue
-        t, c = sql.Identifier(link_.table), sql.Identifier(link_.column)
-        statement = LINK if keys is None else sql.SQL(LINK.string + " AND {t}.source_key = ANY(%s)")
-        cur.execute(statement.format(t=t, c=c, linked=sql.Identifier(link_.into),
+        t, c = sql.Identifier(one.table), sql.Identifier(one.column)
+        cur.execute(statement.format(t=t, c=c, linked=sql.Identifier(one.into),
                                      legacy=sql.SQL(LEGACY_KEY).format(ref=sql.SQL("{}.{}").format(t, c))),
-                    None if keys is None else (keys[link_.table],))
+                    None if keys is None else (keys[one.table],))
         linked += cur.rowcount
     return linked
 
