@@ -774,6 +774,81 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
     pg.commit()
 
 
+def test_each_upsert_is_planned_once_per_session_and_still_writes_fences_and_bisects(settings, pg):
+    """migrator_write makes each statement a function of the session's own (019_write_plans.sql): a
+    later sub-batch reuses it, with its own rows, the fence judged at its own time; a record error in
+    one row is still that record's alone; a function made in a transaction that rolled back is made again."""
+    import psycopg2.errors
+
+    from migrator.core.mapping import Mapping, Pattern, Priority, Row
+    from migrator.core.merge import TableRule
+    from migrator.core.source import KeyRead
+    from migrator.core.writer import Prepared, Writer
+
+    mapping = Mapping("plans", (Pattern("p", "p:*", r"p:(?P<id>\w+)", "string", Priority.HIGH, "plan test",
+                                        table="writer_plans", transform=lambda _rec: []),),
+                      rules=(TableRule("writer_plans", greatest=("n",)),))
+    run_id = "6b0a8f5e-6f43-4d8e-9a57-3f1c2b7d9e11"
+    with pg.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS writer_plans")
+        cur.execute("CREATE TABLE writer_plans (id uuid PRIMARY KEY, n bigint CHECK (n >= 0), migration_run uuid,"
+                    " source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz)")
+    pg.commit()
+
+    def record(i: int, n: int) -> Prepared:
+        key = f"p:{i}"
+        return Prepared(key.encode(), key, mapping.patterns[0],
+                        [Row("writer_plans", {"id": f"00000000-0000-5000-8000-00000000000{i}", "n": n})], None,
+                        KeyRead(key.encode(), "string", -1, b"", 0), 7)
+
+    def made(conn) -> int:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = pg_my_temp_schema()"
+                        " AND proname LIKE 'migrator_write_%'")
+            return cur.fetchone()[0]
+
+    def counts(conn) -> dict[str, int]:
+        with conn.cursor() as cur:
+            cur.execute("SELECT source_key, n FROM writer_plans")
+            return dict(cur.fetchall())
+
+    try:
+        with pg.cursor() as cur:
+            writer = Writer(cur, mapping, run_id, fenced=True)
+            assert writer.upsert([record(1, 1), record(2, 2)]) == 2 and made(pg) == 1
+            assert writer.upsert([record(1, 5), record(3, 3)]) == 2 and made(pg) == 1  # the same function, new rows
+            assert counts(pg) == {"p:1": 5, "p:2": 2, "p:3": 3}
+            pg.commit()
+            # follow read p:1 after this transaction began: the batch's write leaves it, in this transaction
+            # and not in a later one (the fence's now() is the call's, not the plan's)
+            cur.execute("UPDATE writer_plans SET synced_at = now() + interval '1 hour' WHERE source_key = 'p:1'")
+            pg.commit()
+            assert writer.upsert([record(1, 9)]) == 0
+            cur.execute("UPDATE writer_plans SET synced_at = now() - interval '1 hour' WHERE source_key = 'p:1'")
+            pg.commit()
+            assert writer.upsert([record(1, 9)]) == 1
+            written, dead = writer.write([record(4, 4), record(5, -1), record(6, 6)])
+            assert written == 2 and [(rec.key_text, type(exc)) for rec, exc in dead] == \
+                [("p:5", psycopg2.errors.CheckViolation)]
+            assert counts(pg) == {"p:1": 9, "p:2": 2, "p:3": 3, "p:4": 4, "p:6": 6} and made(pg) == 1
+            pg.commit()
+        fresh = settings.postgres()
+        try:
+            with fresh.cursor() as cur:
+                writer = Writer(cur, mapping, run_id, fenced=True)
+                for _ in range(2):  # made in a transaction that rolls back, it goes with it and is made again
+                    assert writer.upsert([record(7, 7)]) == 1 and made(fresh) == 1
+                    fresh.rollback()
+                    assert made(fresh) == 0
+        finally:
+            fresh.close()
+    finally:
+        pg.rollback()
+        with pg.cursor() as cur:
+            cur.execute("DROP TABLE writer_plans")
+        pg.commit()
+
+
 @pytest.mark.parametrize("conforming", ["on", "off"])
 def test_a_document_sent_as_utf8_bytes_reaches_postgresql_exactly(pg, conforming):
     """The writer hands orjson's bytes to psycopg2 without decoding them: quotes, backslashes,

@@ -1,0 +1,347 @@
+"""PostgreSQL's CPU per row of the batch writes, by way of writing them: the real Writer beside variants of it.
+
+    .venv/bin/python scripts/write_variants.py --keys 60000
+    .venv/bin/python scripts/write_variants.py --keys 60000 --only baseline,json --rounds 5
+
+Seeds the demo keyspace into a redis-server of its own and runs `migrator run --local --jobs 1` into a
+throwaway database, keeping every sub-batch the writer was given. Then, for each variant, the mapping's
+tables are emptied and the same sub-batches written again, in the same order, through a Writer of a new
+connection (a transaction per sub-batch), and its backend's CPU (/proc/PID/schedstat) is counted. Each
+variant runs --rounds times, interleaved, the least counting (others' load only ever adds); the table
+gives µs per row and per key and the ratio to the first variant named.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import time
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import psycopg2
+import redis
+from psycopg2 import sql
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from costs import PrivateRedis, snapshot, write_plainly  # noqa: E402
+from pg_profile import KEYS_PER_USER, backend_cpu, quietly  # noqa: E402
+from migrator.apps.threadr import THREADR  # noqa: E402
+from migrator.apps.threadr.demo import seed_demo  # noqa: E402
+from migrator.core import ledger, merge as merge_module, writer as writer_module  # noqa: E402
+from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
+from migrator.core.writer import Prepared, Writer  # noqa: E402
+
+Variant = Callable[[Any], Writer]  # a cursor -> the writer to write with
+
+
+RUN_ID: list[str] = []
+TEMP_BYTES: list[int] = []
+PERF: list[str] = []
+
+
+def _baseline(cur: Any) -> Writer:
+    return Writer(cur, THREADR, RUN_ID[0], fenced=True)
+
+
+class _Edited(Writer):
+    """The real Writer, each statement's text edited, its calls made to `function`."""
+
+    edit: Callable[[str], str] = staticmethod(lambda s: s)  # type: ignore[assignment]
+    function = "migrator_write"
+
+    def _statement(self, table: str, columns: tuple[str, ...]) -> str:
+        return type(self).edit(super()._statement(table, columns))
+
+    def upsert(self, records: list[Prepared]) -> int:
+        call = writer_module.call_with_documents
+        writer_module.call_with_documents = lambda cur, _, s, d: call(cur, self.function, s, d)
+        try:
+            return super().upsert(records)
+        finally:
+            writer_module.call_with_documents = call
+
+
+def edited(edit: Callable[[str], str] = lambda s: s, function: str = "migrator_write", setup: str = "",
+           fenced: bool = True) -> Variant:
+    def make(cur: Any) -> Writer:
+        if setup:
+            cur.execute(setup)
+        kind = type("Variant", (_Edited,), {"edit": staticmethod(edit), "function": function})
+        return kind(cur, THREADR, RUN_ID[0], fenced=fenced)
+    return make
+
+
+# migrator_write as 004_write_path.sql had it, before 019 planned each statement once per session
+REPLANNED = """
+CREATE FUNCTION pg_temp.write_replanned(statements text[], documents text[],
+    OUT written bigint, OUT error_state text, OUT error_message text, OUT error_detail text)
+LANGUAGE plpgsql AS $f$
+DECLARE
+    n bigint;
+BEGIN
+    written := 0;
+    FOR i IN 1 .. coalesce(array_length(statements, 1), 0) LOOP
+        EXECUTE statements[i] USING documents[i];
+        GET DIAGNOSTICS n = ROW_COUNT;
+        written := written + n;
+    END LOOP;
+EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded THEN
+    GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT,
+                            error_detail = PG_EXCEPTION_DETAIL;
+    written := 0;
+END
+$f$;
+"""
+# migrator_write with no subtransaction: what the EXCEPTION block costs
+UNGUARDED = """
+CREATE FUNCTION pg_temp.write_bare(statements text[], documents text[],
+    OUT written bigint, OUT error_state text, OUT error_message text, OUT error_detail text)
+LANGUAGE plpgsql AS $f$
+DECLARE
+    n bigint;
+BEGIN
+    written := 0;
+    FOR i IN 1 .. coalesce(array_length(statements, 1), 0) LOOP
+        EXECUTE statements[i] USING documents[i];
+        GET DIAGNOSTICS n = ROW_COUNT;
+        written := written + n;
+    END LOOP;
+END
+$f$;
+"""
+
+
+def _casts_only(statement: str) -> str:
+    """The statement's SELECT of the rows, cast, and nothing written."""
+    select = re.search(r" SELECT (.*) FROM jsonb_array_elements\(\$1::jsonb\) AS r", statement)
+    return f"SELECT FROM (SELECT {select.group(1)} FROM jsonb_array_elements($1::jsonb) AS r OFFSET 0) AS s"
+
+
+def _json(statement: str) -> str:
+    """json in place of jsonb: the document only split into rows, each row parsed again per column."""
+    statement = statement.replace("jsonb_array_elements($1::jsonb)", "json_array_elements($1::json)")
+    return re.sub(r"NULLIF\(r -> (\d+), 'null'\)::(jsonb|json)", r"NULLIF((r -> \1)::jsonb, 'null')::\2", statement)
+
+
+class _Objects(_Edited):
+    """Rows as JSON objects through json_to_recordset: one pass of the document, each value given to
+    its column type's input function as it is met."""
+
+    def _statement(self, table: str, columns: tuple[str, ...]) -> str:
+        types = writer_module.column_types(self.cursor, self.mapping, table, columns)
+        self.last = columns
+        element = merge_module._element
+        merge_module._element = lambda i, column, t, table: sql.SQL("r.") + sql.Identifier(column)
+        try:
+            statement = super()._statement(table, columns)
+        finally:
+            merge_module._element = element
+        defs = ", ".join(f'"{c}" {types[c][0]}' for c in columns)
+        return statement.replace(" FROM jsonb_array_elements($1::jsonb) AS r", f" FROM json_to_recordset($1::json) AS r({defs})")
+
+
+def objects(cur: Any) -> Writer:
+    w = _Objects(cur, THREADR, RUN_ID[0], fenced=True)
+    dumps = writer_module.orjson.dumps
+
+    class Proxy:
+        Fragment = writer_module.orjson.Fragment
+
+        @staticmethod
+        def dumps(rows: Any) -> bytes:
+            if isinstance(rows, list) and rows and isinstance(rows[0], list):
+                rows = [dict(zip(w.last, row)) for row in rows]
+            return dumps(rows)
+    writer_module.orjson = Proxy  # type: ignore[assignment]  (put back by replay)
+    return w
+
+
+FLOOR = "same-work floor"
+VARIANTS: dict[str, Variant] = {
+    "baseline": _baseline,
+    FLOOR: _baseline,  # (not a writer: see floor)
+    "planned each call (004)": edited(function="pg_temp.write_replanned", setup=REPLANNED),
+    "no subtransaction, planned each call": edited(function="pg_temp.write_bare", setup=UNGUARDED),
+    "unfenced": edited(fenced=False),
+    "no guard (WHERE true)": edited(lambda s: re.sub(r" WHERE \(t\.synced_at.*$", "", s)),
+    "jsonb parse and casts only": edited(_casts_only),
+    "jsonb parse only": edited(lambda s: "SELECT jsonb_array_length($1::jsonb)"),
+    "nothing (SELECT 1)": edited(lambda s: "SELECT 1"),
+    "json not jsonb": edited(_json),
+    "objects by json_to_recordset": objects,
+    "sub-batch 500": _baseline,
+    "sub-batch 1000": _baseline,
+    "sub-batch 5000": _baseline,
+    "work_mem 64MB": edited(setup="SET work_mem = '64MB'"),
+    "documents by COPY": lambda cur: (setattr(writer_module, "LARGE_DOCUMENT_BYTES", 0), _baseline(cur))[1],
+    "rows parsed one by one": edited(lambda s: s.replace(
+        "FROM jsonb_array_elements($1::jsonb) AS r",
+        "FROM json_array_elements($1::json) AS e CROSS JOIN LATERAL (SELECT e::jsonb AS r OFFSET 0) AS x")),
+    "planned each call + sub-batch 500": edited(function="pg_temp.write_replanned", setup=REPLANNED),
+    "planned each call + sub-batch 1000": edited(function="pg_temp.write_replanned", setup=REPLANNED),
+    "sub-batch 4000": _baseline,
+    "sub-batch 100": _baseline,
+    "planned each call + sub-batch 100": edited(function="pg_temp.write_replanned", setup=REPLANNED),
+    "sub-batch 20": _baseline,
+    "planned each call + sub-batch 20": edited(function="pg_temp.write_replanned", setup=REPLANNED),
+    "no journal trigger": edited(setup=";".join(f"ALTER TABLE {t} DISABLE TRIGGER USER" for t in THREADR.table_names())),
+}
+
+
+def capture(url: str, redis_url: str) -> list[list[Prepared]]:
+    """Every sub-batch a run of the keyspace gave its writer, in order."""
+    taken: list[list[Prepared]] = []
+    write = Writer.write
+
+    def keep(self: Writer, records: list[Prepared]) -> Any:
+        if self.fenced:
+            taken.append(list(records))
+        return write(self, records)
+
+    os.environ.update(REDIS_URL=redis_url, DATABASE_URL=url)
+    Writer.write = keep  # type: ignore[method-assign]
+    try:
+        quietly("run", "--local", "--jobs", "1", "--json", "--output-dir", tempfile.gettempdir())
+    finally:
+        Writer.write = write  # type: ignore[method-assign]
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        RUN_ID.append(ledger.latest_run(cur))
+    conn.close()
+    return taken
+
+
+def _perf(pid: int) -> subprocess.Popen | None:
+    """perf recording the backend, when asked (--perf): where its time goes, by function (perf report -i FILE)."""
+    if not PERF:
+        return None
+    perf = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "999", "-p", str(pid), "-o", PERF.pop()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return perf
+
+
+def _stop(perf: subprocess.Popen | None) -> None:
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+
+
+def floor(url: str, rows: dict[str, bytes]) -> tuple[float, int]:
+    """scripts/costs.py's same-work floor of the rows the writer wrote: COPY into unlogged staging, then one
+    INSERT ... ON CONFLICT per table, into the emptied tables with no journal trigger."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL("TRUNCATE {}, migration_journal").format(
+                sql.SQL(", ").join(map(sql.Identifier, THREADR.table_names()))))
+            for table in THREADR.table_names():
+                cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(sql.Identifier(table)))
+        pid = conn.get_backend_pid()
+        perf = _perf(pid)
+        before = backend_cpu(pid)
+        write_plainly(conn, THREADR.table_names(), rows)
+        cpu = backend_cpu(pid) - before
+        _stop(perf)
+        return cpu, sum(body.count(b"\n") for body in rows.values())
+    finally:
+        conn.close()
+
+
+def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int | None) -> tuple[float, int]:
+    """CPU seconds of the backend writing every sub-batch into the emptied tables, and the rows written
+    (`size`: the records taken again in sub-batches of this many)."""
+    if size:
+        every = [rec for records in batches for rec in records]
+        batches = [every[i:i + size] for i in range(0, len(every), size)]
+    kept = writer_module.orjson, writer_module.LARGE_DOCUMENT_BYTES
+    conn = psycopg2.connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            tables = sql.SQL(", ").join(map(sql.Identifier, THREADR.table_names()))
+            cur.execute(sql.SQL("TRUNCATE {}, migration_journal").format(tables))
+            for table in THREADR.table_names():  # (a variant may have disabled them)
+                cur.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(sql.Identifier(table)))
+        pid = conn.get_backend_pid()
+        written = 0
+        perf = _perf(pid)
+        before = backend_cpu(pid)
+        with conn.cursor() as cur:
+            w = variant(cur)
+            for records in batches:
+                rows, dead = w.write(records)
+                written += rows
+                conn.commit()
+        cpu = backend_cpu(pid) - before
+        _stop(perf)
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_stat_get_db_temp_bytes(oid) FROM pg_database WHERE datname = current_database()")
+            TEMP_BYTES.append(cur.fetchone()[0])
+        return cpu, written
+    finally:
+        writer_module.orjson, writer_module.LARGE_DOCUMENT_BYTES = kept
+        conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, default=60_000, help="about this many keys (default 60,000)")
+    parser.add_argument("--rounds", type=int, default=3, help="times each variant runs (default 3)")
+    parser.add_argument("--only", help="variants, comma-separated, the first the baseline (default: all)")
+    parser.add_argument("--perf", help="record the backend of the last variant's last round with perf into this file")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"migrator_write_variants_{os.getpid()}"
+    admin = psycopg2.connect(admin_url)
+    ensure_database(admin, name)
+    url = database_url_for(admin_url, name)
+    source = PrivateRedis()
+    try:
+        conn = psycopg2.connect(url)
+        init_db(conn, THREADR)
+        conn.close()
+        client = redis.Redis.from_url(source.url)
+        seed_demo(client, max(1, int(args.keys / KEYS_PER_USER)))
+        keys = client.dbsize()
+        batches = capture(url, source.url)
+        rows = sum(len(rec.rows) for records in batches for rec in records)
+        print(f"{keys:,} keys, {len(batches)} sub-batches, {rows:,} rows; load average {os.getloadavg()[0]:.1f}")
+        replay(url, batches, VARIANTS[names[0]], None)  # warm-up, not counted: the tables' files extended, caches filled
+        conn = psycopg2.connect(url)
+        written = snapshot(conn, THREADR.table_names())
+        conn.close()
+        best: dict[str, tuple[float, int]] = {}
+        for _ in range(args.rounds):
+            for variant in names:
+                if args.perf and variant == names[-1] and _ == args.rounds - 1:
+                    PERF.append(args.perf)
+                size = int(variant.split()[-1]) if "sub-batch" in variant else None
+                cpu, n = floor(url, written) if variant == FLOOR else replay(url, batches, VARIANTS[variant], size)
+                print(variant, f"{cpu:.3f}", TEMP_BYTES[-1:], flush=True)
+                if variant not in best or cpu < best[variant][0]:
+                    best[variant] = (cpu, n)
+        base = best[names[0]][0]
+        print(f"{'variant':40} {'µs/row':>8} {'µs/key':>8} {'ratio':>6} {'written':>9}")
+        for variant in names:
+            cpu, written = best[variant]
+            print(f"{variant:40} {cpu * 1e6 / rows:8.2f} {cpu * 1e6 / keys:8.2f} {cpu / base:6.2f} {written:9,}")
+        print(f"load average {os.getloadavg()[0]:.1f}")
+    finally:
+        source.close()
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.close()
+
+
+if __name__ == "__main__":
+    main()
