@@ -1,14 +1,17 @@
 """PostgreSQL's CPU per row of the batch writes, by way of writing them: the real Writer beside variants of it.
 
-    .venv/bin/python scripts/write_variants.py --keys 60000
-    .venv/bin/python scripts/write_variants.py --keys 60000 --only baseline,json --rounds 5
+    .venv/bin/python scripts/write_variants.py --keys 60000          # every variant, 3 rounds: ~5 minutes
+    .venv/bin/python scripts/write_variants.py --keys 20000 --only "baseline,planned each call (004)"
+    .venv/bin/python scripts/write_variants.py --only "baseline" --perf /tmp/w.perf   # perf report -i /tmp/w.perf
 
 Seeds the demo keyspace into a redis-server of its own and runs `migrator run --local --jobs 1` into a
 throwaway database, keeping every sub-batch the writer was given. Then, for each variant, the mapping's
 tables are emptied and the same sub-batches written again, in the same order, through a Writer of a new
 connection (a transaction per sub-batch), and its backend's CPU (/proc/PID/schedstat) is counted. Each
 variant runs --rounds times, interleaved, the least counting (others' load only ever adds); the table
-gives µs per row and per key and the ratio to the first variant named.
+gives µs per row and per key and the ratio to the first variant named. "same-work floor" is
+scripts/costs.py's: the rows the writer wrote, COPYed into unlogged staging and upserted per table.
+A variant named "... sub-batch N" takes the same records in sub-batches of N.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import os
 import re
 import signal
 import subprocess
-import time
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,10 +43,8 @@ from migrator.core.writer import Prepared, Writer  # noqa: E402
 
 Variant = Callable[[Any], Writer]  # a cursor -> the writer to write with
 
-
-RUN_ID: list[str] = []
-TEMP_BYTES: list[int] = []
-PERF: list[str] = []
+RUN_ID: list[str] = []  # the captured run's: the rows' provenance
+PERF: list[str] = []  # the file the next replay's perf recording goes to (--perf)
 
 
 def _baseline(cur: Any) -> Writer:
@@ -163,35 +164,46 @@ def objects(cur: Any) -> Writer:
     return w
 
 
+def _documents_by_copy(cur: Any) -> Writer:
+    """Every document through the temporary table by COPY, as only large ones go (writer.LARGE_DOCUMENT_BYTES)."""
+    writer_module.LARGE_DOCUMENT_BYTES = 0  # (put back by replay)
+    return _baseline(cur)
+
+
+def _sized(n: int, variant: Variant) -> Variant:
+    """`variant` with the records taken in sub-batches of `n` (replay reads it)."""
+    def make(cur: Any) -> Writer:
+        return variant(cur)
+    make.size = n  # type: ignore[attr-defined]
+    return make
+
+
 FLOOR = "same-work floor"
+REPLANNING_CALL = {"function": "pg_temp.write_replanned", "setup": REPLANNED}
+REPLANNING = edited(**REPLANNING_CALL)
 VARIANTS: dict[str, Variant] = {
-    "baseline": _baseline,
+    "baseline": _baseline,  # the Writer and migrator_write as they are
     FLOOR: _baseline,  # (not a writer: see floor)
-    "planned each call (004)": edited(function="pg_temp.write_replanned", setup=REPLANNED),
-    "no subtransaction, planned each call": edited(function="pg_temp.write_bare", setup=UNGUARDED),
+    # the parts of the statement and the call
+    "planned each call (004)": REPLANNING,
+    "no subtransaction (planned each call)": edited(function="pg_temp.write_bare", setup=UNGUARDED),
     "unfenced": edited(fenced=False),
     "no guard (WHERE true)": edited(lambda s: re.sub(r" WHERE \(t\.synced_at.*$", "", s)),
-    "jsonb parse and casts only": edited(_casts_only),
-    "jsonb parse only": edited(lambda s: "SELECT jsonb_array_length($1::jsonb)"),
-    "nothing (SELECT 1)": edited(lambda s: "SELECT 1"),
+    "no journal trigger": edited(setup=";".join(f'ALTER TABLE "{t}" DISABLE TRIGGER USER' for t in THREADR.table_names())),
+    # the transport without the writes (SELECTs: through 004's EXECUTE), then its alternatives
+    "jsonb parse and casts only": edited(_casts_only, **REPLANNING_CALL),
+    "jsonb parse only": edited(lambda s: "SELECT jsonb_array_length($1::jsonb)", **REPLANNING_CALL),
+    "nothing (SELECT 1)": edited(lambda s: "SELECT 1", **REPLANNING_CALL),
     "json not jsonb": edited(_json),
     "objects by json_to_recordset": objects,
-    "sub-batch 500": _baseline,
-    "sub-batch 1000": _baseline,
-    "sub-batch 5000": _baseline,
-    "work_mem 64MB": edited(setup="SET work_mem = '64MB'"),
-    "documents by COPY": lambda cur: (setattr(writer_module, "LARGE_DOCUMENT_BYTES", 0), _baseline(cur))[1],
     "rows parsed one by one": edited(lambda s: s.replace(
         "FROM jsonb_array_elements($1::jsonb) AS r",
         "FROM json_array_elements($1::json) AS e CROSS JOIN LATERAL (SELECT e::jsonb AS r OFFSET 0) AS x")),
-    "planned each call + sub-batch 500": edited(function="pg_temp.write_replanned", setup=REPLANNED),
-    "planned each call + sub-batch 1000": edited(function="pg_temp.write_replanned", setup=REPLANNED),
-    "sub-batch 4000": _baseline,
-    "sub-batch 100": _baseline,
-    "planned each call + sub-batch 100": edited(function="pg_temp.write_replanned", setup=REPLANNED),
-    "sub-batch 20": _baseline,
-    "planned each call + sub-batch 20": edited(function="pg_temp.write_replanned", setup=REPLANNED),
-    "no journal trigger": edited(setup=";".join(f"ALTER TABLE {t} DISABLE TRIGGER USER" for t in THREADR.table_names())),
+    "documents by COPY": _documents_by_copy,
+    "work_mem 64MB": edited(setup="SET work_mem = '64MB'"),  # (a document's rows no longer spill to disk)
+    # records per sub-batch (2,000 by default: RunOptions.batch_size)
+    **{f"sub-batch {n}": _sized(n, _baseline) for n in (20, 100, 500, 1000, 4000)},
+    **{f"planned each call + sub-batch {n}": _sized(n, REPLANNING) for n in (20, 100, 500, 1000)},
 }
 
 
@@ -281,9 +293,6 @@ def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int 
                 conn.commit()
         cpu = backend_cpu(pid) - before
         _stop(perf)
-        with conn, conn.cursor() as cur:
-            cur.execute("SELECT pg_stat_get_db_temp_bytes(oid) FROM pg_database WHERE datname = current_database()")
-            TEMP_BYTES.append(cur.fetchone()[0])
         return cpu, written
     finally:
         writer_module.orjson, writer_module.LARGE_DOCUMENT_BYTES = kept
@@ -294,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=60_000, help="about this many keys (default 60,000)")
     parser.add_argument("--rounds", type=int, default=3, help="times each variant runs (default 3)")
-    parser.add_argument("--only", help="variants, comma-separated, the first the baseline (default: all)")
+    parser.add_argument("--only", help="variants, comma-separated, the first the one ratios are to (default: all)")
     parser.add_argument("--perf", help="record the backend of the last variant's last round with perf into this file")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -323,9 +332,9 @@ def main() -> None:
             for variant in names:
                 if args.perf and variant == names[-1] and _ == args.rounds - 1:
                     PERF.append(args.perf)
-                size = int(variant.split()[-1]) if "sub-batch" in variant else None
-                cpu, n = floor(url, written) if variant == FLOOR else replay(url, batches, VARIANTS[variant], size)
-                print(variant, f"{cpu:.3f}", TEMP_BYTES[-1:], flush=True)
+                chosen = VARIANTS[variant]
+                cpu, n = floor(url, written) if variant == FLOOR else \
+                    replay(url, batches, chosen, getattr(chosen, "size", None))
                 if variant not in best or cpu < best[variant][0]:
                     best[variant] = (cpu, n)
         base = best[names[0]][0]
