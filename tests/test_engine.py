@@ -585,6 +585,26 @@ def test_read_keys_without_the_ttl_tells_a_missing_string_from_an_empty_one(r):
     assert 0 < read_keys(r, wanted[2:3])[0].pttl <= 60_000  # (asked by default)
 
 
+def test_read_keys_marks_each_string_over_the_limit_with_its_true_length(r):
+    """Strings read past `max_bytes`, as expected or found instead of another type, are marked
+    truncated with their real size; those within it, empty or gone are not."""
+    from migrator.core.source import read_keys
+
+    r.set("long", b"x" * 100)
+    r.set("edge", b"y" * 10)
+    r.set("empty", b"")
+    r.set("long_not_a_hash", b"z" * 50)
+    r.hset("h", mapping={"a": "1"})
+    wanted = [(b"long", "string"), (b"edge", "string"), (b"empty", "string"), (b"gone", "string"),
+              (b"long_not_a_hash", "hash"), (b"h", "hash"), (b"long", "string")]
+    for ttl in (None, [False] * len(wanted)):
+        reads = read_keys(r, wanted, 10, ttl)
+        assert [(x.redis_type, x.truncated, x.size) for x in reads] == [
+            ("string", True, 100), ("string", False, 10), ("string", False, 0), ("none", False, 0),
+            ("string", True, 50), ("hash", False, 2), ("string", True, 100)]
+        assert [len(x.raw) for x in reads if x.redis_type == "string"] == [11, 10, 0, 11, 11]  # up to one byte past
+
+
 def test_references_to_keys_are_asked_many_at_a_time_and_each_missing_one_is_still_found(tmp_path):
     import redis
 

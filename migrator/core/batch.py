@@ -138,8 +138,7 @@ class _Batch:
                 t["throttle"] += self.throttle.acquire(len(keys))
             now_s = clock()
             t["scan"] += now_s - mark
-            candidates = [k for k in keys if k.startswith(self.prefixes)]
-            wanted = [w for w in map(self._classify, candidates) if w is not None]
+            wanted = self._classify(keys)
             mark = clock()
             t["transform"] += mark - now_s
             for start in range(0, len(wanted), self.read_chunk):
@@ -166,31 +165,35 @@ class _Batch:
             mark = clock()
         self._flush(len(self.pending))
 
-    def _classify(self, key: bytes) -> tuple[bytes, str, Pattern, dict[str, str]] | None:
-        seen = self.seen
-        before = len(seen)
-        seen.add(key)
-        if len(seen) == before:
-            return None
-        try:
-            text, valid = key.decode("utf-8"), True
-        except UnicodeDecodeError:
-            text, valid = key.decode("utf-8", "backslashreplace"), False
-        pattern, match = self.mapping.pattern_of(text)
-        name = pattern.name if pattern is not None else UNMAPPED
-        if pattern is None:
-            if self.count_unmapped:
-                self.counts.add(UNMAPPED, "skipped")
-            return None
-        if name not in self.scope:
-            return None  # another priority's pass, or outside --table/--pattern
-        if not pattern.read:
-            self.counts.add(name, "skipped")
-            return None
-        if not valid:
-            self._dead(key, text, pattern, None, "key is not valid UTF-8")
-            return None
-        return key, text, pattern, self.mapping.fields_of(match)
+    def _classify(self, keys: list[bytes]) -> list[tuple[bytes, str, Pattern, dict[str, str]]]:
+        """Those of a SCAN reply's keys this pass reads, with their text, pattern and fields; the
+        others are counted (unmapped, skipped, dead) or left to the pass they belong to. (One call
+        per reply, its lookups bound once: this runs for every key of every pass.)"""
+        seen, scope, prefixes = self.seen, self.scope, self.prefixes
+        pattern_of, fields_of = self.mapping.pattern_of, self.mapping.fields_of
+        wanted = []
+        for key in keys:
+            if not key.startswith(prefixes) or key in seen:
+                continue
+            seen.add(key)
+            try:
+                text, valid = key.decode("utf-8"), True
+            except UnicodeDecodeError:
+                text, valid = key.decode("utf-8", "backslashreplace"), False
+            pattern, match = pattern_of(text)
+            if pattern is None:
+                if self.count_unmapped:
+                    self.counts.add(UNMAPPED, "skipped")
+                continue
+            if pattern.name not in scope:
+                continue  # another priority's pass, or outside --table/--pattern
+            if not pattern.read:
+                self.counts.add(pattern.name, "skipped")
+            elif not valid:
+                self._dead(key, text, pattern, None, "key is not valid UTF-8")
+            else:
+                wanted.append((key, text, pattern, fields_of(match)))
+        return wanted
 
     def _prepare(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], read: KeyRead, now: datetime) -> None:
         if read.redis_type == "none" or read.raw is None or read.pttl == -2:
@@ -238,8 +241,8 @@ class _Batch:
         one of SHAPE_ERRORS for a value that cannot be migrated."""
         record = SourceRecord(text, fields, decode(read.raw, pattern.value_format), expires_at, now, pattern.zone(self.tz))
         rows = pattern.transform(record) if pattern.transform else None
-        references = pattern.references(record) if pattern.references else ()
-        self.references += [(pattern.name, text, ref) for ref in references]
+        if pattern.references:  # (most patterns have none: no list built for them)
+            self.references += [(pattern.name, text, ref) for ref in pattern.references(record)]
         return rows
 
     def _hold(self, record: Prepared) -> None:

@@ -52,14 +52,18 @@ class PatternCounts:
     by_pattern: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, pattern: str, outcome: str, n: int = 1, rows: int = 0) -> None:
-        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(TALLY_FIELDS, 0))
+        counts = self.by_pattern.get(pattern)  # (not setdefault: its default would be built per key)
+        if counts is None:
+            counts = self.by_pattern[pattern] = dict.fromkeys(TALLY_FIELDS, 0)
         counts["scanned"] += n
         counts[outcome] += n
         counts["rows"] += rows
 
     def note(self, pattern: str, field: str, n: int = 1) -> None:
         """Count something of the pattern's keys that is not an outcome (references, dangling)."""
-        counts = self.by_pattern.setdefault(pattern, dict.fromkeys(TALLY_FIELDS, 0))
+        counts = self.by_pattern.get(pattern)
+        if counts is None:
+            counts = self.by_pattern[pattern] = dict.fromkeys(TALLY_FIELDS, 0)
         counts[field] += n
 
     def total(self, outcome: str) -> int:

@@ -163,6 +163,26 @@ def literal_prefix(grammar: str) -> str:
     return grammar
 
 
+def _trie(prefixes: set[str]) -> re.Pattern[str]:
+    """A regular expression whose match of a key is the longest of `prefixes` the key starts with
+    (none when it starts with none): a trie of them, each node trying its longer branches first."""
+    root: dict[str, dict] = {}
+    for prefix in sorted(prefixes):  # (the same expression in every process)
+        node = root
+        for ch in prefix:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a prefix ends here
+
+    def spell(node: dict[str, dict]) -> str:
+        branches = [re.escape(ch) + spell(child) for ch, child in node.items() if ch]
+        if not branches:
+            return ""
+        either = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{either})?" if "" in node else either
+
+    return re.compile(spell(root) if prefixes else "(?!)", re.DOTALL)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """One shape of key: how to recognise it, what Redis type it holds and where it goes.
@@ -304,25 +324,16 @@ class Mapping:
         dupes = {n for n in names if names.count(n) > 1}
         if dupes or UNMAPPED in names:
             raise ValueError(f"mapping {self.name}: pattern names must be unique, got {sorted(dupes)}")
-        # One alternation of every grammar, tried in declaration order by the regex engine
-        # itself: far cheaper per key than a Python loop over the patterns.
-        branches = [
-            f"(?P<p{i}>" + re.sub(r"\(\?P<(\w+)>", rf"(?P<p{i}_\1>", p.grammar) + ")"
-            for i, p in enumerate(self.patterns)
-        ]
-        # (a mapping of no patterns, such as the empty one `mapping --init` audits with, matches nothing)
-        combined = re.compile("|".join(branches) or "(?!)", re.DOTALL)  # a key name may hold a newline
-        object.__setattr__(self, "_combined", combined)
-        # Indexed by a match's lastindex (the alternation's outer group closes last, so it names
-        # the branch): the owning pattern, and its field names with their group numbers.
-        owners: list[Pattern | None] = [None] * (combined.groups + 1)
-        fields: list[tuple[tuple[str, ...], tuple[int, ...]]] = [((), ())] * (combined.groups + 1)
-        for i, p in enumerate(self.patterns):
-            names = tuple(re.compile(p.grammar).groupindex)
-            owners[combined.groupindex[f"p{i}"]] = p
-            fields[combined.groupindex[f"p{i}"]] = names, tuple(combined.groupindex[f"p{i}_{n}"] for n in names)
-        object.__setattr__(self, "_owner", owners)
-        object.__setattr__(self, "_fields", fields)
+        # A key is tried only against the grammars that can match it: those whose literal prefix it
+        # starts with (each grammar alone, in declaration order: the first that matches owns it).
+        # Those are the patterns of the longest such prefix, found by one match of a trie of them.
+        prefixes = [literal_prefix(p.grammar) for p in self.patterns]
+        # (re.DOTALL: a key name may hold a newline)
+        grammars = [re.compile(p.grammar, re.DOTALL).fullmatch for p in self.patterns]
+        object.__setattr__(self, "_longest_prefix", _trie(set(prefixes)).match)
+        object.__setattr__(self, "_candidates", {
+            prefix: tuple((p, g) for p, g, its in zip(self.patterns, grammars, prefixes) if prefix.startswith(its))
+            for prefix in set(prefixes)})
         ruled = {r.name for r in self.rules}
         missing = {t for p in self.patterns for t in p.tables} - ruled
         if missing:
@@ -338,16 +349,19 @@ class Mapping:
 
     def pattern_of(self, key: str) -> tuple[Pattern | None, re.Match[str] | None]:
         """The pattern owning `key` (None: unmapped), and the match to take its fields from."""
-        m = self._combined.fullmatch(key)
-        return (self._owner[m.lastindex], m) if m else (None, None)
+        found = self._longest_prefix(key)
+        if found is not None:
+            for pattern, grammar in self._candidates[found.group()]:
+                m = grammar(key)
+                if m is not None:
+                    return pattern, m
+        return None, None
 
-    def fields_of(self, m: re.Match[str]) -> dict[str, str]:
+    @staticmethod
+    def fields_of(m: re.Match[str]) -> dict[str, str]:
         """The named fields of a key, from its match by pattern_of: asked only for keys that
         will be read (the hot path)."""
-        names, groups = self._fields[m.lastindex]
-        if len(groups) == 1:  # group() answers a string for one group, a tuple for more
-            return {names[0]: m.group(groups[0])}
-        return dict(zip(names, m.group(*groups))) if groups else {}
+        return m.groupdict()
 
     @staticmethod
     def prefixes(patterns: Iterable[Pattern]) -> tuple[bytes, ...]:

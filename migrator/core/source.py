@@ -185,13 +185,14 @@ def roundtrip(client: redis.Redis, commands: Sequence[tuple], *, large: bool = F
         buffered = getattr(getattr(conn, "_parser", None), "_reader", None) if _MORE is not None else None
         replies: list[Any] = []
         while len(replies) < len(commands):
-            reply = buffered.gets() if buffered is not None else _MORE
-            if reply is _MORE:
-                try:
-                    reply = conn.read_response()  # waits for more from the socket
-                except redis.ResponseError as exc:
-                    reply = exc
-            replies.append(reply)
+            if buffered is not None:
+                replies += iter(buffered.gets, _MORE)  # (every reply received so far, in one call)
+                if len(replies) == len(commands):
+                    break
+            try:
+                replies.append(conn.read_response())  # waits for more from the socket
+            except redis.ResponseError as exc:
+                replies.append(exc)
         if large:
             conn.disconnect()
         return replies
@@ -240,34 +241,54 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
     """
     asked = [True] * len(wanted) if ttl is None else list(ttl)
     commands = []
+    up_to = None if max_bytes is None else str(max_bytes)  # (spelled once, not per string)
     for (key, expected), with_ttl in zip(wanted, asked):
-        commands.append(_read_command(key, expected, max_bytes))
+        if expected == "string" and up_to is not None:  # _read_command's, made here: most keys are strings
+            commands.append(("GETRANGE", key, "0", up_to))
+        else:
+            commands.append(_read_command(key, expected, max_bytes))
         if with_ttl:
             commands.append(("PTTL", key))
     replies = iter(roundtrip(client, commands, large=max_bytes is None))
-    reads = []
+    reads: list[KeyRead] = []
+    # Told apart as they are read, not by a pass over all of them after: strings that answered ""
+    # without their PTTL asked, strings longer than max_bytes, and values of another type.
+    unsure: list[KeyRead] = []
+    huge: list[KeyRead] = []
+    wrong: list[KeyRead] = []
     for (key, expected), with_ttl in zip(wanted, asked):
-        (raw, resume), pttl = _reply(expected, next(replies), max_bytes), next(replies) if with_ttl else NOT_ASKED
+        reply = next(replies)
+        pttl = next(replies) if with_ttl else NOT_ASKED
+        if isinstance(reply, bytes) and expected == "string":  # nearly every key: taken as it came
+            read = KeyRead(key, "none" if pttl == -2 else expected, pttl if isinstance(pttl, int) else -1, reply,
+                           len(reply))
+            reads.append(read)
+            if not reply and not with_ttl:
+                unsure.append(read)
+            elif max_bytes is not None and len(reply) > max_bytes and pttl != -2:
+                huge.append(read)
+            continue
+        raw, resume = _reply(expected, reply, max_bytes)
         # An empty reply is a missing key: Redis deletes emptied collections (a SCAN call may find
         # no member in its part of a sparse table, and says where to go on).
         gone = raw is None or pttl == -2 or (isinstance(raw, (dict, list)) and not raw and resume is None)
         rtype = "none" if gone else expected
         reads.append(KeyRead(key, rtype, pttl if isinstance(pttl, int) else -1, raw, payload_size(raw),
                              resume is not None, resume))
-    unsure = [r for r, with_ttl in zip(reads, asked) if not with_ttl and r.raw == b"" and r.redis_type == "string"]
+        if isinstance(raw, redis.ResponseError) and "WRONGTYPE" in str(raw):
+            wrong.append(reads[-1])
     if unsure:
         for r, exists in zip(unsure, roundtrip(client, [("EXISTS", r.key) for r in unsure])):
             if exists == 0:
                 r.redis_type = "none"
-    wrong = [r for r in reads if isinstance(r.raw, redis.ResponseError) and "WRONGTYPE" in str(r.raw)]
     if wrong:
         for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):
             r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
         for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type, max_bytes) for r in wrong])):
             r.raw, r.resume = _reply(r.redis_type, raw, max_bytes)
             r.size, r.truncated = payload_size(r.raw), r.resume is not None
-    huge = [r for r in reads if max_bytes is not None and r.redis_type == "string" and isinstance(r.raw, bytes)
-            and len(r.raw) > max_bytes]
+        huge += [r for r in wrong if max_bytes is not None and r.redis_type == "string" and isinstance(r.raw, bytes)
+                 and len(r.raw) > max_bytes]
     if huge:
         for r, length in zip(huge, roundtrip(client, [("STRLEN", r.key) for r in huge])):
             r.truncated, r.size = True, length if isinstance(length, int) else r.size
@@ -326,6 +347,11 @@ def decode(raw: Any, value_format: str) -> Any:
             _utf8(raw, "value")  # a clearer reason when the bytes are not text at all
             raise BadRecord(f"value is not valid JSON: {exc}") from None
     if value_format == "int":
+        if isinstance(raw, bytes):
+            try:  # digits in ASCII, as a counter's nearly always are: what int() of its text gives
+                return int(raw)
+            except ValueError:
+                pass  # (not ASCII, or not a number: told as the text says)
         text = _utf8(raw, "value")
         try:
             return int(text)

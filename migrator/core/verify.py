@@ -72,7 +72,10 @@ class Tally:
     writes: dict[str, list[str]] = field(default_factory=dict)  # per pattern: the tables its rows went to
 
     def add(self, pattern: str, what: str, n: int = 1) -> None:
-        self.patterns.setdefault(pattern, _counts())[what] += n
+        counts = self.patterns.get(pattern)  # (not setdefault: its default would be built per key)
+        if counts is None:
+            counts = self.patterns[pattern] = _counts()
+        counts[what] += n
 
     def problem(self, pattern: str, kind: str, example: dict[str, Any], columns: Iterable[str] = ()) -> None:
         self.add(pattern, kind)
@@ -146,33 +149,32 @@ class RangeVerifier:
             self.links.setdefault(link.table, {}).setdefault(link.into, []).append(link.column)
 
     def feed(self, keys: list[bytes]) -> None:
+        # (its lookups bound once per reply: this runs for every key of every pass)
+        seen, scope, prefixes, add, pending = self.seen, self.scope, self.prefixes, self.tally.add, self.pending
+        pattern_of, fields_of = self.mapping.pattern_of, self.mapping.fields_of
         for key in keys:
-            if not key.startswith(self.prefixes) or key in self.seen:
+            if not key.startswith(prefixes) or key in seen:
                 continue
-            self.seen.add(key)
+            seen.add(key)
             try:
                 text = key.decode("utf-8")
             except UnicodeDecodeError:  # no row can name it (the run made it a dead letter)
                 text = key.decode("utf-8", "backslashreplace")
-            pattern, match = self.mapping.pattern_of(text)
+            pattern, match = pattern_of(text)
+            name = UNMAPPED if pattern is None else pattern.name
+            if not (name in scope or (pattern is None and self.count_unmapped)):
+                continue
+            add(name, "keys")
+            if self.spooled:
+                add(name, "spooled")
             if pattern is None:
-                if self.count_unmapped:
-                    self._count(UNMAPPED)
                 continue
-            if pattern.name not in self.scope:
-                continue
-            self._count(pattern.name)
             if pattern.skip:
-                self.tally.add(pattern.name, "skipped")
+                add(name, "skipped")
             elif self.compare:
-                self.pending.append((key, text, pattern, self.mapping.fields_of(match)))
+                pending.append((key, text, pattern, fields_of(match)))
         if len(self.pending) >= self.opts.read_chunk:
             self.flush()
-
-    def _count(self, name: str) -> None:
-        self.tally.add(name, "keys")
-        if self.spooled:
-            self.tally.add(name, "spooled")
 
     def flush(self) -> None:
         chunk, self.pending = self.pending, []
