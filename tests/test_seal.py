@@ -117,3 +117,118 @@ def test_a_clean_run_is_validated_by_its_seals_without_reading_redis_again(setti
     assert report["validated_by"] == {p: "sealed" for p in ("critical", "high", "medium", "low")}
     # the independent check, every key read again, agrees
     assert verify(settings, report["run_id"])["verdict"] == "clean"
+
+
+def seals(pg: Any, table: str) -> dict[str, int | None]:
+    with pg.cursor() as cur:
+        cur.execute(f"SELECT id::text, row_seal FROM {table}")  # (a test's own table name)
+        found = dict(cur.fetchall())
+    pg.rollback()
+    return found
+
+
+def fell_back(pg: Any, run_id: str) -> tuple[dict, dict]:
+    """Critical's sealed verification did not hold and a full one followed: what the seal check found
+    broken (kept with the full one), and the full one's result."""
+    with pg.cursor() as cur:
+        cur.execute("SELECT compare, sealed, result, reason FROM migration_verifications WHERE run_id = %s"
+                    " AND priorities = '{critical}' ORDER BY id", (run_id,))
+        (compare, sealed, counted, _), (full_compare, full_sealed, full, reason) = cur.fetchall()
+    pg.rollback()
+    assert (compare, sealed, counted["verdict"]) == (False, True, "unsealed")
+    assert (full_compare, full_sealed) == (True, False)
+    assert reason["broken"] == counted["seal"]["broken"] and "subscriptions" in reason["broken"]
+    return reason["broken"]["subscriptions"], full
+
+
+def only_email_grants(r: Any) -> None:
+    seed_demo(r, 60)
+    r.delete(*r.keys("threadr:premium:ip:*"))  # no row under two keys: critical is sealed unless damaged
+
+
+def test_a_column_changed_after_the_batches_loses_its_seal_and_the_full_pass_finds_it_different(
+        settings, r, pg, monkeypatch):
+    only_email_grants(r)
+    damage_after_critical_batches(monkeypatch, f"UPDATE subscriptions SET plan = 'tampered' WHERE id = {GRANT}")
+    report = migrate(settings)
+    assert report["status"] == "rolled_back"
+    broken, full = fell_back(pg, report["run_id"])
+    assert list(broken.values()) == ["1 row(s) changed since their batch wrote them (no seal)"]
+    assert full["different"] == 1 and full["missing"] == full["extra"] == 0
+    checks = validation(pg, report["run_id"], "critical")
+    assert not checks["verification"]["ok"] and checks["verification"]["data"]["validation"] == "reread after the seals"
+    assert checks["verification"]["detail"].startswith("the seals did not hold (subscriptions: 1 row(s) changed")
+
+
+def test_a_row_deleted_after_the_batches_is_missing(settings, r, pg, monkeypatch):
+    only_email_grants(r)
+    damage_after_critical_batches(monkeypatch, f"DELETE FROM subscriptions WHERE id = {GRANT}")
+    report = migrate(settings)
+    assert report["status"] == "rolled_back"
+    broken, full = fell_back(pg, report["run_id"])
+    assert any("row(s) where the batches wrote" in why for why in broken.values())
+    assert full["missing"] == 1 and full["different"] == full["extra"] == 0
+
+
+def test_a_foreign_row_with_the_pattern_s_provenance_and_a_copied_seal_is_extra(settings, r, pg, monkeypatch):
+    only_email_grants(r)
+    # (an INSERT keeps whatever seal it is given: the count gives it away)
+    damage_after_critical_batches(monkeypatch, "INSERT INTO subscriptions SELECT (jsonb_populate_record(NULL::subscriptions,"
+                                  " to_jsonb(s) || jsonb_build_object('id', gen_random_uuid(), 'source_key', NULL))).*"
+                                  f" FROM subscriptions s WHERE id = {GRANT}")
+    report = migrate(settings)
+    assert report["status"] == "rolled_back"
+    broken, full = fell_back(pg, report["run_id"])
+    assert any("row(s) where the batches wrote" in why for why in broken.values())
+    assert full["extra"] == 1 and full["missing"] == full["different"] == 0
+
+
+def test_a_row_written_back_as_it_was_loses_its_seal_and_the_full_pass_passes_it(settings, r, pg, monkeypatch):
+    only_email_grants(r)
+    damage_after_critical_batches(monkeypatch, f"UPDATE subscriptions SET plan = plan WHERE id = {GRANT}")
+    report = migrate(settings)
+    assert report["status"] == "completed", report["error"]
+    broken, full = fell_back(pg, report["run_id"])
+    assert list(broken.values()) == ["1 row(s) changed since their batch wrote them (no seal)"]
+    assert full["verdict"] == "clean"
+    assert report["validated_by"] == {"critical": "reread after the seals", "high": "sealed", "medium": "sealed",
+                                      "low": "sealed"}
+
+
+def test_a_row_two_keys_give_makes_its_priority_read_again_and_it_passes(settings, r, pg, monkeypatch):
+    """A premium grant under its ip key and its email key: one row, written twice, merged (each key fills
+    its own lookup column), sealed by neither; its priority's keys are read again, and they match."""
+    seed_demo(r, 60)
+    reads = reads_while_validating(monkeypatch)
+    report = migrate(settings)
+    assert report["status"] == "completed", report["error"]
+    broken, full = fell_back(pg, report["run_id"])
+    assert all("changed since their batch wrote them (no seal)" in why for why in broken.values())
+    assert full["verdict"] == "clean" and reads[0] == full["totals"]["compared"] > 0  # critical's keys alone
+    assert report["validated_by"] == {"critical": "reread after the seals", "high": "sealed", "medium": "sealed",
+                                      "low": "sealed"}
+
+
+def test_the_reread_validation_compares_every_key_as_before(settings, r, pg, monkeypatch):
+    only_email_grants(r)
+    reads = reads_while_validating(monkeypatch)
+    report = migrate(settings, validation="reread")
+    assert report["status"] == "completed", report["error"]
+    found = verifications(pg, report["run_id"])
+    assert [(p, compare, sealed, verdict, reason) for p, compare, sealed, verdict, reason in found] == \
+        [([p], True, False, "clean", None) for p in ("critical", "high", "medium", "low")]
+    assert reads[0] >= sum(p["migrated"] for p in report["patterns"])  # every key migrated, read again
+    assert report["validated_by"] == {p: "reread" for p in ("critical", "high", "medium", "low")}
+    assert "every key's rows match PostgreSQL" in validation(pg, report["run_id"], "high")["verification"]["detail"]
+
+
+def test_a_rerun_of_an_unchanged_keyspace_keeps_the_seals_and_is_sealed_again(settings, r, pg):
+    only_email_grants(r)
+    first = migrate(settings)
+    assert first["status"] == "completed", first["error"]
+    before = {table: seals(pg, table) for table in ("subscriptions", "users", "threads", "usage_counters", "sessions")}
+    second = migrate(settings)
+    assert second["status"] == "completed", second["error"]
+    assert {table: seals(pg, table) for table in before} == before
+    assert all(None not in found.values() for found in before.values())
+    assert second["validated_by"] == {p: "sealed" for p in ("critical", "high", "medium", "low")}
