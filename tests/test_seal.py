@@ -9,6 +9,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import migrator.core.verify
 import migrator.execution.finalize
 from migrator.apps.threadr.demo import seed_demo
@@ -232,3 +233,23 @@ def test_a_rerun_of_an_unchanged_keyspace_keeps_the_seals_and_is_sealed_again(se
     assert {table: seals(pg, table) for table in before} == before
     assert all(None not in found.values() for found in before.values())
     assert second["validated_by"] == {p: "sealed" for p in ("critical", "high", "medium", "low")}
+
+
+def test_a_counter_the_merge_keeps_above_what_was_sent_leaves_its_row_unsealed_for_the_full_pass(settings, r, pg):
+    """GREATEST keeps a counter that went down in Redis: the row is not what its batch sent, so it keeps
+    no seal, and the full pass finds the row different from its key."""
+    only_email_grants(r)
+    key = sorted(r.keys("threadr:thread_stats:*"))[0]
+    r.set(key, orjson.dumps({"created": 5, "viewed": 5}))
+    assert migrate(settings)["status"] == "completed"
+    r.set(key, orjson.dumps({"created": 6, "viewed": 1}))  # one up (the row is updated), one down (kept at 5)
+    report = migrate(settings)
+    assert report["status"] == "rolled_back"
+    with pg.cursor() as cur:
+        cur.execute("SELECT result FROM migration_verifications WHERE run_id = %s AND priorities = '{medium}'"
+                    " ORDER BY id", (report["run_id"],))
+        (counted,), (full,) = cur.fetchall()
+    pg.rollback()
+    assert counted["verdict"] == "unsealed" and "thread_stats" in counted["seal"]["broken"]
+    assert full["different"] == 1 and {p["pattern"]: p["columns"] for p in full["patterns"] if p["different"]} == \
+        {"thread_stats": {"viewed": 1}}
