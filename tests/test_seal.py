@@ -223,15 +223,21 @@ def test_the_reread_validation_compares_every_key_as_before(settings, r, pg, mon
     assert "every key's rows match PostgreSQL" in validation(pg, report["run_id"], "high")["verification"]["detail"]
 
 
-def test_a_rerun_of_an_unchanged_keyspace_keeps_the_seals_and_is_sealed_again(settings, r, pg):
+def test_a_rerun_keeps_the_seals_of_unchanged_rows_reseals_a_changed_one_and_is_sealed_again(settings, r, pg):
     only_email_grants(r)
     first = migrate(settings)
     assert first["status"] == "completed", first["error"]
     before = {table: seals(pg, table) for table in ("subscriptions", "users", "threads", "usage_counters", "sessions")}
+    assert all(None not in found.values() for found in before.values())
+    counter = sorted(r.keys("threadr:usage:ip:*:daily:*"))[0]
+    r.incr(counter)  # its row updated by the batch's upsert (GREATEST takes the new count): sealed anew
     second = migrate(settings)
     assert second["status"] == "completed", second["error"]
-    assert {table: seals(pg, table) for table in before} == before
-    assert all(None not in found.values() for found in before.values())
+    after = {table: seals(pg, table) for table in before}
+    changed = {(table, row_id) for table in before for row_id in before[table] if after[table][row_id] != before[table][row_id]}
+    assert after["usage_counters"].keys() == before["usage_counters"].keys() and len(changed) == 1
+    ((table, row_id),) = changed
+    assert table == "usage_counters" and after[table][row_id] is not None
     assert second["validated_by"] == {p: "sealed" for p in ("critical", "high", "medium", "low")}
 
 
