@@ -259,3 +259,13 @@ def test_a_counter_the_merge_keeps_above_what_was_sent_leaves_its_row_unsealed_f
     assert counted["verdict"] == "unsealed" and "thread_stats" in counted["seal"]["broken"]
     assert full["different"] == 1 and {p["pattern"]: p["columns"] for p in full["patterns"] if p["different"]} == \
         {"thread_stats": {"viewed": 1}}
+
+
+def test_a_sealed_write_leaves_sealing_off_for_the_rest_of_its_transaction(settings, r, pg):
+    seed_demo(r, 20)
+    assert migrate(settings)["status"] == "completed"
+    with pg.cursor() as cur:
+        cur.execute("SELECT * FROM migrator_write_sealed('{}', '{}')")  # (a bulk batch's sub-batch, of nothing)
+        cur.execute("UPDATE threads SET title = title WHERE id = (SELECT min(id::text)::uuid FROM threads) RETURNING row_seal")
+        assert cur.fetchone() == (None,)
+    pg.rollback()
