@@ -269,3 +269,35 @@ def test_a_sealed_write_leaves_sealing_off_for_the_rest_of_its_transaction(setti
         cur.execute("UPDATE threads SET title = title WHERE id = (SELECT min(id::text)::uuid FROM threads) RETURNING row_seal")
         assert cur.fetchone() == (None,)
     pg.rollback()
+
+
+def test_a_trigger_of_the_table_s_own_that_changes_rows_as_they_are_written_is_not_vouched_for(settings, r, pg):
+    """A BEFORE INSERT trigger changes each row as sent (no seal can tell) and an AFTER INSERT one
+    updates it inside the batch's own sealed write: neither table's seals are trusted."""
+    only_email_grants(r)
+    with pg, pg.cursor() as cur:
+        cur.execute("CREATE FUNCTION pad() RETURNS trigger LANGUAGE plpgsql AS $$"
+                    " BEGIN NEW.login_count := NEW.login_count + 1000; RETURN NEW; END $$")
+        cur.execute("CREATE TRIGGER pad BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION pad()")
+        cur.execute("CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$"
+                    " BEGIN UPDATE threads SET title = title || '!' WHERE id = NEW.id; RETURN NULL; END $$")
+        cur.execute("CREATE TRIGGER bump AFTER INSERT ON threads FOR EACH ROW EXECUTE FUNCTION bump()")
+    try:
+        report = migrate(settings, rollback_on_failure=False)
+        with pg.cursor() as cur:
+            cur.execute("SELECT count(*) FILTER (WHERE row_seal IS NOT NULL), count(*) FROM threads")
+            sealed, rows = cur.fetchone()
+    finally:
+        with pg, pg.cursor() as cur:
+            cur.execute("DROP TRIGGER pad ON users; DROP FUNCTION pad(); DROP TRIGGER bump ON threads; DROP FUNCTION bump()")
+    assert report["status"] == "failed" and report["validated"] == {"critical": True, "high": False}
+    assert rows > 0 and sealed == 0  # (the update inside the sealed write, from another trigger, kept none)
+    counted = next(v for v in verifications(pg, report["run_id"]) if v[0] == ["high"])
+    assert counted[3] == "unsealed"
+    with pg.cursor() as cur:
+        cur.execute("SELECT result -> 'seal' -> 'broken' FROM migration_verifications WHERE run_id = %s"
+                    " AND priorities = '{high}' AND sealed", (report["run_id"],))
+        (broken,) = cur.fetchone()
+    pg.rollback()
+    assert broken["users"] == {"triggers": "trigger(s) pad of its own may change a row as it is written"}
+    assert broken["threads"] == {"triggers": "trigger(s) bump of its own may change a row as it is written"}

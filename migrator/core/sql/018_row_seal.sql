@@ -6,13 +6,15 @@
 -- An UPDATE keeps a row's seal only inside a write that sets migrator.sealing (a bulk batch's upsert,
 -- which itself keeps it only for a row that ends as it was sent, and the link step, which fills only
 -- the linked columns a seal leaves out): any other (follow, dual-write, rollback, an operator's own)
--- changes the row without vouching for it, so its seal goes. `init-db` puts it on every table a
+-- changes the row without vouching for it, so its seal goes; so does an update another trigger makes
+-- (depth > 1) even inside such a write: a table's trigger of its own may change what was sent (and
+-- seal.check does not trust the seals of a table that has one). `init-db` puts it on every table a
 -- mapping writes, row by row, before the update (migrator/core/schema.py: journal_sql); an INSERT is
 -- not triggered.
 CREATE OR REPLACE FUNCTION migrator_unseal() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('migrator.sealing', true) IS DISTINCT FROM 'on' THEN
+    IF current_setting('migrator.sealing', true) IS DISTINCT FROM 'on' OR pg_trigger_depth() > 1 THEN
         NEW.row_seal := NULL;
     END IF;
     RETURN NEW;
