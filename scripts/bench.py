@@ -4,6 +4,7 @@ yardstick measured in the same run.
     .venv/bin/python scripts/bench.py                       # 1,000,000 keys
     .venv/bin/python scripts/bench.py --sizes 100000,300000,1000000 --readme
     .venv/bin/python scripts/bench.py --keys 100000 --only follow  # follow alone (after a run of its rows)
+    .venv/bin/python scripts/bench.py --keys 100000 --only local   # the run alone against its floors
 
 Starts a redis-server of its own (unless --redis-url names one), seeds the demo keyspace (every
 pattern) into it and migrates it into a throwaway database, then measures side by side:
@@ -523,10 +524,13 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         conn = psycopg2.connect(args.database_url)
         rows = snapshot(conn, WRITTEN)
         conn.close()
-        if args.follow_seconds:
+        if args.follow_seconds and not args.only:
             out["follow"] = mode_follow(args)
         out["pg_floor"] = same_work_floor(args.database_url, WRITTEN, rows, args.pg_cpu, TRUNCATED)
         del rows
+        if args.only == "local":  # the run's own cost against its floors: no workers, latency or hostile keyspace
+            client.flushdb()
+            return out
         for n in (int(x) for x in args.workers.split(",") if x):
             _truncate(args.database_url)
             modes[f"{n} worker{'s' if n > 1 else ''}"] = mode_workers(args, n)
@@ -755,9 +759,10 @@ def main() -> None:
     parser.add_argument("--follow-seconds", type=float, default=5.0,
                         help=f"how long the app rewrites keys at {FOLLOW_RATE:,}/s while follow runs (0: no follow)")
     parser.add_argument("--follow-jobs", type=int, help="follow's --jobs (default: its own, 1 with --local)")
-    parser.add_argument("--only", choices=("follow",),
-                        help="measure one part alone: follow (after a run that writes its rows; no other mode, no "
-                             "README)")
+    parser.add_argument("--only", choices=("follow", "local"),
+                        help="measure one part alone (no README): follow (after a run that writes its rows; no other "
+                             "mode), or local (the floor, the seed, `run --local` and its verify, PostgreSQL's same-work "
+                             "floor)")
     parser.add_argument("--readme", action="store_true",
                         help="write the result tables into README.md, and the model's into docs/capacity.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -793,7 +798,7 @@ def main() -> None:
                f"{time.strftime('%Y-%m-%d')}.")
     lines = [machine, ""]
     for size in sizes:
-        lines += render_follow(size["follow"]) + ("",) if args.only else render(size) + [""]
+        lines += render_follow(size["follow"]) + ("",) if args.only == "follow" else render(size) + [""]
     if len(sizes) > 1:
         lines += ["How the cost grows with the keyspace:", ""] + render_growth(sizes) + [""]
     text = "\n".join(lines).rstrip()

@@ -670,8 +670,9 @@ def test_keys_that_appear_after_a_priority_s_batches_fail_its_verification_and_t
 
 
 def test_an_undisturbed_run_verifies_every_priority_by_its_own_pass(settings, r, pg):
+    """Each priority's keys read again and compared (--validation reread; the sealed default: tests/test_seal.py)."""
     seed_demo(r, 60)
-    report = migrate(settings)
+    report = migrate(settings, validation="reread")
     assert report["status"] == "completed"
     with pg.cursor() as cur:
         cur.execute("SELECT priority, ok, checks FROM migration_validations WHERE run_id = %s ORDER BY created_at",
@@ -734,7 +735,8 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
         cur.execute("DROP TABLE IF EXISTS writer_types")
         cur.execute("CREATE TABLE writer_types (id uuid PRIMARY KEY, label varchar(5), tags text[], scores numeric[],"
                     " data jsonb, raw bytea, n numeric, at timestamptz, day date, flag boolean,"
-                    " migration_run uuid, source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint)")
+                    " migration_run uuid, source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint,"
+                    " row_seal bigint)")
     pg.commit()
 
     def record(key: str, **values) -> Prepared:

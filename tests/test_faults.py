@@ -183,7 +183,7 @@ def test_a_postgres_restart_mid_run_is_retried_by_the_workers(stack, expected, d
         conn.close()
 
 
-STATEMENT = {"batch": "SELECT * FROM migrator_write(", "finalize": "UPDATE "}
+STATEMENT = {"batch": "SELECT * FROM migrator_write_sealed(", "finalize": "UPDATE "}
 
 
 def _waiting_on(table: str) -> str:

@@ -102,19 +102,20 @@ def test_init_db_applies_the_chosen_mapping_with_the_engine_s_columns_and_a_jour
     assert columns(fresh, "gadget_parts") == [] and versions(fresh) == before
 
 
-def test_a_disabled_or_dropped_journal_trigger_is_refused_until_init_db_puts_it_back(fresh):
+def test_a_disabled_or_dropped_journal_or_seal_trigger_is_refused_until_init_db_puts_it_back(fresh):
     mapping = gadgets()
     init_db(fresh, mapping)
-    for damage in ("ALTER TABLE gadgets DISABLE TRIGGER gadgets_journal", "DROP TRIGGER gadgets_journal ON gadgets"):
+    for damage in ("ALTER TABLE gadgets DISABLE TRIGGER gadgets_journal", "DROP TRIGGER gadgets_journal ON gadgets",
+                   "ALTER TABLE gadgets DISABLE TRIGGER gadgets_unseal", "DROP TRIGGER gadgets_unseal ON gadgets"):
         with fresh.cursor() as cur:
             cur.execute(damage)
         fresh.commit()
         with pytest.raises(ConfigError) as refused:
             require_schema(fresh, mapping)
         assert str(refused.value) == (
-            "the gadgets mapping writes gadgets without a journal trigger: rows a run changes there are not journaled, "
-            "so a rollback would delete the ones that existed before the run instead of restoring them; run "
-            "`migrator init-db` (it creates them)")
+            "the gadgets mapping writes gadgets without a journal or seal trigger: rows a run changes there are not "
+            "journaled, so a rollback would delete the ones that existed before the run instead of restoring them, or "
+            "a row changed there keeps a seal that no longer vouches for it; run `migrator init-db` (it creates them)")
         require_schema(fresh)  # the engine's own schema is whole: commands that only read the ledger go on
         assert init_db(fresh, mapping)[-1] == ("mapping:gadgets", "current")
         require_schema(fresh, mapping)
@@ -159,7 +160,7 @@ def test_a_table_without_its_journal_trigger_fails_check_and_no_run_or_rollback_
         cur.execute("UPDATE usage_stats SET migration_run = NULL")  # as if the app wrote it before any run
         cur.execute("DROP TRIGGER usage_stats_journal ON usage_stats")
     pg.commit()
-    refusal = "the threadr mapping writes usage_stats without a journal trigger"
+    refusal = "the threadr mapping writes usage_stats without a journal or seal trigger"
     try:
         check = migrator("check", "--no-workers", "--json", *urls, "--broker-url", settings.broker_url)
         schema = next(c for c in json.loads(check.stdout) if c["name"] == "schema")

@@ -15,7 +15,7 @@ from migrator import version
 from migrator.core.config import BROKER_ERRORS, ConfigError, Settings, service_failure
 from migrator.core.log import configure
 from migrator.core.mapping import Priority
-from migrator.core.options import RunOptions
+from migrator.core.options import VALIDATIONS, RunOptions
 from migrator.core import registry
 DESCRIPTION = """\
 Move a live application's data from Redis into PostgreSQL: idempotent, balanced
@@ -133,6 +133,17 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "written after that first pass is not migrated by this run: `migrator verify` reports it "
                         "missing, `migrator follow` (or a second run) migrates it. With this flag a later priority "
                         "also takes the keys written before its own pass, at about three times the Redis CPU")
+    g.add_argument("--validation", choices=VALIDATIONS, default="sealed",
+                   help="how each priority is validated before the next one starts. sealed (default): its keys "
+                        "are counted (from the spool: no value is read) and its rows checked against what its "
+                        "batches wrote: every row carries a seal of what was sent, which any later change to the "
+                        "row takes away, and each batch records how many rows it sealed and their sum; one "
+                        "statement per table compares them. Should anything differ (a row changed, deleted or "
+                        "added since, a row two keys give), every key of the priority is read again and compared "
+                        "instead, and that decides. reread: every key is read again from Redis, transformed and "
+                        "compared with its rows, as `migrator verify` does: independent of what the batches "
+                        "recorded, at about twice the run's Redis reads and a third more of its PostgreSQL CPU. "
+                        "`migrator verify RUN` re-reads every key whichever was chosen")
     g.add_argument("--source-timezone", default="UTC", help="zone of the app's naive datetimes (default UTC)")
     g.add_argument("--count-tolerance", type=float, default=0.01,
                    help="validation: how many more source keys a fresh count may find than the batches scanned, and "
@@ -160,7 +171,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         max_value_bytes=args.max_value_bytes, source_timezone=args.source_timezone, ranges=args.ranges,
         count_tolerance=args.count_tolerance, max_keys_per_sec=args.max_keys_per_sec,
         max_dead_ratio=args.max_dead_ratio, max_dead_keys=args.max_dead_keys,
-        scan_each_priority=args.scan_each_priority,
+        scan_each_priority=args.scan_each_priority, validation=args.validation,
     )
 
 

@@ -12,7 +12,7 @@ import gc
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
@@ -31,6 +31,7 @@ from migrator.core.partition import scan_range
 from migrator.core.redact import printable, redact_text
 from migrator.core.references import Checker
 from migrator.core.runstate import Fenced
+from migrator.core.seal import Figures
 from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, dead_letter_value, decode, expiry,
                      key_client, node_client, read_keys, read_parts, value_digest)
 from migrator.core import throttle
@@ -62,6 +63,7 @@ class _Streamed:
     written: int = 0
     digest: int = 0  # of every part's digest, in order
     error: BaseException | None = None  # PostgreSQL refused a part
+    seals: Figures = field(default_factory=Figures)  # of every part's rows
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class _Batch:
         self.dangling: dict[str, list[dict[str, Any]]] = {}  # per pattern, a few dangling references
         self.rows_written = 0
         self.checksum = 0
+        self.seals = Figures()  # of the rows of the records that committed (migrator/core/seal.py)
         self.streamed: _Streamed | None = None  # while a large collection is written a part at a time
         self.seen: set[bytes] = set()  # SCAN may return a key twice within a range
         self.walked = 0  # keys SCAN returned, of any priority: what progress counts (migrator/views/progress.py)
@@ -270,6 +273,7 @@ class _Batch:
         if failure is None and streamed.error is None:
             self.cur.execute("RELEASE SAVEPOINT collection")
             self.rows_written += streamed.written
+            self.seals.merge(streamed.seals)
             if pattern.transform is None:  # an index: read for its references, not migrated
                 self.counts.add(name, "skipped")
             else:
@@ -368,6 +372,9 @@ class _Batch:
         if self.streamed is not None:  # a part of a large collection: its key is counted once all are in
             self.streamed.written += written
             self.streamed.error = self.streamed.error or next((exc for _, exc in bad), None)
+            if not bad:
+                for rec in records:
+                    self.streamed.seals.add_rows(rec.pattern.provenance, rec.seals)
             return
         self.rows_written += written
         failed = {id(rec) for rec, _ in bad}
@@ -375,6 +382,7 @@ class _Batch:
             if id(rec) not in failed:
                 self.counts.add(rec.pattern.name, "migrated", rows=len(rec.rows))
                 self.checksum ^= (zlib.crc32(rec.key) << 32) | rec.digest
+                self.seals.add_rows(rec.pattern.provenance, rec.seals)
         for rec, exc in bad:
             self._dead(rec.key, rec.key_text, rec.pattern, rec.read, describe(exc), detail(exc))
 
@@ -496,7 +504,7 @@ def _migrate(client: redis.Redis, conn: Any, mapping: Mapping, spec: ledger.Batc
             batch.spill_dead()
             lease.still_ours(cur, held)  # (holds the run's row until the commit)
             ledger.finish_batch(cur, spec.id, batch.counts, batch.rows_written, checksum, batch.timings, batch.dangling,
-                                walked())
+                                walked(), batch.seals.to_json())
         conn.commit()
     except Fenced as exc:
         log.warning("batch_fenced", reason=str(exc))

@@ -321,16 +321,24 @@ def live_batches(cur: Any, run_id: str) -> int:
 
 
 def finish_batch(cur: Any, batch_id: int, counts: PatternCounts, rows_written: int, checksum: str,
-                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]], walked: int) -> None:
-    """Mark a batch done with its tallies, examples of its dangling references per pattern, and
-    its keys walked (its heartbeat wrote them so far)."""
+                 timings: dict[str, float], dangling: dict[str, list[dict[str, Any]]], walked: int,
+                 seals: dict[str, dict[str, list[int]]]) -> None:
+    """Mark a batch done with its tallies, examples of its dangling references per pattern, its
+    keys walked (its heartbeat wrote them so far) and the figures of the seals it wrote (seal.Figures)."""
     cur.execute(
         "UPDATE migration_batches SET status = 'done', finished_at = clock_timestamp(), keys_scanned = %s, keys_migrated = %s,"
         " keys_skipped = %s, keys_dead = %s, keys_expired = %s, rows_written = %s, pattern_counts = %s, checksum = %s,"
-        " timings = %s, dangling = %s, keys_walked = %s WHERE id = %s",
+        " timings = %s, dangling = %s, keys_walked = %s, seals = %s WHERE id = %s",
         (*(counts.total(f) for f in COUNT_FIELDS), rows_written, orjson.dumps(counts.by_pattern).decode(), checksum,
-         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), walked, batch_id),
+         orjson.dumps(timings).decode(), orjson.dumps(dangling).decode(), walked, orjson.dumps(seals).decode(), batch_id),
     )
+
+
+def batch_seals(cur: Any, run_id: str, priority: str) -> list[dict[str, dict[str, list[int]]]]:
+    """The seal figures of a priority's done batches (seal.Figures), one per batch."""
+    cur.execute("SELECT seals FROM migration_batches WHERE run_id = %s AND priority = %s AND status = 'done'",
+                (run_id, priority))
+    return [seals for (seals,) in cur.fetchall()]
 
 
 def refuse_batch(cur: Any, batch_id: int, error: str) -> None:
@@ -631,9 +639,12 @@ class VerifySpec:
 
 
 def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange],
-                        redis_run_id: str | None, from_spool: bool = False) -> int:
-    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id, from_spool)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id", (run_id, priorities, compare, redis_run_id, from_spool))
+                        redis_run_id: str | None, from_spool: bool = False, sealed: bool = False,
+                        reason: dict[str, Any] | None = None) -> int:
+    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id, from_spool, sealed, reason)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (run_id, priorities, compare, redis_run_id, from_spool, sealed,
+                 None if reason is None else orjson.dumps(reason).decode()))
     verification_id = cur.fetchone()[0]
     execute_values(
         cur,
@@ -741,13 +752,13 @@ def verify_ranges(cur: Any, verification_id: int) -> list[dict[str, Any]]:
 
 def get_verification(cur: Any, verification_id: int) -> dict[str, Any]:
     cur.execute("SELECT v.id, v.run_id, v.priorities, v.compare, v.status, v.created_at, v.finished_at, v.result,"
-                " v.error, r.started_at, r.options, v.redis_run_id FROM migration_verifications v"
+                " v.error, r.started_at, r.options, v.redis_run_id, v.sealed, v.reason FROM migration_verifications v"
                 " JOIN migration_runs r ON r.id = v.run_id WHERE v.id = %s", (verification_id,))
     row = cur.fetchone()
     if row is None:
         raise LookupError(f"no verification {verification_id} in the ledger")
     keys = ("id", "run_id", "priorities", "compare", "status", "created_at", "finished_at", "result", "error",
-            "run_started", "options", "redis_run_id")
+            "run_started", "options", "redis_run_id", "sealed", "reason")
     found = dict(zip(keys, row))
     found["run_id"] = str(found["run_id"])
     return found

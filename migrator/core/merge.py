@@ -15,7 +15,10 @@ from psycopg2 import sql
 
 # Provenance and bookkeeping: refreshed when a row changes, never a reason to change it
 # (a grant written under its ip and its email key would otherwise flip its source each run).
-VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest", "synced_at"})
+VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_at", "source_digest", "synced_at",
+                      "row_seal"})
+# The column of a row's seal (migrator/core/seal.py).
+ROW_SEAL = "row_seal"
 
 # When a live `migrator follow` session last read the row's key: the database's clock just after the
 # read (ledger.stamp_synced; only follow writes it). The fence between a bulk batch and follow: a batch
@@ -66,12 +69,17 @@ class TableRule:
         return new
 
     def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]],
-               unretired: Unretired | None = None) -> sql.Composed:
+               unretired: Unretired | None = None, linked: frozenset[str] = frozenset()) -> sql.Composed:
         """INSERT ... ON CONFLICT (id) DO UPDATE of rows given as one JSON array ($1) of arrays,
         each holding the values of `columns` in that order; `types` gives each column's type name
         and category, from the catalog (see Writer). Fenced, given `unretired` (a bulk batch's): a
         row follow read since the transaction began is left as it is (FENCE), and one it deleted
         since is not made again.
+
+        A row's seal (ROW_SEAL, when among `columns`) is kept from the write only when the row ends as
+        it was sent: its merged content is the sent content (the `linked` columns aside, which the
+        seal leaves out) and the row was a key's (an app's own row taken over may hold columns the
+        write leaves alone); else the row has none.
 
         Positional arrays cost PostgreSQL a third of what objects through jsonb_populate_recordset
         did to parse (no key per value to sort and look up), and each value still goes through its
@@ -79,7 +87,8 @@ class TableRule:
         """
         content = [c for c in columns if c not in VOLATILE]
         updates = sql.SQL(", ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(c), self.merged(c)) for c in columns if c != "id"
+            sql.SQL("{} = {}").format(sql.Identifier(c), self.sealed(content, linked) if c == ROW_SEAL else self.merged(c))
+            for c in columns if c != "id"
         )
         changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
             sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in content),
@@ -109,6 +118,16 @@ class TableRule:
             guard=guard,
         )
 
+    def sealed(self, content: Sequence[str], linked: frozenset[str]) -> sql.Composable:
+        """The seal an updated row keeps: the sent one when the merge left the sent content as it was
+        (only GREATEST and COALESCE columns can make it otherwise), else none."""
+        merging = [c for c in content if c not in linked and (c in self.greatest or c in self.coalesce)]
+        same = sql.SQL("t.source_key IS NOT NULL")
+        if merging:
+            same += sql.SQL(" AND ({}) IS NOT DISTINCT FROM ({})").format(
+                sql.SQL(", ").join(self.merged(c) for c in merging),
+                sql.SQL(", ").join(sql.SQL("EXCLUDED.") + sql.Identifier(c) for c in merging))
+        return sql.SQL("CASE WHEN {} THEN EXCLUDED.{} END").format(same, sql.Identifier(ROW_SEAL))
 
     def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]], *, provenances: Sequence[str],
                 links: Mapping[str, Sequence[str]] | None = None, since: str | None = None, unknown: Sequence[str] = ()) -> sql.Composed:

@@ -7,6 +7,9 @@ from typing import Any
 from migrator.core.mapping import UNMAPPED, Mapping, Pattern, Priority
 
 
+# RunOptions.validation's choices.
+VALIDATIONS = ("sealed", "reread")
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -36,6 +39,10 @@ class RunOptions:
     # first priority's SCAN spooled (migrator/core/spool.py): slower on Redis, but a later priority
     # also takes the keys written since the first one's pass.
     scan_each_priority: bool = False
+    # How a priority is validated in the run: "sealed" counts its keys (reading no value) and checks that
+    # its rows are as its batches wrote them (migrator/core/seal.py), re-reading every key only when
+    # they are not; "reread" reads every key again and compares its rows, as `migrator verify` does.
+    validation: str = "sealed"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "scan_count", "read_chunk", "max_value_bytes", "max_keys_per_sec"):
@@ -47,6 +54,8 @@ class RunOptions:
             raise ValueError("--max-dead-ratio is a fraction between 0 and 1 (e.g. 0.001) and --max-dead-keys 0 or more")
         for p in self.priorities:
             Priority.parse(p)
+        if self.validation not in VALIDATIONS:
+            raise ValueError(f"--validation is one of {', '.join(VALIDATIONS)}, not {self.validation!r}")
 
     def priority_order(self) -> list[Priority]:
         chosen = {Priority.parse(p) for p in self.priorities} if self.priorities else set(Priority)

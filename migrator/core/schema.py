@@ -3,7 +3,7 @@ versioned in schema_migrations, idempotent.
 
 First the engine's own SQL (migrator/core/sql/, package data), then the chosen mapping's DDL
 (`Mapping.schema`), then what the engine derives for every table the mapping writes: the provenance
-columns it fills and the journal trigger exact rollback depends on; last, the grants of the roles
+columns it fills, the journal trigger exact rollback depends on and the seal trigger; last, the grants of the roles
 of sql/roles/least_privilege.sql, to those that exist.
 """
 from __future__ import annotations
@@ -27,19 +27,25 @@ ENGINE_FILE = re.compile(r"(\d{3}_\w+)\.sql")
 # key, the pattern's source, the key's TTL, and a digest of the key's value (writer.PROVENANCE: every
 # write fills them), by which a verification tells a row whose key the app wrote again ("changed since
 # the run") from a row that itself changed ("different"); and when a `migrator follow` session last
-# read the row's key (merge.SYNCED_AT, the fence). A mapping's DDL need not declare them.
+# read the row's key (merge.SYNCED_AT, the fence); and the row's seal, a digest of what the bulk batch that
+# wrote it sent (migrator/core/seal.py), gone once anything else changes the row. A mapping's DDL need not
+# declare them.
 PROVENANCE = {"migration_run": "uuid", "source_key": "text", "metadata": "jsonb NOT NULL DEFAULT '{}'",
-              "expires_at": "timestamptz", "source_digest": "bigint", SYNCED_AT: "timestamptz"}
+              "expires_at": "timestamptz", "source_digest": "bigint", SYNCED_AT: "timestamptz", "row_seal": "bigint"}
 # The ledger's table through which every run links users (migrator/core/sql/001_ledger.sql): a run writes
 # it as it writes its mapping's tables.
 LEGACY_ID_MAP = "legacy_id_map"
 # A journal trigger as journal_sql makes it: statement-level (type bit 1 clear), AFTER (bits 2 and 64
-# clear), on UPDATE (bit 16), enabled, with the transition table migrator_journal() reads.
+# clear), on UPDATE (bit 16), enabled, with the transition table migrator_journal() reads; and its seal
+# trigger: row-level (bit 1), BEFORE (bit 2), on UPDATE, enabled.
 JOURNALED = """
 SELECT t, to_regclass(quote_ident(t)) IS NOT NULL FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, n)
 WHERE NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = to_regclass(quote_ident(t))
                   AND g.tgfoid = to_regprocedure('migrator_journal()') AND g.tgenabled IN ('O', 'A')
                   AND g.tgtype::int & 83 = 16 AND g.tgoldtable = 'old_rows')
+   OR NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = to_regclass(quote_ident(t))
+                  AND g.tgfoid = to_regprocedure('migrator_unseal()') AND g.tgenabled IN ('O', 'A')
+                  AND g.tgtype::int & 83 = 19)
 ORDER BY n
 """
 
@@ -64,8 +70,9 @@ def _ident(name: str) -> str:
 
 def journal_sql(mapping: Mapping) -> str:
     """What the engine adds to every table `mapping` writes, after the mapping's DDL: the provenance
-    columns it fills (source_key indexed; `deleted_at` where follow marks rows), and the journal trigger that keeps the prior image of each row a run changes
-    (without it a rollback would delete the rows that existed before the run)."""
+    columns it fills (source_key indexed; `deleted_at` where follow marks rows), the journal trigger that keeps the prior image of each row a run changes
+    (without it a rollback would delete the rows that existed before the run), and the seal trigger
+    that takes a row's seal away when a write that does not vouch for it changes the row."""
     columns = ", ".join(f"ADD COLUMN IF NOT EXISTS {column} {kind}" for column, kind in PROVENANCE.items())
     rules = {rule.name: rule for rule in mapping.rules}
     # a table whose rows `migrator follow` marks when their key goes (TableRule.on_delete) gets the mark's column
@@ -76,6 +83,8 @@ def journal_sql(mapping: Mapping) -> str:
                    f"CREATE INDEX IF NOT EXISTS {_ident(table + '_source_key_idx')} ON {_ident(table)} (source_key);\n"
                    f"CREATE OR REPLACE TRIGGER {_ident(table + '_journal')} AFTER UPDATE ON {_ident(table)}\n"
                    "    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();\n"
+                   f"CREATE OR REPLACE TRIGGER {_ident(table + '_unseal')} BEFORE UPDATE ON {_ident(table)}\n"
+                   "    FOR EACH ROW WHEN (NEW.row_seal IS NOT NULL) EXECUTE FUNCTION migrator_unseal();\n"
                    for table in written_tables(mapping))
 
 
@@ -139,7 +148,7 @@ def _applied(cur: Any) -> list[tuple[str, str]]:
 
 
 def missing_journals(cur: Any, tables: list[str]) -> dict[str, bool]:
-    """The tables among `tables` without their journal trigger, each with whether it exists at all."""
+    """The tables among `tables` without their journal or seal trigger, each with whether it exists at all."""
     cur.execute(JOURNALED, (tables,))
     return dict(cur.fetchall())
 
@@ -148,15 +157,16 @@ def journal_refusal(mapping: Mapping, missing: dict[str, bool]) -> str:
     """Why nothing may write (or roll back) these tables until init-db has run, and that fix."""
     bare = [table for table, exists in missing.items() if exists]
     absent = [table for table, exists in missing.items() if not exists]
-    what = ([f"{', '.join(bare)} without a journal trigger: rows a run changes there are not journaled, so a "
-             "rollback would delete the ones that existed before the run instead of restoring them"] if bare else []) \
+    what = ([f"{', '.join(bare)} without a journal or seal trigger: rows a run changes there are not journaled, so a "
+             "rollback would delete the ones that existed before the run instead of restoring them, or a row "
+             "changed there keeps a seal that no longer vouches for it"] if bare else []) \
         + ([f"{', '.join(absent)}, which the database does not have"] if absent else [])
     return f"the {mapping.name} mapping writes {', and '.join(what)}; run `migrator init-db` (it creates them)"
 
 
 def require_schema(conn: Any, mapping: Mapping | None = None) -> None:
     """Refuse a database whose schema is missing or older than this migrator's: the engine's and,
-    given `mapping`, the mapping's, every table of which must carry its journal trigger."""
+    given `mapping`, the mapping's, every table of which must carry its journal and seal triggers."""
     expected = _expected(mapping)
     with conn.cursor() as cur:
         applied = dict(_applied(cur))

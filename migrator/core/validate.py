@@ -8,7 +8,9 @@ The chord callback, `run --local` and `migrator validate` all call `priority_che
 - a fresh count of the source keys, taken by the verification pass, is no more than the
   batches saw;
 - the verification (verify.py): every key's rows in PostgreSQL are what a write of its value
-  would leave, no row is missing, none differs, none is left that no key expects;
+  would leave, no row is missing, none differs, none is left that no key expects; or, sealed (the
+  in-run default, seal.py), every row is as its batch wrote it, and only when one is not is every
+  key read again and compared;
 - after the last priority, the mapping's figures over the target tables, its dangling
   references (orphans) within the same budget.
 """
@@ -132,6 +134,12 @@ def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]]
         return Check("verification", False, f"not verified: {result.get('error')}", {"verification": result})
     if result["verdict"] == "counted":
         return Check("verification", True, "dry run: nothing kept to compare", {"verification_id": result["verification_id"]})
+    if result["verdict"] == "sealed":
+        s = result["seal"]
+        return Check("verification", True, f"the rows are as their batches wrote them ({s['rows']:,} rows of {s['tables']} "
+                     "table(s), each sealed as sent and unchanged since; the keys were counted, not read again: "
+                     "`migrator verify` re-reads Redis)",
+                     {"verification_id": result["verification_id"], "validation": "sealed", "seal": s})
     bad, noted = {}, {}
     for p in result["patterns"]:
         allowed = math.floor(tolerance * max(p["keys"], totals.get(p["pattern"], {}).get("scanned", 0)))
@@ -150,8 +158,13 @@ def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]]
         detail = f"every key's rows match PostgreSQL ({t['compared']:,} keys, {t['rows']:,} rows compared)"
         if noted:
             detail += f"; within the count tolerance or changed by the app since the run: {noted}"
+    reason = result.get("reason")
+    if reason:  # the full re-read of a sealed validation whose seals did not hold
+        broken = "; ".join(f"{table}: {', '.join(why.values())}" for table, why in reason["broken"].items())
+        detail = f"the seals did not hold ({broken}), so every key was read again: {detail}"
     return Check("verification", not bad, detail,
-                 {"verification_id": result["verification_id"], "differ": bad, "noted": noted})
+                 {"verification_id": result["verification_id"], "differ": bad, "noted": noted,
+                  "validation": "reread after the seals" if reason else "reread", "seal": reason})
 
 
 def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority, opts: RunOptions,

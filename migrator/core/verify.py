@@ -25,7 +25,7 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from migrator.core import lease, ledger, spool
+from migrator.core import lease, ledger, seal, spool
 from migrator.core import throttle
 from migrator.core.ledger import VerifySpec
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
@@ -341,20 +341,24 @@ def _planned(client: redis.Redis, conn: Any, run_id: str) -> tuple[dict[str, Any
 
 
 def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: list[Priority],
-                      from_spool: bool = False) -> int:
+                      from_spool: bool = False, sealed: bool = False, reason: dict[str, Any] | None = None) -> int:
     """Record a verification of the run's `priorities` and its cursor ranges; its id. A dry run
     kept no rows: its verification only counts the source keys. `from_spool` (the in-run
     validation of one priority): over the ranges of the priority's batches, each reading the keys
-    its range's spool holds, if any (migrator/core/spool.py), rather than SCANning."""
+    its range's spool holds, if any (migrator/core/spool.py), rather than SCANning. `sealed` (the
+    in-run validation of one priority, by default): it counts the source keys too, reading no value,
+    and checks the seals of the priority's rows (migrator/core/seal.py) rather than comparing them.
+    `reason`: why it runs, kept with it (the seal check that did not hold, for its full re-read)."""
     run, key_ranges = _planned(client, conn, run_id)
     with conn, conn.cursor() as cur:
         if from_spool:
             (priority,) = priorities
             key_ranges = ledger.batch_ranges(cur, run_id, priority.label) or key_ranges
-        verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities], not run["dry_run"],
-                                                      key_ranges, server_process(client), from_spool)
+        verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities],
+                                                      not run["dry_run"] and not sealed, key_ranges,
+                                                      server_process(client), from_spool, sealed, reason)
     log.info("verification_planned", run=run_id, verification=verification_id, ranges=len(key_ranges),
-             priorities=[p.label for p in priorities], from_spool=from_spool)
+             priorities=[p.label for p in priorities], from_spool=from_spool, sealed=sealed, after_seal=reason is not None)
     return verification_id
 
 
@@ -517,7 +521,7 @@ def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, 
         tally.merge(Tally(found_in.get("patterns", {}), found_in.get("columns", {}), r["attributed"], r["examples"],
                           found_in.get("writes", {})))
     unfinished = [r["id"] for r in ranges if r["status"] != "done"]
-    error = None
+    error, sealing = None, None
     if found["redis_run_id"] != server_process(client):
         # keys moved between cursor ranges with the new hash seed: ranges scanned before and after
         # the restart count some keys twice and may miss others
@@ -527,7 +531,11 @@ def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, 
         error = f"{len(unfinished)} of {len(ranges)} range(s) could not be verified" + (f": {errors[0]}" if errors else "")
     elif found["compare"]:
         _extra_rows(client, conn, mapping, found["run_id"], patterns, opts, tally)
-    result = summarise(mapping, found, patterns, tally, len(ranges), len(unfinished), error)
+    elif found["sealed"]:
+        (priority,) = priorities
+        with conn, conn.cursor() as cur:
+            sealing = seal.check(cur, mapping, found["run_id"], priority.label, patterns)
+    result = summarise(mapping, found, patterns, tally, len(ranges), len(unfinished), error, sealing)
     log.info("verification_done", run=found["run_id"], verification=found["id"], verdict=result["verdict"],
              missing=result["missing"], different=result["different"], extra=result["extra"])
     return result
@@ -540,8 +548,8 @@ def verify_in_memory(client: redis.Redis, conn: Any, mapping: Mapping, run_id: s
     checks of `verify_range` and `finish`, its plan kept in memory instead of the ledger."""
     run, key_ranges = _planned(client, conn, run_id)
     labels = tuple(p.label for p in priorities)
-    found = {"id": None, "run_id": run_id, "priorities": labels, "compare": not run["dry_run"],
-             "options": run["options"], "redis_run_id": server_process(client)}
+    found = {"id": None, "run_id": run_id, "priorities": labels, "compare": not run["dry_run"], "sealed": False,
+             "reason": None, "options": run["options"], "redis_run_id": server_process(client)}
     opts = RunOptions.from_json(run["options"])
     ranges = []
     for n, key_range in enumerate(key_ranges):
@@ -559,7 +567,8 @@ def verify_in_memory(client: redis.Redis, conn: Any, mapping: Mapping, run_id: s
 
 
 def summarise(mapping: Mapping, found: dict[str, Any], patterns: list[Pattern], tally: Tally, ranges: int,
-              failed: int, error: str | None) -> dict[str, Any]:
+              failed: int, error: str | None, sealing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A verification's result; `sealing`: what the seal check of a sealed one found (seal.check)."""
     by_name = {p.name: p for p in mapping.patterns}
     rows = []
     for name in [*(p.name for p in patterns), UNMAPPED]:
@@ -579,6 +588,8 @@ def summarise(mapping: Mapping, found: dict[str, Any], patterns: list[Pattern], 
     totals = {f: sum(r[f] for r in rows) for f in FIELDS}
     if error:
         verdict = "incomplete"
+    elif sealing is not None:  # the keys were counted, the rows' seals checked: "unsealed" asks for a full re-read
+        verdict = "sealed" if sealing["held"] else "unsealed"
     elif not found["compare"]:
         verdict = "counted"  # a dry run kept no rows: the keys were counted, nothing compared
     else:
@@ -596,6 +607,8 @@ def summarise(mapping: Mapping, found: dict[str, Any], patterns: list[Pattern], 
         "totals": totals,
         "patterns": rows,
         "error": error,
+        "seal": sealing,
+        "reason": found["reason"],  # why it ran: the seal check a full re-read follows
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -25,6 +25,7 @@ from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
 from migrator.core.merge import SYNCED_AT
+from migrator.core.seal import row_seal
 from migrator.core.source import KeyRead
 
 
@@ -44,6 +45,7 @@ class Prepared:
     expires_at: datetime | None
     read: KeyRead  # kept for the dead letter should the write fail
     digest: int  # of the value as read (source.value_digest), kept on its rows for verification
+    seals: list[tuple[str, int]] = field(default_factory=list)  # (table, seal) of each row, as a bulk batch last sent them
 
 
 def describe(exc: BaseException) -> str:
@@ -67,7 +69,8 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
 
 
 # Columns every row gets from the record it came from, after its own (init-db adds them to every table;
-# synced_at is follow's alone, stamped after its writes).
+# synced_at is follow's alone, stamped after its writes); the seal last, a bulk batch's alone (NULL from
+# any other writer: follow and dual-write rows vouch for nothing a batch recorded).
 PROVENANCE = tuple(c for c in schema.PROVENANCE if c != SYNCED_AT)
 
 COLUMN_TYPES = """
@@ -114,6 +117,10 @@ class Writer:
         # A key that gives a row says the row is live: in a table whose rows `follow` marks rather
         # than deletes, every write clears the mark (a run's as well as follow's own).
         self._marked = {r.name: r.deleted_at for r in mapping.rules if r.on_delete == "mark"}
+        # per table, the columns the link step fills after the write: no part of a row's seal
+        self._linked: dict[str, frozenset[str]] = {}
+        for link in mapping.links:
+            self._linked[link.table] = self._linked.get(link.table, frozenset()) | {link.into}
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
@@ -137,14 +144,21 @@ class Writer:
         # since one upsert statement may not touch the same row twice. A row travels as the
         # list of its values, its provenance last.
         rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, list[Any]]]] = []
+        seal = None
         for rec in records:
             provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at, rec.digest)
+            if self.fenced:
+                rec.seals = []
             for row in rec.rows:
                 values = row.values
                 if self._marked and row.table in self._marked:
                     values.setdefault(self._marked[row.table], None)
+                if self.fenced:
+                    seal = row_seal(row.table, values, rec.key_text, rec.pattern.provenance, rec.digest,
+                                    self._linked.get(row.table, frozenset()))
+                    rec.seals.append((row.table, seal))
                 group, row_id = (row.table, tuple(values)), values["id"]
-                line = [*values.values(), *provenance]
+                line = [*values.values(), *provenance, seal]
                 for batch in rounds:
                     bucket = batch.setdefault(group, {})
                     if row_id not in bucket:
@@ -160,8 +174,10 @@ class Writer:
                 documents.append(orjson.dumps([rows[k] for k in sorted(rows)]))
         if not statements:
             return 0
+        # (a bulk batch's upserts may keep the seals they write: see migrator/core/sql/018_row_seal.sql)
+        function = "migrator_write_sealed" if self.fenced else "migrator_write"
         with metrics.POSTGRES_WRITE.time():
-            written, state, message, detail_ = call_with_documents(self.cursor, "migrator_write", statements, documents)
+            written, state, message, detail_ = call_with_documents(self.cursor, function, statements, documents)
         if state is not None:
             error = _error_class(state)(message)
             error.detail = detail_
@@ -173,7 +189,8 @@ class Writer:
         if key not in self._statements:
             types = column_types(self.cursor, self.mapping, table, columns)
             self._statements[key] = self.mapping.rule(table).upsert(
-                columns, types, ledger.unretired if self.fenced else None).as_string(self.cursor)
+                columns, types, ledger.unretired if self.fenced else None,
+                self._linked.get(table, frozenset())).as_string(self.cursor)
         return self._statements[key]
 
 

@@ -41,7 +41,11 @@ def link_rows(conn: Any, mapping: Mapping, run_id: str) -> int:
     with conn, conn.cursor() as cur:
         runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
-        return link(cur, mapping)
+        # (the rows keep their seals: a seal leaves out the linked columns, which alone this fills)
+        cur.execute("SELECT set_config('migrator.sealing', 'on', true)")
+        linked = link(cur, mapping)
+        cur.execute("SELECT set_config('migrator.sealing', 'off', true)")
+        return linked
 
 
 def link(cur: Any, mapping: Mapping, keys: dict[str, list[str]] | None = None) -> int:
@@ -77,7 +81,7 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
             return None
         linked = 0 if opts.dry_run else link_rows(conn, mapping, run_id)
         log.info("priority_batches_done", run=run_id, priority=priority.label, linked=linked)
-        return verify.plan_verification(client, conn, run_id, [priority], from_spool=not opts.scan_each_priority)
+        return plan_priority(client, conn, run_id, priority, opts)
     except Fenced:
         raise
     except Exception as exc:
@@ -85,6 +89,17 @@ def begin_verification(client: redis.Redis, conn: Any, mapping: Mapping, run_id:
             raise
         conn.rollback()
         halt(conn, run_id, priority, f"finalize of priority {priority.label} failed: {redact_text(describe(exc))}")
+
+
+def plan_priority(client: redis.Redis, conn: Any, run_id: str, priority: Priority, opts: RunOptions,
+                  reason: dict[str, Any] | None = None) -> int:
+    """Plan the verification that validates `priority` in the run: sealed (its keys counted, its rows'
+    seals checked: migrator/core/seal.py) unless the run asked for the re-read (--validation reread), is
+    a dry run (nothing kept: its keys counted), or `reason` says the seals did not hold: then every
+    key is read again and compared with its rows."""
+    sealed = opts.validation == "sealed" and not opts.dry_run and reason is None
+    return verify.plan_verification(client, conn, run_id, [priority], from_spool=not opts.scan_each_priority,
+                                    sealed=sealed, reason=reason)
 
 
 def halt(conn: Any, run_id: str, priority: Priority, what: str) -> None:
@@ -135,8 +150,13 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
         result = verify.finish(client, conn, mapping, verification_id)
         if (result.get("error") or "").startswith(verify.RESTARTED):
             log.warning("verification_restarted", run=run_id, priority=priority.label, verification=verification_id)
-            return Step(verify_again=verify.plan_verification(client, conn, run_id, [priority],
-                                                              from_spool=not opts.scan_each_priority))
+            return Step(verify_again=plan_priority(client, conn, run_id, priority, opts, result.get("reason")))
+        if result["verdict"] == "unsealed":  # no verdict yet: whether the rows hold what Redis holds is read again
+            broken = result["seal"]["broken"]
+            log.warning("seal_broken", run=run_id, priority=priority.label, verification=verification_id,
+                        tables={table: list(why.values()) for table, why in broken.items()})
+            return Step(verify_again=plan_priority(client, conn, run_id, priority, opts,
+                                                   {"verification_id": verification_id, "broken": broken}))
         checks = priority_checks(conn, mapping, run_id, priority, opts, result)
     except Exception as exc:
         if transient(exc):

@@ -22,10 +22,14 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
     with conn, conn.cursor() as cur:
         run = ledger.require_run(cur, run_id)
         batches = ledger.batches(cur, run_id)
-        verdicts = ledger.latest_verdicts(cur, run_id)
+        validations = ledger.latest_validations(cur, run_id)
         stages = ledger.stage_seconds(cur, run_id)
         figures = figures_mod.run_figures(cur, run, batches)
         reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in ledger.dead_reasons(cur, run_id)}
+    verdicts = {label: ok for label, (ok, _) in validations.items()}
+    # how each priority's rows were checked: sealed, or re-read (the verification check says)
+    validated_by = {label: how for label, (_, checks) in validations.items()
+                    if (how := next((c["data"].get("validation") for c in checks if c["name"] == "verification"), None))}
     totals = ledger.pattern_totals(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []
@@ -68,6 +72,7 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
                     "done": sum(b["status"] == "done" for b in batches)},
         "balanced": all(p["balanced"] for p in patterns),
         "validated": verdicts,  # per priority: did its latest validation pass
+        "validated_by": validated_by,  # per priority: "sealed", "reread", or "reread after the seals" did not hold
         "stage_seconds": stages,  # summed over batches and workers (ledger.STAGES)
     }
 
@@ -131,7 +136,9 @@ def render(report: dict[str, Any]) -> str:
                f"balance {'holds' if report['balanced'] else 'DOES NOT HOLD'}")
     out += figures_mod.render(f)
     if report["validated"]:
-        out.append("validated: " + ", ".join(f"{p} {'yes' if ok else 'NO'}" for p, ok in report["validated"].items()))
+        out.append("validated: " + ", ".join(f"{p} {'yes' if ok else 'NO'}"
+                                             + (f" ({report['validated_by'][p]})" if p in report["validated_by"] else "")
+                                             for p, ok in report["validated"].items()))
     if report["error"]:
         out.append(f"error: {report['error']}")
     if "monitoring" in report:
