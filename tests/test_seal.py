@@ -173,15 +173,30 @@ def test_a_row_deleted_after_the_batches_is_missing(settings, r, pg, monkeypatch
 
 def test_a_foreign_row_with_the_pattern_s_provenance_and_a_copied_seal_is_extra(settings, r, pg, monkeypatch):
     only_email_grants(r)
-    # (an INSERT keeps whatever seal it is given: the count gives it away)
+    # (an INSERT by hand keeps no seal, and the count gives it away too)
     damage_after_critical_batches(monkeypatch, "INSERT INTO subscriptions SELECT (jsonb_populate_record(NULL::subscriptions,"
                                   " to_jsonb(s) || jsonb_build_object('id', gen_random_uuid(), 'source_key', NULL))).*"
                                   f" FROM subscriptions s WHERE id = {GRANT}")
     report = migrate(settings)
     assert report["status"] == "rolled_back"
     broken, full = fell_back(pg, report["run_id"])
-    assert any("row(s) where the batches wrote" in why for why in broken.values())
+    assert list(broken.values()) == ["1 row(s) changed since their batch wrote them (no seal)"]
     assert full["extra"] == 1 and full["missing"] == full["different"] == 0
+
+
+def test_a_row_deleted_and_put_back_changed_with_its_seal_copied_loses_the_seal(settings, r, pg, monkeypatch):
+    """An INSERT outside a sealed write keeps no seal: a row put back by hand, seal and all, is read again."""
+    only_email_grants(r)
+    damage_after_critical_batches(
+        monkeypatch, f"CREATE TEMP TABLE kept AS SELECT * FROM subscriptions WHERE id = {GRANT};"
+        " DELETE FROM subscriptions WHERE id = (SELECT id FROM kept);"
+        " INSERT INTO subscriptions SELECT (jsonb_populate_record(NULL::subscriptions,"
+        " to_jsonb(k) || jsonb_build_object('plan', 'tampered'))).* FROM kept k; DROP TABLE kept")
+    report = migrate(settings)
+    assert report["status"] == "rolled_back"
+    broken, full = fell_back(pg, report["run_id"])
+    assert list(broken.values()) == ["1 row(s) changed since their batch wrote them (no seal)"]
+    assert full["different"] == 1 and full["missing"] == full["extra"] == 0
 
 
 def test_a_row_written_back_as_it_was_loses_its_seal_and_the_full_pass_passes_it(settings, r, pg, monkeypatch):

@@ -37,7 +37,7 @@ PROVENANCE = {"migration_run": "uuid", "source_key": "text", "metadata": "jsonb 
 LEGACY_ID_MAP = "legacy_id_map"
 # A journal trigger as journal_sql makes it: statement-level (type bit 1 clear), AFTER (bits 2 and 64
 # clear), on UPDATE (bit 16), enabled, with the transition table migrator_journal() reads; and its seal
-# trigger: row-level (bit 1), BEFORE (bit 2), on UPDATE, enabled.
+# trigger: row-level (bit 1), BEFORE (bit 2), on INSERT (bit 4) and UPDATE, not INSTEAD OF (bit 64), enabled.
 JOURNALED = """
 SELECT t, to_regclass(quote_ident(t)) IS NOT NULL FROM unnest(%s::text[]) WITH ORDINALITY AS x(t, n)
 WHERE NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = to_regclass(quote_ident(t))
@@ -45,7 +45,7 @@ WHERE NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = to_regclass(quote_i
                   AND g.tgtype::int & 83 = 16 AND g.tgoldtable = 'old_rows')
    OR NOT EXISTS (SELECT FROM pg_trigger g WHERE g.tgrelid = to_regclass(quote_ident(t))
                   AND g.tgfoid = to_regprocedure('migrator_unseal()') AND g.tgenabled IN ('O', 'A')
-                  AND g.tgtype::int & 83 = 19)
+                  AND g.tgtype::int & 87 = 23)
 ORDER BY n
 """
 
@@ -83,8 +83,9 @@ def journal_sql(mapping: Mapping) -> str:
                    f"CREATE INDEX IF NOT EXISTS {_ident(table + '_source_key_idx')} ON {_ident(table)} (source_key);\n"
                    f"CREATE OR REPLACE TRIGGER {_ident(table + '_journal')} AFTER UPDATE ON {_ident(table)}\n"
                    "    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION migrator_journal();\n"
-                   f"CREATE OR REPLACE TRIGGER {_ident(table + '_unseal')} BEFORE UPDATE ON {_ident(table)}\n"
-                   "    FOR EACH ROW WHEN (NEW.row_seal IS NOT NULL) EXECUTE FUNCTION migrator_unseal();\n"
+                   f"CREATE OR REPLACE TRIGGER {_ident(table + '_unseal')} BEFORE INSERT OR UPDATE ON {_ident(table)}\n"
+                   "    FOR EACH ROW WHEN (NEW.row_seal IS NOT NULL AND (current_setting('migrator.sealing', true)"
+                   " IS DISTINCT FROM 'on' OR pg_trigger_depth() > 0)) EXECUTE FUNCTION migrator_unseal();\n"
                    for table in written_tables(mapping))
 
 

@@ -3,14 +3,15 @@
 -- batch records the count and sum of the seals it wrote, so a run's validation can tell that the
 -- rows are still as their batches wrote them without reading Redis again.
 
--- An UPDATE keeps a row's seal only inside a write that sets migrator.sealing (a bulk batch's upsert,
+-- An INSERT or UPDATE keeps a row's seal only inside a write that sets migrator.sealing (a bulk batch's upsert,
 -- which itself keeps it only for a row that ends as it was sent, and the link step, which fills only
 -- the linked columns a seal leaves out): any other (follow, dual-write, rollback, an operator's own)
 -- changes the row without vouching for it, so its seal goes; so does an update another trigger makes
 -- (depth > 1) even inside such a write: a table's trigger of its own may change what was sent (and
 -- seal.check does not trust the seals of a table that has one). `init-db` puts it on every table a
--- mapping writes, row by row, before the update (migrator/core/schema.py: journal_sql); an INSERT is
--- not triggered.
+-- mapping writes, row by row, before the write (migrator/core/schema.py: journal_sql), an INSERT too (a
+-- row put back by hand with a copied seal would otherwise be vouched for); its WHEN tests the same as
+-- this function, so a sealed write's rows cost no call of it.
 CREATE OR REPLACE FUNCTION migrator_unseal() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
