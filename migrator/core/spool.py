@@ -7,7 +7,8 @@ its SCAN returns, sorted out into the lists each priority's pass looks at (the k
 one of its patterns' prefixes, as that pass's own SCAN would have kept them), and keeps them in
 PostgreSQL in the batch's transaction (ledger.write_spool, migrator/core/sql/015_spool.sql). Every
 later priority's batch of the range and every priority's in-run validation read their list from
-there; each still classifies its keys exactly as before.
+there; each still classifies its keys exactly as before. Each chunk also keeps its keys' count per
+pattern (020_spool_counts.sql): a count-only validation (the sealed one) sums those and reads no key.
 
 What a spool cannot see: keys written after its pass. `migrator verify` (which SCANs: the
 independent check) reports them missing, `migrator follow` migrates them; `run
