@@ -5,14 +5,19 @@ suite's traffic is in the count.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from typing import Any
 
 import psycopg2
 import pytest
 import redis
 
+from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
 from migrator.core import ledger, spool
 from migrator.core.config import Settings
+from migrator.core.mapping import UNMAPPED
+from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange
 from migrator.views.status import spool_note
 from servers import redis_server
@@ -194,3 +199,108 @@ def test_a_spool_of_another_server_process_is_not_read_and_the_next_batch_scans_
     assert spooled_keys["critical"][0] == 0 < spooled_keys["critical"][1]
     later = [counts for p, counts in spooled_keys.items() if p != "critical"]
     assert all(n == keys for n, keys in later) and sum(n for n, _ in later) > 0
+
+
+def test_a_spooled_chunk_counts_each_distinct_key_once_by_its_pattern_as_a_walk_classifies_it():
+    """The recorder's counts per chunk: a key SCAN returns twice is kept and counted once, an
+    unmapped one (non-UTF-8 included) as UNMAPPED, the others by their pattern."""
+    opts = RunOptions()
+    recorder = spool.Recorder(spool.routes(THREADR, opts), THREADR)
+    user, bad_user, stray = b"threadr:user:user_1", b"threadr:user:user_\xff", b"bad\xff\xfeutf8"
+    recorder.add([user, stray, user])
+    recorder.add([bad_user, user])
+    recorder.close()
+    chunks = {label: (keys, spool.unpack(lengths, packed), counts) for label, _, keys, lengths, packed, counts
+              in recorder.chunks}
+    unmapped = THREADR.unmapped_priority.label
+    assert chunks[unmapped] == (3, [user, stray, bad_user], {"user": 2, UNMAPPED: 1})
+    assert recorder.walked == 5
+
+
+def _validated(settings, pg, *, erase_counts: bool, drop_from: str | None = None) -> dict[str, Any]:
+    """A run's (ranges=2) validations: per priority and whether it compared, its patterns' keys,
+    spooled and skipped and its ranges' keys walked; the keys each kind of validation walked one by
+    one; its checks. `erase_counts`: its spool's counts are taken away before each validation (a
+    spool saved without them: the keys are walked); `drop_from`: that priority's batches are given
+    their spool without half its keys (a batch that took fewer keys than the spool holds)."""
+    import migrator.core.verify
+    import migrator.execution.finalize
+
+    real_link, real_read, real_feed = (migrator.execution.finalize.link_rows, ledger.read_spool,
+                                       migrator.core.verify.RangeVerifier.feed)
+    fed = {True: 0, False: 0}
+
+    def link_then_erase(conn, mapping, run_id):
+        with conn, conn.cursor() as cur:
+            cur.execute("UPDATE migration_spool SET counts = NULL WHERE run_id = %s", (run_id,))
+        return real_link(conn, mapping, run_id)
+
+    def read_short(cur, run_id, key_range, priority, process):
+        found = real_read(cur, run_id, key_range, priority, process)
+        if found is None or priority != drop_from:
+            return found
+        walked, chunks = found
+        kept = [spool.unpack(lengths, packed)[::2] for _, lengths, packed in chunks]
+        return walked, [(len(keys), *spool.pack(keys)) for keys in kept]
+
+    def counting_feed(self, keys):
+        fed[self.compare] += len(keys)
+        return real_feed(self, keys)
+
+    with pytest.MonkeyPatch.context() as patched:  # (undone after the run: a second run wraps the originals)
+        if erase_counts:
+            patched.setattr(migrator.execution.finalize, "link_rows", link_then_erase)
+        patched.setattr(ledger, "read_spool", read_short)
+        patched.setattr(migrator.core.verify.RangeVerifier, "feed", counting_feed)
+        report = migrate(settings, ranges=2)
+    with pg, pg.cursor() as cur:
+        cur.execute("SELECT v.priorities[1], v.compare, v.result, (SELECT sum(keys_walked) FROM migration_verify_ranges"
+                    " WHERE verification_id = v.id) FROM migration_verifications v WHERE v.run_id = %s",
+                    (report["run_id"],))
+        found = {(priority, compare): ({p["pattern"]: (p["keys"], p["spooled"], p["skipped"]) for p in result["patterns"]},
+                                       int(walked)) for priority, compare, result, walked in cur.fetchall()}
+        cur.execute("SELECT priority, checks FROM migration_validations WHERE run_id = %s", (report["run_id"],))
+        checks = {priority: {c["name"]: c for c in checks} for priority, checks in cur.fetchall()}
+    return {"status": report["status"], "verifications": found, "fed": fed, "checks": checks}
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["demo", "unmapped-skipped-non-utf8"])
+def test_a_sealed_validation_takes_its_counts_from_the_spool_s_chunks_with_the_numbers_of_walking_its_keys(
+        settings, r, pg, hostile):
+    """The sealed validations of a run count no key one by one (only critical's full re-read, which
+    its grants two keys give ask for, walks its keys), and report what walking them reports."""
+    now = datetime.now(timezone.utc)
+
+    def seed():  # the same keys and values each time
+        r.flushdb()
+        seed_demo(r, 120, now=now)
+        if hostile:  # unmapped keys, one not UTF-8 and one with a NUL (read back from the spool by low's batches)
+            r.mset({b"bad\xff\xfeutf8": b"x", b"nul\x00x": b"x"})
+            r.mset({f"stray:{i}": "x" for i in range(40)})
+
+    seed()
+    counted = _validated(settings, pg, erase_counts=False)
+    seed()
+    walked = _validated(settings, pg, erase_counts=True)  # (a second run: its rows written again)
+    assert counted["status"] == walked["status"] == "completed"
+    assert counted["verifications"] == walked["verifications"]
+    assert counted["fed"][False] == 0 < walked["fed"][False]  # the sealed ones: counts, or each key walked
+    assert counted["fed"][True] == walked["fed"][True] > 0  # critical's re-read walks its keys either way
+    assert all(counted["checks"][p.label]["source_counts"]["ok"] for p in RunOptions().priority_order())
+    sealed = [v for (_, compare), v in counted["verifications"].items() if not compare]
+    assert len(sealed) == 4 and all(n > 0 for _, n in sealed)
+    if hostile:
+        low = counted["verifications"][(THREADR.unmapped_priority.label, False)][0]
+        assert low[UNMAPPED][0] >= 42
+        assert any(low[p.name][2] == low[p.name][0] > 0 for p in THREADR.patterns if p.skip and p.name in low)
+
+
+def test_a_batch_that_took_fewer_keys_than_its_spool_counts_fails_source_counts(settings, r, pg):
+    """Medium's batches are given half of their spooled keys: its sealed validation counts the
+    spool's keys from the chunks' counts, more than the batches saw, and its source_counts fails."""
+    seed_demo(r, 120)
+    damaged = _validated(settings, pg, erase_counts=False, drop_from="medium")
+    assert damaged["status"] == "rolled_back"
+    assert damaged["fed"][False] == 0  # (counted from the chunks' counts, not walked)
+    assert not damaged["checks"]["medium"]["source_counts"]["ok"]
+    assert damaged["checks"]["critical"]["source_counts"]["ok"] and damaged["checks"]["high"]["source_counts"]["ok"]

@@ -474,7 +474,7 @@ def _keys_of(cur: Any, mapping: Mapping, batch: _Batch) -> tuple[Iterable[list[b
         spooled = spool.replay(cur, spec.run_id, spec.key_range, spec.priority, process)
         if spooled is not None:
             return spooled, spooled, None, process
-    recorder = spool.Recorder(spool.routes(mapping, opts))
+    recorder = spool.Recorder(spool.routes(mapping, opts), mapping)
     return recorder.tap(scan_range(batch.client, spec.key_range, batch.scan_count)), None, recorder, process
 
 

@@ -420,6 +420,9 @@ def batch_ranges(cur: Any, run_id: str, priority: str) -> list[KeyRange]:
 SPOOL_TABLE = "migration_spool"  # the table of the keys themselves, named to operators (VACUUM FULL)
 SPOOL_RANGE = "run_id = %(run)s AND node = %(node)s AND range_count = %(count)s AND range_index = %(index)s"
 
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"  # COPY's binary format starts so
+JSONB_VERSION = b"\x01"  # jsonb's binary form: this byte, then the JSON text
+
 
 def _spool_key(run_id: str, key_range: KeyRange) -> dict[str, Any]:
     return {"run": run_id, "node": key_range.node, "count": key_range.count, "index": key_range.index,
@@ -427,10 +430,10 @@ def _spool_key(run_id: str, key_range: KeyRange) -> dict[str, Any]:
 
 
 def write_spool(cur: Any, run_id: str, key_range: KeyRange, source_process: str | None, walked: int,
-                chunks: list[tuple[str, int, int, bytes, bytes]]) -> None:
+                chunks: list[tuple[str, int, int, bytes, bytes, dict[str, int]]]) -> None:
     """A range's spool, replacing the one kept before (a batch run again): (priority, chunk number,
-    keys, lengths, packed keys) per chunk. In the caller's transaction: a batch that fails leaves
-    none of it."""
+    keys, lengths, packed keys, keys per pattern) per chunk. In the caller's transaction: a batch
+    that fails leaves none of it."""
     where = _spool_key(run_id, key_range)
     cur.execute(f"DELETE FROM migration_spool_ranges WHERE {SPOOL_RANGE}", where)  # (its chunks cascade)
     cur.execute("INSERT INTO migration_spool_ranges (run_id, node, range_count, range_index, range_start, range_end,"
@@ -441,10 +444,11 @@ def write_spool(cur: Any, run_id: str, key_range: KeyRange, source_process: str 
     # by COPY's binary format: as bytea literals, the packed keys cost PostgreSQL 1.4 µs per key to
     # read (hex, twice their size, through the SQL lexer); as they are, a tenth of that (measured)
     run, node, count, index = uuid.UUID(run_id).bytes, key_range.node.encode(), _int4(key_range.count), _int4(key_range.index)
-    cur.copy_expert("COPY migration_spool (run_id, node, range_count, range_index, priority, chunk, keys, lengths, packed)"
-                    " FROM STDIN WITH (FORMAT binary)",
-                    io.BytesIO(copy_binary((run, node, count, index, priority.encode(), _int4(n), _int4(keys), lengths, packed)
-                                           for priority, n, keys, lengths, packed in chunks)))
+    cur.copy_expert("COPY migration_spool (run_id, node, range_count, range_index, priority, chunk, keys, lengths, packed,"
+                    " counts) FROM STDIN WITH (FORMAT binary)",
+                    io.BytesIO(copy_binary((run, node, count, index, priority.encode(), _int4(n), _int4(keys), lengths, packed,
+                                            JSONB_VERSION + orjson.dumps(counts))
+                                           for priority, n, keys, lengths, packed, counts in chunks)))
 
 
 def _int4(n: int) -> bytes:
@@ -453,7 +457,7 @@ def _int4(n: int) -> bytes:
 
 def copy_binary(rows: Iterable[tuple[bytes, ...]]) -> bytes:
     """Rows in COPY's binary format, each field given in its type's binary form (no NULLs)."""
-    parts = [b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)]
+    parts = [COPY_SIGNATURE + struct.pack("!ii", 0, 0)]
     for row in rows:
         parts.append(struct.pack("!h", len(row)))
         for value in row:
@@ -462,19 +466,69 @@ def copy_binary(rows: Iterable[tuple[bytes, ...]]) -> bytes:
     return b"".join(parts)
 
 
+def copied_rows(data: bytes) -> list[list[bytes]]:
+    """The rows of COPY ... TO STDOUT's binary format, each field as its type's binary form (no NULLs)."""
+    if not data.startswith(COPY_SIGNATURE):
+        raise ValueError("not COPY's binary format")
+    pos = len(COPY_SIGNATURE) + 8 + struct.unpack_from("!i", data, len(COPY_SIGNATURE) + 4)[0]  # (past its header extension)
+    rows = []
+    while True:
+        (fields,) = struct.unpack_from("!h", data, pos)
+        pos += 2
+        if fields == -1:
+            return rows
+        row = []
+        for _ in range(fields):
+            (size,) = struct.unpack_from("!i", data, pos)
+            row.append(data[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+        rows.append(row)
+
+
+def _spool_range(cur: Any, where: dict[str, Any]) -> int | None:
+    """The keys walked of a range's spool, if it was taken of this range on this server process."""
+    cur.execute(f"SELECT keys_walked FROM migration_spool_ranges WHERE {SPOOL_RANGE} AND range_start = %(start)s"
+                " AND range_end = %(end)s AND source_process IS NOT DISTINCT FROM %(process)s", where)
+    found = cur.fetchone()
+    return None if found is None else found[0]
+
+
 def read_spool(cur: Any, run_id: str, key_range: KeyRange, priority: str,
                source_process: str | None) -> tuple[int, list[tuple[int, bytes, bytes]]] | None:
     """A range's spool of `priority`, if it was taken of this range on this server process: the keys
     its SCAN walked, and (keys, lengths, packed keys) per chunk in order; None when there is none."""
     where = {**_spool_key(run_id, key_range), "priority": priority, "process": source_process}
-    cur.execute(f"SELECT keys_walked FROM migration_spool_ranges WHERE {SPOOL_RANGE} AND range_start = %(start)s"
-                " AND range_end = %(end)s AND source_process IS NOT DISTINCT FROM %(process)s", where)
-    found = cur.fetchone()
-    if found is None:
+    walked = _spool_range(cur, where)
+    if walked is None:
         return None
-    cur.execute(f"SELECT keys, lengths, packed FROM migration_spool WHERE {SPOOL_RANGE} AND priority = %(priority)s"
-                " ORDER BY chunk", where)
-    return found[0], [(keys, bytes(lengths), bytes(packed)) for keys, lengths, packed in cur.fetchall()]
+    # by COPY's binary format: a SELECT sends bytea as hex, which costs PostgreSQL (byteaout, twice
+    # the bytes on the wire) and Python (decoding it) about a µs per key; this sends the bytes as they are
+    out = io.BytesIO()
+    cur.copy_expert(cur.mogrify(f"COPY (SELECT keys, lengths, packed FROM migration_spool WHERE {SPOOL_RANGE}"
+                                " AND priority = %(priority)s ORDER BY chunk) TO STDOUT WITH (FORMAT binary)",
+                                where).decode(), out)
+    return walked, [(int.from_bytes(keys, "big", signed=True), lengths, packed)
+                    for keys, lengths, packed in copied_rows(out.getvalue())]
+
+
+def spool_counts(cur: Any, run_id: str, key_range: KeyRange, priority: str,
+                 source_process: str | None) -> tuple[int, dict[str, int]] | None:
+    """A range's spool of `priority`, if it was taken of this range on this server process, as the
+    keys its SCAN walked and its keys per pattern (the sum of its chunks' counts); None when there
+    is none, or a chunk of it has no counts (saved before they were kept: 020_spool_counts.sql)."""
+    where = {**_spool_key(run_id, key_range), "priority": priority, "process": source_process}
+    walked = _spool_range(cur, where)
+    if walked is None:
+        return None
+    cur.execute(f"SELECT counts FROM migration_spool WHERE {SPOOL_RANGE} AND priority = %(priority)s", where)
+    chunks = [counts for (counts,) in cur.fetchall()]
+    if None in chunks:
+        return None
+    total: dict[str, int] = {}
+    for counts in chunks:
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    return walked, total
 
 
 def drop_spool(cur: Any, run_id: str) -> None:

@@ -7,7 +7,8 @@ its SCAN returns, sorted out into the lists each priority's pass looks at (the k
 one of its patterns' prefixes, as that pass's own SCAN would have kept them), and keeps them in
 PostgreSQL in the batch's transaction (ledger.write_spool, migrator/core/sql/015_spool.sql). Every
 later priority's batch of the range and every priority's in-run validation read their list from
-there; each still classifies its keys exactly as before.
+there; each still classifies its keys exactly as before. Each chunk also keeps its keys' count per
+pattern (020_spool_counts.sql): a count-only validation (the sealed one) sums those and reads no key.
 
 What a spool cannot see: keys written after its pass. `migrator verify` (which SCANs: the
 independent check) reports them missing, `migrator follow` migrates them; `run
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections import Counter
 from itertools import accumulate
 from typing import Any, Iterable, Iterator
 
 import redis
 
 from migrator.core import ledger
-from migrator.core.mapping import Mapping
+from migrator.core.mapping import UNMAPPED, Mapping
 from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange
 
@@ -71,13 +73,17 @@ def source_process(client: redis.Redis) -> str | None:
 
 class Recorder:
     """The keys of one range's SCAN, sorted out per priority of the run into packed chunks, as they
-    are walked; `save` keeps them in the batch's transaction."""
+    are walked, each chunk with its keys' count per pattern; `save` keeps them in the batch's
+    transaction. A key SCAN returns twice is kept once: the counts are of distinct keys, as a
+    validation walking the list would count them."""
 
-    def __init__(self, routes: list[tuple[str, tuple[bytes, ...]]]) -> None:
-        self.routes = routes
+    def __init__(self, routes: list[tuple[str, tuple[bytes, ...]]], mapping: Mapping) -> None:
+        self.routes, self.pattern_of = routes, mapping.pattern_of
         self.held: dict[str, list[bytes]] = {label: [] for label, _ in routes}
-        self.chunks: list[tuple[str, int, int, bytes, bytes]] = []
+        self.names: dict[str, list[str]] = {label: [] for label, _ in routes}  # the held keys' patterns
+        self.chunks: list[tuple[str, int, int, bytes, bytes, dict[str, int]]] = []
         self.numbered: dict[str, int] = dict.fromkeys(self.held, 0)
+        self.seen: set[bytes] = set()
         self.walked = 0
 
     def tap(self, found: Iterable[list[bytes]]) -> Iterator[list[bytes]]:
@@ -88,21 +94,46 @@ class Recorder:
 
     def add(self, keys: list[bytes]) -> None:
         self.walked += len(keys)
+        seen, pattern_of = self.seen, self.pattern_of
+        fresh, names = [], []
+        for key in keys:
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                text = key.decode("utf-8")
+            except UnicodeDecodeError:  # classified as a validation would (migrator/core/verify.py)
+                text = key.decode("utf-8", "backslashreplace")
+            pattern = pattern_of(text)[0]
+            fresh.append(key)
+            names.append(UNMAPPED if pattern is None else pattern.name)
         for label, prefixes in self.routes:
-            held = self.held[label]
-            held += keys if prefixes == (b"",) else [k for k in keys if k.startswith(prefixes)]
+            held, named = self.held[label], self.names[label]
+            if prefixes == (b"",):
+                held += fresh
+                named += names
+            else:
+                for key, name in zip(fresh, names):
+                    if key.startswith(prefixes):
+                        held.append(key)
+                        named.append(name)
             if len(held) >= CHUNK_KEYS:
                 self._close(label)
 
     def _close(self, label: str) -> None:
         held, self.held[label] = self.held[label], []
-        self.chunks.append((label, self.numbered[label], len(held), *pack(held)))
+        named, self.names[label] = self.names[label], []
+        self.chunks.append((label, self.numbered[label], len(held), *pack(held), dict(Counter(named))))
         self.numbered[label] += 1
 
-    def save(self, cur: Any, run_id: str, key_range: KeyRange, process: str | None) -> None:
+    def close(self) -> None:
+        """The keys still held made chunks: the range is walked."""
         for label, held in self.held.items():
             if held:
                 self._close(label)
+
+    def save(self, cur: Any, run_id: str, key_range: KeyRange, process: str | None) -> None:
+        self.close()
         ledger.write_spool(cur, run_id, key_range, process, self.walked, self.chunks)
         self.chunks = []
 
@@ -133,3 +164,11 @@ def replay(cur: Any, run_id: str, key_range: KeyRange, priority: str, process: s
     """The spooled keys of `priority` in this range, if a spool of it was taken on this server process."""
     found = ledger.read_spool(cur, run_id, key_range, priority, process)
     return None if found is None else Spooled(*found)
+
+
+def counted(cur: Any, run_id: str, key_range: KeyRange, priority: str,
+            process: str | None) -> tuple[int, dict[str, int]] | None:
+    """The range's keys walked and the spooled keys of `priority` per pattern, from the counts its
+    chunks were saved with, if a spool of it was taken on this server process (and with counts: one
+    saved before they were kept has none)."""
+    return ledger.spool_counts(cur, run_id, key_range, priority, process)

@@ -176,6 +176,18 @@ class RangeVerifier:
         if len(self.pending) >= self.opts.read_chunk:
             self.flush()
 
+    def take(self, counts: dict[str, int]) -> None:
+        """The keys of a spool per pattern, counted when it was saved (spool.Recorder), tallied as
+        `feed` would tally those keys when it compares none."""
+        for name, n in counts.items():
+            pattern = self.scope.get(name)
+            if pattern is None and not (name == UNMAPPED and self.count_unmapped):
+                continue
+            self.tally.add(name, "keys", n)
+            self.tally.add(name, "spooled", n)
+            if pattern is not None and pattern.skip:
+                self.tally.add(name, "skipped", n)
+
     def flush(self) -> None:
         chunk, self.pending = self.pending, []
         if not chunk:
@@ -396,12 +408,20 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     started = time.perf_counter()
     try:
         with conn.cursor() as cur:
-            spooled = _spooled(cur, node, spec)
+            counts = _spool_counts(cur, node, spec)
+            spooled = None if counts is not None else _spooled(cur, node, spec)
             verifier = RangeVerifier(node, cur, mapping, patterns, opts, run_id=spec.run_id, compare=spec.compare,
                                      count_unmapped=unmapped, since=spec.run_started, cap=cap,
-                                     spooled=spooled is not None)
+                                     spooled=spooled is not None or counts is not None)
+            if counts is not None:  # counted as spooled: no key to walk (a count-only verification reads none)
+                verifier.take(counts[1])
+                if progress is not None:
+                    progress({"walked": counts[0], "keys": sum(c["keys"] for c in verifier.tally.patterns.values()),
+                              "compared": 0})
+            found: Iterable[list[bytes]] = () if counts is not None else spooled if spooled is not None else \
+                scan_range(node, spec.key_range, throttle.paced(opts)[1])
             walked = 0  # every key SCAN returned, in scope or not: what progress counts
-            for keys in spooled if spooled is not None else scan_range(node, spec.key_range, throttle.paced(opts)[1]):
+            for keys in found:
                 if cap is not None and spooled is None:  # (a spool's keys cost Redis nothing: only their reads)
                     cap.acquire(len(keys))
                 verifier.feed(keys)
@@ -420,6 +440,15 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     log.info("verify_range_done", keys=keys, seconds=round(time.perf_counter() - started, 3),
              problems=sum(c[f] for c in tally.patterns.values() for f in ("missing", "different", "changed")))
     return tally
+
+
+def _spool_counts(cur: Any, node: redis.Redis, spec: VerifySpec) -> tuple[int, dict[str, int]] | None:
+    """For a count-only verification (sealed, or of a dry run) planned to read the run's spool: the
+    range's keys walked and its spooled keys per pattern, counted as they were spooled, when the
+    spool holds them for this server process; None: walk the keys (the full re-read always does)."""
+    if spec.compare or not spec.from_spool or len(spec.priorities) != 1:
+        return None
+    return spool.counted(cur, spec.run_id, spec.key_range, spec.priorities[0], spool.source_process(node))
 
 
 def _spooled(cur: Any, node: redis.Redis, spec: VerifySpec) -> spool.Spooled | None:
