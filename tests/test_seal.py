@@ -23,7 +23,8 @@ from helpers import migrate, verify
 
 ROW = {"id": "7f0e8a4c-0000-4000-8000-000000000001", "title": "A thread", "tweets": ["one", "two"],
        "created_at": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc), "views": 3, "user_id": None}
-USER = {"id": "7f0e8a4c-0000-4000-8000-00000000000b", "email": "a@example.com", "created_at": datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc), "premium": True}
+USER = {"id": "7f0e8a4c-0000-4000-8000-00000000000b", "email": "a@example.com",
+        "created_at": datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc), "premium": True}
 
 
 def verifications(pg: Any, run_id: str) -> list[tuple]:
