@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import orjson
 import psycopg2
 import redis
 from psycopg2 import sql
@@ -137,7 +138,6 @@ class _Objects(_Edited):
 
     def _statement(self, table: str, columns: tuple[str, ...]) -> str:
         types = writer_module.column_types(self.cursor, self.mapping, table, columns)
-        self.last = columns
         element = merge_module._element
         merge_module._element = lambda i, column, t, table: sql.SQL("r.") + sql.Identifier(column)
         try:
@@ -147,21 +147,14 @@ class _Objects(_Edited):
         defs = ", ".join(f'"{c}" {types[c][0]}' for c in columns)
         return statement.replace(" FROM jsonb_array_elements($1::jsonb) AS r", f" FROM json_to_recordset($1::json) AS r({defs})")
 
+    def documents(self, records: list[Prepared]) -> list[tuple[str, tuple[str, ...], bytes]]:
+        # the writer's rows, each an object of its columns (the Python side is not what is counted)
+        return [(table, columns, orjson.dumps([dict(zip(columns, row)) for row in orjson.loads(document)]))
+                for table, columns, document in super().documents(records)]
+
 
 def objects(cur: Any) -> Writer:
-    w = _Objects(cur, THREADR, RUN_ID[0], fenced=True)
-    dumps = writer_module.orjson.dumps
-
-    class Proxy:
-        Fragment = writer_module.orjson.Fragment
-
-        @staticmethod
-        def dumps(rows: Any) -> bytes:
-            if isinstance(rows, list) and rows and isinstance(rows[0], list):
-                rows = [dict(zip(w.last, row)) for row in rows]
-            return dumps(rows)
-    writer_module.orjson = Proxy  # type: ignore[assignment]  (put back by replay)
-    return w
+    return _Objects(cur, THREADR, RUN_ID[0], fenced=True)
 
 
 def _documents_by_copy(cur: Any) -> Writer:
@@ -273,7 +266,7 @@ def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int 
     if size:
         every = [rec for records in batches for rec in records]
         batches = [every[i:i + size] for i in range(0, len(every), size)]
-    kept = writer_module.orjson, writer_module.LARGE_DOCUMENT_BYTES
+    kept = writer_module.LARGE_DOCUMENT_BYTES
     conn = psycopg2.connect(url)
     try:
         with conn, conn.cursor() as cur:
@@ -295,7 +288,7 @@ def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int 
         _stop(perf)
         return cpu, written
     finally:
-        writer_module.orjson, writer_module.LARGE_DOCUMENT_BYTES = kept
+        writer_module.LARGE_DOCUMENT_BYTES = kept
         conn.close()
 
 

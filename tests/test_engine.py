@@ -814,7 +814,8 @@ def test_each_upsert_is_planned_once_per_session_and_still_writes_fences_and_bis
     with pg.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS writer_plans")
         cur.execute("CREATE TABLE writer_plans (id uuid PRIMARY KEY, n bigint CHECK (n >= 0), migration_run uuid,"
-                    " source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz)")
+                    " source_key text, metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz,"
+                    " row_seal bigint)")
     pg.commit()
 
     def record(i: int, n: int) -> Prepared:

@@ -7,19 +7,24 @@ import os
 import subprocess
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import orjson
 import migrator.core.verify
 import migrator.execution.finalize
+from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
-from migrator.core.seal import row_seal
+from migrator.core.mapping import Row
+from migrator.core.source import KeyRead
+from migrator.core.writer import Prepared, Writer
 
 from helpers import migrate, verify
 
-PROVENANCE = '{"source":"redis_thread"}'
 ROW = {"id": "7f0e8a4c-0000-4000-8000-000000000001", "title": "A thread", "tweets": ["one", "two"],
        "created_at": datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc), "views": 3, "user_id": None}
+USER = {"id": "7f0e8a4c-0000-4000-8000-00000000000b", "email": "a@example.com",
+        "created_at": datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc), "premium": True}
 
 
 def verifications(pg: Any, run_id: str) -> list[tuple]:
@@ -75,24 +80,87 @@ def damage_after_critical_batches(monkeypatch: Any, statement: str) -> None:
 GRANT = "(SELECT id FROM subscriptions WHERE kind = 'premium_grant' AND source_key LIKE 'threadr:premium:email:%' ORDER BY id LIMIT 1)"
 
 
-def test_the_seal_is_of_the_row_as_sent_the_same_in_every_process_and_not_of_its_linked_columns():
-    seal = row_seal("threads", ROW, "threadr:thread:1", PROVENANCE, 1234)
-    code = ("import datetime; from migrator.core.seal import row_seal; "
-            f"print(row_seal('threads', {ROW!r}, 'threadr:thread:1', {PROVENANCE!r}, 1234))")
+RUN = "6b0a8f5e-6f43-4d8e-9a57-3f1c2b7d9e10"
+EXPIRES = datetime(2026, 12, 24, 8, 30, tzinfo=timezone.utc)
+SESSION = {"id": "7f0e8a4c-0000-4000-8000-00000000000a", "user_ref": "u1", "email": "a@example.com", "user_id": None}
+
+
+def record(key: str, rows: list[Row], pattern: str = "thread", digest: int = 1234,
+           expires_at: datetime | None = None) -> Prepared:
+    return Prepared(key.encode(), key, next(p for p in THREADR.patterns if p.name == pattern), rows, expires_at,
+                    KeyRead(key.encode(), "string", -1, b"", 0), digest)
+
+
+def seal_of(rec: Prepared, run_id: str = RUN) -> int:
+    """The seal a bulk batch's writer gives the record's one row."""
+    Writer(None, THREADR, run_id, fenced=True).documents([rec])  # (the cursor is for the statements alone)
+    ((_, seal),) = rec.seals
+    return seal
+
+
+def sample_seal() -> int:
+    return seal_of(record("threadr:thread:1", [Row("threads", dict(ROW))]))
+
+
+def test_the_writer_sends_each_row_as_before_its_provenance_and_seal_beside_it():
+    """The documents hold, column by column, what the writer sent before it serialised each row once:
+    its values (a marked table's mark cleared), run, key, provenance, expiry, digest and seal; a
+    row id seen twice in a later upsert; the rows of an upsert in id order."""
+    first, again = dict(ROW), {**ROW, "views": 5}
+    other = {**ROW, "id": "7f0e8a4c-0000-4000-8000-000000000000", "tweets": ["é \u00e9", 'q"uote']}
+    records = [record("threadr:thread:1", [Row("threads", first)], expires_at=EXPIRES),
+               record("threadr:thread:2", [Row("threads", again), Row("threads", other)], digest=-7),
+               record("threadr:session:u1", [Row("sessions", dict(SESSION))], pattern="session"),
+               record("threadr:user:u1", [Row("users", dict(USER))], pattern="user")]  # (a table no link fills)
+    made = Writer(None, THREADR, RUN, fenced=True).documents(records)
+    sent = [(table, [dict(zip(columns, line, strict=True)) for line in orjson.loads(document)])
+            for table, columns, document in made]
+
+    def expected(rec: Prepared, values: dict[str, Any], seal: int) -> dict[str, Any]:
+        # the values as orjson writes them, the provenance as its pattern's metadata
+        return {**orjson.loads(orjson.dumps(values)), "migration_run": RUN, "source_key": rec.key_text,
+                "metadata": orjson.loads(rec.pattern.provenance), "source_digest": rec.digest,
+                "expires_at": orjson.loads(orjson.dumps(rec.expires_at)), "row_seal": seal}
+
+    (one,), (two, three), (four,), (five,) = (rec.seals for rec in records)
+    assert sent == [
+        ("users", [expected(records[3], USER, five[1])]),
+        ("threads", [expected(records[1], other, three[1]), expected(records[0], first, one[1])]),
+        ("sessions", [expected(records[2], {**SESSION, "deleted_at": None}, four[1])]),  # (its mark cleared)
+        ("threads", [expected(records[1], again, two[1])]),  # the same id again: the next round
+    ]
+    assert [table for table, _ in (one, two, three, four, five)] == ["threads", "threads", "threads", "sessions", "users"]
+    # the app's own writes and follow's send no seal
+    (_, _, document), *_ = Writer(None, THREADR, None).documents(records[:1])
+    assert orjson.loads(document)[0][-3:] == [None, "2026-12-24T08:30:00+00:00", None]
+
+
+def test_the_seal_is_of_the_row_as_sent_the_same_in_every_process_and_not_of_its_linked_columns_or_expiry():
+    seal = sample_seal()
+    code = f"import sys; sys.path[:0] = {[str(Path(__file__).parent)]!r}; import test_seal; print(test_seal.sample_seal())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert int(other.stdout) == seal  # (another process, another hash seed: the same seal)
     assert -2**63 <= seal < 2**63  # a bigint
-    assert row_seal("threads", {**ROW, "views": 4}, "threadr:thread:1", PROVENANCE, 1234) != seal
-    assert row_seal("threads", {**ROW, "tweets": ["one", "tw0"]}, "threadr:thread:1", PROVENANCE, 1234) != seal
-    assert row_seal("threads", ROW, "threadr:thread:2", PROVENANCE, 1234) != seal
-    assert row_seal("threads", ROW, "threadr:thread:1", '{"source":"redis_other"}', 1234) != seal
-    assert row_seal("threads", ROW, "threadr:thread:1", PROVENANCE, 1235) != seal
-    assert row_seal("thread_stats", ROW, "threadr:thread:1", PROVENANCE, 1234) != seal
-    # a linked column, which the link step fills later, is no part of it
-    linked = frozenset({"user_id"})
-    assert (row_seal("threads", {**ROW, "user_id": "9c1e0000-0000-4000-8000-000000000002"}, "threadr:thread:1",
-                     PROVENANCE, 1234, linked) == row_seal("threads", ROW, "threadr:thread:1", PROVENANCE, 1234, linked))
+    key = "threadr:thread:1"
+    changed = {
+        "a value": record(key, [Row("threads", {**ROW, "views": 4})]),
+        "a value within a list": record(key, [Row("threads", {**ROW, "tweets": ["one", "tw0"]})]),
+        "a value now null": record(key, [Row("threads", {**ROW, "title": None})]),
+        "a column more": record(key, [Row("threads", {**ROW, "deleted": False})]),
+        "the same values under other names": record(key, [Row("threads", {(c if c != "title" else "subject"): v
+                                                                          for c, v in ROW.items()})]),
+        "the key": record("threadr:thread:2", [Row("threads", dict(ROW))]),
+        "the provenance": record(key, [Row("threads", dict(ROW))], pattern="session"),
+        "the digest": record(key, [Row("threads", dict(ROW))], digest=1235),
+        "the table": record(key, [Row("thread_stats", dict(ROW))]),
+    }
+    seals = {what: seal_of(rec) for what, rec in changed.items()}
+    assert seal not in seals.values() and len(set(seals.values())) == len(seals), seals
+    # a linked column, which the link step fills later, its run and its expiry are no part of it
+    assert seal_of(record(key, [Row("threads", {**ROW, "user_id": "9c1e0000-0000-4000-8000-000000000002"})])) == seal
+    assert seal_of(record(key, [Row("threads", dict(ROW))]), run_id="00000000-0000-4000-8000-000000000009") == seal
+    assert seal_of(record(key, [Row("threads", dict(ROW))], expires_at=EXPIRES)) == seal
 
 
 def test_a_clean_run_is_validated_by_its_seals_without_reading_redis_again(settings, r, pg, monkeypatch):

@@ -24,7 +24,7 @@ from migrator.core import ledger
 from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
-from migrator.core.merge import SYNCED_AT
+from migrator.core.merge import ROW_SEAL, SYNCED_AT
 from migrator.core.seal import row_seal
 from migrator.core.source import KeyRead
 
@@ -68,10 +68,29 @@ def _error_class(sqlstate: str) -> type[psycopg2.Error]:
                                                                               psycopg2.errors.ProgramLimitExceeded)
 
 
-# Columns every row gets from the record it came from, after its own (init-db adds them to every table;
-# synced_at is follow's alone, stamped after its writes); the seal last, a bulk batch's alone (NULL from
-# any other writer: follow and dual-write rows vouch for nothing a batch recorded).
-PROVENANCE = tuple(c for c in schema.PROVENANCE if c != SYNCED_AT)
+# Columns every row gets from the record it came from (init-db adds them to every table; synced_at is
+# follow's alone, stamped after its writes): those its seal is of right after its own sealed columns,
+# then its linked columns, the others, and the seal last, a bulk batch's alone (NULL from any other
+# writer: follow and dual-write rows vouch for nothing a batch recorded).
+SEALED_PROVENANCE = ("source_key", "metadata", "source_digest")
+UNSEALED_PROVENANCE = ("migration_run", "expires_at", ROW_SEAL)
+assert {*SEALED_PROVENANCE, *UNSEALED_PROVENANCE} == set(schema.PROVENANCE) - {SYNCED_AT}
+
+
+class Form:
+    """How the rows of one table with one set of columns travel: the columns of each row's line, in
+    order, the part its seal is of first (its columns but the linked ones, its key, its provenance,
+    its value's digest: one contiguous slice of the line's bytes); and what the seal's digest starts
+    with, its table and the columns of that part, so that the same values in other columns differ."""
+
+    __slots__ = ("unlinked", "linked", "columns", "header")
+
+    def __init__(self, table: str, unlinked: tuple[str, ...], linked: tuple[str, ...]) -> None:
+        self.unlinked = unlinked
+        self.linked = linked  # the link step fills them after the write: no part of the seal
+        self.columns = unlinked + SEALED_PROVENANCE + linked + UNSEALED_PROVENANCE
+        self.header = orjson.dumps([table, unlinked])
+
 
 COLUMN_TYPES = """
 SELECT c.relname, a.attname, format_type(a.atttypid, NULL), t.typcategory, pg_get_expr(d.adbin, d.adrelid)
@@ -113,6 +132,7 @@ class Writer:
         self.run_id = run_id
         self.fenced = fenced
         self._statements: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._forms: dict[tuple[str, tuple[str, ...]], Form] = {}  # by (table, the columns of a row's values)
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
         # A key that gives a row says the row is live: in a table whose rows `follow` marks rather
         # than deletes, every write clears the mark (a run's as well as follow's own).
@@ -140,38 +160,10 @@ class Writer:
         A record error is raised as psycopg2's exception for its SQLSTATE, and leaves the
         transaction usable.
         """
-        # One statement per (table, columns); a row id seen twice goes to a later round,
-        # since one upsert statement may not touch the same row twice. A row travels as the
-        # list of its values, its provenance last.
-        rounds: list[dict[tuple[str, tuple[str, ...]], dict[str, list[Any]]]] = []
-        seal = None
-        for rec in records:
-            provenance = (self.run_id, rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.expires_at, rec.digest)
-            if self.fenced:
-                rec.seals = []
-            for row in rec.rows:
-                values = row.values
-                if self._marked and row.table in self._marked:
-                    values.setdefault(self._marked[row.table], None)
-                if self.fenced:
-                    seal = row_seal(row.table, values, rec.key_text, rec.pattern.provenance, rec.digest,
-                                    self._linked.get(row.table, frozenset()))
-                    rec.seals.append((row.table, seal))
-                group, row_id = (row.table, tuple(values)), values["id"]
-                line = [*values.values(), *provenance, seal]
-                for batch in rounds:
-                    bucket = batch.setdefault(group, {})
-                    if row_id not in bucket:
-                        bucket[row_id] = line
-                        break
-                else:
-                    rounds.append({group: {row_id: line}})
         statements, documents = [], []
-        for batch in rounds:
-            # A fixed table order and id order keeps concurrent workers from deadlocking.
-            for (table, columns), rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
-                statements.append(self._statement(table, columns + PROVENANCE))
-                documents.append(orjson.dumps([rows[k] for k in sorted(rows)]))
+        for table, columns, document in self.documents(records):
+            statements.append(self._statement(table, columns))
+            documents.append(document)
         if not statements:
             return 0
         # (a bulk batch's upserts may keep the seals they write: see migrator/core/sql/018_row_seal.sql)
@@ -183,6 +175,63 @@ class Writer:
             error.detail = detail_
             raise error
         return written
+
+    def documents(self, records: list[Prepared]) -> list[tuple[str, tuple[str, ...], bytes]]:
+        """(table, columns, document) of each upsert of these records, in the order they run; a bulk
+        batch's records get the seals of their rows (Prepared.seals).
+
+        One upsert per (table, columns); a row id seen twice goes to a later round, since one upsert
+        statement may not touch the same row twice. A row travels as the JSON array of its values in
+        the order of its Form's columns, serialised once: the part its seal is of, then the rest.
+        """
+        rounds: list[dict[tuple[str, tuple[str, ...]], dict[Any, bytes]]] = []
+        forms = self._forms
+        fenced = self.fenced
+        run = orjson.dumps(self.run_id)
+        for rec in records:
+            ident = (rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.digest)
+            # the rest of each of its rows' lines: its run, its expiry (the same for every row of it)
+            rest = b"," + run + b"," + orjson.dumps(rec.expires_at) + b","
+            if fenced:
+                rec.seals = []
+            for row in rec.rows:
+                values = row.values
+                if self._marked and row.table in self._marked:
+                    values.setdefault(self._marked[row.table], None)
+                group, row_id = (row.table, tuple(values)), values["id"]
+                form = forms.get(group) or self._form(group)
+                if form.linked:
+                    sealed = orjson.dumps([*map(values.__getitem__, form.unlinked), *ident])
+                    line = sealed[:-1] + b"," + orjson.dumps([values[c] for c in form.linked])[1:-1] + rest
+                else:
+                    sealed = orjson.dumps([*values.values(), *ident])
+                    line = sealed[:-1] + rest
+                if fenced:
+                    seal = row_seal(form.header, sealed)
+                    rec.seals.append((row.table, seal))
+                    line += b"%d]" % seal
+                else:
+                    line += b"null]"
+                for batch in rounds:
+                    bucket = batch.setdefault(group, {})
+                    if row_id not in bucket:
+                        bucket[row_id] = line
+                        break
+                else:
+                    rounds.append({group: {row_id: line}})
+        made = []
+        for batch in rounds:
+            # A fixed table order and id order keeps concurrent workers from deadlocking.
+            for group, rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
+                made.append((group[0], forms[group].columns, b"[" + b",".join([rows[k] for k in sorted(rows)]) + b"]"))
+        return made
+
+    def _form(self, group: tuple[str, tuple[str, ...]]) -> "Form":
+        table, columns = group
+        linked = self._linked.get(table, frozenset())
+        form = self._forms[group] = Form(table, tuple(c for c in columns if c not in linked),
+                                         tuple(c for c in columns if c in linked))
+        return form
 
     def _statement(self, table: str, columns: tuple[str, ...]) -> str:
         key = (table, columns)
