@@ -23,19 +23,13 @@ from typing import Any, Callable
 
 import psycopg2
 import psycopg2.extensions
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from costs import PrivateRedis  # noqa: E402
-from migrator.apps.threadr import THREADR  # noqa: E402
-from migrator.apps.threadr.demo import seed_demo  # noqa: E402
+from demo_keyspace import demo_keyspace  # noqa: E402
 from migrator.cli.main import main as migrator  # noqa: E402
 from migrator.core import ledger  # noqa: E402
-from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
-
-KEYS_PER_USER = 13.9  # what the demo generator writes per user (as scripts/bench.py)
 # per kind of statement: [calls, CPU seconds of their backend]
 SPENT: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
 
@@ -105,41 +99,24 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=100_000, help="about this many keys (default 100,000)")
     parser.add_argument("--top", type=int, default=25, help="kinds of statement shown (default 25)")
     args = parser.parse_args()
-    admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"migrator_pg_profile_{os.getpid()}"
-    admin = psycopg2.connect(admin_url)
-    ensure_database(admin, name)
-    url = database_url_for(admin_url, name)
-    source = PrivateRedis()
     connect = psycopg2.connect
-    try:
-        conn = connect(url)
-        init_db(conn, THREADR)
-        conn.close()
-        client = redis.Redis.from_url(source.url)
-        seed_demo(client, max(1, int(args.keys / KEYS_PER_USER)))
+    with demo_keyspace("pg_profile", args.keys) as (url, source_url, client):
         keys = client.dbsize()
-        os.environ.update(REDIS_URL=source.url, DATABASE_URL=url)
+        os.environ.update(REDIS_URL=source_url, DATABASE_URL=url)
         psycopg2.connect = lambda *a, **k: connect(*a, connection_factory=ProfiledConnection, **k)
-        print(f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-        quietly("run", "--local", "--jobs", "1", "--json", "--output-dir", tempfile.gettempdir())
-        show("run --local --jobs 1", keys, args.top)
-        conn = connect(url)
-        with conn, conn.cursor() as cur:
-            run_id = ledger.latest_run(cur)
-        conn.close()
-        quietly("verify", run_id, "--local", "--jobs", "1", "--json")
-        show("verify --local --jobs 1 of that run", keys, args.top)
-        print(f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    finally:
-        psycopg2.connect = connect
-        source.close()
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
-
+        try:
+            print(f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+            quietly("run", "--local", "--jobs", "1", "--json", "--output-dir", tempfile.gettempdir())
+            show("run --local --jobs 1", keys, args.top)
+            conn = connect(url)
+            with conn, conn.cursor() as cur:
+                run_id = ledger.latest_run(cur)
+            conn.close()
+            quietly("verify", run_id, "--local", "--jobs", "1", "--json")
+            show("verify --local --jobs 1 of that run", keys, args.top)
+            print(f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        finally:
+            psycopg2.connect = connect
 
 if __name__ == "__main__":
     main()

@@ -17,16 +17,10 @@ import time
 from typing import Any
 
 import orjson
-import psycopg2
-import redis
-from psycopg2 import sql
 
-from costs import PrivateRedis  # noqa: E402  (write_variants puts the repository on the path)
-from pg_profile import KEYS_PER_USER  # noqa: E402
+from demo_keyspace import demo_keyspace  # noqa: E402  (it puts the repository on the path)
 from write_variants import RUN_ID, capture  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
-from migrator.apps.threadr.demo import seed_demo  # noqa: E402
-from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
 from migrator.core.writer import Prepared, Writer  # noqa: E402
 
 
@@ -78,24 +72,8 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=20_000, help="about this many keys (default 20,000)")
     parser.add_argument("--rounds", type=int, default=7, help="times each spelling runs (default 7)")
     args = parser.parse_args()
-    admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"migrator_seal_cost_{os.getpid()}"
-    admin = psycopg2.connect(admin_url)
-    admin.autocommit = True
-    ensure_database(admin, name)
-    url = database_url_for(admin_url, name)
-    source = PrivateRedis()
-    try:
-        conn = psycopg2.connect(url)
-        init_db(conn, THREADR)
-        conn.close()
-        seed_demo(redis.Redis.from_url(source.url), max(1, int(args.keys / KEYS_PER_USER)))
-        batches = capture(url, source.url)
-    finally:
-        source.close()
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        admin.close()
+    with demo_keyspace("seal_cost", args.keys) as (url, source_url, _):
+        batches = capture(url, source_url)
     rows = sum(len(rec.rows) for records in batches for rec in records)
     spellings = {"before (list lines, content serialised twice)": lambda w, r: former(w, r),
                  "Writer.documents": lambda w, r: w.documents(r)}

@@ -28,18 +28,16 @@ from typing import Any, Callable
 
 import orjson
 import psycopg2
-import redis
 from psycopg2 import sql
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from costs import PrivateRedis, snapshot, write_plainly  # noqa: E402
-from pg_profile import KEYS_PER_USER, backend_cpu, quietly  # noqa: E402
+from costs import snapshot, write_plainly  # noqa: E402
+from demo_keyspace import demo_keyspace  # noqa: E402
+from pg_profile import backend_cpu, quietly  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
-from migrator.apps.threadr.demo import seed_demo  # noqa: E402
 from migrator.core import ledger, merge as merge_module, writer as writer_module  # noqa: E402
-from migrator.core.schema import database_url_for, ensure_database, init_db  # noqa: E402
 from migrator.core.writer import Prepared, Writer  # noqa: E402
 
 Variant = Callable[[Any], Writer]  # a cursor -> the writer to write with
@@ -80,44 +78,12 @@ def edited(edit: Callable[[str], str] = lambda s: s, function: str = "migrator_w
     return make
 
 
-# migrator_write as 004_write_path.sql had it, before 019 planned each statement once per session
-REPLANNED = """
-CREATE FUNCTION pg_temp.write_replanned(statements text[], documents text[],
-    OUT written bigint, OUT error_state text, OUT error_message text, OUT error_detail text)
-LANGUAGE plpgsql AS $f$
-DECLARE
-    n bigint;
-BEGIN
-    written := 0;
-    FOR i IN 1 .. coalesce(array_length(statements, 1), 0) LOOP
-        EXECUTE statements[i] USING documents[i];
-        GET DIAGNOSTICS n = ROW_COUNT;
-        written := written + n;
-    END LOOP;
-EXCEPTION WHEN data_exception OR integrity_constraint_violation OR program_limit_exceeded THEN
-    GET STACKED DIAGNOSTICS error_state = RETURNED_SQLSTATE, error_message = MESSAGE_TEXT,
-                            error_detail = PG_EXCEPTION_DETAIL;
-    written := 0;
-END
-$f$;
-"""
-# migrator_write with no subtransaction: what the EXCEPTION block costs
-UNGUARDED = """
-CREATE FUNCTION pg_temp.write_bare(statements text[], documents text[],
-    OUT written bigint, OUT error_state text, OUT error_message text, OUT error_detail text)
-LANGUAGE plpgsql AS $f$
-DECLARE
-    n bigint;
-BEGIN
-    written := 0;
-    FOR i IN 1 .. coalesce(array_length(statements, 1), 0) LOOP
-        EXECUTE statements[i] USING documents[i];
-        GET DIAGNOSTICS n = ROW_COUNT;
-        written := written + n;
-    END LOOP;
-END
-$f$;
-"""
+# migrator_write as 004_write_path.sql has it, before 019 planned each statement once per session
+REPLANNED = re.search(r"CREATE OR REPLACE FUNCTION migrator_write\(.*?\n\$\$;",
+                      (ROOT / "migrator/core/sql/004_write_path.sql").read_text(), re.S).group(0).replace(
+    "CREATE OR REPLACE FUNCTION migrator_write(", "CREATE FUNCTION pg_temp.write_replanned(")
+# the same with no subtransaction: what the EXCEPTION block costs
+UNGUARDED = re.sub(r"\nEXCEPTION WHEN .*?(?=\nEND\n)", "", REPLANNED.replace("write_replanned", "write_bare"), flags=re.S)
 
 
 def _casts_only(statement: str) -> str:
@@ -300,20 +266,9 @@ def main() -> None:
     parser.add_argument("--perf", help="record the backend of the last variant's last round with perf into this file")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(VARIANTS)
-    admin_url = os.environ.get("MIGRATOR_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    name = f"migrator_write_variants_{os.getpid()}"
-    admin = psycopg2.connect(admin_url)
-    ensure_database(admin, name)
-    url = database_url_for(admin_url, name)
-    source = PrivateRedis()
-    try:
-        conn = psycopg2.connect(url)
-        init_db(conn, THREADR)
-        conn.close()
-        client = redis.Redis.from_url(source.url)
-        seed_demo(client, max(1, int(args.keys / KEYS_PER_USER)))
+    with demo_keyspace("write_variants", args.keys) as (url, source_url, client):
         keys = client.dbsize()
-        batches = capture(url, source.url)
+        batches = capture(url, source_url)
         rows = sum(len(rec.rows) for records in batches for rec in records)
         print(f"{keys:,} keys, {len(batches)} sub-batches, {rows:,} rows; load average {os.getloadavg()[0]:.1f}")
         replay(url, batches, VARIANTS[names[0]], None)  # warm-up, not counted: the tables' files extended, caches filled
@@ -336,14 +291,6 @@ def main() -> None:
             cpu, written = best[variant]
             print(f"{variant:40} {cpu * 1e6 / rows:8.2f} {cpu * 1e6 / keys:8.2f} {cpu / base:6.2f} {written:9,}")
         print(f"load average {os.getloadavg()[0]:.1f}")
-    finally:
-        source.close()
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.close()
-
 
 if __name__ == "__main__":
     main()
