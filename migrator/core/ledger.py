@@ -665,8 +665,12 @@ def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
     cur.execute(DELETE_INSERTED.format(t=t), params)
     deleted = cur.rowcount
     cur.execute(DELETE_CHANGED.format(t=t), params)
+    # a prior image comes back as it was, its seal with it (the seal held for that image: 018_row_seal.sql)
+    cur.execute("SELECT set_config('migrator.sealing', 'on', true)")
     cur.execute(RESTORE_CHANGED.format(t=t), params)
-    return deleted, cur.rowcount
+    restored = cur.rowcount
+    cur.execute("SELECT set_config('migrator.sealing', 'off', true)")
+    return deleted, restored
 
 
 def forget_journal(cur: Any, run_id: str) -> None:

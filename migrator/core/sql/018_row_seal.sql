@@ -5,7 +5,8 @@
 
 -- An INSERT or UPDATE keeps a row's seal only inside a write that sets migrator.sealing (a bulk batch's upsert,
 -- which itself keeps it only for a row that ends as it was sent, and the link step, which fills only
--- the linked columns a seal leaves out): any other (follow, dual-write, rollback, an operator's own)
+-- the linked columns a seal leaves out; a rollback putting a prior image back, seal and all, which held
+-- for that image): any other (follow, dual-write, an operator's own)
 -- changes the row without vouching for it, so its seal goes; so does an update another trigger makes
 -- (depth > 1) even inside such a write: a table's trigger of its own may change what was sent (and
 -- seal.check does not trust the seals of a table that has one). `init-db` puts it on every table a
