@@ -6,12 +6,13 @@ verifications. Other modules decide; only this one reads or writes the ledger's 
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 import os
 import re
 import struct
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import orjson
 import psycopg2
@@ -665,12 +666,18 @@ def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
     cur.execute(DELETE_INSERTED.format(t=t), params)
     deleted = cur.rowcount
     cur.execute(DELETE_CHANGED.format(t=t), params)
-    # a prior image comes back as it was, its seal with it (the seal held for that image: 018_row_seal.sql)
+    with sealing(cur):  # a prior image comes back as it was, its seal with it (the seal held for that image)
+        cur.execute(RESTORE_CHANGED.format(t=t), params)
+    return deleted, cur.rowcount
+
+
+@contextmanager
+def sealing(cur: Any) -> Iterator[None]:
+    """The statements run inside keep the row seals they write (migrator/core/sql/018_row_seal.sql):
+    only for writes that vouch for what they leave; off again for the rest of the transaction."""
     cur.execute("SELECT set_config('migrator.sealing', 'on', true)")
-    cur.execute(RESTORE_CHANGED.format(t=t), params)
-    restored = cur.rowcount
+    yield
     cur.execute("SELECT set_config('migrator.sealing', 'off', true)")
-    return deleted, restored
 
 
 def forget_journal(cur: Any, run_id: str) -> None:

@@ -42,10 +42,8 @@ def link_rows(conn: Any, mapping: Mapping, run_id: str) -> int:
         runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))
         # (the rows keep their seals: a seal leaves out the linked columns, which alone this fills)
-        cur.execute("SELECT set_config('migrator.sealing', 'on', true)")
-        linked = link(cur, mapping)
-        cur.execute("SELECT set_config('migrator.sealing', 'off', true)")
-        return linked
+        with ledger.sealing(cur):
+            return link(cur, mapping)
 
 
 def link(cur: Any, mapping: Mapping, keys: dict[str, list[str]] | None = None) -> int:
