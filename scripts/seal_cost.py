@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="times each spelling runs (default 7)")
     args = parser.parse_args()
     with demo_keyspace("seal_cost", args.keys) as (url, source_url, _):
-        batches = capture(url, source_url)
+        batches = [records for batch in capture(url, source_url) for records in batch]
     rows = sum(len(rec.rows) for records in batches for rec in records)
     spellings = {"before (list lines, content serialised twice)": lambda w, r: former(w, r),
                  "Writer.documents": lambda w, r: w.documents(r)}

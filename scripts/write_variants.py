@@ -1,15 +1,17 @@
 """PostgreSQL's CPU per row of the batch writes, by way of writing them: the real Writer beside variants of it.
 
     .venv/bin/python scripts/write_variants.py --keys 60000          # every variant, 3 rounds: ~5 minutes
-    .venv/bin/python scripts/write_variants.py --keys 20000 --only "baseline,planned each call (004)"
+    .venv/bin/python scripts/write_variants.py --keys 20000 --only "JSON documents (not staged),planned each call (004)"
     .venv/bin/python scripts/write_variants.py --only "baseline" --perf /tmp/w.perf   # perf report -i /tmp/w.perf
 
 Seeds the demo keyspace into a redis-server of its own and runs `migrator run --local --jobs 1` into a
 throwaway database, keeping every sub-batch the writer was given. Then, for each variant, the mapping's
 tables are emptied and the same sub-batches written again, in the same order, through a Writer of a new
-connection (a transaction per sub-batch), and its backend's CPU (/proc/PID/schedstat) is counted. Each
+connection (a transaction per batch, as the run's), and its backend's CPU (/proc/PID/schedstat) is counted. Each
 variant runs --rounds times, interleaved, the least counting (others' load only ever adds); the table
-gives µs per row and per key and the ratio to the first variant named. "same-work floor" is
+gives µs per row and per key and the ratio to the first variant named. "baseline" stages its
+sub-batches by COPY (writer.STAGED_MIN_RECORDS); "JSON documents (not staged)" is the writer's other
+path, and the variants that edit a statement or the call edit that one. "same-work floor" is
 scripts/costs.py's: the rows the writer wrote, COPYed into unlogged staging and upserted per table.
 A variant named "... sub-batch N" takes the same records in sub-batches of N.
 """
@@ -70,7 +72,9 @@ class _Edited(Writer):
 
 def edited(edit: Callable[[str], str] = lambda s: s, function: str = "migrator_write", setup: str = "",
            fenced: bool = True) -> Variant:
+    """The writer's JSON path (every sub-batch one document per upsert, staged none), edited."""
     def make(cur: Any) -> Writer:
+        writer_module.STAGED_MIN_RECORDS = 1 << 62  # (put back by replay)
         if setup:
             cur.execute(setup)
         kind = type("Variant", (_Edited,), {"edit": staticmethod(edit), "function": function})
@@ -123,10 +127,16 @@ def objects(cur: Any) -> Writer:
     return _Objects(cur, THREADR, RUN_ID[0], fenced=True)
 
 
+def _as_json(cur: Any) -> Writer:
+    """Every sub-batch as JSON documents, as only those under writer.STAGED_MIN_RECORDS records go."""
+    writer_module.STAGED_MIN_RECORDS = 1 << 62  # (put back by replay)
+    return _baseline(cur)
+
+
 def _documents_by_copy(cur: Any) -> Writer:
     """Every document through the temporary table by COPY, as only large ones go (writer.LARGE_DOCUMENT_BYTES)."""
     writer_module.LARGE_DOCUMENT_BYTES = 0  # (put back by replay)
-    return _baseline(cur)
+    return _as_json(cur)
 
 
 def _sized(n: int, variant: Variant) -> Variant:
@@ -159,6 +169,7 @@ VARIANTS: dict[str, Variant] = {
         "FROM jsonb_array_elements($1::jsonb) AS r",
         "FROM json_array_elements($1::json) AS e CROSS JOIN LATERAL (SELECT e::jsonb AS r OFFSET 0) AS x")),
     "documents by COPY": _documents_by_copy,
+    "JSON documents (not staged)": _as_json,
     "work_mem 64MB": edited(setup="SET work_mem = '64MB'"),  # (a document's rows no longer spill to disk)
     # records per sub-batch (2,000 by default: RunOptions.batch_size)
     **{f"sub-batch {n}": _sized(n, _baseline) for n in (20, 100, 500, 1000, 4000)},
@@ -166,14 +177,19 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def capture(url: str, redis_url: str) -> list[list[Prepared]]:
-    """Every sub-batch a run of the keyspace gave its writer, in order."""
-    taken: list[list[Prepared]] = []
+def capture(url: str, redis_url: str) -> list[list[list[Prepared]]]:
+    """Every sub-batch a run of the keyspace gave its writers, in order, by batch (a batch's writer
+    writes them in one transaction)."""
+    taken: list[list[list[Prepared]]] = []
     write = Writer.write
+    writers: list[Writer] = []
 
     def keep(self: Writer, records: list[Prepared]) -> Any:
         if self.fenced:
-            taken.append(list(records))
+            if not writers or writers[-1] is not self:
+                writers.append(self)
+                taken.append([])
+            taken[-1].append(list(records))
         return write(self, records)
 
     os.environ.update(REDIS_URL=redis_url, DATABASE_URL=url)
@@ -226,13 +242,13 @@ def floor(url: str, rows: dict[str, bytes]) -> tuple[float, int]:
         conn.close()
 
 
-def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int | None) -> tuple[float, int]:
-    """CPU seconds of the backend writing every sub-batch into the emptied tables, and the rows written
-    (`size`: the records taken again in sub-batches of this many)."""
+def replay(url: str, batches: list[list[list[Prepared]]], variant: Variant, size: int | None) -> tuple[float, int]:
+    """CPU seconds of the backend writing every sub-batch into the emptied tables, a transaction per
+    batch, and the rows written (`size`: each batch's records taken again in sub-batches of this many)."""
     if size:
-        every = [rec for records in batches for rec in records]
-        batches = [every[i:i + size] for i in range(0, len(every), size)]
-    kept = writer_module.LARGE_DOCUMENT_BYTES
+        batches = [[every[i:i + size] for i in range(0, len(every), size)]
+                   for every in ([rec for records in batch for rec in records] for batch in batches)]
+    kept = writer_module.LARGE_DOCUMENT_BYTES, writer_module.STAGED_MIN_RECORDS
     conn = psycopg2.connect(url)
     try:
         with conn, conn.cursor() as cur:
@@ -246,15 +262,16 @@ def replay(url: str, batches: list[list[Prepared]], variant: Variant, size: int 
         before = backend_cpu(pid)
         with conn.cursor() as cur:
             w = variant(cur)
-            for records in batches:
-                rows, dead = w.write(records)
-                written += rows
+            for batch in batches:
+                for records in batch:
+                    rows, dead = w.write(records)
+                    written += rows
                 conn.commit()
         cpu = backend_cpu(pid) - before
         _stop(perf)
         return cpu, written
     finally:
-        writer_module.LARGE_DOCUMENT_BYTES = kept
+        writer_module.LARGE_DOCUMENT_BYTES, writer_module.STAGED_MIN_RECORDS = kept
         conn.close()
 
 
@@ -269,8 +286,9 @@ def main() -> None:
     with demo_keyspace("write_variants", args.keys) as (url, source_url, client):
         keys = client.dbsize()
         batches = capture(url, source_url)
-        rows = sum(len(rec.rows) for records in batches for rec in records)
-        print(f"{keys:,} keys, {len(batches)} sub-batches, {rows:,} rows; load average {os.getloadavg()[0]:.1f}")
+        rows = sum(len(rec.rows) for batch in batches for records in batch for rec in records)
+        print(f"{keys:,} keys, {len(batches)} batches of {sum(map(len, batches))} sub-batches in all, {rows:,} rows;"
+              f" load average {os.getloadavg()[0]:.1f}")
         replay(url, batches, VARIANTS[names[0]], None)  # warm-up, not counted: the tables' files extended, caches filled
         conn = psycopg2.connect(url)
         written = snapshot(conn, THREADR.table_names())

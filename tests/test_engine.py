@@ -796,6 +796,82 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
     pg.commit()
 
 
+def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(pg, monkeypatch):
+    """A sub-batch of STAGED_MIN_RECORDS or more goes by COPY into a temporary table, a row's JSON a
+    line (021_staged_writes.sql): hostile text (backslashes, COPY's own escapes, tabs, newlines, quotes,
+    a lone `\\.`, a `\\N`) lands byte for byte as the JSON document lands it, with the same seals; a NUL
+    and a value too long for its column are each one dead letter with the same error, the rest written;
+    a retry after a failed call finds its stage emptied."""
+    import psycopg2.errors
+
+    from migrator.core import writer as writer_module
+    from migrator.core.mapping import Mapping, Pattern, Priority, Row
+    from migrator.core.merge import TableRule
+    from migrator.core.source import KeyRead
+    from migrator.core.writer import Prepared, Writer
+
+    mapping = Mapping("staged", (Pattern("s", "s:*", r"s:(?P<id>\w+)", "string", Priority.HIGH, "staged test",
+                                         table="writer_staged", transform=lambda _rec: []),),
+                      rules=(TableRule("writer_staged", greatest=("n",)),))
+    run_id = "6b0a8f5e-6f43-4d8e-9a57-3f1c2b7d9e12"
+    hostile = ["back\\slash", "\\N", "\\.", "tab\there", "new\nline\r\n", 'quo"te', "\\x41\\101\\t", "é ☃ 𝄞", "", None]
+
+    def records() -> list[Prepared]:
+        made = []
+        for i in range(60):
+            key = f"s:{i}"
+            text = hostile[i % len(hostile)]
+            values = {"id": f"00000000-0000-5000-8000-{i:012d}", "label": text, "short": "ok",
+                      "tags": None if text is None else [text, "b,c"], "data": {"v": text, "n": [i, 1.5, True]},
+                      "n": i, "at": "2026-11-28T10:00:00+01:00", "flag": i % 2 == 0}
+            if i == 13:
+                values["label"] = "nul\x00here"  # PostgreSQL's text holds no NUL
+            if i == 41:
+                values["short"] = "toolong"  # varchar(5)
+            made.append(Prepared(key.encode(), key, mapping.patterns[0], [Row("writer_staged", values)], None,
+                                 KeyRead(key.encode(), "string", -1, b"", 0), i))
+        return made
+
+    def written(staged_from: int) -> tuple[list, list, list]:
+        monkeypatch.setattr(writer_module, "STAGED_MIN_RECORDS", staged_from)
+        with pg.cursor() as cur:
+            cur.execute("TRUNCATE writer_staged")
+            batch = records()
+            count, dead = Writer(cur, mapping, run_id, fenced=True).write(batch)
+            assert count == 58
+            cur.execute("SELECT * FROM writer_staged ORDER BY id")
+            rows = cur.fetchall()
+            cur.execute("SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+                        " AND relname LIKE 'migrator_stage_%' AND relkind = 'r'")
+            stages = cur.fetchone()[0]
+        pg.rollback()
+        seals = [rec.seals for rec in batch]
+        return rows, [(rec.key_text, type(exc), str(exc)) for rec, exc in dead], [stages, seals]
+
+    with pg.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS writer_staged")
+        cur.execute("CREATE TABLE writer_staged (id uuid PRIMARY KEY, label text, short varchar(5), tags text[],"
+                    " data jsonb, n bigint, at timestamptz, flag boolean, migration_run uuid, source_key text,"
+                    " metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz, row_seal bigint)")
+    pg.commit()
+    try:
+        as_json = written(1 << 30)
+        staged = written(1)
+        assert as_json[2][0] == 0 and staged[2][0] >= 1  # (the stages are there: the rows went by COPY)
+        assert staged[0] == as_json[0] and len(staged[0]) == 58
+        assert staged[2][1] == as_json[2][1]  # the same seals
+        assert staged[1] == as_json[1] and [(key, kind) for key, kind, _ in staged[1]] == \
+            [("s:13", psycopg2.errors.UntranslatableCharacter), ("s:41", psycopg2.errors.StringDataRightTruncation)]
+        labels = {row[1] for row in staged[0]}
+        assert {"back\\slash", "\\N", "\\.", "tab\there", "new\nline\r\n", 'quo"te', "\\x41\\101\\t", "é ☃ 𝄞", ""} <= labels
+        assert None in labels
+    finally:
+        pg.rollback()
+        with pg.cursor() as cur:
+            cur.execute("DROP TABLE writer_staged")
+        pg.commit()
+
+
 def test_each_upsert_is_planned_once_per_session_and_still_writes_fences_and_bisects(settings, pg):
     """migrator_write makes each statement a function of the session's own (019_write_plans.sql): a
     later sub-batch reuses it, with its own rows, the fence judged at its own time; a record error in

@@ -69,8 +69,10 @@ class TableRule:
         return new
 
     def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]],
-               unretired: Unretired | None = None, linked: frozenset[str] = frozenset()) -> sql.Composed:
+               unretired: Unretired | None = None, linked: frozenset[str] = frozenset(),
+               staged: str | None = None) -> sql.Composed:
         """INSERT ... ON CONFLICT (id) DO UPDATE of rows given as one JSON array ($1) of arrays,
+        or (`staged`) as the rows of that temporary table, each the text of one such array (`doc`),
         each holding the values of `columns` in that order; `types` gives each column's type name
         and category, from the catalog (see Writer). Fenced, given `unretired` (a bulk batch's): a
         row follow read since the transaction began is left as it is (FENCE), and one it deleted
@@ -101,18 +103,22 @@ class TableRule:
             v = sql.Identifier(self.version)
             guard = sql.SQL("(t.{} IS NULL OR EXCLUDED.{} >= t.{}) AND ").format(v, v, v) + changed
         values = [_element(i, c, types[c], self.name) for i, c in enumerate(columns)]
+        # (OFFSET 0: each staged row's text parsed once, not once per column)
+        rows = sql.SQL("jsonb_array_elements($1::jsonb) AS r") if staged is None else \
+            sql.SQL("(SELECT doc::jsonb AS r FROM pg_temp.{} OFFSET 0) AS s").format(sql.Identifier(staged))
         kept = sql.SQL("")
         if unretired is not None:
             guard = FENCE + sql.SQL(" AND ") + guard
             kept = sql.SQL(" WHERE ") + unretired(self.name, values[columns.index("id")],
                                                   values[columns.index("source_key")])
         return sql.SQL(
-            "INSERT INTO {table} AS t ({cols}) SELECT {values} FROM jsonb_array_elements($1::jsonb) AS r{kept}"
+            "INSERT INTO {table} AS t ({cols}) SELECT {values} FROM {rows}{kept}"
             " ON CONFLICT (id) DO UPDATE SET {updates} WHERE {guard}"
         ).format(
             table=sql.Identifier(self.name),
             cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
             values=sql.SQL(", ").join(values),
+            rows=rows,
             kept=kept,
             updates=updates,
             guard=guard,
