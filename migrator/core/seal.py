@@ -65,7 +65,7 @@ class Figures:
         return self.tables
 
 
-FOUND = sql.SQL("SELECT array_position(%(mine)s::jsonb[], t.metadata), count(*), sum(t.row_seal::numeric),"
+FOUND = sql.SQL("SELECT array_position(%(mine)s::jsonb[], t.metadata), count(*), sum(t.row_seal),"
                 " count(*) FILTER (WHERE t.row_seal IS NULL) FROM {} t WHERE t.metadata = ANY(%(mine)s::jsonb[]){}"
                 " GROUP BY t.metadata")
 # A table's triggers other than the engine's own (enabled): any of them may change a row as it is
