@@ -72,9 +72,9 @@ class _Edited(Writer):
 
 def edited(edit: Callable[[str], str] = lambda s: s, function: str = "migrator_write", setup: str = "",
            fenced: bool = True) -> Variant:
-    """The writer's JSON path (every sub-batch one document per upsert, staged none), edited."""
+    """The writer's JSON path (_as_json), each statement edited."""
     def make(cur: Any) -> Writer:
-        writer_module.STAGED_MIN_RECORDS = 1 << 62  # (put back by replay)
+        _as_json(cur)
         if setup:
             cur.execute(setup)
         kind = type("Variant", (_Edited,), {"edit": staticmethod(edit), "function": function})

@@ -391,6 +391,13 @@ class Mapping:
         """Every table a run of this mapping writes, the legacy id map included."""
         return [r.name for r in self.rules]
 
+    def linked_columns(self) -> dict[str, dict[str, list[str]]]:
+        """Per table, each column the link step fills (Link.into) and the columns naming its entity."""
+        linked: dict[str, dict[str, list[str]]] = {}
+        for link in self.links:
+            linked.setdefault(link.table, {}).setdefault(link.into, []).append(link.column)
+        return linked
+
     def select(
         self,
         priorities: Iterable[Priority] | None = None,

@@ -144,9 +144,7 @@ class RangeVerifier:
         # the run's dead letters, read at the first chunk compared (None: too many to hold)
         self.dead: set[bytes] | None = None
         self.dead_read = False
-        self.links: dict[str, dict[str, list[str]]] = {}  # table -> linked column -> reference columns
-        for link in mapping.links:
-            self.links.setdefault(link.table, {}).setdefault(link.into, []).append(link.column)
+        self.links = mapping.linked_columns()  # table -> linked column -> reference columns
 
     def feed(self, keys: list[bytes]) -> None:
         # (its lookups bound once per reply: this runs for every key of every pass)

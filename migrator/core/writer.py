@@ -1,8 +1,9 @@
-"""Writing transformed records: one round trip per sub-batch, bisection on failure.
+"""Writing transformed records: one call per sub-batch, bisection on failure.
 
-The rows of each table go as one JSON array of arrays (a row's values in column order),
-expanded server-side by jsonb_array_elements and cast column by column (orjson serialises them
-in C, where quoting each value in Python cost more than the insert itself), and every upsert
+Each row goes as the JSON array of its values in column order (orjson serialises them in C, where
+quoting each value in Python cost more than the insert itself), cast column by column server-side:
+the rows of each upsert as one JSON document expanded by jsonb_array_elements, or, in a sub-batch of
+STAGED_MIN_RECORDS or more, a line each COPYed into a temporary table the upsert reads. Every upsert
 of a sub-batch runs in one call of `migrator_write` (migrator/core/sql/004_write_path.sql), inside a
 subtransaction that a record error rolls back without aborting the batch. A failing sub-batch
 is split in halves until every good record has committed and each bad one is isolated as a
@@ -39,7 +40,7 @@ RECORD_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.errors.Pr
 # Sub-batches of this many records or more go to PostgreSQL by COPY, a row's JSON array a line, into
 # temporary tables the upserts read (migrator/core/sql/021_staged_writes.sql): the statement's parser no
 # longer reads through a document of megabytes, nor does jsonb_array_elements copy each row out of it;
-# 4-5 % of PostgreSQL's CPU for the write at 2,000 records (scripts/write_variants.py). At 500 it is
+# 4-6 % of PostgreSQL's CPU for the write at 2,000 records (scripts/write_variants.py). At 500 it is
 # even, at 100 the statements and round trips it adds cost twice what it saves (follow's writes, a
 # bisection's halves go as one document).
 STAGED_MIN_RECORDS = 1000
@@ -152,9 +153,7 @@ class Writer:
         # than deletes, every write clears the mark (a run's as well as follow's own).
         self._marked = {r.name: r.deleted_at for r in mapping.rules if r.on_delete == "mark"}
         # per table, the columns the link step fills after the write: no part of a row's seal
-        self._linked: dict[str, frozenset[str]] = {}
-        for link in mapping.links:
-            self._linked[link.table] = self._linked.get(link.table, frozenset()) | {link.into}
+        self._linked = {table: frozenset(into) for table, into in mapping.linked_columns().items()}
 
     def write(self, records: list[Prepared]) -> tuple[int, list[tuple[Prepared, BaseException]]]:
         """Write one sub-batch; returns (rows inserted or changed, [(record, error)] dead)."""
