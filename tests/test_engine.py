@@ -872,6 +872,73 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
         pg.commit()
 
 
+def test_large_values_a_write_makes_are_compressed_by_lz4_unless_the_server_was_told_otherwise(settings):
+    """022_toast_compression.sql: where default_toast_compression is the server's built-in default,
+    migrator_write compresses by lz4 (a plain INSERT of the session still by pglz); once the database
+    sets it, `init-db` leaves the write to that choice."""
+    import psycopg2
+    from psycopg2 import sql as q
+
+    from migrator.core.mapping import Mapping, Pattern, Priority, Row
+    from migrator.core.merge import TableRule
+    from migrator.core.schema import database_url_for, ensure_database, init_db
+    from migrator.core.source import KeyRead
+    from migrator.core.writer import Prepared, Writer
+
+    mapping = Mapping("toast", (Pattern("t", "t:*", r"t:(?P<id>\w+)", "string", Priority.HIGH, "toast test",
+                                        table="writer_toast", transform=lambda _rec: []),),
+                      rules=(TableRule("writer_toast"),))
+    big = "a thread's worth of text, said again and again " * 2000  # ~94 kB, compressible
+
+    def compressions(url: str, n: int) -> tuple[str, str]:
+        """(the writer's, a plain INSERT's) compression of the big value, written as row n."""
+        conn = psycopg2.connect(url)
+        try:
+            with conn, conn.cursor() as cur:
+                key = f"t:{n}"
+                row = Row("writer_toast", {"id": f"00000000-0000-5000-8000-{n:012d}", "body": big})
+                record = Prepared(key.encode(), key, mapping.patterns[0], [row], None,
+                                  KeyRead(key.encode(), "string", -1, b"", 0), n)
+                assert Writer(cur, mapping, "6b0a8f5e-6f43-4d8e-9a57-3f1c2b7d9e13", fenced=True).write([record]) == (1, [])
+                cur.execute("INSERT INTO writer_toast (id, body) VALUES (gen_random_uuid(), %s) RETURNING id", (big,))
+                plain = cur.fetchone()[0]
+                cur.execute("SELECT pg_column_compression(body) FROM writer_toast WHERE source_key = %s", (key,))
+                written = cur.fetchone()[0]
+                cur.execute("SELECT pg_column_compression(body) FROM writer_toast WHERE id = %s", (plain,))
+                return written, cur.fetchone()[0]
+        finally:
+            conn.close()
+
+    admin = psycopg2.connect(database_url_for(settings.database_url, "postgres"))
+    admin.autocommit = True
+    name = f"migrator_toast_{os.getpid()}"
+    ensure_database(admin, name)
+    url = database_url_for(settings.database_url, name)
+    try:
+        conn = psycopg2.connect(url)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
+            if not cur.fetchone()[0]:
+                pytest.skip("this PostgreSQL was built without lz4")
+        init_db(conn, THREADR)
+        with conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE writer_toast (id uuid PRIMARY KEY, body text, migration_run uuid, source_key text,"
+                        " metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz, row_seal bigint)")
+        conn.close()
+        assert compressions(url, 1) == ("lz4", "pglz")
+        with admin.cursor() as cur:
+            cur.execute(q.SQL("ALTER DATABASE {} SET default_toast_compression = pglz").format(q.Identifier(name)))
+        conn = psycopg2.connect(url)
+        init_db(conn, THREADR)
+        conn.close()
+        assert compressions(url, 2) == ("pglz", "pglz")
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(q.SQL("DROP DATABASE IF EXISTS {}").format(q.Identifier(name)))
+        admin.close()
+
+
 def test_each_upsert_is_planned_once_per_session_and_still_writes_fences_and_bisects(settings, pg):
     """migrator_write makes each statement a function of the session's own (019_write_plans.sql): a
     later sub-batch reuses it, with its own rows, the fence judged at its own time; a record error in
