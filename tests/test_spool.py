@@ -16,7 +16,7 @@ from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
 from migrator.core import ledger, spool
 from migrator.core.config import Settings
-from migrator.core.mapping import UNMAPPED
+from migrator.core.mapping import UNMAPPED, Priority
 from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange
 from migrator.views.status import spool_note
@@ -151,14 +151,17 @@ def test_a_retried_first_batch_leaves_one_copy_of_its_spool(settings, r, pg, mon
             kept.update(ledger.spool_size(cur, run_id))
             walked, chunks = ledger.read_spool(cur, run_id, KeyRange.split(1)[0], "low", spool.source_process(r))
             kept["low"], kept["walked"] = sum(n for n, _, _ in chunks), walked
+            kept["low_keys"] = sum(1 for k in r.scan_iter() if THREADR.pattern_of(k.decode(errors="replace"))[0]
+                                   in (None, *THREADR.select([Priority.LOW], None, None)))
         return real_figures(conn, mapping, opts)
 
     monkeypatch.setattr(migrator.core.batch.ledger, "finish_batch", finish_or_fail_once)
     monkeypatch.setattr(migrator.execution.finalize, "figure_checks", spool_then_figures)
     report = migrate(settings, ranges=1)
     assert failed and report["status"] == "completed"
-    # low counts the unmapped keys: its list is the whole keyspace, once
-    assert kept["ranges"] == 1 and kept["low"] == kept["walked"] == keys
+    # each key is kept once, in the list of the pass that acts on it: low's holds its own and the unmapped
+    assert kept["ranges"] == 1 and kept["keys"] == kept["walked"] == keys
+    assert kept["low"] == kept["low_keys"] < keys
     (note,) = spool_note(kept)  # what `status` says while the spool exists
     assert f"{kept['keys']:,} key names of 1 range(s)" in note and "VACUUM FULL migration_spool" in note
     assert spooled(pg, report["run_id"])["ranges"] == 0
@@ -203,18 +206,26 @@ def test_a_spool_of_another_server_process_is_not_read_and_the_next_batch_scans_
 
 def test_a_spooled_chunk_counts_each_distinct_key_once_by_its_pattern_as_a_walk_classifies_it():
     """The recorder's counts per chunk: a key SCAN returns twice is kept and counted once, an
-    unmapped one (non-UTF-8 included) as UNMAPPED, the others by their pattern."""
-    opts = RunOptions()
-    recorder = spool.Recorder(spool.routes(THREADR, opts), THREADR)
+    unmapped one (non-UTF-8 included, and one under another priority's prefix) as UNMAPPED in the
+    list of the priority that counts those, the others by their pattern in their own priority's list
+    alone; with a --pattern filter, a key no pass acts on is kept nowhere."""
     user, bad_user, stray = b"threadr:user:user_1", b"threadr:user:user_\xff", b"bad\xff\xfeutf8"
-    recorder.add([user, stray, user])
-    recorder.add([bad_user, user])
-    recorder.close()
-    chunks = {label: (keys, spool.unpack(lengths, packed), counts) for label, _, keys, lengths, packed, counts
-              in recorder.chunks}
+    usage_log, odd_usage = b"threadr:usage:log:10.0.0.1:1796188802.17", b"threadr:usage:what"
+
+    def recorded(opts: RunOptions) -> dict[str, tuple]:
+        recorder = spool.Recorder(spool.routes(THREADR, opts), THREADR)
+        recorder.add([user, stray, user, usage_log])
+        recorder.add([bad_user, user, odd_usage])
+        recorder.close()
+        assert recorder.walked == 7
+        return {label: (keys, spool.unpack(lengths, packed), counts) for label, _, keys, lengths, packed, counts
+                in recorder.chunks}
+
     unmapped = THREADR.unmapped_priority.label
-    assert chunks[unmapped] == (3, [user, stray, bad_user], {"user": 2, UNMAPPED: 1})
-    assert recorder.walked == 5
+    assert THREADR.named("user")[0].priority == Priority.HIGH != THREADR.unmapped_priority
+    assert recorded(RunOptions()) == {"high": (2, [user, bad_user], {"user": 2}),
+                                      unmapped: (3, [stray, usage_log, odd_usage], {UNMAPPED: 2, "usage_log": 1})}
+    assert recorded(RunOptions(patterns=("user",))) == {"high": (2, [user, bad_user], {"user": 2})}
 
 
 def _validated(settings, pg, *, erase_counts: bool, drop_from: str | None = None) -> dict[str, Any]:
