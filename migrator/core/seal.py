@@ -104,11 +104,14 @@ def check(cur: Any, mapping: Mapping, run_id: str, priority: str, patterns: Iter
         cur.execute(FOUND.format(sql.Identifier(table), live), {"mine": mine})
         found = {mine[i - 1]: (n, int(total or 0) % MODULUS, unsealed) for i, n, total, unsealed in cur.fetchall()}
         wrote = expected.tables.get(table, {})
+        # (rows that keys of more than one pattern give together are merged: such a row keeps no seal)
+        shared = mapping.sharing(table)
+        merged = f", or given by more than one key of {', '.join(p.name for p in shared)} (merged)" if shared else ""
         for provenance in sorted(set(found) | set(wrote)):
             n, total, unsealed = found.get(provenance, (0, 0, 0))
             rows += n
             want_n, want_total = wrote.get(provenance, (0, 0))
-            why = (f"{unsealed:,} row(s) changed since their batch wrote them (no seal)" if unsealed
+            why = (f"{unsealed:,} row(s) without a seal: changed since their batch wrote them{merged}" if unsealed
                    else f"{n:,} row(s) where the batches wrote {want_n:,}" if n != want_n
                    else "the rows' seals do not add up to the batches' (a row differs from what was sent)"
                    if total != want_total else None)
