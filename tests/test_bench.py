@@ -89,3 +89,18 @@ def test_the_bench_measures_follow_alone():
                         r"[\d.]+ s.* CPU µs per change: [\d.]+ \+ [\d.]+ \+ [\d.]+ \+ [\d.]+ = [\d.]+, .*", lines[1]), lines
     assert re.fullmatch(r"follow >= 5,000 changes/s with lag under 1 s: (yes|NO) \(.*\)", lines[2]), lines
     assert len(lines) == 3 and "| mode |" not in done.stdout  # no other mode measured
+
+
+def test_against_measures_this_checkout_beside_an_earlier_commit_and_leaves_no_worktree():
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    done = subprocess.run(
+        [sys.executable, "scripts/against.py", "--against", "HEAD", "--keys", "2000", "--rounds", "1"],
+        cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = dict(re.findall(r"^(this checkout|HEAD|ratio) +(\d.*)$", done.stdout, re.M))
+    assert set(rows) == {"this checkout", "HEAD", "ratio"}, done.stdout
+    for name in ("this checkout", "HEAD"):  # own, PostgreSQL, Redis: each counted (figures not asserted)
+        assert [float(x) > 0 for x in rows[name].split()] == [True] * 3, done.stdout
+    assert len(rows["ratio"].split()) == 3
+    assert subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout == worktrees
