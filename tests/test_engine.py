@@ -801,7 +801,8 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
     line (021_staged_writes.sql): hostile text (backslashes, COPY's own escapes, tabs, newlines, quotes,
     a lone `\\.`, a `\\N`) lands byte for byte as the JSON document lands it, with the same seals; a NUL
     and a value too long for its column are each one dead letter with the same error, the rest written;
-    a retry after a failed call finds its stage emptied."""
+    a retry after a failed call finds its stage emptied. A line put together as a large row's is
+    (writer.LARGE_LINE_BYTES) writes the same."""
     import psycopg2.errors
 
     from migrator.core import writer as writer_module
@@ -832,8 +833,9 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
                                  KeyRead(key.encode(), "string", -1, b"", 0), i))
         return made
 
-    def written(staged_from: int) -> tuple[list, list, list]:
+    def written(staged_from: int, large_from: int = writer_module.LARGE_LINE_BYTES) -> tuple[list, list, list]:
         monkeypatch.setattr(writer_module, "STAGED_MIN_RECORDS", staged_from)
+        monkeypatch.setattr(writer_module, "LARGE_LINE_BYTES", large_from)
         with pg.cursor() as cur:
             cur.execute("TRUNCATE writer_staged")
             batch = records()
@@ -857,6 +859,8 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
     try:
         as_json = written(1 << 30)
         staged = written(1)
+        # every line put together as a large row's is (in one copy): the same rows, errors and seals
+        assert written(1 << 30, large_from=0) == as_json
         assert as_json[2][0] == 0 and staged[2][0] >= 1  # (the stages are there: the rows went by COPY)
         assert staged[0] == as_json[0] and len(staged[0]) == 58
         assert staged[2][1] == as_json[2][1]  # the same seals

@@ -28,7 +28,7 @@ from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
 from migrator.core.merge import ROW_SEAL, SYNCED_AT
-from migrator.core.seal import row_seal
+from migrator.core.seal import row_seal, seal_start
 from migrator.core.source import KeyRead
 
 
@@ -96,13 +96,14 @@ class Form:
     its value's digest: one contiguous slice of the line's bytes); and what the seal's digest starts
     with, its table and the columns of that part, so that the same values in other columns differ."""
 
-    __slots__ = ("unlinked", "linked", "columns", "header", "stage")
+    __slots__ = ("unlinked", "linked", "columns", "header", "started", "stage")
 
     def __init__(self, table: str, unlinked: tuple[str, ...], linked: tuple[str, ...]) -> None:
         self.unlinked = unlinked
         self.linked = linked  # the link step fills them after the write: no part of the seal
         self.columns = unlinked + SEALED_PROVENANCE + linked + UNSEALED_PROVENANCE
         self.header = orjson.dumps([table, unlinked])
+        self.started = seal_start(self.header)
         # the temporary tables its rows are staged in, one per round (Writer.upsert)
         self.stage = "migrator_stage_" + hashlib.sha1(orjson.dumps([table, self.columns])).hexdigest()[:24]
 
@@ -209,7 +210,8 @@ class Writer:
         statement may not touch the same row twice. A row travels as the JSON array of its values in
         the order of its Form's columns, serialised once: the part its seal is of, then the rest.
         """
-        return [(table, form.columns, b"[" + b",".join(lines) + b"]") for table, form, _, lines in self._grouped(records)]
+        return [(table, form.columns, b"".join((b"[", lines[0], b"]")) if len(lines) == 1 else b"[" + b",".join(lines) + b"]")
+                for table, form, _, lines in self._grouped(records)]
 
     def _grouped(self, records: list[Prepared]) -> list[tuple[str, Form, int, list[bytes]]]:
         """(table, form, round, its rows' JSON arrays in id order) of each upsert, in the order they run."""
@@ -231,16 +233,20 @@ class Writer:
                 form = forms.get(group) or self._form(group)
                 if form.linked:
                     sealed = orjson.dumps([*map(values.__getitem__, form.unlinked), *ident])
-                    line = sealed[:-1] + b"," + orjson.dumps([values[c] for c in form.linked])[1:-1] + rest
+                    tail = b"," + orjson.dumps([values[c] for c in form.linked])[1:-1] + rest
                 else:
                     sealed = orjson.dumps([*values.values(), *ident])
-                    line = sealed[:-1] + rest
+                    tail = rest
                 if fenced:
-                    seal = row_seal(form.header, sealed)
+                    seal = row_seal(form.started, sealed)
                     rec.seals.append((row.table, seal))
-                    line += b"%d]" % seal
+                    tail += b"%d]" % seal
                 else:
-                    line += b"null]"
+                    tail += b"null]"
+                # (a large row's bytes copied once, not once per piece added: a 64 MiB value's line
+                # is made beside the values it came from)
+                line = sealed[:-1] + tail if len(sealed) < LARGE_LINE_BYTES else \
+                    b"".join((memoryview(sealed)[:-1], tail))
                 for batch in rounds:
                     bucket = batch.setdefault(group, {})
                     if row_id not in bucket:
@@ -272,6 +278,8 @@ class Writer:
         return self._statements[key]
 
 
+# A row's line longer than this is put together in one copy of its bytes (Writer._grouped).
+LARGE_LINE_BYTES = 1 << 20
 # Documents of rows larger than this go to PostgreSQL by COPY, streamed as they are: as a
 # parameter, psycopg2 would quote a copy of one and build the statement text around another.
 LARGE_DOCUMENT_BYTES = 4 * 1024 * 1024
