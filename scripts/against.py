@@ -34,9 +34,8 @@ import json, os, resource, sys, tempfile
 tree, scripts = sys.argv[1], sys.argv[2]
 sys.path[:0] = [tree, scripts]
 import psycopg2, redis
-from costs import BackendCpu  # (this checkout's: it imports nothing of the migrator's)
+from costs import BackendCpu, quietly  # (this checkout's: they import the migrator first on sys.path)
 from migrator.apps.threadr import THREADR
-from migrator.cli.main import main as migrator
 from migrator.core import ledger
 from migrator.core.schema import empty_tables, init_db
 
@@ -52,11 +51,7 @@ def own_cpu():
     return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 backends = BackendCpu(os.environ["DATABASE_URL"])
 before = (own_cpu(), backends.total(), redis_cpu())
-kept = os.dup(1)  # its report to /dev/null: stdout carries the figures alone
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-migrator(["--log-level", "WARNING", "run", "--local", "--jobs", "1", "--output-dir", tempfile.gettempdir()])
-sys.stdout.flush()
-os.dup2(kept, 1)
+quietly("run", "--local", "--jobs", "1", "--output-dir", tempfile.gettempdir())  # stdout: the figures alone
 after = (own_cpu(), backends.total(), redis_cpu())
 backends.close()
 print("COSTS " + json.dumps([b - a for a, b in zip(before, after)]))

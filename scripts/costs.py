@@ -9,6 +9,7 @@ import io
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -61,6 +62,24 @@ class PrivateRedis:
 def redis_calls(client: redis.Redis) -> dict[str, int]:
     """Calls per command since the server started (INFO commandstats), e.g. {'scan': 120, 'type': 4000}."""
     return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+def quietly(*argv: str) -> None:
+    """`migrator ARGV` in this process, its report left out (the commands hold the real stdout:
+    its file descriptor is the one pointed elsewhere). The migrator is the one first on sys.path
+    when called (scripts/against.py runs an earlier commit's so)."""
+    from migrator.cli.main import main as migrator
+
+    sys.stdout.flush()
+    kept = os.dup(1)
+    try:
+        with open(os.devnull, "w") as quiet:
+            os.dup2(quiet.fileno(), 1)
+            migrator(["--log-level", "WARNING", *argv])
+            sys.stdout.flush()
+    finally:
+        os.dup2(kept, 1)
+        os.close(kept)
 
 
 class BackendCpu:

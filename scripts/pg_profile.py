@@ -27,8 +27,8 @@ import psycopg2.extensions
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from costs import quietly  # noqa: E402
 from demo_keyspace import demo_keyspace  # noqa: E402
-from migrator.cli.main import main as migrator  # noqa: E402
 from migrator.core import ledger  # noqa: E402
 # per kind of statement: [calls, CPU seconds of their backend]
 SPENT: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
@@ -77,21 +77,6 @@ def show(title: str, keys: int, top: int) -> None:
     for name, (n, cpu) in sorted(SPENT.items(), key=lambda s: -s[1][1])[:top]:
         print(f"{cpu * 1e6 / keys:8.2f} µs/key {int(n):6,} calls  {name}")
     SPENT.clear()
-
-
-def quietly(*argv: str) -> None:
-    """`migrator ARGV` in this process, its report left out (the commands hold the real stdout:
-    its file descriptor is the one pointed elsewhere)."""
-    sys.stdout.flush()
-    kept = os.dup(1)
-    try:
-        with open(os.devnull, "w") as quiet:
-            os.dup2(quiet.fileno(), 1)
-            migrator(["--log-level", "WARNING", *argv])
-            sys.stdout.flush()
-    finally:
-        os.dup2(kept, 1)
-        os.close(kept)
 
 
 def main() -> None:

@@ -35,9 +35,9 @@ from psycopg2 import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from costs import snapshot, write_plainly  # noqa: E402
+from costs import quietly, snapshot, write_plainly  # noqa: E402
 from demo_keyspace import demo_keyspace  # noqa: E402
-from pg_profile import backend_cpu, quietly  # noqa: E402
+from pg_profile import backend_cpu  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
 from migrator.core import ledger, merge as merge_module, writer as writer_module  # noqa: E402
 from migrator.core.writer import Prepared, Writer  # noqa: E402

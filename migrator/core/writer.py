@@ -96,14 +96,13 @@ class Form:
     its value's digest: one contiguous slice of the line's bytes); and what the seal's digest starts
     with, its table and the columns of that part, so that the same values in other columns differ."""
 
-    __slots__ = ("unlinked", "linked", "columns", "header", "started", "stage")
+    __slots__ = ("unlinked", "linked", "columns", "started", "stage")
 
     def __init__(self, table: str, unlinked: tuple[str, ...], linked: tuple[str, ...]) -> None:
         self.unlinked = unlinked
         self.linked = linked  # the link step fills them after the write: no part of the seal
         self.columns = unlinked + SEALED_PROVENANCE + linked + UNSEALED_PROVENANCE
-        self.header = orjson.dumps([table, unlinked])
-        self.started = seal_start(self.header)
+        self.started = seal_start(orjson.dumps([table, unlinked]))  # the seal's header, digested once
         # the temporary tables its rows are staged in, one per round (Writer.upsert)
         self.stage = "migrator_stage_" + hashlib.sha1(orjson.dumps([table, self.columns])).hexdigest()[:24]
 
@@ -210,7 +209,8 @@ class Writer:
         statement may not touch the same row twice. A row travels as the JSON array of its values in
         the order of its Form's columns, serialised once: the part its seal is of, then the rest.
         """
-        return [(table, form.columns, b"".join((b"[", lines[0], b"]")) if len(lines) == 1 else b"[" + b",".join(lines) + b"]")
+        # (one copy of a one-row document's bytes: joining one line gives that line back)
+        return [(table, form.columns, b"".join((b"[", b",".join(lines), b"]")))
                 for table, form, _, lines in self._grouped(records)]
 
     def _grouped(self, records: list[Prepared]) -> list[tuple[str, Form, int, list[bytes]]]:
