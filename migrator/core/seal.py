@@ -74,9 +74,10 @@ class Figures:
         return self.tables
 
 
+# (grouped by the provenance's place in the list, an integer: one comparison per row where the table's
+# own writers come first, and no sort of jsonb; rows of a provenance not listed fall in the NULL group)
 FOUND = sql.SQL("SELECT array_position(%(mine)s::jsonb[], t.metadata), count(*), sum(t.row_seal),"
-                " count(*) FILTER (WHERE t.row_seal IS NULL) FROM {} t WHERE t.metadata = ANY(%(mine)s::jsonb[]){}"
-                " GROUP BY t.metadata")
+                " count(*) FILTER (WHERE t.row_seal IS NULL) FROM {} t{} GROUP BY 1")
 # A table's triggers other than the engine's own (enabled): any of them may change a row as it is
 # written, INSERT included, unseen by the seal it keeps.
 FOREIGN_TRIGGERS = ("SELECT string_agg(tgname, ', ' ORDER BY tgname) FROM pg_trigger WHERE tgrelid = to_regclass(quote_ident(%s))"
@@ -95,6 +96,9 @@ def check(cur: Any, mapping: Mapping, run_id: str, priority: str, patterns: Iter
     `held`: all agree; `broken`: per table, what did not, and why."""
     migrated = [p for p in patterns if p.migrated]
     mine = sorted({p.provenance for p in migrated})
+    writes: dict[str, set[str]] = {}  # the tables each provenance's patterns write
+    for p in migrated:
+        writes.setdefault(p.provenance, set()).update(p.tables)
     expected = Figures()
     for kept in ledger.batch_seals(cur, run_id, priority):
         expected.merge(Figures(kept))
@@ -108,11 +112,13 @@ def check(cur: Any, mapping: Mapping, run_id: str, priority: str, patterns: Iter
             broken[table] = {"triggers": f"trigger(s) {triggers} of its own may change a row as it is written"}
             continue
         rule = mapping.rule(table)
-        live = (sql.SQL(" AND t.{} IS NULL").format(sql.Identifier(rule.deleted_at)) if rule.on_delete == "mark"
+        live = (sql.SQL(" WHERE t.{} IS NULL").format(sql.Identifier(rule.deleted_at)) if rule.on_delete == "mark"
                 else sql.SQL(""))
-        cur.execute(FOUND.format(sql.Identifier(table), live), {"mine": mine})
-        found = {mine[i - 1]: (n, int(total or 0) % MODULUS, unsealed) for i, n, total, unsealed in cur.fetchall()}
         wrote = expected.tables.get(table, {})
+        listed = sorted(mine, key=lambda p: p not in wrote and table not in writes[p])
+        cur.execute(FOUND.format(sql.Identifier(table), live), {"mine": listed})
+        found = {listed[i - 1]: (n, int(total or 0) % MODULUS, unsealed)
+                 for i, n, total, unsealed in cur.fetchall() if i is not None}
         # (rows that keys of more than one pattern give together are merged: such a row keeps no seal)
         shared = mapping.sharing(table)
         merged = f", or given by more than one key of {', '.join(p.name for p in shared)} (merged)" if shared else ""
