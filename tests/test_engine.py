@@ -798,11 +798,14 @@ def test_the_writer_casts_each_positional_value_to_its_column_type(pg):
 
 def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(pg, monkeypatch):
     """A sub-batch of STAGED_MIN_RECORDS or more goes by COPY into a temporary table, a row's JSON a
-    line (021_staged_writes.sql): hostile text (backslashes, COPY's own escapes, tabs, newlines, quotes,
-    a lone `\\.`, a `\\N`) lands byte for byte as the JSON document lands it, with the same seals; a NUL
-    and a value too long for its column are each one dead letter with the same error, the rest written;
+    line (021_staged_writes.sql): hostile text (backslashes, COPY's own escapes, tabs, newlines,
+    quotes, a lone `\\.`, a `\\N`, in values and in keys), floats (NaN, the infinities, 1e20, -0.0),
+    numerics, datetimes, booleans, integers, an object and a float in a text column, JSON's "null"
+    string, arrays and objects land as the JSON document lands them, with the same seals; a NUL and
+    a value too long for its column are each one dead letter with the same error, the rest written;
     a retry after a failed call finds its stage emptied. A line put together as a large row's is
     (writer.LARGE_LINE_BYTES) writes the same."""
+    from datetime import datetime, timedelta, timezone
     import psycopg2.errors
 
     from migrator.core import writer as writer_module
@@ -820,11 +823,16 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
     def records() -> list[Prepared]:
         made = []
         for i in range(60):
-            key = f"s:{i}"
+            key = f"s:{i}" if i % 10 != 5 else f"s:{i}\t\\n\n"
             text = hostile[i % len(hostile)]
             values = {"id": f"00000000-0000-5000-8000-{i:012d}", "label": text, "short": "ok",
-                      "tags": None if text is None else [text, "b,c"], "data": {"v": text, "n": [i, 1.5, True]},
-                      "n": i, "at": "2026-11-28T10:00:00+01:00", "flag": i % 2 == 0}
+                      "tags": None if text is None else [text, "b,c"],
+                      "data": {3: "null", 4: float("nan")}.get(i % 10, {"v": text, "n": [i, 1.5, True]}),
+                      "n": i, "at": "2026-11-28T10:00:00+01:00", "flag": i % 2 == 0,
+                      "score": [0.1, 1e20, float("nan"), float("inf"), 3, None, -0.0, 5e-324][i % 8],
+                      "amount": [1.5, 10**15, "2.50", None][i % 4],
+                      "seen": datetime(2026, 11, 28, 10, tzinfo=timezone.utc) + timedelta(microseconds=i),
+                      "note": {7: {"a": [1, "b"]}, 29: 2.5}.get(i, [7, True, "x\ty", None][i % 4])}
             if i == 13:
                 values["label"] = "nul\x00here"  # PostgreSQL's text holds no NUL
             if i == 41:
@@ -841,7 +849,8 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
             batch = records()
             count, dead = Writer(cur, mapping, run_id, fenced=True).write(batch)
             assert count == 58
-            cur.execute("SELECT * FROM writer_staged ORDER BY id")
+            # (a jsonb null and SQL NULL both read as None: the JSON's text tells them apart)
+            cur.execute("SELECT *, data::text FROM writer_staged ORDER BY id")
             rows = cur.fetchall()
             cur.execute("SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
                         " AND relname LIKE 'migrator_stage_%' AND relkind = 'r'")
@@ -853,7 +862,8 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
     with pg.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS writer_staged")
         cur.execute("CREATE TABLE writer_staged (id uuid PRIMARY KEY, label text, short varchar(5), tags text[],"
-                    " data jsonb, n bigint, at timestamptz, flag boolean, migration_run uuid, source_key text,"
+                    " data jsonb, n bigint, at timestamptz, flag boolean, score double precision, amount numeric,"
+                    " seen timestamptz, note text, migration_run uuid, source_key text,"
                     " metadata jsonb, expires_at timestamptz, source_digest bigint, synced_at timestamptz, row_seal bigint)")
     pg.commit()
     try:
@@ -866,6 +876,10 @@ def test_a_large_sub_batch_staged_by_copy_writes_what_its_json_document_writes(p
         assert staged[2][1] == as_json[2][1]  # the same seals
         assert staged[1] == as_json[1] and [(key, kind) for key, kind, _ in staged[1]] == \
             [("s:13", psycopg2.errors.UntranslatableCharacter), ("s:41", psycopg2.errors.StringDataRightTruncation)]
+        # (NaN and the infinities are JSON's null: NULL either way)
+        assert {row[8] for row in staged[0]} >= {0.1, 1e20, 3.0, None}
+        assert {row[11] for row in staged[0]} == {"7", "true", "x\ty", None, '{"a": [1, "b"]}', "2.5"}
+        assert {row[13] for row in staged[0]} >= {"s:5\t\\n\n", "s:15\t\\n\n"}
         labels = {row[1] for row in staged[0]}
         assert {"back\\slash", "\\N", "\\.", "tab\there", "new\nline\r\n", 'quo"te', "\\x41\\101\\t", "é ☃ 𝄞", ""} <= labels
         assert None in labels
