@@ -523,7 +523,7 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         modes["local"] = _with_cpu(args, lambda: _migrator(args, "--local"))
         modes["verify (of local's run)"] = _with_cpu(args, lambda: mode_verify(args, modes["local"]["run_id"]))
         # The same-work floor is the least of ROUNDS writes (others' load only ever adds), and one run's
-        # PostgreSQL CPU per key moved by a sixth between runs of the same code: the run's figure for that
+        # PostgreSQL CPU per key moved by a quarter between runs of the same code: the run's figure for that
         # bar is the least of ROUNDS runs too, the first being local's above.
         out["pg_local_runs"] = [_per_key(modes["local"], "postgresql")]
         for _ in range(ROUNDS - 1):
