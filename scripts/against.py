@@ -34,7 +34,7 @@ import json, os, resource, sys, tempfile
 tree, scripts = sys.argv[1], sys.argv[2]
 sys.path[:0] = [tree, scripts]
 import psycopg2, redis
-from costs import BackendCpu, quietly  # (this checkout's: they import the migrator first on sys.path)
+from costs import BackendCpu, quietly, redis_cpu  # (this checkout's: they import the migrator first on sys.path)
 from migrator.apps.threadr import THREADR
 from migrator.core import ledger
 from migrator.core.schema import empty_tables, init_db
@@ -44,15 +44,12 @@ init_db(conn, THREADR)
 empty_tables(conn, [*THREADR.table_names(), *ledger.TABLES])
 conn.close()
 source = redis.Redis.from_url(os.environ["REDIS_URL"])
-def redis_cpu():
-    info = source.info("cpu")
-    return info["used_cpu_sys"] + info["used_cpu_user"]
 def own_cpu():
     return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 backends = BackendCpu(os.environ["DATABASE_URL"])
-before = (own_cpu(), backends.total(), redis_cpu())
+before = (own_cpu(), backends.total(), redis_cpu(source))
 quietly("run", "--local", "--jobs", "1", "--output-dir", tempfile.gettempdir())  # stdout: the figures alone
-after = (own_cpu(), backends.total(), redis_cpu())
+after = (own_cpu(), backends.total(), redis_cpu(source))
 backends.close()
 print("COSTS " + json.dumps([b - a for a, b in zip(before, after)]))
 """

@@ -65,7 +65,7 @@ from migrator.core.schema import database_url_for, ensure_database, init_db, wri
 from migrator.apps.threadr import THREADR  # noqa: E402
 import capacity  # noqa: E402
 from capacity import Costs  # noqa: E402
-from costs import ROUNDS, BackendCpu, PrivateRedis, redis_calls, same_work_floor, snapshot  # noqa: E402
+from costs import ROUNDS, BackendCpu, PrivateRedis, redis_calls, redis_cpu, same_work_floor, snapshot  # noqa: E402
 
 KEYS_PER_USER = 13.9  # what the demo generator writes per user
 READ = {"string": "get", "hash": "hgetall", "set": "smembers", "zset": "zrange", "list": "lrange"}
@@ -181,11 +181,6 @@ def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _redis_cpu(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return info["used_cpu_sys"] + info["used_cpu_user"]
-
-
 def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]:
     """CPU seconds so far: of the mode (this process's reaped children, and the `running`
     processes it started before), of PostgreSQL (the backends of the bench's database), of Redis
@@ -193,10 +188,10 @@ def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]
     Redis server's calls per command."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
     with redis.Redis.from_url(args.redis_url) as client:
-        redis_cpu, calls = _redis_cpu(client), redis_calls(client)
+        redis_spent, calls = redis_cpu(client), redis_calls(client)
     return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
             "postgresql": args.pg_cpu.total(),
-            "redis": redis_cpu,
+            "redis": redis_spent,
             "broker": _cpu_of(lambda _, name: name == "beam.smp"),
             "calls": calls}
 
@@ -505,11 +500,11 @@ def measure(args: argparse.Namespace, target_keys: int, first: bool, last: bool)
         seed_demo(client, max(1, int(target_keys / KEYS_PER_USER)))
         out["keys"] = client.dbsize()
         print(f"seeded {out['keys']:,} keys in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        started, cpu = time.perf_counter(), _redis_cpu(client)
+        started, cpu = time.perf_counter(), redis_cpu(client)
         for _ in client.scan_iter(count=1000):
             pass
         out["scan_pass_s"] = time.perf_counter() - started
-        out["scan_pass_redis_s"] = _redis_cpu(client) - cpu
+        out["scan_pass_redis_s"] = redis_cpu(client) - cpu
         out["ranges"] = len(plan_ranges(client))
         if args.only == "follow":  # the rows a run writes first, then follow alone
             _migrator(args, "--local")

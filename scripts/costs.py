@@ -64,6 +64,12 @@ def redis_calls(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in client.info("commandstats").items()}
 
 
+def redis_cpu(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used so far (INFO cpu: system and user)."""
+    info = client.info("cpu")
+    return info["used_cpu_sys"] + info["used_cpu_user"]
+
+
 def quietly(*argv: str) -> None:
     """`migrator ARGV` in this process, its report left out (the commands hold the real stdout:
     its file descriptor is the one pointed elsewhere). The migrator is the one first on sys.path
