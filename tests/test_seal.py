@@ -388,3 +388,31 @@ def test_a_trigger_of_the_table_s_own_that_changes_rows_as_they_are_written_is_n
     pg.rollback()
     assert broken["users"] == {"triggers": "trigger(s) pad of its own may change a row as it is written"}
     assert broken["threads"] == {"triggers": "trigger(s) bump of its own may change a row as it is written"}
+
+
+def test_a_row_marked_deleted_is_left_out_of_the_seal_check_and_one_unmarked_turns_it(settings, r, pg):
+    """A login session that ended (`follow` marks its row, kept as history) is no key's row to give: a
+    re-run that no longer finds its key is sealed all the same. The same row with the mark taken off
+    by hand is a live row no batch wrote: low is read again, and the full pass finds it extra."""
+    only_email_grants(r)
+    assert migrate(settings)["status"] == "completed"
+    ended = sorted(r.keys("threadr:session:*"))[0]
+    with pg, pg.cursor() as cur:
+        # (as follow marks it: the update also takes its seal away)
+        cur.execute("UPDATE sessions SET deleted_at = now() WHERE source_key = %s RETURNING row_seal", (ended.decode(),))
+        assert cur.fetchall() == [(None,)]
+    r.delete(ended)
+    second = migrate(settings)
+    assert second["status"] == "completed", second["error"]
+    assert second["validated_by"]["low"] == "sealed"
+    with pg, pg.cursor() as cur:
+        cur.execute("UPDATE sessions SET deleted_at = NULL WHERE source_key = %s", (ended.decode(),))
+    third = migrate(settings)
+    assert third["validated_by"]["low"] == "reread after the seals"
+    assert third["status"] == "rolled_back" and third["error"].endswith("session: 1 extra")
+    with pg.cursor() as cur:
+        cur.execute("SELECT result -> 'seal' -> 'broken' -> 'sessions' FROM migration_verifications WHERE run_id = %s"
+                    " AND priorities = '{low}' AND sealed", (third["run_id"],))
+        (broken,) = cur.fetchone()
+    pg.rollback()
+    assert list(broken.values()) == ["1 row(s) without a seal: changed since their batch wrote them"]
