@@ -198,8 +198,8 @@ ROUNDS = 3  # each variant this many times, interleaved; its least CPU counts (o
 
 
 def same_work_floor(database_url: str, tables: list[str], rows: dict[str, bytes], cpu: BackendCpu,
-                    truncate: list[str]) -> dict[str, float]:
-    """PostgreSQL CPU seconds of writing `rows` plainly, per variant of VARIANTS (the least of ROUNDS);
+                    truncate: list[str], rounds: int = ROUNDS) -> dict[str, float]:
+    """PostgreSQL CPU seconds of writing `rows` plainly, per variant of VARIANTS (the least of `rounds`);
     every table in `truncate` emptied before each, and everything put back as it was after."""
     conn = psycopg2.connect(database_url)
     emptied = sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, truncate)))
@@ -207,7 +207,7 @@ def same_work_floor(database_url: str, tables: list[str], rows: dict[str, bytes]
     try:
         # once first, not counted: the first write into the tables pays for what the next ones find
         # ready (catalog caches, the relations' files extended), which would flatter every variant after it
-        for name, variant in [("warm-up", {}), *list(VARIANTS.items()) * ROUNDS]:
+        for name, variant in [("warm-up", {}), *list(VARIANTS.items()) * rounds]:
             with conn, conn.cursor() as cur:
                 cur.execute(emptied)
                 dropped = []

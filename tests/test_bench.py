@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_bench_measures_every_mode_and_prints_the_bars():
     done = subprocess.run(  # (on a redis-server of its own: no --redis-url)
-        [sys.executable, "scripts/bench.py", "--keys", "4000", "--workers", "1,2", "--no-hostile",
+        [sys.executable, "scripts/bench.py", "--keys", "4000", "--workers", "1,2", "--no-hostile", "--rounds", "2",
          "--seed-sample", "1000", "--latency-seconds", "3", "--wide", "20000", "--follow-seconds", "1"],
         cwd=ROOT, env={**os.environ, "MIGRATOR_BENCH_ADMIN_URL": ADMIN_URL,
                        "MIGRATOR_QUEUE_PREFIX": f"benchtest{os.getpid()}."},  # it deletes its queues
@@ -44,11 +44,24 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
     for variant in ("same-work floor", "+ journal trigger", "plain INSERT, no upsert", "without secondary indexes",
                     "unlogged tables (no WAL)", "the migrator: local", "the migrator: 2 workers"):
         assert re.search(rf"^\| {re.escape(variant)}.* \| [\d.]+ \| \d+\.\d\d \|$", out, re.M), (variant, out)
-    # local's figure is the least of its 3 runs, as the floor's is the least of 3 rounds; a mode run once says so
-    least = re.search(r"^\| the migrator: local \(the least of 3 runs: ([\d.]+), ([\d.]+), ([\d.]+)\) \| ([\d.]+) \|", out, re.M)
-    assert least and float(least.group(4)) == min(map(float, least.groups()[:3])), out
-    assert re.search(r"^- local: PostgreSQL CPU per key .*: " + re.escape(least.group(4)) + r" \(the least of 3 runs", out, re.M), out
-    assert re.search(r"^\| the migrator: 2 workers \(one run\) \|", out, re.M), out
+    # every mode but verify ran --rounds times, as each same-work variant did: its row is its run with the
+    # least CPU in all, and each run's total is printed
+    ran = re.search(r"^Each mode ran 2 times \(verify and the hostile run once\): .* CPU µs per key in all of each run: (.*)\.$",
+                    out, re.M)
+    assert ran, out
+    totals = {m: [float(x) for x in runs.split(", ")] for m, runs in re.findall(r"([a-z0-9 ]+?) ([\d., ]+)(?:; |$)", ran.group(1))}
+    assert list(totals) == ["floor", "seed", "local", "1 worker", "2 workers"] and all(len(t) == 2 for t in totals.values()), ran
+    for mode in ("floor", "local", "1 worker", "2 workers"):
+        assert float(rows[mode].split("|")[3].rsplit("=", 1)[1]) == min(totals[mode]), (mode, totals, rows[mode])
+    # PostgreSQL's bar takes the least of a mode's runs, as the same-work floor is the least of its rounds
+    for mode in ("local", "2 workers"):
+        least = re.search(rf"^\| the migrator: {mode} \(the least of 2 runs: ([\d.]+), ([\d.]+)\) \| ([\d.]+) \|", out, re.M)
+        assert least and float(least.group(3)) == min(map(float, least.groups()[:2])), out
+        assert re.search(rf"^- {mode}: PostgreSQL CPU per key .*: " + re.escape(least.group(3)) + r" \(the least of 2 runs",
+                         out, re.M), out
+    total = re.search(r"^- 2 workers: total CPU per key .*: (yes|NO) \(([\d.]+) \(the least of 2 runs: .*\) against 40/23 of "
+                      r"the floor's ([\d.]+) \(the least of 2 runs", out, re.M)
+    assert total and float(total.group(2)) == min(totals["2 workers"]) and float(total.group(3)) == min(totals["floor"]), out
     for mode in ("local", "2 workers"):  # the source's levers: its SCAN passes, and one pass instead
         assert re.search(rf"^Redis, {mode}: \d+\.\d SCAN passes' worth of calls .* one pass instead would leave about "
                          r"[\d.]+ of its [\d.]+ µs per key \([\d.]+x the floor's\)\. Calls per key: [A-Z]+ [\d.]+", out, re.M), out
