@@ -15,6 +15,7 @@ import hashlib
 import io
 import struct
 import weakref
+from itertools import chain, repeat
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
@@ -179,10 +180,10 @@ class Writer:
             # (each stage emptied first: a failed write's rows are still in it)
             self.cursor.execute("SELECT migrator_stage(%s)", ([stage for _, _, stage, _ in staged],))
             for table, form, stage, lines in staged:
-                # a line a row's JSON, its backslashes doubled for COPY's text format (JSON has no raw
-                # tab, newline or carriage return: orjson escapes them)
-                text = b"\n".join(lines).replace(b"\\", b"\\\\") + b"\n"
-                self.cursor.copy_expert(f"COPY pg_temp.{stage} (doc) FROM STDIN", io.BytesIO(text), COPY_READ_BYTES)
+                # a row a line, its JSON as it is: COPY's binary format, where the server neither scans
+                # nor unescapes a byte of it (its text format did both, and its backslashes were doubled here)
+                self.cursor.copy_expert(f"COPY pg_temp.{stage} (doc) FROM STDIN WITH (FORMAT binary)",
+                                        io.BytesIO(binary_rows(lines)), COPY_READ_BYTES)
                 statements.append(self._statement(table, form.columns, stage))
                 documents.append(b"")
         else:
@@ -308,15 +309,28 @@ def call_with_documents(cursor: Any, function: str, statements: list[str], docum
     return row
 
 
+# COPY's binary format: its header (signature, no flags, no extension), and its trailer
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
+BINARY_TRAILER = struct.pack("!h", -1)
+_ONE_FIELD = struct.Struct("!hi")  # a row of one field, and that field's length
+
+
+def binary_rows(lines: list[bytes]) -> bytes:
+    """COPY's binary format of rows of one text column, a row each of `lines` (UTF-8 text with no
+    NUL byte, as orjson writes JSON): the lines copied once, each after its length."""
+    fields = map(_ONE_FIELD.pack, repeat(1), map(len, lines))
+    return b"".join(chain((BINARY_HEADER,), chain.from_iterable(zip(fields, lines)), (BINARY_TRAILER,)))
+
+
 class _Binary:
     """COPY's binary format of rows (n, doc), read by psycopg2 a piece at a time: a document is
     handed over in slices of itself, never copied whole."""
 
     def __init__(self, documents: list[bytes]) -> None:
-        parts: list[bytes | memoryview] = [b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)]
+        parts: list[bytes | memoryview] = [BINARY_HEADER]
         for n, doc in enumerate(documents):
             parts += [struct.pack("!hii", 2, 4, n) + struct.pack("!i", len(doc)), memoryview(doc)]
-        parts.append(struct.pack("!h", -1))
+        parts.append(BINARY_TRAILER)
         self.parts, self.at = parts, 0
 
     def read(self, size: int = -1) -> bytes:
