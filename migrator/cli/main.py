@@ -113,8 +113,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("how")
     g.add_argument("--dry-run", action="store_true",
                    help="transform and write inside a transaction that is rolled back: real numbers, nothing kept")
-    g.add_argument("--batch-size", type=int, default=2000,
-                   help="records per sub-batch and savepoint (default 2000; a sub-batch also ends at 16 MB of values)")
+    g.add_argument("--batch-size", type=int, default=RunOptions.batch_size,
+                   help=f"records per sub-batch and savepoint (default {RunOptions.batch_size}; a sub-batch also ends at"
+                        " 16 MB of values)")
     g.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT hint (default 1000)")
     g.add_argument("--ranges", type=int, help="cursor ranges to split the keyspace into (default: from the key count)")
     g.add_argument("--max-value-bytes", type=int, metavar="N",
