@@ -172,7 +172,7 @@ VARIANTS: dict[str, Variant] = {
     "JSON documents (not staged)": _as_json,
     "work_mem 64MB": edited(setup="SET work_mem = '64MB'"),  # (a document's rows no longer spill to disk)
     # records per sub-batch (RunOptions.batch_size by default)
-    **{f"sub-batch {n}": _sized(n, _baseline) for n in (20, 100, 500, 1000, 4000)},
+    **{f"sub-batch {n}": _sized(n, _baseline) for n in (20, 100, 500, 1000, 2000, 8000)},
     **{f"planned each call + sub-batch {n}": _sized(n, REPLANNING) for n in (20, 100, 500, 1000)},
 }
 

@@ -15,8 +15,9 @@ VALIDATIONS = ("sealed", "reread")
 class RunOptions:
     # records per sub-batch (one subtransaction each), or fewer: SUB_BATCH_BYTES. 5,000 rather than 2,000:
     # its overhead in PostgreSQL (a stage emptied, the upserts called, a subtransaction) shared by more
-    # rows, its index inserts closer together; 0.95x the write's CPU (scripts/write_variants.py), 0.94x
-    # a run's PostgreSQL and 0.95x its own (scripts/against.py, 100k keys, 5 rounds)
+    # rows, its index inserts closer together: 0.95x the write's CPU (scripts/write_variants.py, 7
+    # rounds), a run's PostgreSQL 0.86x and its own 0.91x (scripts/against.py, 100k keys, the least of
+    # 5 rounds; 0.85-1.07x round by round), for 30-60 MB more of a process's peak memory
     batch_size: int = 5000
     scan_count: int = 1000  # SCAN COUNT hint
     read_chunk: int = 500  # keys per read pipeline

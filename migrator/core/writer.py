@@ -15,9 +15,9 @@ import hashlib
 import io
 import struct
 import weakref
-from itertools import chain, repeat
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, repeat
 from typing import Any, Sequence
 
 import orjson
