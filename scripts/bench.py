@@ -22,9 +22,9 @@ pattern) into it and migrates it into a throwaway database, then measures side b
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
 Each mode but verify and the hostile run runs 3 times (--rounds), as each same-work variant does, and
 its row is its run with the least CPU in all: load from elsewhere only ever adds, and runs of the same
-code moved by a quarter. The headline is the CPU each mode cost per key, by process: its own, PostgreSQL (the backends of
-its database only), Redis (its own server) and the broker; throughput moves with a shared
-machine's load, cost per key much less. Beside it keys/s, the ratios to the floor and to the
+code moved by a quarter. The headline is the CPU each mode cost per key, by process: its own,
+PostgreSQL (the backends of its database only), Redis (its own server) and the broker; throughput
+moves with a shared machine's load, cost per key much less. Beside it keys/s, the ratios to the floor and to the
 seed's approach, Redis calls per key, peak RSS, and where the migrator's time went (from the
 ledger's per-batch timings); the bars' verdicts; the capacity model's predictions for 1 and 2
 workers beside the measured keys/s, and its projection past one machine (scripts/capacity.py,

@@ -3,7 +3,7 @@
 Each row goes as the JSON array of its values in column order (orjson serialises them in C, where
 quoting each value in Python cost more than the insert itself), cast column by column server-side:
 the rows of each upsert as one JSON document expanded by jsonb_array_elements, or, in a sub-batch of
-STAGED_MIN_RECORDS or more, a line each COPYed into a temporary table the upsert reads. Every upsert
+STAGED_MIN_RECORDS or more, a row each of a temporary table, filled by COPY, that the upsert reads. Every upsert
 of a sub-batch runs in one call of `migrator_write` (migrator/core/sql/004_write_path.sql), inside a
 subtransaction that a record error rolls back without aborting the batch. A failing sub-batch
 is split in halves until every good record has committed and each bad one is isolated as a
@@ -38,7 +38,7 @@ RECORD_ERRORS = (psycopg2.DataError, psycopg2.IntegrityError, psycopg2.errors.Pr
                  orjson.JSONEncodeError)
 
 
-# Sub-batches of this many records or more go to PostgreSQL by COPY, a row's JSON array a line, into
+# Sub-batches of this many records or more go to PostgreSQL by COPY, a row's JSON array a row, into
 # temporary tables the upserts read (migrator/core/sql/021_staged_writes.sql): the statement's parser no
 # longer reads through a document of megabytes, nor does jsonb_array_elements copy each row out of it;
 # 4-6 % of PostgreSQL's CPU for the write at 2,000 records (scripts/write_variants.py). At 500 it is
@@ -180,8 +180,8 @@ class Writer:
             # (each stage emptied first: a failed write's rows are still in it)
             self.cursor.execute("SELECT migrator_stage(%s)", ([stage for _, _, stage, _ in staged],))
             for table, form, stage, lines in staged:
-                # a row a line, its JSON as it is: COPY's binary format, where the server neither scans
-                # nor unescapes a byte of it (its text format did both, and its backslashes were doubled here)
+                # each row's JSON as it is, in COPY's binary format: the server neither scans nor
+                # unescapes its bytes, as the text format did
                 self.cursor.copy_expert(f"COPY pg_temp.{stage} (doc) FROM STDIN WITH (FORMAT binary)",
                                         io.BytesIO(binary_rows(lines)), COPY_READ_BYTES)
                 statements.append(self._statement(table, form.columns, stage))
