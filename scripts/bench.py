@@ -15,9 +15,9 @@ pattern) into it and migrates it into a throwaway database, then measures side b
   verify  `migrator verify RUN --local` of local's run: every key read again and compared with its rows
   follow  `migrator follow --local` while distinct keys are rewritten at 5,000 changes/s
   PostgreSQL's same-work floor: the rows local's run wrote, written again into the same tables by
-          COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with and without the
-          journal trigger, the upsert, secondary indexes and WAL (scripts/costs.py), each the least
-          of 3 rounds (--rounds)
+          COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with the journal
+          trigger, with the seal trigger (each alone, in a session set as a run's write is), without
+          the upsert, secondary indexes or WAL (scripts/costs.py), each the least of 3 rounds (--rounds)
   workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
           threads pool of 2 (`-P threads -c 2`, as the README starts them)
 Each mode but verify and the hostile run runs 3 times (--rounds), as each same-work variant does, and

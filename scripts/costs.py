@@ -144,10 +144,12 @@ def snapshot(conn: Any, tables: list[str]) -> dict[str, bytes]:
     return rows
 
 
-# Where PostgreSQL's time goes: the floor, then the floor with or without one part.
+# Where PostgreSQL's time goes: the floor, then the floor with or without one part. A trigger is
+# enabled alone, by the function it runs (`init-db` puts both on every table a run writes).
 VARIANTS = {
     "same-work floor (COPY to unlogged staging, INSERT ... ON CONFLICT per table)": {},
-    "+ journal trigger": {"journal": True},
+    "+ journal trigger": {"triggers": ("migrator_journal()",)},
+    "+ seal trigger": {"triggers": ("migrator_unseal()",)},
     "plain INSERT, no upsert": {"insert": True},
     "without secondary indexes": {"bare": True},
     "unlogged tables (no WAL)": {"unlogged": True},
@@ -172,6 +174,45 @@ def _secondary_indexes(cur: Any, table: str) -> list[tuple[str, str]]:
                 " WHERE i.indrelid = to_regclass(%s) AND NOT EXISTS (SELECT FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
                 (table,))
     return cur.fetchall()
+
+
+# Every write goes in a session as a run's bulk batch is (migrator/core/sql/001_ledger.sql, 018_row_seal.sql),
+# so that a trigger costs what it costs a run: the journal trigger keeps the prior image of what a session
+# naming its run changes; the seal trigger leaves alone the rows of a write that vouches for them. (Neither
+# set, the seal trigger fired on every row, taking its seal away, which no run's write makes it do.)
+RUN_SESSION = ("SELECT set_config('migrator.run_id', gen_random_uuid()::text, false),"
+               " set_config('migrator.sealing', 'on', false)")
+
+
+def prepare(cur: Any, tables: list[str], variant: dict[str, Any]) -> list[str]:
+    """Make `tables` as `variant` writes into them: only its triggers enabled, unlogged, or without their
+    secondary indexes; returns the definitions of the indexes dropped (restore puts them back)."""
+    dropped = []
+    for table in tables:
+        ident = sql.Identifier(table)
+        cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(ident))
+        cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgfoid = ANY(%s::regprocedure[])",
+                    (table, list(variant.get("triggers", ()))))
+        for (trigger,) in cur.fetchall():
+            cur.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER {}").format(ident, sql.Identifier(trigger)))
+        if variant.get("unlogged"):
+            cur.execute(sql.SQL("ALTER TABLE {} SET UNLOGGED").format(ident))
+        if variant.get("bare"):
+            for index, definition in _secondary_indexes(cur, table):
+                cur.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+                dropped.append(definition)
+    return dropped
+
+
+def restore(cur: Any, tables: list[str], variant: dict[str, Any], dropped: list[str]) -> None:
+    """`tables` as they were before prepare."""
+    for table in tables:
+        ident = sql.Identifier(table)
+        cur.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(ident))
+        if variant.get("unlogged"):
+            cur.execute(sql.SQL("ALTER TABLE {} SET LOGGED").format(ident))
+    for definition in dropped:
+        cur.execute(definition)
 
 
 def write_plainly(conn: Any, tables: list[str], rows: dict[str, bytes], *, insert: bool = False) -> None:
@@ -205,35 +246,21 @@ def same_work_floor(database_url: str, tables: list[str], rows: dict[str, bytes]
     emptied = sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, truncate)))
     out: dict[str, float] = {}
     try:
+        with conn, conn.cursor() as cur:
+            cur.execute(RUN_SESSION)
         # once first, not counted: the first write into the tables pays for what the next ones find
         # ready (catalog caches, the relations' files extended), which would flatter every variant after it
         for name, variant in [("warm-up", {}), *list(VARIANTS.items()) * rounds]:
             with conn, conn.cursor() as cur:
                 cur.execute(emptied)
-                dropped = []
-                for table in tables:
-                    ident = sql.Identifier(table)
-                    if not variant.get("journal"):
-                        cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(ident))
-                    if variant.get("unlogged"):
-                        cur.execute(sql.SQL("ALTER TABLE {} SET UNLOGGED").format(ident))
-                    if variant.get("bare"):
-                        for index, definition in _secondary_indexes(cur, table):
-                            cur.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
-                            dropped.append(definition)
+                dropped = prepare(cur, tables, variant)
             before = cpu.total()
             write_plainly(conn, tables, rows, insert=bool(variant.get("insert")))
             if name != "warm-up":
                 out[name] = min(out.get(name, float("inf")), cpu.total() - before)
             with conn, conn.cursor() as cur:
                 cur.execute(emptied)
-                for table in tables:
-                    ident = sql.Identifier(table)
-                    cur.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(ident))
-                    if variant.get("unlogged"):
-                        cur.execute(sql.SQL("ALTER TABLE {} SET LOGGED").format(ident))
-                for definition in dropped:
-                    cur.execute(definition)
+                restore(cur, tables, variant, dropped)
     finally:
         conn.close()
     return out

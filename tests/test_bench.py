@@ -13,8 +13,15 @@ from amqp.exceptions import NotFound
 from celery import Celery
 
 from conftest import ADMIN_URL
+from helpers import migrate
+from migrator.apps.threadr import THREADR
+from migrator.apps.threadr.demo import seed_demo
+from migrator.core.schema import written_tables
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import costs  # noqa: E402
 
 
 def test_the_bench_measures_every_mode_and_prints_the_bars():
@@ -41,7 +48,7 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
         assert re.fullmatch(r"\d+\.\d{3}, \d+\.\d\d, \d+\.\d\d", cells[-1]), row  # Redis calls per key
     assert "coord." in rows["1 worker"]  # the coordinator and the worker apart
     # where PostgreSQL's time goes: the same rows with and without each part, and the migrator beside them
-    for variant in ("same-work floor", "+ journal trigger", "plain INSERT, no upsert", "without secondary indexes",
+    for variant in ("same-work floor", "+ journal trigger", "+ seal trigger", "plain INSERT, no upsert", "without secondary indexes",
                     "unlogged tables (no WAL)", "the migrator: local", "the migrator: 2 workers"):
         assert re.search(rf"^\| {re.escape(variant)}.* \| [\d.]+ \| \d+\.\d\d \|$", out, re.M), (variant, out)
     # every mode but verify ran --rounds times, as each same-work variant did: its row is its run with the
@@ -122,3 +129,43 @@ def test_against_measures_this_checkout_beside_an_earlier_commit_and_leaves_no_w
     assert len(rows["ratio"].split()) == 3
     assert subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout == worktrees
+
+
+def test_the_same_work_floor_meets_each_trigger_as_a_run_s_write_does(settings, r, pg):
+    """Its trigger variants cost what the triggers cost a run: the seal trigger leaves the rows of a write
+    that vouches for them their seals (it fired on every row, unsealing it, before the floor's session
+    was set as a run's is), and the journal trigger keeps the prior image of each row the write changes."""
+    seed_demo(r, 5)
+    assert migrate(settings)["status"] == "completed"
+    tables = written_tables(THREADR)
+    rows = costs.snapshot(pg, tables)
+    with pg, pg.cursor() as cur:
+        cur.execute(costs.RUN_SESSION)
+    truncate = "TRUNCATE " + ", ".join([*tables, "migration_journal"])
+
+    def written(variant: dict) -> tuple[int, int, int, int]:
+        """(rows, rows sealed, journal entries, triggers enabled) once the rows are written twice in `variant`."""
+        with pg, pg.cursor() as cur:
+            cur.execute(truncate)
+            dropped = costs.prepare(cur, tables, variant)
+        try:
+            for _ in range(2):  # the second write updates every row: what the journal keeps
+                costs.write_plainly(pg, tables, rows)
+            with pg, pg.cursor() as cur:
+                cur.execute(" UNION ALL ".join(f"SELECT count(*), count(row_seal) FROM {t}" for t in tables))
+                counts = cur.fetchall()
+                cur.execute("SELECT count(*) FROM migration_journal")
+                journaled = cur.fetchone()[0]
+                cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = ANY(%s::regclass[]) AND NOT tgisinternal"
+                            " AND tgenabled <> 'D'", (tables,))
+                enabled = cur.fetchone()[0]
+        finally:
+            with pg, pg.cursor() as cur:
+                costs.restore(cur, tables, variant, dropped)
+        return sum(n for n, _ in counts), sum(s for _, s in counts), journaled, enabled
+
+    plain = written({})
+    total, sealed, journaled, enabled = plain
+    assert total > 50 and 0 < sealed <= total and journaled == 0 and enabled == 0, plain
+    assert written(costs.VARIANTS["+ seal trigger"]) == (total, sealed, 0, len(tables))
+    assert written(costs.VARIANTS["+ journal trigger"]) == (total, sealed, total, len(tables))
