@@ -35,7 +35,7 @@ from psycopg2 import sql
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from costs import quietly, snapshot, write_plainly  # noqa: E402
+from costs import prepare, quietly, restore, snapshot, write_plainly  # noqa: E402
 from demo_keyspace import demo_keyspace  # noqa: E402
 from pg_profile import backend_cpu  # noqa: E402
 from migrator.apps.threadr import THREADR  # noqa: E402
@@ -223,20 +223,22 @@ def _stop(perf: subprocess.Popen | None) -> None:
 
 def floor(url: str, rows: dict[str, bytes]) -> tuple[float, int]:
     """scripts/costs.py's same-work floor of the rows the writer wrote: COPY into unlogged staging, then one
-    INSERT ... ON CONFLICT per table, into the emptied tables with no journal trigger."""
+    INSERT ... ON CONFLICT per table, into the emptied tables with no trigger (enabled again after it, for
+    the variants that follow)."""
     conn = psycopg2.connect(url)
+    tables = THREADR.table_names()
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(sql.SQL("TRUNCATE {}, migration_journal").format(
-                sql.SQL(", ").join(map(sql.Identifier, THREADR.table_names()))))
-            for table in THREADR.table_names():
-                cur.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(sql.Identifier(table)))
+            cur.execute(sql.SQL("TRUNCATE {}, migration_journal").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
+            dropped = prepare(cur, tables, {})
         pid = conn.get_backend_pid()
         perf = _perf(pid)
         before = backend_cpu(pid)
-        write_plainly(conn, THREADR.table_names(), rows)
+        write_plainly(conn, tables, rows)
         cpu = backend_cpu(pid) - before
         _stop(perf)
+        with conn, conn.cursor() as cur:
+            restore(cur, tables, {}, dropped)
         return cpu, sum(body.count(b"\n") for body in rows.values())
     finally:
         conn.close()
