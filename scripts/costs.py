@@ -178,8 +178,8 @@ def _secondary_indexes(cur: Any, table: str) -> list[tuple[str, str]]:
 
 # Every write goes in a session as a run's bulk batch is (migrator/core/sql/001_ledger.sql, 018_row_seal.sql),
 # so that a trigger costs what it costs a run: the journal trigger keeps the prior image of what a session
-# naming its run changes; the seal trigger leaves alone the rows of a write that vouches for them. (Neither
-# set, the seal trigger fired on every row, taking its seal away, which no run's write makes it do.)
+# naming its run changes; the seal trigger leaves alone the rows of a write that vouches for them (in any
+# other session it would fire on every row, taking its seal away, which no run's write makes it do).
 RUN_SESSION = ("SELECT set_config('migrator.run_id', gen_random_uuid()::text, false),"
                " set_config('migrator.sealing', 'on', false)")
 

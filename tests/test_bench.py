@@ -132,9 +132,9 @@ def test_against_measures_this_checkout_beside_an_earlier_commit_and_leaves_no_w
 
 
 def test_the_same_work_floor_meets_each_trigger_as_a_run_s_write_does(settings, r, pg):
-    """Its trigger variants cost what the triggers cost a run: the seal trigger leaves the rows of a write
-    that vouches for them their seals (it fired on every row, unsealing it, before the floor's session
-    was set as a run's is), and the journal trigger keeps the prior image of each row the write changes."""
+    """Its trigger variants cost what the triggers cost a run: each is enabled alone, the seal trigger
+    leaves the rows of a write that vouches for them their seals (in a session not set as a run's is, it
+    unseals every row), and the journal trigger keeps the prior image of each row the write changes."""
     seed_demo(r, 5)
     assert migrate(settings)["status"] == "completed"
     tables = written_tables(THREADR)
