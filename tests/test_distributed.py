@@ -180,6 +180,17 @@ def test_worker_killed_mid_batch_ends_with_the_same_tables_as_an_undisturbed_run
     workers.start("w1")
 
 
+def test_a_command_finds_a_worker_of_its_own_queues_and_not_one_of_others(settings, workers):
+    """`run` and `follow` ask whether a worker takes their queues (else they say how to start one):
+    this session's workers answer, and none consumes another installation's queues."""
+    from workers.executor import CeleryExecutor
+
+    assert CeleryExecutor(settings).answering()
+    elsewhere = CeleryExecutor(settings)
+    elsewhere.queues = ("another-installation.critical",)
+    assert not elsewhere.answering(timeout=0.4)
+
+
 def test_priority_flag_runs_one_priority_through_its_queue(settings, r, pg, workers):
     seed_demo(r, 100)
     report = run_distributed(settings, priorities=("critical",))

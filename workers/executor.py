@@ -21,6 +21,10 @@ from .celery import app
 from .tasks import dispatch_priority
 
 
+# The shares of `answering`'s timeout it asks the workers in, one after the other.
+ASKS = (1 / 8, 2 / 8, 5 / 8)
+
+
 class CeleryExecutor(Executor):
     """On Celery workers: any number, on any host, each consuming some of the priority queues."""
 
@@ -38,9 +42,10 @@ class CeleryExecutor(Executor):
         return coordinator.consumers(self.settings.broker_url, timeout)
 
     def answering(self, timeout: float = 2.0) -> bool:
-        # a worker of another MIGRATOR_QUEUE_PREFIX would never take our batches
+        # a worker of another MIGRATOR_QUEUE_PREFIX would never take our batches; asked in ever longer
+        # waits (a broadcast waits out its whole timeout), so that a command goes on once one of ours answers
         ours = set(self.queues)
-        return any(ours.intersection(consumed) for consumed in self.consumers(timeout).values())
+        return any(ours.intersection(consumed) for share in ASKS for consumed in self.consumers(timeout * share).values())
 
     def worker_command(self, queues: Iterable[str] | None = None) -> str:
         return coordinator.worker_command(self.queues if queues is None else queues)
