@@ -18,8 +18,8 @@ pattern) into it and migrates it into a throwaway database, then measures side b
           COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with the journal
           trigger, with the seal trigger (each alone, in a session set as a run's write is), without
           the upsert, secondary indexes or WAL (scripts/costs.py), each the least of 3 rounds (--rounds)
-  workers `migrator run` (the coordinator) through 1 and 2 Celery worker processes, each with a
-          threads pool of 2 (`-P threads -c 2`, as the README starts them)
+  workers `migrator run` (the coordinator) through 1 and 2 Celery workers, each started as the README
+          starts one: Celery's default pool (prefork), a pool process per core
 Each mode but verify and the hostile run runs 3 times (--rounds), as each same-work variant does, and
 its row is its run with the least CPU in all: load from elsewhere only ever adds, and runs of the same
 code moved by a quarter. The headline is the CPU each mode cost per key, by process: its own,
@@ -167,9 +167,9 @@ def _peak_rss_of_group(pgid: int) -> float:
     return round(peak / 1024, 1)
 
 
-def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
-    """CPU seconds of the processes `wanted(pid, name)` picks, with the children they reaped (a
-    PostgreSQL backend's time moves to the postmaster when it exits, so the sum is steady)."""
+def _cpu_of(wanted: Callable[[str, int], bool]) -> float:
+    """CPU seconds of the processes `wanted(name, process group)` picks, with the children they reaped
+    (a PostgreSQL backend's time moves to the postmaster when it exits, so the sum is steady)."""
     total = 0
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -178,23 +178,29 @@ def _cpu_of(wanted: Callable[[int, str], bool]) -> float:
             except OSError:
                 continue
             name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-            if wanted(int(pid), name):
+            if wanted(name, int(fields[2])):
                 total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _groups_cpu(leaders: Sequence[int]) -> float:
+    """CPU seconds of every process in the process groups these processes lead (each started in a session
+    of its own): a worker's pool processes with it."""
+    return _cpu_of(lambda _, group: group in leaders) if leaders else 0.0
+
+
 def _cpu_now(args: argparse.Namespace, running: Sequence[int]) -> dict[str, Any]:
-    """CPU seconds so far: of the mode (this process's reaped children, and the `running`
-    processes it started before), of PostgreSQL (the backends of the bench's database), of Redis
-    (the bench's own server, unless --redis-url named one) and of the broker (RabbitMQ); and the
+    """CPU seconds so far: of the mode (this process's reaped children, and the process groups of the
+    `running` processes it started before), of PostgreSQL (the backends of the bench's database), of
+    Redis (the bench's own server, unless --redis-url named one) and of the broker (RabbitMQ); and the
     Redis server's calls per command."""
     own = resource.getrusage(resource.RUSAGE_CHILDREN)
     with redis.Redis.from_url(args.redis_url) as client:
         redis_spent, calls = redis_cpu(client), redis_calls(client)
-    return {"mode": own.ru_utime + own.ru_stime + (_cpu_of(lambda pid, _: pid in running) if running else 0),
+    return {"mode": own.ru_utime + own.ru_stime + _groups_cpu(running),
             "postgresql": args.pg_cpu.total(),
             "redis": redis_spent,
-            "broker": _cpu_of(lambda _, name: name == "beam.smp"),
+            "broker": _cpu_of(lambda name, _: name == "beam.smp"),
             "calls": calls}
 
 
@@ -270,10 +276,10 @@ def mode_workers(args: argparse.Namespace, workers: int, *flags: str, rounds: in
     from celeryconfig import PRIORITY_QUEUES  # after main() chose this run's queue prefix
 
     queues = ",".join(PRIORITY_QUEUES.values())
-    # each worker process as the README starts one: a threads pool of two (one batch's Python work
-    # overlaps another's waits on PostgreSQL and Redis)
+    # each worker as the README starts one: Celery's default pool, a process per core (a process group
+    # of its own, counted whole: _cpu_now)
     procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues,
-                               "-P", "threads", "-c", "2", "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
+                               "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
                                "--without-mingle", "--loglevel", "WARNING"], cwd=ROOT, env=_env(args),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
              for i in range(workers)]

@@ -1,18 +1,16 @@
 """The capacity model of docs/capacity.md, from costs per key measured by scripts/bench.py.
 
 A run is CPU-bound wherever it is: each part feeds at most (cores it may use) / (its CPU per key).
-Redis is single-threaded (one core per master, shared with the app); a worker process is one
-interpreter (one core, its GIL); PostgreSQL gives each connection a backend (one core each, up to
-the primary's cores); and on one machine all of them share its cores. The keys/s of a run is the
+Redis is single-threaded (one core per master, shared with the app); a worker's pool process is one
+interpreter running one batch at a time (one core; a worker runs one per core by default, prefork),
+with one PostgreSQL connection, whose backend takes one core, up to the primary's cores; and on one
+machine all of them share its cores. The keys/s of a run is the
 least of those limits. Checked against the bench for 1 and 2 workers on this machine (its
 prediction beside the measured keys/s); past one machine it projects the wall time of a keyspace.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-THREADS_PER_WORKER = 2  # a worker's pool as the README starts it: each thread holds a PostgreSQL connection
-
 
 @dataclass(frozen=True)
 class Costs:
@@ -29,12 +27,12 @@ class Costs:
 
 def limits(costs: Costs, *, workers: int, masters: int = 1, pg_cores: float, machine_cores: float | None = None,
            redis_share: float = 1.0) -> dict[str, float]:
-    """keys/s each part can feed: `redis_share` of each master's one core, `workers` worker processes
-    of one core each, PostgreSQL's backends (two per worker, at most `pg_cores`), and, when
-    everything shares one machine, its `machine_cores`."""
+    """keys/s each part can feed: `redis_share` of each master's one core, `workers` pool processes
+    (worker cores) of one core each, PostgreSQL's backends (one per pool process, at most `pg_cores`),
+    and, when everything shares one machine, its `machine_cores`."""
     out = {"redis": masters * redis_share * 1e6 / costs.redis,
            "workers": workers * 1e6 / costs.own,
-           "postgresql": min(pg_cores, workers * THREADS_PER_WORKER) * 1e6 / costs.postgresql}
+           "postgresql": min(pg_cores, workers) * 1e6 / costs.postgresql}
     if machine_cores is not None:
         out["machine"] = machine_cores * 1e6 / costs.total
     return out
@@ -48,7 +46,7 @@ def predict(costs: Costs, **kwargs: float) -> tuple[float, str]:
 
 
 def saturating_workers(costs: Costs, *, masters: int, pg_cores: float, redis_share: float = 1.0) -> int:
-    """Workers (of one core each) past which another adds nothing: Redis or PostgreSQL is the bound."""
+    """Worker cores (pool processes) past which another adds nothing: Redis or PostgreSQL is the bound."""
     n = 1
     while n < 10_000 and predict(costs, workers=n, masters=masters, pg_cores=pg_cores,
                                  redis_share=redis_share)[1] == "workers":
@@ -67,22 +65,24 @@ def _duration(seconds: float) -> str:
 
 
 def render(costs: Costs, measured: dict[int, tuple[float, Costs]], machine_cores: int) -> list[str]:
-    """The model's lines: its check against the bench (`measured`: workers -> (keys/s, their costs)),
-    then the projection past one machine from `costs`."""
+    """The model's lines: its check against the bench (`measured`: workers -> (keys/s, their costs), each
+    worker with a pool process per core of the machine, as Celery starts one), then the projection past
+    one machine from `costs`."""
     # On a shared machine a run gets fewer cores than it has: the cores it did use (its CPU per key
     # times its keys/s) show how much of a gap between the model and the bench that explains.
-    lines = [f"| workers on this machine ({machine_cores} cores, everything on it) | measured keys/s | model keys/s "
-             "(bound by) | model / measured | cores the run used |", "|---:|---:|---:|---:|---:|"]
+    lines = [f"| workers on this machine ({machine_cores} cores, everything on it; {machine_cores} pool processes each) "
+             "| measured keys/s | model keys/s (bound by) | model / measured | cores the run used |", "|---:|---:|---:|---:|---:|"]
     for workers, (rate, own_costs) in measured.items():
-        model, bound = predict(own_costs, workers=workers, pg_cores=machine_cores, machine_cores=machine_cores)
+        model, bound = predict(own_costs, workers=workers * machine_cores, pg_cores=machine_cores,
+                               machine_cores=machine_cores)
         lines.append(f"| {workers} | {rate:,.0f} | {model:,.0f} ({bound}) | {model / rate:.2f} | "
                      f"{own_costs.total * rate / 1e6:.2f} |")
     lines += ["", f"From the CPU per key of 2 workers ({costs.own:.0f} own + {costs.postgresql:.0f} PostgreSQL + "
               f"{costs.redis:.0f} Redis µs): one Redis master feeds {1e6 / costs.redis:,.0f} keys/s with its whole core "
               f"({REDIS_SHARE:.0%} of it: {REDIS_SHARE * 1e6 / costs.redis:,.0f}), one PostgreSQL core "
-              f"{1e6 / costs.postgresql:,.0f}, one worker core {1e6 / costs.own:,.0f}.", "",
+              f"{1e6 / costs.postgresql:,.0f}, one worker core (a pool process) {1e6 / costs.own:,.0f}.", "",
               f"| masters (one PostgreSQL primary of {PG_CORES} cores, {REDIS_SHARE:.0%} of each master's core) "
-              "| workers until saturated | keys/s (bound by) | " + " | ".join(f"{n:,} keys" for n in KEYSPACES) + " |",
+              "| worker cores until saturated | keys/s (bound by) | " + " | ".join(f"{n:,} keys" for n in KEYSPACES) + " |",
               "|---:|---:|---:|" + "---:|" * len(KEYSPACES)]
     for masters in CLUSTERS:
         workers = saturating_workers(costs, masters=masters, pg_cores=PG_CORES, redis_share=REDIS_SHARE)

@@ -169,3 +169,22 @@ def test_the_same_work_floor_meets_each_trigger_as_a_run_s_write_does(settings, 
     assert total > 50 and 0 < sealed <= total and journaled == 0 and enabled == 0, plain
     assert written(costs.VARIANTS["+ seal trigger"]) == (total, sealed, 0, len(tables))
     assert written(costs.VARIANTS["+ journal trigger"]) == (total, sealed, total, len(tables))
+
+
+def test_a_worker_s_cpu_counts_its_pool_processes():
+    """A worker's batches run in its pool processes, not in the process the bench started: the bench
+    counts the CPU of that process's whole group, children alive included."""
+    import bench
+
+    # a process that starts a child which spends half a second of CPU, then waits, alive, to be ended
+    child = ("import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+             "print('spent', flush=True)\nsys.stdin.read()")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline() == "spent\n"
+        spent = bench._groups_cpu([parent.pid])
+    finally:
+        parent.communicate("", timeout=30)
+    assert spent >= 0.45, spent
