@@ -17,7 +17,7 @@ port=5566
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null || true' EXIT
 for i in 1 2; do
-  .venv/bin/celery -A workers worker -Q shot.critical,shot.high,shot.medium,shot.low -P threads -c 2 \
+  .venv/bin/celery -A workers worker -Q shot.critical,shot.high,shot.medium,shot.low -c 2 \
     -n "shot$i@%h" --loglevel WARNING >/dev/null 2>&1 & pids+=($!)
 done
 .venv/bin/celery -A workers flower --port=$port --address=127.0.0.1 >/dev/null 2>&1 & pids+=($!)
