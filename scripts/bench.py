@@ -18,8 +18,9 @@ pattern) into it and migrates it into a throwaway database, then measures side b
           COPY into unlogged staging and one INSERT ... ON CONFLICT per table, with the journal
           trigger, with the seal trigger (each alone, in a session set as a run's write is), without
           the upsert, secondary indexes or WAL (scripts/costs.py), each the least of 3 rounds (--rounds)
-  workers `migrator run` (the coordinator) through 1 and 2 Celery workers, each started as the README
-          starts one: Celery's default pool (prefork), a pool process per core
+  workers `migrator run` (the coordinator) through 1 and 2 Celery workers, started as the README starts
+          one (Celery's default pool, prefork) and sharing this machine's cores: a pool process per
+          core in all (`-c` cores / workers)
 Each mode but verify and the hostile run runs 3 times (--rounds), as each same-work variant does, and
 its row is its run with the least CPU in all: load from elsewhere only ever adds, and runs of the same
 code moved by a quarter. The headline is the CPU each mode cost per key, by process: its own,
@@ -270,16 +271,22 @@ def mode_verify(args: argparse.Namespace, run_id: str) -> dict:
     return {"keys": result["totals"]["keys"], "seconds": seconds, "peak_rss_mb": peak}
 
 
+def pool_processes(workers: int) -> int:
+    """Each worker's pool processes when `workers` of them share this machine: a batch per core in all,
+    as one worker per host runs by default."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def mode_workers(args: argparse.Namespace, workers: int, *flags: str, rounds: int = 1) -> dict:
     """`migrator run <flags>` (the coordinator, in its own process) through `workers` Celery worker processes,
     the least of `rounds` runs (the tables emptied before each; the workers' start-up is not the run's)."""
     from celeryconfig import PRIORITY_QUEUES  # after main() chose this run's queue prefix
 
     queues = ",".join(PRIORITY_QUEUES.values())
-    # each worker as the README starts one: Celery's default pool, a process per core (a process group
-    # of its own, counted whole: _cpu_now)
+    # each worker as the README starts one, Celery's default pool (a process group of its own, counted
+    # whole: _cpu_now), the workers sharing this machine's cores: a batch per core in all
     procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queues,
-                               "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
+                               "-c", str(pool_processes(workers)), "-n", f"bench{i}-{os.getpid()}@%h", "--without-gossip",
                                "--without-mingle", "--loglevel", "WARNING"], cwd=ROOT, env=_env(args),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
              for i in range(workers)]
@@ -863,7 +870,7 @@ def render_model(size: dict) -> list[str]:
     """docs/capacity.md's figures: the model against the bench's workers, then past one machine."""
     costs = lambda r: Costs(*(r["cpu"][k] * 1e6 / r["keys"] for k in ("mode", "postgresql", "redis", "broker")))
     modes = size["modes"]
-    measured = {n: (modes[m]["keys"] / modes[m]["seconds"], costs(modes[m]))
+    measured = {n: (modes[m]["keys"] / modes[m]["seconds"], costs(modes[m]), n * pool_processes(n))
                 for n, m in ((1, "1 worker"), (2, "2 workers")) if m in modes}
     return capacity.render(costs(modes["2 workers"]), measured, os.cpu_count())
 

@@ -64,18 +64,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def render(costs: Costs, measured: dict[int, tuple[float, Costs]], machine_cores: int) -> list[str]:
-    """The model's lines: its check against the bench (`measured`: workers -> (keys/s, their costs), each
-    worker with a pool process per core of the machine, as Celery starts one), then the projection past
-    one machine from `costs`."""
+def render(costs: Costs, measured: dict[int, tuple[float, Costs, int]], machine_cores: int) -> list[str]:
+    """The model's lines: its check against the bench (`measured`: workers -> (keys/s, their costs, their
+    pool processes in all)), then the projection past one machine from `costs`."""
     # On a shared machine a run gets fewer cores than it has: the cores it did use (its CPU per key
     # times its keys/s) show how much of a gap between the model and the bench that explains.
-    lines = [f"| workers on this machine ({machine_cores} cores, everything on it; {machine_cores} pool processes each) "
-             "| measured keys/s | model keys/s (bound by) | model / measured | cores the run used |", "|---:|---:|---:|---:|---:|"]
-    for workers, (rate, own_costs) in measured.items():
-        model, bound = predict(own_costs, workers=workers * machine_cores, pg_cores=machine_cores,
-                               machine_cores=machine_cores)
-        lines.append(f"| {workers} | {rate:,.0f} | {model:,.0f} ({bound}) | {model / rate:.2f} | "
+    lines = [f"| workers on this machine ({machine_cores} cores, everything on it) | pool processes | measured keys/s "
+             "| model keys/s (bound by) | model / measured | cores the run used |", "|---:|---:|---:|---:|---:|---:|"]
+    for workers, (rate, own_costs, processes) in measured.items():
+        model, bound = predict(own_costs, workers=processes, pg_cores=machine_cores, machine_cores=machine_cores)
+        lines.append(f"| {workers} | {processes} | {rate:,.0f} | {model:,.0f} ({bound}) | {model / rate:.2f} | "
                      f"{own_costs.total * rate / 1e6:.2f} |")
     lines += ["", f"From the CPU per key of 2 workers ({costs.own:.0f} own + {costs.postgresql:.0f} PostgreSQL + "
               f"{costs.redis:.0f} Redis µs): one Redis master feeds {1e6 / costs.redis:,.0f} keys/s with its whole core "

@@ -86,7 +86,7 @@ def test_the_bench_measures_every_mode_and_prints_the_bars():
         "verify >= 0.5x its run's keys/s", "follow >= 5,000 changes/s with lag under 1 s"], out
     # the capacity model beside the bench's own workers, and projected past one machine
     for workers in (1, 2):
-        assert re.search(rf"^\| {workers} \| [\d,]+ \| [\d,]+ \((redis|workers|postgresql|machine)\) \| \d+\.\d\d \| \d+\.\d\d \|$",
+        assert re.search(rf"^\| {workers} \| \d+ \| [\d,]+ \| [\d,]+ \((redis|workers|postgresql|machine)\) \| \d+\.\d\d \| \d+\.\d\d \|$",
                          out, re.M), out
     assert len(re.findall(r"^\| (1|6|30) \| \d+ \| [\d,]+ \(\w+\) \|( [\d.]+ (min|h) \|){3}$", out, re.M)) == 3, out
     large = re.search(r"One valid thread alone.*: peak RSS ([\d.]+) MB at 1 MiB, ([\d.]+) MB at 64 MiB", out)
