@@ -149,10 +149,11 @@ class PostgresServer:
 
 class Forwarder:
     """A TCP forwarder from `listen`:port to a server on loopback (the shared RabbitMQ and Redis
-    listen there only), that can cut every connection through it at once, as a network does."""
+    listen there only), that can cut every connection through it at once, as a network does, and
+    hold each reply `reply_delay` seconds, as a slow or distant link does."""
 
-    def __init__(self, listen: str, target_port: int) -> None:
-        self.target_port = target_port
+    def __init__(self, listen: str, target_port: int, reply_delay: float = 0.0) -> None:
+        self.target_port, self.reply_delay = target_port, reply_delay
         self.server = socket.create_server((listen, 0))
         self.port = self.server.getsockname()[1]
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -170,13 +171,14 @@ class Forwarder:
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, upstream, 0.0), (upstream, client, self.reply_delay)):
+                threading.Thread(target=self._pipe, args=(a, b, delay), daemon=True).start()
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, delay: float) -> None:
         try:
             while data := source.recv(65536):
+                time.sleep(delay)
                 sink.sendall(data)
         except OSError:
             pass

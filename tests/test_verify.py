@@ -22,7 +22,7 @@ from migrator.core.values import stable_id
 from migrator.core.verify import verify_in_memory
 
 from helpers import by_pattern, cli, migrate, throwaway_database, verify
-from servers import redis_server
+from servers import Forwarder, redis_server
 
 PRIORITIES = [Priority.parse(p) for p in ("critical", "high", "medium", "low")]
 KEYS = {"run_id", "verdict", "missing", "different", "extra", "patterns"}
@@ -167,6 +167,32 @@ def test_keys_the_app_deleted_or_let_expire_since_the_run(settings, r, pg):
     assert patterns["session"]["extra"] == 0 and result["extra"] == 2 and result["different"] == 0
     whys = {e["key"]: e["why"] for e in patterns["thread"]["examples"] if e["kind"] == "extra"}
     assert whys == {deleted: "its key is not in Redis", large: "its key no longer gives this row"}
+
+
+def test_a_row_never_says_its_key_expires_later_than_redis_expires_it(settings, r, pg):
+    """A row's expires_at is the key's PTTL from a moment before the read was sent: never past Redis's
+    own expiry, however long the reply took (here a link that holds each reply 0.3 s). Counted from
+    when the reply came, it ran late by the round trip, and a verification just after the key expired
+    found its row not yet due: "extra", a difference (the bench's 1M-key verify, at the demo's
+    shortest TTLs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    key = "threadr:usage:ip:198.51.100.7:daily:2026-11-02"
+    r.set(key, 3, px=600_000)
+    expires = r.pexpiretime(key)  # Redis's own, in Unix ms
+    url = urlsplit(settings.redis_url)
+    slow = Forwarder("127.0.0.1", url.port, reply_delay=0.3)
+    try:
+        report = migrate(Settings(urlunsplit(url._replace(netloc=f"127.0.0.1:{slow.port}")), settings.database_url,
+                                  settings.broker_url))
+    finally:
+        slow.close()
+    assert report["status"] == "completed"
+    with pg.cursor() as cur:
+        cur.execute("SELECT (extract(epoch FROM expires_at) * 1000)::bigint FROM usage_counters WHERE source_key = %s", (key,))
+        (said,) = cur.fetchone()
+    pg.rollback()
+    assert expires - 60_000 < said <= expires + 1, (said, expires)  # (+1: PTTL counts whole milliseconds)
 
 
 def test_a_session_that_compared_before_sees_a_row_damaged_since(settings, r, pg):

@@ -148,8 +148,8 @@ class _Batch:
                 chunk = wanted[start : start + self.read_chunk]
                 if self.throttle is not None:
                     t["throttle"] += self.throttle.acquire(len(chunk))
+                now = datetime.now(timezone.utc)  # before the read: see source.expiry
                 reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
-                now = datetime.now(timezone.utc)
                 now_s = clock()
                 t["read"] += now_s - mark
                 aside = t["write_wait"] + t["read"] + t["throttle"]  # (a large collection's parts are read in here)

@@ -192,9 +192,9 @@ class RangeVerifier:
             return
         if self.cap is not None:
             self.cap.acquire(len(chunk))
+        now = datetime.now(timezone.utc)  # before the read, as the run's (source.expiry)
         reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit,
                           [p.reads_ttl for _, _, p, _ in chunk])
-        now = datetime.now(timezone.utc)
         dead = self._dead([key for key, _, _, _ in chunk])
         expected = []
         for (key, text, pattern, fields), read in zip(chunk, reads):
@@ -713,13 +713,14 @@ def _rows_of_large(client: redis.Redis, conn: Any, mapping: Mapping, table: str,
                     break
                 cur.execute("INSERT INTO pg_temp.migrator_given SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
                             ([r.values["id"] for r in rows if r.table == table],))
+        judged = datetime.now(timezone.utc)  # after the read: a key found gone was gone by then
         given = sql.SQL(" AND NOT EXISTS (SELECT FROM pg_temp.migrator_given g WHERE g.id = t.id::text)")
         with conn.cursor(name="verify_large") as cur:
             cur.itersize = ROW_CHUNK
             cur.execute(sql.SQL("SELECT t.id::text, t.expires_at FROM {} t WHERE {} AND t.source_key = %s{}").format(
                 sql.Identifier(table), where, given if readable else sql.SQL("")), (key,))
             for row_id, expires_at in cur:
-                _judge(tally, pattern, {"table": table, "id": row_id, "key": key}, gone, readable, False, expires_at, now)
+                _judge(tally, pattern, {"table": table, "id": row_id, "key": key}, gone, readable, False, expires_at, judged)
 
 
 def _judge(tally: Tally, pattern: Pattern, example: dict[str, Any], gone: bool, readable: bool, given: bool,
@@ -745,8 +746,9 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             pattern, _ = mapping.classify(key)
             keys[key] = pattern if pattern in by_provenance.values() else None
     readable = [k for k, p in keys.items() if p is not None]
+    read_at = datetime.now(timezone.utc)  # (source.expiry)
     reads = dict(zip(readable, read_keys(client, [(k.encode(), keys[k].redis_type) for k in readable])))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(timezone.utc)  # after the read: a key found gone was gone by then
     yields: dict[str, set[str] | None] = {}  # the ids each key gives now; None: it gives none it can be read for
     for key, read in reads.items():
         pattern = keys[key]
@@ -761,7 +763,7 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             continue
         try:
             rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
-                                                  expiry(now, read.pttl), now, pattern.zone(tz)))
+                                                  expiry(read_at, read.pttl), read_at, pattern.zone(tz)))
             yields[key] = {r.values["id"] for r in rows if r.table == table}
         except SHAPE_ERRORS:
             yields[key] = None
