@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -200,3 +201,68 @@ def test_a_failed_redis_write_under_postgres_primary_is_queued_and_repaired(serv
     with pg.cursor() as cur:
         cur.execute("SELECT count(*) FROM dual_write_repairs WHERE repaired_at IS NULL")
         assert cur.fetchone()[0] == 0
+
+
+# Redis keeps expiries in whole milliseconds of its own clock, and a TTL is sent in whole milliseconds:
+# an expiry said twice may differ by a few (a late one, the fault these tests catch, by a TTL's start)
+SLACK_MS = 5
+
+
+def _expiries(pg, keys: list[str]) -> dict[str, int]:
+    """Each key's row's expires_at in Unix ms, for the keys that have one."""
+    with pg.cursor() as cur:
+        cur.execute("SELECT source_key, (extract(epoch FROM expires_at) * 1000)::bigint FROM usage_counters"
+                    " WHERE source_key = ANY(%s)", (keys,))
+        found = dict(cur.fetchall())
+    pg.rollback()
+    return found
+
+
+def test_a_repaired_write_to_postgres_expires_when_the_apps_write_said(service, settings, r, pg):
+    """A failed secondary write keeps its key's expiry, not its TTL: repaired later, its row says when
+    the key expires (not a TTL after the repair), and one whose key has expired by then is not made.
+    A counter's row says the expiry its key has: its first count set it, as the app's does."""
+    service.strategy = WriteStrategy.DUAL_WRITE
+    down = {"on": True}
+
+    def connect():
+        if down["on"]:
+            raise psycopg2.OperationalError("connection refused (the test took PostgreSQL away)")
+        return psycopg2.connect(settings.database_url)
+
+    service._connect = connect
+    lasting, brief = "threadr:usage:ip:203.0.113.5:daily:2026-12-01", "threadr:usage:ip:203.0.113.6:daily:2026-12-01"
+    assert service.put(lasting, "3", 600).secondary_ok is False and service.put(brief, "4", 1).secondary_ok is False
+    due = r.pexpiretime(lasting)
+    time.sleep(1.5)  # the brief key expires before the repair
+    down["on"] = False
+    assert not r.exists(brief) and service.repair() == 2
+    found = _expiries(pg, [lasting, brief])
+    assert brief not in found  # its time was up: not made again
+    assert due - 1000 < found[lasting] <= due + SLACK_MS, (found, due)
+    service.track_usage("203.0.113.8")
+    time.sleep(1.1)
+    service.track_usage("203.0.113.8")  # the second count leaves the key's TTL as the first set it
+    counters = sorted(k.decode() for k in r.scan_iter("threadr:usage:ip:203.0.113.8:*"))
+    found = _expiries(pg, counters)
+    assert len(counters) == 2 and r.get(counters[0]) == b"2"
+    for key in counters:
+        assert r.pexpiretime(key) - 1000 < found[key] <= r.pexpiretime(key) + SLACK_MS, (key, found[key], r.pexpiretime(key))
+
+
+def test_a_repaired_write_to_redis_expires_when_the_apps_write_said(service, r, pg):
+    """Under PostgreSQL as the primary, a write Redis missed is made there on repair with the expiry
+    the write gave its row, not a TTL from the repair; one whose time is up by then is not made."""
+    service.strategy = WriteStrategy.POSTGRES_PRIMARY
+    lasting, brief = "threadr:usage:ip:203.0.113.15:daily:2026-12-01", "threadr:usage:ip:203.0.113.16:daily:2026-12-01"
+    working = service.redis
+    service.redis = redis.Redis(port=1)  # Redis is away
+    try:
+        assert service.put(lasting, "3", 600).repair_id and service.put(brief, "4", 1).repair_id
+    finally:
+        service.redis = working
+    time.sleep(1.5)
+    assert service.repair() == 2
+    row = _expiries(pg, [lasting])[lasting]
+    assert not r.exists(brief) and r.get(lasting) == b"3"
+    assert row - 1000 < r.pexpiretime(lasting) <= row + SLACK_MS, (r.pexpiretime(lasting), row)

@@ -9,7 +9,8 @@ beside the app never overwrites a newer value and both paths agree on every row.
 Strategies: REDIS_ONLY (before), DUAL_WRITE (Redis answers, PostgreSQL is written too),
 POSTGRES_PRIMARY (PostgreSQL answers, Redis is still written as the fallback), POSTGRES_ONLY.
 A failed write to the secondary store is never counted as a success: it is recorded in
-`dual_write_repairs` with the exact key, value and TTL, and `repair()` applies it again.
+`dual_write_repairs` with the exact key, value and expiry, and `repair()` applies it again: a key
+expires when the app's write said, however late its repair (one whose time is up is not made again).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import structlog
 
 from migrator.core.mapping import Mapping, SourceRecord
 from migrator.core.redact import redact_text
-from migrator.core.source import KeyRead, decode, value_digest
+from migrator.core.source import MILLISECOND, KeyRead, decode, value_digest
 from migrator.core.writer import Prepared, Writer, describe
 
 log = structlog.get_logger("migrator.cutover.dualwrite")
@@ -64,6 +65,11 @@ class WriteResult:
     primary_ok: bool
     secondary_ok: bool | None  # None: this strategy has no secondary store
     repair_id: int | None = None
+
+
+def deadline(ttl_s: int | None) -> datetime | None:
+    """When a write given `ttl_s` now expires (None: never)."""
+    return datetime.now(timezone.utc) + timedelta(seconds=ttl_s) if ttl_s else None
 
 
 def app_time(at: datetime) -> str:
@@ -109,19 +115,18 @@ class DualWriteService:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
 
-    def _to_postgres(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
+    def _to_postgres(self, key: str, raw: bytes | None, expires: datetime | None) -> None:
         """Through the pattern's transform and its table's merge rule, as the batch writer does;
-        `raw` None deletes what the key wrote."""
+        `raw` None, or an expiry past, deletes what the key wrote."""
         pattern, fields = self.mapping.classify(key)
         if pattern is None or not pattern.migrated:
             return  # the migration does not carry this key either
-        if raw is None:
+        now = datetime.now(timezone.utc)
+        if raw is None or (expires is not None and expires <= now):
             conn = self._pg()
             with conn, conn.cursor() as cur:
                 cur.execute(sql.SQL("DELETE FROM {} WHERE source_key = %s").format(sql.Identifier(pattern.table)), (key,))
             return
-        now = datetime.now(timezone.utc)
-        expires = now + timedelta(seconds=ttl_s) if ttl_s else None
         rows = pattern.transform(SourceRecord(key, fields, decode(raw, pattern.value_format), expires, now, timezone.utc))
         conn = self._pg()
         try:
@@ -133,13 +138,14 @@ class DualWriteService:
             conn.close()  # a broken connection is replaced on the next call
             raise
 
-    def _to_redis(self, key: str, raw: bytes | None, ttl_s: int | None) -> None:
-        if raw is None:
+    def _to_redis(self, key: str, raw: bytes | None, expires: datetime | None) -> None:
+        left_ms = None if expires is None else int((expires - datetime.now(timezone.utc)) / MILLISECOND)
+        if raw is None or (left_ms is not None and left_ms <= 0):
             self.redis.delete(key)
         else:
-            self.redis.set(key, raw, ex=ttl_s)
+            self.redis.set(key, raw, px=left_ms)
 
-    def _record_repair(self, store: str, key: str, raw: bytes | None, ttl_s: int | None,
+    def _record_repair(self, store: str, key: str, raw: bytes | None, expires: datetime | None,
                        exc: BaseException) -> int | None:
         """Keep the failed secondary write in the store that just took it, for `repair()`."""
         reason = redact_text(describe(exc))
@@ -147,10 +153,11 @@ class DualWriteService:
         conn = self._pg() if store == "redis" else None
         if conn is None:  # PostgreSQL is the one that failed: queue the repair in Redis
             return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({
-                "key": key, "raw": None if raw is None else raw.decode("latin-1"), "ttl_s": ttl_s, "error": reason})))
+                "key": key, "raw": None if raw is None else raw.decode("latin-1"),
+                "expires_at": None if expires is None else expires.isoformat(), "error": reason})))
         with conn, conn.cursor() as cur:
-            cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, ttl_s, error) VALUES (%s, %s, %s, %s, %s)"
-                        " RETURNING id", (store, key, None if raw is None else psycopg2.Binary(raw), ttl_s, reason))
+            cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, expires_at, error) VALUES (%s, %s, %s, %s, %s)"
+                        " RETURNING id", (store, key, None if raw is None else psycopg2.Binary(raw), expires, reason))
             return cur.fetchone()[0]
 
     def put(self, key: str, value: Any, ttl_s: int | None) -> WriteResult:
@@ -164,14 +171,15 @@ class DualWriteService:
         if self.strategy.reads_postgres:
             writers.reverse()  # PostgreSQL first: it answers the reads now
         (_, primary), *secondary = writers
-        primary(key, raw, ttl_s)
+        expires = deadline(ttl_s)  # (before either write: never later than Redis's)
+        primary(key, raw, expires)
         if not secondary:
             return WriteResult(key, True, None)
         store, write = secondary[0]
         try:
-            write(key, raw, ttl_s)
+            write(key, raw, expires)
         except (redis.RedisError, psycopg2.Error) as exc:
-            return WriteResult(key, True, False, self._record_repair(store, key, raw, ttl_s, exc))
+            return WriteResult(key, True, False, self._record_repair(store, key, raw, expires, exc))
         return WriteResult(key, True, True)
 
     def repair(self) -> int:
@@ -179,19 +187,21 @@ class DualWriteService:
         done = 0
         while (item := self.redis.lpop(REPAIR_QUEUE)) is not None:
             entry = json.loads(item)
+            # (an entry of a version that kept the TTL: counted from now, as it was)
+            expires = datetime.fromisoformat(entry["expires_at"]) if entry.get("expires_at") else deadline(entry.get("ttl_s"))
             try:
                 raw = entry["raw"]
-                self._to_postgres(entry["key"], None if raw is None else raw.encode("latin-1"), entry["ttl_s"])
+                self._to_postgres(entry["key"], None if raw is None else raw.encode("latin-1"), expires)
                 done += 1
             except psycopg2.Error:
                 self.redis.lpush(REPAIR_QUEUE, item)  # still down: keep it, first in line
                 return done
         conn = self._pg()
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT id, redis_key, raw_value, ttl_s FROM dual_write_repairs WHERE repaired_at IS NULL"
-                        " AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
-            for repair_id, key, raw, ttl_s in cur.fetchall():
-                self._to_redis(key, None if raw is None else bytes(raw), ttl_s)
+            cur.execute("SELECT id, redis_key, raw_value, coalesce(expires_at, created_at + ttl_s * interval '1 second')"
+                        " FROM dual_write_repairs WHERE repaired_at IS NULL AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
+            for repair_id, key, raw, expires in cur.fetchall():
+                self._to_redis(key, None if raw is None else bytes(raw), expires)
                 cur.execute("UPDATE dual_write_repairs SET repaired_at = now(), attempts = attempts + 1 WHERE id = %s",
                             (repair_id,))
                 done += 1
@@ -214,11 +224,11 @@ class DualWriteService:
             raise LookupError(f"{redact_text(key)} does not exist")
         return from_row(row[0])
 
-    def secondary_write(self, key: str, value: int, ttl_s: int) -> None:
+    def secondary_write(self, key: str, value: int, expires: datetime | None) -> None:
         try:
-            self._to_postgres(key, str(value).encode(), ttl_s)
+            self._to_postgres(key, str(value).encode(), expires)
         except psycopg2.Error as exc:
-            self._record_repair("postgres", key, str(value).encode(), ttl_s, exc)
+            self._record_repair("postgres", key, str(value).encode(), expires, exc)
 
 
     def read(self, operation: str, from_redis: Callable, from_postgres: Callable, identifier: str, kind: str) -> Any:

@@ -10,8 +10,9 @@ from typing import Any
 import redis
 from psycopg2 import sql
 
-from migrator.cutover.dualwrite import DualWriteService, WriteResult, app_time
+from migrator.cutover.dualwrite import DualWriteService, WriteResult, app_time, deadline
 from migrator.core.mapping import SourceRecord
+from migrator.core.source import expiry
 from migrator.core.values import parse_dt
 
 DAY = 86_400
@@ -99,17 +100,20 @@ class ThreadrDualWrite(DualWriteService):
 
     def _count(self, key: str, ttl_s: int) -> None:
         if self.strategy.writes_redis and not self.strategy.reads_postgres:
-            value = self.redis.incr(key)  # Redis counts; PostgreSQL takes the count (GREATEST merge)
-            self.redis.expire(key, ttl_s, nx=True)
+            # Redis counts, its TTL set by the first count only, as the app's; PostgreSQL takes the count
+            # (GREATEST merge) and the expiry the key has (its PTTL, from before the call: source.expiry)
+            now = datetime.now(timezone.utc)
+            value, _, pttl = self.redis.pipeline(transaction=False).incr(key).expire(key, ttl_s, nx=True).pttl(key).execute()
             if self.strategy.writes_postgres:
-                self.secondary_write(key, value, ttl_s)
+                self.secondary_write(key, value, expiry(now, pttl))
             return
         value = self._pg_increment(key)  # PostgreSQL counts
         if self.strategy.writes_redis:
+            expires = deadline(ttl_s)
             try:
-                self.redis.set(key, value, ex=ttl_s)
+                self._to_redis(key, str(value).encode(), expires)
             except redis.RedisError as exc:
-                self._record_repair("redis", key, str(value).encode(), ttl_s, exc)
+                self._record_repair("redis", key, str(value).encode(), expires, exc)
 
     def _pg_increment(self, key: str) -> int:
         pattern, fields = self.mapping.classify(key)
