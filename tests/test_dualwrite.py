@@ -68,8 +68,8 @@ def test_single_store_strategies_touch_only_their_store(service, r, pg):
     assert service.get_usage_stats("198.51.100.1", "ip") == {"daily": 1, "monthly": 1}
 
 
-def test_a_failed_postgres_write_is_queued_not_counted_and_repaired(service, settings, r, pg):
-    service.strategy = WriteStrategy.DUAL_WRITE
+def postgres_away(service: ThreadrDualWrite, settings) -> dict[str, bool]:
+    """The service's new connections refused while the switch returned says "on"."""
     down = {"on": True}
 
     def connect():
@@ -78,6 +78,12 @@ def test_a_failed_postgres_write_is_queued_not_counted_and_repaired(service, set
         return psycopg2.connect(settings.database_url)
 
     service._connect = connect
+    return down
+
+
+def test_a_failed_postgres_write_is_queued_not_counted_and_repaired(service, settings, r, pg):
+    service.strategy = WriteStrategy.DUAL_WRITE
+    down = postgres_away(service, settings)
     result = service.grant_premium_access("ann@x.io", "email", 5)[0]
     assert result.primary_ok and result.secondary_ok is False and r.llen(REPAIR_QUEUE) == 1
     assert json.loads(r.get("threadr:premium:email:ann@x.io"))["duration_days"] == 5  # Redis took it
@@ -223,14 +229,7 @@ def test_a_repaired_write_to_postgres_expires_when_the_apps_write_said(service, 
     the key expires (not a TTL after the repair), and one whose key has expired by then is not made.
     A counter's row says the expiry its key has: its first count set it, as the app's does."""
     service.strategy = WriteStrategy.DUAL_WRITE
-    down = {"on": True}
-
-    def connect():
-        if down["on"]:
-            raise psycopg2.OperationalError("connection refused (the test took PostgreSQL away)")
-        return psycopg2.connect(settings.database_url)
-
-    service._connect = connect
+    down = postgres_away(service, settings)
     lasting, brief = "threadr:usage:ip:203.0.113.5:daily:2026-12-01", "threadr:usage:ip:203.0.113.6:daily:2026-12-01"
     assert service.put(lasting, "3", 600).secondary_ok is False and service.put(brief, "4", 1).secondary_ok is False
     due = r.pexpiretime(lasting)
