@@ -54,9 +54,9 @@ NOT_ASKED = -3  # KeyRead.pttl of a key read without its PTTL (read_keys' `ttl`)
 
 def expiry(now: datetime, pttl: int) -> datetime | None:
     """The absolute expiry a PTTL says (None: no TTL, or none asked), `now` taken before the read was sent:
-    never later than Redis's own, so a key found gone is always past its rows' expires_at (taken after
-    the reply, it ran late by the read's round trip, and a verification found rows of keys that had
-    just expired not yet due: differences)."""
+    never later than Redis's own, so a key found gone is always past its rows' expires_at (counted from
+    the reply, it would run late by the round trip, and a verification just after the key expired would
+    find its rows not yet due: a difference)."""
     return now + MILLISECOND * pttl if pttl > 0 else None
 
 
