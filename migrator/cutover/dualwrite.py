@@ -20,7 +20,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import psycopg2
@@ -30,7 +30,7 @@ import structlog
 
 from migrator.core.mapping import Mapping, SourceRecord
 from migrator.core.redact import redact_text
-from migrator.core.source import MILLISECOND, KeyRead, decode, value_digest
+from migrator.core.source import MILLISECOND, KeyRead, decode, expiry, value_digest
 from migrator.core.writer import Prepared, Writer, describe
 
 log = structlog.get_logger("migrator.cutover.dualwrite")
@@ -69,7 +69,7 @@ class WriteResult:
 
 def deadline(ttl_s: int | None) -> datetime | None:
     """When a write given `ttl_s` now expires (None: never)."""
-    return datetime.now(timezone.utc) + timedelta(seconds=ttl_s) if ttl_s else None
+    return expiry(datetime.now(timezone.utc), (ttl_s or 0) * 1000)
 
 
 def app_time(at: datetime) -> str:
