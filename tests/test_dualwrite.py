@@ -265,3 +265,40 @@ def test_a_repaired_write_to_redis_expires_when_the_apps_write_said(service, r, 
     row = _expiries(pg, [lasting])[lasting]
     assert not r.exists(brief) and r.get(lasting) == b"3"
     assert row - 1000 < r.pexpiretime(lasting) <= row + SLACK_MS, (r.pexpiretime(lasting), row)
+
+
+def test_a_count_under_postgres_primary_expires_as_the_apps_count_in_redis_does(service, r, pg):
+    """PostgreSQL counting keeps the app's INCR and EXPIRE NX: the first count sets the expiry, a later
+    one keeps it (in its row and in the Redis key that mirrors it), and a count past it starts again."""
+    service.strategy = WriteStrategy.POSTGRES_PRIMARY
+
+    def rows() -> dict[str, int | None]:  # each period's row's expires_at in Unix ms (the app's rows: no source_key)
+        with pg.cursor() as cur:
+            cur.execute("SELECT period, (extract(epoch FROM expires_at) * 1000)::bigint FROM usage_counters"
+                        " WHERE subject = '203.0.113.30'")
+            found = dict(cur.fetchall())
+        pg.rollback()
+        return found
+
+    service.track_usage("203.0.113.30")
+    first = rows()
+    time.sleep(1.1)
+    service.track_usage("203.0.113.30")
+    counters = {k.decode().split(":")[-2]: k.decode() for k in r.scan_iter("threadr:usage:ip:203.0.113.30:*")}
+    assert rows() == first and sorted(first) == sorted(counters) == ["daily", "monthly"]
+    for period, key in counters.items():
+        assert r.get(key) == b"2" and first[period] is not None
+        assert first[period] - SLACK_MS <= r.pexpiretime(key) <= first[period] + SLACK_MS, (key, first, r.pexpiretime(key))
+    with pg.cursor() as cur:  # the daily counter's time is up
+        cur.execute("UPDATE usage_counters SET expires_at = now() - interval '1 second'"
+                    " WHERE subject = '203.0.113.30' AND period = 'daily'")
+        assert cur.rowcount == 1
+    pg.commit()
+    service.track_usage("203.0.113.30")
+    daily = counters["daily"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT period, count, expires_at > now() + interval '23 hours' FROM usage_counters"
+                    " WHERE subject = '203.0.113.30' ORDER BY period")
+        assert cur.fetchall() == [("daily", 1, True), ("monthly", 3, True)]
+    pg.rollback()
+    assert r.get(daily) == b"1" and r.pttl(daily) > 23 * 3600 * 1000

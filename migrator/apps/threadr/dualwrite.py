@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from psycopg2 import sql
 
-from migrator.cutover.dualwrite import DualWriteService, WriteResult, app_time, deadline
+from migrator.cutover.dualwrite import DualWriteService, WriteResult, app_time
 from migrator.core.mapping import SourceRecord
 from migrator.core.source import expiry
 from migrator.core.values import parse_dt
@@ -107,25 +107,33 @@ class ThreadrDualWrite(DualWriteService):
             if self.strategy.writes_postgres:
                 self.secondary_write(key, value, expiry(now, pttl))
             return
-        value = self._pg_increment(key)  # PostgreSQL counts
-        if self.strategy.writes_redis:
-            expires = deadline(ttl_s)
+        value, expires = self._pg_increment(key, ttl_s)  # PostgreSQL counts
+        if self.strategy.writes_redis:  # Redis mirrors the count, to expire when its row does
             try:
                 self._to_redis(key, str(value).encode(), expires)
             except redis.RedisError as exc:
                 self._record_repair("redis", key, str(value).encode(), expires, exc)
 
-    def _pg_increment(self, key: str) -> int:
+    def _pg_increment(self, key: str, ttl_s: int) -> tuple[int, datetime | None]:
+        """PostgreSQL counts as the app's INCR and EXPIRE NX do in Redis: the count that starts a
+        counter sets when it expires (so does one that finds it without an expiry), a later count
+        keeps it, and one past it starts the count again; the count and the expiry it has."""
+        now = datetime.now(timezone.utc)
         pattern, fields = self.mapping.classify(key)
-        rows = pattern.transform(SourceRecord(key, fields, 1, None, datetime.now(timezone.utc), timezone.utc))
-        row = rows[0].values
+        rows = pattern.transform(SourceRecord(key, fields, 1, None, now, timezone.utc))
         conn = self._pg()
         with conn, conn.cursor() as cur:
             cur.execute(
-                "INSERT INTO usage_counters (id, subject_type, subject, period, period_start, count, metadata)"
-                " VALUES (%(id)s, %(subject_type)s, %(subject)s, %(period)s, %(period_start)s, 1, '{\"source\": \"dual_write\"}')"
-                " ON CONFLICT (id) DO UPDATE SET count = usage_counters.count + 1 RETURNING count", row)
-            return cur.fetchone()[0]
+                "INSERT INTO usage_counters AS t (id, subject_type, subject, period, period_start, count, metadata, expires_at)"
+                " VALUES (%(id)s, %(subject_type)s, %(subject)s, %(period)s, %(period_start)s, 1,"
+                " '{\"source\": \"dual_write\"}', %(expires)s)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " count = CASE WHEN t.expires_at <= %(now)s THEN 1 ELSE t.count + 1 END,"
+                " expires_at = CASE WHEN t.expires_at IS NULL OR t.expires_at <= %(now)s THEN EXCLUDED.expires_at"
+                " ELSE t.expires_at END"
+                " RETURNING count, expires_at",
+                {**rows[0].values, "now": now, "expires": expiry(now, ttl_s * 1000)})
+            return cur.fetchone()
 
     # --- the reads the app relies on -------------------------------------------------------------
 
