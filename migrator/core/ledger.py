@@ -668,7 +668,8 @@ def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
     cur.execute(DELETE_CHANGED.format(t=t), params)
     with sealing(cur):  # a prior image comes back as it was, its seal with it (the seal held for that image)
         cur.execute(RESTORE_CHANGED.format(t=t), params)
-    return deleted, cur.rowcount
+        restored = cur.rowcount  # (sealing's own statement, on leaving, would be counted otherwise)
+    return deleted, restored
 
 
 @contextmanager
