@@ -18,7 +18,7 @@ from migrator.core.mapping import UNMAPPED
 from migrator.core.rollback import rollback_run
 from migrator.apps.threadr import THREADR
 
-from helpers import by_pattern, fingerprint, grants_after_critical_batches, migrate, validate
+from helpers import by_pattern, fingerprint, grants_after_critical_batches, migrate, validate, verify
 
 USER = {"user_id": None, "email": None, "password_hash": "$2b$12$abcdefghijklmnopqrstuvABCDEFGHIJKLMNOPQRSTUVWXYZ01234",
         "role": "user", "status": "active", "created_at": "2026-01-01T00:00:00", "updated_at": "2026-01-02 00:00:00",
@@ -275,6 +275,45 @@ def test_rollback_restores_the_database_exactly(settings, r, pg):
     # what it says it did: one changed row put back, every other row of the run's deleted
     assert {t: n["restored"] for t, n in summary.items() if n["restored"]} == {"users": 1}
     assert summary["threads"]["deleted"] > 0 and summary["users"]["deleted"] > 0
+    assert fingerprint(pg) == before
+
+
+def test_a_rerun_retires_the_rows_no_key_gives_and_its_rollback_brings_them_back(settings, r, pg):
+    """The app deleted a thread and a session and trimmed a time series after a run: a re-run makes
+    the tables hold what Redis holds (its validation gives the rows no key gives now their table's
+    on_delete: deleted, a session's marked), validates, says so, and its rollback puts them back. A
+    verification on its own only tells (extra)."""
+    seed_demo(r, 40)
+    migrate(settings)
+    with pg.cursor() as cur:
+        cur.execute("SELECT min(source_key) FROM threads")
+        thread = cur.fetchone()[0]
+        cur.execute("SELECT min(source_key) FROM sessions")
+        session = cur.fetchone()[0]
+        cur.execute("SELECT source_key FROM analytics_timeseries GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
+        series = cur.fetchone()[0]
+    pg.rollback()
+    before = fingerprint(pg)
+    r.delete(thread, session)
+    r.zpopmin(series)
+    report = migrate(settings)
+    assert report["status"] == "completed" and all(report["validated"].values()), report
+    for priority in ("high", "medium", "low"):
+        assert report["validated_by"][priority].endswith("; 1 stale row(s) retired"), report["validated_by"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (thread,))
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT deleted_at IS NOT NULL FROM sessions WHERE source_key = %s", (session,))
+        assert cur.fetchall() == [(True,)]
+        cur.execute("SELECT count(*) FROM analytics_timeseries WHERE source_key = %s", (series,))
+        assert cur.fetchone()[0] == r.zcard(series)
+    pg.rollback()
+    rollback_run(pg, THREADR, report["run_id"])
+    assert fingerprint(pg) == before
+    r.delete(next(k for k in r.scan_iter("threadr:thread:*") if k.decode() != thread))
+    told = verify(settings, report["run_id"])
+    extra = {name: p["extra"] for name, p in by_pattern(told).items() if p["extra"] or p["retired"]}
+    assert told["verdict"] == "differences" and extra == {"thread": 2, "session": 1, "analytics_timeseries": 1}, extra
     assert fingerprint(pg) == before
 
 

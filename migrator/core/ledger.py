@@ -941,12 +941,10 @@ RETIRED_AGAIN = (" ON CONFLICT (table_name, source_key, row_id) DO UPDATE SET ru
 # migration_retired's row_id for every row of a key (016_follow_fence.sql)
 WHOLE_KEY = "00000000-0000-0000-0000-000000000000"
 
-# The rows of some keys that no key of them gives now: deleted (their prior image journaled by
+# Rows that no key of theirs gives now ({which}: which rows): deleted (their prior image journaled by
 # hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
-# (NOT IN a subquery is a hashed lookup per row; NOT id = ANY(array) walks the whole array for each.)
-RETIRE_DELETE = sql.SQL(
-    "WITH gone AS (DELETE FROM {t} WHERE source_key = ANY(%(keys)s) AND id NOT IN (SELECT unnest(%(keep)s::uuid[]))"
-    " RETURNING {t}.*),"
+RETIRE_DELETE = (
+    "WITH gone AS (DELETE FROM {t} WHERE {which} RETURNING {t}.*),"
     " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
     " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
     " ON CONFLICT DO NOTHING),"
@@ -954,10 +952,15 @@ RETIRE_DELETE = sql.SQL(
     " fenced AS (INSERT INTO migration_retired (table_name, row_id, source_key, run_id, retired_at)"
     " SELECT %(name)s, g.id, g.source_key, %(run)s, clock_timestamp() FROM gone g" + RETIRED_AGAIN + ")"
     " SELECT count(*) FROM gone")
-RETIRE_MARK = sql.SQL(
+RETIRE_MARK = (
     "WITH marked AS (UPDATE {t} SET {at} = now(), migration_run = %(run)s, synced_at = clock_timestamp()"
-    " WHERE source_key = ANY(%(keys)s) AND id NOT IN (SELECT unnest(%(keep)s::uuid[])) AND {at} IS NULL RETURNING 1)"
+    " WHERE {which} AND {at} IS NULL RETURNING 1)"
     " SELECT count(*) FROM marked")
+# The rows of some keys but those kept (follow: the keys it applied and the ids they give now).
+# (NOT IN a subquery is a hashed lookup per row; NOT id = ANY(array) walks the whole array for each.)
+NOT_KEPT = "source_key = ANY(%(keys)s) AND id NOT IN (SELECT unnest(%(keep)s::uuid[]))"
+# Rows named by id and key (a run's validation: the rows it found that no key gives).
+NAMED = "(id, source_key) IN (SELECT * FROM unnest(%(ids)s::uuid[], %(keys)s::text[]))"
 # (clock_timestamp(): the statement runs after follow read the keys; see merge.SYNCED_AT)
 STAMP_SYNCED = sql.SQL("UPDATE {t} SET synced_at = clock_timestamp() FROM unnest(%s::uuid[], %s::text[]) AS s (id, key)"
                        " WHERE {t}.id = s.id AND {t}.source_key = s.key")
@@ -995,9 +998,19 @@ def stamp_synced(cur: Any, table: str, given: list[tuple[str, str]]) -> None:
 def retire_rows(cur: Any, run_id: str, table: str, keys: list[str], keep: list[str], mark: str | None) -> int:
     """Rows of `table` written for `keys` but not among `keep` (ids): deleted, journaled for
     rollback; or, with `mark` (a column), kept with it set. How many."""
-    statement = (RETIRE_MARK.format(t=sql.Identifier(table), at=sql.Identifier(mark)) if mark
-                 else RETIRE_DELETE.format(t=sql.Identifier(table)))
-    cur.execute(statement, {"run": run_id, "name": table, "keys": keys, "keep": keep})
+    return _retire(cur, run_id, table, NOT_KEPT, {"keys": keys, "keep": keep}, mark)
+
+
+def retire_named(cur: Any, run_id: str, table: str, rows: list[tuple[str, str]], mark: str | None) -> int:
+    """These rows of `table` (id, source key), as retire_rows does. How many."""
+    return _retire(cur, run_id, table, NAMED, {"ids": [i for i, _ in rows], "keys": [k for _, k in rows]}, mark)
+
+
+def _retire(cur: Any, run_id: str, table: str, which: str, params: dict[str, Any], mark: str | None) -> int:
+    t = sql.Identifier(table)
+    statement = (sql.SQL(RETIRE_MARK).format(t=t, at=sql.Identifier(mark), which=sql.SQL(which)) if mark
+                 else sql.SQL(RETIRE_DELETE).format(t=t, which=sql.SQL(which)))
+    cur.execute(statement, {"run": run_id, "name": table, **params})
     return cur.fetchone()[0]
 
 

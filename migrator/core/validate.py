@@ -158,13 +158,17 @@ def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]]
         detail = f"every key's rows match PostgreSQL ({t['compared']:,} keys, {t['rows']:,} rows compared)"
         if noted:
             detail += f"; within the count tolerance or changed by the app since the run: {noted}"
+    if t.get("retired"):  # (verify._retire: the run's own validation)
+        detail += (f"; {t['retired']:,} row(s) whose key is gone or no longer gives them given their table's on_delete"
+                   " (journaled: `migrator rollback` puts them back)")
     reason = result.get("reason")
     if reason:  # the full re-read of a sealed validation whose seals did not hold
         broken = "; ".join(f"{table}: {', '.join(why.values())}" for table, why in reason["broken"].items())
         detail = f"the seals did not hold ({broken}), so every key was read again: {detail}"
     return Check("verification", not bad, detail,
                  {"verification_id": result["verification_id"], "differ": bad, "noted": noted,
-                  "validation": "reread after the seals" if reason else "reread", "seal": reason})
+                  "validation": "reread after the seals" if reason else "reread", "seal": reason,
+                  "retired": t.get("retired", 0)})
 
 
 def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority, opts: RunOptions,
@@ -200,7 +204,7 @@ def priority_checks(conn: Any, mapping: Mapping, run_id: str, priority: Priority
 def _narrowed(result: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
     """A verification's result for some of its patterns (one that covered several priorities)."""
     patterns = [p for p in result.get("patterns", []) if p["pattern"] in names]
-    totals = {f: sum(p[f] for p in patterns) for f in ("keys", "compared", "rows")}
+    totals = {f: sum(p.get(f, 0) for p in patterns) for f in ("keys", "compared", "rows", "retired")}
     return {**result, "patterns": patterns, "totals": totals}
 
 

@@ -25,7 +25,7 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from migrator.core import lease, ledger, seal, spool
+from migrator.core import lease, ledger, runstate, seal, spool
 from migrator.core import throttle
 from migrator.core.ledger import VerifySpec
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
@@ -45,9 +45,12 @@ log = structlog.get_logger("migrator.core.verify")
 # but were not dead letters of the run; expired: keys gone between the scan and the read;
 # skipped: keys of patterns the mapping skips; extra: rows no key of the keyspace expects;
 # expired_rows: rows whose key has expired since; spooled: keys read from the run's spool
-# (migrator/core/spool.py) rather than SCANned: some may be gone since, found so only when read.
+# (migrator/core/spool.py) rather than SCANned: some may be gone since, found so only when read;
+# retired: extra rows a run's own validation gave their table's on_delete (see _retire).
 FIELDS = ("keys", "compared", "rows", "missing", "different", "changed", "dead", "unreadable", "expired", "skipped",
-          "extra", "expired_rows", "spooled")
+          "extra", "expired_rows", "spooled", "retired")
+# Why a row is extra when its key is gone, or gives other rows now: the rows a run retires.
+GONE, NOT_GIVEN = "its key is not in Redis", "its key no longer gives this row"
 EXAMPLES_PER_PATTERN = 5  # of each kind
 # A range holds the run's dead letters' keys when there are at most this many (a few MB).
 DEAD_KEYS_HELD = 20_000
@@ -70,6 +73,9 @@ class Tally:
     attributed: dict[str, int] = field(default_factory=dict)  # per table
     examples: list[dict[str, Any]] = field(default_factory=list)
     writes: dict[str, list[str]] = field(default_factory=dict)  # per pattern: the tables its rows went to
+    # a run's own validation: every extra row whose key is gone or gives other rows now, as
+    # (pattern, table, id, key), for _retire (None: a verification that only tells)
+    stale: list[tuple[str, str, str, str]] | None = None
 
     def add(self, pattern: str, what: str, n: int = 1) -> None:
         counts = self.patterns.get(pattern)  # (not setdefault: its default would be built per key)
@@ -515,15 +521,16 @@ def _verify(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySpec, 
     return tally.to_json()
 
 
-def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: int) -> dict[str, Any]:
+def finish(client: redis.Redis, conn: Any, mapping: Mapping, verification_id: int, retire: bool = False) -> dict[str, Any]:
     """Once every range is in: look for rows no key expects, then the verification's result
-    (kept in the ledger; asked again, the kept one)."""
+    (kept in the ledger; asked again, the kept one). `retire`: the run's own validation, which
+    retires the extra rows whose key is gone or gives other rows now (_retire)."""
     with conn, conn.cursor() as cur:
         found = ledger.get_verification(cur, verification_id)
         ranges = ledger.verify_ranges(cur, verification_id)
     if found["status"] != "running":
         return kept_result(found)
-    result = conclude(client, conn, mapping, found, ranges)
+    result = conclude(client, conn, mapping, found, ranges, retire)
     with conn, conn.cursor() as cur:
         ledger.end_verification(cur, verification_id, result, result["error"])
     return result
@@ -536,9 +543,10 @@ def kept_result(found: dict[str, Any]) -> dict[str, Any]:
 
 
 def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, Any],
-             ranges: list[dict[str, Any]]) -> dict[str, Any]:
+             ranges: list[dict[str, Any]], retire: bool = False) -> dict[str, Any]:
     """A verification's result from its ranges' findings (`found` and `ranges` as the ledger
-    gives them: ledger.get_verification, ledger.verify_ranges), rows no key expects included."""
+    gives them: ledger.get_verification, ledger.verify_ranges), rows no key expects included
+    (`retire`: as finish says)."""
     opts = RunOptions.from_json(found["options"])
     priorities = [Priority.parse(p) for p in found["priorities"]]
     patterns, _ = scope_of(mapping, opts, priorities)
@@ -557,7 +565,9 @@ def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, 
         errors = sorted({r["error"] for r in ranges if r["error"]})
         error = f"{len(unfinished)} of {len(ranges)} range(s) could not be verified" + (f": {errors[0]}" if errors else "")
     elif found["compare"]:
+        tally.stale = [] if retire else None
         _extra_rows(client, conn, mapping, found["run_id"], patterns, opts, tally)
+        _retire(conn, mapping, found["run_id"], tally)
     elif found["sealed"]:
         (priority,) = priorities
         with conn, conn.cursor() as cur:
@@ -731,11 +741,45 @@ def _judge(tally: Tally, pattern: Pattern, example: dict[str, Any], gone: bool, 
         if expires_at is not None and expires_at <= now:
             tally.add(pattern.name, "expired_rows")  # its key's TTL ran out since: not a difference
         else:
-            tally.problem(pattern.name, "extra", {**example, "why": "its key is not in Redis"})
+            _stale(tally, pattern, example, GONE)
     elif not readable:
         tally.problem(pattern.name, "changed", {**example, "why": "its key's value cannot be migrated now"})
     elif not given:
-        tally.problem(pattern.name, "extra", {**example, "why": "its key no longer gives this row"})
+        _stale(tally, pattern, example, NOT_GIVEN)
+
+
+def _stale(tally: Tally, pattern: Pattern, example: dict[str, Any], why: str) -> None:
+    tally.problem(pattern.name, "extra", {**example, "why": why})
+    if tally.stale is not None:
+        tally.stale.append((pattern.name, example["table"], example["id"], example["key"]))
+
+
+def _retire(conn: Any, mapping: Mapping, run_id: str, tally: Tally) -> None:
+    """A run's own validation makes its tables hold what Redis holds: the extra rows it found whose
+    key is gone (deleted by the app, not expired) or gives other rows now (a member removed) get
+    their table's on_delete, as `migrator follow` gives them, journaled for rollback; they count as
+    retired, not extra. Left extra: the rows of a table whose rows several keys may give (another
+    key may give the row still: follow repoints those), and every row once the run is not running."""
+    by_table: dict[str, list[tuple[str, str, str]]] = {}
+    for name, table, row_id, key in tally.stale or ():
+        if not mapping.sharing(table):
+            by_table.setdefault(table, []).append((name, row_id, key))
+    if not by_table:
+        return
+    with conn, conn.cursor() as cur:
+        runstate.hold(cur, run_id)  # (raises Fenced once the run is not running: nothing retired)
+        cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))  # a mark's prior image journaled
+        for table, rows in by_table.items():
+            rule = mapping.rule(table)
+            ledger.retire_named(cur, run_id, table, [(row_id, key) for _, row_id, key in rows],
+                                rule.deleted_at if rule.on_delete == "mark" else None)
+    retired = {(table, row_id) for table, rows in by_table.items() for _, row_id, _ in rows}
+    for table, rows in by_table.items():
+        for name, _, _ in rows:
+            tally.add(name, "extra", -1)
+            tally.add(name, "retired")
+    tally.examples = [e for e in tally.examples if not (e["kind"] == "extra" and (e["table"], e["id"]) in retired)]
+    log.info("stale_rows_retired", run=run_id, tables={t: len(rows) for t, rows in by_table.items()})
 
 
 def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[tuple], by_provenance: dict[str, Pattern],

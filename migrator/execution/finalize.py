@@ -145,7 +145,7 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
     """
     _still_running(conn, run_id, dispatch)
     try:
-        result = verify.finish(client, conn, mapping, verification_id)
+        result = verify.finish(client, conn, mapping, verification_id, retire=True)  # (the run's own: see verify._retire)
         if (result.get("error") or "").startswith(verify.RESTARTED):
             log.warning("verification_restarted", run=run_id, priority=priority.label, verification=verification_id)
             return Step(verify_again=plan_priority(client, conn, run_id, priority, opts, result.get("reason")))

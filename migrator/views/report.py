@@ -27,9 +27,12 @@ def build_report(conn: Any, mapping: Mapping, run_id: str) -> dict[str, Any]:
         figures = figures_mod.run_figures(cur, run, batches)
         reasons = {(g["priority"], g["pattern"]): g["dead_reasons"] for g in ledger.dead_reasons(cur, run_id)}
     verdicts = {label: ok for label, (ok, _) in validations.items()}
-    # how each priority's rows were checked: sealed, or re-read (the verification check says)
-    validated_by = {label: how for label, (_, checks) in validations.items()
-                    if (how := next((c["data"].get("validation") for c in checks if c["name"] == "verification"), None))}
+    # how each priority's rows were checked: sealed, or re-read (the verification check says), and the
+    # rows the re-read found no key gives that it retired (verify._retire)
+    checked = {label: next((c["data"] for c in checks if c["name"] == "verification"), {})
+               for label, (_, checks) in validations.items()}
+    validated_by = {label: data["validation"] + (f"; {data['retired']:,} stale row(s) retired" if data.get("retired") else "")
+                    for label, data in checked.items() if data.get("validation")}
     totals = ledger.pattern_totals(batches)
     scanned_in = {p.label: 0 for p in Priority}
     patterns = []
