@@ -16,6 +16,9 @@ from migrator.apps.threadr.demo import DANGLING, GIANT_THREAD_BYTES, seed_demo, 
 from migrator.core.ledger import COUNT_FIELDS
 from migrator.core.mapping import UNMAPPED
 from migrator.core.rollback import rollback_run
+from migrator.core.options import RunOptions
+from migrator.core.runstate import NotNow
+from migrator.execution.finalize import fail_run
 from migrator.apps.threadr import THREADR
 
 from helpers import by_pattern, fingerprint, grants_after_critical_batches, migrate, validate, verify
@@ -275,6 +278,34 @@ def test_rollback_restores_the_database_exactly(settings, r, pg):
     # what it says it did: one changed row put back, every other row of the run's deleted
     assert {t: n["restored"] for t, n in summary.items() if n["restored"]} == {"users": 1}
     assert summary["threads"]["deleted"] > 0 and summary["users"]["deleted"] > 0
+    assert fingerprint(pg) == before
+
+
+def test_a_run_is_not_rolled_back_before_a_later_one_that_changed_its_rows(settings, r, pg):
+    """Run B updated a row run A wrote: A's prior image is older than B's, so A goes back only after
+    B (undone the other way, B's image of the row, A's own, would come back after both). Refused with
+    the order to run; newest first, the tables are as they were before A."""
+    before = fingerprint(pg)
+    put_user(r, "user_a", "a@x.io", login_count=1)
+    put_user(r, "user_b", "b@x.io")
+    first = migrate(settings)
+    put_user(r, "user_a", "a@x.io", login_count=5, updated_at="2026-06-01T00:00:00")
+    second = migrate(settings)
+    with pytest.raises(NotNow) as refused:
+        rollback_run(pg, THREADR, first["run_id"])
+    assert f"migrator rollback {second['run_id']}; then migrator rollback {first['run_id']}" in str(refused.value)
+    changed = fingerprint(pg)
+    assert changed != before
+    # a run that fails so (a follow session changed its rows meanwhile) keeps its rows and says why
+    fail_run(pg, THREADR, first["run_id"], RunOptions(), "a check failed")
+    with pg.cursor() as cur:
+        cur.execute("SELECT status, error FROM migration_runs WHERE id = %s", (first["run_id"],))
+        status, error = cur.fetchone()
+    pg.rollback()
+    assert status == "rollback_failed" and error.startswith("a check failed; not rolled back: ") and second["run_id"] in error
+    assert fingerprint(pg) == changed
+    rollback_run(pg, THREADR, second["run_id"])
+    rollback_run(pg, THREADR, first["run_id"])
     assert fingerprint(pg) == before
 
 

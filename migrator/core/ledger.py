@@ -681,6 +681,15 @@ def sealing(cur: Any) -> Iterator[None]:
     cur.execute("SELECT set_config('migrator.sealing', 'off', true)")
 
 
+def later_writers(cur: Any, run_id: str) -> list[tuple[str, str]]:
+    """(id, status) of the runs, follow sessions included, not rolled back, that changed or deleted
+    rows this run wrote since (their journal holds such a row's image from this run)."""
+    cur.execute("SELECT r.id::text, r.status FROM migration_runs r WHERE r.id <> %(run)s AND r.status <> 'rolled_back'"
+                " AND EXISTS (SELECT FROM migration_journal j WHERE j.run_id = r.id"
+                " AND j.old_row ->> 'migration_run' = %(run)s::text) ORDER BY r.created_at DESC", {"run": run_id})
+    return cur.fetchall()
+
+
 def forget_journal(cur: Any, run_id: str) -> None:
     """A run's prior images, once it is undone, and the rows it deleted (they are back)."""
     cur.execute("DELETE FROM migration_journal WHERE run_id = %s", (run_id,))

@@ -29,6 +29,12 @@ def rollback_run(conn: Any, mapping: Mapping, run_id: str) -> dict[str, dict[str
     summary: dict[str, dict[str, int]] = {}
     try:
         with conn, conn.cursor() as cur:
+            later = ledger.later_writers(cur, run_id)
+            if later:  # its prior images are older than theirs: put back, they would undo what those wrote
+                raise runstate.NotNow(
+                    f"run {run_id} cannot be rolled back before " + ", ".join(f"{other} ({status})" for other, status in later)
+                    + ": it changed rows this run wrote. Rollbacks go newest first: "
+                    + "; ".join(f"migrator rollback {other}" for other, _ in later) + f"; then migrator rollback {run_id}")
             # (waits for batches committing now: their rows are undone too; later ones are fenced)
             runstate.transition(cur, run_id, "rolling_back")
             missing = missing_journals(cur, written_tables(mapping))

@@ -209,3 +209,6 @@ def fail_run(conn: Any, mapping: Mapping, run_id: str, opts: RunOptions, reason:
             rollback_run(conn, mapping, run_id)
         except RollbackFailed:
             pass  # the run says so, with the error
+        except runstate.NotNow as refused:  # a later run (a follow session) changed its rows: theirs go back first
+            with conn, conn.cursor() as cur:
+                runstate.transition(cur, run_id, "rollback_failed", f"{reason}; not rolled back: {refused}")
