@@ -449,7 +449,7 @@ def seed_kinds(r) -> None:
     r.hset("k:counters", mapping={f"c{i}": i for i in range(2500)})  # three parts
     r.rpush("k:queue:jobs", *[f"job-{i}" for i in range(2500)])
     r.sadd("k:tags:ann", "red", "green", "blue")
-    r.zadd("k:board", {"ann": 12.5, "bob": 3})
+    r.zadd("k:board", {"ann": 12.5, "bob": 3, "top": float("inf"), "last": float("-inf")})  # (RQ's registries hold +inf)
     r.xadd("k:log:web", {"level": "info", "message": "started"}, id="1714550400000-0")
     r.xadd("k:log:web", {"level": "warn", "message": "slow"}, id="1714550400123-1")
     r.set("k:cache:x", "whatever")
@@ -463,7 +463,7 @@ def test_every_type_is_read_into_its_rows(settings, r, target, kinds):
     found = by_pattern(report)
     assert {name: (p["migrated"], p["rows"]) for name, p in found.items() if name != "cache"} == {
         "note": (2, 2), "doc": (2, 2), "count": (1, 1), "profile": (2, 2), "counters": (1, 2500),
-        "queue": (1, 2500), "tags": (1, 3), "board": (1, 2), "log": (1, 2)}
+        "queue": (1, 2500), "tags": (1, 3), "board": (1, 4), "log": (1, 2)}
     assert found["cache"]["skipped"] == 1 and found["cache"]["skip_reason"] == "ephemeral: rebuilt by the app"
 
     assert rows(here, "SELECT body FROM notes WHERE note_id = '1'") == [("plain text, ünïcode",)]
@@ -478,7 +478,8 @@ def test_every_type_is_read_into_its_rows(settings, r, target, kinds):
     # each element at its own position, across the parts it was read in
     assert rows(here, "SELECT count(*), bool_and(item = 'job-' || position) FROM queue_items") == [(2500, True)]
     assert rows(here, "SELECT tag FROM tags ORDER BY 1") == [("blue",), ("green",), ("red",)]
-    assert rows(here, "SELECT player, points FROM board ORDER BY 1") == [("ann", 12.5), ("bob", 3.0)]
+    assert rows(here, "SELECT player, points FROM board ORDER BY 1") == [
+        ("ann", 12.5), ("bob", 3.0), ("last", float("-inf")), ("top", float("inf"))]
     assert rows(here, "SELECT entry, at, level, message FROM log ORDER BY 1") == [
         ("1714550400000-0", datetime(2024, 5, 1, 8, tzinfo=timezone.utc), "info", "started"),
         ("1714550400123-1", datetime(2024, 5, 1, 8, 0, 0, 123000, tzinfo=timezone.utc), "warn", "slow")]

@@ -241,14 +241,16 @@ def _as_numeric(value: Any, tz: tzinfo) -> str | None:
     return text  # as written: numeric keeps its scale ("19.90")
 
 
-def _as_double(value: Any, tz: tzinfo) -> float | None:
+def _as_double(value: Any, tz: tzinfo) -> float | str | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
             isinstance(value, str) and not NUMBER.fullmatch(value)):
         raise BadRecord(f"expected a number, got {_shown(value)}")
     number = float(value)
-    if not math.isfinite(number):  # (JSON has no infinity: it would be written as null)
+    if isinstance(value, float) and math.isinf(value):  # a sorted set's -inf and +inf scores, as PostgreSQL
+        return "Infinity" if number > 0 else "-Infinity"  # spells them (JSON has no infinity: null)
+    if not math.isfinite(number):  # text past a double's range ("1e400")
         raise BadRecord(f"expected a finite number, got {_shown(value)}")
     return number
 
