@@ -4,6 +4,8 @@ anything runs; every Redis type read into rows (large collections and streams a 
 from __future__ import annotations
 
 import json
+import pickle
+import zlib
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
@@ -602,6 +604,63 @@ columns = { doc_id = "text", title = "text", whole = "jsonb" }
 '''
 
 
+BINARY = """
+[mapping]
+name = "jobs"
+
+[[pattern]]
+name = "job"
+key = "q:job:{job}"
+type = "hash"
+table = "jobs"
+columns = { job = "key.job", status = "field.status", payload = "field.data" }
+
+[[pattern]]
+name = "session"
+key = "q:session:{sid}"
+type = "string"
+format = "bytes"
+table = "sessions_kept"
+columns = { sid = "key.sid", body = "value" }
+
+[tables.jobs]
+key = ["job"]
+columns = { job = "text", status = "text", payload = "bytea" }
+
+[tables.sessions_kept]
+key = ["sid"]
+columns = { sid = "text", body = "bytea" }
+"""
+
+
+def test_binary_values_go_to_bytea_columns_and_a_binary_field_no_column_takes_fails_nothing(settings, r, target, tmp_path):
+    """What RQ, cachelib and Flask-Session write: pickles, compressed blobs. A bytea column takes a
+    string of format bytes, or a hash field, as it is; a hash's field that no column takes is never
+    decoded, and one a text column takes that is not UTF-8 is a dead letter saying what takes it."""
+    path = tmp_path / "jobs.toml"
+    path.write_text(BINARY)
+    mapping = load_file(path)
+    here = prepared(settings, target, mapping)
+    blob = zlib.compress(pickle.dumps({"args": (1, "ünï"), "kwargs": {}}))
+    r.hset("q:job:a", mapping={"status": "finished", "data": blob, "exc_info": b"\x80\xff\xfe"})
+    r.hset("q:job:b", mapping={"status": "queued", "data": b""})
+    r.set("q:session:s1", pickle.dumps({"user": 7}))
+    r.hset("q:job:bad", mapping={"status": b"\xffdone", "data": blob})
+    report = migrate(here, mapping=mapping)
+    found = by_pattern(report)
+    assert (found["job"]["migrated"], found["job"]["dead"], found["session"]["migrated"]) == (2, 1, 1), report
+    assert [(job, status, bytes(payload)) for job, status, payload in rows(here, "SELECT job, status, payload FROM jobs ORDER BY 1")] \
+        == [("a", "finished", blob), ("b", "queued", b"")]
+    assert [bytes(body) for (body,) in rows(here, "SELECT body FROM sessions_kept")] == [pickle.dumps({"user": 7})]
+    [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
+    assert "column status (field.status): is not valid UTF-8 (byte 0xff at offset 0)" in error, error
+    assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
+    assert migrate(here, mapping=mapping)["figures"]["rows_written"] == 0  # the same bytes: nothing to write again
+    r.hset("q:job:a", "data", blob + b"\x00")
+    told = verify(here, report["run_id"], mapping=mapping)
+    assert (told["changed_since_run"], told["different"]) == (1, 0), told  # the bytes compared, as the app moved them
+
+
 @pytest.fixture
 def documents(tmp_path):
     path = tmp_path / "documents.toml"
@@ -732,7 +791,7 @@ def test_mapping_init_writes_a_file_that_loads_and_migrates_the_shop(settings, r
     text = path.read_text()
     mapping = load_file(path)
     types = {p.glob: (p.redis_type, p.value_format) for p in mapping.patterns}
-    assert types == {"shop:product:*": ("hash", "hash"), "shop:cart:*": ("string", "json"),
+    assert types == {"shop:product:*": ("hash", "hash_bytes"), "shop:cart:*": ("string", "json"),
                      "shop:order:*": ("string", "json"), "shop:views:*": ("string", "int"),
                      "shop:bestsellers": ("zset", "zset"), "shop:recent:*": ("list", "list"),
                      "shop:customer:*:orders": ("set", "set"), "shop:events": ("stream", "stream"),

@@ -33,8 +33,9 @@ from migrator.core.values import parse_date, parse_dt, stable_id
 # The file's `type` -> what TYPE answers for such a key.
 REDIS_TYPES = {"string": "string", "hash": "hash", "list": "list", "set": "set", "zset": "zset", "stream": "stream",
                "json": REDISJSON}
-STRING_FORMATS = ("text", "json", "int")
-COLUMN_TYPES = ("text", "integer", "bigint", "numeric", "double precision", "boolean", "timestamptz", "date", "jsonb")
+STRING_FORMATS = ("text", "json", "int", "bytes")
+COLUMN_TYPES = ("text", "integer", "bigint", "numeric", "double precision", "boolean", "timestamptz", "date", "jsonb",
+                "bytea")
 ORDERED_TYPES = ("integer", "bigint", "numeric", "double precision", "timestamptz", "date")  # greatest, version
 
 TOP_KEYS = ("mapping", "pattern", "tables")
@@ -127,7 +128,10 @@ def _row(shape: RowShape, rec: SourceRecord, item: dict[str, Any]) -> Row:
     values: dict[str, Any] = {}
     for column in shape.columns:
         try:
-            found = CONVERTERS[column.convert](_take(column, rec, item), rec.source_tz)
+            taken = _take(column, rec, item)
+            if column.convert != "bytea":  # (a string of format bytes, a hash's values: bytes until a column takes them)
+                taken = _decoded(taken)
+            found = CONVERTERS[column.convert](taken, rec.source_tz)
         except BadRecord as exc:
             raise BadRecord(f"column {column.name} ({column.source}): {exc}") from None
         if found is None and column.required:
@@ -153,6 +157,19 @@ def _take(column: Column, rec: SourceRecord, item: dict[str, Any]) -> Any:
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _decoded(value: Any) -> Any:
+    """Bytes as the text they are (a hash's whole value as text values); refused when not UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRecord(f"is not valid UTF-8 (byte 0x{value[exc.start]:02x} at offset {exc.start}): "
+                            "a bytea column takes it as it is") from None
+    if isinstance(value, dict) and any(isinstance(v, bytes) for v in value.values()):
+        return {k: _decoded(v) for k, v in value.items()}
+    return value
 
 
 def _document(item: dict[str, Any]) -> Any:
@@ -301,6 +318,17 @@ def _jsonb_from_text(value: Any, tz: tzinfo) -> Any:
         raise BadRecord(f"text that is not JSON ({exc})") from None
 
 
+def _as_bytea(value: Any, tz: tzinfo) -> str | None:
+    """Bytes as they are, text as its UTF-8 bytes: PostgreSQL's hex input (the row travels as JSON text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode()
+    if not isinstance(value, bytes):
+        raise BadRecord(f"expected bytes or text, got {_shown(value)}")
+    return "\\x" + value.hex()
+
+
 def _shown(value: Any) -> str:
     return repr(value)[:40]
 
@@ -308,7 +336,7 @@ def _shown(value: Any) -> str:
 CONVERTERS: dict[str, Callable[[Any, tzinfo], Any]] = {
     "text": _as_text, "integer": _as_int("integer"), "bigint": _as_int("bigint"), "numeric": _as_numeric,
     "double precision": _as_double, "boolean": _as_bool, "timestamptz": _as_timestamp, "date": _as_date,
-    "jsonb": _as_jsonb, "jsonb text": _jsonb_from_text,
+    "jsonb": _as_jsonb, "jsonb text": _jsonb_from_text, "bytea": _as_bytea,
 }
 # Sources that give text (a key, a field's or member's bytes): what a jsonb column reads as JSON text.
 # The others give JSON values already (a path into a document, a document, a whole collection).
@@ -771,7 +799,9 @@ def _pattern_declared(index: int, name: str, what: str, body: dict[str, Any], ta
     if redis_type is None or grammar is None:
         return None
     per_member = _per_member(where, what, redis_type, rows, problems)
-    value_format = fmt or "text" if redis_type == "string" else "json" if redis_type == "json" else redis_type
+    # (a hash's values decoded by the columns that take them: a binary field no column takes fails nothing)
+    value_format = (fmt or "text" if redis_type == "string" else "json" if redis_type == "json"
+                    else "hash_bytes" if redis_type == "hash" else redis_type)
     sources = {}
     if table is not None:
         if not columns:
@@ -916,7 +946,7 @@ def _row_key(p: _Pattern, table: _Table) -> KeyTemplate | None:
 def _converter(kind: str, origin: str, p: _Pattern) -> str:
     """The CONVERTERS key of a column: a jsonb column reads text as JSON text, and JSON values as they are."""
     textual = origin in TEXTUAL or origin == "value" and (
-        p.value_format == "text" or p.per_member and p.redis_type in ("hash", "list"))
+        p.value_format in ("text", "bytes") or p.per_member and p.redis_type in ("hash", "list"))
     return "jsonb text" if kind == "jsonb" and textual else kind
 
 

@@ -362,8 +362,12 @@ def decode(raw: Any, value_format: str) -> Any:
             raise BadRecord(f"value {text[:40]!r} is not an integer") from None
     if value_format == "text":
         return _utf8(raw, "value")
+    if value_format == "bytes":  # taken as it is: binary data (a pickle, a compressed blob)
+        return raw
     if value_format == "hash":
         return {_utf8(k, "hash field"): _utf8(v, "hash value") for k, v in raw.items()}
+    if value_format == "hash_bytes":  # each value decoded by whoever takes it: a binary field only fails its taker
+        return {_utf8(k, "hash field"): v for k, v in raw.items()}
     if value_format == "set":
         return sorted(_utf8(m, "set member") for m in raw)
     if value_format == "zset":
