@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import uuid
 import zlib
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -842,6 +843,42 @@ def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(se
     found = by_pattern(report)
     assert sum(p["dead"] for p in found.values()) == 1 and sum(p["migrated"] for p in found.values()) == 6
     assert found["unmapped"]["skipped"] == 1, found  # the key with a newline, until its grammar is fixed
+
+
+def test_mapping_init_of_what_job_queues_and_caches_write_migrates_it_whole(settings, r, target, tmp_path):
+    """Celery's results (an id in the first segment), RQ's jobs (a pickled field), a pickled cache
+    entry, kombu's unacked hash (fields named by delivery tags), a hash keyed by emails, one with an
+    empty field name: a pattern per shape, binary data in bytea columns, fields named by data as a
+    row each (no email in the file), and every key migrated."""
+    blob = zlib.compress(pickle.dumps(("job", 1)))
+    for n in range(3):
+        r.set(f"celery-task-meta-{uuid.uuid4()}", json.dumps({"status": "SUCCESS", "result": n, "task_id": "x"}))
+        r.hset(f"rq:job:{uuid.uuid4()}", mapping={"status": "finished", "data": blob, "origin": "default"})
+        r.set(f"cache:page{n}", pickle.dumps({"n": n}))
+    r.hset("unacked", mapping={str(uuid.uuid4()): json.dumps([{"body": "b"}, "celery", "celery"]) for _ in range(3)})
+    r.hset("seen:by", mapping={"alice@example.com": "2024-05-01", "bob@example.com": "2024-05-02"})
+    r.hset("acct:1", mapping={"": "blank", "plan": "pro"})
+    path = tmp_path / "libraries.toml"
+    here = Settings(settings.redis_url, target, settings.broker_url)
+    done = cli(here, "mapping", "--init", str(path))
+    assert done.returncode == 0, done.stderr
+    text = path.read_text()
+    mapping = load_file(path)
+    assert sorted(p.glob for p in mapping.patterns) == ["acct:*", "cache:*", "celery-task-meta-*", "rq:job:*", "seen:by",
+                                                        "unacked"], text
+    assert "example.com" not in text and "alice" not in text
+    shapes = {p.glob: p for p in mapping.patterns}
+    assert shapes["cache:*"].value_format == "bytes" and shapes["unacked"].member_wise and shapes["seen:by"].member_wise
+    assert 'data = "field.data"' in text and '"bytea"' in text and "cannot be a field.<name>" in text
+    prepared(settings, target, mapping)
+    assert cli(here, "init-db", "--mapping", str(path)).returncode == 0
+    report = migrate(here, mapping=mapping)
+    assert report["status"] == "completed" and report["balanced"], report
+    found = by_pattern(report)
+    assert sum(p["dead"] for p in found.values()) == 0 and sum(p["migrated"] for p in found.values()) == 12, found
+    table = shapes["rq:job:*"].table
+    assert {bytes(b) for (b,) in rows(here, f'SELECT data FROM "{table}"')} == {blob}
+    assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
 
 
 def test_mapping_init_of_an_empty_keyspace_says_so(settings, r, tmp_path):

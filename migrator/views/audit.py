@@ -49,6 +49,10 @@ MAX_SHAPES = 100
 MAX_EXAMPLES = 3
 # A key segment that is an id rather than a name: it holds a digit, or is a long token.
 ID_SEGMENT = re.compile(r"[^:]*\d[^:]*|[\w-]{16,}")
+# Ids anywhere in a key, the first segment too (Celery's `celery-task-meta-<uuid>`), and a cluster
+# hash tag holding one (`{user1}:cart`): generalised wherever they are.
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+HASH_TAG = re.compile(r"\{[^{}]*\d[^{}]*\}")
 
 # The migration guide's stop condition on the source's size (a mapping's audit tallies add their own).
 USED_MEMORY_LIMIT = 2 * 1024**3
@@ -63,10 +67,10 @@ def ttl_bucket(pttl_ms: int) -> str:
 
 
 def key_shape(key: str) -> str:
-    """A key with its ids generalised: emails and IPs anywhere, then every segment after the
-    first that looks like an id (a digit, or a long token: uuids, numbers, dates), become `*`.
-    A shape therefore never holds an email or an IP address."""
-    text = IPV4.sub("*", IPV6.sub("*", EMAIL.sub("*", key)))
+    """A key with its ids generalised: emails, IPs, uuids and hash tags holding a digit anywhere,
+    then every segment after the first that looks like an id (a digit, or a long token: numbers,
+    dates), become `*`. A shape therefore never holds an email or an IP address."""
+    text = HASH_TAG.sub("{*}", UUID.sub("*", IPV4.sub("*", IPV6.sub("*", EMAIL.sub("*", key)))))
     head, *rest = text.split(":")
     return ":".join([head, *("*" if ID_SEGMENT.fullmatch(seg) else seg for seg in rest)])
 

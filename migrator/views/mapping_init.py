@@ -18,10 +18,10 @@ from typing import Any
 import orjson
 import redis
 
-from migrator.views.audit import audit_keyspace
+from migrator.views.audit import UUID, audit_keyspace
 from migrator.core.mapping import REDISJSON, Mapping
 from migrator.core.mapping_file import ENGINE_TABLE, RESERVED_COLUMNS, load_file, parse_key
-from migrator.core.redact import redact_text
+from migrator.core.redact import EMAIL, IPV4, IPV6, redact_text
 from migrator.core.schema import engine_sql
 
 # The file's `type` for what TYPE answers.
@@ -149,15 +149,19 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, key: bytes) -> N
     elif redis_type == REDISJSON:
         _document_columns(g, _loads(client.execute_command("JSON.GET", key)))
     elif redis_type == "hash":
-        if client.hlen(key) > WIDE_HASH:
+        fields = client.hgetall(key) if client.hlen(key) <= WIDE_HASH else {}
+        names = [name.decode("utf-8", "replace") for name in fields]
+        if not fields or any(_data_like(name) for name in names):
+            # (many fields, or fields named by data, such as ids or emails: a collection, a row per field)
             g.rows = "member"
-            _member_columns(g, {"field": ("field", "text"), "value": ("value", "text")}, "field")
-        else:
-            g.rows = "key"
-            for name, value in client.hgetall(key).items():
-                name = name.decode("utf-8", "replace")
-                column = _unique(_identifier(name), set(g.columns), set())
-                g.columns[column] = (f"field.{name}", _type_of_text(value.decode("utf-8", "replace")))
+            _member_columns(g, {"field": ("field", "text"), "value": ("value", _type_of_raw(fields.values()))}, "field")
+            return
+        g.rows = "key"
+        for name, value in zip(names, fields.values()):
+            if not name or "\ufffd" in name:
+                g.notes.append(f"a field named {name!r} cannot be a field.<name>: left in no column")
+                continue
+            g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw([value]))
     elif redis_type == "list":
         _member_columns(g, {"position": ("index", "integer"), "value": ("value", "text")}, "position")
     elif redis_type == "set":
@@ -172,6 +176,27 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, key: bytes) -> N
                 g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", "text")
 
 
+def _data_like(name: str) -> bool:
+    """A hash field named by data rather than by a name: one that starts with a digit (a number, a
+    date), an id (a uuid, a long token with a digit), an email, an address."""
+    return bool(DIGIT_FIRST.match(name) or TOKEN.fullmatch(name) or UUID.search(name) or EMAIL.search(name)
+                or IPV4.search(name) or IPV6.search(name))
+
+
+DIGIT_FIRST = re.compile(r"[-+]?\d")
+TOKEN = re.compile(r"(?=.*\d)[\w.-]{16,}")
+
+
+def _type_of_raw(values: Any) -> str:
+    """The column type of some example values: bytea when one is not UTF-8, else as their text says."""
+    try:
+        texts = [v.decode("utf-8") for v in values]
+    except UnicodeDecodeError:
+        return "bytea"
+    kinds = {_type_of_text(t) for t in texts}
+    return kinds.pop() if len(kinds) == 1 else "text"
+
+
 def _member_columns(g: Guess, columns: dict[str, tuple[str, str]], identity: str) -> None:
     for column, source in columns.items():
         name = _unique(column, set(g.columns), set())
@@ -183,10 +208,9 @@ def _member_columns(g: Guess, columns: dict[str, tuple[str, str]], identity: str
 def _string_columns(g: Guess, raw: bytes) -> None:
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        g.value_format = "text"
-        g.columns["value"] = ("value", "text")
-        g.notes.append("its example is not UTF-8: such values are dead letters")
+    except UnicodeDecodeError:  # binary data (a pickle, a compressed blob): kept as it is
+        g.value_format = "bytes"
+        g.columns[_unique("value", set(g.columns), set())] = ("value", "bytea")
         return
     document = _loads(raw)
     if isinstance(document, (dict, list)):
