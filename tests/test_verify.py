@@ -75,6 +75,11 @@ def test_verify_names_every_tampered_column_every_deleted_row_and_every_planted_
     result = json.loads(clean.stdout)
     assert KEYS <= set(result) and result["run_id"] == report["run_id"]
     assert (result["verdict"], result["missing"], result["different"], result["extra"]) == ("clean", 0, 0, 0)
+    # the demo's dead letter (a thread Threadr's model refuses) has no rows: the verdict says so
+    said = cli(settings, "verify", "--local").stdout.splitlines()[0]
+    assert result["totals"]["dead"] == 1 and said.endswith(
+        f"CLEAN of the keys that have rows: 1 key(s) are the run's dead letters and 0 cannot be migrated now, with no "
+        f"rows (`migrator report {report['run_id']}` says why)"), said
     compared = {p["pattern"]: p for p in result["patterns"]}
     assert all(compared[p["pattern"]]["compared"] == p["migrated"] for p in report["patterns"] if p["table"])
 

@@ -888,6 +888,10 @@ def render(result: dict[str, Any]) -> str:
     verdict = {"clean": "CLEAN", "differences": "DIFFERENCES", "incomplete": "COULD NOT FINISH",
                "counted": "COUNTED (dry run: no rows to compare)"}[result["verdict"]]
     which = "(not recorded)" if result["verification_id"] is None else result["verification_id"]
+    if result["verdict"] == "clean" and (t["dead"] or t["unreadable"]):  # clean, of the keys that have rows
+        verdict += (f" of the keys that have rows: {t['dead']:,} key(s) are the run's dead letters and "
+                    f"{t['unreadable']:,} cannot be migrated now, with no rows (`migrator report {result['run_id']}` "
+                    "says why)")
     out = [f"run {result['run_id']}: verification {which} {verdict}",
            line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
     out.append(f"missing {result['missing']:,}, different {result['different']:,}, extra (rows without a source key) "
