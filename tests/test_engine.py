@@ -309,6 +309,34 @@ def test_a_run_is_not_rolled_back_before_a_later_one_that_changed_its_rows(setti
     assert fingerprint(pg) == before
 
 
+def test_a_rerun_gives_a_row_the_expiry_its_key_has_now(settings, r, pg):
+    """The app refreshed a session's TTL, made a grant lasting and shortened a user's after a run:
+    a re-run writes those rows' expires_at again (a TTL read again unchanged writes nothing)."""
+    seed_demo(r, 20)
+    migrate(settings)
+    assert migrate(settings)["figures"]["rows_written"] == 0
+    with pg.cursor() as cur:
+        cur.execute("SELECT min(source_key) FROM sessions WHERE expires_at IS NOT NULL")
+        session = cur.fetchone()[0]
+        cur.execute("SELECT min(source_key) FROM subscriptions WHERE expires_at IS NOT NULL AND source_key LIKE 'threadr:premium:%'")
+        grant = cur.fetchone()[0]
+        cur.execute("SELECT min(source_key) FROM users WHERE expires_at IS NOT NULL")
+        user = cur.fetchone()[0]
+    pg.rollback()
+    r.expire(session, 7 * 86_400)
+    r.persist(grant)
+    r.expire(user, 3_600)
+    third = migrate(settings)
+    assert third["status"] == "completed" and third["figures"]["rows_written"] >= 3, third
+    with pg.cursor() as cur:
+        for key, table in ((session, "sessions"), (grant, "subscriptions"), (user, "users")):
+            cur.execute(f"SELECT (extract(epoch FROM expires_at) * 1000)::bigint FROM {table} WHERE source_key = %s", (key,))
+            (row,) = cur.fetchone()
+            due = r.pexpiretime(key)
+            assert (row is None) if due == -1 else (due - 1000 < row <= due + 5), (key, row, due)
+    pg.rollback()
+
+
 def test_a_rerun_retires_the_rows_no_key_gives_and_its_rollback_brings_them_back(settings, r, pg):
     """The app deleted a thread and a session and trimmed a time series after a run: a re-run makes
     the tables hold what Redis holds (its validation gives the rows no key gives now their table's

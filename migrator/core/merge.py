@@ -20,6 +20,11 @@ VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_
 # The column of a row's seal (migrator/core/seal.py).
 ROW_SEAL = "row_seal"
 
+# A row's expiry moved: set or removed, or more than a second apart (the same TTL read twice differs
+# by the reads' round trips only: source.expiry), so a re-run leaves a row alone for it.
+EXPIRY_MOVED = sql.SQL("((t.expires_at IS NULL) <> (EXCLUDED.expires_at IS NULL)"
+                       " OR abs(extract(epoch FROM t.expires_at - EXCLUDED.expires_at)) > 1)")
+
 # When a live `migrator follow` session last read the row's key: the database's clock just after the
 # read (ledger.stamp_synced; only follow writes it). The fence between a bulk batch and follow: a batch
 # reads its keys after its transaction began (now()), so a row stamped before then was read by follow
@@ -96,6 +101,8 @@ class TableRule:
             sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in content),
             sql.SQL(", ").join(self.merged(c) for c in content),
         )
+        if "expires_at" in columns:  # (a TTL the app set, moved or removed since: the row follows it)
+            changed = sql.SQL("({} OR {})").format(changed, EXPIRY_MOVED)
         # (a row no key wrote, the app's own, is taken over even when it says the same: its
         # provenance then says which key it is, and a rollback puts it back as it was)
         guard = sql.SQL("({} OR t.source_key IS NULL)").format(changed) if "source_key" in columns else changed
