@@ -25,6 +25,7 @@ from migrator.core.schema import empty_tables, init_db
 from migrator.core.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, decode, loaded_modules, read_keys, read_parts
 from migrator.core.values import stable_id
 from migrator.core import ledger
+from migrator.views.report import monitoring, render
 from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
 
 SHOP_FILE = ROOT / "migrator" / "apps" / "shop" / "mapping.toml"
@@ -878,6 +879,12 @@ def test_mapping_init_of_what_job_queues_and_caches_write_migrates_it_whole(sett
     assert sum(p["dead"] for p in found.values()) == 0 and sum(p["migrated"] for p in found.values()) == 12, found
     table = shapes["rq:job:*"].table
     assert {bytes(b) for (b,) in rows(here, f'SELECT data FROM "{table}"')} == {blob}
+    conn = here.postgres()
+    try:
+        said = render({**report, "monitoring": monitoring(conn, mapping)})
+    finally:
+        conn.close()
+    assert "tables (rows counted now): " in said and "figures:" not in said  # (a file declares no figures)
     assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
 
 

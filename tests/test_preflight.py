@@ -168,7 +168,8 @@ def test_database_without_schema_fails_with_init_db(settings, empty_database):
     checks = by_name(results)
     assert checks["schema"].verdict == "fail"
     assert f"lacks the current schema ({VERSIONS} not applied)" in checks["schema"].detail
-    assert checks["schema"].fix == "run `migrator init-db` first"
+    assert checks["schema"].fix == ("run `migrator init-db` first, or point --database-url (DATABASE_URL) at the database "
+                                    "the migration writes")
     assert checks["privileges"].verdict == "warn" and "do not exist yet" in checks["privileges"].detail
     assert exit_code(results) == 1
 

@@ -83,8 +83,11 @@ def test_init_db_applies_the_chosen_mapping_with_the_engine_s_columns_and_a_jour
         cur.execute("SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname LIKE '%_journal' ORDER BY 1")
         assert cur.fetchall() == [("gadgets",), ("legacy_id_map",)]
     fresh.rollback()
-    with pytest.raises(ConfigError, match=r"lacks the current schema \(mapping:threadr not applied\)"):
+    with pytest.raises(ConfigError, match=r"lacks the current schema \(mapping:threadr not applied\)") as stale:
         require_schema(fresh, THREADR)
+    # which database, for a URL left to its default
+    assert f"the target database {fresh.info.dbname!r} on {fresh.info.host}:{fresh.info.port} " in str(stale.value)
+    assert str(stale.value).endswith("or point --database-url (DATABASE_URL) at the database the migration writes")
 
     # a mapping whose DDL changed, or that writes one more table, leaves the database stale until init-db
     grown = gadgets(GADGETS_DDL, "ALTER TABLE gadgets ADD COLUMN IF NOT EXISTS colour text")

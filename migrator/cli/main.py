@@ -126,7 +126,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="cap the keys per second that all workers together scan or read in Redis, to spare a "
                         "production server (a token bucket shared through Redis; a run touches each key about 3 times: "
                         "once in its one SCAN pass (the other passes read the spool, which costs Redis nothing), "
-                        "and two reads; 10 with --scan-each-priority; default: no cap)")
+                        "and two reads; 10 with --scan-each-priority; a large collection's members count as keys, "
+                        "a part of 1,000 costing Redis about what 1,000 keys do; default: no cap)")
     g.add_argument("--scan-each-priority", action="store_true",
                    help="SCAN the keyspace again for each priority's batches and validation (8 passes) instead of "
                         "once: by default the first priority's SCAN keeps every key's name in a spool in PostgreSQL "

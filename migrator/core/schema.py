@@ -175,8 +175,10 @@ def require_schema(conn: Any, mapping: Mapping | None = None) -> None:
         missing = missing_journals(cur, written_tables(mapping)) if mapping is not None and not stale else {}
     conn.rollback()
     if stale:
+        where = f"{conn.info.dbname!r} on {conn.info.host}:{conn.info.port}"
         raise ConfigError(
-            f"the target database lacks the current schema ({', '.join(stale)} not applied); run `migrator init-db` first"
+            f"the target database {where} lacks the current schema ({', '.join(stale)} not applied); run `migrator "
+            "init-db` first, or point --database-url (DATABASE_URL) at the database the migration writes"
         )
     if missing:
         raise ConfigError(journal_refusal(mapping, missing))

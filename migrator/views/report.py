@@ -148,7 +148,8 @@ def render(report: dict[str, Any]) -> str:
         m = report["monitoring"]
         out.append("tables (rows counted now): " + ", ".join(f"{t['table']} {t['rows']:,} rows {t['bytes'] // 1024:,} KiB"
                                                              for t in m["tables"]))
-        out.append("figures: " + ", ".join(f"{k} {v}" for k, v in m["figures"].items()))
+        if m["figures"]:  # (a mapping file declares none)
+            out.append("figures: " + ", ".join(f"{k} {v}" for k, v in m["figures"].items()))
     return "\n".join(out)
 
 
