@@ -759,7 +759,8 @@ def _retire(conn: Any, mapping: Mapping, run_id: str, tally: Tally) -> None:
     key is gone (deleted by the app, not expired) or gives other rows now (a member removed) get
     their table's on_delete, as `migrator follow` gives them, journaled for rollback; they count as
     retired, not extra. Left extra: the rows of a table whose rows several keys may give (another
-    key may give the row still: follow repoints those), and every row once the run is not running."""
+    key may give the row still: follow repoints those). Raises Fenced, retiring nothing, once the
+    run is not running."""
     by_table: dict[str, list[tuple[str, str, str]]] = {}
     for name, table, row_id, key in tally.stale or ():
         if not mapping.sharing(table):
@@ -767,7 +768,7 @@ def _retire(conn: Any, mapping: Mapping, run_id: str, tally: Tally) -> None:
     if not by_table:
         return
     with conn, conn.cursor() as cur:
-        runstate.hold(cur, run_id)  # (raises Fenced once the run is not running: nothing retired)
+        runstate.hold(cur, run_id)
         cur.execute("SELECT set_config('migrator.run_id', %s, true)", (run_id,))  # a mark's prior image journaled
         for table, rows in by_table.items():
             rule = mapping.rule(table)

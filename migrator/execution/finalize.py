@@ -156,6 +156,8 @@ def judge_priority(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str
             return Step(verify_again=plan_priority(client, conn, run_id, priority, opts,
                                                    {"verification_id": verification_id, "broken": broken}))
         checks = priority_checks(conn, mapping, run_id, priority, opts, result)
+    except Fenced:
+        raise  # (cancelled or stopped meanwhile: not a verdict on the data)
     except Exception as exc:
         if transient(exc):
             raise
