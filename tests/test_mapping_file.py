@@ -25,6 +25,7 @@ from migrator.core.schema import empty_tables, init_db
 from migrator.core.source import CHUNK_READ_MEMBERS, REDISJSON_MODULE, decode, loaded_modules, read_keys, read_parts
 from migrator.core.values import stable_id
 from migrator.core import ledger
+from migrator.views.mapping_init import _guess
 from migrator.views.report import monitoring, render
 from helpers import ROOT, Workers, by_pattern, cli, fingerprint, migrate, throwaway_database, verify, worker_env
 
@@ -833,7 +834,7 @@ def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(se
     text = path.read_text()
     mapping = load_file(path)
     assert "alice" not in text and "example.com" not in text  # emails are masked in the comments
-    assert 'key = "ip:{ip:.+}"' in text and 'key = "tpl:{{x}}:{x}"' in text and 'rows = "member"' in text
+    assert 'key = "ip:{ip:.+}"' in text and 'key = "tpl:{{x}}:{x:\\\\d+}"' in text and 'rows = "member"' in text
     assert mapping.classify("ip:2001:db8::1")[1] == {"ip": "2001:db8::1"}
     # the audit shows a newline in a key name escaped: the grammar made of it says so, for a person to fix
     assert text.count("cannot be read back by its name") == 2  # (that key, and the one that is not UTF-8)
@@ -886,6 +887,51 @@ def test_mapping_init_of_what_job_queues_and_caches_write_migrates_it_whole(sett
         conn.close()
     assert "tables (rows counted now): " in said and "figures:" not in said  # (a file declares no figures)
     assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
+
+
+def test_mapping_init_keeps_what_its_examples_do_not_show(settings, r, target, tmp_path):
+    """Columns are guessed from a few example keys, so every JSON document and small hash also goes
+    whole into a jsonb column: a field only other keys hold is not lost. Zip codes keep their zeros,
+    numbered jobs' grammar leaves a queue's other keys alone, a shape whose first example changed type
+    and an empty key name do not stop --init, and a value a column refuses is logged without its digits."""
+    for n in range(10):
+        job = {"name": "send", "data": json.dumps({"to": n})}
+        if n >= 5:
+            job["failedReason"] = "boom"  # only jobs past the examples failed
+        r.hset(f"bull:mail:{n + 1}", mapping=job)
+        r.set(f"sess:{n}", json.dumps({"cookie": {"maxAge": 60}, **({"returnTo": "/cart"} if n >= 5 else {})}))
+        r.set(f"zip:{n}", "00701")
+    r.rpush("bull:mail:wait", "1", "2")  # a queue's own key beside its numbered jobs
+    r.set("", "the empty key")
+    path = tmp_path / "wide.toml"
+    here = Settings(settings.redis_url, target, settings.broker_url)
+    done = cli(here, "mapping", "--init", str(path))
+    assert done.returncode == 0, done.stderr
+    text = path.read_text()
+    mapping = load_file(path)
+    assert mapping.classify("bull:mail:wait")[0].redis_type == "list" and 'key = "bull:mail:{mail:\\\\d+}"' in text
+    assert mapping.classify("zip:3")[0].value_format == "text"
+    prepared(settings, target, mapping)
+    report = migrate(here, mapping=mapping)
+    assert report["status"] == "completed" and sum(p["dead"] for p in report["patterns"]) == 0, report
+    jobs, sessions = mapping.classify("bull:mail:1")[0].table, mapping.classify("sess:1")[0].table
+    assert rows(here, f'SELECT count(*) FROM "{jobs}" WHERE fields ->> \'failedReason\' = \'boom\'') == [(5,)]
+    assert rows(here, f'SELECT count(*) FROM "{sessions}" WHERE document ->> \'returnTo\' = \'/cart\'') == [(5,)]
+    assert rows(here, f'SELECT DISTINCT value FROM "{mapping.classify("zip:1")[0].table}"') == [("00701",)]
+    # a shape whose first example holds another type than most of its keys: guessed from one of theirs
+    r.set("mix:1", "a string")
+    r.hset("mix:2", mapping={"plan": "pro"})
+    guess = _guess(r, {"shape": "mix:*", "keys": 2, "types": {"hash": 1, "string": 1}, "examples": ["mix:1", "mix:2"]},
+                   set(), set())
+    assert guess.columns["plan"] == ("field.plan", "text") and guess.notes[0].startswith("also 1 string key(s)")
+
+
+def test_a_value_a_column_refuses_is_told_without_its_digits(settings, r, target, kinds):
+    here = prepared(settings, target, kinds)
+    r.set("k:doc:1", '{"title": "T", "price": "078-05-1120"}')
+    report = migrate(here, mapping=kinds, priorities=("high",))
+    [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
+    assert "expected a number, got '###-##-####'" in error and "078" not in error, error
 
 
 def test_mapping_init_of_an_empty_keyspace_says_so(settings, r, tmp_path):

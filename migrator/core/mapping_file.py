@@ -330,7 +330,11 @@ def _as_bytea(value: Any, tz: tzinfo) -> str | None:
 
 
 def _shown(value: Any) -> str:
-    return repr(value)[:40]
+    # (digits masked: a value refused is logged and kept in reports; an account or card number is PII)
+    return DIGIT.sub("#", repr(value)[:40])
+
+
+DIGIT = re.compile(r"\d")
 
 
 CONVERTERS: dict[str, Callable[[Any, tzinfo], Any]] = {

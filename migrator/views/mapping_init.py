@@ -31,7 +31,7 @@ FILE_TYPES = {"string": "string", "hash": "hash", "list": "list", "set": "set", 
 WIDE_HASH = 64
 MAX_COLUMNS = 50  # of one JSON document or hash read whole
 SAMPLE_BYTES = 64 * 1024  # of a string example
-INTEGER = re.compile(r"-?\d{1,18}")
+INTEGER = re.compile(r"-?(0|[1-9]\d{0,17})")  # (a leading zero is text: a zip code, "007")
 DECIMAL = re.compile(r"-?\d+\.\d+")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -59,7 +59,8 @@ def starting_file(client: redis.Redis, *, scan_count: int = 1000, now: datetime 
     it declares; ValueError for an empty keyspace."""
     report = audit_keyspace(client, Mapping("init", ()), show_pii=True, scan_count=scan_count, now=now)
     unmapped = report["unmapped"]
-    shapes = sorted((s for s in unmapped["shapes"] if s["types"]), key=lambda s: (s["shape"].count("*"), s["shape"]))
+    shapes = sorted((s for s in unmapped["shapes"] if s["types"] and s["shape"]),  # (no grammar names the empty key)
+                    key=lambda s: (s["shape"].count("*"), s["shape"]))
     if not shapes:
         raise ValueError(f"the keyspace at {redact_text(report['source'])} holds no keys to map; point --redis-url "
                          "at the application's database")
@@ -115,11 +116,12 @@ def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: 
     if file_type is None:
         g.skip = f"its keys hold {redis_type}, which no mapping file reads"
         return g
-    key = shape["examples"][0].encode()
-    if not client.exists(key):  # (the audit shows control characters and bytes that are not UTF-8 escaped)
+    # (the audit shows control characters and bytes that are not UTF-8 escaped: such a name reads nothing back)
+    keys = [k for k in (e.encode() for e in shape["examples"]) if _type_name(client.type(k)) == redis_type]
+    if not keys:
         g.notes.append("its example cannot be read back by its name as shown (escaped characters, or gone since): "
                        "check that the key grammar matches these keys, and the columns")
-    _columns_of(client, g, redis_type, key)
+    _columns_of(client, g, redis_type, keys or [shape["examples"][0].encode()])
     if not g.key_columns:  # a single key read whole: its name is its identity
         g.columns = {"redis_key": ("key", "text"), **g.columns}
         g.key_columns.append("redis_key")
@@ -134,22 +136,43 @@ def _grammar(shape: str, examples: list[str]) -> tuple[str, list[str]]:
     for before in literals[:-1]:
         fields.append(_unique(_identifier(before.rstrip(":-_").rsplit(":", 1)[-1] or "part"), set(fields), set()))
     escaped = [text.replace("{", "{{").replace("}", "}}") for text in literals]
+
+    def spelled(regexes: list[str]) -> str:
+        return escaped[0] + "".join(f"{{{f}{r}}}{text}" for f, r, text in zip(fields, regexes, escaped[1:]))
+
     for wide in (False, True):
-        grammar = escaped[0] + "".join(f"{{{f}{':.+' if wide else ''}}}{text}" for f, text in zip(fields, escaped[1:]))
+        grammar = spelled([":.+" if wide else ""] * len(fields))
         regex = re.compile(parse_key(grammar)[0], re.DOTALL)
-        if all(regex.fullmatch(example) for example in examples):
+        matches = [regex.fullmatch(example) for example in examples]
+        if all(matches):
             break
+    else:
+        return grammar, fields
+    # a field every example spells in digits takes digits only: a job queue's other keys beside its
+    # numbered jobs (`bull:q:active` beside `bull:q:17`) are no job's
+    digits = [all(m.group(i + 1).isdigit() for m in matches) and not wide for i in range(len(fields))]
+    if any(digits):
+        grammar = spelled([":\\d+" if d else (":.+" if wide else "") for d in digits])
     return grammar, fields
 
 
-def _columns_of(client: redis.Redis, g: Guess, redis_type: str, key: bytes) -> None:
-    """The columns one example key suggests, and its rows (one per key, or per member)."""
+def _type_name(answer: Any) -> str:
+    return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+
+def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes]) -> None:
+    """The columns the example keys suggest (a hash's fields and a document's keys of them all; the
+    rest from the first), and their rows (one per key, or per member)."""
+    key = keys[0]
     if redis_type == "string":
-        _string_columns(g, client.getrange(key, 0, SAMPLE_BYTES - 1))
+        _string_columns(g, [client.getrange(k, 0, SAMPLE_BYTES - 1) for k in keys])
     elif redis_type == REDISJSON:
         _document_columns(g, _loads(client.execute_command("JSON.GET", key)))
     elif redis_type == "hash":
-        fields = client.hgetall(key) if client.hlen(key) <= WIDE_HASH else {}
+        fields: dict[bytes, bytes] = {}
+        for k in keys:
+            fields.update({} if client.hlen(k) > WIDE_HASH else client.hgetall(k))
+        fields = {} if len(fields) > WIDE_HASH or client.hlen(key) > WIDE_HASH else fields
         names = [name.decode("utf-8", "replace") for name in fields]
         if not fields or any(_data_like(name) for name in names):
             # (many fields, or fields named by data, such as ids or emails: a collection, a row per field)
@@ -162,6 +185,8 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, key: bytes) -> N
                 g.notes.append(f"a field named {name!r} cannot be a field.<name>: left in no column")
                 continue
             g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw([value]))
+        if _type_of_raw(fields.values()) != "bytea":  # every field, whole: what the columns above miss is kept
+            g.columns[_unique("fields", set(g.columns), set())] = ("value", "jsonb")
     elif redis_type == "list":
         _member_columns(g, {"position": ("index", "integer"), "value": ("value", "text")}, "position")
     elif redis_type == "set":
@@ -205,17 +230,19 @@ def _member_columns(g: Guess, columns: dict[str, tuple[str, str]], identity: str
             g.key_columns.append(name)
 
 
-def _string_columns(g: Guess, raw: bytes) -> None:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:  # binary data (a pickle, a compressed blob): kept as it is
+def _string_columns(g: Guess, raws: list[bytes]) -> None:
+    if _type_of_raw(raws) == "bytea":  # binary data (a pickle, a compressed blob): kept as it is
         g.value_format = "bytes"
         g.columns[_unique("value", set(g.columns), set())] = ("value", "bytea")
         return
-    document = _loads(raw)
-    if isinstance(document, (dict, list)):
+    text, documents = raws[0].decode("utf-8"), [_loads(raw) for raw in raws]
+    if all(isinstance(d, dict) for d in documents):
         g.value_format = "json"
-        _document_columns(g, document)
+        _document_columns(g, {k: v for d in documents for k, v in d.items()})
+        g.columns[_unique("document", set(g.columns), set())] = ("value", "jsonb")  # whole: what the columns miss is kept
+    elif isinstance(documents[0], (dict, list)):
+        g.value_format = "json"
+        _document_columns(g, documents[0])
     elif INTEGER.fullmatch(text.strip()):
         g.value_format = "int"
         g.columns[_unique("value", set(g.columns), set())] = ("value", "bigint")
