@@ -7,6 +7,7 @@ import os
 import time
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import orjson
 import pytest
@@ -309,20 +310,25 @@ def test_a_run_is_not_rolled_back_before_a_later_one_that_changed_its_rows(setti
     assert fingerprint(pg) == before
 
 
+def one(pg, query: str) -> Any:
+    """The first column of the query's first row."""
+    with pg.cursor() as cur:
+        cur.execute(query)
+        found = cur.fetchone()[0]
+    pg.rollback()
+    return found
+
+
 def test_a_rerun_gives_a_row_the_expiry_its_key_has_now(settings, r, pg):
     """The app refreshed a session's TTL, made a grant lasting and shortened a user's after a run:
     a re-run writes those rows' expires_at again (a TTL read again unchanged writes nothing)."""
     seed_demo(r, 20)
     migrate(settings)
     assert migrate(settings)["figures"]["rows_written"] == 0
-    with pg.cursor() as cur:
-        cur.execute("SELECT min(source_key) FROM sessions WHERE expires_at IS NOT NULL")
-        session = cur.fetchone()[0]
-        cur.execute("SELECT min(source_key) FROM subscriptions WHERE expires_at IS NOT NULL AND source_key LIKE 'threadr:premium:%'")
-        grant = cur.fetchone()[0]
-        cur.execute("SELECT min(source_key) FROM users WHERE expires_at IS NOT NULL")
-        user = cur.fetchone()[0]
-    pg.rollback()
+    session = one(pg, "SELECT min(source_key) FROM sessions WHERE expires_at IS NOT NULL")
+    grant = one(pg, "SELECT min(source_key) FROM subscriptions WHERE expires_at IS NOT NULL"
+                    " AND source_key LIKE 'threadr:premium:%'")
+    user = one(pg, "SELECT min(source_key) FROM users WHERE expires_at IS NOT NULL")
     r.expire(session, 7 * 86_400)
     r.persist(grant)
     r.expire(user, 3_600)
@@ -344,14 +350,8 @@ def test_a_rerun_retires_the_rows_no_key_gives_and_its_rollback_brings_them_back
     verification on its own only tells (extra)."""
     seed_demo(r, 40)
     migrate(settings)
-    with pg.cursor() as cur:
-        cur.execute("SELECT min(source_key) FROM threads")
-        thread = cur.fetchone()[0]
-        cur.execute("SELECT min(source_key) FROM sessions")
-        session = cur.fetchone()[0]
-        cur.execute("SELECT source_key FROM analytics_timeseries GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
-        series = cur.fetchone()[0]
-    pg.rollback()
+    thread, session = one(pg, "SELECT min(source_key) FROM threads"), one(pg, "SELECT min(source_key) FROM sessions")
+    series = one(pg, "SELECT source_key FROM analytics_timeseries GROUP BY 1 HAVING count(*) > 1 ORDER BY 1 LIMIT 1")
     before = fingerprint(pg)
     r.delete(thread, session)
     r.zpopmin(series)
