@@ -837,7 +837,7 @@ def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(se
     assert 'key = "ip:{ip:.+}"' in text and 'key = "tpl:{{x}}:{x:\\\\d+}"' in text and 'rows = "member"' in text
     assert mapping.classify("ip:2001:db8::1")[1] == {"ip": "2001:db8::1"}
     # the audit shows a newline in a key name escaped: the grammar made of it says so, for a person to fix
-    assert text.count("cannot be read back by its name") == 2  # (that key, and the one that is not UTF-8)
+    assert text.count("could be read back as a string by its name") == 2  # (that key, and the one that is not UTF-8)
     prepared(settings, target, mapping)
     assert cli(here, "init-db", "--mapping", str(path)).returncode == 0
     report = migrate(here, mapping=mapping)
@@ -924,6 +924,9 @@ def test_mapping_init_keeps_what_its_examples_do_not_show(settings, r, target, t
     guess = _guess(r, {"shape": "mix:*", "keys": 2, "types": {"hash": 1, "string": 1}, "examples": ["mix:1", "mix:2"]},
                    set(), set())
     assert guess.columns["plan"] == ("field.plan", "text") and guess.notes[0].startswith("also 1 string key(s)")
+    none_of_it = _guess(r, {"shape": "mix:*", "keys": 6, "types": {"hash": 5, "string": 1}, "examples": ["mix:1"]},
+                        set(), set())
+    assert "no example could be read back as a hash" in none_of_it.notes[-1] and list(none_of_it.columns) == ["mix"]
 
 
 def test_a_value_a_column_refuses_is_told_without_its_digits(settings, r, target, kinds):

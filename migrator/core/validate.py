@@ -159,8 +159,8 @@ def verification_check(result: dict[str, Any], totals: dict[str, dict[str, int]]
         if noted:
             detail += f"; within the count tolerance or changed by the app since the run: {noted}"
     if t.get("retired"):  # (verify._retire: the run's own validation)
-        detail += (f"; {t['retired']:,} row(s) whose key is gone or no longer gives them given their table's on_delete"
-                   " (journaled: `migrator rollback` puts them back)")
+        detail += (f"; {t['retired']:,} stale row(s), whose key is gone or gives them no more, retired by their table's"
+                   " on_delete (journaled: `migrator rollback` puts them back)")
     reason = result.get("reason")
     if reason:  # the full re-read of a sealed validation whose seals did not hold
         broken = "; ".join(f"{table}: {', '.join(why.values())}" for table, why in reason["broken"].items())

@@ -118,10 +118,11 @@ def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: 
         return g
     # (the audit shows control characters and bytes that are not UTF-8 escaped: such a name reads nothing back)
     keys = [k for k in (e.encode() for e in shape["examples"]) if _type_name(client.type(k)) == redis_type]
-    if not keys:
-        g.notes.append("its example cannot be read back by its name as shown (escaped characters, or gone since): "
-                       "check that the key grammar matches these keys, and the columns")
-    _columns_of(client, g, redis_type, keys or [shape["examples"][0].encode()])
+    if keys:
+        _columns_of(client, g, redis_type, keys)
+    else:
+        g.notes.append(f"no example could be read back as a {redis_type} by its name as shown (escaped characters, or "
+                       "gone or changed since): check that the key grammar matches these keys, and add their columns")
     if not g.key_columns:  # a single key read whole: its name is its identity
         g.columns = {"redis_key": ("key", "text"), **g.columns}
         g.key_columns.append("redis_key")
