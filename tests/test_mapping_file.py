@@ -937,6 +937,14 @@ def test_a_value_a_column_refuses_is_told_without_its_digits(settings, r, target
     assert "expected a number, got '###-##-####'" in error and "078" not in error, error
 
 
+def test_mapping_init_says_when_shapes_past_the_audits_first_100_are_left_out(settings, r, tmp_path):
+    for n in range(105):
+        r.set(f"app{n}:x", "v")  # (a first segment is a name, not an id: 105 shapes)
+    done = cli(settings, "mapping", "--init", str(tmp_path / "m.toml"))
+    assert done.returncode == 0 and "100 pattern(s)" in done.stdout, done.stderr
+    assert "left out: 5 key(s) of shapes past the first 100" in done.stdout and "`migrator audit` lists them" in done.stdout
+
+
 def test_mapping_init_of_an_empty_keyspace_says_so(settings, r, tmp_path):
     done = cli(settings, "mapping", "--init", str(tmp_path / "m.toml"))
     assert done.returncode == 2 and "holds no keys to map" in done.stderr and not (tmp_path / "m.toml").exists()

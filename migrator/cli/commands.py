@@ -543,13 +543,16 @@ def cmd_mapping_init(settings: Settings, path: Path, *, force: bool, out: TextIO
     """A starting mapping file from an audit of the live keyspace (refused over an existing file unless `force`)."""
     client = settings.redis()
     try:
-        patterns = write_starting_file(client, path, force=force)
+        patterns, left_out = write_starting_file(client, path, force=force)
     except FileExistsError as exc:
         raise ConfigError(str(exc)) from None
     finally:
         client.close()
     out.write(f"wrote {path}: {patterns} pattern(s), one per key shape found. Edit it (docs/mapping-file.md), then:\n"
               f"  migrator init-db --mapping {path}\n  migrator run --local --mapping {path}\n")
+    if left_out:
+        out.write(f"left out: {left_out:,} key(s) of shapes past the first 100 the audit tells apart are in no pattern "
+                  "(a run counts them unmapped); `migrator audit` lists them: add a pattern for each shape\n")
     return OK
 
 

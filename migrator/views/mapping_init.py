@@ -54,9 +54,11 @@ class Guess:
     skip: str = ""  # why it is not migrated
 
 
-def starting_file(client: redis.Redis, *, scan_count: int = 1000, now: datetime | None = None) -> tuple[str, int]:
-    """The text of a starting mapping file for the keyspace behind `client`, and how many patterns
-    it declares; ValueError for an empty keyspace."""
+def starting_file(client: redis.Redis, *, scan_count: int = 1000,
+                  now: datetime | None = None) -> tuple[str, int, int]:
+    """The text of a starting mapping file for the keyspace behind `client`, how many patterns it
+    declares, and how many keys it leaves out (of shapes past the audit's first 100); ValueError for
+    an empty keyspace."""
     report = audit_keyspace(client, Mapping("init", ()), show_pii=True, scan_count=scan_count, now=now)
     unmapped = report["unmapped"]
     shapes = sorted((s for s in unmapped["shapes"] if s["types"] and s["shape"]),  # (no grammar names the empty key)
@@ -81,15 +83,16 @@ def starting_file(client: redis.Redis, *, scan_count: int = 1000, now: datetime 
         "",
     ]
     body = [line for g in guesses for line in _pattern_text(g)] + [line for g in guesses for line in _table_text(g)]
-    return "\n".join(head + body) + "\n", len(guesses)
+    return "\n".join(head + body) + "\n", len(guesses), unmapped["other_shapes_keys"]
 
 
-def write_starting_file(client: redis.Redis, path: Path, *, force: bool) -> int:
-    """Write the starting file at `path` (refused when it exists, unless `force`); its patterns.
-    Written beside it first and loaded from there: a file that would not load replaces nothing."""
+def write_starting_file(client: redis.Redis, path: Path, *, force: bool) -> tuple[int, int]:
+    """Write the starting file at `path` (refused when it exists, unless `force`); its patterns, and
+    the keys left out (starting_file). Written beside it first and loaded from there: a file that
+    would not load replaces nothing."""
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it, or name another file")
-    text, patterns = starting_file(client)
+    text, patterns, left_out = starting_file(client)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.toml")
     tmp.write_text(text)
@@ -98,7 +101,7 @@ def write_starting_file(client: redis.Redis, path: Path, *, force: bool) -> int:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return patterns
+    return patterns, left_out
 
 
 def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: set[str]) -> Guess:
