@@ -22,6 +22,7 @@ from psycopg2.extras import execute_values
 from migrator.core.options import RunOptions
 from migrator.core.partition import KeyRange
 from migrator.core.redact import redact_text
+from migrator.core.values import UUID
 
 # The ledger tables a run writes (migrator/core/sql/001_ledger.sql), besides the tables of its mapping.
 TABLES = ("migration_runs", "migration_batches", "migration_dead_letters", "migration_validations", "migration_journal",
@@ -100,7 +101,7 @@ def latest_run(cur: Any) -> str | None:
     return str(row[0]) if row else None
 
 
-RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+RUN_ID = re.compile(UUID)
 
 
 def require_run(cur: Any, run_id: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from migrator.core.mapping import (REDISJSON, UNMAPPED, BadRecord, KeyTemplate, 
 from migrator.core.merge import ON_DELETE, TableRule
 from migrator.core.registry import MappingError
 from migrator.core.schema import PROVENANCE, engine_sql
+from migrator.core.source import utf8
 from migrator.core.values import parse_date, parse_dt, stable_id
 
 # The file's `type` -> what TYPE answers for such a key.
@@ -163,10 +164,9 @@ def _decoded(value: Any) -> Any:
     """Bytes as the text they are (a hash's whole value as text values); refused when not UTF-8."""
     if isinstance(value, bytes):
         try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadRecord(f"is not valid UTF-8 (byte 0x{value[exc.start]:02x} at offset {exc.start}): "
-                            "a bytea column takes it as it is") from None
+            return utf8(value)
+        except BadRecord as exc:
+            raise BadRecord(f"{exc}: a bytea column takes it as it is") from None
     if isinstance(value, dict) and any(isinstance(v, bytes) for v in value.values()):
         return {k: _decoded(v) for k, v in value.items()}
     return value

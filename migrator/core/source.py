@@ -286,7 +286,7 @@ def read_keys(client: redis.Redis, wanted: Sequence[tuple[bytes, str]],
                 r.redis_type = "none"
     if wrong:
         for r, rtype in zip(wrong, roundtrip(client, [("TYPE", r.key) for r in wrong])):
-            r.redis_type = rtype.decode() if isinstance(rtype, bytes) else str(rtype)
+            r.redis_type = reply_text(rtype)
         for r, raw in zip(wrong, roundtrip(client, [_read_command(r.key, r.redis_type, max_bytes) for r in wrong])):
             r.raw, r.resume = _reply(r.redis_type, raw, max_bytes)
             r.size, r.truncated = payload_size(r.raw), r.resume is not None
@@ -334,11 +334,17 @@ def value_digest(raw: Any) -> int:
     return zlib.crc32(b"\x01".join(parts))
 
 
-def _utf8(raw: bytes, what: str) -> str:
+def utf8(raw: bytes, what: str = "") -> str:
+    """`raw` as text; BadRecord naming `what` and the first byte that is not UTF-8."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadRecord(f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+        raise BadRecord(f"{what} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})".lstrip()) from None
+
+
+def reply_text(reply: Any) -> str:
+    """A reply Redis answers as a status or bulk string (TYPE, a module's name) as text."""
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 def decode(raw: Any, value_format: str) -> Any:
@@ -347,7 +353,7 @@ def decode(raw: Any, value_format: str) -> Any:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            _utf8(raw, "value")  # a clearer reason when the bytes are not text at all
+            utf8(raw, "value")  # a clearer reason when the bytes are not text at all
             raise BadRecord(f"value is not valid JSON: {exc}") from None
     if value_format == "int":
         if isinstance(raw, bytes):
@@ -355,27 +361,27 @@ def decode(raw: Any, value_format: str) -> Any:
                 return int(raw)
             except ValueError:
                 pass  # (not ASCII, or not a number: told as the text says)
-        text = _utf8(raw, "value")
+        text = utf8(raw, "value")
         try:
             return int(text)
         except ValueError:
             raise BadRecord(f"value {text[:40]!r} is not an integer") from None
     if value_format == "text":
-        return _utf8(raw, "value")
+        return utf8(raw, "value")
     if value_format == "bytes":  # taken as it is: binary data (a pickle, a compressed blob)
         return raw
     if value_format == "hash":
-        return {_utf8(k, "hash field"): _utf8(v, "hash value") for k, v in raw.items()}
+        return {utf8(k, "hash field"): utf8(v, "hash value") for k, v in raw.items()}
     if value_format == "hash_bytes":  # each value decoded by whoever takes it: a binary field only fails its taker
-        return {_utf8(k, "hash field"): v for k, v in raw.items()}
+        return {utf8(k, "hash field"): v for k, v in raw.items()}
     if value_format == "set":
-        return sorted(_utf8(m, "set member") for m in raw)
+        return sorted(utf8(m, "set member") for m in raw)
     if value_format == "zset":
-        return [(_utf8(m, "zset member"), score) for m, score in raw]
+        return [(utf8(m, "zset member"), score) for m, score in raw]
     if value_format == "list":  # (index, element), the index counted from the list's head
-        return [(i, _utf8(m, "list element")) for i, m in enumerate(raw, raw.start)]
+        return [(i, utf8(m, "list element")) for i, m in enumerate(raw, raw.start)]
     if value_format == "stream":
-        return [(_utf8(i, "stream entry id"), {_utf8(k, "stream field"): _utf8(v, "stream value") for k, v in fields.items()})
+        return [(utf8(i, "stream entry id"), {utf8(k, "stream field"): utf8(v, "stream value") for k, v in fields.items()})
                 for i, fields in raw]
     raise ValueError(f"unknown value format {value_format!r}")
 
@@ -481,7 +487,7 @@ def loaded_modules(client: redis.Redis) -> set[str]:
     names = set()
     for module in client.module_list():
         name = module.get(b"name", module.get("name", b""))
-        names.add(name.decode() if isinstance(name, bytes) else str(name))
+        names.add(reply_text(name))
     return names
 
 

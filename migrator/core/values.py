@@ -15,6 +15,10 @@ _NAMESPACE_SHA1 = hashlib.sha1(ID_NAMESPACE.bytes)  # copied per id: the namespa
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
+# A UUID as text, any case (a key's id, a run's id).
+UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+
+
 def stable_id(*parts: str) -> str:
     """uuid5 of a natural key: the same source always gets the same row id.
 

@@ -26,6 +26,7 @@ from migrator.core.mapping import Mapping, Pattern, Priority
 from migrator.core.partition import KeyRange, plan_ranges, scan_range
 from migrator.core.redact import EMAIL, IPV4, IPV6, printable, redact_text
 from migrator.core.source import node_client
+from migrator.core.values import UUID as UUID_TEXT
 from migrator.views import tables
 
 AUDIT_PREFIX = "redis_audit_report_"
@@ -51,7 +52,7 @@ MAX_EXAMPLES = 3
 ID_SEGMENT = re.compile(r"[^:]*\d[^:]*|[\w-]{16,}")
 # Ids anywhere in a key, the first segment too (Celery's `celery-task-meta-<uuid>`), and a cluster
 # hash tag holding one (`{user1}:cart`): generalised wherever they are.
-UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+UUID = re.compile(UUID_TEXT)
 HASH_TAG = re.compile(r"\{[^{}]*\d[^{}]*\}")
 
 # The migration guide's stop condition on the source's size (a mapping's audit tallies add their own).

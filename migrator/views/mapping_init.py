@@ -22,6 +22,7 @@ from migrator.views.audit import UUID, audit_keyspace
 from migrator.core.mapping import REDISJSON, Mapping
 from migrator.core.mapping_file import ENGINE_TABLE, RESERVED_COLUMNS, load_file, parse_key
 from migrator.core.redact import EMAIL, IPV4, IPV6, redact_text
+from migrator.core.source import reply_text
 from migrator.core.schema import engine_sql
 
 # The file's `type` for what TYPE answers.
@@ -120,7 +121,7 @@ def _guess(client: redis.Redis, shape: dict[str, Any], names: set[str], engine: 
         g.skip = f"its keys hold {redis_type}, which no mapping file reads"
         return g
     # (the audit shows control characters and bytes that are not UTF-8 escaped: such a name reads nothing back)
-    keys = [k for k in (e.encode() for e in shape["examples"]) if _type_name(client.type(k)) == redis_type]
+    keys = [k for k in (e.encode() for e in shape["examples"]) if reply_text(client.type(k)) == redis_type]
     if keys:
         _columns_of(client, g, redis_type, keys)
     else:
@@ -160,10 +161,6 @@ def _grammar(shape: str, examples: list[str]) -> tuple[str, list[str]]:
     return grammar, fields
 
 
-def _type_name(answer: Any) -> str:
-    return answer.decode() if isinstance(answer, bytes) else str(answer)
-
-
 def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes]) -> None:
     """The columns the example keys suggest (a hash's fields and a document's keys of them all; the
     rest from the first), and their rows (one per key, or per member)."""
@@ -174,9 +171,10 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
         _document_columns(g, _loads(client.execute_command("JSON.GET", key)))
     elif redis_type == "hash":
         fields: dict[bytes, bytes] = {}
-        for k in keys:
-            fields.update({} if client.hlen(k) > WIDE_HASH else client.hgetall(k))
-        fields = {} if len(fields) > WIDE_HASH or client.hlen(key) > WIDE_HASH else fields
+        if all(client.hlen(k) <= WIDE_HASH for k in keys):
+            for k in keys:
+                fields.update(client.hgetall(k))
+        fields = fields if len(fields) <= WIDE_HASH else {}
         names = [name.decode("utf-8", "replace") for name in fields]
         if not fields or any(_data_like(name) for name in names):
             # (many fields, or fields named by data, such as ids or emails: a collection, a row per field)

@@ -20,6 +20,7 @@ from migrator.core.hooks import Hooks
 from migrator.core.mapping import BadRecord, Figure, KeyTemplate, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
 from migrator.core.merge import TableRule
 from migrator.core.values import (
+    UUID,
     parse_bool,
     parse_date,
     parse_dt,
@@ -565,7 +566,6 @@ def login_failure(rec: SourceRecord) -> list[Row]:
 
 EPHEMERAL = "ephemeral: rebuilt by the app within its TTL"
 CROSS_CHECK = "cross-check only: an index of keys migrated under another pattern"
-UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 # No transform here reads SourceRecord.expires_at (a row's expiry is provenance, which the engine
 # keeps itself): a validation asks no key's PTTL.
