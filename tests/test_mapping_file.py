@@ -664,6 +664,52 @@ def test_binary_values_go_to_bytea_columns_and_a_binary_field_no_column_takes_fa
     assert (told["changed_since_run"], told["different"]) == (1, 0), told  # the bytes compared, as the app moved them
 
 
+LEDGER = """
+[mapping]
+name = "ledger"
+
+[[pattern]]
+name = "entry"
+key = "l:entry:{entry}"
+type = "string"
+format = "json"
+table = "entries"
+columns = { entry = "key.entry", amount = "json.amount", units = "json.units", whole = "value" }
+
+[tables.entries]
+key = ["entry"]
+columns = { entry = "text", amount = "numeric", units = "bigint", whole = "jsonb" }
+"""
+# What Python's json.dumps writes of an integer past 64 bits (a uuid's int, a big balance), read
+# back whole by the app's json.loads; orjson read it as a double (1.2345678901234568e+28)
+HUGE = 12345678901234567890123456781
+
+
+def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(settings, r, target, tmp_path):
+    path = tmp_path / "ledger.toml"
+    path.write_text(LEDGER)
+    mapping = load_file(path)
+    here = prepared(settings, target, mapping)
+    r.set("l:entry:a", json.dumps({"amount": HUGE, "units": 3, "nested": [{"n": -HUGE}]}))
+    r.set("l:entry:b", json.dumps({"amount": 1, "units": HUGE}))  # bigint cannot hold it: a dead letter
+    report = migrate(here, mapping=mapping)
+    assert (by_pattern(report)["entry"]["migrated"], by_pattern(report)["entry"]["dead"]) == (1, 1), report
+    [(amount, nested, whole)] = rows(here, "SELECT amount::text, whole #>> '{nested,0,n}', whole->>'amount' FROM entries")
+    assert (amount, nested, whole) == (str(HUGE), str(-HUGE), str(HUGE))
+    [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
+    assert "out of range" in error, error
+    assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
+    assert migrate(here, mapping=mapping)["figures"]["rows_written"] == 0  # read the same way again: nothing to write
+    conn = here.postgres()
+    try:
+        with conn, conn.cursor() as cur:  # what reading it as a double made of it
+            cur.execute("UPDATE entries SET whole = jsonb_set(whole, '{amount}', to_jsonb(%s::float8))", (float(HUGE),))
+    finally:
+        conn.close()
+    told = verify(here, report["run_id"], mapping=mapping)
+    assert (told["verdict"], told["different"]) == ("differences", 1), told
+
+
 @pytest.fixture
 def documents(tmp_path):
     path = tmp_path / "documents.toml"

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
+from migrator.core import jsoncodec
 from migrator.core.hooks import Hooks
 from migrator.core.mapping import (REDISJSON, UNMAPPED, BadRecord, KeyTemplate, Mapping, Pattern, Priority, Row, SourceRecord,
                                    Transform)
@@ -178,8 +179,8 @@ def _document(item: dict[str, Any]) -> Any:
         return item["value"]
     if "document" not in item:
         try:
-            item["document"] = orjson.loads(item["text"])
-        except orjson.JSONDecodeError as exc:
+            item["document"] = jsoncodec.loads(item["text"])
+        except jsoncodec.JSONDecodeError as exc:
             raise BadRecord(f"not JSON ({exc})") from None
     return item["document"]
 
@@ -202,7 +203,7 @@ def _identity_text(value: Any) -> str:
         return value.isoformat()
     if isinstance(value, str):
         return value
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return jsoncodec.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # --- what each column type takes (docs/mapping-file.md, "Types") ---------------------------------
@@ -220,7 +221,7 @@ def _as_text(value: Any, tz: tzinfo) -> str | None:
         return value
     if isinstance(value, (datetime, date)):
         return value.isoformat()
-    return orjson.dumps(value).decode()
+    return jsoncodec.dumps(value).decode()
 
 
 def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
@@ -313,8 +314,8 @@ def _jsonb_from_text(value: Any, tz: tzinfo) -> Any:
     if value is None or value == "":
         return None
     try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
+        return jsoncodec.loads(value)
+    except jsoncodec.JSONDecodeError as exc:
         raise BadRecord(f"text that is not JSON ({exc})") from None
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import orjson
 import redis
 
+from migrator.core import jsoncodec
 from migrator.core.mapping import Mapping, Reference
 from migrator.core.source import roundtrip
 
@@ -101,8 +101,8 @@ def _members(raw: Any) -> frozenset[str] | None:
     if raw is None or isinstance(raw, Exception):
         return None
     try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        parsed = jsoncodec.loads(raw)
+    except jsoncodec.JSONDecodeError:
         parsed = None
     if isinstance(parsed, list):
         return frozenset(str(m) for m in parsed)

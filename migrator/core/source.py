@@ -12,6 +12,7 @@ import hiredis
 import orjson
 import redis
 
+from migrator.core import jsoncodec
 from migrator.core.mapping import COLLECTION_TYPES, REDISJSON, BadRecord, Pattern
 
 # The command reading a whole value, for each Redis type (its arguments after the key).
@@ -351,8 +352,8 @@ def decode(raw: Any, value_format: str) -> Any:
     """Turn a read reply into what the pattern's transform expects, or raise BadRecord."""
     if value_format == "json":
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+            return jsoncodec.loads(raw)
+        except jsoncodec.JSONDecodeError as exc:
             utf8(raw, "value")  # a clearer reason when the bytes are not text at all
             raise BadRecord(f"value is not valid JSON: {exc}") from None
     if value_format == "int":

@@ -25,7 +25,7 @@ import redis
 import structlog
 from psycopg2 import sql
 
-from migrator.core import lease, ledger, runstate, seal, spool
+from migrator.core import jsoncodec, lease, ledger, runstate, seal, spool
 from migrator.core import throttle
 from migrator.core.ledger import VerifySpec
 from migrator.core.mapping import SHAPE_ERRORS, UNMAPPED, Mapping, Pattern, Priority, SourceRecord
@@ -292,7 +292,7 @@ class RangeVerifier:
                     [*row.values.values(), exp.text, exp.digest])
         order = list(groups)
         statements = [self._statement(*group) for group in order]
-        documents = [orjson.dumps(groups[g]) for g in order]
+        documents = [jsoncodec.dumps(groups[g]) for g in order]
         del groups  # (a large value's rows: held once, as its document)
         attributed, problems, state, message = call_with_documents(self.cur, "migrator_compare", statements, documents)
         del documents
@@ -834,7 +834,7 @@ def mask_value(value: Any) -> Any:
     and tokens included)."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    text = orjson.dumps(value, default=str).decode() if isinstance(value, (dict, list, tuple)) else str(value)
+    text = jsoncodec.dumps(value, default=str).decode() if isinstance(value, (dict, list, tuple)) else str(value)
     text = redact_text(text)
     return text if len(text) <= 16 else f"{text[:6]}…({len(text)} chars)"
 

@@ -18,13 +18,13 @@ import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import chain, repeat
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 import psycopg2
 import psycopg2.errors
 
-from migrator.core import ledger
+from migrator.core import jsoncodec, ledger
 from migrator.core import metrics
 from migrator.core import schema
 from migrator.core.mapping import Mapping, Pattern, Row
@@ -216,14 +216,28 @@ class Writer:
 
     def _grouped(self, records: list[Prepared]) -> list[tuple[str, Form, int, list[bytes]]]:
         """(table, form, round, its rows' JSON arrays in id order) of each upsert, in the order they run."""
+        forms = self._forms
+        try:
+            rounds = self._rounds(records, orjson.dumps)
+        except orjson.JSONEncodeError:  # an integer past 64 bits (jsoncodec): the sub-batch again, the slow way
+            rounds = self._rounds(records, jsoncodec.dumps)
+        made = []
+        for n, batch in enumerate(rounds):
+            # A fixed table order and id order keeps concurrent workers from deadlocking.
+            for group, rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
+                made.append((group[0], forms[group], n, [rows[k] for k in sorted(rows)]))
+        return made
+
+    def _rounds(self, records: list[Prepared], dumps: Callable[[Any], bytes]) -> list[dict[tuple[str, tuple[str, ...]], dict[Any, bytes]]]:
+        """Each row's JSON array, by round (an id at most once in each), (table, columns) and id."""
         rounds: list[dict[tuple[str, tuple[str, ...]], dict[Any, bytes]]] = []
         forms = self._forms
         fenced = self.fenced
-        run = orjson.dumps(self.run_id)
+        run = dumps(self.run_id)
         for rec in records:
             ident = (rec.key_text, orjson.Fragment(rec.pattern.provenance), rec.digest)
             # the rest of each of its rows' lines: its run, its expiry (the same for every row of it)
-            rest = b"," + run + b"," + orjson.dumps(rec.expires_at) + b","
+            rest = b"," + run + b"," + dumps(rec.expires_at) + b","
             if fenced:
                 rec.seals = []
             for row in rec.rows:
@@ -233,10 +247,10 @@ class Writer:
                 group, row_id = (row.table, tuple(values)), values["id"]
                 form = forms.get(group) or self._form(group)
                 if form.linked:
-                    sealed = orjson.dumps([*map(values.__getitem__, form.unlinked), *ident])
-                    tail = b"," + orjson.dumps([values[c] for c in form.linked])[1:-1] + rest
+                    sealed = dumps([*map(values.__getitem__, form.unlinked), *ident])
+                    tail = b"," + dumps([values[c] for c in form.linked])[1:-1] + rest
                 else:
-                    sealed = orjson.dumps([*values.values(), *ident])
+                    sealed = dumps([*values.values(), *ident])
                     tail = rest
                 if fenced:
                     seal = row_seal(form.started, sealed)
@@ -255,12 +269,7 @@ class Writer:
                         break
                 else:
                     rounds.append({group: {row_id: line}})
-        made = []
-        for n, batch in enumerate(rounds):
-            # A fixed table order and id order keeps concurrent workers from deadlocking.
-            for group, rows in sorted(batch.items(), key=lambda g: (self._table_order[g[0][0]], g[0][1])):
-                made.append((group[0], forms[group], n, [rows[k] for k in sorted(rows)]))
-        return made
+        return rounds
 
     def _form(self, group: tuple[str, tuple[str, ...]]) -> "Form":
         table, columns = group

@@ -19,6 +19,7 @@ import orjson
 import redis
 
 from migrator.views.audit import UUID, audit_keyspace
+from migrator.core import jsoncodec
 from migrator.core.mapping import REDISJSON, Mapping
 from migrator.core.mapping_file import ENGINE_TABLE, RESERVED_COLUMNS, load_file, parse_key
 from migrator.core.redact import EMAIL, IPV4, IPV6, redact_text
@@ -269,8 +270,8 @@ def _document_columns(g: Guess, document: Any) -> None:
 
 def _loads(raw: Any) -> Any:
     try:
-        return orjson.loads(raw) if raw is not None else None
-    except orjson.JSONDecodeError:
+        return jsoncodec.loads(raw) if raw is not None else None
+    except jsoncodec.JSONDecodeError:
         return None
 
 
@@ -278,8 +279,8 @@ def _type_of(value: Any) -> str:
     """The column type for a JSON value."""
     if isinstance(value, bool):
         return "boolean"
-    if isinstance(value, int):
-        return "bigint"
+    if isinstance(value, int):  # (an integer past bigint's range, read whole: numeric keeps it)
+        return "bigint" if -2**63 <= value < 2**63 else "numeric"
     if isinstance(value, float):
         return "double precision"
     if isinstance(value, (dict, list)):

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import orjson
-
+from migrator.core import jsoncodec
 from migrator.core.mapping import BadRecord, Mapping, Pattern, Priority
 from migrator.core.values import parse_dt
 
@@ -59,7 +58,7 @@ class PremiumTally:
 
     def add(self, pattern: Pattern, raw: bytes | str, now: datetime) -> None:
         try:
-            value = orjson.loads(raw)
+            value = jsoncodec.loads(raw)
             if not isinstance(value, dict):
                 raise BadRecord("not a JSON object")
             if GRANT_EXPIRY in value:

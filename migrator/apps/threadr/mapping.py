@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from migrator.core import jsoncodec
 from migrator.core.hooks import Hooks
 from migrator.core.mapping import BadRecord, Figure, KeyTemplate, Link, Mapping, Pattern, Priority, Reference, References, Row, SourceRecord
 from migrator.core.merge import TableRule
@@ -99,7 +100,7 @@ def _premium_grant(rec: SourceRecord, *, by_ip: bool, ip: str | None = None, ema
     # payment_reference is free text the app reuses (webhook retries, admin grants): it names no
     # one purchase. The grant's whole value does: the ip and email keys of a purchase hold the
     # same bytes, and two grants differ at least in their granted_at.
-    natural = orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+    natural = jsoncodec.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
     # Each key says one lookup of its grant: the other key of the purchase may since name a later
     # grant (the app overwrites ip:None, ip:0.0.0.0 and an admin's address with every grant), so
     # the other lookup is left to that key: neither written nor checked for this one.
@@ -471,8 +472,8 @@ def analytics_timeseries(rec: SourceRecord) -> list[Row]:
     points = []
     for member, score in rec.value:
         try:
-            point = require_object(orjson.loads(member), "time series member")
-        except orjson.JSONDecodeError as exc:
+            point = require_object(jsoncodec.loads(member), "time series member")
+        except jsoncodec.JSONDecodeError as exc:
             raise BadRecord(f"time series member is not JSON: {exc}") from None
         if point.get("timestamp") is None or point.get("value") is None:
             raise refused("TimeSeriesDataPoint model", "timestamp and value are required")
