@@ -47,3 +47,12 @@ def test_an_integer_past_64_bits_is_read_and_written_as_the_app_wrote_it(number)
     assert jsoncodec.dumps((number, {1}), default=sorted) == b"[%d,[1]]" % number
     with pytest.raises(orjson.JSONEncodeError):  # what it cannot write either way, it still refuses
         jsoncodec.dumps([number, object()])
+
+
+@pytest.mark.parametrize("raw, constant", [(b'{"score": NaN}', "NaN"), (b"[1, -Infinity, Infinity]", "-Infinity")])
+def test_nan_and_the_infinities_python_writes_are_named_in_the_reason(raw, constant):
+    with pytest.raises(BadRecord, match=f"value is not valid JSON: .*it holds {constant}: Python's json.dumps writes"):
+        decode(raw, "json")
+    with pytest.raises(BadRecord) as plain:  # (not JSON at all: no such words)
+        decode(b'{"score": Nan}', "json")
+    assert "it holds" not in str(plain.value)

@@ -9,6 +9,7 @@ writes it as its digits, which PostgreSQL's jsonb and numeric keep whole.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import msgspec
@@ -28,9 +29,21 @@ def loads(raw: bytes | str) -> Any:
     try:
         return _decode(raw)
     except msgspec.DecodeError as exc:
-        raise JSONDecodeError(str(exc)) from None
+        constant = _constant(raw)
+        raise JSONDecodeError(f"{exc}" + (f" (it holds {constant}: Python's json.dumps writes NaN and the infinities,"
+                                         " which JSON and PostgreSQL's jsonb have no number for)" if constant else "")) from None
     except RecursionError:  # (orjson stops at a depth of 1,024 with an error of its own)
         raise JSONDecodeError("nested deeper than Python's recursion limit") from None
+
+
+def _constant(raw: bytes | str) -> str | None:
+    """The first NaN, Infinity or -Infinity of a document that Python's json reads only for them."""
+    found: list[str] = []
+    try:
+        json.loads(raw, parse_constant=lambda name: found.append(name))
+    except (ValueError, RecursionError):
+        return None
+    return found[0] if found else None
 
 
 def dumps(value: Any, option: int | None = None, default: Callable[[Any], Any] | None = None) -> bytes:
