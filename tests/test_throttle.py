@@ -8,7 +8,7 @@ import sys
 import pytest
 import redis
 
-from helpers import migrate
+from helpers import cli, migrate
 from migrator.core.config import state_db
 from migrator.apps.threadr.demo import seed_demo
 from migrator.core.options import RunOptions
@@ -81,3 +81,42 @@ def test_keys_taken_from_the_spool_take_no_token_their_reads_do(settings, r, pg,
     state.delete(f"migrator:throttle:{report['run_id']}")
     state.close()
     assert keys < sum(taken) <= 3 * keys
+
+
+def test_verify_takes_a_cap_of_its_own_or_none_and_leaves_the_run_s_bucket_alone(settings, r, pg):
+    """`migrator verify --max-keys-per-sec N`: a verification's own cap and bucket, in place of the
+    run's (0: none); without the flag it takes from the run's bucket, as it always did."""
+    seed_demo(r, 60)
+    keys = r.dbsize()
+    report = migrate(settings, max_keys_per_sec=10_000_000)  # (a cap that never waits)
+    run = report["run_id"]
+    state = _state(r)
+    own = f"migrator:throttle:{run}"
+
+    def verify(*flags: str) -> tuple[dict, str]:
+        before = state.hget(own, "ts")
+        done = cli(settings, "verify", run, "--local", "--jobs", "1", "--json", *flags)
+        assert done.returncode == 0, done.stderr
+        with pg.cursor() as cur:
+            cur.execute("SELECT max(id) FROM migration_verifications WHERE run_id = %s", (run,))
+            (verification,) = cur.fetchone()
+        pg.rollback()
+        return f"{own}:verification:{verification}", ("touched" if state.hget(own, "ts") != before else "untouched")
+
+    try:
+        capped, run_bucket = verify("--max-keys-per-sec", "500")
+        # its SCAN and its reads took about two tokens a key from a bucket of its own, past the first
+        # second's 500: it slept, and its bucket ended short; the run's was not touched
+        assert keys * 2 > 2 * 500 and float(state.hget(capped, "tokens")) < 500 and run_bucket == "untouched"
+        uncapped, run_bucket = verify("--max-keys-per-sec", "0")
+        assert not state.exists(uncapped) and run_bucket == "untouched"
+        default, run_bucket = verify()
+        assert not state.exists(default) and run_bucket == "touched"
+        with pg.cursor() as cur:
+            cur.execute("SELECT max_keys_per_sec FROM migration_verifications WHERE run_id = %s AND NOT sealed ORDER BY id",
+                        (run,))
+            assert [cap for (cap,) in cur.fetchall()][-3:] == [500, 0, None]
+        pg.rollback()
+    finally:
+        state.delete(own, *state.keys(f"{own}:*"))
+        state.close()

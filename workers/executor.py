@@ -58,10 +58,11 @@ class CeleryExecutor(Executor):
         finally:
             conn.close()
 
-    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority]) -> dict[str, Any]:
+    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority],
+               max_keys_per_sec: int | None = None) -> dict[str, Any]:
         client, conn = self.settings.redis(), self.settings.postgres()
         try:
-            verification = plan_verification(client, conn, run_id, priorities)
+            verification = plan_verification(client, conn, run_id, priorities, max_keys_per_sec=max_keys_per_sec)
             coordinator.verify_on_workers(conn, verification, run_id, priorities[0].label)
             while True:  # the workers report to the ledger, never to this process
                 with conn, conn.cursor() as cur:

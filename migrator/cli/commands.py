@@ -312,19 +312,21 @@ def cmd_report(settings: Settings, run_id: str, spec: str | None = None, *, as_j
 
 
 def _verification(settings: Settings, client: Any, conn: Any, mapping: Mapping, run_id: str,
-                  priorities: list[Priority], local: bool, jobs: int, err: TextIO) -> dict[str, Any]:
+                  priorities: list[Priority], local: bool, jobs: int, err: TextIO,
+                  max_keys_per_sec: int | None = None) -> dict[str, Any]:
     """Verify a run's `priorities`: here with --local, else on the workers when one answers, and
     here otherwise (saying why); the verification's result. A role that may not write the ledger
-    verifies here, in memory, and nothing is recorded."""
+    verifies here, in memory, and nothing is recorded. `max_keys_per_sec`: its cap on Redis in
+    place of the run's (0: none)."""
     with conn, conn.cursor() as cur:
         reader = ledger.verification_reader(cur)
     if reader is not None:
         err.write(f"migrator: not recorded: role {reader} cannot write the ledger (verifying here, in memory)\n")
-        return verify_in_memory(client, conn, mapping, run_id, priorities)
+        return verify_in_memory(client, conn, mapping, run_id, priorities, max_keys_per_sec)
     verifier = _verifier(settings, local, jobs, err)
     # its progress on `err` while it runs (here or on the workers: both write it to the ledger)
     with progress_mod.watching(settings.postgres, progress_mod.verify_drawing(conn, run_id), err):
-        return verifier.verify(mapping, run_id, priorities)
+        return verifier.verify(mapping, run_id, priorities, max_keys_per_sec)
 
 
 def _verifier(settings: Settings, local: bool, jobs: int, err: TextIO) -> executor.Executor:
@@ -369,14 +371,14 @@ def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple
 
 def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, local: bool = False,
                jobs: int = 2, show_diffs: int = 0, as_json: bool = False, output_dir: Path = Path("."),
-               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+               max_keys_per_sec: int | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
     client, conn = settings.redis(), _ledger(settings)
     try:
         run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
         _log_on_a_terminal(output_dir / f"verification_{run_id}.log", err)
         mapping = _mapping_of(conn, run_id, spec)
-        result = _verification(settings, client, conn, mapping, run_id, chosen, local, jobs, err)
+        result = _verification(settings, client, conn, mapping, run_id, chosen, local, jobs, err, max_keys_per_sec)
         for p in result.get("patterns", []):
             # up to `show_diffs` rows of each kind (missing, different, extra, changed), explained
             shown = [e for kind in ("missing", "different", "extra", "changed")
@@ -393,8 +395,8 @@ def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorit
 
 
 def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *,
-                 local: bool = False, jobs: int = 2, as_json: bool = False, out: TextIO = sys.stdout,
-                 err: TextIO = sys.stderr) -> int:
+                 local: bool = False, jobs: int = 2, as_json: bool = False, max_keys_per_sec: int | None = None,
+                 out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Validate a run (the latest one when `run_id` is None) again, now: the checks it got as it
     ran, over a new verification."""
     client, conn = settings.redis(), _ledger(settings)
@@ -403,7 +405,7 @@ def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, prior
         mapping = _mapping_of(conn, run_id, spec)
         result = validate_run(conn, mapping, run_id, chosen,
                               lambda chosen: _verification(settings, client, conn, mapping, run_id, chosen, local, jobs,
-                                                           err))
+                                                           err, max_keys_per_sec))
     finally:
         conn.close()
         client.close()

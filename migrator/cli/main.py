@@ -56,6 +56,12 @@ def _jobs(text: str) -> int:
     return int(text)
 
 
+def _not_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of keys per second; give 0 or more, e.g. 5000")
+    return int(text)
+
+
 def _jobs_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", "-j", type=_jobs, default=2, metavar="N",
                    help="with --local: batches run at once, each in one of N processes with its own PostgreSQL "
@@ -84,6 +90,11 @@ def _where_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local", action="store_true",
                    help="verify here (see --jobs); default: on the Celery workers when one answers, else here")
     _jobs_flag(p)
+    p.add_argument("--max-keys-per-sec", type=_not_negative, metavar="N",
+                   help="cap the keys per second this verification scans or reads in Redis, all workers together "
+                        "(a large collection's members count as keys), with a token bucket of its own: slower at "
+                        "the app's peak, faster at night; 0: no cap (default: the run's --max-keys-per-sec, and "
+                        "the run's bucket)")
 
 
 def _mapping_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -328,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(orphans within budget). The same checks the run itself made: they agree. A role "
                                    "that may not write the ledger (migrator_report) validates without recording.")
     p.set_defaults(handler=lambda a, s: commands.cmd_validate(s, a.run_id, a.mapping, a.priority, as_json=a.json,
-                                                              local=a.local, jobs=a.jobs))
+                                                              local=a.local, jobs=a.jobs,
+                                                              max_keys_per_sec=a.max_keys_per_sec))
     _connection_flags(p)
     p.add_argument("run_id", nargs="?", help="default: the latest run")
     p.add_argument("--priority", choices=[x.label for x in Priority], action="append", default=[])
@@ -340,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=VERIFY_DESCRIPTION)
     p.set_defaults(handler=lambda a, s: commands.cmd_verify(s, a.run_id, a.mapping, a.priority, as_json=a.json,
                                                             local=a.local, jobs=a.jobs, show_diffs=a.show_diffs,
-                                                            output_dir=a.output_dir))
+                                                            output_dir=a.output_dir, max_keys_per_sec=a.max_keys_per_sec))
     _connection_flags(p)
     p.add_argument("--output-dir", type=_output_dir, default=Path("."),
                    help="on a terminal: where verification_<run>.log (its log lines) goes")

@@ -11,6 +11,7 @@ import os
 import re
 import struct
 import uuid
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -712,15 +713,16 @@ class VerifySpec:
     options: RunOptions
     run_started: str  # ISO time the run began: documents written after it changed since the run
     from_spool: bool = False  # the range's keys are read from the run's spool, when it holds them (else SCANned)
+    bucket: str = ""  # the token bucket its reads take from (throttle.Throttle): the run's, or its own cap's
 
 
 def create_verification(cur: Any, run_id: str, priorities: list[str], compare: bool, ranges: list[KeyRange],
                         redis_run_id: str | None, from_spool: bool = False, sealed: bool = False,
-                        reason: dict[str, Any] | None = None) -> int:
-    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id, from_spool, sealed, reason)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                        reason: dict[str, Any] | None = None, max_keys_per_sec: int | None = None) -> int:
+    cur.execute("INSERT INTO migration_verifications (run_id, priorities, compare, redis_run_id, from_spool, sealed, reason,"
+                " max_keys_per_sec) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
                 (run_id, priorities, compare, redis_run_id, from_spool, sealed,
-                 None if reason is None else orjson.dumps(reason).decode()))
+                 None if reason is None else orjson.dumps(reason).decode(), max_keys_per_sec))
     verification_id = cur.fetchone()[0]
     execute_values(
         cur,
@@ -753,7 +755,7 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
         " started_at = clock_timestamp(), error = NULL, keys_walked = 0 FROM migration_verifications f, migration_runs r"
         " WHERE v.id = %s AND f.id = v.verification_id AND r.id = f.run_id AND v.status <> 'done'"
         " RETURNING v.verification_id, f.run_id, f.priorities, f.compare, v.range_index, v.range_count, v.range_start,"
-        " v.range_end, v.node, r.options, r.started_at, f.from_spool",
+        " v.range_end, v.node, r.options, r.started_at, f.from_spool, f.max_keys_per_sec",
         (range_id,),
     )
     row = cur.fetchone()
@@ -762,10 +764,18 @@ def start_verify_range(cur: Any, range_id: int) -> VerifySpec | None:
         if cur.fetchone() is None:
             raise LookupError(f"verification range {range_id} is not in the ledger; is DATABASE_URL the run's database?")
         return None
-    verification_id, run_id, priorities, compare, index, count, start, end, node, options, started, from_spool = row
+    verification_id, run_id, priorities, compare, index, count, start, end, node, options, started, from_spool, cap = row
+    opts, bucket = capped(RunOptions.from_json(options), str(run_id), verification_id, cap)
     return VerifySpec(range_id, verification_id, str(run_id), tuple(priorities), compare,
-                      KeyRange(index, count, int(start), int(end), node), RunOptions.from_json(options),
-                      started.isoformat(), from_spool)
+                      KeyRange(index, count, int(start), int(end), node), opts, started.isoformat(), from_spool, bucket)
+
+
+def capped(opts: RunOptions, run_id: str, verification_id: int | None, cap: int | None) -> tuple[RunOptions, str]:
+    """A verification's options and token bucket: the run's, or with its own cap (0: none) and a
+    bucket of its own, so that the run's rate, should it still read, is not shared with another."""
+    if cap is None:
+        return opts, run_id
+    return dataclasses.replace(opts, max_keys_per_sec=cap or None), f"{run_id}:verification:{verification_id}"
 
 
 def finish_verify_range(cur: Any, range_id: int, counts: dict[str, dict[str, int]], attributed: dict[str, int],

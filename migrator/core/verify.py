@@ -357,14 +357,16 @@ def _planned(client: redis.Redis, conn: Any, run_id: str) -> tuple[dict[str, Any
 
 
 def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: list[Priority],
-                      from_spool: bool = False, sealed: bool = False, reason: dict[str, Any] | None = None) -> int:
+                      from_spool: bool = False, sealed: bool = False, reason: dict[str, Any] | None = None,
+                      max_keys_per_sec: int | None = None) -> int:
     """Record a verification of the run's `priorities` and its cursor ranges; its id. A dry run
     kept no rows: its verification only counts the source keys. `from_spool` (the in-run
     validation of one priority): over the ranges of the priority's batches, each reading the keys
     its range's spool holds, if any (migrator/core/spool.py), rather than SCANning. `sealed` (the
     in-run validation of one priority, by default): it counts the source keys too, reading no value,
     and checks the seals of the priority's rows (migrator/core/seal.py) rather than comparing them.
-    `reason`: why it runs, kept with it (the seal check that did not hold, for its full re-read)."""
+    `reason`: why it runs, kept with it (the seal check that did not hold, for its full re-read).
+    `max_keys_per_sec`: its own cap on Redis (0: none), in place of the run's."""
     run, key_ranges = _planned(client, conn, run_id)
     with conn, conn.cursor() as cur:
         if from_spool:
@@ -372,7 +374,7 @@ def plan_verification(client: redis.Redis, conn: Any, run_id: str, priorities: l
             key_ranges = ledger.batch_ranges(cur, run_id, priority.label) or key_ranges
         verification_id = ledger.create_verification(cur, run_id, [p.label for p in priorities],
                                                       not run["dry_run"] and not sealed, key_ranges,
-                                                      server_process(client), from_spool, sealed, reason)
+                                                      server_process(client), from_spool, sealed, reason, max_keys_per_sec)
     log.info("verification_planned", run=run_id, verification=verification_id, ranges=len(key_ranges),
              priorities=[p.label for p in priorities], from_spool=from_spool, sealed=sealed, after_seal=reason is not None)
     return verification_id
@@ -408,7 +410,7 @@ def check_range(client: redis.Redis, conn: Any, mapping: Mapping, spec: VerifySp
     opts = spec.options
     patterns, unmapped = scope_of(mapping, opts, map(Priority.parse, spec.priorities))
     node = node_client(client, spec.key_range.node) if spec.key_range.node else client
-    cap = throttle.for_run(client, spec.run_id, opts)
+    cap = throttle.for_run(client, spec.bucket or spec.run_id, opts)
     started = time.perf_counter()
     try:
         with conn.cursor() as cur:
@@ -579,7 +581,7 @@ def conclude(client: redis.Redis, conn: Any, mapping: Mapping, found: dict[str, 
 
 
 def verify_in_memory(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str,
-                     priorities: list[Priority]) -> dict[str, Any]:
+                     priorities: list[Priority], max_keys_per_sec: int | None = None) -> dict[str, Any]:
     """A verification planned, run and concluded here, one range at a time, and recorded nowhere
     (for a role that may not write the ledger): the ranges and rows of `plan_verification`, the
     checks of `verify_range` and `finish`, its plan kept in memory instead of the ledger."""
@@ -587,10 +589,11 @@ def verify_in_memory(client: redis.Redis, conn: Any, mapping: Mapping, run_id: s
     labels = tuple(p.label for p in priorities)
     found = {"id": None, "run_id": run_id, "priorities": labels, "compare": not run["dry_run"], "sealed": False,
              "reason": None, "options": run["options"], "redis_run_id": server_process(client)}
-    opts = RunOptions.from_json(run["options"])
+    opts, bucket = ledger.capped(RunOptions.from_json(run["options"]), run_id, None, max_keys_per_sec)
     ranges = []
     for n, key_range in enumerate(key_ranges):
-        spec = VerifySpec(n, None, run_id, labels, found["compare"], key_range, opts, run["started_at"].isoformat())
+        spec = VerifySpec(n, None, run_id, labels, found["compare"], key_range, opts, run["started_at"].isoformat(),
+                          bucket=bucket)
         try:
             tally = check_range(client, conn, mapping, spec)
             ranges.append({"id": n, "status": "done", "counts": tally.to_json(), "attributed": tally.attributed,

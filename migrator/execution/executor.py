@@ -68,8 +68,10 @@ class Executor(ABC):
         (`background`)."""
 
     @abstractmethod
-    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority]) -> dict[str, Any]:
-        """Verify a run's `priorities` (migrator/core/verify.py); the verification's result."""
+    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority],
+               max_keys_per_sec: int | None = None) -> dict[str, Any]:
+        """Verify a run's `priorities` (migrator/core/verify.py); the verification's result.
+        `max_keys_per_sec`: its own cap on Redis (0: none) in place of the run's."""
 
     @abstractmethod
     def revoke(self, task_ids: list[str]) -> int:
@@ -111,10 +113,12 @@ class LocalExecutor(Executor):
         finally:
             client.close()
 
-    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority]) -> dict[str, Any]:
+    def verify(self, mapping: Mapping, run_id: str, priorities: list[Priority],
+               max_keys_per_sec: int | None = None) -> dict[str, Any]:
         client = self.settings.redis()
         try:
-            return verify_local(client, self.settings.postgres, mapping, run_id, priorities, jobs=self.jobs)
+            return verify_local(client, self.settings.postgres, mapping, run_id, priorities, jobs=self.jobs,
+                                max_keys_per_sec=max_keys_per_sec)
         finally:
             client.close()
 

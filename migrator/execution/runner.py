@@ -148,12 +148,13 @@ def execute_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapp
 
 
 def verify_local(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str,
-                 priorities: list[Priority], jobs: int = 1) -> dict[str, Any]:
-    """Verify a run's `priorities` here, `jobs` ranges at once; the verification's result."""
+                 priorities: list[Priority], jobs: int = 1, max_keys_per_sec: int | None = None) -> dict[str, Any]:
+    """Verify a run's `priorities` here, `jobs` ranges at once; the verification's result
+    (`max_keys_per_sec`: its own cap on Redis, 0 none; default the run's)."""
     conn = connect()
     lanes: Lanes | None = None
     try:
-        verification_id = verify.plan_verification(client, conn, run_id, priorities)
+        verification_id = verify.plan_verification(client, conn, run_id, priorities, max_keys_per_sec=max_keys_per_sec)
         lanes = Lanes(client, connect, mapping, jobs) if jobs > 1 else None
         conn = _verify_all(lanes, client, conn, connect, mapping, verification_id)
         return verify.finish(client, conn, mapping, verification_id)
