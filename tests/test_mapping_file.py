@@ -708,6 +708,9 @@ def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(set
         conn.close()
     told = verify(here, report["run_id"], mapping=mapping)
     assert (told["verdict"], told["different"]) == ("differences", 1), told
+    # --init types such an integer numeric, which holds it, and one within 64 bits bigint
+    guess = _guess(r, {"shape": "l:entry:*", "keys": 1, "types": {"string": 1}, "examples": ["l:entry:a"]}, set(), set())
+    assert (guess.columns["amount"][1], guess.columns["units"][1]) == ("numeric", "bigint"), guess.columns
 
 
 @pytest.fixture
