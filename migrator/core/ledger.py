@@ -11,8 +11,7 @@ import os
 import re
 import struct
 import uuid
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
 import orjson
@@ -775,7 +774,7 @@ def capped(opts: RunOptions, run_id: str, verification_id: int | None, cap: int 
     bucket of its own, so that the run's rate, should it still read, is not shared with another."""
     if cap is None:
         return opts, run_id
-    return dataclasses.replace(opts, max_keys_per_sec=cap or None), f"{run_id}:verification:{verification_id}"
+    return replace(opts, max_keys_per_sec=cap or None), f"{run_id}:verification:{verification_id}"
 
 
 def finish_verify_range(cur: Any, range_id: int, counts: dict[str, dict[str, int]], attributed: dict[str, int],
