@@ -49,10 +49,23 @@ def test_an_integer_past_64_bits_is_read_and_written_as_the_app_wrote_it(number)
         jsoncodec.dumps([number, object()])
 
 
-@pytest.mark.parametrize("raw, constant", [(b'{"score": NaN}', "NaN"), (b"[1, -Infinity, Infinity]", "-Infinity")])
-def test_nan_and_the_infinities_python_writes_are_named_in_the_reason(raw, constant):
-    with pytest.raises(BadRecord, match=f"value is not valid JSON: .*it holds {constant}: Python's json.dumps writes"):
+@pytest.mark.parametrize("raw, words", [(b'{"score": NaN}', "it holds NaN: json.dumps in Python writes"),
+                                        (b"[1, -Infinity, Infinity]", "it holds -Infinity: json.dumps in Python writes"),
+                                        (json.dumps({"name": "\ud800"}).encode(), "it holds a lone UTF-16 surrogate")])
+def test_what_python_s_json_writes_and_json_refuses_is_named_in_the_reason(raw, words):
+    with pytest.raises(BadRecord, match=f"value is not valid JSON: .*{words}") as refused:
         decode(raw, "json")
+    assert "'" not in str(refused.value)  # (a reason's quoted parts are masked where it is shown)
     with pytest.raises(BadRecord) as plain:  # (not JSON at all: no such words)
         decode(b'{"score": Nan}', "json")
     assert "it holds" not in str(plain.value)
+
+
+def test_a_document_nested_deeper_than_the_writer_writes_is_refused_saying_so():
+    deep: object = 1
+    for _ in range(600):
+        deep = [deep]
+    value = jsoncodec.loads(json.dumps({"n": 2**70, "deep": deep}))  # read: PostgreSQL's jsonb would hold it
+    for each in (value, {"deep": deep}):
+        with pytest.raises(orjson.JSONEncodeError, match="nested deeper than 255 levels"):
+            jsoncodec.dumps(each)

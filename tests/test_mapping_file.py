@@ -692,12 +692,18 @@ def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(set
     here = prepared(settings, target, mapping)
     r.set("l:entry:a", json.dumps({"amount": HUGE, "units": 3, "nested": [{"n": -HUGE}]}))
     r.set("l:entry:b", json.dumps({"amount": 1, "units": HUGE}))  # bigint cannot hold it: a dead letter
+    deep: object = HUGE
+    for _ in range(600):
+        deep = [deep]
+    r.set("l:entry:c", json.dumps({"amount": 2, "units": 1, "deep": deep}))  # deeper than the writer writes
     report = migrate(here, mapping=mapping)
-    assert (by_pattern(report)["entry"]["migrated"], by_pattern(report)["entry"]["dead"]) == (1, 1), report
+    assert report["status"] == "completed", report
+    assert (by_pattern(report)["entry"]["migrated"], by_pattern(report)["entry"]["dead"]) == (1, 2), report
     [(amount, nested, whole)] = rows(here, "SELECT amount::text, whole #>> '{nested,0,n}', whole->>'amount' FROM entries")
     assert (amount, nested, whole) == (str(HUGE), str(-HUGE), str(HUGE))
-    [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
-    assert "out of range" in error, error
+    errors = dict(rows(here, "SELECT key_text, error FROM migration_dead_letters WHERE run_id = %s", report["run_id"]))
+    assert "out of range" in errors["l:entry:b"] and "nested deeper than 255 levels" in errors["l:entry:c"], errors
+    r.delete("l:entry:b", "l:entry:c")
     assert verify(here, report["run_id"], mapping=mapping)["verdict"] == "clean"
     assert migrate(here, mapping=mapping)["figures"]["rows_written"] == 0  # read the same way again: nothing to write
     conn = here.postgres()

@@ -29,29 +29,46 @@ def loads(raw: bytes | str) -> Any:
     try:
         return _decode(raw)
     except msgspec.DecodeError as exc:
-        constant = _constant(raw)
-        raise JSONDecodeError(f"{exc}" + (f" (it holds {constant}: Python's json.dumps writes NaN and the infinities,"
-                                         " which JSON and PostgreSQL's jsonb have no number for)" if constant else "")) from None
+        raise JSONDecodeError(f"{exc}{_lenient(raw)}") from None
     except RecursionError:  # (orjson stops at a depth of 1,024 with an error of its own)
-        raise JSONDecodeError("nested deeper than Python's recursion limit") from None
+        raise JSONDecodeError("nested deeper than the recursion limit of Python") from None
 
 
-def _constant(raw: bytes | str) -> str | None:
-    """The first NaN, Infinity or -Infinity of a document that Python's json reads only for them."""
+def _lenient(raw: bytes | str) -> str:
+    """Why a document JSON refuses is one Python's json module reads (and an app may have written
+    with it), if it is: its NaN or infinity, or a lone UTF-16 surrogate. (No apostrophes: a
+    reason's quoted parts are masked where it is shown.)"""
     found: list[str] = []
     try:
-        json.loads(raw, parse_constant=lambda name: found.append(name))
+        json.loads(raw, parse_constant=found.append)
     except (ValueError, RecursionError):
-        return None
-    return found[0] if found else None
+        return ""
+    if found:
+        return (f" (it holds {found[0]}: json.dumps in Python writes NaN and the infinities, for which JSON"
+                " and jsonb in PostgreSQL have no number)")
+    return (" (json.loads in Python reads it: it holds a lone UTF-16 surrogate, half of a pair, which no"
+            " UTF-8 text and no jsonb in PostgreSQL can hold)")
 
 
 def dumps(value: Any, option: int | None = None, default: Callable[[Any], Any] | None = None) -> bytes:
-    """orjson.dumps of `value`, integers beyond 64 bits included (as their digits)."""
+    """orjson.dumps of `value`, integers beyond 64 bits included (as their digits); TypeError
+    (orjson.JSONEncodeError) saying why for what it cannot write."""
     try:
         return orjson.dumps(value, default, option)
-    except orjson.JSONEncodeError:  # (anything else it refuses, it refuses again)
-        return orjson.dumps(_exact(value), default, option)
+    except orjson.JSONEncodeError as exc:
+        if "Recursion limit" in str(exc):
+            raise orjson.JSONEncodeError(DEEP) from None
+        if "64-bit" not in str(exc):
+            raise
+    try:
+        exact = _exact(value)
+    except RecursionError:  # (deeper than orjson writes anyway)
+        raise orjson.JSONEncodeError(DEEP) from None
+    return orjson.dumps(exact, default, option)
+
+
+# orjson writes no document nested deeper (PostgreSQL's jsonb would hold one): such a key is a dead letter saying so
+DEEP = "nested deeper than 255 levels, which orjson, the JSON encoder of the writer, does not write"
 
 
 def _exact(value: Any) -> Any:
