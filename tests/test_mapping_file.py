@@ -984,6 +984,21 @@ def test_mapping_init_keeps_what_its_examples_do_not_show(settings, r, target, t
     assert "no example could be read back as a hash" in none_of_it.notes[-1] and list(none_of_it.columns) == ["mix"]
 
 
+@pytest.mark.parametrize("order", [["w:1", "w:2", "w:3"], ["w:3", "w:2", "w:1"]], ids=["wide first", "wide last"])
+def test_mapping_init_types_a_column_by_all_its_examples_whichever_comes_first(r, order):
+    r.set("w:1", json.dumps({"a": 2**70, "f": 1.5, "s": "x", "mixed": "7", "when": "2024-05-01T10:00:00", "opt": None}))
+    r.set("w:2", json.dumps({"a": 1, "f": 2, "s": "y", "mixed": {"n": 7}, "when": "soon", "opt": None}))
+    r.set("w:3", json.dumps({"a": 2, "f": 3, "s": "z", "mixed": 7, "when": "2024-05-02T10:00:00", "opt": 1}))
+    for k, fields in (("h:1", {"n": "1", "t": "x", "d": "2024-05-01"}), ("h:2", {"n": "1.25", "t": "2", "d": "2024-05-02"})):
+        r.hset(k, mapping=fields)
+    documents = _guess(r, {"shape": "w:*", "keys": 3, "types": {"string": 3}, "examples": order}, set(), set())
+    assert {c: t for c, (_, t) in documents.columns.items()} == {  # (w: the key's field)
+        "w": "text", "a": "numeric", "f": "numeric", "s": "text", "mixed": "jsonb", "when": "text", "opt": "bigint", "document": "jsonb"}
+    hashes = _guess(r, {"shape": "h:*", "keys": 2, "types": {"hash": 2}, "examples": ["h:2", "h:1"]}, set(), set())
+    assert {c: t for c, (_, t) in hashes.columns.items()} == {"h": "text", "n": "numeric", "t": "text", "d": "date",
+                                                              "fields": "jsonb"}
+
+
 def test_a_value_a_column_refuses_is_told_without_its_digits(settings, r, target, kinds):
     here = prepared(settings, target, kinds)
     r.set("k:doc:1", '{"title": "T", "price": "078-05-1120"}')

@@ -169,26 +169,28 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
     if redis_type == "string":
         _string_columns(g, [client.getrange(k, 0, SAMPLE_BYTES - 1) for k in keys])
     elif redis_type == REDISJSON:
-        _document_columns(g, _loads(client.execute_command("JSON.GET", key)))
+        _document_columns(g, [_loads(client.execute_command("JSON.GET", key))])
     elif redis_type == "hash":
-        fields: dict[bytes, bytes] = {}
+        fields: dict[bytes, list[bytes]] = {}  # each field's values, in the examples that hold it
         if all(client.hlen(k) <= WIDE_HASH for k in keys):
             for k in keys:
-                fields.update(client.hgetall(k))
+                for name, value in client.hgetall(k).items():
+                    fields.setdefault(name, []).append(value)
         fields = fields if len(fields) <= WIDE_HASH else {}
         names = [name.decode("utf-8", "replace") for name in fields]
         if not fields or any(_data_like(name) for name in names):
             # (many fields, or fields named by data, such as ids or emails: a collection, a row per field)
             g.rows = "member"
-            _member_columns(g, {"field": ("field", "text"), "value": ("value", _type_of_raw(fields.values()))}, "field")
+            _member_columns(g, {"field": ("field", "text"), "value": ("value", _type_of_raw(sum(fields.values(), [])))},
+                            "field")
             return
         g.rows = "key"
-        for name, value in zip(names, fields.values()):
+        for name, values in zip(names, fields.values()):
             if not name or "\ufffd" in name:
                 g.notes.append(f"a field named {name!r} cannot be a field.<name>: left in no column")
                 continue
-            g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw([value]))
-        if _type_of_raw(fields.values()) != "bytea":  # every field, whole: what the columns above miss is kept
+            g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw(values))
+        if _type_of_raw(sum(fields.values(), [])) != "bytea":  # every field, whole: what the columns above miss is kept
             g.columns[_unique("fields", set(g.columns), set())] = ("value", "jsonb")
     elif redis_type == "list":
         _member_columns(g, {"position": ("index", "integer"), "value": ("value", "text")}, "position")
@@ -221,8 +223,18 @@ def _type_of_raw(values: Any) -> str:
         texts = [v.decode("utf-8") for v in values]
     except UnicodeDecodeError:
         return "bytea"
-    kinds = {_type_of_text(t) for t in texts}
-    return kinds.pop() if len(kinds) == 1 else "text"
+    return _widest({_type_of_text(t) for t in texts})
+
+
+def _widest(kinds: set[str], mixed: str = "text") -> str:
+    """One column type for example values of these types, whichever example a SCAN shows first: the
+    one type, numeric for numbers of more than one (it holds each exactly), else `mixed`."""
+    if len(kinds) <= 1:
+        return next(iter(kinds), "text")
+    return "numeric" if kinds <= NUMBERS else mixed
+
+
+NUMBERS = frozenset({"bigint", "numeric", "double precision"})
 
 
 def _member_columns(g: Guess, columns: dict[str, tuple[str, str]], identity: str) -> None:
@@ -241,11 +253,11 @@ def _string_columns(g: Guess, raws: list[bytes]) -> None:
     text, documents = raws[0].decode("utf-8"), [_loads(raw) for raw in raws]
     if all(isinstance(d, dict) for d in documents):
         g.value_format = "json"
-        _document_columns(g, {k: v for d in documents for k, v in d.items()})
+        _document_columns(g, documents)
         g.columns[_unique("document", set(g.columns), set())] = ("value", "jsonb")  # whole: what the columns miss is kept
     elif isinstance(documents[0], (dict, list)):
         g.value_format = "json"
-        _document_columns(g, documents[0])
+        _document_columns(g, documents[:1])
     elif INTEGER.fullmatch(text.strip()):
         g.value_format = "int"
         g.columns[_unique("value", set(g.columns), set())] = ("value", "bigint")
@@ -254,18 +266,26 @@ def _string_columns(g: Guess, raws: list[bytes]) -> None:
         g.columns[_unique("value", set(g.columns), set())] = ("value", _type_of_text(text))
 
 
-def _document_columns(g: Guess, document: Any) -> None:
-    """A JSON object's top-level keys as columns (json.<key>); anything else as one jsonb column."""
-    if not isinstance(document, dict):
+def _document_columns(g: Guess, documents: list[Any]) -> None:
+    """The top-level keys of JSON objects as columns (json.<key>), each typed by all of its examples'
+    values; anything else as one jsonb column."""
+    if not all(isinstance(d, dict) for d in documents):
         g.columns[_unique("value", set(g.columns), set())] = ("value", "jsonb")
         return
-    for name, value in list(document.items())[:MAX_COLUMNS]:
+    values: dict[str, list[Any]] = {}  # each key's values, in the examples that hold it
+    for document in documents:
+        for name, value in document.items():
+            values.setdefault(name, []).append(value)
+    for name, seen in list(values.items())[:MAX_COLUMNS]:
         if "." in name or not name:
             g.notes.append(f"key {name!r} of its documents cannot be a json.<path>: left in no column")
             continue
-        g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"json.{name}", _type_of(value))
-    if len(document) > MAX_COLUMNS:
-        g.notes.append(f"its example has {len(document)} keys: the first {MAX_COLUMNS} are columns")
+        # (a JSON null says nothing of the type; text takes any string, jsonb any JSON value)
+        known = [v for v in seen if v is not None]
+        kind = _widest({_type_of(v) for v in known}, mixed="text" if all(isinstance(v, str) for v in known) else "jsonb")
+        g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"json.{name}", kind)
+    if len(values) > MAX_COLUMNS:
+        g.notes.append(f"its examples have {len(values)} keys: the first {MAX_COLUMNS} are columns")
 
 
 def _loads(raw: Any) -> Any:
