@@ -93,7 +93,8 @@ References = Callable[[SourceRecord], list[Reference]]
 
 # How a value read from Redis is decoded before the transform sees it (source.decode): "bytes" a string
 # as it is, "hash_bytes" a hash with its values as they are (each decoded by whatever takes it).
-VALUE_FORMATS = ("json", "int", "text", "bytes", "hash", "hash_bytes", "set", "zset", "list", "stream")
+VALUE_FORMATS = ("json", "int", "text", "bytes", "hash", "hash_bytes", "set", "zset", "list", "stream",
+                 "set_bytes", "zset_bytes", "list_bytes", "stream_bytes")
 # Types read a part at a time (source.read_parts) when their pattern is member-wise.
 COLLECTION_TYPES = ("hash", "set", "zset", "list", "stream")
 # What TYPE answers for a RedisJSON document (the module's own name for its type).

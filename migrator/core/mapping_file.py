@@ -162,7 +162,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _decoded(value: Any) -> Any:
-    """Bytes as the text they are (a hash's whole value as text values); refused when not UTF-8."""
+    """Bytes as the text they are (a whole hash or collection as text values); refused when not UTF-8."""
     if isinstance(value, bytes):
         try:
             return utf8(value)
@@ -170,6 +170,9 @@ def _decoded(value: Any) -> Any:
             raise BadRecord(f"{exc}: a bytea column takes it as it is") from None
     if isinstance(value, dict) and any(isinstance(v, bytes) for v in value.values()):
         return {k: _decoded(v) for k, v in value.items()}
+    # (a list's elements, a set's members, a zset's (member, score) pairs, a stream's entries)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (bytes, tuple, list, dict)) for v in value):
+        return [_decoded(v) for v in value]
     return value
 
 
@@ -804,9 +807,10 @@ def _pattern_declared(index: int, name: str, what: str, body: dict[str, Any], ta
     if redis_type is None or grammar is None:
         return None
     per_member = _per_member(where, what, redis_type, rows, problems)
-    # (a hash's values decoded by the columns that take them: a binary field no column takes fails nothing)
+    # (a collection's members, a hash's or a stream's values, decoded by the columns that take them: a
+    # bytea column takes binary ones as they are, and a binary one no column takes fails nothing)
     value_format = (fmt or "text" if redis_type == "string" else "json" if redis_type == "json"
-                    else "hash_bytes" if redis_type == "hash" else redis_type)
+                    else f"{redis_type}_bytes")
     sources = {}
     if table is not None:
         if not columns:

@@ -384,6 +384,15 @@ def decode(raw: Any, value_format: str) -> Any:
     if value_format == "stream":
         return [(utf8(i, "stream entry id"), {utf8(k, "stream field"): utf8(v, "stream value") for k, v in fields.items()})
                 for i, fields in raw]
+    # a collection's members (a stream's values) as bytes, each decoded by whoever takes it (as hash_bytes)
+    if value_format == "set_bytes":
+        return sorted(raw)
+    if value_format == "zset_bytes":
+        return list(raw)
+    if value_format == "list_bytes":
+        return list(enumerate(raw, raw.start))
+    if value_format == "stream_bytes":
+        return [(utf8(i, "stream entry id"), {utf8(k, "stream field"): v for k, v in fields.items()}) for i, fields in raw]
     raise ValueError(f"unknown value format {value_format!r}")
 
 

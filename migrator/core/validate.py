@@ -83,6 +83,7 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
     """Each pattern's dead letters against its budget: a share of its scanned keys and a floor."""
     by_name = {p.name: p for p in mapping.patterns}
     over, dead = {}, {}
+    unread: list[str] = []  # patterns of which every key taken is a dead letter
     for name, c in totals.items():
         if not c["dead"]:
             continue
@@ -90,6 +91,9 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
         ratio = pattern.max_dead_ratio if pattern and pattern.max_dead_ratio is not None else opts.max_dead_ratio
         floor = pattern.max_dead_keys if pattern and pattern.max_dead_keys is not None else opts.max_dead_keys
         dead[name] = c["dead"]
+        if not (c["migrated"] or c["skipped"]):
+            # (its mapping may not read its keys: within the budget, a handful of keys is no proof either way)
+            unread.append(name)
         if not within(c["dead"], c["scanned"], ratio, floor):
             over[name] = {"dead": c["dead"], "scanned": c["scanned"], "max_ratio": ratio, "max_keys": floor,
                           "reasons": [{"reason": r, "count": n} for r, n in reasons.get(name, [])]}
@@ -101,7 +105,11 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
             for name, o in over.items())
     else:
         detail = "dead letters within budget" + (f": {dead}" if dead else " (none)")
-    return Check("dead_letters", not over, detail, {"over_budget": over, "dead": dead})
+    unread = [name for name in unread if name not in over]
+    if unread:
+        detail += (f"; no key of {', '.join(unread)} migrated, every one a dead letter: does the mapping read"
+                   " them? (`migrator report RUN` gives the reasons)")
+    return Check("dead_letters", not over, detail, {"over_budget": over, "dead": dead, "none_migrated": unread})
 
 
 def reference_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts: RunOptions,

@@ -33,6 +33,7 @@ FILE_TYPES = {"string": "string", "hash": "hash", "list": "list", "set": "set", 
 WIDE_HASH = 64
 MAX_COLUMNS = 50  # of one JSON document or hash read whole
 SAMPLE_BYTES = 64 * 1024  # of a string example
+SAMPLE_MEMBERS = 100  # of a collection example: its first (a set's random) members, a stream's first entries
 INTEGER = re.compile(r"-?(0|[1-9]\d{0,17})")  # (a leading zero is text: a zip code, "007")
 DECIMAL = re.compile(r"-?\d+\.\d+")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
@@ -193,17 +194,25 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
         if _type_of_raw(sum(fields.values(), [])) != "bytea":  # every field, whole: what the columns above miss is kept
             g.columns[_unique("fields", set(g.columns), set())] = ("value", "jsonb")
     elif redis_type == "list":
-        _member_columns(g, {"position": ("index", "integer"), "value": ("value", "text")}, "position")
+        members = [m for k in keys for m in client.lrange(k, 0, SAMPLE_MEMBERS - 1)]
+        _member_columns(g, {"position": ("index", "integer"), "value": ("value", _text_or_bytes(members))}, "position")
     elif redis_type == "set":
-        _member_columns(g, {"member": ("member", "text")}, "member")
+        members = [m for k in keys for m in client.srandmember(k, SAMPLE_MEMBERS)]
+        _member_columns(g, {"member": ("member", _text_or_bytes(members))}, "member")
     elif redis_type == "zset":
-        _member_columns(g, {"member": ("member", "text"), "score": ("score", "double precision")}, "member")
+        members = [m for k in keys for m in client.zrange(k, 0, SAMPLE_MEMBERS - 1)]
+        _member_columns(g, {"member": ("member", _text_or_bytes(members)), "score": ("score", "double precision")},
+                        "member")
     elif redis_type == "stream":
         _member_columns(g, {"entry_id": ("id", "text"), "occurred_at": ("id.time", "timestamptz")}, "entry_id")
-        for _, entry in client.xrange(key, count=1):
-            for name in entry:
-                name = name.decode("utf-8", "replace")
-                g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", "text")
+        values: dict[bytes, list[bytes]] = {}  # each field's values, in the first entries of the examples
+        for k in keys:
+            for _, entry in client.xrange(k, count=SAMPLE_MEMBERS):
+                for name, value in entry.items():
+                    values.setdefault(name, []).append(value)
+        for name, seen in list(values.items())[:MAX_COLUMNS]:
+            text = name.decode("utf-8", "replace")
+            g.columns[_unique(_identifier(text), set(g.columns), set())] = (f"field.{text}", _text_or_bytes(seen))
 
 
 def _data_like(name: str) -> bool:
@@ -215,6 +224,11 @@ def _data_like(name: str) -> bool:
 
 DIGIT_FIRST = re.compile(r"[-+]?\d")
 TOKEN = re.compile(r"(?=.*\d)[\w.-]{16,}")
+
+
+def _text_or_bytes(members: list[bytes]) -> str:
+    """A member's column: bytea when an example is not UTF-8 (a pickle, as job queues keep), else text."""
+    return "bytea" if _type_of_raw(members) == "bytea" else "text"
 
 
 def _type_of_raw(values: Any) -> str:

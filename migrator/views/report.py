@@ -128,7 +128,9 @@ def render(report: dict[str, Any]) -> str:
     dead = [p for p in report["patterns"] if p["dead"]]
     if dead:
         out.append("dead letters by reason:")
-        out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}" for p in dead]
+        out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}"
+                + ("  (no key of it migrated: does its mapping read them?)" if not (p["migrated"] or p["skipped"]) else "")
+                for p in dead]
     dangling = [p for p in report["patterns"] if p["dangling"]]
     if dangling:
         out.append("dangling references (an index entry whose record is not there, a record its index does not list):")
