@@ -54,9 +54,6 @@ def test_the_digest_follows_what_decides_the_rows_and_nothing_else():
                    {"priority": first.priority.__class__(3)}):
         other = dataclasses.replace(THREADR, patterns=(dataclasses.replace(first, **change), *THREADR.patterns[1:]))
         assert registry.digest(other) != registry.digest(THREADR), change
-    # whether a validation asks the keys' TTL decides what it reads, not what a run writes
-    asks = dataclasses.replace(THREADR, patterns=(dataclasses.replace(first, reads_ttl=True), *THREADR.patterns[1:]))
-    assert registry.digest(asks) == registry.digest(THREADR)
     assert registry.digest(dataclasses.replace(THREADR, schema=("CREATE TABLE x ();",))) != registry.digest(THREADR)
 
 

@@ -19,7 +19,8 @@ from migrator.core.mapping import Mapping, Pattern, Priority, Row, SourceRecord
 from migrator.core.merge import TableRule
 from migrator.core.schema import PROVENANCE, init_db
 from migrator.core.values import stable_id
-from migrator.core.verify import verify_in_memory
+from migrator.core.options import RunOptions
+from migrator.core.verify import explain, verify_in_memory
 
 from helpers import by_pattern, cli, migrate, throwaway_database, verify
 from servers import Forwarder, redis_server
@@ -297,9 +298,9 @@ def _plain(rec: SourceRecord) -> list[Row]:
 
 GIZMOS = Mapping("gizmos", (
     Pattern("lasting", "gizmo:ttl:*", r"gizmo:ttl:(?P<id>\w+)", "string", Priority.HIGH, "a gizmo and whether it lasts",
-            value_format="text", table="gizmos", transform=_lasting),  # (reads_ttl: True unless declared)
+            value_format="text", table="gizmos", transform=_lasting),
     Pattern("plain", "gizmo:plain:*", r"gizmo:plain:(?P<id>\w+)", "string", Priority.HIGH, "a gizmo",
-            value_format="text", table="gizmos", transform=_plain, reads_ttl=False),
+            value_format="text", table="gizmos", transform=_plain),
 ), rules=(TableRule("gizmos"),), schema=(GIZMOS_DDL,))
 
 
@@ -328,7 +329,7 @@ def _in_run_validation(settings: Settings, run_id: str) -> dict:
         conn.close()
 
 
-def test_a_validation_asks_the_ttl_only_of_a_pattern_whose_rows_are_made_from_it_and_checks_that_column(gizmos):
+def test_a_validation_asks_every_key_s_ttl_checks_a_column_made_from_it_and_tells_a_moved_expiry(gizmos):
     settings, client, calls = gizmos
     client.set("gizmo:ttl:a", "A", ex=3600)
     client.set("gizmo:ttl:b", "B")
@@ -337,20 +338,39 @@ def test_a_validation_asks_the_ttl_only_of_a_pattern_whose_rows_are_made_from_it
     client.config_resetstat()
     report = migrate(settings, mapping=GIZMOS, validation="reread")  # (a sealed one reads no value)
     assert report["status"] == "completed", report["error"]
-    # the batch asks every key's PTTL; the validation only the two whose pattern reads it, and
-    # EXISTS only of the string that read as ""
-    assert (calls("pttl"), calls("exists")) == (4 + 2, 1)
+    # the batch and the validation ask every key's PTTL, which also tells the empty string is there
+    assert (calls("pttl"), calls("exists")) == (4 + 4, 0)
     found = _in_run_validation(settings, report["run_id"])
     assert found["lasting"]["compared"] == 2 and found["plain"]["compared"] == 2
-    assert all(p["different"] == p["missing"] == p["expired"] == 0 for p in found.values())
+    assert all(p["different"] == p["missing"] == p["expired"] == p["changed"] == 0 for p in found.values())
 
     conn = psycopg2.connect(settings.database_url)
     with conn, conn.cursor() as cur:  # the column made from the TTL, damaged: verify names it
         cur.execute("UPDATE gizmos SET lasting = NOT lasting WHERE source_key = 'gizmo:ttl:a'")
-    conn.close()
     damaged = verify(settings, report["run_id"], mapping=GIZMOS)
     assert damaged["verdict"] == "differences" and damaged["different"] == 1
     assert {p["pattern"]: p["columns"] for p in damaged["patterns"] if p["different"]} == {"lasting": {"lasting": 1}}
+    with conn, conn.cursor() as cur:
+        cur.execute("UPDATE gizmos SET lasting = NOT lasting WHERE source_key = 'gizmo:ttl:a'")
+
+    # the app made a key lasting and gave another a TTL (a session touched, a cache entry kept): their
+    # rows' expiry is no longer the keys', which verify tells as changed since the run, naming it
+    client.persist("gizmo:plain:d")
+    client.expire("gizmo:plain:c", 600)
+    moved = verify(settings, report["run_id"], mapping=GIZMOS)
+    plain = next(p for p in moved["patterns"] if p["pattern"] == "plain")
+    assert (moved["verdict"], moved["changed_since_run"], plain["changed"], plain["different"]) == ("clean", 2, 2, 0), moved
+    assert sorted((e["key"], e["columns"]) for e in plain["examples"]) == \
+        [("gizmo:plain:c", ["expires_at"]), ("gizmo:plain:d", ["expires_at"])]
+    [example] = [e for e in plain["examples"] if e["key"] == "gizmo:plain:d"]
+    [diff] = explain(client, conn, GIZMOS, example, RunOptions())  # (--show-diffs: the expiry shown whole)
+    assert diff["column"] == "expires_at" and diff["postgres"] > "2026" and diff["redis"] is None, diff
+    assert migrate(settings, mapping=GIZMOS)["figures"]["rows_written"] == 2  # a re-run gives them the keys' expiry
+    assert verify(settings, report["run_id"], mapping=GIZMOS)["changed_since_run"] == 0
+    with conn, conn.cursor() as cur:  # a row's expiry moved in PostgreSQL (its key's as it was): told too
+        cur.execute("UPDATE gizmos SET expires_at = now() + interval '1 day' WHERE source_key = 'gizmo:ttl:b'")
+    conn.close()
+    assert verify(settings, report["run_id"], mapping=GIZMOS)["changed_since_run"] == 1
 
 
 def test_a_string_that_expires_between_its_batch_and_its_validation_counts_expired_not_different(gizmos, monkeypatch):

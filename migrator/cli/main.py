@@ -78,7 +78,8 @@ Per pattern it counts:
   different  rows that differ although their key's value did not change since they were written
   extra      rows without a source key: their key is gone (not expired) or no longer gives them,
              or they were never from this keyspace
-  changed    rows whose key the app wrote since the run (reported, not a difference)
+  changed    rows whose key the app wrote since the run, or whose expiry is no longer the key's
+             TTL (EXPIRE, PERSIST: a session touched): reported, not a difference; run again
   dead       keys the run made dead letters (no rows expected)
 Exit 0 clean, 1 differences, 2 could not finish (a range failed, a service is down).
 A role that may not write the ledger (migrator_report) verifies here, in memory, one range at a

@@ -231,11 +231,6 @@ class Pattern:
     # The key of this pattern that gives a row of `table`, from the row's columns, where one row is
     # given by keys of several patterns (see KeyTemplate). Decides nothing a run writes.
     row_key: KeyTemplate | None = field(default=None, metadata={"digest": False})
-    # Whether its transform reads SourceRecord.expires_at. The run's reads always ask each key's
-    # PTTL (the rows keep it); a validation asks it only for the patterns that say so, as a
-    # column made from it is compared too: one PTTL call fewer per key of the others. Not in the
-    # digest: it changes what is read to validate, not what a run writes.
-    reads_ttl: bool = field(default=True, metadata={"digest": False})
     provenance: str = field(init=False, repr=False, compare=False)  # the rows' metadata JSON
 
     def __post_init__(self) -> None:

@@ -936,8 +936,7 @@ def _pattern(p: _Pattern, tables: dict[str, _Table]) -> Pattern:
                    value_format=p.value_format, table=p.table, transform=transform, skip=p.skip, ttl=p.ttl,
                    max_dead_ratio=p.max_dead_ratio, max_dead_keys=p.max_dead_keys,
                    member_wise=p.per_member if collection and transform is not None else None,
-                   row_key=_row_key(p, tables[p.table]) if p.table is not None else None,
-                   reads_ttl=False)  # (no column of a file can be made from the key's TTL)
+                   row_key=_row_key(p, tables[p.table]) if p.table is not None else None)
 
 
 def _row_key(p: _Pattern, table: _Table) -> KeyTemplate | None:

@@ -20,10 +20,14 @@ VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_
 # The column of a row's seal (migrator/core/seal.py).
 ROW_SEAL = "row_seal"
 
-# A row's expiry moved: set or removed, or more than a second apart (the same TTL read twice differs
-# by the reads' round trips only: source.expiry), so a re-run leaves a row alone for it.
-EXPIRY_MOVED = sql.SQL("((t.expires_at IS NULL) <> (EXCLUDED.expires_at IS NULL)"
-                       " OR abs(extract(epoch FROM t.expires_at - EXCLUDED.expires_at)) > 1)")
+
+
+def expiry_moved(new: str) -> sql.Composable:
+    """Row t's expiry against the one its key has now (`new`: the row the write or the comparison
+    brings): set or removed, or more than a second apart (the same TTL read twice differs by the
+    reads' round trips only: source.expiry), so a re-run leaves a row alone for it."""
+    return sql.SQL("((t.expires_at IS NULL) <> ({new}.expires_at IS NULL)"
+                   " OR abs(extract(epoch FROM t.expires_at - {new}.expires_at)) > 1)").format(new=sql.SQL(new))
 
 # When a live `migrator follow` session last read the row's key: the database's clock just after the
 # read (ledger.stamp_synced; only follow writes it). The fence between a bulk batch and follow: a batch
@@ -102,7 +106,7 @@ class TableRule:
             sql.SQL(", ").join(self.merged(c) for c in content),
         )
         if "expires_at" in columns:  # (a TTL the app set, moved or removed since: the row follows it)
-            changed = sql.SQL("({} OR {})").format(changed, EXPIRY_MOVED)
+            changed = sql.SQL("({} OR {})").format(changed, expiry_moved("EXCLUDED"))
         # (a row no key wrote, the app's own, is taken over even when it says the same: its
         # provenance then says which key it is, and a rollback puts it back as it was)
         guard = sql.SQL("({} OR t.source_key IS NULL)").format(changed) if "source_key" in columns else changed
@@ -144,9 +148,10 @@ class TableRule:
 
     def compare(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]], *, provenances: Sequence[str],
                 links: Mapping[str, Sequence[str]] | None = None, since: str | None = None, unknown: Sequence[str] = ()) -> sql.Composed:
-        """A read-only statement over rows given as the writer gives them ($1: `columns` then the
-        expected source_key and source_digest): how many of them are found under the key that
-        expects them, and the rows that are missing or differ, as [id, key, kind, [columns]].
+        """A read-only statement over rows given as the writer gives them ($1: `columns`, the
+        expected source_key and source_digest among them, and expires_at when the table has it):
+        how many of them are found under the key that expects them, and the rows that are missing
+        or differ, as [id, key, kind, [columns]].
 
         Every column of the table is compared but the provenance and the `unknown` ones (another
         key of the row fills them; the writer's COALESCE keeps them): one the rows leave out must
@@ -178,14 +183,21 @@ class TableRule:
             same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), sql.SQL(default or "NULL"))))
         # every pattern writing this table stamps its own source; any of them is right
         same.append(("metadata", sql.SQL("t.metadata = ANY({}::jsonb[])").format(sql.Literal(list(provenances)))))
+        content = sql.SQL(" AND ").join(s for _, s in same)
+        if "expires_at" in columns:  # the TTL the key has now (a row another key wrote last has that key's)
+            same.append(("expires_at", sql.SQL("(t.source_key IS DISTINCT FROM e.source_key OR NOT {})").format(
+                expiry_moved("e"))))
         whole = sql.SQL(" AND ").join(s for _, s in same)
         newer = sql.SQL("false")
         if since is not None and self.version in columns:
             newer = sql.SQL("{} > {}::timestamptz").format(e(self.version), sql.Literal(since))
+        # (a row whose content holds and whose expiry moved: the app set, moved or removed the key's
+        # TTL since the row was written, as sessions and caches do on every read)
         kind = sql.SQL(
             "CASE WHEN t.id IS NULL THEN CASE WHEN {newer} THEN 'changed' ELSE 'missing' END"
-            " WHEN t.source_digest IS DISTINCT FROM e.source_digest OR {newer} THEN 'changed' ELSE 'different' END"
-        ).format(newer=newer)
+            " WHEN t.source_digest IS DISTINCT FROM e.source_digest OR {newer} OR ({content}) THEN 'changed'"
+            " ELSE 'different' END"
+        ).format(newer=newer, content=content)
         differing = sql.SQL("array_remove(ARRAY[{}], NULL)").format(sql.SQL(", ").join(
             sql.SQL("CASE WHEN NOT ({}) THEN {} END").format(s, sql.Literal(c)) for c, s in same))
         return sql.SQL(

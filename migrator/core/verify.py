@@ -126,6 +126,7 @@ class _Expected:
     pattern: Pattern
     rows: list[Any]
     digest: int
+    expires_at: datetime | None  # the key's, now: its rows' expiry
 
 
 class RangeVerifier:
@@ -199,8 +200,8 @@ class RangeVerifier:
         if self.cap is not None:
             self.cap.acquire(len(chunk))
         now = datetime.now(timezone.utc)  # before the read, as the run's (source.expiry)
-        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit,
-                          [p.reads_ttl for _, _, p, _ in chunk])
+        # (every key's PTTL too: its rows' expiry is compared with the key's now)
+        reads = read_keys(self.client, [(key, p.redis_type) for key, _, p, _ in chunk], self.read_limit)
         dead = self._dead([key for key, _, _, _ in chunk])
         expected = []
         for (key, text, pattern, fields), read in zip(chunk, reads):
@@ -214,7 +215,7 @@ class RangeVerifier:
                     continue
                 # (its raw bytes gone once transformed: the rows and their document are enough to hold)
                 found = self._expected(key, text, pattern, fields, read_keys(self.client, [(key, pattern.redis_type)],
-                                                                              None, [pattern.reads_ttl])[0], now)
+                                                                              None)[0], now)
                 self._compare([found] if found else [])
                 continue
             found = self._expected(key, text, pattern, fields, read, now)
@@ -242,14 +243,14 @@ class RangeVerifier:
                 or (cap is not None and read.size > cap) or text.encode() != key):
             self.tally.add(pattern.name, "unreadable")
             return None
+        expires_at = expiry(now, read.pttl)
         try:
-            rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format),
-                                                  expiry(now, read.pttl), now,
+            rows = pattern.transform(SourceRecord(text, fields, decode(read.raw, pattern.value_format), expires_at, now,
                                                   pattern.zone(self.tz)))
         except SHAPE_ERRORS:
             self.tally.add(pattern.name, "unreadable")
             return None
-        return _Expected(key, text, pattern, rows, value_digest(read.raw))
+        return _Expected(key, text, pattern, rows, value_digest(read.raw), expires_at)
 
     def _compare_parts(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], first: KeyRead,
                        now: datetime) -> None:
@@ -289,7 +290,7 @@ class RangeVerifier:
         for exp in expected:
             for row in exp.rows:
                 groups.setdefault((row.table, tuple(row.values), exp.pattern, row.unknown), []).append(
-                    [*row.values.values(), exp.text, exp.digest])
+                    [*row.values.values(), exp.text, exp.digest, exp.expires_at])
         order = list(groups)
         statements = [self._statement(*group) for group in order]
         documents = [jsoncodec.dumps(groups[g]) for g in order]
@@ -321,7 +322,7 @@ class RangeVerifier:
 
     def _statement(self, table: str, columns: tuple[str, ...], pattern: Pattern, unknown: tuple[str, ...]) -> str:
         if (table, columns, pattern, unknown) not in self.statements:
-            full = (*columns, "source_key", "source_digest")
+            full = (*columns, "source_key", "source_digest", "expires_at")
             types = column_types(self.cur, self.mapping, table, full)
             # the pattern of the key, or any other whose rows may have been written last
             provenances = {pattern.provenance, *(p.provenance for p in self.mapping.patterns if p.table == table)}
@@ -857,10 +858,12 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
         if part.redis_type != pattern.redis_type or expected:
             break
         now = datetime.now(timezone.utc)
+        expires_at = expiry(now, part.pttl)
         try:
             rows = pattern.transform(SourceRecord(example["key"], fields, decode(part.raw, pattern.value_format),
-                                                  expiry(now, part.pttl), now, pattern.zone(ZoneInfo(opts.source_timezone))))
-            expected = next((r.values for r in rows if r.table == example["table"] and r.values["id"] == example["id"]), {})
+                                                  expires_at, now, pattern.zone(ZoneInfo(opts.source_timezone))))
+            expected = next(({**r.values, "expires_at": expires_at and expires_at.isoformat()} for r in rows
+                             if r.table == example["table"] and r.values["id"] == example["id"]), {})
         except SHAPE_ERRORS:
             break
     with conn, conn.cursor() as cur:
@@ -868,7 +871,9 @@ def explain(client: redis.Redis, conn: Any, mapping: Mapping, example: dict[str,
                     (example["id"],))
         found = cur.fetchone()
     actual = found[0] if found else {}
-    return [{"column": c, "postgres": mask_value(actual.get(c)), "redis": mask_value(expected.get(c))}
+    # (an expiry is shown whole: a time, no one's secret)
+    shown = lambda c, v: v if c == "expires_at" else mask_value(v)  # noqa: E731
+    return [{"column": c, "postgres": shown(c, actual.get(c)), "redis": shown(c, expected.get(c))}
             for c in example["columns"]]
 
 

@@ -10,7 +10,6 @@ threads, analytics: `utc_naive`). What its own models refuse is a dead letter na
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from importlib.resources import files
 from typing import Any
 
@@ -568,9 +567,7 @@ def login_failure(rec: SourceRecord) -> list[Row]:
 EPHEMERAL = "ephemeral: rebuilt by the app within its TTL"
 CROSS_CHECK = "cross-check only: an index of keys migrated under another pattern"
 
-# No transform here reads SourceRecord.expires_at (a row's expiry is provenance, which the engine
-# keeps itself): a validation asks no key's PTTL.
-PATTERNS = tuple(replace(p, reads_ttl=False) for p in (
+PATTERNS = (
     Pattern("premium_ip", "threadr:premium:ip:*", r"threadr:premium:ip:(?P<ip>.+)", "string", C,
             "legacy premium grant by client ip (`None`: webhook grant without ip)",
             table="subscriptions", transform=premium_by_ip, source="redis_ip_premium", ttl="days*86400 + 7 d",
@@ -662,7 +659,7 @@ PATTERNS = tuple(replace(p, reads_ttl=False) for p in (
             "generated thread cached by url", skip=EPHEMERAL),
     Pattern("cache_text", "threadr:cache:text:*", r"threadr:cache:text:(?P<hash>.+)", "string", L,
             "generated thread cached by text hash", skip=EPHEMERAL),
-))
+)
 
 TABLES = (
     TableRule("subscriptions", coalesce=("ip", "email", "user_id")),
