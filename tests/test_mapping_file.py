@@ -789,6 +789,8 @@ def test_binary_members_of_lists_sets_zsets_and_streams_go_to_bytea_and_a_patter
     r.sadd("hq:tags:default", b"\xfe\xff", "plain")
     r.xadd("hq:events", {"type": "a", "blob": "text"}, id="1-0")
     r.xadd("hq:events", {"type": "b", "blob": b"\x80\x04K\x01."}, id="2-0")
+    r.xgroup_create("hq:events", "workers", id="0")  # (its place and pending entries stay Redis's)
+    r.xreadgroup("workers", "w1", {"hq:events": ">"}, count=1)
     report = migrate(here, mapping=mapping)
     assert report["status"] == "completed" and sum(p["dead"] for p in report["patterns"]) == 0, report
     assert [bytes(b) for (b,) in rows(here, "SELECT body FROM hq_queued ORDER BY position")] == tasks
@@ -824,6 +826,8 @@ def test_binary_members_of_lists_sets_zsets_and_streams_go_to_bytea_and_a_patter
     assert [guessed["hq:queue:*"]["value"], guessed["hq:schedule:*"]["member"], guessed["hq:tags:*"]["member"]] == \
         [("value", "bytea"), ("member", "bytea"), ("member", "bytea")]
     assert (guessed["hq:events"]["type"], guessed["hq:events"]["blob"]) == (("field.type", "text"), ("field.blob", "bytea"))
+    stream = _guess(r, {"shape": "hq:events", "keys": 1, "types": {"stream": 1}, "examples": ["hq:events"]}, set(), set())
+    assert any("consumer group(s) workers and their pending entries are not migrated" in n for n in stream.notes)
 
 
 @pytest.fixture

@@ -213,6 +213,10 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
         for name, seen in list(values.items())[:MAX_COLUMNS]:
             text = name.decode("utf-8", "replace")
             g.columns[_unique(_identifier(text), set(g.columns), set())] = (f"field.{text}", _text_or_bytes(seen))
+        groups = {group["name"].decode("utf-8", "replace") for k in keys for group in client.xinfo_groups(k)}
+        if groups:
+            g.notes.append(f"its consumer group(s) {', '.join(sorted(groups)[:5])} and their pending entries are not"
+                           " migrated, only the entries: a consumer moved to PostgreSQL keeps its own place")
 
 
 def _data_like(name: str) -> bool:
