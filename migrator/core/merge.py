@@ -21,13 +21,13 @@ VOLATILE = frozenset({"id", "migration_run", "source_key", "metadata", "expires_
 ROW_SEAL = "row_seal"
 
 
-
 def expiry_moved(new: str) -> sql.Composable:
     """Row t's expiry against the one its key has now (`new`: the row the write or the comparison
     brings): set or removed, or more than a second apart (the same TTL read twice differs by the
     reads' round trips only: source.expiry), so a re-run leaves a row alone for it."""
     return sql.SQL("((t.expires_at IS NULL) <> ({new}.expires_at IS NULL)"
                    " OR abs(extract(epoch FROM t.expires_at - {new}.expires_at)) > 1)").format(new=sql.SQL(new))
+
 
 # When a live `migrator follow` session last read the row's key: the database's clock just after the
 # read (ledger.stamp_synced; only follow writes it). The fence between a bulk batch and follow: a batch
