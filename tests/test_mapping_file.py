@@ -774,11 +774,11 @@ columns = { entry = "text", kind = "text", blob = "bytea" }
 """
 
 
-def test_binary_members_of_lists_sets_zsets_and_streams_go_to_bytea_and_a_pattern_none_of_whose_keys_migrate_fails(
+def test_binary_members_of_lists_sets_zsets_and_streams_go_to_bytea_and_a_pattern_none_of_whose_keys_migrated_is_named(
         settings, r, target, tmp_path):
     """What huey writes: a list of pickled tasks, a sorted set of pickles by when they run. A bytea
     column takes a binary member as it is; a text column given one makes its key a dead letter, and a
-    pattern none of whose keys migrated is no run that validated (a budget of keys does not cover it)."""
+    pattern none of whose keys migrated is named where the run's dead letters are."""
     path = tmp_path / "queues.toml"
     path.write_text(QUEUES)
     mapping = load_file(path)
