@@ -164,8 +164,9 @@ def _grammar(shape: str, examples: list[str]) -> tuple[str, list[str]]:
 
 
 def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes]) -> None:
-    """The columns the example keys suggest (a hash's fields and a document's keys of them all; the
-    rest from the first), and their rows (one per key, or per member)."""
+    """The columns the example keys suggest, typed by what they all hold (a hash's fields, a document's
+    keys, a collection's first members, a stream's first entries; a RedisJSON document's from the
+    first), and their rows (one per key, or per member)."""
     key = keys[0]
     if redis_type == "string":
         _string_columns(g, [client.getrange(k, 0, SAMPLE_BYTES - 1) for k in keys])
