@@ -49,6 +49,12 @@ def record(conn: Any, run_id: str, label: str, checks: list[Check]) -> bool:
     return ok
 
 
+def none_migrated(counts: dict[str, int]) -> bool:
+    """A pattern's keys all dead letters (or gone): none migrated, none skipped as it says. Its mapping
+    may not read them; within its budget a handful of keys is no proof either way, so it is named only."""
+    return bool(counts["dead"]) and not (counts["migrated"] or counts["skipped"])
+
+
 def within(n: int, of: int, ratio: float, floor: int) -> bool:
     """A budget: at most `floor` items, or at most `ratio` of `of` when that is more."""
     return n <= floor or n <= ratio * of
@@ -83,7 +89,6 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
     """Each pattern's dead letters against its budget: a share of its scanned keys and a floor."""
     by_name = {p.name: p for p in mapping.patterns}
     over, dead = {}, {}
-    unread: list[str] = []  # patterns of which every key taken is a dead letter
     for name, c in totals.items():
         if not c["dead"]:
             continue
@@ -91,9 +96,6 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
         ratio = pattern.max_dead_ratio if pattern and pattern.max_dead_ratio is not None else opts.max_dead_ratio
         floor = pattern.max_dead_keys if pattern and pattern.max_dead_keys is not None else opts.max_dead_keys
         dead[name] = c["dead"]
-        if not (c["migrated"] or c["skipped"]):
-            # (its mapping may not read its keys: within the budget, a handful of keys is no proof either way)
-            unread.append(name)
         if not within(c["dead"], c["scanned"], ratio, floor):
             over[name] = {"dead": c["dead"], "scanned": c["scanned"], "max_ratio": ratio, "max_keys": floor,
                           "reasons": [{"reason": r, "count": n} for r, n in reasons.get(name, [])]}
@@ -105,7 +107,7 @@ def dead_letter_check(mapping: Mapping, totals: dict[str, dict[str, int]], opts:
             for name, o in over.items())
     else:
         detail = "dead letters within budget" + (f": {dead}" if dead else " (none)")
-    unread = [name for name in unread if name not in over]
+    unread = [name for name, c in totals.items() if name not in over and none_migrated(c)]
     if unread:
         detail += (f"; no key of {', '.join(unread)} migrated, every one a dead letter: does the mapping read"
                    " them? (`migrator report RUN` gives the reasons)")

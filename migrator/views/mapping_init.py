@@ -180,10 +180,11 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
                     fields.setdefault(name, []).append(value)
         fields = fields if len(fields) <= WIDE_HASH else {}
         names = [name.decode("utf-8", "replace") for name in fields]
+        every = [value for values in fields.values() for value in values]
         if not fields or any(_data_like(name) for name in names):
             # (many fields, or fields named by data, such as ids or emails: a collection, a row per field)
             g.rows = "member"
-            _member_columns(g, {"field": ("field", "text"), "value": ("value", _type_of_raw(sum(fields.values(), [])))},
+            _member_columns(g, {"field": ("field", "text"), "value": ("value", _type_of_raw(every))},
                             "field")
             return
         g.rows = "key"
@@ -192,7 +193,7 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
                 g.notes.append(f"a field named {name!r} cannot be a field.<name>: left in no column")
                 continue
             g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw(values))
-        if _type_of_raw(sum(fields.values(), [])) != "bytea":  # every field, whole: what the columns above miss is kept
+        if _type_of_raw(every) != "bytea":  # every field, whole: what the columns above miss is kept
             g.columns[_unique("fields", set(g.columns), set())] = ("value", "jsonb")
     elif redis_type == "list":
         members = [m for k in keys for m in client.lrange(k, 0, SAMPLE_MEMBERS - 1)]

@@ -14,7 +14,7 @@ from migrator.core.ledger import COUNT_FIELDS
 from migrator.core.mapping import UNMAPPED, UNMAPPED_REASON, Mapping, Priority
 from migrator.core.options import RunOptions
 from migrator.core.redact import printable, redact_text
-from migrator.core.validate import figure_checks
+from migrator.core.validate import figure_checks, none_migrated
 from migrator.views import tables
 
 
@@ -129,7 +129,7 @@ def render(report: dict[str, Any]) -> str:
     if dead:
         out.append("dead letters by reason:")
         out += [f"  {figures_mod.dead_line(p['pattern'], p['dead'], p['dead_reasons'])}"
-                + ("  (no key of it migrated: does its mapping read them?)" if not (p["migrated"] or p["skipped"]) else "")
+                + ("  (no key of it migrated: does its mapping read them?)" if none_migrated(p) else "")
                 for p in dead]
     dangling = [p for p in report["patterns"] if p["dangling"]]
     if dangling:
