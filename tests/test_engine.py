@@ -5,7 +5,7 @@ import gc
 import json
 import os
 import time
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -106,7 +106,7 @@ def test_poisoned_sub_batch_commits_good_rows_and_dead_letters_only_bad_ones(set
         assert cur.fetchone()[0] == 20
     assert set(letters) == {"threadr:user:user_overflow", "threadr:user:user_nul"}
     assert "out of range" in letters["threadr:user:user_overflow"]
-    assert "\\u0000" in letters["threadr:user:user_nul"]
+    assert "holds a NUL character (\\u0000)" in letters["threadr:user:user_nul"]
 
 
 def test_check_violation_and_unique_violation_in_one_sub_batch(settings, r, pg):
@@ -374,6 +374,132 @@ def test_a_rerun_retires_the_rows_no_key_gives_and_its_rollback_brings_them_back
     extra = {name: p["extra"] for name, p in by_pattern(told).items() if p["extra"] or p["retired"]}
     assert told["verdict"] == "differences" and extra == {"thread": 2, "session": 1, "analytics_timeseries": 1}, extra
     assert fingerprint(pg) == before
+
+
+def grant_premium_access(r, client_ip: str | None, email: str | None, days: int = 30, reference: str = "cs_1",
+                         now: datetime | None = None) -> None:
+    """A grant as Threadr's RedisManager.grant_premium_access writes it: the same value under the
+    ip key (named after a None ip too) and the email key, for the grant's days and a week more."""
+    now = now or datetime.now()
+    grant = {"granted_at": now.isoformat(), "expires_at": (now + timedelta(days=days)).isoformat(), "plan": "premium",
+             "duration_days": days, "client_ip": client_ip, "email": email,
+             "payment_info": {"payment_reference": reference, "granted_by": "stripe_webhook", "amount": 499, "currency": "usd"}}
+    ttl = max(1, days * 86_400 + 7 * 86_400)
+    r.setex(f"threadr:premium:ip:{client_ip}", ttl, json.dumps(grant))
+    if email:
+        r.setex(f"threadr:premium:email:{email}", ttl, json.dumps(grant))
+
+
+def test_a_rerun_after_a_new_purchase_or_subscription_retires_what_they_replaced_and_keeps_what_a_key_still_gives(
+        settings, r, pg):
+    """Threadr overwrites ip:None and the buyer's email key with every Stripe grant, and a customer's
+    subscription key with every new subscription: the rows the old values gave are no key's now and
+    a re-run retires them (each key once gave them alone) and validates, where it used to fail on
+    every run. A grant another purchase displaced from ip:None while the buyer's email key still holds
+    it is no extra row: it stays."""
+    seed_demo(r, 20)
+    grant_premium_access(r, None, "ann@x.io", reference="cs_1")
+    grant_premium_access(r, None, "bob@x.io", reference="cs_2", now=datetime.now() - timedelta(seconds=5))
+    sub = {"subscription_id": "sub_1", "plan_name": "threadr_pro", "plan_display_name": "Pro", "tier_level": 2,
+           "status": "active", "current_period_start": "2026-11-01 00:00:00", "current_period_end": "2026-12-01 00:00:00",
+           "cancel_at_period_end": False, "thread_limit": -1, "features": [], "is_annual": False,
+           "monthly_price": 1999, "annual_price": 19190}
+    r.setex("threadr:subscription:user:cy@x.io", 31_536_000, json.dumps(sub))
+    first = migrate(settings)
+    assert first["status"] == "completed", first
+    bob = one(pg, "SELECT id::text FROM subscriptions WHERE email = 'bob@x.io'")
+    grant_premium_access(r, None, "ann@x.io", reference="cs_3")  # a renewal: both of ann's keys overwritten
+    r.setex("threadr:subscription:user:cy@x.io", 31_536_000, json.dumps({**sub, "subscription_id": "sub_2"}))
+    second = migrate(settings)
+    assert second["status"] == "completed" and all(second["validated"].values()), second
+    assert second["validated_by"]["critical"].endswith("; 2 stale row(s) retired"), second["validated_by"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT payment_reference FROM subscriptions WHERE email = 'ann@x.io'")
+        assert cur.fetchall() == [("cs_3",)]
+        cur.execute("SELECT stripe_subscription_id FROM subscriptions WHERE source_key = 'threadr:subscription:user:cy@x.io'")
+        assert cur.fetchall() == [("sub_2",)]
+        # bob's grant: ip:None names ann's since, bob's email key still holds it
+        cur.execute("SELECT payment_reference FROM subscriptions WHERE id = %s", (bob,))
+        assert cur.fetchall() == [("cs_2",)]
+    pg.rollback()
+    assert verify(settings, second["run_id"])["verdict"] == "clean"
+    # damaged: bob's email key gone too, no key gives his grant: extra, and a re-run retires it
+    r.delete("threadr:premium:email:bob@x.io")
+    told = verify(settings, second["run_id"])
+    assert told["verdict"] == "differences" and by_pattern(told)["premium_ip"]["extra"] + \
+        by_pattern(told)["premium_email"]["extra"] == 1, told
+    third = migrate(settings)
+    assert third["status"] == "completed" and third["validated_by"]["critical"].endswith("; 1 stale row(s) retired")
+    assert one(pg, f"SELECT count(*) FROM subscriptions WHERE id = '{bob}'") == 0
+
+
+def test_a_grant_whose_expiry_passes_after_the_run_still_verifies_clean(settings, r, pg):
+    """A grant's key outlives its expires_at by a week: once that passes, the row and a fresh read
+    of the key still agree (no status taken from the clock at the read)."""
+    grant_premium_access(r, "1.2.3.4", "eve@x.io", days=0, now=datetime.now() + timedelta(seconds=2))
+    r.expire("threadr:premium:ip:1.2.3.4", 3_600)
+    r.expire("threadr:premium:email:eve@x.io", 3_600)
+    report = migrate(settings)
+    assert report["status"] == "completed", report
+    assert one(pg, "SELECT premium_expires_at > now() FROM subscriptions") is True
+    time.sleep(2.5)
+    assert one(pg, "SELECT premium_expires_at > now() FROM subscriptions") is False
+    told = verify(settings, report["run_id"])
+    assert told["verdict"] == "clean" and told["different"] == 0, told
+    # damaged: a row's status edited is still told
+    with pg.cursor() as cur:
+        cur.execute("UPDATE subscriptions SET status = 'expired'")
+    pg.commit()
+    assert verify(settings, report["run_id"])["different"] == 2  # (as each of the grant's two keys gives it)
+
+
+def test_a_counter_the_app_starts_again_lower_is_taken_by_a_rerun_and_one_the_app_wrote_is_not_lowered(settings, r, pg):
+    """Threadr's per-user thread stats live 30 days past their last action, then start from zero: a
+    re-run writes the new, lower counts (the row was a batch's of that key, or its expiry has passed)
+    and validates, where GREATEST kept the old ones and failed every run. A row the app wrote since
+    (no seal: the dual-write service's) keeps its larger count against a batch's older read."""
+    stats = lambda **n: json.dumps({"created": 0, "viewed": 0, "updated": 0, "deleted": 0, "copied": 0, **n})  # noqa: E731
+    r.setex("threadr:thread_stats:user_a", 30 * 86_400, stats(created=7, viewed=40))
+    r.setex("threadr:thread_stats:user_b", 30 * 86_400, stats(created=3, viewed=9))
+    r.setex("threadr:thread_stats:user_c", 30 * 86_400, stats(created=5))
+    migrate(settings)
+    r.delete("threadr:thread_stats:user_a")  # expired after 30 idle days, then one view
+    r.setex("threadr:thread_stats:user_a", 30 * 86_400, stats(viewed=1))
+    with pg.cursor() as cur:  # user_b's row expired since its run wrote it; user_c's the app wrote higher
+        cur.execute("UPDATE thread_stats SET expires_at = now() - interval '1 day', row_seal = NULL"
+                    " WHERE source_key = 'threadr:thread_stats:user_b'")
+        cur.execute("UPDATE thread_stats SET created = 6 WHERE source_key = 'threadr:thread_stats:user_c'")
+    pg.commit()
+    r.setex("threadr:thread_stats:user_b", 30 * 86_400, stats(created=1))
+    report = migrate(settings, rollback_on_failure=False)
+    with pg.cursor() as cur:
+        cur.execute("SELECT source_key, created, viewed FROM thread_stats ORDER BY 1")
+        assert cur.fetchall() == [("threadr:thread_stats:user_a", 0, 1), ("threadr:thread_stats:user_b", 1, 0),
+                                  ("threadr:thread_stats:user_c", 6, 0)]
+    pg.rollback()
+    # (user_c's row holds more than its key, the app's write kept: what the validation then tells)
+    assert report["status"] == "failed" and "thread_stats: 1 different" in report["error"], report
+    with pg.cursor() as cur:
+        cur.execute("UPDATE thread_stats SET created = 5 WHERE source_key = 'threadr:thread_stats:user_c'")
+    pg.commit()
+    again = migrate(settings)
+    assert again["status"] == "completed" and all(again["validated"].values()), again
+
+
+def test_keys_named_after_an_empty_client_ip_are_migrated(settings, r, pg):
+    """SecurityUtils.get_client_ip gives "" for a forwarded header that starts with a comma, and the
+    app names its usage counters, usage log and grants after it: they migrate, not unmapped."""
+    r.setex("threadr:usage:ip::daily:2026-12-07", 86_400, 3)
+    r.setex("threadr:usage:ip::monthly:2026-12", 31 * 86_400, 5)
+    r.setex("threadr:usage:log::1796600000.5", 7 * 86_400, json.dumps({"client_ip": "", "timestamp": "2026-12-07T10:00:00"}))
+    grant_premium_access(r, "", None)
+    report = migrate(settings)
+    patterns = by_pattern(report)
+    assert report["status"] == "completed" and UNMAPPED not in patterns, report
+    assert {n: patterns[n]["migrated"] for n in ("usage_counter", "usage_log", "premium_ip")} == \
+        {"usage_counter": 2, "usage_log": 1, "premium_ip": 1}
+    assert one(pg, "SELECT string_agg(subject || ':' || count, ',' ORDER BY count) FROM usage_counters") == ":3,:5"
+    assert one(pg, "SELECT ip FROM subscriptions") == ""
 
 
 def test_filters_by_priority_table_and_pattern(settings, r, pg):

@@ -45,6 +45,14 @@ FENCE = sql.SQL("(t.{at} IS NULL OR t.{at} < now() OR t.source_key IS DISTINCT F
 # table and a row's id and key, that follow did not delete that row of that key since the batch began.
 Unretired = Callable[[str, sql.Composable, sql.Composable], sql.Composable]
 
+# When a counter may start again lower (GREATEST keeps the larger only while neither holds): the row's
+# expiry has passed, so the key that counted it has expired since and the app's count began anew (a
+# stats key whose TTL only activity renews); or the row is as a bulk batch of this same key wrote it
+# (sealed, unchanged since), whose read came before this one (a key deleted and made again between
+# runs). A row the app wrote through the dual-write service has no seal: a batch's older read arriving
+# after it does not lower it; nor does a batch of another key of the row (greatest as a merge of two).
+RESTARTED = sql.SQL("(t.expires_at <= now() OR (t.row_seal IS NOT NULL AND t.source_key = EXCLUDED.source_key))")
+
 # How rows naming an entity by a legacy id (an app's own id, an email) find its new id in
 # legacy_id_map: emails case-folded, as the map stores them.
 # What a table's rows become when their key goes (TableRule.on_delete).
@@ -72,7 +80,7 @@ class TableRule:
     def merged(self, column: str) -> sql.Composable:
         col, new = sql.SQL("t.") + sql.Identifier(column), sql.SQL("EXCLUDED.") + sql.Identifier(column)
         if column in self.greatest:
-            return sql.SQL("GREATEST({}, {})").format(col, new)
+            return sql.SQL("CASE WHEN {} THEN {} ELSE GREATEST({}, {}) END").format(RESTARTED, new, col, new)
         if column in self.coalesce:
             return sql.SQL("COALESCE({}, {})").format(new, col)
         return new

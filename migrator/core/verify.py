@@ -690,16 +690,20 @@ def _rows_of(client: redis.Redis, conn: Any, mapping: Mapping, table: str, where
     by_provenance = {p.provenance: p for p in mine}
     client = key_client(client)
     large: dict[str, Pattern] = {}  # keys of large collections, whose rows are looked at once, at the end
+    # (the columns that spell the other keys that may give a row several keys give: Pattern.row_key)
+    spelling = tuple(dict.fromkeys(c for p in mapping.sharing(table) for c in p.row_key.columns))
     with conn:
         with conn.cursor(name="verify_rows") as cur:  # streamed: a table may not fit in memory
             cur.itersize = ROW_CHUNK
-            cur.execute(sql.SQL("SELECT t.id::text, t.source_key, t.metadata::text, t.expires_at FROM {} t WHERE {}"
-                                " ORDER BY t.id").format(sql.Identifier(table), where))
+            cur.execute(sql.SQL("SELECT t.id::text, t.source_key, t.metadata::text, t.expires_at{} FROM {} t WHERE {}"
+                                " ORDER BY t.id").format(
+                sql.SQL("").join(sql.SQL(", t.{}::text").format(sql.Identifier(c)) for c in spelling),
+                sql.Identifier(table), where))
             while True:
                 chunk = cur.fetchmany(ROW_CHUNK)
                 if not chunk:
                     break
-                _check_rows(client, mapping, table, chunk, by_provenance, mine[0], tz, tally, large)
+                _check_rows(client, mapping, table, chunk, by_provenance, mine[0], tz, tally, large, spelling)
     for key, pattern in large.items():
         _rows_of_large(client, conn, mapping, table, where, key, pattern, tz, tally)
 
@@ -734,22 +738,26 @@ def _rows_of_large(client: redis.Redis, conn: Any, mapping: Mapping, table: str,
             cur.execute(sql.SQL("SELECT t.id::text, t.expires_at FROM {} t WHERE {} AND t.source_key = %s{}").format(
                 sql.Identifier(table), where, given if readable else sql.SQL("")), (key,))
             for row_id, expires_at in cur:
-                _judge(tally, pattern, {"table": table, "id": row_id, "key": key}, gone, readable, False, expires_at, judged)
+                example = {"table": table, "id": row_id, "key": key}
+                why = _judge(tally, pattern, example, gone, readable, False, expires_at, judged)
+                if why is not None:
+                    _stale(tally, pattern, example, why)
 
 
 def _judge(tally: Tally, pattern: Pattern, example: dict[str, Any], gone: bool, readable: bool, given: bool,
-           expires_at: datetime | None, now: datetime) -> None:
+           expires_at: datetime | None, now: datetime) -> str | None:
     """One row the ranges did not find under its key: its key is gone, cannot be migrated now, or
-    does not give it (a row the key gives is no problem)."""
+    does not give it (a row the key gives is no problem). Returns why it is stale (GONE, NOT_GIVEN),
+    for the caller to call _stale, or None."""
     if gone:
         if expires_at is not None and expires_at <= now:
             tally.add(pattern.name, "expired_rows")  # its key's TTL ran out since: not a difference
-        else:
-            _stale(tally, pattern, example, GONE)
-    elif not readable:
+            return None
+        return GONE
+    if not readable:
         tally.problem(pattern.name, "changed", {**example, "why": "its key's value cannot be migrated now"})
-    elif not given:
-        _stale(tally, pattern, example, NOT_GIVEN)
+        return None
+    return None if given else NOT_GIVEN
 
 
 def _stale(tally: Tally, pattern: Pattern, example: dict[str, Any], why: str) -> None:
@@ -762,13 +770,11 @@ def _retire(conn: Any, mapping: Mapping, run_id: str, tally: Tally) -> None:
     """A run's own validation makes its tables hold what Redis holds: the extra rows it found whose
     key is gone (deleted by the app, not expired) or gives other rows now (a member removed) get
     their table's on_delete, as `migrator follow` gives them, journaled for rollback; they count as
-    retired, not extra. Left extra: the rows of a table whose rows several keys may give (another
-    key may give the row still: follow repoints those). Raises Fenced, retiring nothing, once the
-    run is not running."""
+    retired, not extra (a row several keys may give is stale only once none of them gives it:
+    _given_elsewhere). Raises Fenced, retiring nothing, once the run is not running."""
     by_table: dict[str, list[tuple[str, str, str]]] = {}
     for name, table, row_id, key in tally.stale or ():
-        if not mapping.sharing(table):
-            by_table.setdefault(table, []).append((name, row_id, key))
+        by_table.setdefault(table, []).append((name, row_id, key))
     if not by_table:
         return
     with conn, conn.cursor() as cur:
@@ -788,9 +794,9 @@ def _retire(conn: Any, mapping: Mapping, run_id: str, tally: Tally) -> None:
 
 
 def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[tuple], by_provenance: dict[str, Pattern],
-                fallback: Pattern, tz: ZoneInfo, tally: Tally, large: dict[str, Pattern]) -> None:
+                fallback: Pattern, tz: ZoneInfo, tally: Tally, large: dict[str, Pattern], spelling: tuple[str, ...]) -> None:
     keys: dict[str, Pattern | None] = {}
-    for _, key, _, _ in chunk:
+    for _, key, _, _, *_ in chunk:
         if key is not None and key not in keys:
             pattern, _ = mapping.classify(key)
             keys[key] = pattern if pattern in by_provenance.values() else None
@@ -816,15 +822,52 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             yields[key] = {r.values["id"] for r in rows if r.table == table}
         except SHAPE_ERRORS:
             yields[key] = None
-    for row_id, key, metadata, expires_at in chunk:
+    sharing = mapping.sharing(table)
+    suspects: list[tuple[Pattern, dict[str, Any], str, dict[str, Any]]] = []  # stale unless another key gives them
+    for row_id, key, metadata, expires_at, *spelt in chunk:
         pattern = keys.get(key) or by_provenance.get(_compact(metadata)) or fallback
         example = {"table": table, "id": row_id, "key": key}
         if key is None or keys.get(key) is None:
             tally.problem(pattern.name, "extra", {**example, "why": "no key of the mapping's patterns for this table"})
         elif key not in large:
             ids = yields[key]
-            _judge(tally, pattern, example, reads[key].redis_type == "none", ids is not None,
-                   ids is not None and row_id in ids, expires_at, now)
+            why = _judge(tally, pattern, example, reads[key].redis_type == "none", ids is not None,
+                         ids is not None and row_id in ids, expires_at, now)
+            if why is not None and pattern in sharing:
+                suspects.append((pattern, example, why, dict(zip(spelling, spelt))))
+            elif why is not None:
+                _stale(tally, pattern, example, why)
+    if suspects:
+        given = _given_elsewhere(client, mapping, table, sharing, suspects, tz)
+        for pattern, example, why, _ in suspects:
+            if example["id"] not in given:
+                _stale(tally, pattern, example, why)
+
+
+def _given_elsewhere(client: redis.Redis, mapping: Mapping, table: str, sharing: tuple[Pattern, ...],
+                     suspects: list[tuple[Pattern, dict[str, Any], str, dict[str, Any]]], tz: ZoneInfo) -> set[str]:
+    """The ids of these rows that another key still gives: one grant under its ip key and its email key,
+    the key that wrote it last since overwritten by a later grant while the other still holds it.
+    The other keys are spelled from each row's columns (Pattern.row_key), read and transformed."""
+    others: dict[str, Pattern] = {}
+    for _, example, _, values in suspects:
+        for other in sharing:
+            key = other.row_key.render(values)
+            if key is not None and key != example["key"] and mapping.pattern_of(key)[0] is other:
+                others[key] = other
+    read_at = datetime.now(timezone.utc)
+    given: set[str] = set()
+    for key, read in zip(others, read_keys(client, [(k.encode(), p.redis_type) for k, p in others.items()], None)):
+        pattern = others[key]
+        if read.redis_type != pattern.redis_type or isinstance(read.raw, Exception):
+            continue
+        try:
+            rows = pattern.transform(SourceRecord(key, mapping.classify(key)[1], decode(read.raw, pattern.value_format),
+                                                  expiry(read_at, read.pttl), read_at, pattern.zone(tz)))
+        except SHAPE_ERRORS:
+            continue
+        given.update(r.values["id"] for r in rows if r.table == table)
+    return given
 
 
 def _compact(metadata: str) -> str:

@@ -62,9 +62,17 @@ class Prepared:
     seals: list[tuple[str, int]] = field(default_factory=list)  # (table, seal) of each row, as a bulk batch last sent them
 
 
+# What PostgreSQL says of a NUL in a row's JSON, and what it means to whoever reads the dead letter
+NUL_REFUSED = "\\u0000 cannot be converted to text"
+NUL_REASON = ("a value holds a NUL character (\\u0000), which PostgreSQL text and jsonb cannot store:"
+              " take it out of the value in Redis, or map the field to a bytea column, and run again")
+
+
 def describe(exc: BaseException) -> str:
     """The first line of an error, fit for logs: PostgreSQL's detail (row values) is left out."""
     text = (getattr(exc, "pgerror", None) or str(exc)).strip()
+    if isinstance(exc, psycopg2.errors.UntranslatableCharacter) and NUL_REFUSED in f"{text} {detail(exc)}":
+        return f"{type(exc).__name__}: {NUL_REASON}"
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 

@@ -116,7 +116,9 @@ def _premium_grant(rec: SourceRecord, *, by_ip: bool, ip: str | None = None, ema
                 "customer_ref": None,
                 **lookups,
                 "plan": "premium" if v.get("plan") is None else text_or_none(v["plan"], field="plan"),  # "" kept
-                "status": "active" if expires > rec.now else "expired",
+                # (a grant counts while premium_expires_at is in the future, as the app reads it: a
+                # status from the clock would be wrong once that passes, and a re-read would disagree)
+                "status": "active",
                 "granted_at": parse_dt(v.get("granted_at"), rec.source_tz, field="granted_at"),
                 "premium_expires_at": expires,
                 "duration_days": parse_int(v.get("duration_days"), field="duration_days"),
@@ -567,8 +569,10 @@ def login_failure(rec: SourceRecord) -> list[Row]:
 EPHEMERAL = "ephemeral: rebuilt by the app within its TTL"
 CROSS_CHECK = "cross-check only: an index of keys migrated under another pattern"
 
+# An ip in a key may be empty: SecurityUtils.get_client_ip returns "" for a forwarded header
+# that starts with a comma, and the app names its keys after it all the same.
 PATTERNS = (
-    Pattern("premium_ip", "threadr:premium:ip:*", r"threadr:premium:ip:(?P<ip>.+)", "string", C,
+    Pattern("premium_ip", "threadr:premium:ip:*", r"threadr:premium:ip:(?P<ip>.*)", "string", C,
             "legacy premium grant by client ip (`None`: webhook grant without ip)",
             table="subscriptions", transform=premium_by_ip, source="redis_ip_premium", ttl="days*86400 + 7 d",
             validation=("expires_at parses", "one entitlement per grant (the ip and email keys of a purchase)",
@@ -610,11 +614,11 @@ PATTERNS = (
     Pattern("usage_stats", "threadr:usage:stats", r"threadr:usage:stats", "hash", M,
             "global counters", table="usage_stats", transform=usage_stats, source="redis_usage_stats", ttl="365 d",
             value_format="hash", validation=("every field an integer",), member_wise=True),
-    Pattern("usage_log", "threadr:usage:log:*", r"threadr:usage:log:(?P<ip>.+):(?P<epoch>\d+(?:\.\d+)?)", "string", L,
+    Pattern("usage_log", "threadr:usage:log:*", r"threadr:usage:log:(?P<ip>.*):(?P<epoch>\d+(?:\.\d+)?)", "string", L,
             "one row per thread generation (not added to counters)", table="usage_events", transform=usage_event,
             source="redis_usage_log", ttl="7 d"),
     Pattern("usage_counter", "threadr:usage:*",
-            r"threadr:usage:(?P<kind>ip|email|user):(?P<subject>.+):(?P<period>daily|monthly):"
+            r"threadr:usage:(?P<kind>ip|email|user):(?P<subject>.*):(?P<period>daily|monthly):"
             r"(?P<bucket>\d{4}-\d{2}(?:-\d{2})?)",
             "string", H, "daily and monthly usage counter per ip, email or user", value_format="int",
             table="usage_counters", transform=usage_counter, source="redis_usage", ttl="1 d/30 d (daily), 31 d/365 d (monthly)",
@@ -653,7 +657,7 @@ PATTERNS = (
             "failed login attempts per email and ip (kept so lockouts survive the cutover)",
             table="login_failures", transform=login_failure, source="redis_failed_login", ttl="1.5 h",
             validation=("key splits as <email>:<client_ip> from the value",), utc_naive=True),
-    Pattern("ratelimit", "threadr:ratelimit:*", r"threadr:ratelimit:(?P<ip>.+)", "string", L,
+    Pattern("ratelimit", "threadr:ratelimit:*", r"threadr:ratelimit:(?P<ip>.*)", "string", L,
             "per-ip request counter", skip=EPHEMERAL),
     Pattern("cache_url", "threadr:cache:url:*", r"threadr:cache:url:(?P<url>.+)", "string", L,
             "generated thread cached by url", skip=EPHEMERAL),

@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     plan                   text NOT NULL,
     plan_display_name      text,
     tier_level             smallint,
-    status                 text NOT NULL,          -- Stripe's, 'canceled' for the app's 'cancelled'; 'expired' grants
+    status                 text NOT NULL,          -- Stripe's, 'canceled' for the app's 'cancelled'; 'active' for a grant (it counts while premium_expires_at is ahead)
     status_raw             text,                   -- as Stripe/the app spelt it (e.g. 'cancelled')
     stripe_subscription_id text,                   -- not unique: the app may keep one under two keys
     current_period_start   timestamptz,
