@@ -502,6 +502,19 @@ def test_keys_named_after_an_empty_client_ip_are_migrated(settings, r, pg):
     assert one(pg, "SELECT ip FROM subscriptions") == ""
 
 
+def test_a_counter_is_an_integer_as_incr_writes_one_and_any_other_text_a_dead_letter(settings, r, pg):
+    """int() takes " 42", "+1", "1_000", "007" and other scripts' digits: each a different text that
+    would arrive as the same number, with verify clean. Only what INCR writes is a counter."""
+    texts = {"a": "42", "b": " 42", "c": "+1", "d": "007", "e": "\u0664\u0662", "f": "1_000", "g": "-0", "h": "0"}
+    for subject, text in texts.items():
+        r.set(f"threadr:usage:ip:{subject}:daily:2026-12-07", text)
+    report = migrate(settings)
+    counters = by_pattern(report)["usage_counter"]
+    assert (counters["migrated"], counters["dead"]) == (2, 6), counters
+    assert one(pg, "SELECT string_agg(subject || '=' || count, ',' ORDER BY subject) FROM usage_counters") == "a=42,h=0"
+    assert "is not an integer as Redis writes one" in one(pg, "SELECT min(error) FROM migration_dead_letters")
+
+
 def test_filters_by_priority_table_and_pattern(settings, r, pg):
     seed_demo(r, 80)
     critical = migrate(settings, priorities=("critical",))

@@ -993,6 +993,9 @@ def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(se
     r.set("tpl:{x}:1", '{"id": 7, "a.b": 1, "order": "o", "": 0}')  # braces; JSON keys no column can be named
     r.hset("wide:1", mapping={f"f{i}": i for i in range(100)})  # many fields: one row per field
     r.set("empty:1", "")
+    r.set("2fa:code:1", "x")  # a first segment that starts with a digit: a pattern's name starts with a letter
+    r.set("otp:1", "066172")  # codes: a leading zero makes them text, whichever example comes first
+    r.set("otp:2", "123456")
     path = tmp_path / "hostile.toml"
     here = Settings(settings.redis_url, target, settings.broker_url)
     done = cli(here, "mapping", "--init", str(path))
@@ -1009,8 +1012,10 @@ def test_mapping_init_of_a_hostile_keyspace_writes_a_file_that_loads_and_runs(se
     report = migrate(here, mapping=mapping)
     assert report["balanced"] and report["status"] == "completed", report
     found = by_pattern(report)
-    assert sum(p["dead"] for p in found.values()) == 1 and sum(p["migrated"] for p in found.values()) == 6
+    assert sum(p["dead"] for p in found.values()) == 1 and sum(p["migrated"] for p in found.values()) == 9
     assert found["unmapped"]["skipped"] == 1, found  # the key with a newline, until its grammar is fixed
+    assert [v for (v,) in rows(here, "SELECT value FROM otp ORDER BY 1")] == ["066172", "123456"]
+    assert rows(here, "SELECT value FROM k2fa_code") == [("x",)]
 
 
 def test_mapping_init_of_what_job_queues_and_caches_write_migrates_it_whole(settings, r, target, tmp_path):

@@ -369,6 +369,10 @@ def test_stable_ids_are_rfc4122_uuid5_so_they_never_drift():
                   ("ü", "🚀"), *many]:
         assert stable_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
     assert {stable_id(*parts)[19] for parts in many} == set("89ab")
+    # parts that hold the separator ("a\x1fb", "c" and "a", "b\x1fc" joined alike: one key's row overwrote
+    # the other's) give ids of their own
+    assert stable_id("pair", "a\x1fb", "c") != stable_id("pair", "a", "b\x1fc")
+    assert stable_id("pair", "a\x1fb", "c") == stable_id("pair", "a\x1fb", "c") != stable_id("pair", "a", "b", "c")
 
 
 def test_newsletter_keeps_a_scripts_fields_and_each_key_as_written():
@@ -401,3 +405,4 @@ def test_index_patterns_and_records_name_what_must_be_there():
     assert refs("threadr:subscription:user:user_abc", subscription(status="past_due")) == []
     with pytest.raises(BadRecord, match="expected a JSON array"):
         refs("threadr:user_threads:user_abc", {"t1": 1})
+

@@ -227,6 +227,11 @@ def _as_text(value: Any, tz: tzinfo) -> str | None:
     return jsoncodec.dumps(value).decode()
 
 
+# An integer written as text the one way that reads back the same: ASCII digits, no sign but a minus, no
+# leading zero or space.
+PLAIN_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
+
+
 def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
     limit = INT_RANGES[kind]
 
@@ -237,7 +242,7 @@ def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
             raise BadRecord(f"expected an integer, got {value!r}")
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        elif isinstance(value, str) and PLAIN_INTEGER.fullmatch(value):  # ("007", " 4", "+1" would change)
             value = int(value)
         if not isinstance(value, int):
             raise BadRecord(f"expected an integer, got {_shown(value)}")

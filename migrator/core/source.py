@@ -357,16 +357,18 @@ def decode(raw: Any, value_format: str) -> Any:
             utf8(raw, "value")  # a clearer reason when the bytes are not text at all
             raise BadRecord(f"value is not valid JSON: {exc}") from None
     if value_format == "int":
+        # Only an integer as INCR writes one: int() also takes " 42", "+1", "1_000", "007" and other
+        # scripts' digits, each a different text that would arrive as the same number, silently.
         if isinstance(raw, bytes):
-            try:  # digits in ASCII, as a counter's nearly always are: what int() of its text gives
-                return int(raw)
+            try:
+                n = int(raw)
             except ValueError:
-                pass  # (not ASCII, or not a number: told as the text says)
+                n = None
+            if n is not None and b"%d" % n == raw:
+                return n
         text = utf8(raw, "value")
-        try:
-            return int(text)
-        except ValueError:
-            raise BadRecord(f"value {text[:40]!r} is not an integer") from None
+        raise BadRecord(f"value {text[:40]!r} is not an integer as Redis writes one (ASCII digits, a minus sign at"
+                        " most, no leading zero or space): a text pattern keeps it as it is")
     if value_format == "text":
         return utf8(raw, "value")
     if value_format == "bytes":  # taken as it is: binary data (a pickle, a compressed blob)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from datetime import date, datetime, timezone, tzinfo
 from typing import Any
@@ -27,7 +28,12 @@ def stable_id(*parts: str) -> str:
     two high bits 10, set on the hex digits (the variant's by a table: parsing the digit cost more).
     """
     digest = _NAMESPACE_SHA1.copy()
-    digest.update("\x1f".join(parts).encode())
+    joined = "\x1f".join(parts)
+    if joined.count("\x1f") != len(parts) - 1:
+        # a part holds the separator ("a\x1fb", "c" and "a", "b\x1fc" would join alike): spelt as a JSON
+        # array instead, which holds no raw \x1f, so no id of a joined name's is made again
+        joined = json.dumps(parts)
+    digest.update(joined.encode())
     h = digest.hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 

@@ -34,8 +34,8 @@ WIDE_HASH = 64
 MAX_COLUMNS = 50  # of one JSON document or hash read whole
 SAMPLE_BYTES = 64 * 1024  # of a string example
 SAMPLE_MEMBERS = 100  # of a collection example: its first (a set's random) members, a stream's first entries
-INTEGER = re.compile(r"-?(0|[1-9]\d{0,17})")  # (a leading zero is text: a zip code, "007")
-DECIMAL = re.compile(r"-?\d+\.\d+")
+INTEGER = re.compile(r"0|-?[1-9][0-9]{0,17}")  # (a leading zero is text: a zip code, "007"; ASCII digits only)
+DECIMAL = re.compile(r"-?[0-9]+\.[0-9]+")
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -278,12 +278,13 @@ def _string_columns(g: Guess, raws: list[bytes]) -> None:
     elif isinstance(documents[0], (dict, list)):
         g.value_format = "json"
         _document_columns(g, documents[:1])
-    elif INTEGER.fullmatch(text.strip()):
+    elif all(INTEGER.fullmatch(raw.decode("utf-8", "replace")) for raw in raws):  # (every example: "066172" is a code)
         g.value_format = "int"
         g.columns[_unique("value", set(g.columns), set())] = ("value", "bigint")
     else:
         g.value_format = "text"
-        g.columns[_unique("value", set(g.columns), set())] = ("value", _type_of_text(text))
+        kinds = {_type_of_text(raw.decode("utf-8", "replace")) for raw in raws}
+        g.columns[_unique("value", set(g.columns), set())] = ("value", _widest(kinds))
 
 
 def _document_columns(g: Guess, documents: list[Any]) -> None:
@@ -341,7 +342,7 @@ def _type_of_text(text: str) -> str:
 def _identifier(text: str) -> str:
     """A column or table name from any text: lower case, letters, digits and _ (RESERVED ones suffixed)."""
     name = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")[:60] or "part"
-    name = f"_{name}" if name[0].isdigit() else name
+    name = f"k{name}" if name[0].isdigit() else name  # (a pattern's name starts with a letter or digit, SQL's with a letter)
     return f"{name}_" if name in RESERVED_COLUMNS else name
 
 
