@@ -270,7 +270,7 @@ def _string_columns(g: Guess, raws: list[bytes]) -> None:
         g.value_format = "bytes"
         g.columns[_unique("value", set(g.columns), set())] = ("value", "bytea")
         return
-    text, documents = raws[0].decode("utf-8"), [_loads(raw) for raw in raws]
+    documents = [_loads(raw) for raw in raws]
     if all(isinstance(d, dict) for d in documents):
         g.value_format = "json"
         _document_columns(g, documents)
