@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -17,7 +18,7 @@ NOT_JSON = [b'"\xff"', b'\xef\xbb\xbf{"a":1}', b'{"a":1} x', b'"\xed\xa0\x80"', 
             b"[" * 5000 + b"]" * 5000]
 # ... and what it may hold that is: read alike by both, but for integers past 64 bits
 JSON = [b'"\\u0000"', b"1e308", b"-0", b"-0.0", b"1E+2", b'"\\ud83d\\ude00"', b' \t\n{"a" : [ ] }\r\n', b"5e-324",
-        b"1e-400", b'{"a":1,"a":2}', b"18446744073709551615", b"-9223372036854775808", b'"a\\/b"', b"100000000000000000000.0"]
+        b"1.5e-7", b"0.1", b'{"a":1,"a":2}', b"18446744073709551615", b"-9223372036854775808", b'"a\\/b"', b"100000000000000000000.0"]
 
 
 @pytest.mark.parametrize("raw", NOT_JSON, ids=lambda raw: repr(raw[:20]))
@@ -36,6 +37,16 @@ def test_what_orjson_reads_is_read_the_same(raw):
     assert repr(got) == repr(orjson.loads(raw)) and jsoncodec.dumps(got) == orjson.dumps(orjson.loads(raw))
 
 
+@pytest.mark.parametrize("text", [b"12345678901234567.89", b"0.1000000000000000055511151231257827", b"1e-400",
+                                  b"-9007199254740993.0"])
+def test_a_number_a_double_cannot_hold_is_read_as_its_digits_and_written_so(text):
+    """orjson (and a float) rounds them: 12345678901234568, 0.1, 0.0. A number a double does hold is a float."""
+    value = jsoncodec.loads(b'{"n": %s, "list": [%s, 1.5, 0.1, 2.50]}' % (text, text))
+    assert value["n"] == Decimal(text.decode()) != orjson.loads(text) and value["list"][1:] == [1.5, 0.1, 2.5]
+    assert jsoncodec.dumps(value) == b'{"n":%s,"list":[%s,1.5,0.1,2.5]}' % ((str(Decimal(text.decode())).encode(),) * 2)
+    assert decode(text, "json") == Decimal(text.decode())
+
+
 @pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 12345678901234567890123456781, -(10**40)])
 def test_an_integer_past_64_bits_is_read_and_written_as_the_app_wrote_it(number):
     raw = json.dumps({"n": number, "list": [number, 1.5, True, None]}).encode()
@@ -50,6 +61,7 @@ def test_an_integer_past_64_bits_is_read_and_written_as_the_app_wrote_it(number)
 
 
 @pytest.mark.parametrize("raw, words", [(b'{"score": NaN}', "it holds NaN: json.dumps in Python writes"),
+                                        (b'{"score": 1e400}', "it holds 1e400, past the range of a double"),
                                         (b"[1, -Infinity, Infinity]", "it holds -Infinity: json.dumps in Python writes"),
                                         (json.dumps({"name": "\ud800"}).encode(), "it holds a lone UTF-16 surrogate")])
 def test_what_python_s_json_writes_and_json_refuses_is_named_in_the_reason(raw, words):

@@ -686,7 +686,7 @@ columns = { entry = "text", amount = "numeric", units = "bigint", whole = "jsonb
 HUGE = 12345678901234567890123456781
 
 
-def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(settings, r, target, tmp_path):
+def test_numbers_past_a_double_are_kept_whole_and_verify_tells_a_rounded_one(settings, r, target, tmp_path):
     path = tmp_path / "ledger.toml"
     path.write_text(LEDGER)
     mapping = load_file(path)
@@ -697,11 +697,19 @@ def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(set
     for _ in range(600):
         deep = [deep]
     r.set("l:entry:c", json.dumps({"amount": 2, "units": 1, "deep": deep}))  # deeper than the writer writes
+    # decimals a double cannot hold (another language's writer, a price with many digits): as written
+    r.set("l:entry:d", '{"amount": 12345678901234567.89, "units": 4, "rate": 0.1000000000000000055511151231257827,'
+                       ' "js": 1.5e-7, "tiny": 1e-400}')
     report = migrate(here, mapping=mapping)
     assert report["status"] == "completed", report
-    assert (by_pattern(report)["entry"]["migrated"], by_pattern(report)["entry"]["dead"]) == (1, 2), report
-    [(amount, nested, whole)] = rows(here, "SELECT amount::text, whole #>> '{nested,0,n}', whole->>'amount' FROM entries")
+    assert (by_pattern(report)["entry"]["migrated"], by_pattern(report)["entry"]["dead"]) == (2, 2), report
+    [(amount, nested, whole)] = rows(here, "SELECT amount::text, whole #>> '{nested,0,n}', whole->>'amount' FROM entries"
+                                           " WHERE entry = 'a'")
     assert (amount, nested, whole) == (str(HUGE), str(-HUGE), str(HUGE))
+    [(amount, rate, js, tiny)] = rows(here, "SELECT amount::text, whole->>'rate', (whole->>'js')::float8, whole->>'tiny'"
+                                            " FROM entries WHERE entry = 'd'")
+    assert (amount, rate, js, Decimal(tiny)) == ("12345678901234567.89", "0.1000000000000000055511151231257827", 1.5e-7,
+                                                Decimal("1e-400"))
     errors = dict(rows(here, "SELECT key_text, error FROM migration_dead_letters WHERE run_id = %s", report["run_id"]))
     assert "out of range" in errors["l:entry:b"] and "nested deeper than 255 levels" in errors["l:entry:c"], errors
     r.delete("l:entry:b", "l:entry:c")
@@ -710,14 +718,18 @@ def test_integers_past_64_bits_are_kept_whole_and_verify_tells_a_rounded_one(set
     conn = here.postgres()
     try:
         with conn, conn.cursor() as cur:  # what reading it as a double made of it
-            cur.execute("UPDATE entries SET whole = jsonb_set(whole, '{amount}', to_jsonb(%s::float8))", (float(HUGE),))
+            cur.execute("UPDATE entries SET whole = jsonb_set(whole, '{amount}', to_jsonb(%s::float8)) WHERE entry = 'a'",
+                        (float(HUGE),))
+            cur.execute("UPDATE entries SET amount = 12345678901234568 WHERE entry = 'd'")  # and a decimal so
     finally:
         conn.close()
     told = verify(here, report["run_id"], mapping=mapping)
-    assert (told["verdict"], told["different"]) == ("differences", 1), told
+    assert (told["verdict"], told["different"]) == ("differences", 2), told
     # --init types such an integer numeric, which holds it, and one within 64 bits bigint
     guess = _guess(r, {"shape": "l:entry:*", "keys": 1, "types": {"string": 1}, "examples": ["l:entry:a"]}, set(), set())
     assert (guess.columns["amount"][1], guess.columns["units"][1]) == ("numeric", "bigint"), guess.columns
+    decimals = _guess(r, {"shape": "l:entry:*", "keys": 1, "types": {"string": 1}, "examples": ["l:entry:d"]}, set(), set())
+    assert (decimals.columns["amount"][1], decimals.columns["js"][1]) == ("numeric", "double precision"), decimals.columns
 
 
 QUEUES = """

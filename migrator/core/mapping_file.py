@@ -240,7 +240,7 @@ def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
             return None
         if isinstance(value, bool):
             raise BadRecord(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, (float, Decimal)) and value == int(value):
             value = int(value)
         elif isinstance(value, str) and PLAIN_INTEGER.fullmatch(value):  # ("007", " 4", "+1" would change)
             value = int(value)
@@ -255,9 +255,9 @@ def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
 def _as_numeric(value: Any, tz: tzinfo) -> str | None:
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise BadRecord(f"expected a number, got {_shown(value)}")
-    text = value.strip() if isinstance(value, str) else repr(value)
+    text = value.strip() if isinstance(value, str) else str(value) if isinstance(value, Decimal) else repr(value)
     try:
         number = Decimal(text)
     except InvalidOperation:
@@ -270,7 +270,7 @@ def _as_numeric(value: Any, tz: tzinfo) -> str | None:
 def _as_double(value: Any, tz: tzinfo) -> float | str | None:
     if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)) or (
             isinstance(value, str) and not NUMBER.fullmatch(value)):
         raise BadRecord(f"expected a number, got {_shown(value)}")
     number = float(value)
@@ -296,7 +296,7 @@ def _as_bool(value: Any, tz: tzinfo) -> bool | None:
 def _as_timestamp(value: Any, tz: tzinfo) -> datetime | None:
     if isinstance(value, datetime):
         return value
-    if isinstance(value, str) and NUMBER.fullmatch(value):
+    if isinstance(value, str) and NUMBER.fullmatch(value) or isinstance(value, Decimal):
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         raise BadRecord(f"expected a time, got {_shown(value)}")
@@ -521,7 +521,7 @@ class _Problems:
 
 
 def _toml_kind(value: Any) -> str:
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", Decimal: "a number", str: "a string", list: "an array",
              dict: "a table"}
     return next((name for kind, name in kinds.items() if isinstance(value, kind)), type(value).__name__)
 

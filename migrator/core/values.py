@@ -5,6 +5,7 @@ import hashlib
 import json
 import uuid
 from datetime import date, datetime, timezone, tzinfo
+from decimal import Decimal
 from typing import Any
 
 from migrator.core.mapping import BadRecord
@@ -56,7 +57,7 @@ def parse_dt(value: Any, tz: tzinfo, *, field: str = "datetime") -> datetime | N
         return None
     if isinstance(value, bool):
         raise BadRecord(f"{field}: expected a datetime, got a boolean")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, Decimal)):
         return datetime.fromtimestamp(float(value), tz=timezone.utc)
     raise BadRecord(f"{field}: expected a datetime string, got {type(value).__name__}")
 
@@ -75,7 +76,7 @@ def parse_int(value: Any, *, field: str = "value", default: int | None = None) -
         raise BadRecord(f"{field}: expected an integer, got a boolean")
     if isinstance(value, int):
         return value
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, (float, Decimal)) and value == int(value):
         return int(value)
     if isinstance(value, (str, bytes)):
         try:
@@ -86,7 +87,7 @@ def parse_int(value: Any, *, field: str = "value", default: int | None = None) -
 
 
 def parse_number(value: Any, *, field: str = "value") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise BadRecord(f"{field}: expected a number, got {type(value).__name__}")
     try:
         return float(value)

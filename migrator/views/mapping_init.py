@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,8 @@ def _type_of(value: Any) -> str:
         return "bigint" if -2**63 <= value < 2**63 else "numeric"
     if isinstance(value, float):
         return "double precision"
+    if isinstance(value, Decimal):  # (more digits than a double holds, read whole: numeric keeps them)
+        return "numeric"
     if isinstance(value, (dict, list)):
         return "jsonb"
     return _type_of_text(value) if isinstance(value, str) else "text"
