@@ -653,10 +653,15 @@ DELETE_CHANGED = sql.SQL(
     "DELETE FROM {t} USING migration_journal j"
     " WHERE j.run_id = %(run)s AND j.table_name = %(name)s AND j.row_id = {t}.id"
 )
+# Each prior image from its text, exactly (025_journal_text.sql), else from its JSON; every column but
+# a generated one, an identity's own value kept.
 RESTORE_CHANGED = sql.SQL(
-    "INSERT INTO {t} SELECT (jsonb_populate_record(NULL::{t}, j.old_row)).*"
-    " FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s"
+    "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {values} FROM (SELECT CASE WHEN j.old_text IS NOT NULL"
+    " THEN j.old_text::{t} ELSE jsonb_populate_record(NULL::{t}, j.old_row) END AS r"
+    " FROM migration_journal j WHERE j.run_id = %(run)s AND j.table_name = %(name)s) AS s"
 )
+STORED_COLUMNS = ("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped"
+                  " AND attgenerated = '' ORDER BY attnum")
 
 
 def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
@@ -667,8 +672,12 @@ def undo_table(cur: Any, run_id: str, table: str) -> tuple[int, int]:
     cur.execute(DELETE_INSERTED.format(t=t), params)
     deleted = cur.rowcount
     cur.execute(DELETE_CHANGED.format(t=t), params)
+    cur.execute(STORED_COLUMNS, (sql.Identifier(table).as_string(cur),))
+    columns = [sql.Identifier(c) for (c,) in cur.fetchall()]
+    restore = RESTORE_CHANGED.format(t=t, cols=sql.SQL(", ").join(columns),
+                                     values=sql.SQL(", ").join(sql.SQL("(s.r).") + c for c in columns))
     with sealing(cur):  # a prior image comes back as it was, its seal with it (the seal held for that image)
-        cur.execute(RESTORE_CHANGED.format(t=t), params)
+        cur.execute(restore, params)
         restored = cur.rowcount  # (sealing's own statement, on leaving, would be counted otherwise)
     return deleted, restored
 
@@ -964,8 +973,8 @@ WHOLE_KEY = "00000000-0000-0000-0000-000000000000"
 # hand, since the journal trigger fires on UPDATE only), or marked (the trigger journals it).
 RETIRE_DELETE = (
     "WITH gone AS (DELETE FROM {t} WHERE {which} RETURNING {t}.*),"
-    " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row)"
-    " SELECT %(run)s, %(name)s, g.id, to_jsonb(g) FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
+    " journaled AS (INSERT INTO migration_journal (run_id, table_name, row_id, old_row, old_text)"
+    " SELECT %(run)s, %(name)s, g.id, to_jsonb(g), g::text FROM gone g WHERE g.migration_run IS DISTINCT FROM %(run)s::uuid"
     " ON CONFLICT DO NOTHING),"
     # the fence of a bulk batch running now (merge.SYNCED_AT): the row is not to come back from its older read
     " fenced AS (INSERT INTO migration_retired (table_name, row_id, source_key, run_id, retired_at)"
