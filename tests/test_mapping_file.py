@@ -717,6 +717,12 @@ def test_numbers_past_a_double_are_kept_whole_and_verify_tells_a_rounded_one(set
     assert migrate(here, mapping=mapping)["figures"]["rows_written"] == 0  # read the same way again: nothing to write
     conn = here.postgres()
     try:
+        with conn, conn.cursor() as cur:  # the same number, another scale: not as written
+            cur.execute("UPDATE entries SET amount = amount * 1.0 WHERE entry = 'd'")
+        told = verify(here, report["run_id"], mapping=mapping)
+        assert (told["verdict"], told["different"]) == ("differences", 1), told
+        assert migrate(here, mapping=mapping)["figures"]["rows_written"] == 1  # a re-run writes it as written again
+        assert rows(here, "SELECT amount::text FROM entries WHERE entry = 'd'") == [("12345678901234567.89",)]
         with conn, conn.cursor() as cur:  # what reading it as a double made of it
             cur.execute("UPDATE entries SET whole = jsonb_set(whole, '{amount}', to_jsonb(%s::float8)) WHERE entry = 'a'",
                         (float(HUGE),))

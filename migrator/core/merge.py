@@ -110,8 +110,8 @@ class TableRule:
             for c in columns if c != "id"
         )
         changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
-            sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in content),
-            sql.SQL(", ").join(self.merged(c) for c in content),
+            sql.SQL(", ").join(as_written(sql.SQL("t.") + sql.Identifier(c), types[c]) for c in content),
+            sql.SQL(", ").join(as_written(self.merged(c), types[c]) for c in content),
         )
         if "expires_at" in columns:  # (a TTL the app set, moved or removed since: the row follows it)
             changed = sql.SQL("({} OR {})").format(changed, expiry_moved("EXCLUDED"))
@@ -183,7 +183,8 @@ class TableRule:
                 expected = sql.SQL("COALESCE({})").format(sql.SQL(", ").join([e(c), *found]))
                 same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), expected)))
             else:  # a lookup column too: one the record cannot know is in `unknown`
-                same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(t(c), e(c))))
+                same.append((c, sql.SQL("{} IS NOT DISTINCT FROM {}").format(as_written(t(c), types[c]),
+                                                                             as_written(e(c), types[c]))))
         for c, column_type in types.items():
             default = column_type[2]
             if c in columns or c in VOLATILE or c in unknown or default and "(" in default:
@@ -218,6 +219,12 @@ class TableRule:
             kind=kind, differing=differing, whole=whole, table=sql.Identifier(self.name),
             values=sql.SQL(", ").join(sql.SQL("{} AS {}").format(cast[c], sql.Identifier(c)) for c in columns),
         )
+
+
+def as_written(value: sql.Composable, column_type: tuple[str, ...]) -> sql.Composable:
+    """A value as compared for a change: a numeric by its text, whose scale is part of what was written
+    (19.90 and 19.9 are equal numbers, and a row holding the one for the other would go unnoticed)."""
+    return sql.SQL("{}::text").format(value) if column_type[0] == "numeric" else value
 
 
 def _element(index: int, column: str, column_type: tuple[str, ...], table: str) -> sql.Composable:
