@@ -18,6 +18,7 @@ import redis
 
 from migrator.core import ledger
 from migrator.core import notifications
+from migrator.cutover import switch
 from migrator.apps.threadr import THREADR
 from migrator.apps.threadr.demo import seed_demo
 from migrator.core.mapping import SHAPE_ERRORS, SourceRecord
@@ -227,8 +228,13 @@ def test_broken_json_written_live_is_a_dead_letter_then_retried(settings, r, pg,
     (reason,), = rows(pg, "SELECT error FROM migration_dead_letters WHERE run_id = %s", follow.run_id)
     assert "not valid JSON" in reason
     assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", key.decode()) == [(1,)]  # its last good row
+    # a row left as it was, its key's change not applied: no cutover on it
+    refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5", timeout=60)
+    assert refused.returncode == 1 and "holds 1 dead letter(s)" in refused.stdout, refused.stdout + refused.stderr
     r.set(key, good)  # fixed by the app: applied, and no longer a dead letter
     wait_for(lambda: not rows(pg, "SELECT 1 FROM migration_dead_letters WHERE run_id = %s", follow.run_id))
+    allowed = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5", timeout=60)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert follow.stop() == 0, follow.output()
 
 
@@ -342,6 +348,13 @@ def test_cutover_waits_for_follow(settings, r, pg, notify, tmp_path):
     follow = Following(settings, tmp_path, "--local")
     allowed = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr  # no shadow reads: follow is the sync path
+    # the server's keyspace events turned off since follow subscribed: it hears of no change, lag 0 or not
+    r.config_set(notifications.SETTING, "")
+    try:
+        refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
+        assert refused.returncode == 1 and "notify-keyspace-events is '', without K" in refused.stdout, refused.stdout
+    finally:
+        r.config_set(notifications.SETTING, notifications.wanted(""))
     with pg, pg.cursor() as cur:  # its last reconciliation repaired something
         cur.execute("UPDATE migration_reconciliations SET clean = false WHERE run_id = %s", (follow.run_id,))
     refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5")
@@ -386,6 +399,15 @@ def test_a_killed_follow_shows_no_heartbeat_and_refuses_cutover(settings, r, pg,
     follow.proc.kill()  # SIGKILL: no drain, no last figures, the session left running in the ledger
     follow.proc.wait(30)
     follow.out.close()
+
+    def quiet() -> bool:
+        """the session silent for longer than a live one is between its figures"""
+        with pg, pg.cursor() as cur:
+            return ledger.follow_progress(cur, follow.run_id)["silent_s"] > switch.CUTOVER_SILENCE_S
+
+    wait_for(quiet, switch.CUTOVER_SILENCE_S + 30, every=0.5)  # (long before status calls it gone)
+    refused = cli(settings, "cutover", "--to", "postgres-primary", "--max-lag", "5", timeout=60)
+    assert refused.returncode == 1 and "has not reported" in refused.stdout, refused.stdout + refused.stderr
 
     def silent() -> bool:
         """the session silent for longer than a live one ever is"""

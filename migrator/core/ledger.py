@@ -950,6 +950,12 @@ def dead_letters_now(cur: Any, run_id: str) -> set[bytes]:
     return {bytes(k) for (k,) in cur.fetchall()}
 
 
+def dead_letter_count(cur: Any, run_id: str) -> int:
+    """The dead letters the run (or follow session) holds now."""
+    cur.execute("SELECT count(*) FROM migration_dead_letters WHERE run_id = %s", (run_id,))
+    return cur.fetchone()[0]
+
+
 def has_dead_letters(cur: Any, run_id: str) -> bool:
     """Whether the run holds any dead letter (an index probe: a follow batch asks before it forgets)."""
     cur.execute("SELECT EXISTS (SELECT FROM migration_dead_letters WHERE run_id = %s)", (run_id,))

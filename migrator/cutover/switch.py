@@ -12,8 +12,13 @@ from typing import Any, Sequence
 
 import redis
 
-from migrator.core import ledger
+from migrator.core import ledger, notifications
+from migrator.core.source import cluster_masters, node_client
 from migrator.cutover.dualwrite import REPAIR_QUEUE, WriteStrategy, configured_strategy
+
+# A live follow session writes its figures every second: silent for longer than this, it may have died
+# with changes in hand (ledger.FOLLOW_STALE_S, longer, is when `status` calls it gone).
+CUTOVER_SILENCE_S = 5.0
 
 
 def parity(conn: Any, hours: float = 24.0) -> dict[str, dict[str, Any]]:
@@ -81,6 +86,7 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
         verdicts = ledger.latest_verdicts(cur, run_id) if run_id else {}
         session = ledger.live_follow_session(cur)
         following = ledger.follow_progress(cur, session) if session else None
+        dead = ledger.dead_letter_count(cur, session) if session else 0
     if run is None:
         reasons.append("no migration run yet: backfill with `migrator run` first")
     elif run["status"] != "completed" or not verdicts or not all(verdicts.values()):
@@ -91,6 +97,10 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
         reasons.append(f"{pending} dual-write repair(s) pending: apply them first (DualWriteService.repair())")
     if following is not None:
         reasons += _follow_reasons(session, following, max_lag)
+        if dead:
+            reasons.append(f"follow session {session} holds {dead} dead letter(s): keys whose change it could not apply, "
+                           f"their rows as they were (`migrator report {session}` says why); fix them in Redis")
+        reasons += _notification_reasons(client)
         return Decision(not reasons, reasons)
     seen = parity(conn, hours)
     if not parity_reads:
@@ -109,9 +119,10 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
 
 def _follow_reasons(session: str, p: dict[str, Any], max_lag: float) -> list[str]:
     reasons = []
-    if p["silent_s"] > ledger.FOLLOW_STALE_S:
-        reasons.append(f"follow session {session} has not reported for {p['silent_s']:.0f} s: is its process alive? "
-                       "(start `migrator follow` again)")
+    if p["silent_s"] > CUTOVER_SILENCE_S:
+        reasons.append(f"follow session {session} has not reported for {p['silent_s']:.0f} s (it reports every second),"
+                       f" {p['pending'] or 0:,} key(s) pending at its last report: is its process alive? (start"
+                       " `migrator follow` again)")
     if p["lag_s"] > max_lag:
         reasons.append(f"follow session {session} lags {p['lag_s']:.3f} s, over --max-lag {max_lag:g} s; wait, or "
                        "give it more --jobs")
@@ -123,6 +134,27 @@ def _follow_reasons(session: str, p: dict[str, Any], max_lag: float) -> list[str
         reasons.append(f"follow session {session}: its last reconciliation is "
                        + ("not done yet" if last is None else "not clean (it applied again what the events missed)")
                        + "; wait for a clean one (`migrator status " + session + "`)")
+    return reasons
+
+
+def _notification_reasons(client: redis.Redis) -> list[str]:
+    """A server that no longer publishes the keyspace events follow needs (a CONFIG SET since follow
+    subscribed): its changes reach PostgreSQL only at the next reconciliation, whatever the lag says.
+    A server whose CONFIG is refused (a managed service) is not judged here."""
+    reasons = []
+    for node in cluster_masters(client) or [None]:
+        server = client if node is None else node_client(client, node)
+        try:
+            value = notifications.current(server)
+        except redis.ResponseError:
+            continue
+        finally:
+            if server is not client:
+                server.close()
+        if notifications.missing(value):
+            reasons.append(f"Redis {node or 'server'}: {notifications.SETTING} is {value!r}, without "
+                           f"{notifications.missing(value)}: follow receives no event of those changes; "
+                           f"{notifications.advice(value)}")
     return reasons
 
 
