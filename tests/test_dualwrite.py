@@ -114,6 +114,46 @@ def test_a_backfill_beside_the_app_never_overwrites_newer_values(service, settin
         assert cur.fetchone()[0] == 5
 
 
+def test_a_bulk_batch_that_read_before_the_app_s_dual_write_leaves_the_row_the_app_wrote(service, settings, r, pg,
+                                                                                          monkeypatch):
+    """A subscription's status has no merge rule to keep the newer: the app's write through the service,
+    between a batch's read and its write, is stamped as follow's are, and the batch leaves that row."""
+    from test_fence import between_read_and_write  # (the batch's read and write, told apart)
+
+    service.strategy = WriteStrategy.DUAL_WRITE
+    service.create_subscription("cy@x.io", {"subscription_id": "sub_1", "plan_name": "threadr_pro", "status": "active",
+                                            "current_period_start": "2026-11-01 00:00:00",
+                                            "current_period_end": "2027-11-01 00:00:00"})
+    key = b"threadr:subscription:user:cy@x.io"
+    between_read_and_write(monkeypatch, key, lambda: service.cancel_subscription("cy@x.io"))
+    run = migrate(settings, priorities=("critical",))
+    assert run["status"] == "completed", run
+    with pg.cursor() as cur:
+        cur.execute("SELECT status_raw FROM subscriptions WHERE source_key = %s", (key.decode(),))
+        assert cur.fetchall() == [(json.loads(r.get(key))["status"],)] != [("active",)]
+    pg.rollback()
+
+
+def test_a_service_following_the_setting_keeps_writing_while_postgresql_blips(settings, r, pg):
+    """Told no strategy, the service reads the one `migrator cutover` set; PostgreSQL unreachable when it
+    looks again, the app's writes go on by the one it last read, their PostgreSQL side queued for repair."""
+    follower = ThreadrDualWrite(r, lambda: psycopg2.connect(settings.database_url), THREADR, None, follow_every_s=0)
+    try:
+        assert follower.strategy is WriteStrategy.DUAL_WRITE
+        with pg.cursor() as cur:  # its connection cut, and no new one taken
+            cur.execute("SELECT pg_terminate_backend(%s)", (follower._pg().get_backend_pid(),))
+        pg.commit()
+        down = postgres_away(follower, settings)
+        result = follower.grant_premium_access("ann@x.io", "email", 5)[0]
+        assert result.primary_ok and result.secondary_ok is False and r.llen(REPAIR_QUEUE) == 1
+        down["on"] = False
+        assert follower.repair() == 1 and follower.strategy is WriteStrategy.DUAL_WRITE
+        assert follower.check_premium_access("ann@x.io", "email")["has_premium"]
+    finally:
+        follower.close()
+        r.delete(REPAIR_QUEUE)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=120)
 

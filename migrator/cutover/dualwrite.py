@@ -28,6 +28,7 @@ import redis
 from psycopg2 import sql
 import structlog
 
+from migrator.core import ledger
 from migrator.core.mapping import Mapping, SourceRecord
 from migrator.core.redact import redact_text
 from migrator.core.source import MILLISECOND, KeyRead, decode, expiry, value_digest
@@ -96,7 +97,17 @@ class DualWriteService:
         if self._fixed is not None:
             return self._fixed
         if self._followed is None or time.monotonic() - self._followed_at > self._follow_every:
-            self._followed, self._followed_at = configured_strategy(self._pg()), time.monotonic()
+            try:
+                self._followed = configured_strategy(self._pg())
+            except psycopg2.Error:
+                # PostgreSQL unreachable a moment: the app's writes go on by the strategy last read (its
+                # PostgreSQL side recorded for repair), and the setting is read again at the next look
+                if self._conn is not None:
+                    self._conn.close()
+                if self._followed is None:
+                    raise
+                log.warning("strategy_not_read", kept=self._followed.value)
+            self._followed_at = time.monotonic()
         return self._followed
 
     @strategy.setter
@@ -134,6 +145,13 @@ class DualWriteService:
                 Writer(cur, self.mapping, run_id=None).upsert(
                     [Prepared(key.encode(), key, pattern, rows, expires, KeyRead(key.encode(), pattern.redis_type, -1, raw, len(raw)),
                               value_digest(raw))])
+                # the app's write, stamped as follow stamps what it applies (merge.SYNCED_AT): a bulk batch
+                # that began before it, and may have read the key before it, leaves the row alone
+                by_table: dict[str, list[tuple[str, str]]] = {}
+                for row in rows:
+                    by_table.setdefault(row.table, []).append((row.values["id"], key))
+                for table, given in by_table.items():
+                    ledger.stamp_synced(cur, table, given)
         except psycopg2.Error:
             conn.close()  # a broken connection is replaced on the next call
             raise
