@@ -512,7 +512,7 @@ def test_a_counter_is_an_integer_as_incr_writes_one_and_any_other_text_a_dead_le
     counters = by_pattern(report)["usage_counter"]
     assert (counters["migrated"], counters["dead"]) == (2, 6), counters
     assert one(pg, "SELECT string_agg(subject || '=' || count, ',' ORDER BY subject) FROM usage_counters") == "a=42,h=0"
-    assert "is not an integer as Redis writes one" in one(pg, "SELECT min(error) FROM migration_dead_letters")
+    assert "is not an integer as INCR writes one" in one(pg, "SELECT min(error) FROM migration_dead_letters")
 
 
 def test_filters_by_priority_table_and_pattern(settings, r, pg):

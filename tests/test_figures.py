@@ -178,13 +178,13 @@ def test_dead_letters_are_grouped_by_reason_without_any_address_in_sight(setting
     run_id = run["run_id"]
     counters = next(p for p in run["patterns"] if p["pattern"] == "usage_counter")
     assert counters["dead"] == 312
-    assert counters["dead_reasons"] == [{"reason": "value '…' is not an integer", "count": 300},
+    assert counters["dead_reasons"] == [{"reason": "value '…' is not an integer as INCR writes one", "count": 300},
                                         {"reason": "wrong Redis type: expected string, found hash", "count": 12}]
     failures = next(p for p in run["patterns"] if p["pattern"] == "failed_login")
     assert failures["dead_reasons"] == [{"reason": 'CheckViolation: new row for relation "login_failures" violates'
                                                    ' check constraint "login_failures_attempts_check"'
                                                    ' (Failing row contains (…))', "count": 3}]
-    line = ('usage_counter: 312 dead — 300 × "value \'…\' is not an integer"; '
+    line = ('usage_counter: 312 dead — 300 × "value \'…\' is not an integer as INCR writes one"; '
             '12 × "wrong Redis type: expected string, found hash"')
     report_text = migrator("report", run_id, "--output-dir", str(tmp_path), "--database-url", settings.database_url).stdout
     status_text = migrator("status", run_id, "--database-url", settings.database_url).stdout

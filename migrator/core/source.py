@@ -367,8 +367,7 @@ def decode(raw: Any, value_format: str) -> Any:
             if n is not None and b"%d" % n == raw:
                 return n
         text = utf8(raw, "value")
-        raise BadRecord(f"value {text[:40]!r} is not an integer as Redis writes one (ASCII digits, a minus sign at"
-                        " most, no leading zero or space): a text pattern keeps it as it is")
+        raise BadRecord(f"value {text[:40]!r} is not an integer as INCR writes one")
     if value_format == "text":
         return utf8(raw, "value")
     if value_format == "bytes":  # taken as it is: binary data (a pickle, a compressed blob)
