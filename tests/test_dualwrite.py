@@ -154,6 +154,62 @@ def test_a_service_following_the_setting_keeps_writing_while_postgresql_blips(se
         r.delete(REPAIR_QUEUE)
 
 
+SUBSCRIPTION = {"subscription_id": "sub_1", "plan_name": "threadr_pro", "status": "active",
+                "current_period_start": "2026-11-01 00:00:00", "current_period_end": "2027-11-01 00:00:00"}
+
+
+def test_a_repair_gives_postgresql_what_redis_holds_now_not_a_write_a_later_one_replaced(service, settings, r, pg):
+    """Under DUAL_WRITE a failed PostgreSQL write is queued; the app's later writes (a reactivation, a
+    delete) reach both stores. The repair writes what Redis holds now: the queued bytes would cancel
+    the subscription again and bring the deleted thread back."""
+    service.strategy = WriteStrategy.DUAL_WRITE
+    service.create_subscription("cy@x.io", SUBSCRIPTION)
+    user_id = service.create_user("dee@x.io", HASH)
+    thread = service.save_thread(user_id, "first", "text", [{"content": "a tweet", "order": 1, "character_count": 7}])
+    down = postgres_away(service, settings)
+    service._conn.close()  # (its connection gone with it)
+    assert service.cancel_subscription("cy@x.io").secondary_ok is False
+    assert service.update_thread(thread, title="edited").secondary_ok is False
+    down["on"] = False
+    assert service.update_subscription("cy@x.io", status="active").secondary_ok is True
+    assert service.delete_thread(thread).secondary_ok is True
+    assert service.repair() == 2 and r.llen(REPAIR_QUEUE) == 0
+    with pg.cursor() as cur:
+        cur.execute("SELECT status_raw FROM subscriptions WHERE source_key = 'threadr:subscription:user:cy@x.io'")
+        assert cur.fetchall() == [("active",)]
+        cur.execute("SELECT count(*) FROM threads WHERE source_key = %s", (f"threadr:thread:{thread}",))
+        assert cur.fetchone()[0] == 0
+        # the email index reached PostgreSQL as the user did
+        cur.execute("SELECT count(*) FROM legacy_id_map WHERE legacy_id = 'dee@x.io'")
+        assert cur.fetchone()[0] == 1
+    pg.rollback()
+
+
+def test_under_postgres_primary_a_change_builds_on_postgresql_and_a_stale_redis_repair_is_not_replayed(service, r, pg):
+    """PostgreSQL answers: a change is made on its document (Redis, the fallback, missed a write), and a
+    queued Redis repair that a later write superseded is not put back over it."""
+    service.strategy = WriteStrategy.POSTGRES_PRIMARY
+    user_id = service.create_user("fay@x.io", HASH)
+    service.create_subscription("fay@x.io", SUBSCRIPTION)
+    working = service.redis
+    service.redis = redis.Redis(port=1)  # Redis away: PostgreSQL takes the writes, Redis's sides are queued
+    try:
+        assert service.update_user(user_id, password_hash=HASH.replace("abc", "new")).secondary_ok is False
+        assert service.cancel_subscription("fay@x.io").secondary_ok is False
+    finally:
+        service.redis = working
+    assert service.update_user(user_id, login_count=1).secondary_ok is True  # on PostgreSQL's document
+    assert service.update_subscription("fay@x.io", status="active").secondary_ok is True
+    service.repair()
+    with pg.cursor() as cur:
+        cur.execute("SELECT password_hash, login_count FROM users WHERE legacy_id = %s", (user_id,))
+        assert cur.fetchone() == (HASH.replace("abc", "new"), 1)
+    pg.rollback()
+    stored = json.loads(r.get(f"threadr:user:{user_id}"))
+    assert (stored["password_hash"], stored["login_count"]) == (HASH.replace("abc", "new"), 1)
+    assert json.loads(r.get("threadr:subscription:user:fay@x.io"))["status"] == "active"
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=120)
 

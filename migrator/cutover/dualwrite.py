@@ -201,15 +201,17 @@ class DualWriteService:
         return WriteResult(key, True, True)
 
     def repair(self) -> int:
-        """Apply queued secondary writes again; returns how many succeeded."""
+        """Bring each key a secondary write failed for to what its primary store holds now; returns how
+        many repairs were applied. The queued bytes are not replayed where they may be older than the
+        primary: a later write (a delete, a reactivation) would be undone by them."""
         done = 0
         while (item := self.redis.lpop(REPAIR_QUEUE)) is not None:
-            entry = json.loads(item)
-            # (an entry of a version that kept the TTL: counted from now, as it was)
-            expires = datetime.fromisoformat(entry["expires_at"]) if entry.get("expires_at") else deadline(entry.get("ttl_s"))
+            key = json.loads(item)["key"]
             try:
-                raw = entry["raw"]
-                self._to_postgres(entry["key"], None if raw is None else raw.encode("latin-1"), expires)
+                # Redis took the write, and every later one: what it holds now is what PostgreSQL is to hold
+                now = datetime.now(timezone.utc)
+                raw, pttl = self.redis.pipeline(transaction=False).get(key).pttl(key).execute()
+                self._to_postgres(key, raw, None if raw is None else expiry(now, pttl))
                 done += 1
             except psycopg2.Error:
                 self.redis.lpush(REPAIR_QUEUE, item)  # still down: keep it, first in line
@@ -218,18 +220,38 @@ class DualWriteService:
         with conn, conn.cursor() as cur:
             cur.execute("SELECT id, redis_key, raw_value, coalesce(expires_at, created_at + ttl_s * interval '1 second')"
                         " FROM dual_write_repairs WHERE repaired_at IS NULL AND store = 'redis' ORDER BY id FOR UPDATE SKIP LOCKED")
-            for repair_id, key, raw, expires in cur.fetchall():
-                self._to_redis(key, None if raw is None else bytes(raw), expires)
+            queued = cur.fetchall()
+            latest = {key: repair_id for repair_id, key, _, _ in queued}  # (a later repair of the key supersedes)
+            for repair_id, key, raw, expires in queued:
+                raw = None if raw is None else bytes(raw)
+                if latest[key] == repair_id and self._current_in_postgres(cur, key, raw):
+                    self._to_redis(key, raw, expires)
+                    done += 1
                 cur.execute("UPDATE dual_write_repairs SET repaired_at = now(), attempts = attempts + 1 WHERE id = %s",
                             (repair_id,))
-                done += 1
         return done
+
+    def _current_in_postgres(self, cur: Any, key: str, raw: bytes | None) -> bool:
+        """Whether PostgreSQL, the primary, still holds what `raw` gave `key` (by the digest its rows keep of
+        the value they came from): else a later write changed it, and Redis was given that one, or it is
+        queued after this. Where no row says (a counter PostgreSQL counts), the queued value is all there is."""
+        pattern, _ = self.mapping.classify(key)
+        if pattern is None or not pattern.migrated:
+            return True
+        cur.execute(sql.SQL("SELECT source_digest FROM {} WHERE source_key = %s AND source_digest IS NOT NULL LIMIT 1").format(
+            sql.Identifier(pattern.table)), (key,))
+        found = cur.fetchone()
+        if found is None:
+            return True
+        return raw is not None and found[0] == value_digest(raw)
 
     # --- for an application's operations (a subclass of this one) ---------------------------
 
     def document(self, key: str, table: str, from_row: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-        """The app's current document for `key`: from Redis while Redis is written, else rebuilt from PostgreSQL."""
-        if self.strategy.writes_redis:
+        """The app's current document for `key`, from the store that answers the reads: Redis, else rebuilt
+        from PostgreSQL (under POSTGRES_PRIMARY too: Redis, the fallback, may miss a write whose Redis side
+        failed, and a change made on top of it would lose that write in the primary)."""
+        if not self.strategy.reads_postgres:
             raw = self.redis.get(key)
             if raw is None:
                 raise LookupError(f"{redact_text(key)} does not exist")

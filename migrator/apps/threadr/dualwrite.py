@@ -36,8 +36,8 @@ class ThreadrDualWrite(DualWriteService):
             "failed_login_attempts": 0, "last_failed_login": None, "is_email_verified": False,
             "email_verification_token": None, "password_reset_token": None, "password_reset_expires": None,
             "metadata": metadata or {}}, 2 * 365 * DAY)
-        if self.strategy.writes_redis:
-            self.redis.set(f"threadr:user:email:{email}", user_id, ex=2 * 365 * DAY)
+        # (its email index through put as well: PostgreSQL's legacy_id_map holds it as a run's does)
+        self.put(f"threadr:user:email:{email}", user_id, 2 * 365 * DAY)
         return user_id
 
     def update_user(self, user_id: str, **changes: Any) -> WriteResult:
