@@ -127,6 +127,7 @@ def test_what_the_app_changed_since_the_run_is_reported_as_such_and_is_no_differ
     seed_demo(r, 40)
     report = migrate(settings)
     assert report["status"] == "completed"
+    assert cli(settings, "verify", report["run_id"], "--local", "--strict").returncode == 0  # nothing behind yet
     user_key = sorted(r.scan_iter("threadr:user:user_*", count=1000))[0]
     user = json.loads(r.get(user_key))
     r.set(user_key, json.dumps({**user, "password_hash": "$2b$12$" + "n" * 53, "updated_at": "2031-01-01T00:00:00"}),
@@ -138,6 +139,9 @@ def test_what_the_app_changed_since_the_run_is_reported_as_such_and_is_no_differ
     assert patterns["user"]["changed"] == 1 and patterns["usage_counter"]["changed"] == 1
     assert result["changed_since_run"] == 2 and result["different"] == 0
     assert result["verdict"] == "clean"
+    # before a cutover, rows behind their key are not clean: --strict says STALE, exit 1
+    strict = cli(settings, "verify", report["run_id"], "--local", "--strict")
+    assert strict.returncode == 1 and "STALE: 2 row(s) behind what their key holds now" in strict.stdout, strict.stdout
     # the same rows changed in PostgreSQL instead, with Redis as it was: differences
     r.set(user_key, json.dumps(user), keepttl=True)
     r.decr(counter)

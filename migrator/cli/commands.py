@@ -37,7 +37,7 @@ from migrator.core.rollback import RollbackFailed, rollback_run
 from migrator.views.html_report import write_html
 from migrator.execution.runner import plan_run, requeue, resume_point
 from migrator.core.validate import render_validation, validate_run
-from migrator.core.verify import explain, masked, verify_in_memory
+from migrator.core.verify import explain, masked, strictly, verify_in_memory
 from migrator.core.verify import render as render_verification
 from migrator.views.audit import audit_keyspace, render_audit, write_audit
 from migrator.views.backup import backup, restore_instructions
@@ -371,8 +371,10 @@ def _run_to_check(conn: Any, run_id: str | None, priorities: list[str]) -> tuple
 
 def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *, local: bool = False,
                jobs: int = 2, show_diffs: int = 0, as_json: bool = False, output_dir: Path = Path("."),
-               max_keys_per_sec: int | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences, 2 could not finish."""
+               max_keys_per_sec: int | None = None, strict: bool = False, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
+    """Compare every key of a run's mapping with its rows: exit 0 clean, 1 differences (or, `strict`, rows
+    behind their key), 2 could not finish."""
     client, conn = settings.redis(), _ledger(settings)
     try:
         run_id, opts, chosen = _run_to_check(conn, run_id, priorities)
@@ -389,9 +391,11 @@ def cmd_verify(settings: Settings, run_id: str | None, spec: str | None, priorit
     finally:
         conn.close()
         client.close()
+    if strict:
+        result = strictly(result)
     shown = masked(result)
     _dump(shown, out) if as_json else out.write(render_verification(shown) + "\n")
-    return {"clean": OK, "counted": OK, "differences": FAILED}.get(result["verdict"], CANNOT_START)
+    return {"clean": OK, "counted": OK, "differences": FAILED, "stale": FAILED}.get(result["verdict"], CANNOT_START)
 
 
 def cmd_validate(settings: Settings, run_id: str | None, spec: str | None, priorities: list[str], *,

@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=VERIFY_DESCRIPTION)
     p.set_defaults(handler=lambda a, s: commands.cmd_verify(s, a.run_id, a.mapping, a.priority, as_json=a.json,
                                                             local=a.local, jobs=a.jobs, show_diffs=a.show_diffs,
-                                                            output_dir=a.output_dir, max_keys_per_sec=a.max_keys_per_sec))
+                                                            output_dir=a.output_dir, max_keys_per_sec=a.max_keys_per_sec,
+                                                            strict=a.strict))
     _connection_flags(p)
     p.add_argument("--output-dir", type=_output_dir, default=Path("."),
                    help="on a terminal: where verification_<run>.log (its log lines) goes")
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-diffs", type=int, default=0, metavar="N",
                    help="for up to N rows per pattern that differ, each differing column as PostgreSQL holds it and as "
                         "Redis gives it now (masked)")
+    p.add_argument("--strict", action="store_true",
+                   help="before a cutover: rows behind what their key holds now (changed since the run, which is "
+                        "otherwise no difference) make it STALE, exit 1")
     p.add_argument("--json", action="store_true",
                    help='{"run_id", "verdict", "missing", "different", "extra", "patterns": [...]}')
 

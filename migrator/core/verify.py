@@ -926,6 +926,14 @@ def masked(result: dict[str, Any]) -> dict[str, Any]:
                                                        for e in p["examples"]]} for p in result.get("patterns", [])]}
 
 
+def strictly(result: dict[str, Any]) -> dict[str, Any]:
+    """The verdict for a cutover (`verify --strict`): rows behind what their key holds now (the app
+    changed the key since they were written, and nothing brought them up to date) are not clean."""
+    if result["verdict"] == "clean" and result["changed_since_run"]:
+        return {**result, "verdict": "stale"}
+    return result
+
+
 def render(result: dict[str, Any]) -> str:
     """The verification as a table per pattern, its verdict, and the examples it kept."""
     head = ("pattern", "table", "keys", "compared", "rows", "missing", "different", "extra", "changed", "dead",
@@ -938,7 +946,9 @@ def render(result: dict[str, Any]) -> str:
     line = lambda r: "  ".join(cell(v).rjust(w) if i >= 2 else cell(v).ljust(w)  # noqa: E731
                                for i, (v, w) in enumerate(zip(r, widths)))
     verdict = {"clean": "CLEAN", "differences": "DIFFERENCES", "incomplete": "COULD NOT FINISH",
-               "counted": "COUNTED (dry run: no rows to compare)"}[result["verdict"]]
+               "counted": "COUNTED (dry run: no rows to compare)",
+               "stale": f"STALE: {result['changed_since_run']:,} row(s) behind what their key holds now (the app changed it"
+                        " since they were written): run again, or let `migrator follow` catch up"}[result["verdict"]]
     which = "(not recorded)" if result["verification_id"] is None else result["verification_id"]
     if result["verdict"] == "clean" and (t["dead"] or t["unreadable"]):  # clean, of the keys that have rows
         verdict += (f" of the keys that have rows: {t['dead']:,} key(s) are the run's dead letters and "
@@ -946,7 +956,7 @@ def render(result: dict[str, Any]) -> str:
                     "says why)")
     out = [f"run {result['run_id']}: verification {which} {verdict}",
            line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
-    out.append(f"missing {result['missing']:,}, different {result['different']:,}, extra (rows without a source key) "
+    out.append(f"missing {result['missing']:,}, different {result['different']:,}, extra (rows no key gives) "
                f"{result['extra']:,}; changed since the run {result['changed_since_run']:,}")
     for p in result["patterns"]:
         if p["columns"]:
