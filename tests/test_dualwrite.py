@@ -246,6 +246,11 @@ def test_cutover_refuses_below_parity_then_switches_services_that_follow_it(serv
         health = json.loads(cli("health", "--json", *urls).stdout)
         assert health["ok"] and health["strategy"] == "postgres_primary" and health["pending_repairs"] == 0
         assert cli("cutover", "--back", *urls).returncode == 0 and follower.strategy is WriteStrategy.DUAL_WRITE
+        # from postgres_only, under which Redis is not written, back would answer from a Redis that missed writes
+        assert cli("cutover", "--to", "postgres-only", "--min-reads", "1", *urls).returncode == 0
+        back = cli("cutover", "--back", *urls)
+        assert back.returncode == 1 and "under which Redis is not written" in back.stdout, back.stdout
+        assert follower.strategy is WriteStrategy.POSTGRES_ONLY
     finally:
         follower.close()
 

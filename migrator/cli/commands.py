@@ -27,7 +27,7 @@ from migrator.views import progress as progress_mod
 from migrator.views import status as status_mod
 from migrator.core.config import ConfigError, Settings, reason
 from migrator.core.errors import TRANSIENT, reconnect
-from migrator.cutover.dualwrite import WriteStrategy
+from migrator.cutover.dualwrite import WriteStrategy, configured_strategy
 from migrator.core.log import attach_log_file
 from migrator.core.runstate import TERMINAL, NotNow
 from migrator.core.mapping import Mapping, Priority
@@ -587,6 +587,12 @@ def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_par
     conn = _ledger(settings)
     try:
         if to is None:
+            if configured_strategy(conn) is WriteStrategy.POSTGRES_ONLY:  # (Redis has missed every write since)
+                out.write("cutover --back refused: the strategy is postgres_only, under which Redis is not written: "
+                          "its answers would miss every write since, and nothing here copies them back. `migrator "
+                          "cutover --to postgres-primary` writes Redis again while PostgreSQL answers (a key written "
+                          "under postgres_only stays behind in Redis until the app writes it again)\n")
+                return FAILED
             cutover.set_strategy(conn, WriteStrategy.DUAL_WRITE, "cutover --back")
             out.write("strategy is dual_write again: Redis answers, both stores are written\n")
             return OK
