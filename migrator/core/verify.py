@@ -64,6 +64,10 @@ def _counts() -> dict[str, int]:
     return dict.fromkeys(FIELDS, 0)
 
 
+DIFFERING = ("missing", "different", "changed")  # the kinds of a row behind or apart from its key
+DIFFERING_KEPT = 10_000
+
+
 @dataclass
 class Tally:
     """What one range (or the row check) found, per pattern and per table."""
@@ -76,6 +80,10 @@ class Tally:
     # a run's own validation: every extra row whose key is gone or gives other rows now, as
     # (pattern, table, id, key), for _retire (None: a verification that only tells)
     stale: list[tuple[str, str, str, str]] | None = None
+    # the keys of the rows missing, different or changed, up to DIFFERING_KEPT (a reconciliation applies
+    # those again); overflowed: more differed than that
+    differing: set[str] = field(default_factory=set)
+    overflowed: bool = False
 
     def add(self, pattern: str, what: str, n: int = 1) -> None:
         counts = self.patterns.get(pattern)  # (not setdefault: its default would be built per key)
@@ -85,6 +93,11 @@ class Tally:
 
     def problem(self, pattern: str, kind: str, example: dict[str, Any], columns: Iterable[str] = ()) -> None:
         self.add(pattern, kind)
+        if kind in DIFFERING and example.get("key") is not None:
+            if len(self.differing) < DIFFERING_KEPT:
+                self.differing.add(example["key"])
+            else:
+                self.overflowed = True
         columns = list(columns)
         for column in columns:
             named = self.columns.setdefault(pattern, {})
@@ -114,6 +127,8 @@ class Tally:
         for table, n in other.attributed.items():
             self.attributed[table] = self.attributed.get(table, 0) + n
         self.examples += other.examples
+        self.differing |= other.differing
+        self.overflowed = self.overflowed or other.overflowed or len(self.differing) > DIFFERING_KEPT
 
     def to_json(self) -> dict[str, Any]:
         return {"patterns": self.patterns, "columns": self.columns, "writes": self.writes}

@@ -273,6 +273,12 @@ class _Step:
 
 # --- the keys waiting --------------------------------------------------------------------------
 
+# Dirty.last_event keeps each key's latest event this long once it holds more than so many keys: longer
+# than a reconciliation waits for a range's changes to be applied (reconcile.SETTLE_S)
+LAST_EVENT_S = 120.0
+LAST_EVENTS_KEPT = 100_000
+
+
 class Dirty:
     """Keys changed and not yet applied, each with when it was first seen changed; a key being
     applied is not taken again until that ends (two batches of one key could commit out of order)."""
@@ -284,14 +290,29 @@ class Dirty:
         self.resets: set[bytes] = set()  # waiting keys whose value was replaced whole (see apply_keys)
         self.events = 0  # notifications received
         self.ready = threading.Event()
+        # when each key's latest event came, for the last minute or so (changed_since)
+        self.last_event: dict[bytes, float] = {}
+        self.last_event_limit = LAST_EVENTS_KEPT
 
     def add(self, key: bytes, event: bool = True, reset: bool = False) -> None:
         with self.lock:
+            now = time.monotonic()
             self.events += event
-            self.waiting.setdefault(key, time.monotonic())
+            self.waiting.setdefault(key, now)
             if reset:
                 self.resets.add(key)
+            if event:
+                self.last_event[key] = now
+                if len(self.last_event) > self.last_event_limit:  # (older events than a reconciliation asks of)
+                    self.last_event = {k: t for k, t in self.last_event.items() if t > now - LAST_EVENT_S}
+                    self.last_event_limit = max(LAST_EVENTS_KEPT, 2 * len(self.last_event))
         self.ready.set()
+
+    def changed_since(self, key: bytes, moment: float) -> bool:
+        """Whether an event of `key` came after `moment` (time.monotonic): a row that differs from it
+        then is being brought up to date, not missed."""
+        with self.lock:
+            return self.last_event.get(key, float("-inf")) > moment
 
     def take(self, n: int) -> tuple[list[bytes], list[bytes]]:
         """Up to `n` waiting keys, oldest first, and those of them to reset."""

@@ -3,8 +3,9 @@ while the subscriber is disconnected), found by the verification's own compariso
 
 Range by range, the keys are compared with their rows (verify.check_range: their digests, column by
 column). A range that differs is compared again once every change received before the first
-comparison has been applied: what still differs was missed, and every key of that range is applied
-again (a key's current value; the merge rules make that safe whatever else is being applied). Then
+comparison has been applied: what still differs, of keys with no event since, was missed, and those
+keys are applied again (a key's current value, whole; under steady writes a key changed since is being
+applied already, and is no miss); when too many differ to name, every key of the range. Then
 the rows whose key is gone (a deletion missed) are found per table and retired by their table's
 rule. Each reconciliation is recorded with its outcome; "clean" means nothing differed that the
 events had not brought.
@@ -26,7 +27,7 @@ from migrator.core.mapping import Mapping, Priority
 from migrator.core.partition import KeyRange, plan_ranges, scan_range
 from migrator.core.redact import redact_text
 from migrator.core.source import key_client, node_client, roundtrip
-from migrator.core.verify import Tally, check_range
+from migrator.core.verify import DIFFERING, Tally, check_range
 from migrator.core.writer import describe
 
 log = structlog.get_logger("migrator.execution.reconcile")
@@ -35,7 +36,6 @@ log = structlog.get_logger("migrator.execution.reconcile")
 SETTLE_S = 30.0
 # Distinct source keys asked EXISTS per round trip.
 EXISTS_CHUNK = 500
-DIFFERENCES = ("missing", "different", "changed")
 
 
 def reconcile(client: redis.Redis, connect: Callable[[], Any], mapping: Mapping, run_id: str, dirty: Dirty,
@@ -84,10 +84,12 @@ def _compare_all(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, 
                 time.sleep(0.05)
             tally = check_range(client, conn, mapping, spec)
             if _differs(tally):
-                keys = _reapply(client, mapping, key_range, dirty)
-                reapplied += keys
-                repaired.append({"range": n, "node": key_range.node, "keys": keys,
-                                 "differences": {f: sum(c[f] for c in tally.patterns.values()) for f in DIFFERENCES}})
+                keys = _reapply(client, mapping, key_range, dirty) if tally.overflowed else \
+                    _reapply_missed(tally.differing, compared_at, dirty)
+                if keys:
+                    reapplied += keys
+                    repaired.append({"range": n, "node": key_range.node, "keys": keys,
+                                     "differences": {f: sum(c[f] for c in tally.patterns.values()) for f in DIFFERING}})
         for table, found in tally.attributed.items():
             attributed[table] = attributed.get(table, 0) + found
     gone = _gone_keys(client, conn, mapping, attributed, dirty)
@@ -96,7 +98,16 @@ def _compare_all(client: redis.Redis, conn: Any, mapping: Mapping, run_id: str, 
 
 
 def _differs(tally: Tally) -> bool:
-    return any(c[f] for c in tally.patterns.values() for f in DIFFERENCES)
+    return any(c[f] for c in tally.patterns.values() for f in DIFFERING)
+
+
+def _reapply_missed(differing: set[str], compared_at: float, dirty: Dirty) -> int:
+    """The keys whose rows still differ and that no event has named since they were first compared,
+    marked to apply again from their value alone (a reset); how many."""
+    missed = [key.encode() for key in differing if not dirty.changed_since(key.encode(), compared_at)]
+    for key in missed:
+        dirty.add(key, event=False, reset=True)
+    return len(missed)
 
 
 def _reapply(client: redis.Redis, mapping: Mapping, key_range: KeyRange, dirty: Dirty) -> int:
