@@ -14,6 +14,8 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+import migrator.core.batch
+
 from migrator.apps.shop.demo import seed_shop
 from migrator.core.config import ConfigError, Settings
 from migrator.core.mapping import REDISJSON, SourceRecord
@@ -790,6 +792,39 @@ columns = { queue = "text", tag = "bytea" }
 key = ["entry"]
 columns = { entry = "text", kind = "text", blob = "bytea" }
 """
+
+
+@pytest.mark.parametrize("pushes", [1, 99], ids=["pushed-once", "pushed-all-the-while"])
+def test_a_large_list_pushed_to_while_it_is_read_in_parts_is_read_again_not_torn(settings, r, target, tmp_path,
+                                                                                 monkeypatch, pushes):
+    """A queue list read by index while the app pushes to its head: every index shifts, and the parts
+    made a list it never was (an element twice, others not at all), which validated. The parts tell
+    it (the element that stood next is not the one there now): the key is read again whole; one that
+    moves on every read is a dead letter saying so."""
+    path = tmp_path / "queues.toml"
+    path.write_text(QUEUES.replace('body = "bytea"', 'body = "text"'))
+    mapping = load_file(path)
+    here = prepared(settings, target, mapping)
+    r.rpush("hq:queue:jobs", *(f"job{i}" for i in range(2 * CHUNK_READ_MEMBERS + 500)))
+    real, pushed = migrator.core.batch.read_parts, []
+
+    def pushed_between_parts(client, first):
+        for n, part in enumerate(real(client, first), 1):
+            yield part
+            if n == 1 and len(pushed) < pushes:
+                pushed.append(r.lpush("hq:queue:jobs", f"new{len(pushed)}"))
+
+    monkeypatch.setattr(migrator.core.batch, "read_parts", pushed_between_parts)
+    report = migrate(here, mapping=mapping)
+    found = by_pattern(report)["queue"]
+    bodies = [b for (b,) in rows(here, "SELECT body FROM hq_queued ORDER BY position")]
+    if pushes == 1:
+        assert (found["migrated"], found["dead"]) == (1, 0) and report["status"] == "completed", report
+        assert bodies == [m.decode() for m in r.lrange("hq:queue:jobs", 0, -1)] and len(set(bodies)) == len(bodies)
+    else:
+        assert (found["migrated"], found["dead"], bodies) == (0, 1, []), report
+        [(error,)] = rows(here, "SELECT error FROM migration_dead_letters WHERE run_id = %s", report["run_id"])
+        assert "the list changed while it was read in parts" in error and "3 times in a row" in error, error
 
 
 def test_binary_members_of_lists_sets_zsets_and_streams_go_to_bytea_and_a_pattern_none_of_whose_keys_migrated_is_named(

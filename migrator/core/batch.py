@@ -32,8 +32,8 @@ from migrator.core.redact import printable, redact_text
 from migrator.core.references import Checker
 from migrator.core.runstate import Fenced
 from migrator.core.seal import Figures
-from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, dead_letter_value, decode, expiry,
-                     key_client, node_client, read_keys, read_parts, value_digest)
+from migrator.core.source import (CHUNK_READ_BYTES, CHUNK_READ_MEMBERS, KeyRead, Moved, dead_letter_value, decode,
+                                  expiry, key_client, node_client, read_keys, read_parts, value_digest)
 from migrator.core import throttle
 from migrator.core.writer import Prepared, Writer, describe, detail
 
@@ -263,13 +263,26 @@ class _Batch:
         name = pattern.name
         noted = {f: self.counts.by_pattern.get(name, {}).get(f, 0) for f in ("references", "dangling")}
         examples = len(self.dangling.get(name, ()))
-        self.cur.execute("SAVEPOINT collection")
-        self.streamed = streamed = _Streamed()
-        try:
-            failure = self._write_parts(key, text, pattern, fields, first, now)
-            self._settle()
-        finally:
-            self.streamed = None
+        for attempt in range(MOVED_TRIES):
+            self.cur.execute("SAVEPOINT collection")
+            self.streamed = streamed = _Streamed()
+            try:
+                failure = self._write_parts(key, text, pattern, fields, first, now)
+                self._settle()
+            finally:
+                self.streamed = None
+            if failure is not MOVED or attempt == MOVED_TRIES - 1:
+                break
+            # a list that moved while it was read: what its parts wrote taken back, and read again whole
+            self.cur.execute("ROLLBACK TO SAVEPOINT collection; RELEASE SAVEPOINT collection")
+            for f, n in noted.items():
+                self.counts.note(name, f, n - self.counts.by_pattern.get(name, {}).get(f, 0))
+            del self.dangling.get(name, [])[examples:]
+            now = datetime.now(timezone.utc)
+            first = read_keys(self.client, [(key, pattern.redis_type)], self.read_limit)[0]
+            if first.resume is None:  # (no longer large, or gone, or another type: as any key read)
+                self._prepare(key, text, pattern, fields, first, now)
+                return
         if failure is None and streamed.error is None:
             self.cur.execute("RELEASE SAVEPOINT collection")
             self.rows_written += streamed.written
@@ -312,6 +325,8 @@ class _Batch:
             size += part.size
             if part.redis_type == "none":
                 return GONE
+            if isinstance(part.raw, Moved):
+                return MOVED
             if isinstance(part.raw, Exception):
                 return f"Redis error reading the value: {part.raw}"
             if cap is not None and size > cap:
@@ -420,6 +435,10 @@ def _reason(exc: BaseException) -> str:
 
 # A large collection's key went while its parts were read: it counts expired, not dead
 GONE = "the key went mid-way"
+# A list that moved between two of its parts is read again whole this many times in all, then is a dead
+# letter saying so (a queue the app pushes to and pops from all the while)
+MOVED_TRIES = 3
+MOVED = f"{Moved()}, {MOVED_TRIES} times in a row: a run or `migrator follow` reads it again once the app leaves it still"
 
 # Values held for one sub-batch at most: memory stays flat whatever the values' sizes.
 SUB_BATCH_BYTES = 16 * 1024 * 1024

@@ -29,13 +29,23 @@ READ_COMMANDS = {
 
 class Elements(list):
     """A list's elements as read, with the index of the first: a list is read a part at a time, and
-    where an element stands is part of what the list holds."""
+    where an element stands is part of what the list holds. `after`: the element that stood next
+    when this part was read (the next part's first, unless the list moved meanwhile), or None."""
 
-    __slots__ = ("start",)
+    __slots__ = ("start", "after")
 
-    def __init__(self, items: Any = (), start: int = 0) -> None:
+    def __init__(self, items: Any = (), start: int = 0, after: bytes | None = None) -> None:
         super().__init__(items)
         self.start = start
+        self.after = after
+
+
+class Moved(Exception):
+    """A list read by index changed between two of its parts (an element pushed or popped at its head
+    shifts every index): the parts read would make a list it never was."""
+
+    def __str__(self) -> str:
+        return "the list changed while it was read in parts (an element pushed or popped before the part read)"
 
 
 @dataclass(slots=True)
@@ -115,7 +125,7 @@ def _part(redis_type: str, reply: Any, at: Any) -> tuple[Any, Any]:
     raw = _shape(redis_type, reply)
     if redis_type == "list":
         start = at or 0
-        return Elements(raw[:n], start), start + n if len(raw) > n else None
+        return Elements(raw[:n], start, raw[n] if len(raw) > n else None), start + n if len(raw) > n else None
     if len(raw) <= n:
         return raw, None
     if redis_type == "stream":  # the next part starts at the entry this one asked for beyond its own
@@ -303,12 +313,15 @@ def read_parts(client: redis.Redis, first: KeyRead) -> Iterator[KeyRead]:
     """`first` (a read of read_keys), then, for a collection it read in part, the other parts, in
     order, each read with the key's PTTL in one round trip: a key gone mid-way ends them with a part
     of type "none". Only one part is in hand at a time. While the app writes the collection, a hash
-    or a set may give a member twice (the SCAN guarantee: never none that stayed)."""
+    or a set may give a member twice (the SCAN guarantee: never none that stayed); a list that moved
+    between two parts ends them with a part whose raw is Moved."""
     yield first
     part = first
     while part.resume is not None and not isinstance(part.raw, Exception):
         reply, pttl = roundtrip(client, [_part_command(first.key, first.redis_type, part.resume), ("PTTL", first.key)])
         raw, resume = _part(first.redis_type, reply, part.resume)
+        if isinstance(raw, Elements) and isinstance(part.raw, Elements) and (raw[:1] or [None])[0] != part.raw.after:
+            raw, resume = Moved(), None  # (the element that stood next is not the one standing there now)
         gone = pttl == -2
         part = KeyRead(first.key, "none" if gone else first.redis_type, pttl if isinstance(pttl, int) else -1, raw,
                        payload_size(raw), resume is not None and not gone, None if gone else resume)
