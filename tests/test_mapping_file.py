@@ -1166,6 +1166,10 @@ def test_mapping_init_types_a_column_by_all_its_examples_whichever_comes_first(r
     hashes = _guess(r, {"shape": "h:*", "keys": 2, "types": {"hash": 2}, "examples": ["h:2", "h:1"]}, set(), set())
     assert {c: t for c, (_, t) in hashes.columns.items()} == {"h": "text", "n": "numeric", "t": "text", "d": "date",
                                                               "fields": "jsonb"}
+    # binary values: no jsonb column keeps the fields the examples did not show, and the draft says so
+    r.hset("job:1", mapping={"state": b"\x80\x04done", "retries": b"\x00\x01"})
+    binary = _guess(r, {"shape": "job:*", "keys": 1, "types": {"hash": 1}, "examples": ["job:1"]}, set(), set())
+    assert "fields" not in binary.columns and any("binary values" in n for n in binary.notes), binary.notes
 
 
 def test_a_value_a_column_refuses_is_told_without_its_digits(settings, r, target, kinds):

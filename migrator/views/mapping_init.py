@@ -196,6 +196,10 @@ def _columns_of(client: redis.Redis, g: Guess, redis_type: str, keys: list[bytes
             g.columns[_unique(_identifier(name), set(g.columns), set())] = (f"field.{name}", _type_of_raw(values))
         if _type_of_raw(every) != "bytea":  # every field, whole: what the columns above miss is kept
             g.columns[_unique("fields", set(g.columns), set())] = ("value", "jsonb")
+        else:  # (jsonb holds no bytes: nothing keeps a field the examples did not show)
+            g.notes.append("binary values: no whole-hash column keeps the fields the examples do not show; a field"
+                           " of other keys not named above is not migrated (name every field, or map the hash a row"
+                           " per field: rows = \"member\")")
     elif redis_type == "list":
         members = [m for k in keys for m in client.lrange(k, 0, SAMPLE_MEMBERS - 1)]
         _member_columns(g, {"position": ("index", "integer"), "value": ("value", _text_or_bytes(members))}, "position")
