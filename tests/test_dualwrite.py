@@ -210,6 +210,37 @@ def test_under_postgres_primary_a_change_builds_on_postgresql_and_a_stale_redis_
     assert json.loads(r.get("threadr:subscription:user:fay@x.io"))["status"] == "active"
 
 
+def test_a_shadow_read_of_a_counter_counted_meanwhile_matches_and_one_postgresql_got_wrong_does_not(settings, r, pg):
+    """PostgreSQL's shadow answer comes later than Redis's: a counter the app counted meanwhile (both
+    stores) matches Redis asked again, not the answer the request got; a count PostgreSQL alone holds
+    otherwise is still a mismatch."""
+    import threading
+
+    svc = ThreadrDualWrite(r, lambda: psycopg2.connect(settings.database_url), THREADR, WriteStrategy.DUAL_WRITE,
+                           shadow_rate=1.0)
+    try:
+        svc.track_usage("198.51.100.7")
+        for counted_meanwhile, damaged in ((True, False), (False, True)):
+            held = threading.Event()
+            svc._shadow.submit(held.wait)  # the comparison waits behind this, as behind a busy queue
+            asked = svc.get_usage_stats("198.51.100.7", "ip")
+            if counted_meanwhile:
+                svc.track_usage("198.51.100.7")
+            if damaged:
+                with pg.cursor() as cur:
+                    cur.execute("UPDATE usage_counters SET count = count + 5 WHERE subject = '198.51.100.7'")
+                pg.commit()
+            held.set()
+            svc._shadow.shutdown(wait=True)
+            svc._shadow = ThreadPoolExecutor(max_workers=1)
+            with pg.cursor() as cur:
+                cur.execute("SELECT matched FROM dual_write_shadow_reads ORDER BY id DESC LIMIT 1")
+                assert cur.fetchone() == (counted_meanwhile,), (asked, counted_meanwhile)
+            pg.rollback()
+    finally:
+        svc.close()
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "migrator.cli.main", *args], capture_output=True, text=True, timeout=120)
 

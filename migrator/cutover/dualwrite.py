@@ -280,15 +280,20 @@ class DualWriteService:
             return from_postgres(identifier, kind)
         answer = from_redis(identifier, kind)
         if strategy is WriteStrategy.DUAL_WRITE and self.shadow_rate and random.random() < self.shadow_rate:
-            self._shadow.submit(self._compare, operation, from_postgres, identifier, kind, answer)
+            self._shadow.submit(self._compare, operation, from_redis, from_postgres, identifier, kind, answer)
         return answer
 
-    def _compare(self, operation: str, from_postgres: Callable, identifier: str, kind: str, redis_answer: Any) -> None:
-        """Off the request path, on its own connection: PostgreSQL's answer against Redis's."""
+    def _compare(self, operation: str, from_redis: Callable, from_postgres: Callable, identifier: str, kind: str,
+                 redis_answer: Any) -> None:
+        """Off the request path, on its own connection: PostgreSQL's answer against Redis's. PostgreSQL
+        answers later than Redis did: a counter the app counts all the while has moved meanwhile, so
+        Redis is asked again after it, and PostgreSQL matches when it says either of Redis's answers."""
         try:
             conn = self._connect()
             try:
                 postgres_answer = from_postgres(identifier, kind, conn=conn)
+                if postgres_answer != redis_answer:
+                    redis_answer = from_redis(identifier, kind)
                 with conn, conn.cursor() as cur:
                     cur.execute("INSERT INTO dual_write_shadow_reads (operation, matched, redis_answer, postgres_answer,"
                                 " identifier) VALUES (%s, %s, %s, %s, %s)",
