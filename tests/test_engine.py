@@ -515,6 +515,23 @@ def test_a_counter_is_an_integer_as_incr_writes_one_and_any_other_text_a_dead_le
     assert "is not an integer as INCR writes one" in one(pg, "SELECT min(error) FROM migration_dead_letters")
 
 
+def test_a_nan_point_of_a_time_series_migrates_as_null_and_keeps_its_series(settings, r, pg):
+    """Threadr's analytics POST takes a NaN, and pydantic writes that point's value as null: the series
+    migrates with that point's value NULL (a dead letter of the whole key lost its good points)."""
+    key = "analytics:user_nan:timeseries:engagement_rate:MetricPeriod.DAY"
+    r.zadd(key, {b'{"timestamp":"2026-11-22T00:00:00","value":0.25,"period":"day"}': 1.0,
+                 b'{"timestamp":"2026-11-23T00:00:00","value":null,"period":"day"}': 2.0})
+    report = migrate(settings)
+    assert report["status"] == "completed" and by_pattern(report)["analytics_timeseries"]["migrated"] == 1, report
+    assert one(pg, "SELECT string_agg(coalesce(value::text, 'NULL'), ',' ORDER BY point_at) FROM analytics_timeseries") \
+        == "0.25,NULL"
+    assert verify(settings, report["run_id"])["verdict"] == "clean"
+    with pg.cursor() as cur:  # damaged: the NaN point given a value
+        cur.execute("UPDATE analytics_timeseries SET value = 0 WHERE value IS NULL")
+    pg.commit()
+    assert verify(settings, report["run_id"])["different"] == 1
+
+
 def test_filters_by_priority_table_and_pattern(settings, r, pg):
     seed_demo(r, 80)
     critical = migrate(settings, priorities=("critical",))

@@ -295,6 +295,13 @@ def test_timeseries_normalises_metric_period_and_reads_each_member():
                                                                      b'"period":"fortnight"}', 1.0)])
     with pytest.raises(BadRecord, match="not JSON"):
         rows_for("analytics:user_abc:timeseries:impressions:day", [(b"{", 1.0)])
+    # a NaN posted: pydantic writes the point's value null; it is a point of the series, its value NULL
+    nan = rows_for("analytics:user_abc:timeseries:engagement_rate:day",
+                   [(b'{"timestamp":"2026-11-22T00:00:00","value":0.5,"period":"day"}', 0.0),
+                    (b'{"timestamp":"2026-11-23T00:00:00","value":null,"period":"day"}', 0.0)])
+    assert [r.values["value"] for r in nan] == [0.5, None]
+    with pytest.raises(BadRecord, match="timestamp and value are required"):
+        rows_for("analytics:user_abc:timeseries:impressions:day", [(b'{"timestamp":"2026-11-22T00:00:00"}', 1.0)])
 
 
 def test_failed_login_splits_email_and_ipv6_from_its_value():

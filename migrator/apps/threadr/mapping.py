@@ -476,7 +476,7 @@ def analytics_timeseries(rec: SourceRecord) -> list[Row]:
             point = require_object(jsoncodec.loads(member), "time series member")
         except jsoncodec.JSONDecodeError as exc:
             raise BadRecord(f"time series member is not JSON: {exc}") from None
-        if point.get("timestamp") is None or point.get("value") is None:
+        if point.get("timestamp") is None or "value" not in point:
             raise refused("TimeSeriesDataPoint model", "timestamp and value are required")
         if point.get("period") is not None:
             one_of(point["period"], PERIODS, model="TimeSeriesDataPoint model", field="period")
@@ -490,7 +490,8 @@ def analytics_timeseries(rec: SourceRecord) -> list[Row]:
                 "metric": metric,
                 "period": period,
                 "point_at": parse_dt(point["timestamp"], rec.source_tz, field="timestamp"),
-                "value": parse_number(point["value"], field="value"),
+                # (null: a NaN or an infinity posted, which pydantic writes so; the app's reader skips it)
+                "value": None if point["value"] is None else parse_number(point["value"], field="value"),
             },
         ))
     return points

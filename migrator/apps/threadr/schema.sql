@@ -190,12 +190,13 @@ CREATE TABLE IF NOT EXISTS analytics_timeseries (
     metric         text NOT NULL,
     period         text NOT NULL,                -- normalised: 'MetricPeriod.DAY' -> 'day'
     point_at       timestamptz NOT NULL,
-    value          double precision NOT NULL,
+    value          double precision,             -- NULL: a NaN or inf posted, which pydantic writes as null
     migration_run  uuid,
     source_key     text,
     metadata       jsonb NOT NULL DEFAULT '{}',
     expires_at     timestamptz
 );
+ALTER TABLE analytics_timeseries ALTER COLUMN value DROP NOT NULL;
 -- Not unique: two points of a series may share a timestamp (each member is a point).
 CREATE INDEX IF NOT EXISTS analytics_timeseries_point_idx ON analytics_timeseries (user_ref, metric, period, point_at);
 
