@@ -96,10 +96,15 @@ def test_nested_prefixes_keep_declaration_order():
     assert NESTED.classify("n\n") == (NESTED.patterns[6], {"n": ""})
 
 
-@pytest.mark.parametrize("parts", [(), ("",), ("user", "user_1"), ("a\x1fb",), ("a", "b"), ("é", "ü", "\x00"), ("🧵" * 40,),
+@pytest.mark.parametrize("parts", [(), ("",), ("user", "user_1"), ("a", "b"), ("é", "ü", "\x00"), ("🧵" * 40,),
                                    ("usage", "ip", "2001:db8::1", "daily", "2026-11-27"), tuple(str(i) for i in range(300))])
 def test_a_stable_id_is_the_uuid5_of_its_parts(parts):
     assert stable_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+
+
+def test_a_part_that_holds_the_separator_gives_an_id_of_its_own():
+    """("a\x1fb",) joined as ("a", "b") does: its id is of its parts as a JSON array instead."""
+    assert stable_id("a\x1fb") == str(uuid.uuid5(ID_NAMESPACE, '["a\\u001fb"]')) != stable_id("a", "b")
 
 
 def test_every_variant_digit_is_set_as_uuid5_sets_it():

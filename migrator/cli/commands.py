@@ -597,7 +597,7 @@ def cmd_cutover(settings: Settings, mapping: Mapping, to: str | None, *, min_par
             out.write("strategy is dual_write again: Redis answers, both stores are written\n")
             return OK
         decision = cutover.judge_cutover(client, conn, mapping.hooks.parity_reads, min_parity=min_parity, min_reads=min_reads, hours=hours,
-                                        max_lag=max_lag)
+                                        max_lag=max_lag, source=plain)
         if not decision.allowed:
             out.write("cutover refused:\n" + "".join(f"  - {r}\n" for r in decision.reasons))
             return FAILED

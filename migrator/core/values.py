@@ -30,7 +30,7 @@ def stable_id(*parts: str) -> str:
     """
     digest = _NAMESPACE_SHA1.copy()
     joined = "\x1f".join(parts)
-    if joined.count("\x1f") != len(parts) - 1:
+    if joined.count("\x1f") > max(len(parts) - 1, 0):
         # a part holds the separator ("a\x1fb", "c" and "a", "b\x1fc" would join alike): spelt as a JSON
         # array instead, which holds no raw \x1f, so no id of a joined name's is made again
         joined = json.dumps(parts)

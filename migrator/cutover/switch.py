@@ -75,10 +75,11 @@ class Decision:
 
 
 def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *, min_parity: float, min_reads: int,
-                  hours: float, max_lag: float = 1.0) -> Decision:
+                  hours: float, max_lag: float = 1.0, source: redis.Redis | None = None) -> Decision:
     """Whether the app's reads may move to PostgreSQL. The sync path is `migrator follow` while a session
     runs (its lag under `max_lag`, its last reconciliation, a comparison of every key, clean), else the
-    app's DualWriteService (its shadow-read parity)."""
+    app's DualWriteService (its shadow-read parity). `source`: a client of the source's first node, whose
+    masters' settings are read (`client` may be a cluster client that routes by key)."""
     reasons = []
     with conn, conn.cursor() as cur:
         run_id = ledger.latest_run(cur)
@@ -100,7 +101,7 @@ def judge_cutover(client: redis.Redis, conn: Any, parity_reads: Sequence[str], *
         if dead:
             reasons.append(f"follow session {session} holds {dead} dead letter(s): keys whose change it could not apply, "
                            f"their rows as they were (`migrator report {session}` says why); fix them in Redis")
-        reasons += _notification_reasons(client)
+        reasons += _notification_reasons(source or client)
         return Decision(not reasons, reasons)
     seen = parity(conn, hours)
     if not parity_reads:
