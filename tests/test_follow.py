@@ -172,6 +172,9 @@ def test_changes_reach_postgres_by_each_tables_rule(settings, r, pg, notify, tmp
     assert rows(pg, "SELECT count FROM usage_counters WHERE source_key = %s", counter.decode()) == [(200,)]
     # 200 INCRs, a user, a thread, a session set and expired: far fewer keys read than events
     assert figures["keys_applied"] - applied_before < 40, figures
+    r.decrby(counter, 150)  # the app lowers it: follow's read is the key's latest, GREATEST does not keep 200
+    figures = follow.caught_up(pg, events=figures["events"] + 1)
+    assert rows(pg, "SELECT count FROM usage_counters WHERE source_key = %s", counter.decode()) == [(50,)]
     assert rows(pg, "SELECT role FROM users WHERE source_key = %s", user.decode()) == [("premium",)]
     assert rows(pg, "SELECT count(*) FROM threads WHERE source_key = %s", thread.decode()) == [(0,)]  # on_delete delete
     marked = rows(pg, "SELECT deleted_at IS NOT NULL, migration_run::text FROM sessions WHERE source_key = %s",

@@ -77,8 +77,12 @@ class TableRule:
         if self.on_delete not in ON_DELETE:
             raise ValueError(f"table {self.name}: on_delete must be one of {', '.join(ON_DELETE)}, not {self.on_delete!r}")
 
-    def merged(self, column: str) -> sql.Composable:
+    def merged(self, column: str, latest: bool = False) -> sql.Composable:
+        """The value a write leaves in `column`. `latest`: the writer holds the key's latest value
+        (`migrator follow`, one applier per key, reading it now), which a counter takes even lower."""
         col, new = sql.SQL("t.") + sql.Identifier(column), sql.SQL("EXCLUDED.") + sql.Identifier(column)
+        if column in self.greatest and latest:
+            return new
         if column in self.greatest:
             return sql.SQL("CASE WHEN {} THEN {} ELSE GREATEST({}, {}) END").format(RESTARTED, new, col, new)
         if column in self.coalesce:
@@ -87,7 +91,7 @@ class TableRule:
 
     def upsert(self, columns: Sequence[str], types: Mapping[str, tuple[str, ...]],
                unretired: Unretired | None = None, linked: frozenset[str] = frozenset(),
-               staged: str | None = None) -> sql.Composed:
+               staged: str | None = None, latest: bool = False) -> sql.Composed:
         """INSERT ... ON CONFLICT (id) DO UPDATE of rows given as one JSON array ($1) of arrays,
         or (`staged`) as the rows of that temporary table, each the text of one such array (`doc`),
         each holding the values of `columns` in that order; `types` gives each column's type name
@@ -106,12 +110,13 @@ class TableRule:
         """
         content = [c for c in columns if c not in VOLATILE]
         updates = sql.SQL(", ").join(
-            sql.SQL("{} = {}").format(sql.Identifier(c), self.sealed(content, linked) if c == ROW_SEAL else self.merged(c))
+            sql.SQL("{} = {}").format(sql.Identifier(c), self.sealed(content, linked, latest) if c == ROW_SEAL
+                                      else self.merged(c, latest))
             for c in columns if c != "id"
         )
         changed = sql.SQL("({}) IS DISTINCT FROM ({})").format(
             sql.SQL(", ").join(as_written(sql.SQL("t.") + sql.Identifier(c), types[c]) for c in content),
-            sql.SQL(", ").join(as_written(self.merged(c), types[c]) for c in content),
+            sql.SQL(", ").join(as_written(self.merged(c, latest), types[c]) for c in content),
         )
         if "expires_at" in columns:  # (a TTL the app set, moved or removed since: the row follows it)
             changed = sql.SQL("({} OR {})").format(changed, expiry_moved("EXCLUDED"))
@@ -143,14 +148,14 @@ class TableRule:
             guard=guard,
         )
 
-    def sealed(self, content: Sequence[str], linked: frozenset[str]) -> sql.Composable:
+    def sealed(self, content: Sequence[str], linked: frozenset[str], latest: bool = False) -> sql.Composable:
         """The seal an updated row keeps: the sent one when the merge left the sent content as it was
         (only GREATEST and COALESCE columns can make it otherwise), else none."""
         merging = [c for c in content if c not in linked and (c in self.greatest or c in self.coalesce)]
         same = sql.SQL("t.source_key IS NOT NULL")
         if merging:
             same += sql.SQL(" AND ({}) IS NOT DISTINCT FROM ({})").format(
-                sql.SQL(", ").join(self.merged(c) for c in merging),
+                sql.SQL(", ").join(self.merged(c, latest) for c in merging),
                 sql.SQL(", ").join(sql.SQL("EXCLUDED.") + sql.Identifier(c) for c in merging))
         return sql.SQL("CASE WHEN {} THEN EXCLUDED.{} END").format(same, sql.Identifier(ROW_SEAL))
 

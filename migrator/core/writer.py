@@ -150,11 +150,13 @@ _column_types: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, ColumnType]]]
 
 class Writer:
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str | None,  # None: the app's own writes
-                 fenced: bool = False) -> None:  # a bulk batch's: see merge.FENCE
+                 fenced: bool = False,  # a bulk batch's: see merge.FENCE
+                 latest: bool = False) -> None:  # follow's: see merge.TableRule.merged
         self.cursor = cursor
         self.mapping = mapping
         self.run_id = run_id
         self.fenced = fenced
+        self.latest = latest
         self._statements: dict[tuple[str, tuple[str, ...], str | None], str] = {}
         self._forms: dict[tuple[str, tuple[str, ...]], Form] = {}  # by (table, the columns of a row's values)
         self._table_order = {name: i for i, name in enumerate(mapping.table_names())}
@@ -292,7 +294,7 @@ class Writer:
             types = column_types(self.cursor, self.mapping, table, columns)
             self._statements[key] = self.mapping.rule(table).upsert(
                 columns, types, ledger.unretired if self.fenced else None,
-                self._linked.get(table, frozenset()), staged=stage).as_string(self.cursor)
+                self._linked.get(table, frozenset()), staged=stage, latest=self.latest).as_string(self.cursor)
         return self._statements[key]
 
 

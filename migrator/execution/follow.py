@@ -109,7 +109,9 @@ class _Recording(Writer):
     provenance it gave them."""
 
     def __init__(self, cursor: Any, mapping: Mapping, run_id: str) -> None:
-        super().__init__(cursor, mapping, run_id)
+        # (each key read now, by one applier at a time: its value is the key's latest, a counter the
+        # app lowered included)
+        super().__init__(cursor, mapping, run_id, latest=True)
         self.given: dict[str, dict[str, set[str]]] = {}  # key text -> table -> row ids
         self.provenance: dict[str, tuple[str, datetime | None, int]] = {}  # key text -> metadata, expires_at, digest
 
