@@ -185,6 +185,24 @@ def test_a_repair_gives_postgresql_what_redis_holds_now_not_a_write_a_later_one_
     pg.rollback()
 
 
+def test_a_key_s_new_value_leaves_no_row_of_its_old_one_but_one_another_key_gives(service, r, pg):
+    """A customer's new subscription under the key of the old gives a row of a new id: the old one is
+    gone (Redis no longer holds it, and premium would be read from it), as a run's validation retires
+    it. A grant's row, which its other key may give too, is left to that key."""
+    service.strategy = WriteStrategy.DUAL_WRITE
+    service.create_subscription("cy@x.io", SUBSCRIPTION)
+    service.create_subscription("cy@x.io", {**SUBSCRIPTION, "subscription_id": "sub_2", "status": "canceled"})
+    service.grant_premium_access("ann@x.io", "email", 5)
+    service.grant_premium_access("ann@x.io", "email", 9)  # (a grant's row is of its whole value: a new row)
+    with pg.cursor() as cur:
+        cur.execute("SELECT stripe_subscription_id FROM subscriptions WHERE source_key = 'threadr:subscription:user:cy@x.io'")
+        assert cur.fetchall() == [("sub_2",)]
+        cur.execute("SELECT count(*) FROM subscriptions WHERE source_key = 'threadr:premium:email:ann@x.io'")
+        assert cur.fetchone()[0] == 2
+    pg.rollback()
+    assert not service.check_premium_access("cy@x.io", "email")["has_premium"]
+
+
 def test_under_postgres_primary_a_change_builds_on_postgresql_and_a_stale_redis_repair_is_not_replayed(service, r, pg):
     """PostgreSQL answers: a change is made on its document (Redis, the fallback, missed a write), and a
     queued Redis repair that a later write superseded is not put back over it."""

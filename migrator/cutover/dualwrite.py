@@ -152,6 +152,13 @@ class DualWriteService:
                     by_table.setdefault(row.table, []).append((row.values["id"], key))
                 for table, given in by_table.items():
                     ledger.stamp_synced(cur, table, given)
+                # rows the key gave before and gives no more (a customer's new subscription under the key
+                # of the old): gone, as a run's validation retires them; a row another key may give too
+                # (one grant under two keys) is left to it (verify names it if none does)
+                for table in pattern.tables:
+                    if pattern not in self.mapping.sharing(table):
+                        cur.execute(sql.SQL("DELETE FROM {} WHERE source_key = %s AND NOT id = ANY(%s::uuid[])").format(
+                            sql.Identifier(table)), (key, [row_id for row_id, _ in by_table.get(table, [])]))
         except psycopg2.Error:
             conn.close()  # a broken connection is replaced on the next call
             raise
