@@ -274,10 +274,7 @@ class _Batch:
             if failure is not MOVED or attempt == MOVED_TRIES - 1:
                 break
             # a list that moved while it was read: what its parts wrote taken back, and read again whole
-            self.cur.execute("ROLLBACK TO SAVEPOINT collection; RELEASE SAVEPOINT collection")
-            for f, n in noted.items():
-                self.counts.note(name, f, n - self.counts.by_pattern.get(name, {}).get(f, 0))
-            del self.dangling.get(name, [])[examples:]
+            self._take_back(name, noted, examples)
             now = datetime.now(timezone.utc)
             first = read_keys(self.client, [(key, pattern.redis_type)], self.read_limit)[0]
             if first.resume is None:  # (no longer large, or gone, or another type: as any key read)
@@ -293,16 +290,21 @@ class _Batch:
                 self.counts.add(name, "migrated", rows=streamed.rows)
                 self.checksum ^= (zlib.crc32(key) << 32) | streamed.digest
             return
-        self.cur.execute("ROLLBACK TO SAVEPOINT collection; RELEASE SAVEPOINT collection")
-        for f, n in noted.items():  # what it referenced counts no more than what it wrote
-            self.counts.note(name, f, n - self.counts.by_pattern.get(name, {}).get(f, 0))
-        del self.dangling.get(name, [])[examples:]
+        self._take_back(name, noted, examples)
         if failure is GONE:
             self.counts.add(name, "expired")
         elif failure is not None:
             self._dead(key, text, pattern, first, failure)
         else:
             self._dead(key, text, pattern, first, describe(streamed.error), detail(streamed.error))
+
+    def _take_back(self, name: str, noted: dict[str, int], examples: int) -> None:
+        """A large collection's writes rolled back to its savepoint, and what it referenced counting no
+        more than what it wrote (`noted`: the counts, `examples`: the dangling examples, before it)."""
+        self.cur.execute("ROLLBACK TO SAVEPOINT collection; RELEASE SAVEPOINT collection")
+        for f, n in noted.items():
+            self.counts.note(name, f, n - self.counts.by_pattern.get(name, {}).get(f, 0))
+        del self.dangling.get(name, [])[examples:]
 
     def _write_parts(self, key: bytes, text: str, pattern: Pattern, fields: dict[str, str], first: KeyRead,
                      now: datetime) -> str | None:

@@ -384,6 +384,20 @@ class Mapping:
         row: Pattern.row_key); none for a table one pattern writes."""
         return self._sharing.get(table, ())
 
+    def row_key_columns(self, table: str) -> tuple[str, ...]:
+        """The columns of `table` that spell the keys keys_giving names."""
+        return tuple(dict.fromkeys(c for p in self.sharing(table) for c in p.row_key.columns))
+
+    def keys_giving(self, table: str, values: dict[str, Any]) -> dict[str, Pattern]:
+        """The keys that may give a row of `table` with these column values, spelled from them by each
+        sharing pattern's Pattern.row_key, with their pattern (those the pattern owns)."""
+        found: dict[str, Pattern] = {}
+        for pattern in self.sharing(table):
+            key = pattern.row_key.render(values)
+            if key is not None and self.pattern_of(key)[0] is pattern:
+                found[key] = pattern
+        return found
+
     def table_names(self) -> list[str]:
         """Every table a run of this mapping writes, the legacy id map included."""
         return [r.name for r in self.rules]

@@ -30,7 +30,7 @@ from migrator.core.merge import ON_DELETE, TableRule
 from migrator.core.registry import MappingError
 from migrator.core.schema import PROVENANCE, engine_sql
 from migrator.core.source import utf8
-from migrator.core.values import parse_date, parse_dt, stable_id
+from migrator.core.values import integral, parse_date, parse_dt, stable_id
 
 # The file's `type` -> what TYPE answers for such a key.
 REDIS_TYPES = {"string": "string", "hash": "hash", "list": "list", "set": "set", "zset": "zset", "stream": "stream",
@@ -240,7 +240,7 @@ def _as_int(kind: str) -> Callable[[Any, tzinfo], int | None]:
             return None
         if isinstance(value, bool):
             raise BadRecord(f"expected an integer, got {value!r}")
-        if isinstance(value, (float, Decimal)) and value == int(value):
+        if integral(value):
             value = int(value)
         elif isinstance(value, str) and PLAIN_INTEGER.fullmatch(value):  # ("007", " 4", "+1" would change)
             value = int(value)

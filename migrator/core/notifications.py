@@ -69,6 +69,22 @@ def current(client: redis.Redis) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def current_by_master(client: redis.Redis) -> dict[str, str | None]:
+    """Each master's notify-keyspace-events ("" names a standalone server), None where CONFIG is
+    refused (a managed service renames or forbids it)."""
+    found: dict[str, str | None] = {}
+    for node in cluster_masters(client) or [""]:
+        server = node_client(client, node) if node else client
+        try:
+            found[node] = current(server)
+        except redis.ResponseError:
+            found[node] = None
+        finally:
+            if server is not client:
+                server.close()
+    return found
+
+
 def configure(client: redis.Redis) -> str:
     """Add the classes follow needs to the server's setting (keeping the others); the new value."""
     new = wanted(current(client))

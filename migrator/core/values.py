@@ -76,7 +76,7 @@ def parse_int(value: Any, *, field: str = "value", default: int | None = None) -
         raise BadRecord(f"{field}: expected an integer, got a boolean")
     if isinstance(value, int):
         return value
-    if isinstance(value, (float, Decimal)) and value == int(value):
+    if integral(value):
         return int(value)
     if isinstance(value, (str, bytes)):
         try:
@@ -84,6 +84,14 @@ def parse_int(value: Any, *, field: str = "value", default: int | None = None) -
         except ValueError:
             pass
     raise BadRecord(f"{field}: expected an integer, got {str(value)[:40]!r}")
+
+
+def integral(value: Any) -> bool:
+    """Whether a JSON number with a fraction or an exponent (a float, or a Decimal past a double: see
+    jsoncodec) is a whole one; an infinity is not."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, Decimal) and value == value.to_integral_value()
 
 
 def parse_number(value: Any, *, field: str = "value") -> float:

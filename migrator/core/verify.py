@@ -705,8 +705,7 @@ def _rows_of(client: redis.Redis, conn: Any, mapping: Mapping, table: str, where
     by_provenance = {p.provenance: p for p in mine}
     client = key_client(client)
     large: dict[str, Pattern] = {}  # keys of large collections, whose rows are looked at once, at the end
-    # (the columns that spell the other keys that may give a row several keys give: Pattern.row_key)
-    spelling = tuple(dict.fromkeys(c for p in mapping.sharing(table) for c in p.row_key.columns))
+    spelling = mapping.row_key_columns(table)  # (what spells the other keys that may give a row: keys_giving)
     with conn:
         with conn.cursor(name="verify_rows") as cur:  # streamed: a table may not fit in memory
             cur.itersize = ROW_CHUNK
@@ -853,23 +852,20 @@ def _check_rows(client: redis.Redis, mapping: Mapping, table: str, chunk: list[t
             elif why is not None:
                 _stale(tally, pattern, example, why)
     if suspects:
-        given = _given_elsewhere(client, mapping, table, sharing, suspects, tz)
+        given = _given_elsewhere(client, mapping, table, suspects, tz)
         for pattern, example, why, _ in suspects:
             if example["id"] not in given:
                 _stale(tally, pattern, example, why)
 
 
-def _given_elsewhere(client: redis.Redis, mapping: Mapping, table: str, sharing: tuple[Pattern, ...],
+def _given_elsewhere(client: redis.Redis, mapping: Mapping, table: str,
                      suspects: list[tuple[Pattern, dict[str, Any], str, dict[str, Any]]], tz: ZoneInfo) -> set[str]:
     """The ids of these rows that another key still gives: one grant under its ip key and its email key,
     the key that wrote it last since overwritten by a later grant while the other still holds it.
     The other keys are spelled from each row's columns (Pattern.row_key), read and transformed."""
     others: dict[str, Pattern] = {}
     for _, example, _, values in suspects:
-        for other in sharing:
-            key = other.row_key.render(values)
-            if key is not None and key != example["key"] and mapping.pattern_of(key)[0] is other:
-                others[key] = other
+        others.update((key, p) for key, p in mapping.keys_giving(table, values).items() if key != example["key"])
     read_at = datetime.now(timezone.utc)
     given: set[str] = set()
     for key, read in zip(others, read_keys(client, [(k.encode(), p.redis_type) for k, p in others.items()], None)):

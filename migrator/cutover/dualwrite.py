@@ -157,8 +157,8 @@ class DualWriteService:
                 # (one grant under two keys) is left to it (verify names it if none does)
                 for table in pattern.tables:
                     if pattern not in self.mapping.sharing(table):
-                        cur.execute(sql.SQL("DELETE FROM {} WHERE source_key = %s AND NOT id = ANY(%s::uuid[])").format(
-                            sql.Identifier(table)), (key, [row_id for row_id, _ in by_table.get(table, [])]))
+                        cur.execute(sql.SQL("DELETE FROM {} WHERE " + ledger.NOT_KEPT).format(sql.Identifier(table)),
+                                    {"keys": [key], "keep": [row_id for row_id, _ in by_table.get(table, [])]})
         except psycopg2.Error:
             conn.close()  # a broken connection is replaced on the next call
             raise
@@ -176,10 +176,8 @@ class DualWriteService:
         reason = redact_text(describe(exc))
         log.warning("secondary_write_failed", store=store, key=redact_text(key), error=reason)
         conn = self._pg() if store == "redis" else None
-        if conn is None:  # PostgreSQL is the one that failed: queue the repair in Redis
-            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({
-                "key": key, "raw": None if raw is None else raw.decode("latin-1"),
-                "expires_at": None if expires is None else expires.isoformat(), "error": reason})))
+        if conn is None:  # PostgreSQL is the one that failed: queue the key in Redis, which holds its value
+            return int(self.redis.rpush(REPAIR_QUEUE, json.dumps({"key": key, "error": reason})))
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO dual_write_repairs (store, redis_key, raw_value, expires_at, error) VALUES (%s, %s, %s, %s, %s)"
                         " RETURNING id", (store, key, None if raw is None else psycopg2.Binary(raw), expires, reason))

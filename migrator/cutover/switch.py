@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import redis
 
 from migrator.core import ledger, notifications
-from migrator.core.source import cluster_masters, node_client
 from migrator.cutover.dualwrite import REPAIR_QUEUE, WriteStrategy, configured_strategy
 
 # A live follow session writes its figures every second: silent for longer than this, it may have died
@@ -143,16 +142,8 @@ def _notification_reasons(client: redis.Redis) -> list[str]:
     subscribed): its changes reach PostgreSQL only at the next reconciliation, whatever the lag says.
     A server whose CONFIG is refused (a managed service) is not judged here."""
     reasons = []
-    for node in cluster_masters(client) or [None]:
-        server = client if node is None else node_client(client, node)
-        try:
-            value = notifications.current(server)
-        except redis.ResponseError:
-            continue
-        finally:
-            if server is not client:
-                server.close()
-        if notifications.missing(value):
+    for node, value in notifications.current_by_master(client).items():
+        if value is not None and notifications.missing(value):
             reasons.append(f"Redis {node or 'server'}: {notifications.SETTING} is {value!r}, without "
                            f"{notifications.missing(value)}: follow receives no event of those changes; "
                            f"{notifications.advice(value)}")

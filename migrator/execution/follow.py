@@ -248,13 +248,11 @@ class _Step:
         that it stays; the rest are left to retire."""
         sharing = self.mapping.sharing(table)
         mine = [t for t in texts if self.mapping.pattern_of(t)[0] in sharing]
-        columns = tuple(dict.fromkeys(c for p in sharing for c in p.row_key.columns))
-        rows = ledger.rows_retiring(self.cur, table, mine, keep, columns, mark) if mine else []
+        rows = ledger.rows_retiring(self.cur, table, mine, keep, self.mapping.row_key_columns(table), mark) if mine else []
         others: dict[str, list[str]] = {}  # another key that may give them -> row ids
         for row_id, values in rows:
-            for pattern in sharing:
-                other = pattern.row_key.render(values)
-                if other is not None and other not in self.touched and self.mapping.pattern_of(other)[0] is pattern:
+            for other in self.mapping.keys_giving(table, values):
+                if other not in self.touched:
                     others.setdefault(other, []).append(row_id)
         if not others:
             return

@@ -23,7 +23,7 @@ from migrator.core.config import (DEFAULT_BROKER_URL, DEFAULT_DATABASE_URL, DEFA
 from migrator.core.mapping import REDISJSON, Mapping
 from migrator.core.redact import redact_url
 from migrator.core.schema import require_schema, schema_versions
-from migrator.core.source import cluster_masters, node_client, redisjson_refusal
+from migrator.core.source import cluster_masters, redisjson_refusal
 
 Verdict = Literal["ok", "warn", "fail"]
 
@@ -139,21 +139,13 @@ def check_keyspace_events(settings: Settings) -> CheckResult:
     change by. A bulk run needs none, so a lack is a warning, with the exact setting to make."""
     client = settings.redis()
     try:
-        nodes = cluster_masters(client) or [""]
-        found = {}
-        for node in nodes:
-            server = node_client(client, node) if node else client
-            try:
-                found[node] = notifications.current(server)
-            except redis.ResponseError:  # CONFIG renamed or refused: a managed service
-                return CheckResult("keyspace events", "warn", f"cannot read {notifications.SETTING} (CONFIG is refused: "
-                                   "a managed service?); `migrator follow` needs it to hold "
-                                   f"{notifications.NEEDED}", notifications.advice(""))
-            finally:
-                if server is not client:
-                    server.close()
+        found = notifications.current_by_master(client)
     finally:
         client.close()
+    if None in found.values():  # CONFIG renamed or refused: a managed service
+        return CheckResult("keyspace events", "warn", f"cannot read {notifications.SETTING} (CONFIG is refused: "
+                           "a managed service?); `migrator follow` needs it to hold "
+                           f"{notifications.NEEDED}", notifications.advice(""))
     lacking = {node: value for node, value in found.items() if notifications.missing(value)}
     shown = "; ".join(f"{node + ': ' if node else ''}{value!r}" for node, value in found.items())
     if lacking:
